@@ -1,0 +1,181 @@
+//! The agent's configuration file (`fleetbus agent --config agent.toml`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleetbus_mqtt::BrokerUrl;
+use fleetbus_protocol::validate_id;
+use serde::{Deserialize, Serialize};
+
+/// Everything an agent is configured with. Every key has a default; unknown keys are errors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// The broker to connect to (the agent's one outbound connection).
+    pub server: BrokerUrl,
+    /// Where the agent keeps its id, sequence numbers and outbox.
+    pub state_dir: PathBuf,
+    /// Fixed agent id. When unset, an id is generated once and kept in `state_dir`.
+    pub id: Option<String>,
+    /// Groups the agent belongs to (for jobs sent to a group).
+    pub groups: Vec<String>,
+    /// Operator-defined tags, sent in the birth message.
+    pub tags: BTreeMap<String, String>,
+    /// System metrics collection.
+    pub metrics: MetricsConfig,
+    /// A small record on the `heartbeat` stream at a fixed interval (off by default).
+    pub heartbeat: HeartbeatConfig,
+    /// The on-disk outbox.
+    pub outbox: OutboxConfig,
+    /// Connection behaviour.
+    pub connection: ConnectionConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            server: BrokerUrl {
+                host: "127.0.0.1".into(),
+                port: 1883,
+            },
+            state_dir: PathBuf::from("fleetbus-agent-state"),
+            id: None,
+            groups: Vec::new(),
+            tags: BTreeMap::new(),
+            metrics: MetricsConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            outbox: OutboxConfig::default(),
+            connection: ConnectionConfig::default(),
+        }
+    }
+}
+
+/// `[metrics]`: system metrics (CPU, memory, swap, disks, load, network counters).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Collect at all.
+    pub enabled: bool,
+    /// Time between collections (each one shifted by up to ±10% at random, and the first
+    /// one delayed by a random part of the interval, so a fleet does not sample in step).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[heartbeat]`: a record with a counter on the `heartbeat` stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// Emit heartbeats.
+    pub enabled: bool,
+    /// Time between heartbeats (no jitter: heartbeats are meant to be regular).
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            enabled: false,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `[outbox]`: the durable queue every record passes through.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// Most bytes of unacknowledged records kept; beyond it the oldest are dropped, counted
+    /// and reported as an event.
+    pub max_bytes: u64,
+    /// Size of one outbox segment file.
+    pub segment_bytes: u64,
+    /// Records are handed to the OS as they are written (they survive an agent crash); this
+    /// is how often they are also forced to disk (what a power loss can cost at most).
+    #[serde(with = "humantime_serde")]
+    pub fsync_interval: Duration,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_bytes: 64 * 1024 * 1024,
+            segment_bytes: 4 * 1024 * 1024,
+            fsync_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// `[connection]`: keepalive, reconnect backoff and flow control.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionConfig {
+    /// MQTT keepalive: a ping after this much silence keeps NATs and proxies open.
+    #[serde(with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// First reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// How long to wait for the broker's CONNACK.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Most records published and not yet acknowledged.
+    pub inflight: u16,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            keepalive: Duration::from_secs(15),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            inflight: 500,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Checks the values serde cannot: identifiers, intervals, sizes.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(id) = &self.id {
+            validate_id("id", id).map_err(|e| e.to_string())?;
+            if id == fleetbus_protocol::topics::GROUPS {
+                return Err("id `groups` is reserved".into());
+            }
+        }
+        for g in &self.groups {
+            validate_id("group", g).map_err(|e| format!("groups: {e}"))?;
+        }
+        if self.metrics.interval < Duration::from_millis(100) {
+            return Err("metrics.interval must be at least 100ms".into());
+        }
+        if self.heartbeat.interval < Duration::from_millis(1) {
+            return Err("heartbeat.interval must be at least 1ms".into());
+        }
+        if self.outbox.max_bytes < 64 * 1024 {
+            return Err("outbox.max_bytes must be at least 64 KiB".into());
+        }
+        if self.outbox.segment_bytes < 4 * 1024 {
+            return Err("outbox.segment_bytes must be at least 4 KiB".into());
+        }
+        if self.connection.inflight == 0 {
+            return Err("connection.inflight must be at least 1".into());
+        }
+        Ok(())
+    }
+}

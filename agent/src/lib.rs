@@ -1,0 +1,144 @@
+//! The fleetbus agent: a stable identity, a durable outbox, collectors that fill it, and
+//! one outbound MQTT connection that empties it.
+//!
+//! ```text
+//! collectors ──push──▶ Outbox (disk) ──read──▶ Publisher ──QoS 1──▶ broker
+//!                          ▲                                         │
+//!                          └──────────── ack on PUBACK ◀─────────────┘
+//! ```
+//!
+//! Programs that embed the agent (the benchmarks, tests, custom collectors) open an
+//! [`Agent`], push records through [`Agent::outbox`], and [`Agent::run`] it.
+
+pub mod collectors;
+pub mod config;
+pub mod identity;
+pub mod outbox;
+pub mod presence;
+pub mod publisher;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use config::AgentConfig;
+pub use outbox::{Outbox, OutboxItem, OutboxStats};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+/// Everything that can stop the agent, naming the file or value involved.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is inconsistent.
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+    /// A file in `state_dir` could not be read or written.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A file in `state_dir` holds something unusable.
+    #[error("{}: {problem}", path.display())]
+    State {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The outbox log failed (disk full, permissions, corruption).
+    #[error("outbox: {0}")]
+    Log(#[from] fleetbus_seglog::SegLogError),
+    /// A record could not be built.
+    #[error("record refused: {0}")]
+    Record(String),
+}
+
+/// An agent ready to run.
+pub struct Agent {
+    config: AgentConfig,
+    id: String,
+    outbox: Arc<Outbox>,
+}
+
+impl Agent {
+    /// Validates the configuration, creates `state_dir`, resolves the agent id and opens
+    /// the outbox (recovering whatever a crash left there).
+    pub fn open(config: AgentConfig) -> Result<Agent, AgentError> {
+        config.validate().map_err(AgentError::Config)?;
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io {
+            path: config.state_dir.clone(),
+            op: "create state directory",
+            source,
+        })?;
+        let id = identity::resolve(config.id.as_deref(), &config.state_dir)?;
+        let outbox = Outbox::open(&config.state_dir.join("outbox"), &id, &config.outbox)?;
+        Ok(Agent {
+            config,
+            id,
+            outbox: Arc::new(outbox),
+        })
+    }
+
+    /// The agent's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The outbox, for pushing records from the embedding program.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// Runs the collectors and the connection until `shutdown` turns true, then forces
+    /// the outbox to disk.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let span = tracing::info_span!("agent", agent = %self.id);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn run_inner(self, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        tracing::info!(server = %self.config.server, groups = ?self.config.groups, "agent starting");
+        let mut tasks = tokio::task::JoinSet::new();
+        if self.config.metrics.enabled {
+            tasks.spawn(collectors::run_system_metrics(
+                self.outbox.clone(),
+                self.config.metrics.interval,
+                shutdown.clone(),
+            ));
+        }
+        if self.config.heartbeat.enabled {
+            tasks.spawn(collectors::run_heartbeat(
+                self.outbox.clone(),
+                self.config.heartbeat.interval,
+                shutdown.clone(),
+            ));
+        }
+        let birth_config = self.config.clone();
+        let birth_id = self.id.clone();
+        let publisher = publisher::Publisher {
+            agent: self.id.clone(),
+            server: self.config.server.clone(),
+            connection: self.config.connection.clone(),
+            outbox: self.outbox.clone(),
+            birth: Arc::new(move || presence::birth(&birth_id, &birth_config)),
+        };
+        tasks.spawn(publisher.run(shutdown.clone()).in_current_span());
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "agent task failed");
+            }
+        }
+        self.outbox.sync()?;
+        tracing::info!("agent stopped; outbox saved");
+        Ok(())
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}

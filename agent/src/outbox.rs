@@ -1,0 +1,388 @@
+//! The outbox: every record goes here before it is published, and leaves only when the
+//! broker has acknowledged it (PUBACK). It lives on disk (a [`SegLog`] plus a small state
+//! file), so records survive agent crashes, restarts and server outages, and are published
+//! again, in order, when the connection returns.
+//!
+//! The outbox is bounded by bytes. When unacknowledged records exceed the bound, the oldest
+//! are dropped; the count is kept (across restarts) and reported as an event record
+//! (`fleetbus.outbox.overflow`) the next time the agent is connected.
+//!
+//! Durability: a record is handed to the OS before [`Outbox::push`] returns (it survives a
+//! crash of the agent); the log is forced to disk every `fsync_interval`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use fleetbus_protocol::{topics, validate_id, Event, Record, Severity};
+use fleetbus_seglog::{SegLog, SegLogOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
+
+use crate::config::OutboxConfig;
+use crate::AgentError;
+
+/// Stream on which the outbox reports its own losses.
+pub const EVENTS_STREAM: &str = "events";
+/// Event class of an overflow report.
+pub const OVERFLOW_CLASS: &str = "fleetbus.outbox.overflow";
+/// How often the state file is rewritten at most while acknowledgements flow.
+const STATE_WRITE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// One record ready to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxItem {
+    /// Position in the outbox; acknowledge with [`Outbox::ack`].
+    pub index: u64,
+    /// Topic to publish on.
+    pub topic: String,
+    /// The encoded record.
+    pub payload: Vec<u8>,
+}
+
+/// Counters describing the outbox right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Records waiting for acknowledgement.
+    pub pending: u64,
+    /// Their bytes on disk.
+    pub pending_bytes: u64,
+    /// Records dropped because the outbox was full, since it was created.
+    pub dropped_total: u64,
+    /// Records ever accepted (the next record's index).
+    pub accepted_total: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PersistedState {
+    head: u64,
+    seqs: BTreeMap<String, u64>,
+    unreported_drops: u64,
+    dropped_total: u64,
+}
+
+struct State {
+    log: SegLog,
+    head: u64,
+    acked: BTreeSet<u64>,
+    pending_bytes: u64,
+    seqs: BTreeMap<String, u64>,
+    unreported_drops: u64,
+    dropped_total: u64,
+    state_dirty: bool,
+    last_state_write: Instant,
+    log_unsynced: bool,
+    last_sync: Instant,
+}
+
+/// The agent's durable outbox. Share it with `Arc`; all methods take `&self`.
+pub struct Outbox {
+    agent: String,
+    config: OutboxConfig,
+    state_path: PathBuf,
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox of `agent` in `dir`, recovering after a crash.
+    pub fn open(dir: &Path, agent: &str, config: &OutboxConfig) -> Result<Outbox, AgentError> {
+        let options = SegLogOptions {
+            segment_bytes: config.segment_bytes,
+            ..SegLogOptions::default()
+        };
+        let (mut log, recovery) = SegLog::open(dir, options)?;
+        for (file, offset, bytes) in &recovery.cuts {
+            tracing::warn!(file = %file.display(), offset, bytes, "outbox: cut a torn record after a crash; every whole record before it is kept");
+        }
+        let state_path = dir.join("outbox.state");
+        let persisted = read_state(&state_path)?;
+        let head = persisted.head.max(log.first_index());
+        let mut seqs = persisted.seqs;
+        let mut pending_bytes = 0;
+        for index in log.first_index()..log.next_index() {
+            let Some(bytes) = log.read(index)? else { continue };
+            let (topic, seq, _) = decode_entry(&bytes).ok_or_else(|| AgentError::State {
+                path: dir.to_path_buf(),
+                problem: format!("outbox record {index} is malformed"),
+            })?;
+            let stream = topic.rsplit('/').next().unwrap_or_default().to_string();
+            let last = seqs.entry(stream).or_insert(0);
+            *last = (*last).max(seq);
+            if index >= head {
+                pending_bytes += log.record_bytes(index).unwrap_or(0);
+            }
+        }
+        let pending = log.next_index().saturating_sub(head);
+        if pending > 0 {
+            tracing::info!(pending, bytes = pending_bytes, "outbox: records from before the restart will be published again");
+        }
+        let now = Instant::now();
+        Ok(Outbox {
+            agent: agent.to_string(),
+            config: config.clone(),
+            state_path,
+            state: Mutex::new(State {
+                log,
+                head,
+                acked: BTreeSet::new(),
+                pending_bytes,
+                seqs,
+                unreported_drops: persisted.unreported_drops,
+                dropped_total: persisted.dropped_total,
+                state_dirty: true,
+                last_state_write: now,
+                log_unsynced: false,
+                last_sync: now,
+            }),
+            notify: Notify::new(),
+        })
+    }
+
+    /// The agent whose records this outbox holds.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    /// Adds a record to `stream`: gives it the stream's next sequence number and the
+    /// current time, lets `fill` set its body, and stores it. Returns the sequence number.
+    pub fn push(&self, stream: &str, fill: impl FnOnce(&mut Record)) -> Result<u64, AgentError> {
+        validate_id("stream", stream).map_err(|e| AgentError::Record(e.to_string()))?;
+        let topic = topics::telemetry(&self.agent, stream);
+        let seq = {
+            let mut st = self.lock();
+            let seq = st.seqs.get(stream).copied().unwrap_or(0) + 1;
+            let mut record = Record::new(self.agent.clone(), stream, seq, Utc::now());
+            fill(&mut record);
+            record.agent = self.agent.clone();
+            record.stream = stream.to_string();
+            record.seq = seq;
+            let entry = encode_entry(&topic, seq, &record.encode());
+            let index = st.log.append(&entry)?;
+            st.log.flush()?;
+            st.seqs.insert(stream.to_string(), seq);
+            st.pending_bytes += st.log.record_bytes(index).unwrap_or(0);
+            st.log_unsynced = true;
+            st.state_dirty = true;
+            self.enforce_bound(&mut st);
+            seq
+        };
+        self.notify.notify_one();
+        Ok(seq)
+    }
+
+    /// Up to `max` records from `cursor` on (or from the oldest unacknowledged one, if that
+    /// is later), skipping any already acknowledged.
+    pub fn read_from(&self, cursor: u64, max: usize) -> Result<Vec<OutboxItem>, AgentError> {
+        let mut st = self.lock();
+        let start = cursor.max(st.head);
+        let end = st.log.next_index().min(start.saturating_add(max as u64));
+        let mut items = Vec::with_capacity((end - start) as usize);
+        for index in start..end {
+            if st.acked.contains(&index) {
+                continue;
+            }
+            let Some(bytes) = st.log.read(index)? else { continue };
+            let (topic, _, payload) = decode_entry(&bytes).ok_or_else(|| AgentError::State {
+                path: st.log.dir().to_path_buf(),
+                problem: format!("outbox record {index} is malformed"),
+            })?;
+            items.push(OutboxItem {
+                index,
+                topic: topic.to_string(),
+                payload: payload.to_vec(),
+            });
+        }
+        Ok(items)
+    }
+
+    /// Marks the record at `index` as delivered. Acknowledgements may come in any order;
+    /// the outbox forgets records once everything before them is acknowledged.
+    pub fn ack(&self, index: u64) {
+        let mut st = self.lock();
+        if index < st.head || index >= st.log.next_index() {
+            return;
+        }
+        if index != st.head {
+            st.acked.insert(index);
+            return;
+        }
+        loop {
+            let head = st.head;
+            st.pending_bytes -= st.log.record_bytes(head).unwrap_or(0).min(st.pending_bytes);
+            st.head += 1;
+            let next = st.head;
+            if !st.acked.remove(&next) {
+                break;
+            }
+        }
+        st.state_dirty = true;
+    }
+
+    /// Index of the oldest unacknowledged record (where a new connection starts publishing).
+    pub fn head(&self) -> u64 {
+        self.lock().head
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> OutboxStats {
+        let st = self.lock();
+        OutboxStats {
+            pending: st.log.next_index() - st.head,
+            pending_bytes: st.pending_bytes,
+            dropped_total: st.dropped_total,
+            accepted_total: st.log.next_index(),
+        }
+    }
+
+    /// Resolves when a record is pushed (at most one stored wake-up).
+    pub fn notified(&self) -> Notified<'_> {
+        self.notify.notified()
+    }
+
+    /// If records were dropped since the last report, pushes an overflow event saying how
+    /// many. Returns the count reported.
+    pub fn report_drops(&self) -> Result<Option<u64>, AgentError> {
+        let (count, total) = {
+            let mut st = self.lock();
+            let n = std::mem::take(&mut st.unreported_drops);
+            st.state_dirty = true;
+            (n, st.dropped_total)
+        };
+        if count == 0 {
+            return Ok(None);
+        }
+        let max_bytes = self.config.max_bytes;
+        let pushed = self.push(EVENTS_STREAM, |r| {
+            r.event = Some(Event {
+                class: OVERFLOW_CLASS.to_string(),
+                severity: Severity::MAJOR,
+                rule: None,
+                group: None,
+                resources: Vec::new(),
+                text: format!(
+                    "agent outbox was full ({max_bytes} bytes): the {count} oldest records were dropped ({total} since the outbox was created)"
+                ),
+            });
+            r.fields.insert("dropped".into(), count.into());
+            r.fields.insert("dropped_total".into(), total.into());
+        });
+        if let Err(e) = pushed {
+            self.lock().unreported_drops += count;
+            return Err(e);
+        }
+        tracing::warn!(dropped = count, total, "reported outbox overflow as an event");
+        Ok(Some(count))
+    }
+
+    /// Periodic housekeeping: forces the log to disk every `fsync_interval`, saves the
+    /// state file, and deletes segments that hold only acknowledged records.
+    pub fn maintain(&self) -> Result<(), AgentError> {
+        self.maintain_at(false)
+    }
+
+    /// Forces everything to disk now (call before exiting).
+    pub fn sync(&self) -> Result<(), AgentError> {
+        self.maintain_at(true)
+    }
+
+    fn maintain_at(&self, force: bool) -> Result<(), AgentError> {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if st.log_unsynced && (force || now.duration_since(st.last_sync) >= self.config.fsync_interval) {
+            st.log.sync()?;
+            st.log_unsynced = false;
+            st.last_sync = now;
+        }
+        if st.state_dirty && (force || now.duration_since(st.last_state_write) >= STATE_WRITE_INTERVAL) {
+            // the state (head and sequence numbers) must be on disk before any segment that
+            // holds the records it accounts for is deleted
+            let persisted = PersistedState {
+                head: st.head,
+                seqs: st.seqs.clone(),
+                unreported_drops: st.unreported_drops,
+                dropped_total: st.dropped_total,
+            };
+            write_state(&self.state_path, &persisted)?;
+            st.state_dirty = false;
+            st.last_state_write = now;
+            let head = st.head;
+            st.log.remove_before(head)?;
+        }
+        Ok(())
+    }
+
+    fn enforce_bound(&self, st: &mut State) {
+        let mut dropped = 0u64;
+        while st.pending_bytes > self.config.max_bytes && st.head + 1 < st.log.next_index() {
+            let head = st.head;
+            st.pending_bytes -= st.log.record_bytes(head).unwrap_or(0).min(st.pending_bytes);
+            st.acked.remove(&head);
+            st.head += 1;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            if st.unreported_drops == 0 {
+                tracing::warn!(max_bytes = self.config.max_bytes, "outbox full: dropping the oldest records (the count will be reported as an event)");
+            }
+            st.unreported_drops += dropped;
+            st.dropped_total += dropped;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // a panic while holding the lock leaves consistent data (every mutation is a
+        // single step), so keep going with it
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn encode_entry(topic: &str, seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + topic.len() + 8 + payload.len());
+    out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn decode_entry(bytes: &[u8]) -> Option<(&str, u64, &[u8])> {
+    let len = u16::from_le_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
+    let topic = std::str::from_utf8(bytes.get(2..2 + len)?).ok()?;
+    let seq_bytes: [u8; 8] = bytes.get(2 + len..10 + len)?.try_into().ok()?;
+    Some((topic, u64::from_le_bytes(seq_bytes), bytes.get(10 + len..)?))
+}
+
+fn read_state(path: &Path) -> Result<PersistedState, AgentError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
+            path: path.to_path_buf(),
+            problem: format!("unreadable outbox state: {e}"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PersistedState::default()),
+        Err(source) => Err(AgentError::Io {
+            path: path.to_path_buf(),
+            op: "read outbox state",
+            source,
+        }),
+    }
+}
+
+fn write_state(path: &Path, state: &PersistedState) -> Result<(), AgentError> {
+    let tmp = path.with_extension("state.tmp");
+    let bytes = serde_json::to_vec(state).map_err(|e| AgentError::Record(e.to_string()))?;
+    let io = |source| AgentError::Io {
+        path: path.to_path_buf(),
+        op: "write outbox state",
+        source,
+    };
+    std::fs::write(&tmp, bytes).map_err(io)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+use super::*;
+
+fn config(max_bytes: u64) -> OutboxConfig {
+    OutboxConfig {
+        max_bytes,
+        segment_bytes: 4096,
+        fsync_interval: Duration::from_millis(1),
+    }
+}
+
+fn seqs_of(items: &[OutboxItem]) -> Vec<u64> {
+    items
+        .iter()
+        .map(|i| Record::decode(&i.payload).unwrap().seq)
+        .collect()
+}
+
+#[test]
+fn unacknowledged_records_come_back_in_order_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    for _ in 0..100 {
+        ob.push("metrics", |_| {}).unwrap();
+    }
+    // acknowledge 0..10 in reverse order, and 50 alone
+    for i in (0..10).rev() {
+        ob.ack(i);
+    }
+    ob.ack(50);
+    assert_eq!(ob.head(), 10);
+    ob.sync().unwrap();
+    drop(ob);
+
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    let items = ob.read_from(0, 1000).unwrap();
+    // 50 was acknowledged but not yet contiguous: after a restart it is sent again
+    // (at-least-once), everything from seq 11 on, in order
+    assert_eq!(seqs_of(&items), (11..=100).collect::<Vec<_>>());
+    assert_eq!(items[0].topic, "fleet/a1/telemetry/metrics");
+    // sequence numbers continue
+    assert_eq!(ob.push("metrics", |_| {}).unwrap(), 101);
+    assert_eq!(ob.push("events", |_| {}).unwrap(), 1);
+}
+
+#[test]
+fn sequence_numbers_survive_when_everything_was_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    for _ in 0..500 {
+        ob.push("metrics", |_| {}).unwrap();
+    }
+    for i in 0..500 {
+        ob.ack(i);
+    }
+    ob.sync().unwrap();
+    assert_eq!(ob.stats().pending, 0);
+    drop(ob);
+    let segments = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+        .count();
+    assert_eq!(segments, 1, "acknowledged segments must be deleted");
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    assert!(ob.read_from(0, 10).unwrap().is_empty());
+    assert_eq!(ob.push("metrics", |_| {}).unwrap(), 501);
+}
+
+#[test]
+fn overflow_drops_the_oldest_and_reports_the_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(64 * 1024)).unwrap();
+    let pad = "x".repeat(900);
+    for _ in 0..200 {
+        ob.push("metrics", |r| {
+            r.fields.insert("pad".into(), pad.clone().into());
+        })
+        .unwrap();
+    }
+    let stats = ob.stats();
+    assert!(stats.pending_bytes <= 64 * 1024, "{stats:?}");
+    assert!(stats.dropped_total > 0);
+    let items = ob.read_from(0, 1000).unwrap();
+    let seqs = seqs_of(&items);
+    // the newest are kept, contiguous up to the last one pushed
+    assert_eq!(*seqs.last().unwrap(), 200);
+    assert_eq!(seqs.len() as u64 + stats.dropped_total, 200);
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+
+    assert_eq!(ob.report_drops().unwrap(), Some(stats.dropped_total));
+    let last = ob.read_from(0, 1000).unwrap().pop().unwrap();
+    assert_eq!(last.topic, "fleet/a1/telemetry/events");
+    let event = Record::decode(&last.payload).unwrap();
+    assert_eq!(event.event.unwrap().class, OVERFLOW_CLASS);
+    assert_eq!(event.fields["dropped"], stats.dropped_total);
+    // storing the report may itself push one more old record out: that is reported next
+    // time, so every drop is reported exactly once
+    let mut reported = stats.dropped_total;
+    while let Some(n) = ob.report_drops().unwrap() {
+        reported += n;
+    }
+    assert_eq!(reported, ob.stats().dropped_total);
+}
+
+#[test]
+fn unreported_drops_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(64 * 1024)).unwrap();
+    let pad = "x".repeat(2000);
+    for _ in 0..100 {
+        ob.push("m", |r| {
+            r.fields.insert("pad".into(), pad.clone().into());
+        })
+        .unwrap();
+    }
+    let dropped = ob.stats().dropped_total;
+    assert!(dropped > 0);
+    ob.sync().unwrap();
+    drop(ob);
+    let ob = Outbox::open(dir.path(), "a1", &config(64 * 1024)).unwrap();
+    assert_eq!(ob.report_drops().unwrap(), Some(dropped));
+}
+
+#[test]
+fn torn_tail_recovers_every_whole_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    for _ in 0..10 {
+        ob.push("metrics", |_| {}).unwrap();
+    }
+    drop(ob); // no sync: like a kill -9 (records were handed to the OS on push)
+    let seg = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    assert_eq!(seqs_of(&ob.read_from(0, 100).unwrap()), (1..=9).collect::<Vec<_>>());
+    // the torn record's sequence number is given again: it was never whole
+    assert_eq!(ob.push("metrics", |_| {}).unwrap(), 10);
+}
+
+#[test]
+fn bad_stream_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    assert!(ob.push("a/b", |_| {}).is_err());
+    assert!(ob.push("#", |_| {}).is_err());
+    assert_eq!(ob.stats().pending, 0);
+}

@@ -1,0 +1,149 @@
+//! The broker's configuration: our keys, our defaults, validated before rumqttd sees them.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest payload limit accepted: a 128 KiB file chunk plus room for topic and headers.
+pub const MIN_PAYLOAD_BYTES: usize = 128 * 1024 + 4 * 1024;
+
+/// `[broker]` in the server configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Address of the MQTT (TCP) listener.
+    pub listen: SocketAddr,
+    /// Most simultaneous connections (agents + server clients).
+    pub max_connections: usize,
+    /// Largest accepted publish payload in bytes (at least 128 KiB + 4 KiB).
+    pub max_payload_bytes: usize,
+    /// Most unacknowledged QoS 1 messages in flight to one subscriber.
+    pub max_inflight: usize,
+    /// How long a new connection may take to send CONNECT.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bytes of one in-memory log segment per topic filter in the router.
+    pub segment_bytes: usize,
+    /// Segments kept per filter: a subscriber further behind than
+    /// `segment_bytes * segment_count` loses the oldest messages.
+    pub segment_count: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            max_connections: 10_000,
+            max_payload_bytes: 256 * 1024,
+            max_inflight: 1_000,
+            connect_timeout: Duration::from_secs(10),
+            segment_bytes: 16 * 1024 * 1024,
+            segment_count: 4,
+        }
+    }
+}
+
+/// A broker setting that would make rumqttd misbehave.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("broker.{key}: {problem}")]
+pub struct ConfigProblem {
+    /// The offending key under `[broker]`.
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+fn problem(key: &'static str, problem: impl Into<String>) -> ConfigProblem {
+    ConfigProblem {
+        key,
+        problem: problem.into(),
+    }
+}
+
+impl BrokerConfig {
+    /// Checks every value rumqttd would accept but misbehave with.
+    pub fn validate(&self) -> Result<(), ConfigProblem> {
+        if self.max_connections == 0 {
+            return Err(problem("max_connections", "must be at least 1 (0 refuses every client)"));
+        }
+        if self.max_payload_bytes < MIN_PAYLOAD_BYTES {
+            return Err(problem(
+                "max_payload_bytes",
+                format!(
+                    "{} is below {MIN_PAYLOAD_BYTES} (a 128 KiB file chunk plus topic and headers)",
+                    self.max_payload_bytes
+                ),
+            ));
+        }
+        if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
+            return Err(problem("max_inflight", "must be between 1 and 65535"));
+        }
+        let timeout_ms = self.connect_timeout.as_millis();
+        if timeout_ms == 0 || timeout_ms > u16::MAX as u128 {
+            return Err(problem("connect_timeout", "must be between 1ms and 65s"));
+        }
+        if self.segment_bytes < self.max_payload_bytes.max(1024 * 1024) {
+            return Err(problem(
+                "segment_bytes",
+                "must be at least 1 MiB and at least max_payload_bytes",
+            ));
+        }
+        if self.segment_count < 2 {
+            return Err(problem("segment_count", "must be at least 2"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn router_config(&self) -> rumqttd::RouterConfig {
+        rumqttd::RouterConfig {
+            max_connections: self.max_connections,
+            max_outgoing_packet_count: 1_000,
+            max_segment_size: self.segment_bytes,
+            max_segment_count: self.segment_count,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        }
+    }
+
+    pub(crate) fn server_settings(&self) -> rumqttd::ServerSettings {
+        let connections = rumqttd::ConnectionSettings {
+            connection_timeout_ms: self.connect_timeout.as_millis() as u16,
+            max_payload_size: self.max_payload_bytes,
+            max_inflight_count: self.max_inflight,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: false,
+        };
+        rumqttd::ServerSettings {
+            name: "fleetbus-v4".to_string(),
+            listen: self.listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        BrokerConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn rumqttd_traps_are_refused() {
+        let mut c = BrokerConfig {
+            max_connections: 0,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().key, "max_connections");
+        c.max_connections = 10;
+        c.max_payload_bytes = 128 * 1024;
+        assert_eq!(c.validate().unwrap_err().key, "max_payload_bytes");
+    }
+}

@@ -1,0 +1,173 @@
+//! The embedded MQTT broker: rumqttd behind a small API of our own.
+//!
+//! - [`BrokerConfig`] is validated before rumqttd sees it (rumqttd's own defaults are all
+//!   zeros and make its router panic or drop every client).
+//! - [`EmbeddedBroker::start`] spawns the router; in-process consumers (the rules engine)
+//!   attach with [`EmbeddedBroker::local_link`] *before* [`EmbeddedBroker::listen`] opens
+//!   the network listener, so no agent message can arrive before they are subscribed.
+//! - The listener runs on the caller's tokio runtime and speaks through
+//!   [`PolicyProtocol`], our wrapper around rumqttd's MQTT v4 codec: every decoded packet
+//!   of every connection passes through it, which is where connection policy lives.
+
+mod config;
+mod policy;
+
+use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use config::{BrokerConfig, ConfigProblem};
+pub use policy::{Gate, PolicyProtocol};
+pub use rumqttd::local::{LinkRx, LinkTx};
+pub use rumqttd::Notification;
+
+/// Errors starting or using the embedded broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The configuration was refused (see [`BrokerConfig::validate`]).
+    #[error("invalid broker configuration: {0}")]
+    Config(#[from] ConfigProblem),
+    /// The listen address cannot be bound (in use, not local, no permission).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The listener did not come up.
+    #[error("broker listener on {addr} did not start within {waited:?}")]
+    NotListening {
+        /// The configured address.
+        addr: SocketAddr,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// An in-process link could not be attached to the router.
+    #[error("cannot attach in-process client `{client_id}` to the broker: {reason}")]
+    Link {
+        /// The local client's id.
+        client_id: String,
+        /// rumqttd's explanation.
+        reason: String,
+    },
+}
+
+type LinkFactory =
+    Arc<dyn Fn(&str) -> Result<(LinkTx, LinkRx), rumqttd::local::LinkError> + Send + Sync>;
+type ListenerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
+type ListenerFactory = Box<dyn FnOnce(rumqttd::ServerSettings, PolicyProtocol) -> ListenerFuture + Send>;
+
+/// A running embedded broker. Dropping it does not stop the router thread (rumqttd has no
+/// shutdown API); call [`EmbeddedBroker::stop`] to close the listener and refuse all
+/// further traffic on connections that are still open.
+pub struct EmbeddedBroker {
+    config: BrokerConfig,
+    gate: Arc<Gate>,
+    // rumqttd's router channel type is not nameable outside rumqttd, so the two things we do
+    // with it are captured in closures.
+    links: LinkFactory,
+    listener_factory: Option<ListenerFactory>,
+    listener: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EmbeddedBroker {
+    /// Validates `config` and spawns the router thread. No network listener yet.
+    pub fn start(config: BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
+        config.validate()?;
+        let router_tx = rumqttd::Router::new(0, config.router_config()).spawn();
+        let link_tx = router_tx.clone();
+        let links: LinkFactory = Arc::new(move |client_id: &str| {
+            let (tx, rx, _connack) =
+                rumqttd::local::LinkBuilder::new(client_id, link_tx.clone()).build()?;
+            Ok((tx, rx))
+        });
+        let listener_factory: ListenerFactory = Box::new(move |settings, protocol| {
+            Box::pin(async move {
+                let mut server = rumqttd::Server::new(settings, router_tx, protocol);
+                match server.start(rumqttd::LinkType::Remote).await {
+                    Ok(()) => "listener stopped".to_string(),
+                    Err(e) => e.to_string(),
+                }
+            })
+        });
+        Ok(EmbeddedBroker {
+            config,
+            gate: Arc::new(Gate::default()),
+            links,
+            listener_factory: Some(listener_factory),
+            listener: None,
+        })
+    }
+
+    /// Attaches an in-process client (e.g. the rules engine) directly to the router: no
+    /// socket, no encoding. Its subscriptions see every matching publish.
+    pub fn local_link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
+        (self.links)(client_id).map_err(|e| BrokerError::Link {
+            client_id: client_id.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Opens the MQTT listener on the configured address (on the current tokio runtime)
+    /// and waits until it accepts connections. Calling it twice is a no-op.
+    pub async fn listen(&mut self) -> Result<SocketAddr, BrokerError> {
+        let addr = self.config.listen;
+        let Some(factory) = self.listener_factory.take() else {
+            return Ok(addr);
+        };
+        // rumqttd binds inside its accept loop and only logs failures; bind first ourselves
+        // so that "address in use" is an error the operator sees.
+        StdTcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
+        let settings = self.config.server_settings();
+        let protocol = PolicyProtocol::new(self.gate.clone());
+        self.listener = Some(tokio::spawn(async move {
+            let reason = factory(settings, protocol).await;
+            tracing::error!(%addr, %reason, "broker listener ended");
+        }));
+        let waited = Duration::from_secs(5);
+        let deadline = Instant::now() + waited;
+        let probe = if addr.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        } else {
+            addr
+        };
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&probe, Duration::from_millis(100)).is_ok() {
+                tracing::info!(%addr, "broker listening");
+                return Ok(addr);
+            }
+            if self.listener.as_ref().is_some_and(|l| l.is_finished()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(BrokerError::NotListening { addr, waited })
+    }
+
+    /// The configuration the broker runs with.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// Stops accepting connections and refuses every further packet on open ones (their
+    /// clients see the connection close and reconnect elsewhere or later).
+    pub fn stop(&mut self) {
+        self.gate.close();
+        if let Some(listener) = self.listener.take() {
+            listener.abort();
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for tests and the demo: rumqttd
+/// cannot listen on port 0 and report the port it got).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(StdTcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,176 @@
+//! Loads fleetbus configuration files: TOML with `FLEETBUS_`-prefixed environment
+//! overrides (via figment), unknown keys rejected, and every error naming
+//! `file:line:col` and the problem.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+
+/// Prefix of environment variables that override configuration keys. Nested keys are
+/// separated by a double underscore: `FLEETBUS_BROKER__LISTEN=0.0.0.0:1883`.
+pub const ENV_PREFIX: &str = "FLEETBUS_";
+
+/// A configuration problem, always naming the file and, when known, the line and column.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A problem at a known place in the file.
+    #[error("{}:{line}:{col}: {message}", path.display())]
+    At {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column (in characters).
+        col: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A problem that has no single place (e.g. from an environment override).
+    #[error("{}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// An error at byte offset `span.start` of `text` (the contents of `path`).
+    pub fn at(path: &Path, text: &str, span: Range<usize>, message: impl Into<String>) -> Self {
+        let (line, col) = line_col(text, span.start);
+        ConfigError::At {
+            path: path.to_path_buf(),
+            line,
+            col,
+            message: message.into(),
+        }
+    }
+
+    /// An error about the file as a whole.
+    pub fn invalid(path: &Path, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let col = before[line_start..].chars().count() + 1;
+    (line, col)
+}
+
+/// Turns a `toml` parse/deserialize error into a located [`ConfigError`].
+pub fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
+    let message = err.message().trim().to_string();
+    match err.span() {
+        Some(span) => ConfigError::at(path, text, span, message),
+        None => ConfigError::invalid(path, message),
+    }
+}
+
+/// Reads `path` into a string, with an error naming the file.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Parses `text` (the contents of `path`) as `T`, reporting errors with line and column.
+pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| toml_error(path, text, &e))
+}
+
+/// Loads a configuration of type `T` from the TOML file at `path` (if given) with
+/// `FLEETBUS_*` environment overrides on top. `T` must give every field a default and
+/// should use `#[serde(deny_unknown_fields)]`.
+///
+/// The file alone is checked first so that errors in it carry `line:col`; the environment
+/// is merged afterwards.
+pub fn load<T: DeserializeOwned>(path: Option<&Path>) -> Result<T, ConfigError> {
+    let env = Env::prefixed(ENV_PREFIX).split("__");
+    let (figment, shown) = match path {
+        Some(path) => {
+            let text = read(path)?;
+            parse_toml::<T>(path, &text)?;
+            (Figment::from(Toml::string(&text)).merge(env), path.to_path_buf())
+        }
+        None => (Figment::new().merge(env), PathBuf::from("<defaults>")),
+    };
+    figment
+        .extract::<T>()
+        .map_err(|e| ConfigError::invalid(&shown, format!("{e} (from environment overrides)")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Sample {
+        name: String,
+        inner: Inner,
+    }
+
+    #[derive(Debug, Deserialize, Default)]
+    #[serde(deny_unknown_fields, default)]
+    struct Inner {
+        port: u16,
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "name = \"x\"\n[inner]\nprot = 1\n").unwrap();
+        let err = load::<Sample>(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("c.toml:3:1"), "{err}");
+        assert!(err.contains("unknown field `prot`"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_file() {
+        let err = load::<Sample>(Some(Path::new("/nonexistent/x.toml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/x.toml: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "name = \"x\"\n[inner]\nport = 1\n").unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("FLEETBUS_INNER__PORT", "7");
+            let s = load::<Sample>(Some(&path)).map_err(|e| e.to_string())?;
+            assert_eq!(s.inner.port, 7);
+            assert_eq!(s.name, "x");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,16 @@
+//! The fleetbus wire contract: topic layout, telemetry records, presence messages and the
+//! decoded message envelope the server routes. No I/O lives here.
+//!
+//! See `docs/protocol.md` for the human-readable description of everything in this crate.
+
+pub mod ids;
+pub mod message;
+pub mod presence;
+pub mod record;
+pub mod topics;
+
+pub use ids::{validate_id, IdError};
+pub use message::{DecodeError, Message};
+pub use presence::{Presence, PresenceStatus};
+pub use record::{Event, Metric, Record, Resource, Severity};
+pub use topics::Topic;

@@ -1,0 +1,85 @@
+//! Presence: the birth message an agent publishes (retained) on `fleet/{agent}/presence`
+//! when it connects, and the last-will message the broker publishes when it vanishes.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Whether the agent is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceStatus {
+    /// Birth message: the agent just connected.
+    Online,
+    /// Last will (or a clean goodbye): the agent is gone.
+    Offline,
+}
+
+/// The presence message. The birth message carries everything; the last will carries only
+/// the agent id, status and the time its connection was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Presence {
+    /// The agent's stable id.
+    pub agent: String,
+    /// Online (birth) or offline (will).
+    pub status: PresenceStatus,
+    /// When the message was made (for a will: when the connection it belongs to was opened).
+    pub ts: DateTime<Utc>,
+    /// Host name at the time of connecting (informational: never used as identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// IP addresses of the host (informational).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<String>,
+    /// Operating system name and version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    /// fleetbus agent version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// Groups the agent belongs to (job targeting).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Operator-defined tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl Presence {
+    /// The last-will message for `agent`, set when the connection opened at `ts`.
+    pub fn offline(agent: &str, ts: DateTime<Utc>) -> Presence {
+        Presence {
+            agent: agent.to_string(),
+            status: PresenceStatus::Offline,
+            ts,
+            hostname: None,
+            ips: Vec::new(),
+            os: None,
+            agent_version: None,
+            groups: Vec::new(),
+            tags: BTreeMap::new(),
+        }
+    }
+
+    /// Encodes as MessagePack with named fields.
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).unwrap_or_default()
+    }
+
+    /// Decodes from MessagePack or JSON.
+    pub fn decode(payload: &[u8]) -> Result<Presence, crate::DecodeError> {
+        crate::message::decode_as(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn will_round_trips() {
+        let p = Presence::offline("a1", Utc::now());
+        assert_eq!(Presence::decode(&p.encode()).unwrap(), p);
+    }
+}
