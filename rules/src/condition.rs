@@ -1,0 +1,126 @@
+//! Rule conditions (`where = '...'`) in CEL, the Common Expression Language (the `cel`
+//! crate): safe, side-effect free, always terminating.
+//!
+//! Variables available to a condition:
+//!
+//! | name | type | value |
+//! |---|---|---|
+//! | `topic` | string | the MQTT topic |
+//! | `segments` | list of strings | the topic split at `/` |
+//! | `agent` | string | the agent id (from the topic), `""` if none |
+//! | `stream` | string | the telemetry stream, `""` if none |
+//! | `record` | map | the decoded payload (a record: `seq`, `ts`, `event`, `metrics`, `fields`...) |
+//!
+//! A condition that fails to evaluate for a message (e.g. it reads a field the message does
+//! not have: guard with `has(record.event)`) does not match that message; the failure is
+//! counted per rule and logged at debug level.
+
+use cel::{Context, ExecutionError, Program, Value};
+use fleetbus_protocol::Message;
+
+/// Names of the variables a condition can use.
+pub const VARIABLES: [&str; 5] = ["topic", "segments", "agent", "stream", "record"];
+
+/// A compiled condition.
+#[derive(Debug)]
+pub struct Condition {
+    source: String,
+    program: Program,
+}
+
+impl Condition {
+    /// Compiles `source`; syntax errors and unknown variables are reported.
+    pub fn compile(source: &str) -> Result<Condition, String> {
+        let program = Program::compile(source).map_err(|e| {
+            // cel's message embeds its own "<input>:line:col" and a caret diagram
+            e.to_string().replace("ERROR: <input>:", "expression position ")
+        })?;
+        let condition = Condition {
+            source: source.to_string(),
+            program,
+        };
+        // evaluate once on a sample message to catch misspelled variable names
+        let sample = Message::decode("fleet/sample/telemetry/metrics", b"{}")
+            .map_err(|e| format!("internal: sample message: {e}"))?;
+        if let Err(ExecutionError::UndeclaredReference(name)) = condition.evaluate_in(&context_for(&sample)) {
+            return Err(format!(
+                "unknown variable `{name}` (available: {})",
+                VARIABLES.join(", ")
+            ));
+        }
+        Ok(condition)
+    }
+
+    /// The expression as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Evaluates the condition in a context made by [`context_for`]. Anything but `true`
+    /// is no match; evaluation errors are returned for counting.
+    pub fn evaluate_in(&self, ctx: &Context) -> Result<bool, ExecutionError> {
+        match self.program.execute(ctx)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(ExecutionError::function_error(
+                "where",
+                format!("condition must be true or false, got {:?}", other.type_of()),
+            )),
+        }
+    }
+}
+
+/// The evaluation context for `msg` (built once per message, shared by every rule).
+pub fn context_for(msg: &Message) -> Context<'static, 'static> {
+    let mut ctx = Context::default();
+    ctx.add_variable_from_value("topic", msg.topic.as_str());
+    let segments: Vec<Value> = msg.segments().map(Value::from).collect();
+    ctx.add_variable_from_value("segments", Value::List(segments.into()));
+    ctx.add_variable_from_value("agent", msg.agent().unwrap_or(""));
+    ctx.add_variable_from_value("stream", msg.stream().unwrap_or(""));
+    let record = cel::to_value(&msg.body).unwrap_or(Value::Null);
+    ctx.add_variable_from_value("record", record);
+    ctx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(expr: &str, topic: &str, body: &str) -> Result<bool, ExecutionError> {
+        let c = Condition::compile(expr).unwrap();
+        let m = Message::decode(topic, body.as_bytes()).unwrap();
+        c.evaluate_in(&context_for(&m))
+    }
+
+    #[test]
+    fn conditions_see_record_topic_and_agent() {
+        let body = r#"{"seq":3,"metrics":[{"name":"cpu.usage","value":97.5}]}"#;
+        let t = "fleet/web-1/telemetry/metrics";
+        assert!(eval(r#"record.metrics.exists(m, m.name == "cpu.usage" && m.value > 90.0)"#, t, body).unwrap());
+        assert!(!eval(r#"record.metrics.exists(m, m.value > 99.0)"#, t, body).unwrap());
+        assert!(eval(r#"agent.startsWith("web-") && stream == "metrics" && segments[2] == "telemetry""#, t, body).unwrap());
+        assert!(eval("record.seq == 3", t, body).unwrap());
+    }
+
+    #[test]
+    fn missing_fields_are_errors_not_matches_and_has_guards_them() {
+        let t = "fleet/a/telemetry/events";
+        assert!(eval("record.event.severity >= 4", t, "{}").is_err());
+        assert!(!eval("has(record.event) && record.event.severity >= 4", t, "{}").unwrap());
+    }
+
+    #[test]
+    fn compile_reports_syntax_errors_and_unknown_variables() {
+        let e = Condition::compile("record.seq >").unwrap_err();
+        assert!(e.contains("Syntax error"), "{e}");
+        let e = Condition::compile("recod.seq > 1").unwrap_err();
+        assert!(e.contains("unknown variable `recod`"), "{e}");
+        // comprehension variables are fine
+        assert!(Condition::compile("record.metrics.exists(m, m.value > 1.0)").is_ok());
+    }
+
+    #[test]
+    fn non_boolean_condition_is_an_error() {
+        assert!(eval("record.seq", "fleet/a/telemetry/m", r#"{"seq":1}"#).is_err());
+    }
+}

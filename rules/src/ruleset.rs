@@ -1,0 +1,276 @@
+//! The rules file: `[sinks.NAME]` tables and `[[rules]]`, parsed with positions so that
+//! every problem is reported as `file:line:col`, all problems at once.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use fleetbus_config::{parse_toml, ConfigError};
+use fleetbus_sinks::SinkConfig;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::condition::Condition;
+use crate::filter::TopicFilter;
+
+/// The rules every `fleetbus serve` runs when its configuration names no rules file:
+/// archive every telemetry record in daily JSON-lines files per agent and stream.
+pub const DEFAULT_RULES: &str = r#"
+[sinks.archive]
+type = "file"
+path = "telemetry/{agent}/{stream}/%Y-%m-%d.jsonl"
+
+[[rules]]
+name = "archive-all"
+from = ["fleet/+/telemetry/#"]
+to = ["archive"]
+"#;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    sinks: BTreeMap<String, Spanned<SinkConfig>>,
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default = "yes")]
+    enabled: bool,
+    from: Spanned<Vec<Spanned<String>>>,
+    #[serde(rename = "where", default)]
+    condition: Option<Spanned<String>>,
+    to: Spanned<Vec<Spanned<String>>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One validated rule.
+#[derive(Debug)]
+pub struct Rule {
+    /// Unique name (used in logs and metrics).
+    pub name: String,
+    /// What the rule is for.
+    pub description: Option<String>,
+    /// Topic filters the rule listens to.
+    pub from: Vec<TopicFilter>,
+    /// Optional condition.
+    pub condition: Option<Condition>,
+    /// Indexes into [`RuleSet::sinks`].
+    pub to: Vec<usize>,
+}
+
+/// A validated rules file: sinks and the enabled rules.
+#[derive(Debug)]
+pub struct RuleSet {
+    /// Sinks by name, in name order.
+    pub sinks: Vec<(String, SinkConfig)>,
+    /// Enabled rules in file order.
+    pub rules: Vec<Rule>,
+}
+
+/// Every problem found in a rules file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct RulesError {
+    /// The problems, each naming file, line and column.
+    pub problems: Vec<ConfigError>,
+}
+
+impl From<ConfigError> for RulesError {
+    fn from(e: ConfigError) -> Self {
+        RulesError { problems: vec![e] }
+    }
+}
+
+impl RuleSet {
+    /// Reads and validates the rules file at `path`.
+    pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
+        let text = fleetbus_config::read(path)?;
+        RuleSet::parse(path, &text)
+    }
+
+    /// The built-in [`DEFAULT_RULES`].
+    pub fn builtin() -> Result<RuleSet, RulesError> {
+        RuleSet::parse(Path::new("<built-in rules>"), DEFAULT_RULES)
+    }
+
+    /// Validates `text`, the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<RuleSet, RulesError> {
+        let raw: RawFile = parse_toml(path, text)?;
+        let mut problems = Vec::new();
+        let at = |span: std::ops::Range<usize>, msg: String| ConfigError::at(path, text, span, msg);
+
+        let mut sinks = Vec::new();
+        for (name, config) in &raw.sinks {
+            if let Err(e) = fleetbus_protocol::validate_id("sink name", name) {
+                problems.push(at(config.span(), e.to_string()));
+            }
+            if let Err(e) = config.get_ref().validate() {
+                problems.push(at(config.span(), format!("sink `{name}`: {e}")));
+            }
+            sinks.push((name.clone(), config.get_ref().clone()));
+        }
+        let sink_index = |name: &str| sinks.iter().position(|(n, _)| n == name);
+
+        let mut names = HashSet::new();
+        let mut rules = Vec::new();
+        for raw_rule in &raw.rules {
+            let r = raw_rule.get_ref();
+            let name = r.name.get_ref().trim().to_string();
+            if name.is_empty() {
+                problems.push(at(r.name.span(), "rule name is empty".into()));
+            } else if !names.insert(name.clone()) {
+                problems.push(at(r.name.span(), format!("duplicate rule name `{name}`")));
+            }
+            let mut from = Vec::new();
+            if r.from.get_ref().is_empty() {
+                problems.push(at(r.from.span(), format!("rule `{name}`: `from` names no topic filter")));
+            }
+            for f in r.from.get_ref() {
+                match TopicFilter::parse(f.get_ref()) {
+                    Ok(filter) => from.push(filter),
+                    Err(e) => problems.push(at(f.span(), format!("rule `{name}`: bad topic filter: {e}"))),
+                }
+            }
+            let condition = match &r.condition {
+                Some(src) => match Condition::compile(src.get_ref()) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        problems.push(at(src.span(), format!("rule `{name}`: bad `where` expression: {e}")));
+                        None
+                    }
+                },
+                None => None,
+            };
+            let mut to = Vec::new();
+            if r.to.get_ref().is_empty() {
+                problems.push(at(r.to.span(), format!("rule `{name}`: `to` names no sink")));
+            }
+            for s in r.to.get_ref() {
+                match sink_index(s.get_ref()) {
+                    Some(i) if !to.contains(&i) => to.push(i),
+                    Some(_) => {}
+                    None => {
+                        let known: Vec<&str> = sinks.iter().map(|(n, _)| n.as_str()).collect();
+                        problems.push(at(
+                            s.span(),
+                            format!(
+                                "rule `{name}`: unknown sink `{}` (defined: {})",
+                                s.get_ref(),
+                                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                            ),
+                        ));
+                    }
+                }
+            }
+            if r.enabled {
+                rules.push(Rule {
+                    name,
+                    description: r.description.clone(),
+                    from,
+                    condition,
+                    to,
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(RuleSet { sinks, rules })
+        } else {
+            Err(RulesError { problems })
+        }
+    }
+
+    /// Every distinct topic filter of every rule (what to subscribe to).
+    pub fn filters(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for f in self.rules.iter().flat_map(|r| &r.from) {
+            if !out.iter().any(|o| o == f.as_str()) {
+                out.push(f.as_str().to_string());
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match RuleSet::parse(Path::new("r.toml"), text) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn builtin_rules_are_valid() {
+        let rs = RuleSet::builtin().unwrap();
+        assert_eq!(rs.rules.len(), 1);
+        assert_eq!(rs.filters(), vec!["fleet/+/telemetry/#"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_position() {
+        let text = r#"[sinks.a]
+type = "file"
+path = "x/{agent}.jsonl"
+
+[[rules]]
+name = "r1"
+from = ["fleet/#/x"]
+where = "record.seq >"
+to = ["a", "nope"]
+"#;
+        let p = problems(text);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(p[0].starts_with("r.toml:7:9: rule `r1`: bad topic filter"), "{}", p[0]);
+        assert!(p[1].starts_with("r.toml:8:9: rule `r1`: bad `where` expression"), "{}", p[1]);
+        assert!(p[2].starts_with("r.toml:9:12: rule `r1`: unknown sink `nope` (defined: a)"), "{}", p[2]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_sinks_are_reported() {
+        let p = problems("[[rules]]\nname = \"r\"\nfrom = [\"a\"]\nto = []\nfilter = 1\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("unknown field `filter`"), "{}", p[0]);
+        assert!(p[0].starts_with("r.toml:5:1"), "{}", p[0]);
+
+        let p = problems("[sinks.a]\ntype = \"file\"\npth = \"x\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("unknown field `pth`"), "{}", p[0]);
+
+        let p = problems("[sinks.a]\ntype = \"file\"\npath = \"/abs/{agent}\"\n");
+        assert!(p[0].starts_with("r.toml:1:1: sink `a`: path:"), "{}", p[0]);
+
+        let p = problems("[sinks.a]\ntype = \"carrier-pigeon\"\n");
+        assert!(p[0].contains("carrier-pigeon"), "{}", p[0]);
+    }
+
+    #[test]
+    fn duplicate_rule_names_and_disabled_rules() {
+        let text = r##"[sinks.a]
+type = "stdout"
+[[rules]]
+name = "x"
+from = ["#"]
+to = ["a"]
+[[rules]]
+name = "x"
+from = ["#"]
+to = ["a"]
+enabled = false
+"##;
+        let p = problems(text);
+        assert_eq!(p.len(), 1);
+        assert!(p[0].contains("duplicate rule name `x`"));
+    }
+}

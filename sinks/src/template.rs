@@ -1,0 +1,189 @@
+//! Path templates: `telemetry/{agent}/{stream}/%Y-%m-%d.jsonl`.
+//!
+//! - `{agent}`, `{stream}`: the message's agent and stream (`_` when it has none);
+//! - `{topic.N}`: segment N (0-based) of the topic;
+//! - strftime fields (`%Y`, `%m`, `%d`, `%H`, ...) from the record's timestamp (its `ts`,
+//!   else the time the server received it), in UTC.
+//!
+//! Substituted values are made safe as one path component: anything outside
+//! `[A-Za-z0-9._-]` becomes `_`, and `.`/`..` become `_`, so a message can never steer a
+//! write outside the sink's directory.
+
+use std::fmt::Write as _;
+use std::path::{Component, Path};
+
+use chrono::format::{Item, StrftimeItems};
+use fleetbus_protocol::Message;
+
+/// A template compiled once at configuration time.
+#[derive(Debug, Clone)]
+pub struct PathTemplate {
+    source: String,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Text(Vec<Item<'static>>),
+    Agent,
+    Stream,
+    TopicSegment(usize),
+}
+
+/// A template that cannot be used, with the character position of the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("path template `{template}`, at character {position}: {problem}")]
+pub struct TemplateError {
+    /// The whole template.
+    pub template: String,
+    /// 1-based character position of the problem.
+    pub position: usize,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl PathTemplate {
+    /// Compiles `source`, refusing unknown placeholders, bad strftime fields, absolute paths
+    /// and `..` components.
+    pub fn parse(source: &str) -> Result<PathTemplate, TemplateError> {
+        let err = |byte: usize, problem: String| TemplateError {
+            template: source.to_string(),
+            position: source[..byte.min(source.len())].chars().count() + 1,
+            problem,
+        };
+        if source.trim().is_empty() {
+            return Err(err(0, "is empty".into()));
+        }
+        let path = Path::new(source);
+        if path.is_absolute() {
+            return Err(err(0, "must be relative (it is resolved under the server's data_dir)".into()));
+        }
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            let at = source.find("..").unwrap_or(0);
+            return Err(err(at, "`..` would leave the data directory".into()));
+        }
+        let mut parts = Vec::new();
+        let mut rest = source;
+        let mut offset = 0;
+        while !rest.is_empty() {
+            match rest.find('{') {
+                Some(open) => {
+                    if open > 0 {
+                        parts.push(text(&rest[..open]).map_err(|p| err(offset, p))?);
+                    }
+                    let close = rest[open..]
+                        .find('}')
+                        .ok_or_else(|| err(offset + open, "`{` is never closed".into()))?;
+                    let name = &rest[open + 1..open + close];
+                    parts.push(placeholder(name).map_err(|p| err(offset + open, p))?);
+                    offset += open + close + 1;
+                    rest = &rest[open + close + 1..];
+                }
+                None => {
+                    parts.push(text(rest).map_err(|p| err(offset, p))?);
+                    rest = "";
+                }
+            }
+        }
+        Ok(PathTemplate {
+            source: source.to_string(),
+            parts,
+        })
+    }
+
+    /// The template as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// The relative path for `msg`.
+    pub fn render(&self, msg: &Message) -> String {
+        let ts = msg.timestamp();
+        let mut out = String::with_capacity(self.source.len() + 32);
+        for part in &self.parts {
+            match part {
+                // validated at parse time: formatting cannot fail
+                Part::Text(items) => {
+                    let _ = write!(out, "{}", ts.format_with_items(items.iter()));
+                }
+                Part::Agent => push_safe(&mut out, msg.agent()),
+                Part::Stream => push_safe(&mut out, msg.stream()),
+                Part::TopicSegment(n) => push_safe(&mut out, msg.segments().nth(*n)),
+            }
+        }
+        out
+    }
+}
+
+fn text(s: &str) -> Result<Part, String> {
+    let items = StrftimeItems::new(s)
+        .parse_to_owned()
+        .map_err(|_| format!("bad strftime field in `{s}` (write %% for a literal %)"))?;
+    Ok(Part::Text(items))
+}
+
+fn placeholder(name: &str) -> Result<Part, String> {
+    match name {
+        "agent" => Ok(Part::Agent),
+        "stream" => Ok(Part::Stream),
+        _ => match name.strip_prefix("topic.").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Part::TopicSegment(n)),
+            _ => Err(format!(
+                "unknown placeholder `{{{name}}}` (known: {{agent}}, {{stream}}, {{topic.N}})"
+            )),
+        },
+    }
+}
+
+fn push_safe(out: &mut String, value: Option<&str>) {
+    match value {
+        Some(v) if !v.is_empty() && v != "." && v != ".." => {
+            out.extend(v.chars().map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            }));
+        }
+        _ => out.push('_'),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(topic: &str, body: &str) -> Message {
+        Message::decode(topic, body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn renders_placeholders_and_dates() {
+        let t = PathTemplate::parse("telemetry/{agent}/{stream}/%Y-%m-%d.jsonl").unwrap();
+        let m = msg("fleet/a1/telemetry/metrics", r#"{"ts":"2026-03-04T05:06:07Z"}"#);
+        assert_eq!(t.render(&m), "telemetry/a1/metrics/2026-03-04.jsonl");
+        let t = PathTemplate::parse("by-topic/{topic.0}-{topic.3}/%H.log").unwrap();
+        assert_eq!(t.render(&m), "by-topic/fleet-metrics/05.log");
+    }
+
+    #[test]
+    fn hostile_values_stay_inside_the_directory() {
+        let t = PathTemplate::parse("{agent}/{topic.1}/{topic.9}.jsonl").unwrap();
+        let m = msg("x/../y", r#"{"agent":"../../etc"}"#);
+        let p = t.render(&m);
+        assert_eq!(p, ".._.._etc/_/_.jsonl");
+        assert!(Path::new(&p).components().all(|c| matches!(c, Component::Normal(_))));
+    }
+
+    #[test]
+    fn bad_templates_say_where() {
+        let e = PathTemplate::parse("x/{agnt}.log").unwrap_err();
+        assert_eq!(e.position, 3);
+        assert!(e.problem.contains("unknown placeholder `{agnt}`"));
+        assert!(PathTemplate::parse("/etc/x").is_err());
+        assert!(PathTemplate::parse("a/../../x").is_err());
+        assert!(PathTemplate::parse("a/{agent").is_err());
+        assert!(PathTemplate::parse("a/%Q").is_err());
+    }
+}
