@@ -1,1 +1,74 @@
-fn main() {}
+//! The `fleetbus` command: a thin layer that parses arguments and calls the libraries.
+
+mod cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Fleet telemetry bus: embedded MQTT broker, agents with a disk outbox, TOML rules, sinks.
+#[derive(Debug, Parser)]
+#[command(name = "fleetbus", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server: embedded broker + rules engine + sinks in one process.
+    Serve {
+        /// Server configuration file (TOML). Without it: built-in defaults and FLEETBUS_* variables.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run an agent: collectors, disk outbox, one outbound MQTT connection.
+    Agent {
+        /// Agent configuration file (TOML). Without it: built-in defaults and FLEETBUS_* variables.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Check or run a rules file.
+    Rules {
+        #[command(subcommand)]
+        command: cmd::rules::RulesCommand,
+    },
+    /// Measure throughput.
+    Bench {
+        #[command(subcommand)]
+        command: cmd::bench::BenchCommand,
+    },
+    /// Start a server and three agents on the embedded defaults, show what arrived where.
+    Demo(cmd::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cmd::init_logging(matches!(cli.command, Command::Demo(_) | Command::Bench { .. }));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { config } => cmd::serve::run(config.as_deref()).await,
+            Command::Agent { config } => cmd::agent::run(config.as_deref()).await,
+            Command::Rules { command } => cmd::rules::run(command).await,
+            Command::Bench { command } => cmd::bench::run(command).await,
+            Command::Demo(args) => cmd::demo::run(args).await,
+        }
+    });
+    // don't wait for blocked threads (rumqttd's router has no shutdown)
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -12,7 +12,7 @@
 mod config;
 mod policy;
 
-use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,22 +125,22 @@ impl EmbeddedBroker {
             let reason = factory(settings, protocol).await;
             tracing::error!(%addr, %reason, "broker listener ended");
         }));
+        // wait until rumqttd holds the port: probing by binding (not by connecting)
+        // leaves no half-open connection behind
         let waited = Duration::from_secs(5);
         let deadline = Instant::now() + waited;
-        let probe = if addr.ip().is_unspecified() {
-            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
-        } else {
-            addr
-        };
         while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&probe, Duration::from_millis(100)).is_ok() {
-                tracing::info!(%addr, "broker listening");
-                return Ok(addr);
+            match StdTcpListener::bind(addr) {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    tracing::info!(%addr, "broker listening");
+                    return Ok(addr);
+                }
+                _ => {}
             }
             if self.listener.as_ref().is_some_and(|l| l.is_finished()) {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Err(BrokerError::NotListening { addr, waited })
     }

@@ -86,6 +86,16 @@ pub fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> ConfigError
     }
 }
 
+/// Resolves `path` against the directory of the configuration file `config_file`
+/// (unchanged when `path` is absolute or there is no file), so that a configuration works
+/// wherever the program is started from.
+pub fn relative_to(config_file: Option<&Path>, path: &Path) -> PathBuf {
+    match config_file.and_then(Path::parent) {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Reads `path` into a string, with an error naming the file.
 pub fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -1,1 +1,169 @@
-//! placeholder
+//! `fleetbus serve`: one process with the embedded broker, the rules engine and its sinks.
+//!
+//! Start-up order matters: the router starts, the rules engine attaches to it as an
+//! in-process client subscribed to everything, and only then does the network listener
+//! open, so no agent message can arrive before the engine sees it.
+
+mod config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use config::{RulesSection, ServerConfig};
+use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
+use fleetbus_rules::{Engine, EngineStats, RuleSet, RulesError};
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+
+/// Client id of the in-process rules engine on the embedded broker.
+pub const ENGINE_CLIENT_ID: &str = "fleetbus-rules-engine";
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// The rules file is invalid.
+    #[error("{0}")]
+    Rules(#[from] RulesError),
+    /// The broker could not start.
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+    /// The data directory is unusable.
+    #[error("data_dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running server.
+pub struct Server {
+    broker: EmbeddedBroker,
+    engine: Arc<Engine>,
+    consumer: JoinHandle<()>,
+    addr: SocketAddr,
+    // the sending half of the engine's link: dropping it would detach the engine
+    _engine_link: LinkTx,
+}
+
+impl Server {
+    /// Starts broker, rules engine and sinks as configured. Relative paths in `config`
+    /// must already be resolved (see [`ServerConfig::resolve_paths`]).
+    pub async fn start(config: &ServerConfig) -> Result<Server, ServerError> {
+        config.validate().map_err(ServerError::Config)?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let rules = match &config.rules.file {
+            Some(path) => RuleSet::load(path)?,
+            None => RuleSet::builtin()?,
+        };
+        tracing::info!(
+            rules = rules.rules.len(),
+            sinks = rules.sinks.len(),
+            file = %config.rules.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into()),
+            "rules loaded"
+        );
+        let engine = Arc::new(Engine::start(rules, &config.data_dir)?);
+        let mut broker = EmbeddedBroker::start(config.broker.clone())?;
+        let (mut link_tx, link_rx) = broker.local_link(ENGINE_CLIENT_ID)?;
+        // one catch-all subscription: the engine matches rule filters itself, and every
+        // topic has a subscriber (rumqttd disconnects publishers to topics nobody wants)
+        link_tx.subscribe("#").map_err(|e| BrokerError::Link {
+            client_id: ENGINE_CLIENT_ID.into(),
+            reason: e.to_string(),
+        })?;
+        let consumer = tokio::spawn(
+            consume(link_rx, engine.clone()).instrument(tracing::info_span!("rules_engine")),
+        );
+        let addr = broker.listen().await?;
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "fleetbus server ready");
+        Ok(Server {
+            broker,
+            engine,
+            consumer,
+            addr,
+            _engine_link: link_tx,
+        })
+    }
+
+    /// The MQTT listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The rules engine's counters.
+    pub fn stats(&self) -> EngineStats {
+        self.engine.stats()
+    }
+
+    /// Graceful stop: refuse further traffic (agents keep unacknowledged records in their
+    /// outboxes), let what the broker already accepted reach the sinks, flush the sinks,
+    /// all within `deadline`.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        let started = Instant::now();
+        self.broker.stop();
+        // wait until the engine has seen everything the broker accepted: no new message
+        // for 200 ms
+        let mut last = self.engine.stats().received;
+        let mut quiet_since = Instant::now();
+        while started.elapsed() < deadline / 2 && quiet_since.elapsed() < Duration::from_millis(200) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.engine.stats().received;
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            }
+        }
+        self.consumer.abort();
+        let engine = match Arc::try_unwrap(self.engine) {
+            Ok(e) => e,
+            Err(shared) => {
+                // the consumer task still holds it for a moment after abort
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match Arc::try_unwrap(shared) {
+                    Ok(e) => e,
+                    Err(_) => {
+                        tracing::error!("rules engine still in use at shutdown; sinks not flushed");
+                        return;
+                    }
+                }
+            }
+        };
+        engine.shutdown(deadline.saturating_sub(started.elapsed())).await;
+        tracing::info!(took = ?started.elapsed(), "server stopped");
+    }
+}
+
+/// Feeds every message the router forwards to the in-process link into the engine.
+async fn consume(mut rx: LinkRx, engine: Arc<Engine>) {
+    loop {
+        match rx.next().await {
+            Ok(Some(Notification::Forward(forward))) => {
+                let publish = forward.publish;
+                match std::str::from_utf8(&publish.topic) {
+                    Ok(topic) => engine.dispatch(topic, &publish.payload),
+                    Err(_) => tracing::warn!("message with a non-UTF-8 topic skipped"),
+                }
+            }
+            Ok(Some(Notification::Unschedule)) => {
+                // the router paused us because our buffer was full: ask for more
+                if let Err(e) = rx.wake().await {
+                    tracing::error!(error = %e, "rules engine lost its broker link");
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "rules engine lost its broker link");
+                return;
+            }
+        }
+    }
+}

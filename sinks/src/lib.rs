@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod file;
+pub mod inventory;
 pub mod stdout;
 pub mod template;
 pub mod worker;

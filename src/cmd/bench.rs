@@ -1,0 +1,125 @@
+//! `fleetbus bench ingest`: publishes at a target rate (or as fast as acknowledgements
+//! allow) and measures the rate at which messages come out the other end.
+//!
+//! - For a plain MQTT broker (`--broker URL`, or `--mosquitto` to start one): N publishers
+//!   and one subscriber run here; "out" is messages received by the subscriber.
+//! - For fleetbus (unless `--no-fleetbus`): an embedded server with the built-in archive
+//!   rule and N simulated agents built on the agent library (disk outbox included); "out"
+//!   is records written by the file sink.
+//!
+//! All targets run side by side in one invocation, so the figures are comparable.
+
+mod fleetbus;
+mod relay;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use fleetbus_mqtt::BrokerUrl;
+
+/// `fleetbus bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Ingest throughput: fleetbus end to end vs plain broker relay.
+    Ingest(IngestArgs),
+}
+
+/// `fleetbus bench ingest` options.
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Publishing clients (simulated agents for fleetbus).
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Messages per second per client; 0 = as fast as acknowledgements allow.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Payload bytes per message (for fleetbus: the encoded record's size).
+    #[arg(long, default_value_t = 200)]
+    pub payload: usize,
+    /// QoS of the plain-broker publishers and subscriber (fleetbus agents always use 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// How long to publish.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Also measure relay through this plain MQTT broker (repeatable).
+    #[arg(long)]
+    pub broker: Vec<BrokerUrl>,
+    /// Also start `mosquitto` (must be installed) on a free loopback port and measure it.
+    #[arg(long)]
+    pub mosquitto: bool,
+    /// Skip the fleetbus end-to-end measurement.
+    #[arg(long)]
+    pub no_fleetbus: bool,
+}
+
+/// One measured target.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    /// What was measured.
+    pub target: String,
+    /// Messages published.
+    pub sent: u64,
+    /// Messages that came out the other end.
+    pub received: u64,
+    /// From the first publish to the last message out.
+    pub elapsed: Duration,
+}
+
+impl Measurement {
+    /// Messages out per second.
+    pub fn rate(&self) -> f64 {
+        self.received as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs a `bench` subcommand.
+pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
+    let BenchCommand::Ingest(args) = command;
+    let mut results = Vec::new();
+    let mut mosquitto = None;
+    if args.mosquitto {
+        let m = relay::Mosquitto::start().await?;
+        let url = m.url();
+        mosquitto = Some(m);
+        results.push(relay::measure(&args, &url, "mosquitto (relay)").await?);
+    }
+    for url in &args.broker {
+        results.push(relay::measure(&args, url, &format!("{url} (relay)")).await?);
+    }
+    drop(mosquitto);
+    if !args.no_fleetbus {
+        results.push(fleetbus::measure(&args).await?);
+    }
+    println!();
+    println!(
+        "clients={} payload={}B rate={} duration={:?} (plain brokers at QoS {}, fleetbus agents at QoS 1 with disk outbox)",
+        args.clients,
+        args.payload,
+        if args.rate == 0 { "max".to_string() } else { format!("{}/s/client", args.rate) },
+        args.duration,
+        args.qos
+    );
+    println!("{:<40} {:>10} {:>10} {:>8} {:>12}", "target", "sent", "out", "secs", "msg/s out");
+    for r in &results {
+        println!(
+            "{:<40} {:>10} {:>10} {:>8.2} {:>12.0}",
+            r.target,
+            r.sent,
+            r.received,
+            r.elapsed.as_secs_f64(),
+            r.rate()
+        );
+    }
+    if let (Some(fb), Some(first)) = (results.iter().find(|r| r.target.starts_with("fleetbus")), results.first()) {
+        if !first.target.starts_with("fleetbus") {
+            println!("fleetbus end to end / {}: {:.2}x", first.target, fb.rate() / first.rate());
+        }
+    }
+    let lost = results.iter().any(|r| r.received < r.sent && (r.target.starts_with("fleetbus") || args.qos == 1));
+    if lost {
+        println!("WARNING: some messages did not come out within the drain time");
+    }
+    Ok(ExitCode::SUCCESS)
+}

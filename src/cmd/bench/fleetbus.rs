@@ -1,0 +1,120 @@
+//! fleetbus end to end: simulated agents (agent library, disk outbox) → embedded broker →
+//! rules engine → file sink.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetbus_agent::{Agent, AgentConfig, Outbox};
+use fleetbus_mqtt::BrokerUrl;
+use fleetbus_protocol::Record;
+use fleetbus_server::{Server, ServerConfig};
+use tokio::sync::watch;
+
+use super::{IngestArgs, Measurement};
+
+/// Stream the simulated agents write to.
+const STREAM: &str = "bench";
+
+/// Runs the end-to-end measurement.
+pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
+    let tmp = tempfile::Builder::new().prefix("fleetbus-bench-").tempdir()?;
+    let port = fleetbus_broker::free_port()?;
+    let mut config = ServerConfig {
+        data_dir: tmp.path().join("data"),
+        ..ServerConfig::default()
+    };
+    config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let server = Server::start(&config).await?;
+
+    let pad = pad_for(args.payload);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut outboxes: Vec<Arc<Outbox>> = Vec::new();
+    let mut agents = tokio::task::JoinSet::new();
+    for i in 0..args.clients {
+        let mut c = AgentConfig {
+            server: BrokerUrl {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            state_dir: tmp.path().join(format!("agent-{i}")),
+            id: Some(format!("bench-{i}")),
+            ..AgentConfig::default()
+        };
+        c.metrics.enabled = false;
+        c.outbox.max_bytes = 1 << 30;
+        let agent = Agent::open(c)?;
+        outboxes.push(agent.outbox().clone());
+        agents.spawn(agent.run(stop_rx.clone()));
+    }
+
+    let start = Instant::now();
+    let deadline = start + args.duration;
+    let mut producers = Vec::new();
+    for outbox in &outboxes {
+        let outbox = outbox.clone();
+        let pad = pad.clone();
+        let rate = args.rate;
+        producers.push(tokio::spawn(async move {
+            let mut pace = (rate > 0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64)));
+            let mut sent = 0u64;
+            while Instant::now() < deadline {
+                match pace.as_mut() {
+                    Some(p) => {
+                        p.tick().await;
+                    }
+                    // as fast as the pipeline takes them: keep a bounded backlog
+                    None if outbox.stats().pending > 2_000 => {
+                        tokio::time::sleep(Duration::from_micros(500)).await;
+                        continue;
+                    }
+                    None => {}
+                }
+                let pushed = outbox.push(STREAM, |r| {
+                    r.fields.insert("pad".into(), pad.clone().into());
+                });
+                if pushed.is_err() {
+                    break;
+                }
+                sent += 1;
+                if sent % 256 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            sent
+        }));
+    }
+    let mut sent = 0;
+    for p in producers {
+        sent += p.await.unwrap_or(0);
+    }
+    let written = || -> u64 { server.stats().sinks.iter().map(|(_, s)| s.written).sum() };
+    let mut seen = written();
+    let mut last_change = Instant::now();
+    while seen < sent && last_change.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = written();
+        if now != seen {
+            seen = now;
+            last_change = Instant::now();
+        }
+    }
+    let elapsed = last_change.saturating_duration_since(start);
+    let _ = stop_tx.send(true);
+    while agents.join_next().await.is_some() {}
+    server.shutdown(Duration::from_secs(10)).await;
+    Ok(Measurement {
+        target: format!("fleetbus end to end ({} agents)", args.clients),
+        sent,
+        received: seen,
+        elapsed,
+    })
+}
+
+/// A padding string that makes an encoded bench record about `payload` bytes.
+fn pad_for(payload: usize) -> String {
+    let mut r = Record::new("bench-0", STREAM, 1_000_000, chrono::Utc::now());
+    r.fields.insert("pad".into(), String::new().into());
+    let base = r.encode().len();
+    "x".repeat(payload.saturating_sub(base))
+}

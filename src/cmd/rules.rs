@@ -1,0 +1,77 @@
+//! `fleetbus rules check` and `fleetbus rules run`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use fleetbus_mqtt::BrokerUrl;
+use fleetbus_rules::{run_standalone, Engine, RuleSet, StandaloneOptions};
+
+/// `fleetbus rules ...`
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Validate a rules file: every problem is printed as file:line:col; exit 1 if any.
+    Check {
+        /// The rules file.
+        file: PathBuf,
+    },
+    /// Run the rules engine on its own against any MQTT broker.
+    Run {
+        /// The broker to subscribe to.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: BrokerUrl,
+        /// The rules file.
+        #[arg(long)]
+        rules: PathBuf,
+        /// Where file sinks write.
+        #[arg(long, default_value = "fleetbus-data")]
+        data_dir: PathBuf,
+        /// MQTT client id.
+        #[arg(long, default_value = "fleetbus-rules")]
+        client_id: String,
+        /// Share the load with other engines of this group ($share/GROUP/... subscriptions).
+        #[arg(long)]
+        group: Option<String>,
+    },
+}
+
+/// Runs a `rules` subcommand.
+pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        RulesCommand::Check { file } => match RuleSet::load(&file) {
+            Ok(set) => {
+                println!(
+                    "{}: ok ({} rules, {} sinks)",
+                    file.display(),
+                    set.rules.len(),
+                    set.sinks.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                for p in &e.problems {
+                    eprintln!("{p}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        RulesCommand::Run {
+            broker,
+            rules,
+            data_dir,
+            client_id,
+            group,
+        } => {
+            let set = RuleSet::load(&rules)?;
+            let engine = Engine::start(set, &data_dir)?;
+            let options = StandaloneOptions {
+                broker,
+                client_id,
+                group,
+            };
+            run_standalone(&engine, &options, super::shutdown_signal()).await;
+            engine.shutdown(std::time::Duration::from_secs(10)).await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! `fleetbus serve`
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use fleetbus_server::{Server, ServerConfig};
+
+/// How long a graceful stop may take.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Loads the server configuration (file + FLEETBUS_* overrides) with paths resolved.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<ServerConfig> {
+    let mut config: ServerConfig = fleetbus_config::load(path)?;
+    config.resolve_paths(path);
+    Ok(config)
+}
+
+/// Runs the server until Ctrl-C / SIGTERM.
+pub async fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let config = load_config(config_path)?;
+    let server = Server::start(&config)
+        .await
+        .with_context(|| match config_path {
+            Some(p) => format!("cannot start the server configured by {}", p.display()),
+            None => "cannot start the server".to_string(),
+        })?;
+    let mut shutdown = super::shutdown_signal();
+    super::stopped(&mut shutdown).await;
+    server.shutdown(SHUTDOWN_DEADLINE).await;
+    Ok(ExitCode::SUCCESS)
+}
