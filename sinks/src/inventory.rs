@@ -20,7 +20,8 @@ pub struct StreamSummary {
     pub duplicates: u64,
     /// Sequence numbers between first and last never seen.
     pub missing: u64,
-    /// Records that arrived with a lower seq than one before them in the same file.
+    /// Records that arrived for the first time after a higher seq of the same stream in the
+    /// same file (re-sent copies are counted as duplicates, not here).
     pub out_of_order: u64,
 }
 
@@ -52,7 +53,7 @@ pub fn scan(dir: &Path) -> std::io::Result<Inventory> {
     for path in files {
         let bytes = std::fs::metadata(&path)?.len();
         let mut lines = 0;
-        let mut last_in_file: BTreeMap<(String, String), u64> = BTreeMap::new();
+        let mut highest_in_file: BTreeMap<(String, String), u64> = BTreeMap::new();
         for line in BufReader::new(std::fs::File::open(&path)?).lines() {
             let line = line?;
             lines += 1;
@@ -83,12 +84,13 @@ pub fn scan(dir: &Path) -> std::io::Result<Inventory> {
             summary.last_seq = summary.last_seq.max(seq);
             if !set.insert(seq) {
                 summary.duplicates += 1;
+                continue;
             }
-            if let Some(prev) = last_in_file.insert(key, seq) {
-                if seq < prev {
-                    summary.out_of_order += 1;
-                }
+            let highest = highest_in_file.entry(key).or_insert(seq);
+            if seq < *highest {
+                summary.out_of_order += 1;
             }
+            *highest = (*highest).max(seq);
         }
         inv.files.push((path, lines, bytes));
     }
@@ -125,15 +127,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("x")).unwrap();
         let line = |a: &str, s: u64| format!("{{\"agent\":\"{a}\",\"stream\":\"m\",\"seq\":{s}}}\n");
-        let text: String = [line("a", 1), line("a", 2), line("a", 2), line("a", 5), line("a", 4), line("b", 1)].concat();
+        let text: String = [line("a", 1), line("a", 2), line("a", 2), line("a", 5), line("a", 4), line("a", 2), line("b", 1)].concat();
         std::fs::write(dir.path().join("x/f.jsonl"), text + "garbage\n").unwrap();
         let inv = scan(dir.path()).unwrap();
         assert_eq!(inv.files.len(), 1);
-        assert_eq!(inv.files[0].1, 7);
+        assert_eq!(inv.files[0].1, 8);
         assert_eq!(inv.unparsable, 1);
         let a = &inv.streams[&("a".to_string(), "m".to_string())];
-        assert_eq!((a.records, a.first_seq, a.last_seq), (5, 1, 5));
-        assert_eq!((a.duplicates, a.missing, a.out_of_order), (1, 1, 1));
+        assert_eq!((a.records, a.first_seq, a.last_seq), (6, 1, 5));
+        // 2 twice more (duplicates), 3 never, 4 first seen after 5
+        assert_eq!((a.duplicates, a.missing, a.out_of_order), (2, 1, 1));
         assert!(!a.is_contiguous());
         assert!(inv.streams[&("b".to_string(), "m".to_string())].is_contiguous());
     }

@@ -1,0 +1,135 @@
+//! Shared helpers for end-to-end tests: real `fleetbus` processes on loopback ports.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use fleetbus_sinks::inventory::{scan, StreamSummary};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fleetbus")
+}
+
+/// A child process that is SIGKILLed when dropped (so a failing test leaves nothing behind).
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `fleetbus ARGS`, logging to `log`.
+    pub fn start(args: &[&str], log: &Path) -> Proc {
+        let out = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("FLEETBUS_DATA_DIR")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the process to exit (at most `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit after SIGTERM; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    fleetbus_broker::free_port().unwrap()
+}
+
+/// Writes a server config in `dir` listening on `port`, with `rules` (TOML text) if given.
+pub fn server_config(dir: &Path, port: u16, rules: Option<&str>) -> PathBuf {
+    let mut text = format!("data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n");
+    if let Some(rules) = rules {
+        fs::write(dir.join("rules.toml"), rules).unwrap();
+        text.push_str("[rules]\nfile = \"rules.toml\"\n");
+    }
+    let path = dir.join("server.toml");
+    fs::write(&path, text).unwrap();
+    path
+}
+
+/// Writes an agent config `NAME.toml` in `dir`: heartbeat every `heartbeat_ms`, quick
+/// reconnects, metrics every second. `id` None means "generate one".
+pub fn agent_config(dir: &Path, name: &str, port: u16, id: Option<&str>, heartbeat_ms: u64) -> PathBuf {
+    let id_line = id.map(|i| format!("id = \"{i}\"\n")).unwrap_or_default();
+    let text = format!(
+        "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-{name}\"\n{id_line}groups = [\"{name}-group\"]\n\
+         [metrics]\ninterval = \"1s\"\n[heartbeat]\nenabled = true\ninterval = \"{heartbeat_ms}ms\"\n\
+         [connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n"
+    );
+    let path = dir.join(format!("{name}.toml"));
+    fs::write(&path, text).unwrap();
+    path
+}
+
+/// The delivery summary of (agent, stream) in the server's data dir, if anything arrived.
+pub fn summary(data: &Path, agent: &str, stream: &str) -> Option<StreamSummary> {
+    scan(data).ok()?.streams.get(&(agent.to_string(), stream.to_string())).cloned()
+}
+
+/// Every record line of every `.jsonl` file under `dir`, parsed.
+pub fn records(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for (path, _, _) in scan(dir).unwrap().files {
+        for line in fs::read_to_string(path).unwrap().lines() {
+            out.push(serde_json::from_str(line).unwrap());
+        }
+    }
+    out
+}

@@ -1,0 +1,86 @@
+//! Bad input on the command line: every error names the file, the line and the problem,
+//! and the command exits non-zero.
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Output};
+
+use common::bin;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn bad_rules_file_is_refused_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.toml");
+    fs::write(
+        &path,
+        "[sinks.a]\ntype = \"file\"\npath = \"x.jsonl\"\n\n[[rules]]\nname = \"r\"\nfrom = [\"fleet/#/x\"]\nto = [\"missing\"]\n",
+    )
+    .unwrap();
+    let out = run(&["rules", "check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let shown = path.display().to_string();
+    assert!(err.contains(&format!("{shown}:7:9: rule `r`: bad topic filter")), "{err}");
+    assert!(err.contains(&format!("{shown}:8:7: rule `r`: unknown sink `missing`")), "{err}");
+
+    // the same file named by a server config stops `serve` before it listens
+    let cfg = dir.path().join("server.toml");
+    fs::write(&cfg, "[broker]\nlisten = \"127.0.0.1:1\"\n[rules]\nfile = \"rules.toml\"\n").unwrap();
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&format!("{shown}:8:7")), "{}", stderr(&out));
+}
+
+#[test]
+fn good_rules_file_passes_the_check() {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/rules.toml");
+    let out = run(&["rules", "check", rules]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (4 rules, 3 sinks)"));
+}
+
+#[test]
+fn bad_server_config_names_file_line_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("server.toml");
+    fs::write(&cfg, "data_dir = \"d\"\n[broker]\nlisen = \"127.0.0.1:1883\"\n").unwrap();
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}:3:1", cfg.display())), "{err}");
+    assert!(err.contains("unknown field `lisen`"), "{err}");
+
+    fs::write(&cfg, "[broker]\nmax_payload_bytes = 1024\n").unwrap();
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("broker.max_payload_bytes"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_agent_config_names_file_line_and_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("agent.toml");
+    fs::write(&cfg, "server = \"mqtt://127.0.0.1:1\"\n[metrics]\ninterval = \"often\"\n").unwrap();
+    let out = run(&["agent", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&format!("{}:3:12", cfg.display())), "{err}");
+
+    fs::write(&cfg, "server = \"ftp://example.org\"\n").unwrap();
+    let out = run(&["agent", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unsupported scheme `ftp`"), "{}", stderr(&out));
+
+    let out = run(&["agent", "--config", dir.path().join("nope.toml").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nope.toml: cannot read"), "{}", stderr(&out));
+}
