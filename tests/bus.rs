@@ -15,19 +15,33 @@ fn three_agents_records_arrive_complete_and_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let data = dir.path().join("data");
-    let mut server = Proc::start(&["serve", "--config", server_config(dir.path(), port, None).to_str().unwrap()], &dir.path().join("server.log"));
+    let mut server = Proc::start(
+        &[
+            "serve",
+            "--config",
+            server_config(dir.path(), port, None).to_str().unwrap(),
+        ],
+        &dir.path().join("server.log"),
+    );
     let mut agents: Vec<Proc> = ["a1", "a2", "a3"]
         .iter()
         .map(|name| {
             let cfg = agent_config(dir.path(), name, port, Some(name), 50);
-            Proc::start(&["agent", "--config", cfg.to_str().unwrap()], &dir.path().join(format!("{name}.log")))
+            Proc::start(
+                &["agent", "--config", cfg.to_str().unwrap()],
+                &dir.path().join(format!("{name}.log")),
+            )
         })
         .collect();
-    wait_until(Duration::from_secs(30), "40 heartbeats from every agent", || {
-        ["a1", "a2", "a3"]
-            .iter()
-            .all(|a| summary(&data, a, "heartbeat").is_some_and(|s| s.records >= 40))
-    });
+    wait_until(
+        Duration::from_secs(30),
+        "40 heartbeats from every agent",
+        || {
+            ["a1", "a2", "a3"]
+                .iter()
+                .all(|a| summary(&data, a, "heartbeat").is_some_and(|s| s.records >= 40))
+        },
+    );
     for agent in &mut agents {
         assert!(agent.terminate(Duration::from_secs(10)).success());
     }
@@ -45,9 +59,17 @@ fn three_agents_records_arrive_complete_and_in_order() {
     assert_eq!(inv.unparsable, 0);
     // the metrics records carry real system metrics
     let recs = records(&data.join("telemetry/a1/metrics"));
-    let names: Vec<&str> = recs[0]["metrics"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = recs[0]["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
     for expected in ["cpu.usage", "mem.used", "swap.total", "load.1", "disk.used"] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
     }
 }
 
@@ -59,29 +81,49 @@ fn killed_agent_keeps_its_id_and_continues_its_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let data = dir.path().join("data");
-    let _server = Proc::start(&["serve", "--config", server_config(dir.path(), port, None).to_str().unwrap()], &dir.path().join("server.log"));
+    let _server = Proc::start(
+        &[
+            "serve",
+            "--config",
+            server_config(dir.path(), port, None).to_str().unwrap(),
+        ],
+        &dir.path().join("server.log"),
+    );
     let cfg = agent_config(dir.path(), "k", port, None, 20);
     let log = dir.path().join("agent.log");
     let mut agent = Proc::start(&["agent", "--config", cfg.to_str().unwrap()], &log);
     let id_file = dir.path().join("state-k/agent-id");
-    wait_until(Duration::from_secs(10), "agent id file", || id_file.exists());
+    wait_until(Duration::from_secs(10), "agent id file", || {
+        id_file.exists()
+    });
     let id = fs::read_to_string(&id_file).unwrap().trim().to_string();
-    wait_until(Duration::from_secs(20), "30 heartbeats", || summary(&data, &id, "heartbeat").is_some_and(|s| s.records >= 30));
+    wait_until(Duration::from_secs(20), "30 heartbeats", || {
+        summary(&data, &id, "heartbeat").is_some_and(|s| s.records >= 30)
+    });
     agent.kill();
     let killed_at = Utc::now();
     let before = summary(&data, &id, "heartbeat").unwrap();
 
     let mut agent = Proc::start(&["agent", "--config", cfg.to_str().unwrap()], &log);
-    wait_until(Duration::from_secs(20), "heartbeats after the restart", || {
-        summary(&data, &id, "heartbeat").is_some_and(|s| s.last_seq >= before.last_seq + 30)
-    });
+    wait_until(
+        Duration::from_secs(20),
+        "heartbeats after the restart",
+        || summary(&data, &id, "heartbeat").is_some_and(|s| s.last_seq >= before.last_seq + 30),
+    );
     assert!(agent.terminate(Duration::from_secs(10)).success());
     std::thread::sleep(Duration::from_millis(1500)); // the sink flushes every 500 ms
 
-    assert_eq!(fs::read_to_string(&id_file).unwrap().trim(), id, "the agent id changed");
+    assert_eq!(
+        fs::read_to_string(&id_file).unwrap().trim(),
+        id,
+        "the agent id changed"
+    );
     let inv = scan(&data).unwrap();
     let agents: Vec<&String> = inv.streams.keys().map(|(a, _)| a).collect();
-    assert!(agents.iter().all(|a| **a == id), "records under another id: {agents:?}");
+    assert!(
+        agents.iter().all(|a| **a == id),
+        "records under another id: {agents:?}"
+    );
     let s = &inv.streams[&(id.clone(), "heartbeat".to_string())];
     assert_eq!(s.first_seq, 1);
     assert_eq!(s.missing, 0, "{s:?}");
@@ -96,7 +138,10 @@ fn killed_agent_keeps_its_id_and_continues_its_sequence() {
     for r in records(&data).iter().filter(|r| r["stream"] == "heartbeat") {
         let ts: DateTime<Utc> = r["ts"].as_str().unwrap().parse().unwrap();
         if ts > killed_at + chrono::Duration::milliseconds(100) {
-            assert!(r["seq"].as_u64().unwrap() > max_before_kill, "seq reused after restart: {r}");
+            assert!(
+                r["seq"].as_u64().unwrap() > max_before_kill,
+                "seq reused after restart: {r}"
+            );
         }
     }
 }
@@ -109,30 +154,46 @@ fn records_made_while_the_server_is_down_arrive_after_it_returns() {
     let port = free_port();
     let data = dir.path().join("data");
     let server_cfg = server_config(dir.path(), port, None);
-    let mut server = Proc::start(&["serve", "--config", server_cfg.to_str().unwrap()], &dir.path().join("server.log"));
+    let mut server = Proc::start(
+        &["serve", "--config", server_cfg.to_str().unwrap()],
+        &dir.path().join("server.log"),
+    );
     let mut agents: Vec<Proc> = ["s1", "s2"]
         .iter()
         .map(|name| {
             let cfg = agent_config(dir.path(), name, port, Some(name), 50);
-            Proc::start(&["agent", "--config", cfg.to_str().unwrap()], &dir.path().join(format!("{name}.log")))
+            Proc::start(
+                &["agent", "--config", cfg.to_str().unwrap()],
+                &dir.path().join(format!("{name}.log")),
+            )
         })
         .collect();
     wait_until(Duration::from_secs(20), "first heartbeats", || {
-        ["s1", "s2"].iter().all(|a| summary(&data, a, "heartbeat").is_some_and(|s| s.records >= 10))
+        ["s1", "s2"]
+            .iter()
+            .all(|a| summary(&data, a, "heartbeat").is_some_and(|s| s.records >= 10))
     });
     assert!(server.terminate(Duration::from_secs(15)).success());
     let down_from = Utc::now();
     std::thread::sleep(Duration::from_secs(10));
     let down_until = Utc::now();
-    let mut server = Proc::start(&["serve", "--config", server_cfg.to_str().unwrap()], &dir.path().join("server2.log"));
-    wait_until(Duration::from_secs(30), "records made during the outage", || {
-        let recs = records(&data);
-        ["s1", "s2"].iter().all(|a| {
-            recs.iter().any(|r| {
-                r["agent"] == *a && r["ts"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap() > down_until
+    let mut server = Proc::start(
+        &["serve", "--config", server_cfg.to_str().unwrap()],
+        &dir.path().join("server2.log"),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "records made during the outage",
+        || {
+            let recs = records(&data);
+            ["s1", "s2"].iter().all(|a| {
+                recs.iter().any(|r| {
+                    r["agent"] == *a
+                        && r["ts"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap() > down_until
+                })
             })
-        })
-    });
+        },
+    );
     for agent in &mut agents {
         assert!(agent.terminate(Duration::from_secs(10)).success());
     }
@@ -148,7 +209,10 @@ fn records_made_while_the_server_is_down_arrive_after_it_returns() {
                 ts > down_from + chrono::Duration::seconds(1) && ts < down_until
             })
             .count();
-        assert!(during >= 100, "{agent}: only {during} records from the outage arrived");
+        assert!(
+            during >= 100,
+            "{agent}: only {during} records from the outage arrived"
+        );
         let s = summary(&data, agent, "heartbeat").unwrap();
         assert_eq!(s.first_seq, 1);
         assert_eq!(s.missing, 0, "{agent}: {s:?}");
@@ -165,19 +229,37 @@ fn agent_without_a_server_keeps_retrying_then_delivers() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let cfg = agent_config(dir.path(), "lonely", port, Some("lonely"), 100);
-    let mut agent = Proc::start(&["agent", "--config", cfg.to_str().unwrap()], &dir.path().join("agent.log"));
+    let mut agent = Proc::start(
+        &["agent", "--config", cfg.to_str().unwrap()],
+        &dir.path().join("agent.log"),
+    );
     std::thread::sleep(Duration::from_secs(4));
     assert!(agent.running(), "agent exited: {}", agent.log_text());
     let log = agent.log_text();
     let failures = log.matches("connection to server failed").count();
-    assert!(failures >= 3, "expected repeated retries, got {failures}:\n{log}");
+    assert!(
+        failures >= 3,
+        "expected repeated retries, got {failures}:\n{log}"
+    );
     assert!(log.contains("refused"), "the log must say why: {log}");
     // backoff: with 100ms..1s, 4 s allow far fewer than the 40 attempts of a fixed 100 ms
     assert!(failures < 25, "no backoff? {failures} attempts in 4 s");
 
     let data = dir.path().join("data");
-    let _server = Proc::start(&["serve", "--config", server_config(dir.path(), port, None).to_str().unwrap()], &dir.path().join("server.log"));
-    wait_until(Duration::from_secs(20), "records queued while no server listened", || {
-        summary(&data, "lonely", "heartbeat").is_some_and(|s| s.records >= 40 && s.first_seq == 1)
-    });
+    let _server = Proc::start(
+        &[
+            "serve",
+            "--config",
+            server_config(dir.path(), port, None).to_str().unwrap(),
+        ],
+        &dir.path().join("server.log"),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "records queued while no server listened",
+        || {
+            summary(&data, "lonely", "heartbeat")
+                .is_some_and(|s| s.records >= 40 && s.first_seq == 1)
+        },
+    );
 }

@@ -29,15 +29,29 @@ fn bad_rules_file_is_refused_with_file_line_and_column() {
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     let shown = path.display().to_string();
-    assert!(err.contains(&format!("{shown}:7:9: rule `r`: bad topic filter")), "{err}");
-    assert!(err.contains(&format!("{shown}:8:7: rule `r`: unknown sink `missing`")), "{err}");
+    assert!(
+        err.contains(&format!("{shown}:7:9: rule `r`: bad topic filter")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{shown}:8:7: rule `r`: unknown sink `missing`")),
+        "{err}"
+    );
 
     // the same file named by a server config stops `serve` before it listens
     let cfg = dir.path().join("server.toml");
-    fs::write(&cfg, "[broker]\nlisten = \"127.0.0.1:1\"\n[rules]\nfile = \"rules.toml\"\n").unwrap();
+    fs::write(
+        &cfg,
+        "[broker]\nlisten = \"127.0.0.1:1\"\n[rules]\nfile = \"rules.toml\"\n",
+    )
+    .unwrap();
     let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains(&format!("{shown}:8:7")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("{shown}:8:7")),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -52,7 +66,11 @@ fn good_rules_file_passes_the_check() {
 fn bad_server_config_names_file_line_and_problem() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("server.toml");
-    fs::write(&cfg, "data_dir = \"d\"\n[broker]\nlisen = \"127.0.0.1:1883\"\n").unwrap();
+    fs::write(
+        &cfg,
+        "data_dir = \"d\"\n[broker]\nlisen = \"127.0.0.1:1883\"\n",
+    )
+    .unwrap();
     let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -62,14 +80,22 @@ fn bad_server_config_names_file_line_and_problem() {
     fs::write(&cfg, "[broker]\nmax_payload_bytes = 1024\n").unwrap();
     let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("broker.max_payload_bytes"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("broker.max_payload_bytes"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
 fn bad_agent_config_names_file_line_and_problem() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("agent.toml");
-    fs::write(&cfg, "server = \"mqtt://127.0.0.1:1\"\n[metrics]\ninterval = \"often\"\n").unwrap();
+    fs::write(
+        &cfg,
+        "server = \"mqtt://127.0.0.1:1\"\n[metrics]\ninterval = \"often\"\n",
+    )
+    .unwrap();
     let out = run(&["agent", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -78,9 +104,21 @@ fn bad_agent_config_names_file_line_and_problem() {
     fs::write(&cfg, "server = \"ftp://example.org\"\n").unwrap();
     let out = run(&["agent", "--config", cfg.to_str().unwrap()]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("unsupported scheme `ftp`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unsupported scheme `ftp`"),
+        "{}",
+        stderr(&out)
+    );
 
-    let out = run(&["agent", "--config", dir.path().join("nope.toml").to_str().unwrap()]);
+    let out = run(&[
+        "agent",
+        "--config",
+        dir.path().join("nope.toml").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("nope.toml: cannot read"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nope.toml: cannot read"),
+        "{}",
+        stderr(&out)
+    );
 }

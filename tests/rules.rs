@@ -40,18 +40,36 @@ fn conditions_select_and_fan_out_writes_every_sink() {
     let port = free_port();
     let data = dir.path().join("data");
     let mut server = Proc::start(
-        &["serve", "--config", server_config(dir.path(), port, Some(RULES)).to_str().unwrap()],
+        &[
+            "serve",
+            "--config",
+            server_config(dir.path(), port, Some(RULES))
+                .to_str()
+                .unwrap(),
+        ],
         &dir.path().join("server.log"),
     );
-    wait_until(Duration::from_secs(10), "server listening", || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_until(Duration::from_secs(10), "server listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
 
     let mut opts = MqttOptions::new("third-party", "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut conn) = Client::new(opts, 100);
     let temps: Vec<f64> = (0..40).map(|i| (i * 7 % 100) as f64).collect();
     for (i, t) in temps.iter().enumerate() {
-        let body = format!(r#"{{"seq":{},"ts":"2026-05-01T00:00:00Z","temp":{t}}}"#, i + 1);
-        client.publish("fleet/thermo/telemetry/sensors", QoS::AtLeastOnce, false, body).unwrap();
+        let body = format!(
+            r#"{{"seq":{},"ts":"2026-05-01T00:00:00Z","temp":{t}}}"#,
+            i + 1
+        );
+        client
+            .publish(
+                "fleet/thermo/telemetry/sensors",
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .unwrap();
     }
     let mut acked = 0;
     for event in conn.iter() {
@@ -70,7 +88,10 @@ fn conditions_select_and_fan_out_writes_every_sink() {
 
     for sink in ["all", "copy"] {
         let s = summary(&data.join(sink), "thermo", "sensors").unwrap();
-        assert!(s.is_contiguous() && s.first_seq == 1 && s.last_seq == 40, "{sink}: {s:?}");
+        assert!(
+            s.is_contiguous() && s.first_seq == 1 && s.last_seq == 40,
+            "{sink}: {s:?}"
+        );
     }
     assert!(data.join("copy/thermo-sensors.jsonl").exists());
     let hot = records(&data.join("hot"));
@@ -82,8 +103,16 @@ fn conditions_select_and_fan_out_writes_every_sink() {
         .map(|(i, _)| i as u64 + 1)
         .collect();
     assert!(!expected.is_empty());
-    assert_eq!(hot_seqs, expected, "only records above 50 degrees, each once, in order");
-    assert!(data.join("hot/2026.jsonl").exists(), "strftime from the record's ts");
+    assert_eq!(
+        hot_seqs, expected,
+        "only records above 50 degrees, each once, in order"
+    );
+    assert!(
+        data.join("hot/2026.jsonl").exists(),
+        "strftime from the record's ts"
+    );
     // the topic is authoritative for identity
-    assert!(hot.iter().all(|r| r["agent"] == "thermo" && r["stream"] == "sensors"));
+    assert!(hot
+        .iter()
+        .all(|r| r["agent"] == "thermo" && r["stream"] == "sensors"));
 }

@@ -104,7 +104,9 @@ impl Outbox {
         let mut seqs = persisted.seqs;
         let mut pending_bytes = 0;
         for index in log.first_index()..log.next_index() {
-            let Some(bytes) = log.read(index)? else { continue };
+            let Some(bytes) = log.read(index)? else {
+                continue;
+            };
             let (topic, seq, _) = decode_entry(&bytes).ok_or_else(|| AgentError::State {
                 path: dir.to_path_buf(),
                 problem: format!("outbox record {index} is malformed"),
@@ -118,7 +120,11 @@ impl Outbox {
         }
         let pending = log.next_index().saturating_sub(head);
         if pending > 0 {
-            tracing::info!(pending, bytes = pending_bytes, "outbox: records from before the restart will be published again");
+            tracing::info!(
+                pending,
+                bytes = pending_bytes,
+                "outbox: records from before the restart will be published again"
+            );
         }
         let now = Instant::now();
         Ok(Outbox {
@@ -185,7 +191,9 @@ impl Outbox {
             if st.acked.contains(&index) {
                 continue;
             }
-            let Some(bytes) = st.log.read(index)? else { continue };
+            let Some(bytes) = st.log.read(index)? else {
+                continue;
+            };
             let (topic, _, payload) = decode_entry(&bytes).ok_or_else(|| AgentError::State {
                 path: st.log.dir().to_path_buf(),
                 problem: format!("outbox record {index} is malformed"),
@@ -274,7 +282,11 @@ impl Outbox {
             self.lock().unreported_drops += count;
             return Err(e);
         }
-        tracing::warn!(dropped = count, total, "reported outbox overflow as an event");
+        tracing::warn!(
+            dropped = count,
+            total,
+            "reported outbox overflow as an event"
+        );
         Ok(Some(count))
     }
 
@@ -292,12 +304,16 @@ impl Outbox {
     fn maintain_at(&self, force: bool) -> Result<(), AgentError> {
         let mut st = self.lock();
         let now = Instant::now();
-        if st.log_unsynced && (force || now.duration_since(st.last_sync) >= self.config.fsync_interval) {
+        if st.log_unsynced
+            && (force || now.duration_since(st.last_sync) >= self.config.fsync_interval)
+        {
             st.log.sync()?;
             st.log_unsynced = false;
             st.last_sync = now;
         }
-        if st.state_dirty && (force || now.duration_since(st.last_state_write) >= STATE_WRITE_INTERVAL) {
+        if st.state_dirty
+            && (force || now.duration_since(st.last_state_write) >= STATE_WRITE_INTERVAL)
+        {
             // the state (head and sequence numbers) must be on disk before any segment that
             // holds the records it accounts for is deleted
             let persisted = PersistedState {
@@ -380,7 +396,9 @@ fn write_state(path: &Path, state: &PersistedState) -> Result<(), AgentError> {
         source,
     };
     std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 

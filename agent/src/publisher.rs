@@ -78,11 +78,18 @@ impl Publisher {
             // reused id from meeting one still unacknowledged
             (window * 2).min(u16::MAX as usize) as u16,
         );
-        options.set_last_will(LastWill::new(topics::presence(&self.agent), will.encode(), QoS::AtLeastOnce, true));
+        options.set_last_will(LastWill::new(
+            topics::presence(&self.agent),
+            will.encode(),
+            QoS::AtLeastOnce,
+            true,
+        ));
         let (client, eventloop) = AsyncClient::new(options, window + 16);
         let (events_tx, mut events) = mpsc::channel(1024);
         let poller = tokio::spawn(poll_events(eventloop, events_tx));
-        let end = self.serve(&client, &mut events, shutdown, birth, window).await;
+        let end = self
+            .serve(&client, &mut events, shutdown, birth, window)
+            .await;
         poller.abort();
         end
     }
@@ -112,7 +119,12 @@ impl Publisher {
         };
         match connected {
             Ok(Ok(())) => {}
-            Ok(Err(reason)) => return SessionEnd::Failed { reason, connected: false },
+            Ok(Err(reason)) => {
+                return SessionEnd::Failed {
+                    reason,
+                    connected: false,
+                }
+            }
             Err(_) => {
                 return SessionEnd::Failed {
                     reason: format!("no CONNACK within {:?}", self.connection.connect_timeout),
@@ -127,7 +139,12 @@ impl Publisher {
         let mut unassigned: VecDeque<Option<u64>> = VecDeque::new();
         let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
         if client
-            .try_publish(topics::presence(&self.agent), QoS::AtLeastOnce, true, birth.encode())
+            .try_publish(
+                topics::presence(&self.agent),
+                QoS::AtLeastOnce,
+                true,
+                birth.encode(),
+            )
             .is_ok()
         {
             unassigned.push_back(None);
@@ -210,7 +227,12 @@ impl Publisher {
     ) {
         let offline = Presence::offline(&self.agent, chrono::Utc::now());
         if client
-            .try_publish(topics::presence(&self.agent), QoS::AtLeastOnce, true, offline.encode())
+            .try_publish(
+                topics::presence(&self.agent),
+                QoS::AtLeastOnce,
+                true,
+                offline.encode(),
+            )
             .is_ok()
         {
             unassigned.push_back(None);
@@ -254,7 +276,9 @@ async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, Co
 /// A log-friendly reason for a connection error.
 fn describe(e: &ConnectionError) -> String {
     match e {
-        ConnectionError::ConnectionRefused(code) => format!("broker refused the connection: {code:?}"),
+        ConnectionError::ConnectionRefused(code) => {
+            format!("broker refused the connection: {code:?}")
+        }
         ConnectionError::Io(io) => format!("network error: {io}"),
         other => other.to_string(),
     }

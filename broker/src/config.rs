@@ -65,7 +65,10 @@ impl BrokerConfig {
     /// Checks every value rumqttd would accept but misbehave with.
     pub fn validate(&self) -> Result<(), ConfigProblem> {
         if self.max_connections == 0 {
-            return Err(problem("max_connections", "must be at least 1 (0 refuses every client)"));
+            return Err(problem(
+                "max_connections",
+                "must be at least 1 (0 refuses every client)",
+            ));
         }
         if self.max_payload_bytes < MIN_PAYLOAD_BYTES {
             return Err(problem(

@@ -53,10 +53,10 @@ pub enum BrokerError {
     },
 }
 
-type LinkFactory =
-    Arc<dyn Fn(&str) -> Result<(LinkTx, LinkRx), rumqttd::local::LinkError> + Send + Sync>;
+type LinkFactory = Arc<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send + Sync>;
 type ListenerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
-type ListenerFactory = Box<dyn FnOnce(rumqttd::ServerSettings, PolicyProtocol) -> ListenerFuture + Send>;
+type ListenerFactory =
+    Box<dyn FnOnce(rumqttd::ServerSettings, PolicyProtocol) -> ListenerFuture + Send>;
 
 /// A running embedded broker. Dropping it does not stop the router thread (rumqttd has no
 /// shutdown API); call [`EmbeddedBroker::stop`] to close the listener and refuse all
@@ -78,9 +78,10 @@ impl EmbeddedBroker {
         let router_tx = rumqttd::Router::new(0, config.router_config()).spawn();
         let link_tx = router_tx.clone();
         let links: LinkFactory = Arc::new(move |client_id: &str| {
-            let (tx, rx, _connack) =
-                rumqttd::local::LinkBuilder::new(client_id, link_tx.clone()).build()?;
-            Ok((tx, rx))
+            rumqttd::local::LinkBuilder::new(client_id, link_tx.clone())
+                .build()
+                .map(|(tx, rx, _connack)| (tx, rx))
+                .map_err(|e| e.to_string())
         });
         let listener_factory: ListenerFactory = Box::new(move |settings, protocol| {
             Box::pin(async move {
@@ -103,9 +104,9 @@ impl EmbeddedBroker {
     /// Attaches an in-process client (e.g. the rules engine) directly to the router: no
     /// socket, no encoding. Its subscriptions see every matching publish.
     pub fn local_link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
-        (self.links)(client_id).map_err(|e| BrokerError::Link {
+        (self.links)(client_id).map_err(|reason| BrokerError::Link {
             client_id: client_id.to_string(),
-            reason: e.to_string(),
+            reason,
         })
     }
 

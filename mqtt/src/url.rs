@@ -18,7 +18,9 @@ pub struct BrokerUrl {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
     /// The scheme is not one this build speaks.
-    #[error("broker URL `{url}`: unsupported scheme `{scheme}` (this build speaks mqtt:// and tcp://)")]
+    #[error(
+        "broker URL `{url}`: unsupported scheme `{scheme}` (this build speaks mqtt:// and tcp://)"
+    )]
     Scheme {
         /// The whole URL.
         url: String,
@@ -43,7 +45,9 @@ impl FromStr for BrokerUrl {
             url: url.to_string(),
             problem,
         };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| malformed("no scheme"))?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| malformed("no scheme"))?;
         if !matches!(scheme, "mqtt" | "tcp") {
             return Err(UrlError::Scheme {
                 url: url.to_string(),
@@ -56,7 +60,9 @@ impl FromStr for BrokerUrl {
         }
         let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
             // [ipv6]:port
-            let (host, after) = stripped.split_once(']').ok_or_else(|| malformed("unclosed ["))?;
+            let (host, after) = stripped
+                .split_once(']')
+                .ok_or_else(|| malformed("unclosed ["))?;
             let port = match after.strip_prefix(':') {
                 Some(p) => p.parse().map_err(|_| malformed("bad port"))?,
                 None if after.is_empty() => 1883,
@@ -116,7 +122,10 @@ mod tests {
 
     #[test]
     fn refuses_what_it_cannot_speak() {
-        assert!(matches!("wss://h:443".parse::<BrokerUrl>(), Err(UrlError::Scheme { .. })));
+        assert!(matches!(
+            "wss://h:443".parse::<BrokerUrl>(),
+            Err(UrlError::Scheme { .. })
+        ));
         assert!("h:1883".parse::<BrokerUrl>().is_err());
         assert!("mqtt://h:notaport".parse::<BrokerUrl>().is_err());
         assert!("mqtt://:1".parse::<BrokerUrl>().is_err());

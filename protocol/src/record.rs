@@ -34,7 +34,12 @@ pub struct Record {
 
 impl Record {
     /// A record with no event, metrics or fields yet.
-    pub fn new(agent: impl Into<String>, stream: impl Into<String>, seq: u64, ts: DateTime<Utc>) -> Self {
+    pub fn new(
+        agent: impl Into<String>,
+        stream: impl Into<String>,
+        seq: u64,
+        ts: DateTime<Utc>,
+    ) -> Self {
         Record {
             agent: agent.into(),
             stream: stream.into(),
@@ -198,7 +203,8 @@ mod tests {
             }],
             text: "95% used".into(),
         });
-        r.metrics.push(Metric::new("disk.used", 95.0, Some("%")).label("mount", "/"));
+        r.metrics
+            .push(Metric::new("disk.used", 95.0, Some("%")).label("mount", "/"));
         r
     }
 

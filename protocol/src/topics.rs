@@ -86,7 +86,9 @@ impl<'a> Topic<'a> {
                 None if rest == "jobs" => Topic::GroupJobs { group, rest: "" },
                 _ => Topic::Other(topic),
             },
-            (agent, Some("telemetry"), Some(stream)) if !stream.is_empty() && !stream.contains('/') => {
+            (agent, Some("telemetry"), Some(stream))
+                if !stream.is_empty() && !stream.contains('/') =>
+            {
                 Topic::Telemetry { agent, stream }
             }
             (agent, Some("presence"), None) => Topic::Presence { agent },
@@ -137,10 +139,7 @@ mod tests {
                 stream: "metrics"
             }
         );
-        assert_eq!(
-            Topic::parse(&presence("a")),
-            Topic::Presence { agent: "a" }
-        );
+        assert_eq!(Topic::parse(&presence("a")), Topic::Presence { agent: "a" });
         assert_eq!(Topic::parse(&presence("a")).agent(), Some("a"));
     }
 
@@ -162,7 +161,10 @@ mod tests {
         );
         assert_eq!(
             Topic::parse("fleet/a/jobs/x"),
-            Topic::AgentJobs { agent: "a", rest: "x" }
+            Topic::AgentJobs {
+                agent: "a",
+                rest: "x"
+            }
         );
         assert_eq!(Topic::parse("other/x"), Topic::Other("other/x"));
         assert_eq!(

@@ -33,7 +33,8 @@ impl Condition {
     pub fn compile(source: &str) -> Result<Condition, String> {
         let program = Program::compile(source).map_err(|e| {
             // cel's message embeds its own "<input>:line:col" and a caret diagram
-            e.to_string().replace("ERROR: <input>:", "expression position ")
+            e.to_string()
+                .replace("ERROR: <input>:", "expression position ")
         })?;
         let condition = Condition {
             source: source.to_string(),
@@ -42,7 +43,9 @@ impl Condition {
         // evaluate once on a sample message to catch misspelled variable names
         let sample = Message::decode("fleet/sample/telemetry/metrics", b"{}")
             .map_err(|e| format!("internal: sample message: {e}"))?;
-        if let Err(ExecutionError::UndeclaredReference(name)) = condition.evaluate_in(&context_for(&sample)) {
+        if let Err(ExecutionError::UndeclaredReference(name)) =
+            condition.evaluate_in(&context_for(&sample))
+        {
             return Err(format!(
                 "unknown variable `{name}` (available: {})",
                 VARIABLES.join(", ")
@@ -96,9 +99,19 @@ mod tests {
     fn conditions_see_record_topic_and_agent() {
         let body = r#"{"seq":3,"metrics":[{"name":"cpu.usage","value":97.5}]}"#;
         let t = "fleet/web-1/telemetry/metrics";
-        assert!(eval(r#"record.metrics.exists(m, m.name == "cpu.usage" && m.value > 90.0)"#, t, body).unwrap());
+        assert!(eval(
+            r#"record.metrics.exists(m, m.name == "cpu.usage" && m.value > 90.0)"#,
+            t,
+            body
+        )
+        .unwrap());
         assert!(!eval(r#"record.metrics.exists(m, m.value > 99.0)"#, t, body).unwrap());
-        assert!(eval(r#"agent.startsWith("web-") && stream == "metrics" && segments[2] == "telemetry""#, t, body).unwrap());
+        assert!(eval(
+            r#"agent.startsWith("web-") && stream == "metrics" && segments[2] == "telemetry""#,
+            t,
+            body
+        )
+        .unwrap());
         assert!(eval("record.seq == 3", t, body).unwrap());
     }
 

@@ -54,7 +54,12 @@ impl Engine {
             let sink = config.build(data_dir).map_err(|e| {
                 ConfigError::invalid(Path::new("<rules>"), format!("sink `{name}`: {e}"))
             })?;
-            sinks.push(spawn_sink(name, sink, config.buffer().max_events, config.batch().clone()));
+            sinks.push(spawn_sink(
+                name,
+                sink,
+                config.buffer().max_events,
+                config.batch().clone(),
+            ));
         }
         Ok(Engine {
             router: Router::new(rules.rules),

@@ -37,7 +37,9 @@ impl TopicFilter {
                 "#" => return Err(format!("`#` must be the last level of `{filter}`")),
                 "+" => Level::One,
                 p if p.contains('#') || p.contains('+') => {
-                    return Err(format!("wildcards must fill a whole level: `{p}` in `{filter}`"))
+                    return Err(format!(
+                        "wildcards must fill a whole level: `{p}` in `{filter}`"
+                    ))
                 }
                 p => Level::Exact(p.to_string()),
             };

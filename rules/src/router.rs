@@ -119,7 +119,10 @@ to = ["alerts", "archive"]
         )
         .unwrap();
         router.route(&cool, &mut out);
-        assert_eq!(out.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>(), ["archive"]);
+        assert_eq!(
+            out.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>(),
+            ["archive"]
+        );
         let other = Message::decode("other/topic", b"{}").unwrap();
         router.route(&other, &mut out);
         assert!(out.is_empty());

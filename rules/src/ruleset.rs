@@ -132,19 +132,28 @@ impl RuleSet {
             }
             let mut from = Vec::new();
             if r.from.get_ref().is_empty() {
-                problems.push(at(r.from.span(), format!("rule `{name}`: `from` names no topic filter")));
+                problems.push(at(
+                    r.from.span(),
+                    format!("rule `{name}`: `from` names no topic filter"),
+                ));
             }
             for f in r.from.get_ref() {
                 match TopicFilter::parse(f.get_ref()) {
                     Ok(filter) => from.push(filter),
-                    Err(e) => problems.push(at(f.span(), format!("rule `{name}`: bad topic filter: {e}"))),
+                    Err(e) => problems.push(at(
+                        f.span(),
+                        format!("rule `{name}`: bad topic filter: {e}"),
+                    )),
                 }
             }
             let condition = match &r.condition {
                 Some(src) => match Condition::compile(src.get_ref()) {
                     Ok(c) => Some(c),
                     Err(e) => {
-                        problems.push(at(src.span(), format!("rule `{name}`: bad `where` expression: {e}")));
+                        problems.push(at(
+                            src.span(),
+                            format!("rule `{name}`: bad `where` expression: {e}"),
+                        ));
                         None
                     }
                 },
@@ -152,7 +161,10 @@ impl RuleSet {
             };
             let mut to = Vec::new();
             if r.to.get_ref().is_empty() {
-                problems.push(at(r.to.span(), format!("rule `{name}`: `to` names no sink")));
+                problems.push(at(
+                    r.to.span(),
+                    format!("rule `{name}`: `to` names no sink"),
+                ));
             }
             for s in r.to.get_ref() {
                 match sink_index(s.get_ref()) {
@@ -165,7 +177,11 @@ impl RuleSet {
                             format!(
                                 "rule `{name}`: unknown sink `{}` (defined: {})",
                                 s.get_ref(),
-                                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                                if known.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    known.join(", ")
+                                }
                             ),
                         ));
                     }
@@ -232,9 +248,21 @@ to = ["a", "nope"]
 "#;
         let p = problems(text);
         assert_eq!(p.len(), 3, "{p:#?}");
-        assert!(p[0].starts_with("r.toml:7:9: rule `r1`: bad topic filter"), "{}", p[0]);
-        assert!(p[1].starts_with("r.toml:8:9: rule `r1`: bad `where` expression"), "{}", p[1]);
-        assert!(p[2].starts_with("r.toml:9:12: rule `r1`: unknown sink `nope` (defined: a)"), "{}", p[2]);
+        assert!(
+            p[0].starts_with("r.toml:7:9: rule `r1`: bad topic filter"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].starts_with("r.toml:8:9: rule `r1`: bad `where` expression"),
+            "{}",
+            p[1]
+        );
+        assert!(
+            p[2].starts_with("r.toml:9:12: rule `r1`: unknown sink `nope` (defined: a)"),
+            "{}",
+            p[2]
+        );
     }
 
     #[test]

@@ -23,10 +23,19 @@ pub struct StandaloneOptions {
 
 /// Subscribes `engine`'s filters on the broker and dispatches every message until
 /// `shutdown` turns true, reconnecting with backoff.
-pub async fn run_standalone(engine: &Engine, options: &StandaloneOptions, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_standalone(
+    engine: &Engine,
+    options: &StandaloneOptions,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
-        let opts = fleetbus_mqtt::options(&options.broker, &options.client_id, Duration::from_secs(15), 100);
+        let opts = fleetbus_mqtt::options(
+            &options.broker,
+            &options.client_id,
+            Duration::from_secs(15),
+            100,
+        );
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         for filter in engine.filters() {
             let filter = match &options.group {

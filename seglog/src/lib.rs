@@ -258,7 +258,9 @@ impl SegLog {
             .map(|e| e.segment)
             .unwrap_or_else(|| self.active_base());
         while self.segments.len() > 1 {
-            let Some(front) = self.segments.front() else { break };
+            let Some(front) = self.segments.front() else {
+                break;
+            };
             if front.base >= keep_from {
                 break;
             }
@@ -270,7 +272,10 @@ impl SegLog {
 
     /// Index of the oldest record still held (equals [`SegLog::next_index`] when empty).
     pub fn first_index(&self) -> u64 {
-        self.entries.front().map(|e| e.index).unwrap_or(self.next_index)
+        self.entries
+            .front()
+            .map(|e| e.index)
+            .unwrap_or(self.next_index)
     }
 
     /// Index the next append will get.

@@ -1,5 +1,4 @@
 use super::*;
-use std::io::Write as _;
 
 fn opts() -> SegLogOptions {
     SegLogOptions {
@@ -73,7 +72,8 @@ fn garbage_appended_to_tail_is_cut() {
         .append(true)
         .open(segment_path(dir.path(), 0))
         .unwrap();
-    f.write_all(&[3, 0, 0, 0, 1, 2, 3, 4, b'x', b'y', b'z']).unwrap();
+    f.write_all(&[3, 0, 0, 0, 1, 2, 3, 4, b'x', b'y', b'z'])
+        .unwrap();
     drop(f);
     let (mut log, rec) = SegLog::open(dir.path(), SegLogOptions::default()).unwrap();
     assert_eq!(rec.records, 1);

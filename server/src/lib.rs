@@ -113,7 +113,8 @@ impl Server {
         // for 200 ms
         let mut last = self.engine.stats().received;
         let mut quiet_since = Instant::now();
-        while started.elapsed() < deadline / 2 && quiet_since.elapsed() < Duration::from_millis(200) {
+        while started.elapsed() < deadline / 2 && quiet_since.elapsed() < Duration::from_millis(200)
+        {
             tokio::time::sleep(Duration::from_millis(20)).await;
             let now = self.engine.stats().received;
             if now != last {
@@ -136,7 +137,9 @@ impl Server {
                 }
             }
         };
-        engine.shutdown(deadline.saturating_sub(started.elapsed())).await;
+        engine
+            .shutdown(deadline.saturating_sub(started.elapsed()))
+            .await;
         tracing::info!(took = ?started.elapsed(), "server stopped");
     }
 }

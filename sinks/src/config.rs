@@ -30,7 +30,9 @@ pub struct BufferConfig {
 
 impl Default for BufferConfig {
     fn default() -> Self {
-        BufferConfig { max_events: 100_000 }
+        BufferConfig {
+            max_events: 100_000,
+        }
     }
 }
 
@@ -109,7 +111,7 @@ impl SinkConfig {
             .map_err(|e| SinkError::after(0, SinkErrorKind::Config(e)))?;
         Ok(match self {
             SinkConfig::File(c) => Box::new(FileSink::new(c, data_dir)?),
-            SinkConfig::Stdout(_) => Box::new(StdoutSink::default()),
+            SinkConfig::Stdout(_) => Box::new(StdoutSink),
         })
     }
 }

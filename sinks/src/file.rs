@@ -80,7 +80,8 @@ impl FileSink {
     fn write_one(&mut self, msg: &Message) -> Result<(), SinkErrorKind> {
         let path = self.base.join(self.template.render(msg));
         self.line.clear();
-        serde_json::to_writer(&mut self.line, &msg.body).map_err(|e| SinkErrorKind::Encode(e.to_string()))?;
+        serde_json::to_writer(&mut self.line, &msg.body)
+            .map_err(|e| SinkErrorKind::Encode(e.to_string()))?;
         self.line.push(b'\n');
         if !self.open.contains_key(&path) {
             if self.open.len() >= self.max_open {
@@ -99,11 +100,13 @@ impl FileSink {
             return Ok(());
         };
         open.last_write = Instant::now();
-        open.writer.write_all(&self.line).map_err(|source| SinkErrorKind::Io {
-            path: path.clone(),
-            op: "write",
-            source,
-        })
+        open.writer
+            .write_all(&self.line)
+            .map_err(|source| SinkErrorKind::Io {
+                path: path.clone(),
+                op: "write",
+                source,
+            })
     }
 
     fn flush_all(&mut self) -> Result<(), SinkErrorKind> {
@@ -154,7 +157,8 @@ impl Sink for FileSink {
         // buffered appends to local files: short enough to do on the async worker
         Box::pin(async move {
             for (i, msg) in batch.iter().enumerate() {
-                self.write_one(msg).map_err(|kind| SinkError::after(i, kind))?;
+                self.write_one(msg)
+                    .map_err(|kind| SinkError::after(i, kind))?;
             }
             Ok(())
         })
@@ -190,15 +194,21 @@ mod tests {
             .map(|i| {
                 let agent = ["a", "b", "c"][i % 3];
                 Arc::new(
-                    Message::decode(&format!("fleet/{agent}/telemetry/m"), format!(r#"{{"seq":{i}}}"#).as_bytes())
-                        .unwrap(),
+                    Message::decode(
+                        &format!("fleet/{agent}/telemetry/m"),
+                        format!(r#"{{"seq":{i}}}"#).as_bytes(),
+                    )
+                    .unwrap(),
                 )
             })
             .collect();
         sink.write(&batch).await.unwrap();
         sink.flush().await.unwrap();
         let a = fs::read_to_string(dir.path().join("t/a/m.jsonl")).unwrap();
-        let lines: Vec<serde_json::Value> = a.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = a
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["seq"], 0);
         assert_eq!(lines[1]["seq"], 3);
@@ -209,7 +219,11 @@ mod tests {
     #[tokio::test]
     async fn unwritable_directory_is_an_error_naming_the_path() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("blocker"), "a file where a directory should be").unwrap();
+        fs::write(
+            dir.path().join("blocker"),
+            "a file where a directory should be",
+        )
+        .unwrap();
         let mut sink = FileSink::new(&config("blocker/{agent}.jsonl"), dir.path()).unwrap();
         let m = Arc::new(Message::decode("fleet/a/telemetry/m", b"{}").unwrap());
         let err = sink.write(&[m]).await.unwrap_err();

@@ -126,8 +126,18 @@ mod tests {
     fn finds_gaps_duplicates_and_reordering() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("x")).unwrap();
-        let line = |a: &str, s: u64| format!("{{\"agent\":\"{a}\",\"stream\":\"m\",\"seq\":{s}}}\n");
-        let text: String = [line("a", 1), line("a", 2), line("a", 2), line("a", 5), line("a", 4), line("a", 2), line("b", 1)].concat();
+        let line =
+            |a: &str, s: u64| format!("{{\"agent\":\"{a}\",\"stream\":\"m\",\"seq\":{s}}}\n");
+        let text: String = [
+            line("a", 1),
+            line("a", 2),
+            line("a", 2),
+            line("a", 5),
+            line("a", 4),
+            line("a", 2),
+            line("b", 1),
+        ]
+        .concat();
         std::fs::write(dir.path().join("x/f.jsonl"), text + "garbage\n").unwrap();
         let inv = scan(dir.path()).unwrap();
         assert_eq!(inv.files.len(), 1);

@@ -56,7 +56,10 @@ impl PathTemplate {
         }
         let path = Path::new(source);
         if path.is_absolute() {
-            return Err(err(0, "must be relative (it is resolved under the server's data_dir)".into()));
+            return Err(err(
+                0,
+                "must be relative (it is resolved under the server's data_dir)".into(),
+            ));
         }
         if path.components().any(|c| matches!(c, Component::ParentDir)) {
             let at = source.find("..").unwrap_or(0);
@@ -161,7 +164,10 @@ mod tests {
     #[test]
     fn renders_placeholders_and_dates() {
         let t = PathTemplate::parse("telemetry/{agent}/{stream}/%Y-%m-%d.jsonl").unwrap();
-        let m = msg("fleet/a1/telemetry/metrics", r#"{"ts":"2026-03-04T05:06:07Z"}"#);
+        let m = msg(
+            "fleet/a1/telemetry/metrics",
+            r#"{"ts":"2026-03-04T05:06:07Z"}"#,
+        );
         assert_eq!(t.render(&m), "telemetry/a1/metrics/2026-03-04.jsonl");
         let t = PathTemplate::parse("by-topic/{topic.0}-{topic.3}/%H.log").unwrap();
         assert_eq!(t.render(&m), "by-topic/fleet-metrics/05.log");
@@ -173,7 +179,9 @@ mod tests {
         let m = msg("x/../y", r#"{"agent":"../../etc"}"#);
         let p = t.render(&m);
         assert_eq!(p, ".._.._etc/_/_.jsonl");
-        assert!(Path::new(&p).components().all(|c| matches!(c, Component::Normal(_))));
+        assert!(Path::new(&p)
+            .components()
+            .all(|c| matches!(c, Component::Normal(_))));
     }
 
     #[test]

@@ -57,7 +57,11 @@ impl SinkStats {
             failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
             dropped_queue_full: self.dropped_queue_full.load(Ordering::Relaxed),
             dropped_failed: self.dropped_failed.load(Ordering::Relaxed),
-            last_error: self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 
@@ -90,7 +94,11 @@ impl SinkHandle {
                 true
             }
             Err(_) => {
-                let n = self.stats.dropped_queue_full.fetch_add(1, Ordering::Relaxed) + 1;
+                let n = self
+                    .stats
+                    .dropped_queue_full
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
                 if n.is_power_of_two() {
                     tracing::error!(sink = %self.name, dropped_total = n, "sink queue full: message dropped for this sink (it is too slow or failing)");
                 }
@@ -173,14 +181,21 @@ async fn run_worker(
     flush(&mut *sink, &stats).await;
 }
 
-async fn deliver(sink: &mut dyn Sink, batch: &[Arc<Message>], stats: &SinkStats, config: &BatchConfig) {
+async fn deliver(
+    sink: &mut dyn Sink,
+    batch: &[Arc<Message>],
+    stats: &SinkStats,
+    config: &BatchConfig,
+) {
     let mut done = 0;
     let mut attempt = 0;
     let mut delay = config.retry_backoff;
     while done < batch.len() {
         match sink.write(&batch[done..]).await {
             Ok(()) => {
-                stats.written.fetch_add((batch.len() - done) as u64, Ordering::Relaxed);
+                stats
+                    .written
+                    .fetch_add((batch.len() - done) as u64, Ordering::Relaxed);
                 return;
             }
             Err(e) => {

@@ -101,7 +101,10 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         args.duration,
         args.qos
     );
-    println!("{:<40} {:>10} {:>10} {:>8} {:>12}", "target", "sent", "out", "secs", "msg/s out");
+    println!(
+        "{:<40} {:>10} {:>10} {:>8} {:>12}",
+        "target", "sent", "out", "secs", "msg/s out"
+    );
     for r in &results {
         println!(
             "{:<40} {:>10} {:>10} {:>8.2} {:>12.0}",
@@ -112,12 +115,21 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
             r.rate()
         );
     }
-    if let (Some(fb), Some(first)) = (results.iter().find(|r| r.target.starts_with("fleetbus")), results.first()) {
+    if let (Some(fb), Some(first)) = (
+        results.iter().find(|r| r.target.starts_with("fleetbus")),
+        results.first(),
+    ) {
         if !first.target.starts_with("fleetbus") {
-            println!("fleetbus end to end / {}: {:.2}x", first.target, fb.rate() / first.rate());
+            println!(
+                "fleetbus end to end / {}: {:.2}x",
+                first.target,
+                fb.rate() / first.rate()
+            );
         }
     }
-    let lost = results.iter().any(|r| r.received < r.sent && (r.target.starts_with("fleetbus") || args.qos == 1));
+    let lost = results
+        .iter()
+        .any(|r| r.received < r.sent && (r.target.starts_with("fleetbus") || args.qos == 1));
     if lost {
         println!("WARNING: some messages did not come out within the drain time");
     }

@@ -29,7 +29,9 @@ const GROUPS: [&str; 3] = ["web", "db", "edge"];
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let tmp = tempfile::Builder::new().prefix("fleetbus-demo-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("fleetbus-demo-")
+        .tempdir()?;
     let port = fleetbus_broker::free_port().context("no free TCP port on 127.0.0.1")?;
     let mut config = ServerConfig {
         data_dir: tmp.path().join("data"),
@@ -37,7 +39,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     };
     config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let server = Server::start(&config).await?;
-    println!("server:  mqtt://{} (embedded broker, built-in rules: archive all telemetry to files)", server.addr());
+    println!(
+        "server:  mqtt://{} (embedded broker, built-in rules: archive all telemetry to files)",
+        server.addr()
+    );
     println!("data:    {}", config.data_dir.display());
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -73,7 +78,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let inv = inventory::scan(&config.data_dir)?;
     println!();
-    println!("{:<38} {:<6} {:<10} {:>8} {:>10} {:>10}  delivery", "agent", "group", "stream", "records", "first seq", "last seq");
+    println!(
+        "{:<38} {:<6} {:<10} {:>8} {:>10} {:>10}  delivery",
+        "agent", "group", "stream", "records", "first seq", "last seq"
+    );
     let mut ok = true;
     for (id, group) in &ids {
         let mut any = false;
@@ -83,9 +91,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 "complete, in order".to_string()
             } else {
                 ok = false;
-                format!("{} missing, {} duplicate, {} out of order", s.missing, s.duplicates, s.out_of_order)
+                format!(
+                    "{} missing, {} duplicate, {} out of order",
+                    s.missing, s.duplicates, s.out_of_order
+                )
             };
-            println!("{agent:<38} {group:<6} {stream:<10} {:>8} {:>10} {:>10}  {verdict}", s.records, s.first_seq, s.last_seq);
+            println!(
+                "{agent:<38} {group:<6} {stream:<10} {:>8} {:>10} {:>10}  {verdict}",
+                s.records, s.first_seq, s.last_seq
+            );
         }
         if !any {
             ok = false;
@@ -96,7 +110,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("sink files ({}):", inv.files.len());
     for (path, lines, bytes) in &inv.files {
         let shown = path.strip_prefix(&config.data_dir).unwrap_or(path);
-        println!("  {:<70} {lines:>6} lines {bytes:>9} bytes", shown.display());
+        println!(
+            "  {:<70} {lines:>6} lines {bytes:>9} bytes",
+            shown.display()
+        );
     }
     println!();
     println!(

@@ -13,7 +13,11 @@ use tracing_subscriber::EnvFilter;
 /// every ordinary disconnect as an error, only from `RUST_LOG=rumqttd=warn`). `quiet`
 /// (demo, bench) shows warnings only unless `RUST_LOG` says otherwise.
 pub fn init_logging(quiet: bool) {
-    let default = if quiet { "warn,rumqttd=off" } else { "info,rumqttd=off" };
+    let default = if quiet {
+        "warn,rumqttd=off"
+    } else {
+        "info,rumqttd=off"
+    };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

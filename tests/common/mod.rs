@@ -23,7 +23,11 @@ pub struct Proc {
 impl Proc {
     /// Starts `fleetbus ARGS`, logging to `log`.
     pub fn start(args: &[&str], log: &Path) -> Proc {
-        let out = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let err = out.try_clone().unwrap();
         let child = Command::new(bin())
             .args(args)
@@ -56,7 +60,11 @@ impl Proc {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "process did not exit after SIGTERM; log:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit after SIGTERM; log:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -82,7 +90,10 @@ impl Drop for Proc {
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -106,7 +117,13 @@ pub fn server_config(dir: &Path, port: u16, rules: Option<&str>) -> PathBuf {
 
 /// Writes an agent config `NAME.toml` in `dir`: heartbeat every `heartbeat_ms`, quick
 /// reconnects, metrics every second. `id` None means "generate one".
-pub fn agent_config(dir: &Path, name: &str, port: u16, id: Option<&str>, heartbeat_ms: u64) -> PathBuf {
+pub fn agent_config(
+    dir: &Path,
+    name: &str,
+    port: u16,
+    id: Option<&str>,
+    heartbeat_ms: u64,
+) -> PathBuf {
     let id_line = id.map(|i| format!("id = \"{i}\"\n")).unwrap_or_default();
     let text = format!(
         "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-{name}\"\n{id_line}groups = [\"{name}-group\"]\n\
@@ -120,7 +137,11 @@ pub fn agent_config(dir: &Path, name: &str, port: u16, id: Option<&str>, heartbe
 
 /// The delivery summary of (agent, stream) in the server's data dir, if anything arrived.
 pub fn summary(data: &Path, agent: &str, stream: &str) -> Option<StreamSummary> {
-    scan(data).ok()?.streams.get(&(agent.to_string(), stream.to_string())).cloned()
+    scan(data)
+        .ok()?
+        .streams
+        .get(&(agent.to_string(), stream.to_string()))
+        .cloned()
 }
 
 /// Every record line of every `.jsonl` file under `dir`, parsed.

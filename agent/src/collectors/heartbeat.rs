@@ -11,7 +11,11 @@ use crate::outbox::Outbox;
 pub const HEARTBEAT_STREAM: &str = "heartbeat";
 
 /// Pushes a heartbeat record every `interval` until `shutdown` turns true.
-pub async fn run_heartbeat(outbox: Arc<Outbox>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_heartbeat(
+    outbox: Arc<Outbox>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

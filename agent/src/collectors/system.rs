@@ -49,10 +49,20 @@ pub fn collect_system_metrics(sampler: &mut SystemSampler) -> Vec<Metric> {
         out.push(bounded("mem.used", used, "B", total));
         out.push(Metric::new("mem.total", total, Some("B")));
         if total > 0.0 {
-            out.push(bounded("mem.used_percent", used * 100.0 / total, "%", 100.0));
+            out.push(bounded(
+                "mem.used_percent",
+                used * 100.0 / total,
+                "%",
+                100.0,
+            ));
         }
         let swap_total = sys.total_swap() as f64;
-        out.push(bounded("swap.used", sys.used_swap() as f64, "B", swap_total));
+        out.push(bounded(
+            "swap.used",
+            sys.used_swap() as f64,
+            "B",
+            swap_total,
+        ));
         out.push(Metric::new("swap.total", swap_total, Some("B")));
     }
     if let Ok(load) = System::load_average() {
@@ -67,8 +77,16 @@ pub fn collect_system_metrics(sampler: &mut SystemSampler) -> Vec<Metric> {
             let fs = disk.file_system().to_string_lossy().to_string();
             let total = disk.total_space() as f64;
             let used = total - disk.available_space() as f64;
-            out.push(bounded("disk.used", used, "B", total).label("mount", &mount).label("fs", &fs));
-            out.push(Metric::new("disk.total", total, Some("B")).label("mount", &mount).label("fs", &fs));
+            out.push(
+                bounded("disk.used", used, "B", total)
+                    .label("mount", &mount)
+                    .label("fs", &fs),
+            );
+            out.push(
+                Metric::new("disk.total", total, Some("B"))
+                    .label("mount", &mount)
+                    .label("fs", &fs),
+            );
             if total > 0.0 {
                 out.push(
                     bounded("disk.used_percent", used * 100.0 / total, "%", 100.0)
@@ -82,8 +100,14 @@ pub fn collect_system_metrics(sampler: &mut SystemSampler) -> Vec<Metric> {
         networks.refresh(true);
         for (name, data) in networks.iter() {
             let iface = name.to_string_lossy().to_string();
-            out.push(Metric::new("net.rx_bytes", data.total_received() as f64, Some("c")).label("iface", &iface));
-            out.push(Metric::new("net.tx_bytes", data.total_transmitted() as f64, Some("c")).label("iface", &iface));
+            out.push(
+                Metric::new("net.rx_bytes", data.total_received() as f64, Some("c"))
+                    .label("iface", &iface),
+            );
+            out.push(
+                Metric::new("net.tx_bytes", data.total_transmitted() as f64, Some("c"))
+                    .label("iface", &iface),
+            );
         }
     }
     out
@@ -97,7 +121,11 @@ fn bounded(name: &str, value: f64, unit: &str, max: f64) -> Metric {
 }
 
 /// Pushes one `metrics` record every `interval` (±10% jitter) until `shutdown` turns true.
-pub async fn run_system_metrics(outbox: Arc<Outbox>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_system_metrics(
+    outbox: Arc<Outbox>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut sampler = Some(SystemSampler::default());
     let mut delay = initial_spread(interval).max(Duration::from_millis(250));
     loop {

@@ -57,7 +57,13 @@ fn sequence_numbers_survive_when_everything_was_acknowledged() {
     drop(ob);
     let segments = std::fs::read_dir(dir.path())
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "seg")
+        })
         .count();
     assert_eq!(segments, 1, "acknowledged segments must be deleted");
     let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
@@ -142,7 +148,10 @@ fn torn_tail_recovers_every_whole_record() {
         .set_len(len - 3)
         .unwrap();
     let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
-    assert_eq!(seqs_of(&ob.read_from(0, 100).unwrap()), (1..=9).collect::<Vec<_>>());
+    assert_eq!(
+        seqs_of(&ob.read_from(0, 100).unwrap()),
+        (1..=9).collect::<Vec<_>>()
+    );
     // the torn record's sequence number is given again: it was never whole
     assert_eq!(ob.push("metrics", |_| {}).unwrap(), 10);
 }

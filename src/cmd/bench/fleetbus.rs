@@ -18,7 +18,9 @@ const STREAM: &str = "bench";
 
 /// Runs the end-to-end measurement.
 pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
-    let tmp = tempfile::Builder::new().prefix("fleetbus-bench-").tempdir()?;
+    let tmp = tempfile::Builder::new()
+        .prefix("fleetbus-bench-")
+        .tempdir()?;
     let port = fleetbus_broker::free_port()?;
     let mut config = ServerConfig {
         data_dir: tmp.path().join("data"),
@@ -56,7 +58,8 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
         let pad = pad.clone();
         let rate = args.rate;
         producers.push(tokio::spawn(async move {
-            let mut pace = (rate > 0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64)));
+            let mut pace = (rate > 0)
+                .then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64)));
             let mut sent = 0u64;
             while Instant::now() < deadline {
                 match pace.as_mut() {
@@ -77,7 +80,7 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
                     break;
                 }
                 sent += 1;
-                if sent % 256 == 0 {
+                if sent.is_multiple_of(256) {
                     tokio::task::yield_now().await;
                 }
             }

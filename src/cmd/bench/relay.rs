@@ -12,6 +12,10 @@ use rumqttc::{AsyncClient, Event, Packet, QoS};
 use super::{IngestArgs, Measurement};
 
 const TOPIC_ROOT: &str = "fleetbus-bench";
+/// Most messages published but not yet received, across all publishers. Brokers drop what
+/// a slow subscriber cannot take (Mosquitto queues 1000 per client by default), so an
+/// open-loop publisher would measure the drop rate, not the relay rate.
+const MAX_BACKLOG: u64 = 500;
 
 /// A `mosquitto` process on a free loopback port, killed on drop.
 pub struct Mosquitto {
@@ -64,14 +68,23 @@ fn qos(level: u8) -> QoS {
 }
 
 /// Measures how fast `url` relays `args.clients` publishers to one subscriber.
-pub async fn measure(args: &IngestArgs, url: &BrokerUrl, label: &str) -> anyhow::Result<Measurement> {
+pub async fn measure(
+    args: &IngestArgs,
+    url: &BrokerUrl,
+    label: &str,
+) -> anyhow::Result<Measurement> {
     let qos = qos(args.qos);
     let received = Arc::new(AtomicU64::new(0));
     let last_received = Arc::new(std::sync::Mutex::new(Instant::now()));
     let run_id = std::process::id();
 
     // the subscriber, subscribed before anyone publishes
-    let opts = fleetbus_mqtt::options(url, &format!("bench-sub-{run_id}"), Duration::from_secs(30), 1000);
+    let opts = fleetbus_mqtt::options(
+        url,
+        &format!("bench-sub-{run_id}"),
+        Duration::from_secs(30),
+        1000,
+    );
     let (sub, mut sub_loop) = AsyncClient::new(opts, 100);
     sub.subscribe(format!("{TOPIC_ROOT}/#"), qos).await?;
     let subscribed = tokio::time::timeout(Duration::from_secs(10), async {
@@ -109,8 +122,14 @@ pub async fn measure(args: &IngestArgs, url: &BrokerUrl, label: &str) -> anyhow:
     let deadline = start + args.duration;
     let mut publishers = Vec::new();
     let mut loops = Vec::new();
+    let sent_total = Arc::new(AtomicU64::new(0));
     for i in 0..args.clients {
-        let opts = fleetbus_mqtt::options(url, &format!("bench-pub-{run_id}-{i}"), Duration::from_secs(30), 100);
+        let opts = fleetbus_mqtt::options(
+            url,
+            &format!("bench-pub-{run_id}-{i}"),
+            Duration::from_secs(30),
+            100,
+        );
         let (client, mut eventloop) = AsyncClient::new(opts, 100);
         loops.push(tokio::spawn(async move {
             loop {
@@ -123,17 +142,31 @@ pub async fn measure(args: &IngestArgs, url: &BrokerUrl, label: &str) -> anyhow:
         let payload = payload.clone();
         let topic = format!("{TOPIC_ROOT}/{i}");
         let rate = args.rate;
+        let sent_total = sent_total.clone();
+        let received = received.clone();
         publishers.push(tokio::spawn(async move {
             let mut sent = 0u64;
-            let mut pace = (rate > 0).then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64)));
+            let mut pace = (rate > 0)
+                .then(|| tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64)));
             while Instant::now() < deadline {
                 if let Some(p) = pace.as_mut() {
                     p.tick().await;
                 }
-                if client.publish(topic.clone(), qos, false, payload.clone()).await.is_err() {
+                if sent_total.load(Ordering::Relaxed)
+                    > received.load(Ordering::Relaxed) + MAX_BACKLOG
+                {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    continue;
+                }
+                if client
+                    .publish(topic.clone(), qos, false, payload.clone())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 sent += 1;
+                sent_total.fetch_add(1, Ordering::Relaxed);
             }
             sent
         }));
