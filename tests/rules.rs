@@ -116,3 +116,110 @@ fn conditions_select_and_fan_out_writes_every_sink() {
         .iter()
         .all(|r| r["agent"] == "thermo" && r["stream"] == "sensors"));
 }
+
+/// `fleetbus rules run` as its own process against a broker (here the embedded one of a
+/// `serve` with no rules of interest) writes what the agents publish, like the built-in
+/// engine does.
+#[test]
+fn standalone_rules_engine_against_a_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _server = Proc::start(
+        &[
+            "serve",
+            "--config",
+            server_config(dir.path(), port, None).to_str().unwrap(),
+        ],
+        &dir.path().join("server.log"),
+    );
+    wait_until(Duration::from_secs(10), "server listening", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let rules = dir.path().join("standalone.toml");
+    std::fs::write(
+        &rules,
+        "[sinks.out]\ntype = \"file\"\npath = \"{agent}-{stream}.jsonl\"\n[[rules]]\nname = \"hb\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"out\"]\n",
+    )
+    .unwrap();
+    let standalone_data = dir.path().join("standalone-data");
+    let mut engine = Proc::start(
+        &[
+            "rules",
+            "run",
+            "--broker",
+            &format!("mqtt://127.0.0.1:{port}"),
+            "--rules",
+            rules.to_str().unwrap(),
+            "--data-dir",
+            standalone_data.to_str().unwrap(),
+        ],
+        &dir.path().join("engine.log"),
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "standalone engine subscribed",
+        || engine.log_text().contains("rules engine connected"),
+    );
+    let cfg = agent_config(dir.path(), "st", port, Some("st"), 50);
+    let mut agent = Proc::start(
+        &["agent", "--config", cfg.to_str().unwrap()],
+        &dir.path().join("agent.log"),
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "heartbeats through the standalone engine",
+        || summary(&standalone_data, "st", "heartbeat").is_some_and(|s| s.records >= 20),
+    );
+    assert!(agent.terminate(Duration::from_secs(10)).success());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(engine.terminate(Duration::from_secs(10)).success());
+    let s = summary(&standalone_data, "st", "heartbeat").unwrap();
+    assert!(s.is_contiguous() && s.first_seq == 1, "{s:?}");
+    // only the rule's filter: no metrics
+    assert!(summary(&standalone_data, "st", "metrics").is_none());
+}
+
+/// The birth message reaches the rules engine on connect, and the broker publishes the
+/// agent's last will when the agent dies without saying goodbye.
+#[test]
+fn presence_birth_and_last_will_are_routable() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("data");
+    let rules = "[sinks.p]\ntype = \"file\"\npath = \"presence/{topic.1}.jsonl\"\n[[rules]]\nname = \"presence\"\nfrom = [\"fleet/+/presence\"]\nto = [\"p\"]\n";
+    let _server = Proc::start(
+        &[
+            "serve",
+            "--config",
+            server_config(dir.path(), port, Some(rules))
+                .to_str()
+                .unwrap(),
+        ],
+        &dir.path().join("server.log"),
+    );
+    let cfg = agent_config(dir.path(), "pr", port, Some("pr"), 1000);
+    let mut agent = Proc::start(
+        &["agent", "--config", cfg.to_str().unwrap()],
+        &dir.path().join("agent.log"),
+    );
+    let file = data.join("presence/pr.jsonl");
+    let statuses = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), "birth message", || {
+        !statuses().is_empty()
+    });
+    let birth = &statuses()[0];
+    assert_eq!(birth["status"], "online");
+    assert_eq!(birth["agent"], "pr");
+    assert_eq!(birth["groups"][0], "pr-group");
+    assert!(birth["agent_version"].is_string() && birth["hostname"].is_string());
+    agent.kill();
+    wait_until(Duration::from_secs(10), "last will after SIGKILL", || {
+        statuses().iter().any(|s| s["status"] == "offline")
+    });
+}
