@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 /// Prefix of environment variables that override configuration keys. Nested keys are
 /// separated by a double underscore: `FLEETBUS_BROKER__LISTEN=0.0.0.0:1883`.
@@ -114,9 +115,18 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
 /// should use `#[serde(deny_unknown_fields)]`.
 ///
 /// The file alone is checked first so that errors in it carry `line:col`; the environment
-/// is merged afterwards.
-pub fn load<T: DeserializeOwned>(path: Option<&Path>) -> Result<T, ConfigError> {
-    let env = Env::prefixed(ENV_PREFIX).split("__");
+/// is merged afterwards. Only variables naming one of `T`'s own top-level keys are applied
+/// (`FLEETBUS_BROKER__LISTEN` for a server, `FLEETBUS_SERVER` for an agent): the agent's
+/// and the server's variables can share one environment, and so can unrelated ones such as
+/// `FLEETBUS_TEST_REQUIRE`. Below a known key, unknown names are errors as in a file.
+pub fn load<T: DeserializeOwned + Serialize + Default>(
+    path: Option<&Path>,
+) -> Result<T, ConfigError> {
+    let known = top_level_keys::<T>();
+    let env = Env::prefixed(ENV_PREFIX).split("__").filter(move |key| {
+        let first = key.as_str().split('.').next().unwrap_or_default();
+        known.iter().any(|k| k.eq_ignore_ascii_case(first))
+    });
     let (figment, shown) = match path {
         Some(path) => {
             let text = read(path)?;
@@ -133,19 +143,29 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>) -> Result<T, ConfigError> 
         .map_err(|e| ConfigError::invalid(&shown, format!("{e} (from environment overrides)")))
 }
 
+/// The top-level keys of `T`, read off its serialized default (every field, `None` ones
+/// included, as JSON keeps them as `null`).
+fn top_level_keys<T: Serialize + Default>() -> Vec<String> {
+    match serde_json::to_value(T::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde::Deserialize;
+    use serde::{Deserialize, Serialize};
 
-    #[derive(Debug, Deserialize, Default)]
+    #[derive(Debug, Deserialize, Serialize, Default)]
     #[serde(deny_unknown_fields, default)]
     struct Sample {
         name: String,
         inner: Inner,
+        id: Option<String>,
     }
 
-    #[derive(Debug, Deserialize, Default)]
+    #[derive(Debug, Deserialize, Serialize, Default)]
     #[serde(deny_unknown_fields, default)]
     struct Inner {
         port: u16,
@@ -184,10 +204,18 @@ mod tests {
         std::fs::write(&path, "name = \"x\"\n[inner]\nport = 1\n").unwrap();
         figment::Jail::expect_with(|jail| {
             jail.set_env("FLEETBUS_INNER__PORT", "7");
+            jail.set_env("FLEETBUS_ID", "from-env");
+            // not a key of this configuration (another program's, or the test harness's)
+            jail.set_env("FLEETBUS_TEST_REQUIRE", "1");
             let s = load::<Sample>(Some(&path));
             let s = s.unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(s.inner.port, 7);
+            assert_eq!(s.id.as_deref(), Some("from-env"));
             assert_eq!(s.name, "x");
+            // below a known key, a misspelled name is still an error
+            jail.set_env("FLEETBUS_INNER__PROT", "7");
+            let err = load::<Sample>(Some(&path)).unwrap_err().to_string();
+            assert!(err.contains("prot"), "{err}");
             Ok(())
         });
     }
