@@ -5,41 +5,24 @@ mod common;
 use std::fs;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use common::*;
 
 /// Agents started, left running a while, then asked to stop: every record of every agent
 /// arrived in the file sink, per stream from seq 1 with no gap, no duplicate, in order.
 #[test]
 fn three_agents_records_arrive_complete_and_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let data = dir.path().join("data");
-    let mut server = Proc::start(
-        &[
-            "serve",
-            "--config",
-            server_config(dir.path(), port, None).to_str().unwrap(),
-        ],
-        &dir.path().join("server.log"),
-    );
-    let mut agents: Vec<Proc> = ["a1", "a2", "a3"]
-        .iter()
-        .map(|name| {
-            let cfg = agent_config(dir.path(), name, port, Some(name), 50);
-            Proc::start(
-                &["agent", "--config", cfg.to_str().unwrap()],
-                &dir.path().join(format!("{name}.log")),
-            )
-        })
-        .collect();
+    let fx = Fixture::new();
+    let mut server = fx.serve(None, "server");
+    let names = ["a1", "a2", "a3"];
+    let mut agents: Vec<Proc> = names.iter().map(|n| fx.agent(n, Some(n), 50)).collect();
     wait_until(
         Duration::from_secs(30),
         "40 heartbeats from every agent",
         || {
-            ["a1", "a2", "a3"]
+            names
                 .iter()
-                .all(|a| summary(&data, a, "heartbeat").is_some_and(|s| s.records >= 40))
+                .all(|a| summary(&fx.data, a, "heartbeat").is_some_and(|s| s.records >= 40))
         },
     );
     for agent in &mut agents {
@@ -47,8 +30,8 @@ fn three_agents_records_arrive_complete_and_in_order() {
     }
     assert!(server.terminate(Duration::from_secs(15)).success());
 
-    let inv = scan(&data).unwrap();
-    for agent in ["a1", "a2", "a3"] {
+    let inv = scan(&fx.data).unwrap();
+    for agent in names {
         for stream in ["heartbeat", "metrics"] {
             let s = &inv.streams[&(agent.to_string(), stream.to_string())];
             assert_eq!(s.first_seq, 1, "{agent}/{stream}: {s:?}");
@@ -58,7 +41,7 @@ fn three_agents_records_arrive_complete_and_in_order() {
     }
     assert_eq!(inv.unparsable, 0);
     // the metrics records carry real system metrics
-    let recs = records(&data.join("telemetry/a1/metrics"));
+    let recs = records(&fx.data.join("telemetry/a1/metrics"));
     let names: Vec<&str> = recs[0]["metrics"]
         .as_array()
         .unwrap()
@@ -78,37 +61,26 @@ fn three_agents_records_arrive_complete_and_in_order() {
 /// number from before.
 #[test]
 fn killed_agent_keeps_its_id_and_continues_its_sequence() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let data = dir.path().join("data");
-    let _server = Proc::start(
-        &[
-            "serve",
-            "--config",
-            server_config(dir.path(), port, None).to_str().unwrap(),
-        ],
-        &dir.path().join("server.log"),
-    );
-    let cfg = agent_config(dir.path(), "k", port, None, 20);
-    let log = dir.path().join("agent.log");
-    let mut agent = Proc::start(&["agent", "--config", cfg.to_str().unwrap()], &log);
-    let id_file = dir.path().join("state-k/agent-id");
+    let fx = Fixture::new();
+    let _server = fx.serve(None, "server");
+    let mut agent = fx.agent("k", None, 20);
+    let id_file = fx.path().join("state-k/agent-id");
     wait_until(Duration::from_secs(10), "agent id file", || {
         id_file.exists()
     });
     let id = fs::read_to_string(&id_file).unwrap().trim().to_string();
     wait_until(Duration::from_secs(20), "30 heartbeats", || {
-        summary(&data, &id, "heartbeat").is_some_and(|s| s.records >= 30)
+        summary(&fx.data, &id, "heartbeat").is_some_and(|s| s.records >= 30)
     });
     agent.kill();
     let killed_at = Utc::now();
-    let before = summary(&data, &id, "heartbeat").unwrap();
+    let before = summary(&fx.data, &id, "heartbeat").unwrap();
 
-    let mut agent = Proc::start(&["agent", "--config", cfg.to_str().unwrap()], &log);
+    let mut agent = fx.agent("k", None, 20);
     wait_until(
         Duration::from_secs(20),
         "heartbeats after the restart",
-        || summary(&data, &id, "heartbeat").is_some_and(|s| s.last_seq >= before.last_seq + 30),
+        || summary(&fx.data, &id, "heartbeat").is_some_and(|s| s.last_seq >= before.last_seq + 30),
     );
     assert!(agent.terminate(Duration::from_secs(10)).success());
     std::thread::sleep(Duration::from_millis(1500)); // the sink flushes every 500 ms
@@ -118,7 +90,7 @@ fn killed_agent_keeps_its_id_and_continues_its_sequence() {
         id,
         "the agent id changed"
     );
-    let inv = scan(&data).unwrap();
+    let inv = scan(&fx.data).unwrap();
     let agents: Vec<&String> = inv.streams.keys().map(|(a, _)| a).collect();
     assert!(
         agents.iter().all(|a| **a == id),
@@ -128,21 +100,22 @@ fn killed_agent_keeps_its_id_and_continues_its_sequence() {
     assert_eq!(s.first_seq, 1);
     assert_eq!(s.missing, 0, "{s:?}");
     // records made after the restart never reuse a sequence number from before it
-    let max_before_kill = records(&data)
-        .iter()
+    let heartbeats: Vec<serde_json::Value> = records(&fx.data)
+        .into_iter()
         .filter(|r| r["stream"] == "heartbeat")
-        .filter(|r| r["ts"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap() < killed_at)
+        .collect();
+    let max_before_kill = heartbeats
+        .iter()
+        .filter(|r| ts(r) < killed_at)
         .map(|r| r["seq"].as_u64().unwrap())
         .max()
         .unwrap();
-    for r in records(&data).iter().filter(|r| r["stream"] == "heartbeat") {
-        let ts: DateTime<Utc> = r["ts"].as_str().unwrap().parse().unwrap();
-        if ts > killed_at + chrono::Duration::milliseconds(100) {
-            assert!(
-                r["seq"].as_u64().unwrap() > max_before_kill,
-                "seq reused after restart: {r}"
-            );
-        }
+    let restarted = killed_at + chrono::Duration::milliseconds(100);
+    for r in heartbeats.iter().filter(|r| ts(r) > restarted) {
+        assert!(
+            r["seq"].as_u64().unwrap() > max_before_kill,
+            "seq reused after restart: {r}"
+        );
     }
 }
 
@@ -150,48 +123,28 @@ fn killed_agent_keeps_its_id_and_continues_its_sequence() {
 /// wait in the agents' outboxes and arrive after the restart, none missing, in order.
 #[test]
 fn records_made_while_the_server_is_down_arrive_after_it_returns() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let data = dir.path().join("data");
-    let server_cfg = server_config(dir.path(), port, None);
-    let mut server = Proc::start(
-        &["serve", "--config", server_cfg.to_str().unwrap()],
-        &dir.path().join("server.log"),
-    );
-    let mut agents: Vec<Proc> = ["s1", "s2"]
-        .iter()
-        .map(|name| {
-            let cfg = agent_config(dir.path(), name, port, Some(name), 50);
-            Proc::start(
-                &["agent", "--config", cfg.to_str().unwrap()],
-                &dir.path().join(format!("{name}.log")),
-            )
-        })
-        .collect();
+    let fx = Fixture::new();
+    let mut server = fx.serve(None, "server");
+    let names = ["s1", "s2"];
+    let mut agents: Vec<Proc> = names.iter().map(|n| fx.agent(n, Some(n), 50)).collect();
     wait_until(Duration::from_secs(20), "first heartbeats", || {
-        ["s1", "s2"]
+        names
             .iter()
-            .all(|a| summary(&data, a, "heartbeat").is_some_and(|s| s.records >= 10))
+            .all(|a| summary(&fx.data, a, "heartbeat").is_some_and(|s| s.records >= 10))
     });
     assert!(server.terminate(Duration::from_secs(15)).success());
     let down_from = Utc::now();
     std::thread::sleep(Duration::from_secs(10));
     let down_until = Utc::now();
-    let mut server = Proc::start(
-        &["serve", "--config", server_cfg.to_str().unwrap()],
-        &dir.path().join("server2.log"),
-    );
+    let mut server = fx.serve(None, "server-restarted");
     wait_until(
         Duration::from_secs(30),
         "records made during the outage",
         || {
-            let recs = records(&data);
-            ["s1", "s2"].iter().all(|a| {
-                recs.iter().any(|r| {
-                    r["agent"] == *a
-                        && r["ts"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap() > down_until
-                })
-            })
+            let recs = records(&fx.data);
+            names
+                .iter()
+                .all(|a| recs.iter().any(|r| r["agent"] == *a && ts(r) > down_until))
         },
     );
     for agent in &mut agents {
@@ -199,21 +152,18 @@ fn records_made_while_the_server_is_down_arrive_after_it_returns() {
     }
     assert!(server.terminate(Duration::from_secs(15)).success());
 
-    let recs = records(&data);
-    for agent in ["s1", "s2"] {
+    let recs = records(&fx.data);
+    for agent in names {
         let during = recs
             .iter()
             .filter(|r| r["agent"] == agent && r["stream"] == "heartbeat")
-            .filter(|r| {
-                let ts: DateTime<Utc> = r["ts"].as_str().unwrap().parse().unwrap();
-                ts > down_from + chrono::Duration::seconds(1) && ts < down_until
-            })
+            .filter(|r| ts(r) > down_from + chrono::Duration::seconds(1) && ts(r) < down_until)
             .count();
         assert!(
             during >= 100,
             "{agent}: only {during} records from the outage arrived"
         );
-        let s = summary(&data, agent, "heartbeat").unwrap();
+        let s = summary(&fx.data, agent, "heartbeat").unwrap();
         assert_eq!(s.first_seq, 1);
         assert_eq!(s.missing, 0, "{agent}: {s:?}");
         assert_eq!(s.out_of_order, 0, "{agent}: {s:?}");
@@ -226,13 +176,8 @@ fn records_made_while_the_server_is_down_arrive_after_it_returns() {
 /// retries with backoff, and delivers once a server appears there.
 #[test]
 fn agent_without_a_server_keeps_retrying_then_delivers() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = agent_config(dir.path(), "lonely", port, Some("lonely"), 100);
-    let mut agent = Proc::start(
-        &["agent", "--config", cfg.to_str().unwrap()],
-        &dir.path().join("agent.log"),
-    );
+    let fx = Fixture::new();
+    let mut agent = fx.agent("lonely", Some("lonely"), 100);
     std::thread::sleep(Duration::from_secs(4));
     assert!(agent.running(), "agent exited: {}", agent.log_text());
     let log = agent.log_text();
@@ -245,20 +190,12 @@ fn agent_without_a_server_keeps_retrying_then_delivers() {
     // backoff: with 100ms..1s, 4 s allow far fewer than the 40 attempts of a fixed 100 ms
     assert!(failures < 25, "no backoff? {failures} attempts in 4 s");
 
-    let data = dir.path().join("data");
-    let _server = Proc::start(
-        &[
-            "serve",
-            "--config",
-            server_config(dir.path(), port, None).to_str().unwrap(),
-        ],
-        &dir.path().join("server.log"),
-    );
+    let _server = fx.serve(None, "server");
     wait_until(
         Duration::from_secs(20),
         "records queued while no server listened",
         || {
-            summary(&data, "lonely", "heartbeat")
+            summary(&fx.data, "lonely", "heartbeat")
                 .is_some_and(|s| s.records >= 40 && s.first_seq == 1)
         },
     );

@@ -36,24 +36,12 @@ to = ["hot"]
 /// every record to both; JSON from a third-party publisher is accepted.
 #[test]
 fn conditions_select_and_fan_out_writes_every_sink() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let data = dir.path().join("data");
-    let mut server = Proc::start(
-        &[
-            "serve",
-            "--config",
-            server_config(dir.path(), port, Some(RULES))
-                .to_str()
-                .unwrap(),
-        ],
-        &dir.path().join("server.log"),
-    );
-    wait_until(Duration::from_secs(10), "server listening", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let fx = Fixture::new();
+    let data = &fx.data;
+    let mut server = fx.serve(Some(RULES), "server");
+    fx.wait_listening();
 
-    let mut opts = MqttOptions::new("third-party", "127.0.0.1", port);
+    let mut opts = MqttOptions::new("third-party", "127.0.0.1", fx.port);
     opts.set_keep_alive(Duration::from_secs(5));
     let (client, mut conn) = Client::new(opts, 100);
     let temps: Vec<f64> = (0..40).map(|i| (i * 7 % 100) as f64).collect();
@@ -118,53 +106,39 @@ fn conditions_select_and_fan_out_writes_every_sink() {
 }
 
 /// `fleetbus rules run` as its own process against a broker (here the embedded one of a
-/// `serve` with no rules of interest) writes what the agents publish, like the built-in
-/// engine does.
+/// `serve` with the built-in rules) writes what the agents publish, like the built-in engine.
 #[test]
 fn standalone_rules_engine_against_a_broker() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let _server = Proc::start(
-        &[
-            "serve",
-            "--config",
-            server_config(dir.path(), port, None).to_str().unwrap(),
-        ],
-        &dir.path().join("server.log"),
-    );
-    wait_until(Duration::from_secs(10), "server listening", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    let rules = dir.path().join("standalone.toml");
+    let fx = Fixture::new();
+    let _server = fx.serve(None, "server");
+    fx.wait_listening();
+    let rules = fx.path().join("standalone.toml");
     std::fs::write(
         &rules,
-        "[sinks.out]\ntype = \"file\"\npath = \"{agent}-{stream}.jsonl\"\n[[rules]]\nname = \"hb\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"out\"]\n",
+        "[sinks.out]\ntype = \"file\"\npath = \"{agent}-{stream}.jsonl\"\n\
+         [[rules]]\nname = \"hb\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"out\"]\n",
     )
     .unwrap();
-    let standalone_data = dir.path().join("standalone-data");
+    let standalone_data = fx.path().join("standalone-data");
     let mut engine = Proc::start(
         &[
             "rules",
             "run",
             "--broker",
-            &format!("mqtt://127.0.0.1:{port}"),
+            &format!("mqtt://127.0.0.1:{}", fx.port),
             "--rules",
             rules.to_str().unwrap(),
             "--data-dir",
             standalone_data.to_str().unwrap(),
         ],
-        &dir.path().join("engine.log"),
+        &fx.path().join("engine.log"),
     );
     wait_until(
         Duration::from_secs(10),
         "standalone engine subscribed",
         || engine.log_text().contains("rules engine connected"),
     );
-    let cfg = agent_config(dir.path(), "st", port, Some("st"), 50);
-    let mut agent = Proc::start(
-        &["agent", "--config", cfg.to_str().unwrap()],
-        &dir.path().join("agent.log"),
-    );
+    let mut agent = fx.agent("st", Some("st"), 50);
     wait_until(
         Duration::from_secs(20),
         "heartbeats through the standalone engine",
@@ -183,26 +157,12 @@ fn standalone_rules_engine_against_a_broker() {
 /// agent's last will when the agent dies without saying goodbye.
 #[test]
 fn presence_birth_and_last_will_are_routable() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let data = dir.path().join("data");
-    let rules = "[sinks.p]\ntype = \"file\"\npath = \"presence/{topic.1}.jsonl\"\n[[rules]]\nname = \"presence\"\nfrom = [\"fleet/+/presence\"]\nto = [\"p\"]\n";
-    let _server = Proc::start(
-        &[
-            "serve",
-            "--config",
-            server_config(dir.path(), port, Some(rules))
-                .to_str()
-                .unwrap(),
-        ],
-        &dir.path().join("server.log"),
-    );
-    let cfg = agent_config(dir.path(), "pr", port, Some("pr"), 1000);
-    let mut agent = Proc::start(
-        &["agent", "--config", cfg.to_str().unwrap()],
-        &dir.path().join("agent.log"),
-    );
-    let file = data.join("presence/pr.jsonl");
+    let fx = Fixture::new();
+    let rules = "[sinks.p]\ntype = \"file\"\npath = \"presence/{topic.1}.jsonl\"\n\
+                 [[rules]]\nname = \"presence\"\nfrom = [\"fleet/+/presence\"]\nto = [\"p\"]\n";
+    let _server = fx.serve(Some(rules), "server");
+    let mut agent = fx.agent("pr", Some("pr"), 1000);
+    let file = fx.data.join("presence/pr.jsonl");
     let statuses = || -> Vec<serde_json::Value> {
         std::fs::read_to_string(&file)
             .unwrap_or_default()

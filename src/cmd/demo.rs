@@ -117,7 +117,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     println!();
     println!(
-        "rules engine: {} messages received, {} not routed, {} undecodable",
+        "rules engine: {} messages received, {} matched no rule (presence messages: the built-in rules archive telemetry only), {} undecodable",
         stats.received, stats.unrouted, stats.decode_errors
     );
     if args.keep {

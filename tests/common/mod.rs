@@ -154,3 +154,59 @@ pub fn records(dir: &Path) -> Vec<serde_json::Value> {
     }
     out
 }
+
+/// A test's temporary directory, its server port and data directory.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub data: PathBuf,
+}
+
+impl Fixture {
+    /// A fresh directory and a free port.
+    pub fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        Fixture {
+            dir,
+            port: free_port(),
+            data,
+        }
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts `fleetbus serve` on the fixture's port (with `rules` if given), logging to
+    /// `LOG.log`.
+    pub fn serve(&self, rules: Option<&str>, log: &str) -> Proc {
+        let cfg = server_config(self.path(), self.port, rules);
+        Proc::start(
+            &["serve", "--config", cfg.to_str().unwrap()],
+            &self.path().join(format!("{log}.log")),
+        )
+    }
+
+    /// Starts `fleetbus agent` `name` (see [`agent_config`]), logging to `NAME.log`.
+    pub fn agent(&self, name: &str, id: Option<&str>, heartbeat_ms: u64) -> Proc {
+        let cfg = agent_config(self.path(), name, self.port, id, heartbeat_ms);
+        Proc::start(
+            &["agent", "--config", cfg.to_str().unwrap()],
+            &self.path().join(format!("{name}.log")),
+        )
+    }
+
+    /// Waits until the server's port accepts connections.
+    pub fn wait_listening(&self) {
+        wait_until(Duration::from_secs(10), "server listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+}
+
+/// A record's `ts`.
+pub fn ts(record: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
+    record["ts"].as_str().unwrap().parse().unwrap()
+}
