@@ -166,7 +166,10 @@ impl Outbox {
             record.agent = self.agent.clone();
             record.stream = stream.to_string();
             record.seq = seq;
-            let entry = encode_entry(&topic, seq, &record.encode());
+            let payload = record
+                .encode()
+                .map_err(|e| AgentError::Record(e.to_string()))?;
+            let entry = encode_entry(&topic, seq, &payload);
             let index = st.log.append(&entry)?;
             st.log.flush()?;
             st.seqs.insert(stream.to_string(), seq);

@@ -78,12 +78,14 @@ impl Publisher {
             // reused id from meeting one still unacknowledged
             (window * 2).min(u16::MAX as usize) as u16,
         );
-        options.set_last_will(LastWill::new(
-            topics::presence(&self.agent),
-            will.encode(),
-            QoS::AtLeastOnce,
-            true,
-        ));
+        if let Some(payload) = encoded(&will) {
+            options.set_last_will(LastWill::new(
+                topics::presence(&self.agent),
+                payload,
+                QoS::AtLeastOnce,
+                true,
+            ));
+        }
         let (client, eventloop) = AsyncClient::new(options, window + 16);
         let (events_tx, mut events) = mpsc::channel(1024);
         let poller = tokio::spawn(poll_events(eventloop, events_tx));
@@ -138,16 +140,18 @@ impl Publisher {
         // packet ids of our publishes arrive in the order we sent them; None = not an outbox record
         let mut unassigned: VecDeque<Option<u64>> = VecDeque::new();
         let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
-        if client
-            .try_publish(
-                topics::presence(&self.agent),
-                QoS::AtLeastOnce,
-                true,
-                birth.encode(),
-            )
-            .is_ok()
-        {
-            unassigned.push_back(None);
+        if let Some(payload) = encoded(&birth) {
+            if client
+                .try_publish(
+                    topics::presence(&self.agent),
+                    QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .is_ok()
+            {
+                unassigned.push_back(None);
+            }
         }
         if let Err(e) = self.outbox.report_drops() {
             tracing::error!(error = %e, "could not store the outbox overflow report");
@@ -226,16 +230,18 @@ impl Publisher {
         unassigned: &mut VecDeque<Option<u64>>,
     ) {
         let offline = Presence::offline(&self.agent, chrono::Utc::now());
-        if client
-            .try_publish(
-                topics::presence(&self.agent),
-                QoS::AtLeastOnce,
-                true,
-                offline.encode(),
-            )
-            .is_ok()
-        {
-            unassigned.push_back(None);
+        if let Some(payload) = encoded(&offline) {
+            if client
+                .try_publish(
+                    topics::presence(&self.agent),
+                    QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .is_ok()
+            {
+                unassigned.push_back(None);
+            }
         }
         let drain = async {
             while !(inflight.is_empty() && unassigned.is_empty()) {
@@ -282,4 +288,13 @@ fn describe(e: &ConnectionError) -> String {
         ConnectionError::Io(io) => format!("network error: {io}"),
         other => other.to_string(),
     }
+}
+
+/// A presence message's encoding; presence is best effort, so a failure is logged and the
+/// message skipped.
+fn encoded(presence: &Presence) -> Option<Vec<u8>> {
+    presence
+        .encode()
+        .map_err(|e| tracing::error!(error = %e, "presence message not sent"))
+        .ok()
 }

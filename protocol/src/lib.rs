@@ -10,7 +10,7 @@ pub mod record;
 pub mod topics;
 
 pub use ids::{validate_id, IdError};
-pub use message::{DecodeError, Message};
+pub use message::{DecodeError, EncodeError, Message};
 pub use presence::{Presence, PresenceStatus};
 pub use record::{Event, Metric, Record, Resource, Severity};
 pub use topics::Topic;

@@ -21,6 +21,11 @@ pub enum DecodeError {
     MsgPack(#[from] rmp_serde::decode::Error),
 }
 
+/// Why a message could not be encoded.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode as MessagePack: {0}")]
+pub struct EncodeError(#[from] rmp_serde::encode::Error);
+
 /// True when the payload is JSON (first non-blank byte `{` or `[`); MessagePack otherwise.
 /// The two cannot be confused: a MessagePack record is a map (first byte 0x80-0x8f, 0xde
 /// or 0xdf), never `{` (0x7b) or `[` (0x5b).
@@ -120,7 +125,7 @@ mod tests {
     #[test]
     fn agent_record_decodes_to_object_with_topic_identity() {
         let r = Record::new("a1", "metrics", 3, Utc::now());
-        let m = Message::decode("fleet/a1/telemetry/metrics", &r.encode()).unwrap();
+        let m = Message::decode("fleet/a1/telemetry/metrics", &r.encode().unwrap()).unwrap();
         assert_eq!(m.agent(), Some("a1"));
         assert_eq!(m.stream(), Some("metrics"));
         assert_eq!(m.seq(), Some(3));

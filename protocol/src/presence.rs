@@ -63,8 +63,8 @@ impl Presence {
     }
 
     /// Encodes as MessagePack with named fields.
-    pub fn encode(&self) -> Vec<u8> {
-        rmp_serde::to_vec_named(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, crate::EncodeError> {
+        Ok(rmp_serde::to_vec_named(self)?)
     }
 
     /// Decodes from MessagePack or JSON.
@@ -80,6 +80,6 @@ mod tests {
     #[test]
     fn will_round_trips() {
         let p = Presence::offline("a1", Utc::now());
-        assert_eq!(Presence::decode(&p.encode()).unwrap(), p);
+        assert_eq!(Presence::decode(&p.encode().unwrap()).unwrap(), p);
     }
 }

@@ -52,10 +52,8 @@ impl Record {
     }
 
     /// Encodes the record as MessagePack with named fields (the wire format).
-    pub fn encode(&self) -> Vec<u8> {
-        // Serializing plain data into a Vec cannot fail: every field is a string, number,
-        // map or sequence with string keys.
-        rmp_serde::to_vec_named(self).unwrap_or_default()
+    pub fn encode(&self) -> Result<Vec<u8>, crate::EncodeError> {
+        Ok(rmp_serde::to_vec_named(self)?)
     }
 
     /// Decodes a record from MessagePack or JSON (detected from the first byte).
@@ -211,7 +209,7 @@ mod tests {
     #[test]
     fn msgpack_round_trip_uses_named_fields() {
         let r = sample();
-        let bytes = r.encode();
+        let bytes = r.encode().unwrap();
         // named fields: the key text is in the encoding
         assert!(bytes.windows(3).any(|w| w == b"seq"));
         assert_eq!(Record::decode(&bytes).unwrap(), r);

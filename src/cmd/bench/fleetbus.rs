@@ -118,6 +118,6 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
 fn pad_for(payload: usize) -> String {
     let mut r = Record::new("bench-0", STREAM, 1_000_000, chrono::Utc::now());
     r.fields.insert("pad".into(), String::new().into());
-    let base = r.encode().len();
+    let base = r.encode().map(|b| b.len()).unwrap_or(0);
     "x".repeat(payload.saturating_sub(base))
 }
