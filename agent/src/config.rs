@@ -133,8 +133,12 @@ pub struct ConnectionConfig {
     /// How long to wait for the broker's CONNACK.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Most records published and not yet acknowledged.
+    /// Most records sent and not yet acknowledged by the server.
     pub inflight: u16,
+    /// Records sent this long ago without any acknowledgement since are sent again (the
+    /// server recognises duplicates).
+    #[serde(with = "humantime_serde")]
+    pub ack_timeout: Duration,
 }
 
 impl Default for ConnectionConfig {
@@ -144,7 +148,8 @@ impl Default for ConnectionConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
-            inflight: 500,
+            inflight: 2000,
+            ack_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The outbox: every record goes here before it is published, and leaves only when the
-//! broker has acknowledged it (PUBACK). It lives on disk (a [`SegLog`] plus a small state
+//! server has acknowledged it end to end (it is in the server's write-ahead log), not when
+//! the broker took it. It lives on disk (a [`SegLog`] plus a small state
 //! file), so records survive agent crashes, restarts and server outages, and are published
 //! again, in order, when the connection returns.
 //!
@@ -10,7 +11,7 @@
 //! Durability: a record is handed to the OS before [`Outbox::push`] returns (it survives a
 //! crash of the agent); the log is forced to disk every `fsync_interval`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -58,6 +59,9 @@ pub struct OutboxStats {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct PersistedState {
+    /// This outbox's incarnation, stamped on every record (0 = not chosen yet).
+    #[serde(default)]
+    epoch: u64,
     head: u64,
     seqs: BTreeMap<String, u64>,
     unreported_drops: u64,
@@ -66,8 +70,11 @@ struct PersistedState {
 
 struct State {
     log: SegLog,
+    epoch: u64,
     head: u64,
     acked: BTreeSet<u64>,
+    /// Unacknowledged records by stream and seq: (index, epoch).
+    by_seq: HashMap<String, BTreeMap<u64, (u64, u64)>>,
     pending_bytes: u64,
     seqs: BTreeMap<String, u64>,
     unreported_drops: u64,
@@ -103,21 +110,48 @@ impl Outbox {
         let head = persisted.head.max(log.first_index());
         let mut seqs = persisted.seqs;
         let mut pending_bytes = 0;
+        let mut by_seq: HashMap<String, BTreeMap<u64, (u64, u64)>> = HashMap::new();
         for index in log.first_index()..log.next_index() {
             let Some(bytes) = log.read(index)? else {
                 continue;
             };
-            let (topic, seq, _) = decode_entry(&bytes).ok_or_else(|| AgentError::State {
+            let (topic, seq, payload) = decode_entry(&bytes).ok_or_else(|| AgentError::State {
                 path: dir.to_path_buf(),
                 problem: format!("outbox record {index} is malformed"),
             })?;
             let stream = topic.rsplit('/').next().unwrap_or_default().to_string();
-            let last = seqs.entry(stream).or_insert(0);
+            let last = seqs.entry(stream.clone()).or_insert(0);
             *last = (*last).max(seq);
             if index >= head {
                 pending_bytes += log.record_bytes(index).unwrap_or(0);
+                let epoch = Record::decode(payload)
+                    .ok()
+                    .and_then(|r| r.epoch)
+                    .unwrap_or(0);
+                by_seq
+                    .entry(stream)
+                    .or_default()
+                    .insert(seq, (index, epoch));
             }
         }
+        let epoch = match persisted.epoch {
+            0 => {
+                let e = rand::random::<u64>().max(1);
+                // saved at once: records stamped with it must never meet another epoch
+                // for the same sequence numbers
+                let fresh = PersistedState {
+                    epoch: e,
+                    head,
+                    seqs: seqs.clone(),
+                    unreported_drops: persisted.unreported_drops,
+                    dropped_total: persisted.dropped_total,
+                };
+                write_state(&state_path, &fresh)?;
+                tracing::info!(epoch = e, "outbox: new incarnation");
+                e
+            }
+            e => e,
+        };
         let pending = log.next_index().saturating_sub(head);
         if pending > 0 {
             tracing::info!(
@@ -133,8 +167,10 @@ impl Outbox {
             state_path,
             state: Mutex::new(State {
                 log,
+                epoch,
                 head,
                 acked: BTreeSet::new(),
+                by_seq,
                 pending_bytes,
                 seqs,
                 unreported_drops: persisted.unreported_drops,
@@ -166,6 +202,7 @@ impl Outbox {
             record.agent = self.agent.clone();
             record.stream = stream.to_string();
             record.seq = seq;
+            record.epoch = Some(st.epoch);
             let payload = record
                 .encode()
                 .map_err(|e| AgentError::Record(e.to_string()))?;
@@ -173,6 +210,11 @@ impl Outbox {
             let index = st.log.append(&entry)?;
             st.log.flush()?;
             st.seqs.insert(stream.to_string(), seq);
+            let epoch = st.epoch;
+            st.by_seq
+                .entry(stream.to_string())
+                .or_default()
+                .insert(seq, (index, epoch));
             st.pending_bytes += st.log.record_bytes(index).unwrap_or(0);
             st.log_unsynced = true;
             st.state_dirty = true;
@@ -210,10 +252,43 @@ impl Outbox {
         Ok(items)
     }
 
-    /// Marks the record at `index` as delivered. Acknowledgements may come in any order;
-    /// the outbox forgets records once everything before them is acknowledged.
+    /// Applies an end-to-end acknowledgement from the server: every record of `stream`
+    /// numbered in `ranges` (inclusive) by incarnation `epoch` is delivered. Returns how
+    /// many records it removed. Acknowledgements may come in any order and repeat.
+    pub fn ack_ranges(&self, stream: &str, epoch: u64, ranges: &[(u64, u64)]) -> usize {
+        let mut st = self.lock();
+        let mut indexes = Vec::new();
+        if let Some(pending) = st.by_seq.get_mut(stream) {
+            for &(lo, hi) in ranges {
+                if lo > hi {
+                    continue;
+                }
+                let hits: Vec<u64> = pending
+                    .range(lo..=hi)
+                    .filter(|(_, (_, e))| *e == epoch)
+                    .map(|(seq, _)| *seq)
+                    .collect();
+                for seq in hits {
+                    if let Some((index, _)) = pending.remove(&seq) {
+                        indexes.push(index);
+                    }
+                }
+            }
+        }
+        for index in &indexes {
+            Self::ack_index(&mut st, *index);
+        }
+        indexes.len()
+    }
+
+    /// Marks the record at `index` as delivered (tests and tools; the agent itself uses
+    /// [`Outbox::ack_ranges`]).
     pub fn ack(&self, index: u64) {
         let mut st = self.lock();
+        Self::ack_index(&mut st, index);
+    }
+
+    fn ack_index(st: &mut State, index: u64) {
         if index < st.head || index >= st.log.next_index() {
             return;
         }
@@ -320,6 +395,7 @@ impl Outbox {
             // the state (head and sequence numbers) must be on disk before any segment that
             // holds the records it accounts for is deleted
             let persisted = PersistedState {
+                epoch: st.epoch,
                 head: st.head,
                 seqs: st.seqs.clone(),
                 unreported_drops: st.unreported_drops,
@@ -330,6 +406,16 @@ impl Outbox {
             st.last_state_write = now;
             let head = st.head;
             st.log.remove_before(head)?;
+            // forget the seq → index entries of records dropped by overflow (a prefix of
+            // each stream: indexes grow with seqs)
+            for pending in st.by_seq.values_mut() {
+                while let Some(entry) = pending.first_entry() {
+                    if entry.get().0 >= head {
+                        break;
+                    }
+                    entry.remove();
+                }
+            }
         }
         Ok(())
     }

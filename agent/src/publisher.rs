@@ -1,18 +1,20 @@
-//! The agent's one outbound connection: connects with backoff, announces presence, publishes
-//! the outbox in order at QoS 1, and acknowledges outbox records on the broker's PUBACK.
+//! The agent's one outbound connection: connects with backoff, announces presence,
+//! publishes the outbox in order at QoS 1, and removes records from the outbox only when
+//! the server acknowledges them end to end (on `fleet/{agent}/acks`, once they are in the
+//! server's write-ahead log). A record whose acknowledgement does not come within
+//! `ack_timeout` is sent again (the server recognises duplicates).
 //!
 //! Every connection attempt builds a fresh rumqttc client and event loop: nothing is carried
 //! over in rumqttc's memory (its queue silently drops publishes on a clean-session
 //! reconnect). After a reconnect the outbox is published again from its oldest
 //! unacknowledged record.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleetbus_mqtt::{Backoff, BrokerUrl};
-use fleetbus_protocol::{topics, Presence};
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
+use fleetbus_protocol::{topics, Ack, Presence};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ConnectionConfig;
@@ -39,6 +41,8 @@ pub struct Publisher {
     /// Builds the birth message for each new connection.
     pub birth: Arc<dyn Fn() -> Presence + Send + Sync>,
 }
+
+type Events = mpsc::Receiver<Result<Event, ConnectionError>>;
 
 impl Publisher {
     /// Connects, publishes and reconnects until `shutdown` turns true.
@@ -74,9 +78,7 @@ impl Publisher {
             &self.server,
             &self.agent,
             self.connection.keepalive,
-            // rumqttc cycles packet ids modulo its inflight limit: twice our window keeps a
-            // reused id from meeting one still unacknowledged
-            (window * 2).min(u16::MAX as usize) as u16,
+            self.connection.inflight,
         );
         if let Some(payload) = encoded(&will) {
             options.set_last_will(LastWill::new(
@@ -87,7 +89,7 @@ impl Publisher {
             ));
         }
         let (client, eventloop) = AsyncClient::new(options, window + 16);
-        let (events_tx, mut events) = mpsc::channel(1024);
+        let (events_tx, mut events) = mpsc::channel(4096);
         let poller = tokio::spawn(poll_events(eventloop, events_tx));
         let end = self
             .serve(&client, &mut events, shutdown, birth, window)
@@ -99,27 +101,45 @@ impl Publisher {
     async fn serve(
         &self,
         client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+        events: &mut Events,
         shutdown: &mut watch::Receiver<bool>,
         birth: Presence,
         window: usize,
     ) -> SessionEnd {
-        // 1. wait for the broker to accept us
-        let connack = tokio::time::timeout(self.connection.connect_timeout, async {
+        // 1. be accepted, and subscribed to our acknowledgements before sending anything
+        let acks_topic = topics::acks(&self.agent);
+        if let Err(reason) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
+            return SessionEnd::Failed {
+                reason: format!("cannot subscribe: {reason}"),
+                connected: false,
+            };
+        }
+        let ready = tokio::time::timeout(self.connection.connect_timeout, async {
             loop {
                 match events.recv().await {
-                    Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+                    Some(Ok(Event::Incoming(Packet::SubAck(ack)))) => {
+                        if ack
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        {
+                            return Err(format!(
+                                "the broker refused our subscription to {acks_topic}"
+                            ));
+                        }
+                        return Ok(());
+                    }
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => return Err(describe(&e)),
                     None => return Err("connection task ended".to_string()),
                 }
             }
         });
-        let connected = tokio::select! {
-            r = connack => r,
+        let outcome = tokio::select! {
+            r = ready => r,
             _ = crate::stopped(shutdown) => return SessionEnd::Shutdown,
         };
-        match connected {
+        match outcome {
             Ok(Ok(())) => {}
             Ok(Err(reason)) => {
                 return SessionEnd::Failed {
@@ -129,7 +149,10 @@ impl Publisher {
             }
             Err(_) => {
                 return SessionEnd::Failed {
-                    reason: format!("no CONNACK within {:?}", self.connection.connect_timeout),
+                    reason: format!(
+                        "not connected and subscribed within {:?}",
+                        self.connection.connect_timeout
+                    ),
                     connected: false,
                 }
             }
@@ -137,33 +160,28 @@ impl Publisher {
         tracing::info!(server = %self.server, agent = %self.agent, "connected");
 
         // 2. announce ourselves, and report losses the operator must know about
-        // packet ids of our publishes arrive in the order we sent them; None = not an outbox record
-        let mut unassigned: VecDeque<Option<u64>> = VecDeque::new();
-        let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
         if let Some(payload) = encoded(&birth) {
-            if client
-                .try_publish(
-                    topics::presence(&self.agent),
-                    QoS::AtLeastOnce,
-                    true,
-                    payload,
-                )
-                .is_ok()
-            {
-                unassigned.push_back(None);
-            }
+            let _ = client.try_publish(
+                topics::presence(&self.agent),
+                QoS::AtLeastOnce,
+                true,
+                payload,
+            );
         }
         if let Err(e) = self.outbox.report_drops() {
             tracing::error!(error = %e, "could not store the outbox overflow report");
         }
 
-        // 3. publish the outbox from its oldest unacknowledged record on
+        // 3. publish the outbox from its oldest unacknowledged record on; acknowledgements
+        //    remove records; silence for `ack_timeout` means: send the unacknowledged again
         let mut cursor = self.outbox.head();
+        let mut last_progress = Instant::now();
         let mut housekeeping = tokio::time::interval(Duration::from_millis(50));
         loop {
-            let busy = unassigned.len() + inflight.len();
-            if busy < window {
-                match self.outbox.read_from(cursor, window - busy) {
+            let head = self.outbox.head();
+            let unacked = cursor.saturating_sub(head) as usize;
+            if unacked < window {
+                match self.outbox.read_from(cursor, window - unacked) {
                     Ok(items) => {
                         for item in items {
                             let index = item.index;
@@ -173,7 +191,6 @@ impl Publisher {
                             {
                                 break;
                             }
-                            unassigned.push_back(Some(index));
                             cursor = index + 1;
                         }
                     }
@@ -185,76 +202,69 @@ impl Publisher {
                     }
                 }
             }
+            let busy = cursor.saturating_sub(self.outbox.head()) as usize >= window;
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        if let Some(slot) = unassigned.pop_front() {
-                            inflight.insert(pkid, slot);
-                        }
-                    }
-                    Some(Ok(Event::Outgoing(Outgoing::AwaitAck(pkid)))) => {
-                        // the broker acknowledges out of order and a packet id collided:
-                        // start over rather than risk acknowledging the wrong record
-                        return SessionEnd::Failed { reason: format!("packet id {pkid} collision"), connected: true };
-                    }
-                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        if let Some(Some(index)) = inflight.remove(&ack.pkid) {
-                            self.outbox.ack(index);
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == acks_topic => {
+                        if self.apply_ack(&p.payload) > 0 {
+                            last_progress = Instant::now();
                         }
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return SessionEnd::Failed { reason: describe(&e), connected: true },
                     None => return SessionEnd::Failed { reason: "connection task ended".into(), connected: true },
                 },
-                _ = self.outbox.notified(), if busy < window => {}
+                _ = self.outbox.notified(), if !busy => {}
                 _ = housekeeping.tick() => {
                     if let Err(e) = self.outbox.maintain() {
                         tracing::error!(error = %e, "outbox housekeeping failed");
                     }
+                    let head = self.outbox.head();
+                    if cursor > head && last_progress.elapsed() >= self.connection.ack_timeout {
+                        tracing::info!(unacknowledged = cursor - head, timeout = ?self.connection.ack_timeout, "no acknowledgement from the server: sending unacknowledged records again");
+                        cursor = head;
+                        last_progress = Instant::now();
+                    } else if cursor <= head {
+                        last_progress = Instant::now();
+                    }
                 }
                 _ = crate::stopped(shutdown) => {
-                    self.goodbye(client, events, &mut inflight, &mut unassigned).await;
+                    self.goodbye(client, events, cursor, &acks_topic).await;
                     return SessionEnd::Shutdown;
                 }
             }
         }
     }
 
-    /// On shutdown: wait briefly for outstanding acknowledgements, say we are going offline,
-    /// disconnect cleanly.
+    /// Applies one acknowledgement message; returns how many records it removed.
+    fn apply_ack(&self, payload: &[u8]) -> usize {
+        match Ack::decode(payload) {
+            Ok(ack) => ack
+                .streams
+                .iter()
+                .map(|(stream, sa)| self.outbox.ack_ranges(stream, sa.epoch, &sa.ranges))
+                .sum(),
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable acknowledgement ignored");
+                0
+            }
+        }
+    }
+
+    /// On shutdown: wait briefly for the acknowledgements of what was sent, say we are
+    /// going offline, disconnect cleanly.
     async fn goodbye(
         &self,
         client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-        inflight: &mut HashMap<u16, Option<u64>>,
-        unassigned: &mut VecDeque<Option<u64>>,
+        events: &mut Events,
+        cursor: u64,
+        acks_topic: &str,
     ) {
-        let offline = Presence::offline(&self.agent, chrono::Utc::now());
-        if let Some(payload) = encoded(&offline) {
-            if client
-                .try_publish(
-                    topics::presence(&self.agent),
-                    QoS::AtLeastOnce,
-                    true,
-                    payload,
-                )
-                .is_ok()
-            {
-                unassigned.push_back(None);
-            }
-        }
         let drain = async {
-            while !(inflight.is_empty() && unassigned.is_empty()) {
+            while self.outbox.head() < cursor {
                 match events.recv().await {
-                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        if let Some(slot) = unassigned.pop_front() {
-                            inflight.insert(pkid, slot);
-                        }
-                    }
-                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                        if let Some(Some(index)) = inflight.remove(&ack.pkid) {
-                            self.outbox.ack(index);
-                        }
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == acks_topic => {
+                        self.apply_ack(&p.payload);
                     }
                     Some(Ok(_)) => {}
                     _ => return,
@@ -262,8 +272,20 @@ impl Publisher {
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+        let offline = Presence::offline(&self.agent, chrono::Utc::now());
+        if let Some(payload) = encoded(&offline) {
+            let _ = client.try_publish(
+                topics::presence(&self.agent),
+                QoS::AtLeastOnce,
+                true,
+                payload,
+            );
+        }
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(300), async {
+            while let Some(Ok(_)) = events.recv().await {}
+        })
+        .await;
     }
 }
 

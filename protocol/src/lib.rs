@@ -3,12 +3,14 @@
 //!
 //! See `docs/protocol.md` for the human-readable description of everything in this crate.
 
+pub mod ack;
 pub mod ids;
 pub mod message;
 pub mod presence;
 pub mod record;
 pub mod topics;
 
+pub use ack::{Ack, StreamAck};
 pub use ids::{validate_id, IdError};
 pub use message::{DecodeError, EncodeError, Message};
 pub use presence::{Presence, PresenceStatus};

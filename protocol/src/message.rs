@@ -101,6 +101,11 @@ impl Message {
         self.body.get("seq").and_then(Value::as_u64)
     }
 
+    /// The record's outbox incarnation (0 when it has none, e.g. from a third party).
+    pub fn epoch(&self) -> u64 {
+        self.body.get("epoch").and_then(Value::as_u64).unwrap_or(0)
+    }
+
     /// The record's own timestamp if it has a valid one, else the time it was received.
     pub fn timestamp(&self) -> DateTime<Utc> {
         self.body

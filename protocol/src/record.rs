@@ -21,6 +21,11 @@ pub struct Record {
     pub seq: u64,
     /// When the record was produced, in UTC.
     pub ts: DateTime<Utc>,
+    /// The agent outbox incarnation that numbered the record: a new random value whenever
+    /// an outbox starts from nothing (first start, wiped state), so that sequence numbers
+    /// starting again at 1 are not mistaken for duplicates of the old ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
     /// Event fields, when the record is an event or a check result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<Event>,
@@ -45,6 +50,7 @@ impl Record {
             stream: stream.into(),
             seq,
             ts,
+            epoch: None,
             event: None,
             metrics: Vec::new(),
             fields: BTreeMap::new(),

@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `fleet/{agent}/telemetry/{stream}` | agent → server | [`crate::Record`] |
 //! | `fleet/{agent}/presence` | agent → server (retained, + last will) | [`crate::Presence`] |
+//! | `fleet/{agent}/acks` | server → agent | [`crate::Ack`] |
 //! | `fleet/{agent}/files/...` | reserved for file transfer | |
 //! | `fleet/{agent}/jobs/...` | reserved for per-agent jobs | |
 //! | `fleet/groups/{group}/jobs/...` | reserved for group jobs | |
@@ -23,6 +24,11 @@ pub fn telemetry(agent: &str, stream: &str) -> String {
     format!("{ROOT}/{agent}/telemetry/{stream}")
 }
 
+/// Topic on which the server acknowledges `agent`'s durably stored records.
+pub fn acks(agent: &str) -> String {
+    format!("{ROOT}/{agent}/acks")
+}
+
 /// Topic on which `agent` publishes its birth message and where its last will lands.
 pub fn presence(agent: &str) -> String {
     format!("{ROOT}/{agent}/presence")
@@ -37,6 +43,11 @@ pub enum Topic<'a> {
         agent: &'a str,
         /// The record stream (`metrics`, `events`, `checks`, ...).
         stream: &'a str,
+    },
+    /// `fleet/{agent}/acks`
+    Acks {
+        /// The agent the acknowledgements are for.
+        agent: &'a str,
     },
     /// `fleet/{agent}/presence`
     Presence {
@@ -92,6 +103,7 @@ impl<'a> Topic<'a> {
                 Topic::Telemetry { agent, stream }
             }
             (agent, Some("presence"), None) => Topic::Presence { agent },
+            (agent, Some("acks"), None) => Topic::Acks { agent },
             (agent, Some("files"), rest) => Topic::Files {
                 agent,
                 rest: rest.unwrap_or(""),
@@ -109,6 +121,7 @@ impl<'a> Topic<'a> {
         match *self {
             Topic::Telemetry { agent, .. }
             | Topic::Presence { agent }
+            | Topic::Acks { agent }
             | Topic::Files { agent, .. }
             | Topic::AgentJobs { agent, .. } => Some(agent),
             Topic::GroupJobs { .. } | Topic::Other(_) => None,
@@ -141,6 +154,7 @@ mod tests {
         );
         assert_eq!(Topic::parse(&presence("a")), Topic::Presence { agent: "a" });
         assert_eq!(Topic::parse(&presence("a")).agent(), Some("a"));
+        assert_eq!(Topic::parse(&acks("a")), Topic::Acks { agent: "a" });
     }
 
     #[test]

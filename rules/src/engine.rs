@@ -1,24 +1,67 @@
-//! The running rules engine: decodes each message, routes it, and queues it on every sink
-//! it goes to. Each sink runs as its own task (see `fleetbus_sinks::worker`).
+//! The running rules engine: the durable record path of the server.
+//!
+//! ```text
+//! dispatch(topic, payload)
+//!   decode → de-duplicate (agent, stream, epoch, seq) → route
+//!   → backpressure check per target sink → append to the write-ahead log
+//! committer (group commit, every `commit_interval`)
+//!   fsync the log → acknowledge the committed records to their agents
+//!   → wake the sink workers (they read only durable entries)
+//!   → every `snapshot_interval`: save the de-duplication state, truncate the log below
+//!     the slowest sink
+//! ```
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use fleetbus_config::ConfigError;
-use fleetbus_protocol::Message;
-use fleetbus_sinks::{spawn_sink, SinkHandle, SinkStatsSnapshot};
+use fleetbus_protocol::{Ack, Message, Topic};
+use fleetbus_sinks::position::PositionFile;
+use fleetbus_sinks::worker::WorkerSetup;
+use fleetbus_sinks::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
+use fleetbus_wal::{Dedup, RecordKey, Wal, WalEntry, WalOptions};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
 
 use crate::router::Router;
 use crate::ruleset::{RuleSet, RulesError};
 
+/// Publishes an acknowledgement payload to an agent (on `fleet/{agent}/acks`).
+pub type AckPublisher = Arc<dyn Fn(&str, Vec<u8>) + Send + Sync>;
+
+/// Tunables of the durable record path.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Longest wait between an append and its group commit (fsync + acknowledgement).
+    pub commit_interval: Duration,
+    /// How often the de-duplication state is saved and the log truncated.
+    pub snapshot_interval: Duration,
+    /// Log segment size.
+    pub wal: WalOptions,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            commit_interval: Duration::from_millis(2),
+            snapshot_interval: Duration::from_secs(5),
+            wal: WalOptions::default(),
+        }
+    }
+}
+
 /// Engine-wide counters.
 #[derive(Debug, Default)]
-struct EngineCounters {
+struct Counters {
     received: AtomicU64,
     decode_errors: AtomicU64,
     unrouted: AtomicU64,
+    duplicates: AtomicU64,
+    refused: AtomicU64,
+    committed: AtomicU64,
 }
 
 /// A copy of every counter of the engine at one moment.
@@ -30,83 +73,194 @@ pub struct EngineStats {
     pub decode_errors: u64,
     /// Messages no rule matched.
     pub unrouted: u64,
+    /// Records recognised as already accepted (acknowledged again, not stored again).
+    pub duplicates: u64,
+    /// Records refused because a target sink's share of the log is full (not
+    /// acknowledged: the agent sends them again later).
+    pub refused: u64,
+    /// Log index up to which entries are durable.
+    pub durable: u64,
     /// (rule, matched, condition errors) per rule.
     pub rules: Vec<(String, u64, u64)>,
-    /// Counters per sink.
+    /// Counters per sink, with its lag in log entries (durable index − position).
     pub sinks: Vec<(String, SinkStatsSnapshot)>,
 }
 
-/// The rules engine with its sinks running.
-pub struct Engine {
+impl EngineStats {
+    /// Messages written by sink `name` (0 if there is no such sink).
+    pub fn written(&self, name: &str) -> u64 {
+        self.sinks
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.written)
+            .unwrap_or(0)
+    }
+}
+
+struct IngestState {
+    dedup: Dedup,
+    acks: HashMap<String, Ack>,
+}
+
+struct Inner {
     router: Router,
     filters: Vec<String>,
+    sink_names: Vec<String>,
+    sink_stats: Vec<Arc<SinkStats>>,
+    sink_limits: Vec<u64>,
+    wal: Arc<Wal>,
+    state: Mutex<IngestState>,
+    wake: Notify,
+    acks: AckPublisher,
+    counters: Counters,
+    dedup_path: PathBuf,
+}
+
+/// The rules engine with its log, committer and sink workers running.
+pub struct Engine {
+    inner: Arc<Inner>,
     sinks: Vec<SinkHandle>,
-    counters: EngineCounters,
+    committer: Option<JoinHandle<()>>,
+    stop: watch::Sender<bool>,
 }
 
 impl Engine {
-    /// Builds every sink of `rules` (file sinks write under `data_dir`) and starts their
-    /// workers on the current tokio runtime.
-    pub fn start(rules: RuleSet, data_dir: &Path) -> Result<Engine, RulesError> {
-        let filters = rules.filters();
-        let mut sinks = Vec::new();
+    /// Opens the write-ahead log under `data_dir/wal` (replaying it), builds every sink of
+    /// `rules` (file sinks write under `data_dir`) and starts the committer and the sink
+    /// workers on the current tokio runtime. Acknowledgements go out through `acks`.
+    pub async fn start(
+        rules: RuleSet,
+        data_dir: &Path,
+        options: EngineOptions,
+        acks: AckPublisher,
+    ) -> Result<Engine, RulesError> {
+        let wal_dir = data_dir.join("wal");
+        let fail = |what: String| RulesError::from(ConfigError::invalid(&wal_dir, what));
+        let (wal, _) = Wal::open(&wal_dir, options.wal).map_err(|e| fail(e.to_string()))?;
+        let wal = Arc::new(wal);
+        let dedup_path = wal_dir.join("dedup.json");
+        let (mut dedup, snapshot_upto) =
+            Dedup::load(&dedup_path).map_err(|e| fail(e.to_string()))?;
+        let state_dir = wal_dir.join("sinks");
+
+        // recover every sink and find where it resumes
+        let mut built = Vec::new();
         for (name, config) in &rules.sinks {
-            let sink = config.build(data_dir).map_err(|e| {
-                ConfigError::invalid(Path::new("<rules>"), format!("sink `{name}`: {e}"))
-            })?;
-            sinks.push(spawn_sink(
-                name,
-                sink,
-                config.buffer().max_events,
-                config.batch().clone(),
-            ));
+            let mut sink = config
+                .build(name, data_dir, &state_dir)
+                .map_err(|e| fail(format!("sink `{name}`: {e}")))?;
+            let position = PositionFile::new(&state_dir, name);
+            let saved = position
+                .load()
+                .map_err(|e| fail(format!("sink `{name}`: {e}")))?;
+            let start = sink
+                .recover(saved)
+                .await
+                .map_err(|e| fail(format!("sink `{name}`: recovery failed: {e}")))?
+                .max(wal.first_index());
+            built.push((name.clone(), config.clone(), sink, position, start));
         }
-        Ok(Engine {
+
+        // replay the log: de-duplication state after the snapshot, backlog per sink
+        let stats: Vec<Arc<SinkStats>> = built
+            .iter()
+            .map(|_| Arc::new(SinkStats::default()))
+            .collect();
+        let from = built
+            .iter()
+            .map(|b| b.4)
+            .chain([snapshot_upto])
+            .min()
+            .unwrap_or(0);
+        let mut replayed = 0u64;
+        wal.read_all(from, |index, entry, size| {
+            replayed += 1;
+            if index >= snapshot_upto {
+                if let Some(key) = &entry.key {
+                    dedup.record(key);
+                }
+            }
+            for (b, st) in built.iter().zip(&stats) {
+                if index >= b.4 && entry.goes_to(&b.0) {
+                    st.pending_bytes.fetch_add(size, Ordering::Relaxed);
+                }
+            }
+        })
+        .map_err(|e| fail(e.to_string()))?;
+        if replayed > 0 {
+            tracing::info!(
+                entries = replayed,
+                from,
+                durable = wal.durable(),
+                "write-ahead log replayed"
+            );
+        }
+
+        let filters = rules.filters();
+        let inner = Arc::new(Inner {
             router: Router::new(rules.rules),
             filters,
+            sink_names: built.iter().map(|b| b.0.clone()).collect(),
+            sink_limits: built.iter().map(|b| b.1.buffer().max_bytes).collect(),
+            sink_stats: stats.clone(),
+            wal: wal.clone(),
+            state: Mutex::new(IngestState {
+                dedup,
+                acks: HashMap::new(),
+            }),
+            wake: Notify::new(),
+            acks,
+            counters: Counters::default(),
+            dedup_path,
+        });
+        let dead_letters: Arc<dyn DeadLetters> = inner.clone();
+        let sinks = built
+            .into_iter()
+            .zip(stats)
+            .map(|((name, config, sink, position, start), stats)| {
+                let setup = WorkerSetup {
+                    name,
+                    batch: config.batch().clone(),
+                    dead_letter: config.dead_letter().map(str::to_string),
+                    position,
+                    start,
+                    stats,
+                };
+                spawn_sink(sink, setup, wal.clone(), dead_letters.clone())
+            })
+            .collect();
+        let (stop, stop_rx) = watch::channel(false);
+        let committer = tokio::spawn(run_committer(inner.clone(), options, stop_rx));
+        Ok(Engine {
+            inner,
             sinks,
-            counters: EngineCounters::default(),
+            committer: Some(committer),
+            stop,
         })
     }
 
     /// The topic filters the engine must be subscribed to.
     pub fn filters(&self) -> &[String] {
-        &self.filters
+        &self.inner.filters
     }
 
-    /// Routes one published message.
+    /// Ingests one published message (see the module documentation).
     pub fn dispatch(&self, topic: &str, payload: &[u8]) {
-        self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let msg = match Message::decode(topic, payload) {
-            Ok(m) => Arc::new(m),
-            Err(e) => {
-                let n = self.counters.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(%topic, error = %e, bytes = payload.len(), undecodable_total = n, "message skipped: payload is neither a record nor JSON");
-                }
-                return;
-            }
-        };
-        let mut targets = Vec::new();
-        self.router.route(&msg, &mut targets);
-        if targets.is_empty() {
-            self.counters.unrouted.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        for i in targets {
-            if let Some(sink) = self.sinks.get(i) {
-                sink.offer(msg.clone());
-            }
-        }
+        self.inner.dispatch(topic, payload)
     }
 
     /// Every counter.
     pub fn stats(&self) -> EngineStats {
+        let c = &self.inner.counters;
+        let durable = self.inner.wal.durable();
         EngineStats {
-            received: self.counters.received.load(Ordering::Relaxed),
-            decode_errors: self.counters.decode_errors.load(Ordering::Relaxed),
-            unrouted: self.counters.unrouted.load(Ordering::Relaxed),
-            rules: self.router.stats(),
+            received: c.received.load(Ordering::Relaxed),
+            decode_errors: c.decode_errors.load(Ordering::Relaxed),
+            unrouted: c.unrouted.load(Ordering::Relaxed),
+            duplicates: c.duplicates.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            durable,
+            rules: self.inner.router.stats(),
             sinks: self
                 .sinks
                 .iter()
@@ -115,10 +269,256 @@ impl Engine {
         }
     }
 
-    /// Stops the sinks after they wrote and flushed what is queued, within `deadline`.
-    pub async fn shutdown(self, deadline: Duration) {
-        for sink in self.sinks {
-            sink.close(deadline).await;
+    /// Graceful stop: a last group commit (with its acknowledgements), then every sink
+    /// writes what is durable, within `deadline`. What a sink could not write stays in the
+    /// log for the next start.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        let started = Instant::now();
+        let _ = self.stop.send(true);
+        if let Some(committer) = self.committer.take() {
+            let _ = tokio::time::timeout(deadline, committer).await;
+        }
+        for sink in self.sinks.drain(..) {
+            sink.close(deadline.saturating_sub(started.elapsed())).await;
+        }
+        save_snapshot(&self.inner);
+    }
+}
+
+impl Inner {
+    fn dispatch(&self, topic: &str, payload: &[u8]) {
+        let parsed = Topic::parse(topic);
+        if matches!(parsed, Topic::Acks { .. }) {
+            return; // our own acknowledgements, seen through the catch-all subscription
+        }
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let msg = match Message::decode(topic, payload) {
+            Ok(m) => m,
+            Err(e) => {
+                let n = self.counters.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(%topic, error = %e, bytes = payload.len(), undecodable_total = n, "message skipped: payload is neither a record nor JSON");
+                }
+                return;
+            }
+        };
+        let key = match (parsed, msg.seq()) {
+            (Topic::Telemetry { agent, stream }, Some(seq)) => Some(RecordKey {
+                agent: agent.to_string(),
+                stream: stream.to_string(),
+                epoch: msg.epoch(),
+                seq,
+            }),
+            _ => None,
+        };
+        let mut targets = Vec::new();
+        self.router.route(&msg, &mut targets);
+
+        let mut state = self.lock();
+        if let Some(k) = &key {
+            if state.dedup.is_duplicate(k) {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                add_ack(&mut state.acks, k);
+                drop(state);
+                self.wake.notify_one();
+                return;
+            }
+        }
+        if let Some(&full) = targets.iter().find(|&&t| {
+            self.sink_stats[t].pending_bytes.load(Ordering::Relaxed) >= self.sink_limits[t]
+        }) {
+            let n = self.counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(sink = %self.sink_names[full], refused_total = n, "sink backlog full: records for it are not accepted (agents keep them and retry)");
+            }
+            return;
+        }
+        if targets.is_empty() {
+            self.counters.unrouted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let entry = WalEntry {
+                topic: topic.to_string(),
+                payload: payload.to_vec(),
+                received_ms: msg.received.timestamp_millis(),
+                sinks: targets
+                    .iter()
+                    .map(|&t| self.sink_names[t].clone())
+                    .collect(),
+                key: key.clone(),
+                dead_letter: None,
+            };
+            match self.wal.append(&entry) {
+                Ok((_, size)) => {
+                    for &t in &targets {
+                        self.sink_stats[t]
+                            .pending_bytes
+                            .fetch_add(size, Ordering::Relaxed);
+                    }
+                }
+                Err(e) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "cannot append to the write-ahead log: record not accepted (the agent keeps it)");
+                    return;
+                }
+            }
+        }
+        if let Some(k) = &key {
+            state.dedup.record(k);
+            add_ack(&mut state.acks, k);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, IngestState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One group commit: fsync, then acknowledge. Returns the durable index.
+    async fn commit(&self) -> Option<u64> {
+        let (handle, upto, acks) = {
+            let mut state = self.lock();
+            match self.wal.begin_commit() {
+                Ok((handle, upto)) => (handle, upto, std::mem::take(&mut state.acks)),
+                Err(e) => {
+                    tracing::error!(error = %e, "write-ahead log commit failed; retrying");
+                    return None;
+                }
+            }
+        };
+        let synced = tokio::task::spawn_blocking(move || handle.sync_data()).await;
+        if !matches!(synced, Ok(Ok(()))) {
+            tracing::error!(result = ?synced, "write-ahead log fsync failed; acknowledgements held back");
+            // put the acknowledgements back for the next attempt
+            let mut state = self.lock();
+            for (agent, ack) in acks {
+                for (stream, sa) in ack.streams {
+                    for (lo, hi) in sa.ranges {
+                        for seq in lo..=hi {
+                            let key = RecordKey {
+                                agent: agent.clone(),
+                                stream: stream.clone(),
+                                epoch: sa.epoch,
+                                seq,
+                            };
+                            add_ack(&mut state.acks, &key);
+                        }
+                    }
+                }
+            }
+            return None;
+        }
+        self.wal.finish_commit(upto);
+        self.counters.committed.store(upto, Ordering::Relaxed);
+        for (agent, ack) in acks {
+            match ack.encode() {
+                Ok(payload) => (self.acks)(&agent, payload),
+                Err(e) => tracing::error!(%agent, error = %e, "cannot encode an acknowledgement"),
+            }
+        }
+        Some(upto)
+    }
+}
+
+impl DeadLetters for Inner {
+    fn append(&self, target: &str, entries: Vec<WalEntry>) -> Result<(), String> {
+        let t = self
+            .sink_names
+            .iter()
+            .position(|n| n == target)
+            .ok_or_else(|| format!("no sink named `{target}`"))?;
+        {
+            let _state = self.lock();
+            for entry in &entries {
+                let (_, size) = self.wal.append(entry).map_err(|e| e.to_string())?;
+                self.sink_stats[t]
+                    .pending_bytes
+                    .fetch_add(size, Ordering::Relaxed);
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+}
+
+fn add_ack(acks: &mut HashMap<String, Ack>, key: &RecordKey) {
+    let ack = match acks.get_mut(&key.agent) {
+        Some(a) => a,
+        None => acks.entry(key.agent.clone()).or_default(),
+    };
+    let stream = match ack.streams.get_mut(&key.stream) {
+        Some(s) => s,
+        None => ack.streams.entry(key.stream.clone()).or_default(),
+    };
+    if stream.epoch != key.epoch {
+        stream.epoch = key.epoch;
+        stream.ranges.clear();
+    }
+    match stream.ranges.last_mut() {
+        Some(last) if last.1 + 1 == key.seq => last.1 = key.seq,
+        _ => stream.ranges.push((key.seq, key.seq)),
+    }
+}
+
+/// Saves the de-duplication state (consistent with the durable log) and truncates the log
+/// below what every sink has finished and the snapshot covers.
+fn save_snapshot(inner: &Inner) {
+    let (dedup, upto) = {
+        let state = inner.lock();
+        // everything appended so far is covered once committed; take the state under the
+        // same lock as the commit point so they match
+        match inner.wal.begin_commit() {
+            Ok((handle, upto)) => {
+                let dedup = state.dedup.clone();
+                drop(state);
+                if let Err(e) = handle.sync_data() {
+                    tracing::error!(error = %e, "fsync before saving the de-duplication state failed");
+                    return;
+                }
+                inner.wal.finish_commit(upto);
+                (dedup, upto)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot commit before saving the de-duplication state");
+                return;
+            }
+        }
+    };
+    if let Err(e) = dedup.save(&inner.dedup_path, upto) {
+        tracing::error!(error = %e, "cannot save the de-duplication state; the log is kept");
+        return;
+    }
+    let slowest = inner
+        .sink_stats
+        .iter()
+        .map(|s| s.position.load(Ordering::Relaxed))
+        .min()
+        .unwrap_or(upto);
+    if let Err(e) = inner.wal.truncate_before(slowest.min(upto)) {
+        tracing::error!(error = %e, "cannot truncate the write-ahead log");
+    }
+}
+
+async fn run_committer(inner: Arc<Inner>, options: EngineOptions, mut stop: watch::Receiver<bool>) {
+    let mut last_snapshot = Instant::now();
+    loop {
+        let stopping = tokio::select! {
+            _ = inner.wake.notified() => false,
+            _ = tokio::time::sleep(options.snapshot_interval) => false,
+            _ = stop.changed() => true,
+        };
+        if !stopping {
+            // group commit: let more appends join this fsync
+            tokio::time::sleep(options.commit_interval).await;
+        }
+        inner.commit().await;
+        if stopping || last_snapshot.elapsed() >= options.snapshot_interval {
+            let inner2 = inner.clone();
+            let _ = tokio::task::spawn_blocking(move || save_snapshot(&inner2)).await;
+            last_snapshot = Instant::now();
+        }
+        if stopping {
+            return;
         }
     }
 }

@@ -23,7 +23,7 @@ pub mod router;
 pub mod ruleset;
 pub mod standalone;
 
-pub use engine::{Engine, EngineStats};
+pub use engine::{AckPublisher, Engine, EngineOptions, EngineStats};
 pub use filter::TopicFilter;
 pub use ruleset::{RuleSet, RulesError, DEFAULT_RULES};
-pub use standalone::{run_standalone, StandaloneOptions};
+pub use standalone::{run_standalone, AckChannel, StandaloneOptions};

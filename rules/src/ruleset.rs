@@ -118,6 +118,21 @@ impl RuleSet {
             }
             sinks.push((name.clone(), config.get_ref().clone()));
         }
+        for (name, config) in &raw.sinks {
+            if let Some(target) = config.get_ref().dead_letter() {
+                if target == name {
+                    problems.push(at(
+                        config.span(),
+                        format!("sink `{name}`: dead_letter cannot be the sink itself"),
+                    ));
+                } else if !raw.sinks.contains_key(target) {
+                    problems.push(at(
+                        config.span(),
+                        format!("sink `{name}`: dead_letter names unknown sink `{target}`"),
+                    ));
+                }
+            }
+        }
         let sink_index = |name: &str| sinks.iter().position(|(n, _)| n == name);
 
         let mut names = HashSet::new();

@@ -1,14 +1,48 @@
 //! `fleetbus rules run`: the rules engine as its own process against any MQTT broker
 //! (the embedded one, Mosquitto, EMQX, ...). With a group name, every filter is subscribed
 //! as a shared subscription (`$share/{group}/{filter}`), so several engines split the load.
+//!
+//! The durable path is the same as inside `fleetbus serve`: records are acknowledged to
+//! their agents (on `fleet/{agent}/acks`, through the same broker) only once they are in
+//! this engine's write-ahead log.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetbus_mqtt::{Backoff, BrokerUrl};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::watch;
 
-use crate::engine::Engine;
+use crate::engine::{AckPublisher, Engine};
+
+/// The connection acknowledgements go out on, replaced at every reconnect.
+#[derive(Clone, Default)]
+pub struct AckChannel {
+    client: Arc<Mutex<Option<AsyncClient>>>,
+}
+
+impl AckChannel {
+    /// The publisher to give to [`Engine::start`].
+    pub fn publisher(&self) -> AckPublisher {
+        let client = self.client.clone();
+        Arc::new(move |agent: &str, payload: Vec<u8>| {
+            let guard = client.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = guard.as_ref() {
+                // QoS 0: acknowledgements are idempotent; a lost one means a re-send
+                let _ = c.try_publish(
+                    fleetbus_protocol::topics::acks(agent),
+                    QoS::AtMostOnce,
+                    false,
+                    payload,
+                );
+            }
+        })
+    }
+
+    fn set(&self, client: Option<AsyncClient>) {
+        *self.client.lock().unwrap_or_else(|p| p.into_inner()) = client;
+    }
+}
 
 /// Where and how the standalone engine connects.
 #[derive(Debug, Clone)]
@@ -25,6 +59,7 @@ pub struct StandaloneOptions {
 /// `shutdown` turns true, reconnecting with backoff.
 pub async fn run_standalone(
     engine: &Engine,
+    acks: &AckChannel,
     options: &StandaloneOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -36,7 +71,8 @@ pub async fn run_standalone(
             Duration::from_secs(15),
             100,
         );
-        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (client, mut eventloop) = AsyncClient::new(opts, 4096);
+        acks.set(Some(client.clone()));
         for filter in engine.filters() {
             let filter = match &options.group {
                 Some(g) => format!("$share/{g}/{filter}"),
@@ -65,6 +101,7 @@ pub async fn run_standalone(
                 _ = shutdown.wait_for(|s| *s) => return,
             }
         };
+        acks.set(None);
         let delay = backoff.next_delay();
         tracing::warn!(broker = %options.broker, %reason, retry_in = ?delay, "rules engine connection failed");
         tokio::select! {

@@ -1,12 +1,73 @@
-//! The engine with real file sinks: one sink failing (and slow, because it keeps retrying)
-//! does not hold up the others, and its losses are counted.
+//! The durable record path with real files: write-ahead log, group commit and
+//! acknowledgements, de-duplication, dead letters, backpressure, replay after a restart.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleetbus_rules::{Engine, RuleSet};
+use fleetbus_protocol::Ack;
+use fleetbus_rules::{AckPublisher, Engine, EngineOptions, EngineStats, RuleSet};
 
-const RULES: &str = r#"
+/// Every acknowledgement published, decoded: (agent, stream, seq).
+#[derive(Clone, Default)]
+struct AckLog(Arc<Mutex<Vec<(String, String, u64)>>>);
+
+impl AckLog {
+    fn publisher(&self) -> AckPublisher {
+        let log = self.0.clone();
+        Arc::new(move |agent: &str, payload: Vec<u8>| {
+            let ack = Ack::decode(&payload).unwrap();
+            let mut log = log.lock().unwrap();
+            for (stream, sa) in ack.streams {
+                for (lo, hi) in sa.ranges {
+                    for seq in lo..=hi {
+                        log.push((agent.to_string(), stream.clone(), seq));
+                    }
+                }
+            }
+        })
+    }
+
+    fn seqs(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.0.lock().unwrap().iter().map(|(_, _, s)| *s).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+async fn start(rules: &str, dir: &Path, acks: &AckLog) -> Engine {
+    let set = RuleSet::parse(Path::new("rules.toml"), rules).unwrap();
+    Engine::start(set, dir, EngineOptions::default(), acks.publisher())
+        .await
+        .unwrap()
+}
+
+fn record(seq: u64) -> Vec<u8> {
+    format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#).into_bytes()
+}
+
+async fn wait_for(engine: &Engine, what: &str, cond: impl Fn(&EngineStats) -> bool) {
+    let started = Instant::now();
+    while !cond(&engine.stats()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}: {:#?}",
+            engine.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const DEAD_LETTER_RULES: &str = r#"
 [sinks.good]
 type = "file"
 path = "good/{agent}.jsonl"
@@ -14,10 +75,14 @@ path = "good/{agent}.jsonl"
 [sinks.broken]
 type = "file"
 path = "blocker/{agent}.jsonl"
-buffer.max_events = 10
-batch.max_events = 5
-batch.max_attempts = 3
-batch.retry_backoff = "300ms"
+dead_letter = "dlq"
+batch.max_events = 100
+batch.max_attempts = 2
+batch.retry_backoff = "10ms"
+
+[sinks.dlq]
+type = "file"
+path = "dead/{agent}.jsonl"
 
 [[rules]]
 name = "both"
@@ -26,71 +91,155 @@ to = ["good", "broken"]
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_sink_does_not_stop_the_others() {
+async fn a_failing_sink_hands_its_batches_to_the_dead_letter_sink_and_others_go_on() {
     let dir = tempfile::tempdir().unwrap();
-    // a regular file where the broken sink needs a directory
-    std::fs::write(dir.path().join("blocker"), "not a directory").unwrap();
-    let set = RuleSet::parse(Path::new("rules.toml"), RULES).unwrap();
-    let engine = Engine::start(set, dir.path()).unwrap();
-    for seq in 1..=500u64 {
-        let body = format!(r#"{{"seq":{seq}}}"#);
+    std::fs::write(
+        dir.path().join("blocker"),
+        "a file where the sink needs a directory",
+    )
+    .unwrap();
+    let acks = AckLog::default();
+    let engine = start(DEAD_LETTER_RULES, dir.path(), &acks).await;
+    for seq in 1..=500 {
+        engine.dispatch("fleet/a1/telemetry/app", &record(seq));
+    }
+    wait_for(&engine, "good and dead-letter sinks", |s| {
+        s.written("good") == 500 && s.written("dlq") == 500
+    })
+    .await;
+    let stats = engine.stats();
+    let broken = &stats.sinks.iter().find(|(n, _)| n == "broken").unwrap().1;
+    assert_eq!(broken.written, 0);
+    assert_eq!(broken.dead_lettered, 500);
+    assert!(broken.failed_attempts >= 10, "{broken:?}");
+    assert_eq!(
+        acks.seqs(),
+        (1..=500).collect::<Vec<_>>(),
+        "every record acknowledged once stored"
+    );
+    engine.shutdown(Duration::from_secs(5)).await;
+
+    let good: Vec<u64> = lines(&dir.path().join("good/a1.jsonl"))
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(good, (1..=500).collect::<Vec<_>>());
+    let dead = lines(&dir.path().join("dead/a1.jsonl"));
+    assert_eq!(dead.len(), 500);
+    assert_eq!(dead[0]["dead_letter"]["sink"], "broken");
+    assert_eq!(dead[0]["dead_letter"]["attempts"], 2);
+    assert!(
+        dead[0]["dead_letter"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("blocker"),
+        "{}",
+        dead[0]
+    );
+    assert_eq!(dead[0]["record"]["seq"], 1);
+    assert_eq!(dead[499]["record"]["seq"], 500);
+}
+
+const ONE_SINK: &str = r#"
+[sinks.out]
+type = "file"
+path = "out/{agent}.jsonl"
+buffer.max_bytes = 1048576
+
+[[rules]]
+name = "all"
+from = ["fleet/+/telemetry/#"]
+to = ["out"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_acknowledged_but_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let acks = AckLog::default();
+    let engine = start(ONE_SINK, dir.path(), &acks).await;
+    for seq in [1, 2, 3, 2, 3, 4, 1] {
+        engine.dispatch("fleet/a1/telemetry/app", &record(seq));
+    }
+    wait_for(&engine, "four records", |s| {
+        s.written("out") == 4 && s.duplicates == 3
+    })
+    .await;
+    assert_eq!(acks.seqs(), vec![1, 2, 3, 4]);
+    engine.shutdown(Duration::from_secs(5)).await;
+    let seqs: Vec<u64> = lines(&dir.path().join("out/a1.jsonl"))
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_keeps_what_a_sink_could_not_write_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("out");
+    std::fs::write(&blocker, "blocks the sink's directory").unwrap();
+    let acks = AckLog::default();
+    let engine = start(ONE_SINK, dir.path(), &acks).await;
+    for seq in 1..=50 {
+        engine.dispatch("fleet/a1/telemetry/app", &record(seq));
+    }
+    // acknowledged as soon as they are in the log, although the sink cannot write them
+    let started = Instant::now();
+    while acks.seqs().len() < 50 {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(engine.stats().written("out"), 0);
+    engine.shutdown(Duration::from_millis(300)).await;
+
+    // the destination comes back; a new engine finds the records in the log
+    std::fs::remove_file(&blocker).unwrap();
+    let acks2 = AckLog::default();
+    let engine = start(ONE_SINK, dir.path(), &acks2).await;
+    wait_for(&engine, "replayed records", |s| s.written("out") == 50).await;
+    // the de-duplication state survived too: a re-sent record is not stored again
+    engine.dispatch("fleet/a1/telemetry/app", &record(7));
+    wait_for(&engine, "duplicate", |s| s.duplicates == 1).await;
+    engine.shutdown(Duration::from_secs(5)).await;
+    let seqs: Vec<u64> = lines(&dir.path().join("out/a1.jsonl"))
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=50).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sink_backlog_refuses_records_instead_of_dropping_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("out");
+    std::fs::write(&blocker, "blocks the sink's directory").unwrap();
+    let acks = AckLog::default();
+    let engine = start(ONE_SINK, dir.path(), &acks).await;
+    let pad = "x".repeat(10_000);
+    for seq in 1..=300u64 {
+        let body = format!(r#"{{"seq":{seq},"epoch":7,"pad":"{pad}"}}"#);
         engine.dispatch("fleet/a1/telemetry/app", body.as_bytes());
     }
-    let started = Instant::now();
-    let good = loop {
-        let stats = engine.stats();
-        let good = stats
-            .sinks
-            .iter()
-            .find(|(n, _)| n == "good")
-            .unwrap()
-            .1
-            .clone();
-        if good.written == 500 || started.elapsed() > Duration::from_secs(5) {
-            break good;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(good.written, 500, "the good sink was held up: {good:?}");
-    assert_eq!(good.dropped_queue_full + good.dropped_failed, 0);
-
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let stats = engine.stats();
-    let broken = stats
-        .sinks
-        .iter()
-        .find(|(n, _)| n == "broken")
-        .unwrap()
-        .1
-        .clone();
-    assert!(broken.dropped_queue_full > 0, "{broken:?}");
-    assert!(broken.failed_attempts > 0, "{broken:?}");
-    assert_eq!(broken.written, 0);
-    let err = broken.last_error.unwrap();
-    assert!(
-        err.contains("blocker"),
-        "the error must name the path: {err}"
+    assert!(stats.refused > 0, "{stats:#?}");
+    let acked = acks.seqs();
+    assert_eq!(
+        acked.len() as u64 + stats.refused,
+        300,
+        "every record is either stored and acknowledged, or refused"
     );
-    assert_eq!(stats.received, 500);
-    assert_eq!(stats.rules[0], ("both".to_string(), 500, 0));
-
-    engine.shutdown(Duration::from_secs(5)).await;
-    let lines = std::fs::read_to_string(dir.path().join("good/a1.jsonl")).unwrap();
-    let seqs: Vec<u64> = lines
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(seqs, (1..=500).collect::<Vec<_>>());
+    assert!(
+        !acked.contains(&300),
+        "a refused record must not be acknowledged"
+    );
+    engine.shutdown(Duration::from_millis(300)).await;
 }
 
 #[tokio::test]
 async fn undecodable_payloads_are_counted_and_skipped() {
     let dir = tempfile::tempdir().unwrap();
-    let set = RuleSet::parse(Path::new("rules.toml"), RULES).unwrap();
-    let engine = Engine::start(set, dir.path()).unwrap();
+    let engine = start(ONE_SINK, dir.path(), &AckLog::default()).await;
     engine.dispatch("fleet/a1/telemetry/app", b"\xc1 not msgpack");
     engine.dispatch("fleet/a1/telemetry/app", b"");
     engine.dispatch("other/topic", b"{}");

@@ -214,6 +214,39 @@ impl SegLog {
             .map_err(|e| SegLogError::io(&path, "fsync", e))
     }
 
+    /// Flushes buffered appends and returns a handle on the active segment and the index
+    /// up to which (exclusive) records will be durable once `handle.sync_data()` returns.
+    /// Lets a caller fsync without holding whatever lock guards the log (group commit);
+    /// segments before the active one were synced when they were closed.
+    pub fn prepare_sync(&mut self) -> Result<(File, u64), SegLogError> {
+        self.flush()?;
+        let path = self.active_path();
+        let handle = self
+            .writer
+            .get_ref()
+            .try_clone()
+            .map_err(|e| SegLogError::io(&path, "clone handle", e))?;
+        Ok((handle, self.next_index))
+    }
+
+    /// Reads up to `max` records from index `from` on (records removed or lost in a gap
+    /// are skipped), as (index, payload).
+    pub fn read_range(
+        &mut self,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, SegLogError> {
+        let mut out = Vec::new();
+        let mut index = from.max(self.first_index());
+        while out.len() < max && index < self.next_index {
+            if let Some(payload) = self.read(index)? {
+                out.push((index, payload));
+            }
+            index += 1;
+        }
+        Ok(out)
+    }
+
     /// Reads the record at `index`, or `None` if it was removed or never written.
     /// The CRC is checked again, so on-disk corruption after opening is reported, not returned.
     pub fn read(&mut self, index: u64) -> Result<Option<Vec<u8>>, SegLogError> {

@@ -102,6 +102,24 @@ fn remove_before_deletes_old_segments_but_keeps_numbering() {
 }
 
 #[test]
+fn read_range_and_prepare_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = SegLog::open(dir.path(), opts()).unwrap();
+    for i in 0..30 {
+        log.append(&payload(i)).unwrap();
+    }
+    let (handle, durable_upto) = log.prepare_sync().unwrap();
+    handle.sync_data().unwrap();
+    assert_eq!(durable_upto, 30);
+    log.remove_before(5).unwrap();
+    let got = log.read_range(0, 10).unwrap();
+    assert_eq!(got.len(), 10);
+    assert_eq!(got[0], (5, payload(5)));
+    assert_eq!(got[9].0, 14);
+    assert!(log.read_range(30, 10).unwrap().is_empty());
+}
+
+#[test]
 fn oversized_record_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (mut log, _) = SegLog::open(dir.path(), opts()).unwrap();

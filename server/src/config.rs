@@ -1,8 +1,10 @@
 //! The server's configuration file (`fleetbus serve --config server.toml`).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use fleetbus_broker::BrokerConfig;
+use fleetbus_rules::EngineOptions;
 use serde::{Deserialize, Serialize};
 
 /// Everything `fleetbus serve` is configured with.
@@ -15,6 +17,35 @@ pub struct ServerConfig {
     pub broker: BrokerConfig,
     /// The rules engine.
     pub rules: RulesSection,
+    /// The write-ahead log.
+    pub wal: WalSection,
+}
+
+/// `[wal]`: the server's write-ahead log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSection {
+    /// Longest time an accepted record waits for its group commit (fsync, then the
+    /// acknowledgement to the agent).
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// How often the de-duplication state is saved and the log truncated below the slowest
+    /// sink.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+    /// Size of one log segment file.
+    pub segment_bytes: u64,
+}
+
+impl Default for WalSection {
+    fn default() -> Self {
+        let d = EngineOptions::default();
+        WalSection {
+            commit_interval: d.commit_interval,
+            snapshot_interval: d.snapshot_interval,
+            segment_bytes: d.wal.segment_bytes,
+        }
+    }
 }
 
 /// `[rules]`
@@ -31,6 +62,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("fleetbus-data"),
             broker: BrokerConfig::default(),
             rules: RulesSection::default(),
+            wal: WalSection::default(),
         }
     }
 }
@@ -38,7 +70,25 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), String> {
-        self.broker.validate().map_err(|e| e.to_string())
+        self.broker.validate().map_err(|e| e.to_string())?;
+        if self.wal.commit_interval > Duration::from_secs(1) {
+            return Err("wal.commit_interval must be at most 1s (agents wait for it)".into());
+        }
+        if self.wal.segment_bytes < 1024 * 1024 {
+            return Err("wal.segment_bytes must be at least 1 MiB".into());
+        }
+        Ok(())
+    }
+
+    /// The engine options these settings describe.
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            commit_interval: self.wal.commit_interval,
+            snapshot_interval: self.wal.snapshot_interval.max(Duration::from_millis(100)),
+            wal: fleetbus_wal::WalOptions {
+                segment_bytes: self.wal.segment_bytes,
+            },
+        }
     }
 
     /// Makes relative `data_dir` and `rules.file` relative to the configuration file's

@@ -7,12 +7,13 @@
 mod config;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use config::{RulesSection, ServerConfig};
+pub use config::{RulesSection, ServerConfig, WalSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
-use fleetbus_rules::{Engine, EngineStats, RuleSet, RulesError};
+use fleetbus_protocol::topics;
+use fleetbus_rules::{AckPublisher, Engine, EngineStats, RuleSet, RulesError};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -47,8 +48,8 @@ pub struct Server {
     engine: Arc<Engine>,
     consumer: JoinHandle<()>,
     addr: SocketAddr,
-    // the sending half of the engine's link: dropping it would detach the engine
-    _engine_link: LinkTx,
+    // the sending half of the engine's link (also used for acknowledgements)
+    _engine_link: Arc<Mutex<LinkTx>>,
 }
 
 impl Server {
@@ -70,7 +71,6 @@ impl Server {
             file = %config.rules.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into()),
             "rules loaded"
         );
-        let engine = Arc::new(Engine::start(rules, &config.data_dir)?);
         let mut broker = EmbeddedBroker::start(config.broker.clone())?;
         let (mut link_tx, link_rx) = broker.local_link(ENGINE_CLIENT_ID)?;
         // one catch-all subscription: the engine matches rule filters itself, and every
@@ -79,6 +79,16 @@ impl Server {
             client_id: ENGINE_CLIENT_ID.into(),
             reason: e.to_string(),
         })?;
+        let link_tx = Arc::new(Mutex::new(link_tx));
+        let ack_link = link_tx.clone();
+        let acks: AckPublisher = Arc::new(move |agent: &str, payload: Vec<u8>| {
+            let mut link = ack_link.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = link.try_publish(topics::acks(agent), payload) {
+                tracing::debug!(%agent, error = %e, "acknowledgement queued behind a busy router");
+            }
+        });
+        let engine =
+            Arc::new(Engine::start(rules, &config.data_dir, config.engine_options(), acks).await?);
         let consumer = tokio::spawn(
             consume(link_rx, engine.clone()).instrument(tracing::info_span!("rules_engine")),
         );

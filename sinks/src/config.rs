@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::file::{FileSink, FileSinkConfig};
 use crate::stdout::{StdoutSink, StdoutSinkConfig};
-use crate::{Sink, SinkError, SinkErrorKind};
+use crate::{Sink, SinkError};
 
 /// One sink's configuration, selected by its `type` key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -19,46 +19,53 @@ pub enum SinkConfig {
     Stdout(StdoutSinkConfig),
 }
 
-/// `buffer`: the in-memory queue in front of a sink.
+/// `buffer`: how much of the write-ahead log may wait for this sink.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BufferConfig {
-    /// Most messages queued for the sink; when full, new messages for this sink are
-    /// dropped, counted and logged (other sinks are unaffected).
-    pub max_events: usize,
+    /// Bytes of log entries waiting for this sink at most. Beyond it the server stops
+    /// accepting (and acknowledging) records that go to this sink: agents keep them in
+    /// their outboxes and send them again later. Nothing is dropped.
+    pub max_bytes: u64,
 }
 
 impl Default for BufferConfig {
     fn default() -> Self {
         BufferConfig {
-            max_events: 100_000,
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }
 
-/// `batch`: how messages are grouped into writes, and how failed writes are retried.
+/// `batch`: how entries are grouped into writes, and how failed writes are retried.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
     /// Most messages in one write.
     pub max_events: usize,
-    /// Longest time written data may sit in the sink's buffers before a flush.
-    #[serde(with = "humantime_serde")]
-    pub flush_interval: Duration,
-    /// Attempts per batch before it is given up (logged and counted).
+    /// Attempts per batch before it goes to the `dead_letter` sink (0 = no limit). Without
+    /// a `dead_letter` sink a batch is retried until it is written: never dropped.
     pub max_attempts: u32,
-    /// First delay between attempts (doubles each time, with jitter, up to 30 s).
+    /// Time after the first failure at which a batch goes to the `dead_letter` sink
+    /// (unset = no limit).
+    #[serde(with = "humantime_serde")]
+    pub max_retry_age: Option<Duration>,
+    /// First delay between attempts (doubling, with jitter, up to `retry_backoff_max`).
     #[serde(with = "humantime_serde")]
     pub retry_backoff: Duration,
+    /// Longest delay between attempts.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_events: 1_000,
-            flush_interval: Duration::from_millis(500),
-            max_attempts: 5,
+            max_attempts: 0,
+            max_retry_age: None,
             retry_backoff: Duration::from_millis(200),
+            retry_backoff_max: Duration::from_secs(5),
         }
     }
 }
@@ -72,7 +79,7 @@ impl SinkConfig {
         }
     }
 
-    /// Its queue settings.
+    /// Its backpressure settings.
     pub fn buffer(&self) -> &BufferConfig {
         match self {
             SinkConfig::File(c) => &c.buffer,
@@ -88,16 +95,26 @@ impl SinkConfig {
         }
     }
 
+    /// The sink its given-up batches go to.
+    pub fn dead_letter(&self) -> Option<&str> {
+        match self {
+            SinkConfig::File(c) => c.dead_letter.as_deref(),
+            SinkConfig::Stdout(c) => c.dead_letter.as_deref(),
+        }
+    }
+
     /// Checks everything that can be checked without touching the outside world.
     pub fn validate(&self) -> Result<(), String> {
-        if self.buffer().max_events == 0 {
-            return Err("buffer.max_events must be at least 1".into());
+        if self.buffer().max_bytes < 1024 * 1024 {
+            return Err("buffer.max_bytes must be at least 1 MiB".into());
         }
         if self.batch().max_events == 0 {
             return Err("batch.max_events must be at least 1".into());
         }
-        if self.batch().max_attempts == 0 {
-            return Err("batch.max_attempts must be at least 1".into());
+        if self.dead_letter().is_none()
+            && (self.batch().max_attempts > 0 || self.batch().max_retry_age.is_some())
+        {
+            return Err("batch.max_attempts / batch.max_retry_age need a `dead_letter` sink to give batches to (without one, batches are retried until written)".into());
         }
         match self {
             SinkConfig::File(c) => c.validate(),
@@ -105,12 +122,17 @@ impl SinkConfig {
         }
     }
 
-    /// Builds the sink. Relative file paths are resolved under `data_dir`.
-    pub fn build(&self, data_dir: &Path) -> Result<Box<dyn Sink>, SinkError> {
-        self.validate()
-            .map_err(|e| SinkError::after(0, SinkErrorKind::Config(e)))?;
+    /// Builds sink `name`. File paths resolve under `data_dir`; the sink keeps its own
+    /// state (batch markers) in `state_dir`.
+    pub fn build(
+        &self,
+        name: &str,
+        data_dir: &Path,
+        state_dir: &Path,
+    ) -> Result<Box<dyn Sink>, SinkError> {
+        self.validate().map_err(SinkError::Config)?;
         Ok(match self {
-            SinkConfig::File(c) => Box::new(FileSink::new(c, data_dir)?),
+            SinkConfig::File(c) => Box::new(FileSink::new(name, c, data_dir, state_dir)?),
             SinkConfig::Stdout(_) => Box::new(StdoutSink),
         })
     }

@@ -1,21 +1,22 @@
-//! The file sink: each message's body as one JSON line, appended to the file its path
-//! template names (directories are created as needed).
+//! The file sink: each message as one JSON line, appended to the file its path template
+//! names (directories are created as needed).
+//!
+//! Exactly once: before a batch is appended, a marker file records for every file it
+//! touches the length before and after the batch (and fsyncs it); the appends are then
+//! written and fsynced. If a crash or an error interrupts a batch, the files are cut back
+//! to their lengths before it and the batch is written again, so nothing is duplicated.
+//! Each file sink must have files of its own (no two sinks appending to one file).
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::fs::{self, OpenOptions};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use fleetbus_protocol::Message;
 use serde::{Deserialize, Serialize};
 
+use crate::position::write_atomically;
 use crate::template::PathTemplate;
-use crate::{BatchConfig, BoxFuture, BufferConfig, Sink, SinkError, SinkErrorKind};
-
-/// Files not written to for this long are closed at the next flush.
-const IDLE_CLOSE: Duration = Duration::from_secs(60);
+use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, Sink, SinkError};
 
 /// `type = "file"`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,211 +24,182 @@ const IDLE_CLOSE: Duration = Duration::from_secs(60);
 pub struct FileSinkConfig {
     /// Path template relative to the server's `data_dir` (see [`PathTemplate`]).
     pub path: String,
-    /// Most files kept open at once.
-    #[serde(default = "default_max_open_files")]
-    pub max_open_files: usize,
-    /// Queue settings.
+    /// Sink that receives batches this sink gives up on (see `batch.max_attempts`).
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+    /// Backpressure settings.
     #[serde(default)]
     pub buffer: BufferConfig,
-    /// Batch settings.
+    /// Batch and retry settings.
     #[serde(default)]
     pub batch: BatchConfig,
 }
 
-fn default_max_open_files() -> usize {
-    64
-}
-
 impl FileSinkConfig {
-    /// Checks the template and limits.
+    /// Checks the template.
     pub fn validate(&self) -> Result<(), String> {
         PathTemplate::parse(&self.path).map_err(|e| format!("path: {e}"))?;
-        if self.max_open_files == 0 {
-            return Err("max_open_files must be at least 1".into());
-        }
         Ok(())
     }
 }
 
-struct OpenFile {
-    writer: BufWriter<File>,
-    last_write: Instant,
+/// What the last batch did to which files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Marker {
+    first: u64,
+    next: u64,
+    /// (file, length before, length after)
+    files: Vec<(PathBuf, u64, u64)>,
 }
 
-/// Appends JSON lines to templated files under a base directory.
+/// Appends JSON lines to templated files under a base directory, exactly once per batch.
 pub struct FileSink {
     base: PathBuf,
     template: PathTemplate,
-    max_open: usize,
-    open: HashMap<PathBuf, OpenFile>,
-    line: Vec<u8>,
+    marker_path: PathBuf,
 }
 
 impl FileSink {
-    /// A file sink writing under `data_dir`.
-    pub fn new(config: &FileSinkConfig, data_dir: &Path) -> Result<FileSink, SinkError> {
-        let template = PathTemplate::parse(&config.path)
-            .map_err(|e| SinkError::after(0, SinkErrorKind::Config(e.to_string())))?;
+    /// A file sink writing under `data_dir`, keeping its marker in `state_dir`.
+    pub fn new(
+        name: &str,
+        config: &FileSinkConfig,
+        data_dir: &Path,
+        state_dir: &Path,
+    ) -> Result<FileSink, SinkError> {
+        let template =
+            PathTemplate::parse(&config.path).map_err(|e| SinkError::Config(e.to_string()))?;
         Ok(FileSink {
             base: data_dir.to_path_buf(),
             template,
-            max_open: config.max_open_files,
-            open: HashMap::new(),
-            line: Vec::with_capacity(1024),
+            marker_path: state_dir.join(format!("{name}.marker")),
         })
     }
 
-    fn write_one(&mut self, msg: &Message) -> Result<(), SinkErrorKind> {
-        let path = self.base.join(self.template.render(msg));
-        self.line.clear();
-        serde_json::to_writer(&mut self.line, &msg.body)
-            .map_err(|e| SinkErrorKind::Encode(e.to_string()))?;
-        self.line.push(b'\n');
-        if !self.open.contains_key(&path) {
-            if self.open.len() >= self.max_open {
-                self.close_all()?;
-            }
-            let file = open_append(&path)?;
-            self.open.insert(
-                path.clone(),
-                OpenFile {
-                    writer: BufWriter::with_capacity(64 * 1024, file),
-                    last_write: Instant::now(),
-                },
-            );
+    fn load_marker(&self) -> Result<Option<Marker>, SinkError> {
+        match fs::read(&self.marker_path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                SinkError::Config(format!(
+                    "{}: unreadable batch marker: {e}",
+                    self.marker_path.display()
+                ))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SinkError::io(&self.marker_path, "read", e)),
         }
-        let Some(open) = self.open.get_mut(&path) else {
-            return Ok(());
+    }
+
+    /// True when every file of the marker has its after-batch length.
+    fn complete(marker: &Marker) -> bool {
+        marker.files.iter().all(|(path, _, post)| {
+            fs::metadata(path)
+                .map(|m| m.len() == *post)
+                .unwrap_or(false)
+        })
+    }
+
+    /// Cuts the files of an interrupted batch back to their lengths before it.
+    fn roll_back(marker: &Marker) -> Result<(), SinkError> {
+        for (path, pre, _) in &marker.files {
+            let Ok(meta) = fs::metadata(path) else {
+                continue;
+            };
+            if meta.len() > *pre {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| SinkError::io(path, "open for roll-back", e))?;
+                f.set_len(*pre)
+                    .and_then(|_| f.sync_data())
+                    .map_err(|e| SinkError::io(path, "roll back interrupted batch", e))?;
+                tracing::warn!(file = %path.display(), from = meta.len(), to = pre, "file sink: cut back a batch that was interrupted; it is written again");
+            }
+        }
+        Ok(())
+    }
+
+    fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        if let Some(marker) = self.load_marker()? {
+            if !Self::complete(&marker) {
+                Self::roll_back(&marker)?;
+            }
+        }
+        // group the lines per file, keeping their order
+        let mut order: Vec<PathBuf> = Vec::new();
+        let mut lines: HashMap<PathBuf, Vec<u8>> = HashMap::new();
+        for item in &batch.items {
+            let path = self.base.join(self.template.render(&item.message));
+            let buf = match lines.get_mut(&path) {
+                Some(b) => b,
+                None => {
+                    order.push(path.clone());
+                    lines.entry(path).or_default()
+                }
+            };
+            json_line(item, buf)?;
+        }
+        let mut files = Vec::with_capacity(order.len());
+        for path in &order {
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
+            }
+            let pre = match fs::metadata(path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(SinkError::io(path, "stat", e)),
+            };
+            let len = lines.get(path).map(|b| b.len() as u64).unwrap_or(0);
+            files.push((path.clone(), pre, pre + len));
+        }
+        let marker = Marker {
+            first: batch.first,
+            next: batch.next,
+            files,
         };
-        open.last_write = Instant::now();
-        open.writer
-            .write_all(&self.line)
-            .map_err(|source| SinkErrorKind::Io {
-                path: path.clone(),
-                op: "write",
-                source,
-            })
-    }
-
-    fn flush_all(&mut self) -> Result<(), SinkErrorKind> {
-        let mut first_error = None;
-        for (path, open) in self.open.iter_mut() {
-            if let Err(source) = open.writer.flush() {
-                first_error.get_or_insert(SinkErrorKind::Io {
-                    path: path.clone(),
-                    op: "flush",
-                    source,
-                });
-            }
+        let bytes = serde_json::to_vec(&marker).map_err(|e| SinkError::Encode(e.to_string()))?;
+        write_atomically(&self.marker_path, &bytes)?;
+        for path in &order {
+            let data = lines.get(path).map(Vec::as_slice).unwrap_or_default();
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| SinkError::io(path, "open", e))?;
+            f.write_all(data)
+                .and_then(|_| f.sync_data())
+                .map_err(|e| SinkError::io(path, "append", e))?;
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    fn close_all(&mut self) -> Result<(), SinkErrorKind> {
-        self.flush_all()?;
-        self.open.clear();
         Ok(())
     }
 }
 
-fn open_append(path: &Path) -> Result<File, SinkErrorKind> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|source| SinkErrorKind::Io {
-            path: dir.to_path_buf(),
-            op: "create directory",
-            source,
-        })?;
-    }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| SinkErrorKind::Io {
-            path: path.to_path_buf(),
-            op: "open",
-            source,
-        })
-}
-
 impl Sink for FileSink {
-    fn write<'a>(&'a mut self, batch: &'a [Arc<Message>]) -> BoxFuture<'a, Result<(), SinkError>> {
-        // buffered appends to local files: short enough to do on the async worker
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
+        // local appends: short enough to do on the async worker
+        Box::pin(async move { self.write_batch(batch) })
+    }
+
+    fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
         Box::pin(async move {
-            for (i, msg) in batch.iter().enumerate() {
-                self.write_one(msg)
-                    .map_err(|kind| SinkError::after(i, kind))?;
+            let Some(marker) = self.load_marker()? else {
+                return Ok(saved);
+            };
+            if marker.next <= saved {
+                return Ok(saved);
             }
-            Ok(())
+            if Self::complete(&marker) {
+                Ok(marker.next)
+            } else {
+                Self::roll_back(&marker)?;
+                Ok(saved.max(marker.first))
+            }
         })
     }
 
-    fn flush(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(async move {
-            self.flush_all().map_err(|kind| SinkError::after(0, kind))?;
-            self.open.retain(|_, f| f.last_write.elapsed() < IDLE_CLOSE);
-            Ok(())
-        })
+    fn exactly_once(&self) -> bool {
+        true
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(path: &str) -> FileSinkConfig {
-        FileSinkConfig {
-            path: path.into(),
-            max_open_files: 2,
-            buffer: BufferConfig::default(),
-            batch: BatchConfig::default(),
-        }
-    }
-
-    #[tokio::test]
-    async fn writes_json_lines_into_templated_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut sink = FileSink::new(&config("t/{agent}/{stream}.jsonl"), dir.path()).unwrap();
-        let batch: Vec<Arc<Message>> = (0..5)
-            .map(|i| {
-                let agent = ["a", "b", "c"][i % 3];
-                Arc::new(
-                    Message::decode(
-                        &format!("fleet/{agent}/telemetry/m"),
-                        format!(r#"{{"seq":{i}}}"#).as_bytes(),
-                    )
-                    .unwrap(),
-                )
-            })
-            .collect();
-        sink.write(&batch).await.unwrap();
-        sink.flush().await.unwrap();
-        let a = fs::read_to_string(dir.path().join("t/a/m.jsonl")).unwrap();
-        let lines: Vec<serde_json::Value> = a
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0]["seq"], 0);
-        assert_eq!(lines[1]["seq"], 3);
-        assert_eq!(lines[0]["agent"], "a");
-        assert!(dir.path().join("t/c/m.jsonl").exists());
-    }
-
-    #[tokio::test]
-    async fn unwritable_directory_is_an_error_naming_the_path() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(
-            dir.path().join("blocker"),
-            "a file where a directory should be",
-        )
-        .unwrap();
-        let mut sink = FileSink::new(&config("blocker/{agent}.jsonl"), dir.path()).unwrap();
-        let m = Arc::new(Message::decode("fleet/a/telemetry/m", b"{}").unwrap());
-        let err = sink.write(&[m]).await.unwrap_err();
-        assert_eq!(err.written, 0);
-        assert!(err.to_string().contains("blocker"), "{err}");
-    }
-}
+mod tests;

@@ -1,14 +1,15 @@
-//! Storage sinks behind one [`Sink`] trait, and the worker that feeds each sink from its
-//! own bounded queue so that a slow or failing sink never holds up the others.
+//! Storage sinks behind one [`Sink`] trait, and the worker that feeds each sink from the
+//! server's write-ahead log at the sink's own pace.
 //!
-//! | type | what it writes |
-//! |---|---|
-//! | `file` | JSON lines into files named by a path template (`{agent}`, `{stream}`, `{topic.N}`, strftime) |
-//! | `stdout` | JSON lines on standard output |
+//! | type | what it writes | delivery |
+//! |---|---|---|
+//! | `file` | JSON lines into files named by a path template (`{agent}`, `{stream}`, `{topic.N}`, strftime) | exactly once (batches are made idempotent) |
+//! | `stdout` | JSON lines on standard output | at least once |
 
 pub mod config;
 pub mod file;
 pub mod inventory;
+pub mod position;
 pub mod stdout;
 pub mod template;
 pub mod worker;
@@ -20,34 +21,59 @@ use std::sync::Arc;
 
 pub use config::{BatchConfig, BufferConfig, SinkConfig};
 use fleetbus_protocol::Message;
+use fleetbus_wal::DeadLetter;
 pub use template::{PathTemplate, TemplateError};
-pub use worker::{spawn_sink, SinkHandle, SinkStats, SinkStatsSnapshot};
+pub use worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
 
 /// A boxed future, as returned by [`Sink`] methods (keeps the trait object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// A destination for messages. Implementations write a whole batch or report how much of
-/// it they wrote before failing, so that a retry continues where the failure happened.
+/// One message handed to a sink.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The message.
+    pub message: Arc<Message>,
+    /// Set when the message is a dead letter from another sink.
+    pub dead_letter: Option<DeadLetter>,
+}
+
+/// The messages of WAL entries `first..next` that go to one sink, in WAL order.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    /// WAL index of the first entry the batch covers.
+    pub first: u64,
+    /// WAL index after the last entry the batch covers (where reading resumes).
+    pub next: u64,
+    /// The messages.
+    pub items: Vec<Item>,
+}
+
+/// A destination for messages.
+///
+/// The worker calls [`Sink::recover`] once, then [`Sink::write`] for each batch, retrying a
+/// failed batch as it is. A sink that can make a batch idempotent (written again after a
+/// failure or a crash, it does not duplicate) gives exactly-once delivery; others give
+/// at-least-once.
 pub trait Sink: Send {
-    /// Writes `batch` in order.
-    fn write<'a>(&'a mut self, batch: &'a [Arc<Message>]) -> BoxFuture<'a, Result<(), SinkError>>;
-    /// Makes everything written so far durable/visible (flush buffers, close idle files).
-    fn flush(&mut self) -> BoxFuture<'_, Result<(), SinkError>>;
+    /// Writes `batch` durably.
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// Called once at start with the saved resume position; undoes a batch a crash
+    /// interrupted and returns where reading must resume (at least `saved`... or the end of
+    /// a batch known to be complete).
+    fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
+        Box::pin(async move { Ok(saved) })
+    }
+
+    /// True when [`Sink::write`] is idempotent per batch (exactly-once delivery).
+    fn exactly_once(&self) -> bool {
+        false
+    }
 }
 
 /// A failed write.
 #[derive(Debug, thiserror::Error)]
-#[error("{kind}")]
-pub struct SinkError {
-    /// How many messages at the start of the batch were written before the failure.
-    pub written: usize,
-    /// What failed.
-    pub kind: SinkErrorKind,
-}
-
-/// What a sink failure was.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkErrorKind {
+pub enum SinkError {
     /// A file or device could not be written.
     #[error("{op} {}: {source}", path.display())]
     Io {
@@ -67,8 +93,36 @@ pub enum SinkErrorKind {
 }
 
 impl SinkError {
-    /// A failure after `written` messages of the batch.
-    pub fn after(written: usize, kind: SinkErrorKind) -> Self {
-        SinkError { written, kind }
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
+        SinkError::Io {
+            path: path.into(),
+            op,
+            source,
+        }
     }
+}
+
+/// The JSON line a sink writes for `item`: the message body, or for a dead letter an
+/// envelope `{"dead_letter": {...}, "topic": ..., "record": body}`.
+pub fn json_line(item: &Item, out: &mut Vec<u8>) -> Result<(), SinkError> {
+    let result = match &item.dead_letter {
+        None => serde_json::to_writer(&mut *out, &item.message.body),
+        Some(dl) => serde_json::to_writer(
+            &mut *out,
+            &serde_json::json!({
+                "dead_letter": {
+                    "sink": dl.sink,
+                    "error": dl.error,
+                    "attempts": dl.attempts,
+                    "failed_at_ms": dl.failed_at_ms,
+                },
+                "topic": item.message.topic,
+                "record": item.message.body,
+            }),
+        ),
+    };
+    result.map_err(|e| SinkError::Encode(e.to_string()))?;
+    out.push(b'\n');
+    Ok(())
 }

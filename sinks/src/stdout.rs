@@ -1,63 +1,42 @@
-//! The stdout sink: one JSON line per message.
+//! The stdout sink: one JSON line per message (at-least-once: a batch interrupted by a
+//! crash is printed again).
 
 use std::io::Write;
-use std::sync::Arc;
 
-use fleetbus_protocol::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::{BatchConfig, BoxFuture, BufferConfig, Sink, SinkError, SinkErrorKind};
+use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, Sink, SinkError};
 
 /// `type = "stdout"`
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StdoutSinkConfig {
-    /// Queue settings.
+    /// Sink that receives batches this sink gives up on.
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+    /// Backpressure settings.
     #[serde(default)]
     pub buffer: BufferConfig,
-    /// Batch settings.
+    /// Batch and retry settings.
     #[serde(default)]
     pub batch: BatchConfig,
 }
 
-/// Writes each message's body as a JSON line on standard output.
+/// Writes each message as a JSON line on standard output.
 #[derive(Debug, Default)]
 pub struct StdoutSink;
 
 impl Sink for StdoutSink {
-    fn write<'a>(&'a mut self, batch: &'a [Arc<Message>]) -> BoxFuture<'a, Result<(), SinkError>> {
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            let mut out = std::io::stdout().lock();
-            for (i, msg) in batch.iter().enumerate() {
-                serde_json::to_writer(&mut out, &msg.body)
-                    .map_err(|e| SinkError::after(i, SinkErrorKind::Encode(e.to_string())))?;
-                out.write_all(b"\n").map_err(|source| {
-                    SinkError::after(
-                        i,
-                        SinkErrorKind::Io {
-                            path: "<stdout>".into(),
-                            op: "write",
-                            source,
-                        },
-                    )
-                })?;
+            let mut buf = Vec::new();
+            for item in &batch.items {
+                json_line(item, &mut buf)?;
             }
-            Ok(())
-        })
-    }
-
-    fn flush(&mut self) -> BoxFuture<'_, Result<(), SinkError>> {
-        Box::pin(async move {
-            std::io::stdout().flush().map_err(|source| {
-                SinkError::after(
-                    0,
-                    SinkErrorKind::Io {
-                        path: "<stdout>".into(),
-                        op: "flush",
-                        source,
-                    },
-                )
-            })
+            let mut out = std::io::stdout().lock();
+            out.write_all(&buf)
+                .and_then(|_| out.flush())
+                .map_err(|e| SinkError::io("<stdout>", "write", e))
         })
     }
 }

@@ -1,49 +1,70 @@
-//! The sink worker: one task per sink, fed by its own bounded queue. It groups queued
-//! messages into batches, retries failed writes with backoff and jitter, flushes on an
-//! interval, and keeps counters. A full queue drops new messages *for this sink only*
-//! (counted and logged), so a slow or dead sink never stops the others.
+//! The sink worker: one task per sink that reads the write-ahead log from the sink's saved
+//! position, at its own pace, so a slow or failing sink never holds up the others.
+//!
+//! It reads only durable entries, groups the ones routed to its sink into batches, retries
+//! a failed batch with exponential backoff and jitter, and after `batch.max_attempts` or
+//! `batch.max_retry_age` hands the batch to the sink's `dead_letter` sink (with the error).
+//! Without a dead-letter sink a batch is retried until it is written. After every written
+//! batch the resume position is saved.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{TimeZone, Utc};
 use fleetbus_protocol::Message;
+use fleetbus_wal::{DeadLetter, Wal, WalEntry};
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::{BatchConfig, Sink};
+use crate::position::PositionFile;
+use crate::{Batch, BatchConfig, Item, Sink, SinkError};
+
+/// How often the position is saved while the worker only skips entries of other sinks.
+const SKIP_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where a worker hands batches it gives up on: appends them to the write-ahead log as
+/// dead letters routed to sink `target`.
+pub trait DeadLetters: Send + Sync {
+    /// Appends `entries` (already marked as dead letters for `target`).
+    fn append(&self, target: &str, entries: Vec<WalEntry>) -> Result<(), String>;
+}
 
 /// Live counters of one sink.
 #[derive(Debug, Default)]
 pub struct SinkStats {
-    /// Messages accepted into the queue.
-    pub accepted: AtomicU64,
     /// Messages written.
     pub written: AtomicU64,
-    /// Failed write attempts (each retried batch counts once per failure).
+    /// Failed write attempts.
     pub failed_attempts: AtomicU64,
-    /// Messages refused because the queue was full.
-    pub dropped_queue_full: AtomicU64,
-    /// Messages given up after `max_attempts` failed writes.
-    pub dropped_failed: AtomicU64,
+    /// Messages handed to the dead-letter sink.
+    pub dead_lettered: AtomicU64,
+    /// Log entries that could not be decoded (skipped, logged).
+    pub undecodable: AtomicU64,
+    /// The saved resume position: log entries below it are done for this sink.
+    pub position: AtomicU64,
+    /// Bytes of log entries routed to this sink and not yet written (backpressure).
+    pub pending_bytes: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
 /// A copy of a sink's counters at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SinkStatsSnapshot {
-    /// See [`SinkStats::accepted`].
-    pub accepted: u64,
     /// See [`SinkStats::written`].
     pub written: u64,
     /// See [`SinkStats::failed_attempts`].
     pub failed_attempts: u64,
-    /// See [`SinkStats::dropped_queue_full`].
-    pub dropped_queue_full: u64,
-    /// See [`SinkStats::dropped_failed`].
-    pub dropped_failed: u64,
+    /// See [`SinkStats::dead_lettered`].
+    pub dead_lettered: u64,
+    /// See [`SinkStats::undecodable`].
+    pub undecodable: u64,
+    /// See [`SinkStats::position`].
+    pub position: u64,
+    /// See [`SinkStats::pending_bytes`].
+    pub pending_bytes: u64,
     /// The most recent write error, if any.
     pub last_error: Option<String>,
 }
@@ -52,11 +73,12 @@ impl SinkStats {
     /// Reads every counter.
     pub fn snapshot(&self) -> SinkStatsSnapshot {
         SinkStatsSnapshot {
-            accepted: self.accepted.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
             failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
-            dropped_queue_full: self.dropped_queue_full.load(Ordering::Relaxed),
-            dropped_failed: self.dropped_failed.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            undecodable: self.undecodable.load(Ordering::Relaxed),
+            position: self.position.load(Ordering::Relaxed),
+            pending_bytes: self.pending_bytes.load(Ordering::Relaxed),
             last_error: self
                 .last_error
                 .lock()
@@ -70,11 +92,11 @@ impl SinkStats {
     }
 }
 
-/// The sending side of a running sink.
+/// A running sink worker.
 pub struct SinkHandle {
     name: String,
-    tx: Option<mpsc::Sender<Arc<Message>>>,
     stats: Arc<SinkStats>,
+    stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -84,42 +106,20 @@ impl SinkHandle {
         &self.name
     }
 
-    /// Queues `msg` for the sink without waiting. Returns false (and counts the drop) if
-    /// the queue is full or the sink has stopped.
-    pub fn offer(&self, msg: Arc<Message>) -> bool {
-        let Some(tx) = &self.tx else { return false };
-        match tx.try_send(msg) {
-            Ok(()) => {
-                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Err(_) => {
-                let n = self
-                    .stats
-                    .dropped_queue_full
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1;
-                if n.is_power_of_two() {
-                    tracing::error!(sink = %self.name, dropped_total = n, "sink queue full: message dropped for this sink (it is too slow or failing)");
-                }
-                false
-            }
-        }
-    }
-
     /// The sink's counters.
     pub fn stats(&self) -> &Arc<SinkStats> {
         &self.stats
     }
 
-    /// Stops accepting, lets the worker write what is queued and flush, waiting at most
-    /// `deadline`. Returns false if the deadline passed first.
+    /// Asks the worker to write what is durable in the log and stop, waiting at most
+    /// `deadline`. Returns false if the deadline passed first (what was not written stays
+    /// in the log for the next start).
     pub async fn close(mut self, deadline: Duration) -> bool {
-        self.tx = None;
+        let _ = self.stop.send(true);
         match tokio::time::timeout(deadline, &mut self.task).await {
             Ok(_) => true,
             Err(_) => {
-                tracing::error!(sink = %self.name, "sink did not finish within the shutdown deadline");
+                tracing::warn!(sink = %self.name, "sink did not catch up within the shutdown deadline; the rest stays in the log");
                 self.task.abort();
                 false
             }
@@ -127,102 +127,260 @@ impl SinkHandle {
     }
 }
 
-/// Starts the worker task of sink `name` with a queue of `queue` messages.
-pub fn spawn_sink(name: &str, sink: Box<dyn Sink>, queue: usize, batch: BatchConfig) -> SinkHandle {
-    let (tx, rx) = mpsc::channel(queue.max(1));
-    let stats = Arc::new(SinkStats::default());
+/// What a worker needs besides its sink.
+pub struct WorkerSetup {
+    /// The sink's name.
+    pub name: String,
+    /// Batch and retry settings.
+    pub batch: BatchConfig,
+    /// Where given-up batches go.
+    pub dead_letter: Option<String>,
+    /// The saved position.
+    pub position: PositionFile,
+    /// Where to start reading (after [`Sink::recover`]).
+    pub start: u64,
+    /// The counters (shared with the engine, which adds to `pending_bytes`).
+    pub stats: Arc<SinkStats>,
+}
+
+/// Starts the worker of one sink on the current tokio runtime.
+pub fn spawn_sink(
+    sink: Box<dyn Sink>,
+    setup: WorkerSetup,
+    wal: Arc<Wal>,
+    dead_letters: Arc<dyn DeadLetters>,
+) -> SinkHandle {
+    let (stop, stop_rx) = watch::channel(false);
+    let name = setup.name.clone();
+    let stats = setup.stats.clone();
+    stats.position.store(setup.start, Ordering::Relaxed);
     let span = tracing::info_span!("sink", sink = %name);
-    let task = tokio::spawn(run_worker(sink, rx, stats.clone(), batch).instrument(span));
+    let worker = Worker {
+        sink,
+        setup,
+        wal,
+        dead_letters,
+    };
+    let task = tokio::spawn(worker.run(stop_rx).instrument(span));
     SinkHandle {
-        name: name.to_string(),
-        tx: Some(tx),
+        name,
         stats,
+        stop,
         task,
     }
 }
 
-async fn run_worker(
-    mut sink: Box<dyn Sink>,
-    mut rx: mpsc::Receiver<Arc<Message>>,
-    stats: Arc<SinkStats>,
-    config: BatchConfig,
-) {
-    let mut batch: Vec<Arc<Message>> = Vec::with_capacity(config.max_events);
-    let mut dirty = false;
-    let mut last_flush = Instant::now();
-    loop {
-        let until_flush = config.flush_interval.saturating_sub(last_flush.elapsed());
-        let first = tokio::select! {
-            m = rx.recv() => m,
-            _ = tokio::time::sleep(until_flush), if dirty => {
-                flush(&mut *sink, &stats).await;
-                dirty = false;
-                last_flush = Instant::now();
+struct Worker {
+    sink: Box<dyn Sink>,
+    setup: WorkerSetup,
+    wal: Arc<Wal>,
+    dead_letters: Arc<dyn DeadLetters>,
+}
+
+/// A batch with what the worker needs beyond what the sink sees.
+struct Pending {
+    batch: Batch,
+    entries: Vec<WalEntry>,
+    bytes: u64,
+}
+
+impl Worker {
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut durable = self.wal.watch_durable();
+        let mut cursor = self.setup.start;
+        let mut saved = cursor;
+        let mut last_save = Instant::now();
+        loop {
+            let stopping = *stop.borrow();
+            let pending = match self.next_batch(cursor) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the write-ahead log; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            match pending {
+                Some(p) if !p.batch.items.is_empty() => {
+                    let next = p.batch.next;
+                    if !self.deliver(p, &mut stop).await {
+                        return; // stopped while retrying: resume from the saved position next time
+                    }
+                    cursor = next;
+                }
+                Some(p) => cursor = p.batch.next,
+                None => {
+                    if cursor != saved {
+                        self.save(cursor, &mut saved);
+                        last_save = Instant::now();
+                    }
+                    if stopping {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = durable.changed() => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+            }
+            if cursor != saved && last_save.elapsed() >= SKIP_SAVE_INTERVAL {
+                self.save(cursor, &mut saved);
+                last_save = Instant::now();
+            }
+        }
+    }
+
+    fn save(&self, cursor: u64, saved: &mut u64) {
+        match self.setup.position.save(cursor) {
+            Ok(()) => {
+                *saved = cursor;
+                self.setup.stats.position.store(cursor, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot save the sink's position (will retry)"),
+        }
+    }
+
+    /// The next batch from `cursor`: up to `max_events` items of this sink, or `None` when
+    /// the durable log is exhausted.
+    fn next_batch(&self, cursor: u64) -> Result<Option<Pending>, fleetbus_wal::WalError> {
+        let entries = self
+            .wal
+            .read_durable(cursor, self.setup.batch.max_events * 4)?;
+        let Some(last) = entries.last().map(|(i, _, _)| *i) else {
+            return Ok(None);
+        };
+        let mut pending = Pending {
+            batch: Batch {
+                first: cursor,
+                next: last + 1,
+                items: Vec::new(),
+            },
+            entries: Vec::new(),
+            bytes: 0,
+        };
+        for (index, entry, size) in entries {
+            if !entry.goes_to(&self.setup.name) {
                 continue;
             }
-        };
-        let Some(first) = first else { break };
-        batch.push(first);
-        while batch.len() < config.max_events {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
+            match Message::decode(&entry.topic, &entry.payload) {
+                Ok(mut message) => {
+                    if let Some(t) = Utc.timestamp_millis_opt(entry.received_ms).single() {
+                        message.received = t;
+                    }
+                    pending.batch.items.push(Item {
+                        message: Arc::new(message),
+                        dead_letter: entry.dead_letter.clone(),
+                    });
+                    pending.entries.push(entry);
+                    pending.bytes += size;
+                }
+                Err(e) => {
+                    self.setup.stats.undecodable.fetch_add(1, Ordering::Relaxed);
+                    self.setup.stats.pending_bytes.fetch_sub(
+                        size.min(self.setup.stats.pending_bytes.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
+                    tracing::error!(index, topic = %entry.topic, error = %e, "log entry cannot be decoded; skipped");
+                }
+            }
+            if pending.batch.items.len() >= self.setup.batch.max_events {
+                pending.batch.next = index + 1;
+                break;
             }
         }
-        deliver(&mut *sink, &batch, &stats, &config).await;
-        batch.clear();
-        dirty = true;
-        if rx.is_empty() || last_flush.elapsed() >= config.flush_interval {
-            flush(&mut *sink, &stats).await;
-            dirty = false;
-            last_flush = Instant::now();
-        }
+        Ok(Some(pending))
     }
-    flush(&mut *sink, &stats).await;
-}
 
-async fn deliver(
-    sink: &mut dyn Sink,
-    batch: &[Arc<Message>],
-    stats: &SinkStats,
-    config: &BatchConfig,
-) {
-    let mut done = 0;
-    let mut attempt = 0;
-    let mut delay = config.retry_backoff;
-    while done < batch.len() {
-        match sink.write(&batch[done..]).await {
+    /// Writes a batch, retrying; returns false if asked to stop before it succeeded.
+    async fn deliver(&mut self, p: Pending, stop: &mut watch::Receiver<bool>) -> bool {
+        let stats = self.setup.stats.clone();
+        let mut attempts = 0u32;
+        let mut first_failure: Option<Instant> = None;
+        let mut delay = self.setup.batch.retry_backoff;
+        loop {
+            let error = match self.sink.write(&p.batch).await {
+                Ok(()) => {
+                    stats
+                        .written
+                        .fetch_add(p.batch.items.len() as u64, Ordering::Relaxed);
+                    break;
+                }
+                Err(e) => e,
+            };
+            attempts += 1;
+            stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            stats.set_error(error.to_string());
+            let failing_since = *first_failure.get_or_insert_with(Instant::now);
+            if self.should_give_up(attempts, failing_since)
+                && self.dead_letter(&p, &error, attempts)
+            {
+                break;
+            }
+            let wait = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
+            tracing::warn!(error = %error, attempts, retry_in = ?wait, "sink write failed; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.changed() => {}
+            }
+            if *stop.borrow() {
+                return false;
+            }
+            delay = (delay * 2).min(self.setup.batch.retry_backoff_max);
+        }
+        stats.pending_bytes.fetch_sub(
+            p.bytes.min(stats.pending_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        let mut saved = 0;
+        self.save(p.batch.next, &mut saved);
+        true
+    }
+
+    fn should_give_up(&self, attempts: u32, failing_since: Instant) -> bool {
+        let b = &self.setup.batch;
+        self.setup.dead_letter.is_some()
+            && ((b.max_attempts > 0 && attempts >= b.max_attempts)
+                || b.max_retry_age
+                    .is_some_and(|age| failing_since.elapsed() >= age))
+    }
+
+    /// Hands the batch to the dead-letter sink; false if that failed (keep retrying).
+    fn dead_letter(&self, p: &Pending, error: &SinkError, attempts: u32) -> bool {
+        let Some(target) = &self.setup.dead_letter else {
+            return false;
+        };
+        let info = DeadLetter {
+            sink: self.setup.name.clone(),
+            error: error.to_string(),
+            attempts,
+            failed_at_ms: Utc::now().timestamp_millis(),
+        };
+        let entries = p
+            .entries
+            .iter()
+            .map(|e| WalEntry {
+                topic: e.topic.clone(),
+                payload: e.payload.clone(),
+                received_ms: e.received_ms,
+                sinks: vec![target.clone()],
+                key: None,
+                dead_letter: Some(info.clone()),
+            })
+            .collect();
+        match self.dead_letters.append(target, entries) {
             Ok(()) => {
-                stats
-                    .written
-                    .fetch_add((batch.len() - done) as u64, Ordering::Relaxed);
-                return;
+                self.setup
+                    .stats
+                    .dead_lettered
+                    .fetch_add(p.entries.len() as u64, Ordering::Relaxed);
+                tracing::error!(error = %error, attempts, messages = p.entries.len(), dead_letter = %target, "sink gave up a batch: sent to the dead-letter sink");
+                true
             }
             Err(e) => {
-                let written = e.written.min(batch.len() - done);
-                done += written;
-                stats.written.fetch_add(written as u64, Ordering::Relaxed);
-                stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                stats.set_error(e.to_string());
-                attempt += 1;
-                if attempt >= config.max_attempts {
-                    let lost = (batch.len() - done) as u64;
-                    stats.dropped_failed.fetch_add(lost, Ordering::Relaxed);
-                    tracing::error!(error = %e, attempts = attempt, dropped = lost, "sink write failed; batch given up");
-                    return;
-                }
-                let wait = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
-                tracing::warn!(error = %e, attempt, retry_in = ?wait, "sink write failed; retrying");
-                tokio::time::sleep(wait).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
+                tracing::error!(error = %e, dead_letter = %target, "cannot hand the batch to the dead-letter sink; retrying the write");
+                false
             }
         }
-    }
-}
-
-async fn flush(sink: &mut dyn Sink, stats: &SinkStats) {
-    if let Err(e) = sink.flush().await {
-        stats.set_error(e.to_string());
-        tracing::error!(error = %e, "sink flush failed (will retry at the next flush)");
     }
 }

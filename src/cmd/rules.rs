@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use fleetbus_mqtt::BrokerUrl;
-use fleetbus_rules::{run_standalone, Engine, RuleSet, StandaloneOptions};
+use fleetbus_rules::{
+    run_standalone, AckChannel, Engine, EngineOptions, RuleSet, StandaloneOptions,
+};
 
 /// `fleetbus rules ...`
 #[derive(Debug, Subcommand)]
@@ -63,13 +65,15 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
             group,
         } => {
             let set = RuleSet::load(&rules)?;
-            let engine = Engine::start(set, &data_dir)?;
+            let acks = AckChannel::default();
+            let engine =
+                Engine::start(set, &data_dir, EngineOptions::default(), acks.publisher()).await?;
             let options = StandaloneOptions {
                 broker,
                 client_id,
                 group,
             };
-            run_standalone(&engine, &options, super::shutdown_signal()).await;
+            run_standalone(&engine, &acks, &options, super::shutdown_signal()).await;
             engine.shutdown(std::time::Duration::from_secs(10)).await;
             Ok(ExitCode::SUCCESS)
         }

@@ -164,3 +164,63 @@ fn bad_stream_name_is_refused() {
     assert!(ob.push("#", |_| {}).is_err());
     assert_eq!(ob.stats().pending, 0);
 }
+
+#[test]
+fn acknowledgements_by_stream_and_seq_ranges_remove_exactly_those_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    for _ in 0..10 {
+        ob.push("m", |_| {}).unwrap();
+        ob.push("e", |_| {}).unwrap();
+    }
+    let epoch = Record::decode(&ob.read_from(0, 1).unwrap()[0].payload)
+        .unwrap()
+        .epoch
+        .unwrap();
+    // a stale epoch acknowledges nothing
+    assert_eq!(ob.ack_ranges("m", epoch + 1, &[(1, 10)]), 0);
+    assert_eq!(ob.ack_ranges("m", epoch, &[(1, 3), (5, 5)]), 4);
+    assert_eq!(
+        ob.ack_ranges("m", epoch, &[(1, 3)]),
+        0,
+        "repeats are harmless"
+    );
+    assert_eq!(ob.ack_ranges("e", epoch, &[(1, 1)]), 1);
+    // m1 e1 m2 e2 m3 e3 m4 ...: head stops at e2 (index 3)
+    assert_eq!(ob.head(), 3);
+    let left: Vec<(String, u64)> = ob
+        .read_from(0, 100)
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let r = Record::decode(&i.payload).unwrap();
+            (r.stream, r.seq)
+        })
+        .collect();
+    assert!(!left.contains(&("m".to_string(), 5)));
+    assert!(left.contains(&("m".to_string(), 4)));
+    assert_eq!(left.len(), 20 - 5);
+}
+
+#[test]
+fn the_epoch_is_kept_across_restarts_and_new_for_a_new_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let epoch_of = |ob: &Outbox| {
+        let items = ob.read_from(0, 1000).unwrap();
+        Record::decode(&items.last().unwrap().payload)
+            .unwrap()
+            .epoch
+            .unwrap()
+    };
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    ob.push("m", |_| {}).unwrap();
+    let first = epoch_of(&ob);
+    drop(ob); // no sync: the epoch was saved when it was chosen
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    ob.push("m", |_| {}).unwrap();
+    assert_eq!(epoch_of(&ob), first);
+    let other = tempfile::tempdir().unwrap();
+    let ob2 = Outbox::open(other.path(), "a1", &config(1 << 20)).unwrap();
+    ob2.push("m", |_| {}).unwrap();
+    assert_ne!(epoch_of(&ob2), first);
+}

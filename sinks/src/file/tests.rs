@@ -1,0 +1,122 @@
+use std::sync::Arc;
+
+use fleetbus_protocol::Message;
+
+use super::*;
+use crate::Item;
+
+fn config(path: &str) -> FileSinkConfig {
+    FileSinkConfig {
+        path: path.into(),
+        dead_letter: None,
+        buffer: BufferConfig::default(),
+        batch: BatchConfig::default(),
+    }
+}
+
+fn batch(first: u64, seqs: std::ops::Range<u64>) -> Batch {
+    let items = seqs
+        .map(|i| {
+            let agent = ["a", "b", "c"][(i % 3) as usize];
+            Item {
+                message: Arc::new(
+                    Message::decode(
+                        &format!("fleet/{agent}/telemetry/m"),
+                        format!(r#"{{"seq":{i}}}"#).as_bytes(),
+                    )
+                    .unwrap(),
+                ),
+                dead_letter: None,
+            }
+        })
+        .collect::<Vec<_>>();
+    Batch {
+        first,
+        next: first + items.len() as u64,
+        items,
+    }
+}
+
+fn seqs(path: &Path) -> Vec<u64> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn writes_json_lines_into_templated_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sink = FileSink::new(
+        "s",
+        &config("t/{agent}/{stream}.jsonl"),
+        dir.path(),
+        &dir.path().join("state"),
+    )
+    .unwrap();
+    sink.write(&batch(0, 0..5)).await.unwrap();
+    assert_eq!(seqs(&dir.path().join("t/a/m.jsonl")), vec![0, 3]);
+    assert_eq!(seqs(&dir.path().join("t/b/m.jsonl")), vec![1, 4]);
+    let line = fs::read_to_string(dir.path().join("t/c/m.jsonl")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["agent"], "c");
+}
+
+#[tokio::test]
+async fn an_interrupted_batch_is_cut_back_and_written_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut sink = FileSink::new("s", &config("{agent}.jsonl"), dir.path(), &state).unwrap();
+    sink.write(&batch(0, 0..3)).await.unwrap();
+    sink.write(&batch(3, 3..9)).await.unwrap();
+    // simulate a crash in the middle of the second batch: a.jsonl got only part of it
+    let a = dir.path().join("a.jsonl");
+    let full = fs::read(&a).unwrap();
+    fs::write(&a, &full[..full.len() - 5]).unwrap();
+    // the saved position says the second batch was not confirmed
+    let mut sink = FileSink::new("s", &config("{agent}.jsonl"), dir.path(), &state).unwrap();
+    assert_eq!(
+        sink.recover(3).await.unwrap(),
+        3,
+        "resume at the interrupted batch"
+    );
+    sink.write(&batch(3, 3..9)).await.unwrap();
+    assert_eq!(seqs(&a), vec![0, 3, 6]);
+    assert_eq!(seqs(&dir.path().join("b.jsonl")), vec![1, 4, 7]);
+}
+
+#[tokio::test]
+async fn a_complete_batch_is_not_written_again_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut sink = FileSink::new("s", &config("{agent}.jsonl"), dir.path(), &state).unwrap();
+    sink.write(&batch(10, 0..3)).await.unwrap();
+    // crash before the worker saved position 13: recovery says resume at 13
+    let mut sink = FileSink::new("s", &config("{agent}.jsonl"), dir.path(), &state).unwrap();
+    assert_eq!(sink.recover(10).await.unwrap(), 13);
+    assert_eq!(sink.recover(13).await.unwrap(), 13);
+}
+
+#[tokio::test]
+async fn unwritable_directory_is_an_error_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("blocker"),
+        "a file where a directory should be",
+    )
+    .unwrap();
+    let mut sink = FileSink::new(
+        "s",
+        &config("blocker/{agent}.jsonl"),
+        dir.path(),
+        &dir.path().join("state"),
+    )
+    .unwrap();
+    let err = sink.write(&batch(0, 0..1)).await.unwrap_err();
+    assert!(err.to_string().contains("blocker"), "{err}");
+}

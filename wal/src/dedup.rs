@@ -1,0 +1,276 @@
+//! De-duplication state: for every (agent, stream), the outbox incarnation (epoch) and the
+//! set of sequence numbers already accepted, kept as ranges (normally a single one).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{RecordKey, WalError};
+
+/// Most ranges kept per stream. Gaps come from records the agent dropped (outbox overflow)
+/// and never fill; beyond this many, the lowest gaps are merged away.
+const MAX_RANGES: usize = 64;
+
+/// A set of u64 as sorted, disjoint, non-adjacent inclusive ranges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeSet {
+    ranges: Vec<(u64, u64)>,
+}
+
+impl RangeSet {
+    /// True when `v` is in the set.
+    pub fn contains(&self, v: u64) -> bool {
+        let i = self.ranges.partition_point(|&(_, hi)| hi < v);
+        self.ranges.get(i).is_some_and(|&(lo, _)| lo <= v)
+    }
+
+    /// Adds `v`; returns false if it was already there.
+    pub fn insert(&mut self, v: u64) -> bool {
+        // fast path: the next number after the highest
+        if let Some(last) = self.ranges.last_mut() {
+            if last.1.checked_add(1) == Some(v) {
+                last.1 = v;
+                return true;
+            }
+            if last.1 < v {
+                self.ranges.push((v, v));
+                self.compact();
+                return true;
+            }
+        }
+        if self.contains(v) {
+            return false;
+        }
+        self.insert_range(v, v);
+        true
+    }
+
+    /// Adds every number of `[lo, hi]`.
+    pub fn insert_range(&mut self, lo: u64, hi: u64) {
+        let (lo, hi) = (lo.min(hi), lo.max(hi));
+        let mut merged = (lo, hi);
+        let mut out = Vec::with_capacity(self.ranges.len() + 1);
+        let mut placed = false;
+        for &(a, b) in &self.ranges {
+            if b.saturating_add(1) < merged.0 {
+                out.push((a, b));
+            } else if merged.1.saturating_add(1) < a {
+                if !placed {
+                    out.push(merged);
+                    placed = true;
+                }
+                out.push((a, b));
+            } else {
+                merged = (merged.0.min(a), merged.1.max(b));
+            }
+        }
+        if !placed {
+            out.push(merged);
+        }
+        self.ranges = out;
+        self.compact();
+    }
+
+    /// The ranges, ascending.
+    pub fn ranges(&self) -> &[(u64, u64)] {
+        &self.ranges
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    fn compact(&mut self) {
+        while self.ranges.len() > MAX_RANGES {
+            let first = self.ranges.remove(0);
+            self.ranges[0].0 = first.0;
+        }
+    }
+}
+
+/// (agent, stream)
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct StreamKey {
+    /// The agent.
+    pub agent: String,
+    /// The stream.
+    pub stream: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct StreamState {
+    epoch: u64,
+    seen: RangeSet,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Snapshot {
+    upto: u64,
+    streams: Vec<(StreamKey, StreamState)>,
+}
+
+/// Which records were accepted, per (agent, stream).
+#[derive(Debug, Clone, Default)]
+pub struct Dedup {
+    agents: HashMap<String, HashMap<String, StreamState>>,
+}
+
+impl Dedup {
+    /// True when `key` was accepted before (same epoch, seq already seen).
+    pub fn is_duplicate(&self, key: &RecordKey) -> bool {
+        self.agents
+            .get(&key.agent)
+            .and_then(|s| s.get(&key.stream))
+            .is_some_and(|st| st.epoch == key.epoch && st.seen.contains(key.seq))
+    }
+
+    /// Records `key` as accepted. A new epoch replaces the stream's old state (the agent's
+    /// outbox started again from nothing).
+    pub fn record(&mut self, key: &RecordKey) {
+        let streams = self.agents.entry(key.agent.clone()).or_default();
+        let st = match streams.get_mut(&key.stream) {
+            Some(st) => st,
+            None => streams.entry(key.stream.clone()).or_default(),
+        };
+        if st.epoch != key.epoch {
+            if !st.seen.is_empty() {
+                tracing::info!(agent = %key.agent, stream = %key.stream, old = st.epoch, new = key.epoch, "agent outbox started anew (new epoch): its sequence numbers restart");
+            }
+            st.epoch = key.epoch;
+            st.seen = RangeSet::default();
+        }
+        st.seen.insert(key.seq);
+    }
+
+    /// Number of (agent, stream) pairs known.
+    pub fn streams(&self) -> usize {
+        self.agents.values().map(HashMap::len).sum()
+    }
+
+    /// Writes the state, valid for the WAL up to index `upto` (exclusive), atomically.
+    pub fn save(&self, path: &Path, upto: u64) -> Result<(), WalError> {
+        let snapshot = Snapshot {
+            upto,
+            streams: self
+                .agents
+                .iter()
+                .flat_map(|(agent, streams)| {
+                    streams.iter().map(|(stream, st)| {
+                        (
+                            StreamKey {
+                                agent: agent.clone(),
+                                stream: stream.clone(),
+                            },
+                            st.clone(),
+                        )
+                    })
+                })
+                .collect(),
+        };
+        let err = |problem: String| WalError::State {
+            path: path.to_path_buf(),
+            problem,
+        };
+        let bytes = serde_json::to_vec(&snapshot).map_err(|e| err(e.to_string()))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| err(format!("cannot save: {e}")))
+    }
+
+    /// Loads a snapshot; returns the state and the WAL index it covers (0 when there is no
+    /// snapshot yet).
+    pub fn load(path: &Path) -> Result<(Dedup, u64), WalError> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Dedup::default(), 0)),
+            Err(e) => {
+                return Err(WalError::State {
+                    path: path.to_path_buf(),
+                    problem: format!("cannot read: {e}"),
+                })
+            }
+        };
+        let snapshot: Snapshot = serde_json::from_slice(&bytes).map_err(|e| WalError::State {
+            path: path.to_path_buf(),
+            problem: format!("unreadable de-duplication snapshot: {e}"),
+        })?;
+        let mut dedup = Dedup::default();
+        for (key, st) in snapshot.streams {
+            dedup
+                .agents
+                .entry(key.agent)
+                .or_default()
+                .insert(key.stream, st);
+        }
+        Ok((dedup, snapshot.upto))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seq: u64, epoch: u64) -> RecordKey {
+        RecordKey {
+            agent: "a".into(),
+            stream: "s".into(),
+            epoch,
+            seq,
+        }
+    }
+
+    #[test]
+    fn range_set_merges_and_finds() {
+        let mut r = RangeSet::default();
+        for v in [1, 2, 3, 7, 5, 6, 10] {
+            assert!(r.insert(v));
+        }
+        assert!(!r.insert(6));
+        assert_eq!(r.ranges(), &[(1, 3), (5, 7), (10, 10)]);
+        r.insert_range(4, 4);
+        assert_eq!(r.ranges(), &[(1, 7), (10, 10)]);
+        assert!(r.contains(7) && !r.contains(8) && r.contains(10) && !r.contains(0));
+    }
+
+    #[test]
+    fn range_set_stays_bounded() {
+        let mut r = RangeSet::default();
+        for v in 0..1000 {
+            r.insert(v * 2);
+        }
+        assert!(r.ranges().len() <= MAX_RANGES);
+        assert!(r.contains(1998));
+    }
+
+    #[test]
+    fn duplicates_and_new_epochs() {
+        let mut d = Dedup::default();
+        assert!(!d.is_duplicate(&key(1, 9)));
+        d.record(&key(1, 9));
+        d.record(&key(2, 9));
+        assert!(d.is_duplicate(&key(2, 9)));
+        // the agent's outbox was wiped: seq 1 again, new epoch, not a duplicate
+        assert!(!d.is_duplicate(&key(1, 10)));
+        d.record(&key(1, 10));
+        assert!(d.is_duplicate(&key(1, 10)));
+        assert!(!d.is_duplicate(&key(2, 10)));
+    }
+
+    #[test]
+    fn snapshot_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dedup.json");
+        assert_eq!(Dedup::load(&path).unwrap().1, 0);
+        let mut d = Dedup::default();
+        d.record(&key(5, 1));
+        d.save(&path, 42).unwrap();
+        let (d2, upto) = Dedup::load(&path).unwrap();
+        assert_eq!(upto, 42);
+        assert!(d2.is_duplicate(&key(5, 1)));
+        assert_eq!(d2.streams(), 1);
+    }
+}

@@ -1,0 +1,67 @@
+//! One WAL entry.
+
+use serde::{Deserialize, Serialize};
+
+use crate::WalError;
+
+/// The identity of a telemetry record, for de-duplication.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RecordKey {
+    /// The agent.
+    pub agent: String,
+    /// The stream.
+    pub stream: String,
+    /// The agent's outbox incarnation (0 if the record has none).
+    pub epoch: u64,
+    /// The sequence number.
+    pub seq: u64,
+}
+
+/// Why an entry is a dead letter: which sink gave it up, and the last error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The sink that could not write it.
+    pub sink: String,
+    /// The last error.
+    pub error: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// When it was given up (Unix milliseconds).
+    pub failed_at_ms: i64,
+}
+
+/// One accepted message, as stored in the WAL.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalEntry {
+    /// The MQTT topic.
+    pub topic: String,
+    /// The payload exactly as published.
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+    /// When the server received it (Unix milliseconds).
+    pub received_ms: i64,
+    /// The names of the sinks it goes to.
+    pub sinks: Vec<String>,
+    /// Its record identity, when it is a sequenced telemetry record.
+    pub key: Option<RecordKey>,
+    /// Set when this entry is a dead letter for the sinks named in `sinks`.
+    pub dead_letter: Option<DeadLetter>,
+}
+
+impl WalEntry {
+    /// Compact MessagePack (positional fields: the WAL is internal and versioned with the
+    /// binary).
+    pub fn encode(&self) -> Result<Vec<u8>, WalError> {
+        rmp_serde::to_vec(self).map_err(|e| WalError::Encode(e.to_string()))
+    }
+
+    /// Decodes an entry read from the log.
+    pub fn decode(bytes: &[u8]) -> Result<WalEntry, WalError> {
+        rmp_serde::from_slice(bytes).map_err(|e| WalError::Decode(e.to_string()))
+    }
+
+    /// True when the entry goes to sink `name`.
+    pub fn goes_to(&self, name: &str) -> bool {
+        self.sinks.iter().any(|s| s == name)
+    }
+}
