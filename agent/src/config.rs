@@ -81,6 +81,8 @@ pub struct HeartbeatConfig {
     /// Time between heartbeats (no jitter: heartbeats are meant to be regular).
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// Stop after this many heartbeats in one run (0 = never): synthetic load and tests.
+    pub limit: u64,
 }
 
 impl Default for HeartbeatConfig {
@@ -88,6 +90,7 @@ impl Default for HeartbeatConfig {
         HeartbeatConfig {
             enabled: false,
             interval: Duration::from_secs(1),
+            limit: 0,
         }
     }
 }

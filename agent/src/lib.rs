@@ -114,6 +114,7 @@ impl Agent {
             tasks.spawn(collectors::run_heartbeat(
                 self.outbox.clone(),
                 self.config.heartbeat.interval,
+                self.config.heartbeat.limit,
                 shutdown.clone(),
             ));
         }

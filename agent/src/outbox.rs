@@ -107,7 +107,9 @@ impl Outbox {
         }
         let state_path = dir.join("outbox.state");
         let persisted = read_state(&state_path)?;
-        let head = persisted.head.max(log.first_index());
+        // a torn tail cut on open can leave the saved head past the log's end: the cut
+        // records are gone, and their indexes will be given to new records
+        let head = persisted.head.max(log.first_index()).min(log.next_index());
         let mut seqs = persisted.seqs;
         let mut pending_bytes = 0;
         let mut by_seq: HashMap<String, BTreeMap<u64, (u64, u64)>> = HashMap::new();
@@ -134,8 +136,11 @@ impl Outbox {
                     .insert(seq, (index, epoch));
             }
         }
+        let cut = !recovery.cuts.is_empty();
         let epoch = match persisted.epoch {
-            0 => {
+            // a cut tail may have held records the server already has: their sequence
+            // numbers will be given again, so they get a new epoch to be told apart
+            e if e == 0 || cut => {
                 let e = rand::random::<u64>().max(1);
                 // saved at once: records stamped with it must never meet another epoch
                 // for the same sequence numbers
@@ -192,6 +197,15 @@ impl Outbox {
     /// Adds a record to `stream`: gives it the stream's next sequence number and the
     /// current time, lets `fill` set its body, and stores it. Returns the sequence number.
     pub fn push(&self, stream: &str, fill: impl FnOnce(&mut Record)) -> Result<u64, AgentError> {
+        self.push_bounded(stream, fill, true)
+    }
+
+    fn push_bounded(
+        &self,
+        stream: &str,
+        fill: impl FnOnce(&mut Record),
+        bounded: bool,
+    ) -> Result<u64, AgentError> {
         validate_id("stream", stream).map_err(|e| AgentError::Record(e.to_string()))?;
         let topic = topics::telemetry(&self.agent, stream);
         let seq = {
@@ -218,7 +232,9 @@ impl Outbox {
             st.pending_bytes += st.log.record_bytes(index).unwrap_or(0);
             st.log_unsynced = true;
             st.state_dirty = true;
-            self.enforce_bound(&mut st);
+            if bounded {
+                self.enforce_bound(&mut st);
+            }
             seq
         };
         self.notify.notify_one();
@@ -342,7 +358,9 @@ impl Outbox {
             return Ok(None);
         }
         let max_bytes = self.config.max_bytes;
-        let pushed = self.push(EVENTS_STREAM, |r| {
+        // the report may exceed the bound by its own size: making room for it would drop
+        // records that this very report could not count
+        let pushed = self.push_bounded(EVENTS_STREAM, |r| {
             r.event = Some(Event {
                 class: OVERFLOW_CLASS.to_string(),
                 severity: Severity::MAJOR,
@@ -355,7 +373,7 @@ impl Outbox {
             });
             r.fields.insert("dropped".into(), count.into());
             r.fields.insert("dropped_total".into(), total.into());
-        });
+        }, false);
         if let Err(e) = pushed {
             self.lock().unreported_drops += count;
             return Err(e);

@@ -157,7 +157,10 @@ impl Engine {
                 .recover(saved)
                 .await
                 .map_err(|e| fail(format!("sink `{name}`: recovery failed: {e}")))?
-                .max(wal.first_index());
+                .max(wal.first_index())
+                // a torn tail cut on open may end the log before a saved position: those
+                // entries are gone and their indexes go to new entries
+                .min(wal.next_index());
             built.push((name.clone(), config.clone(), sink, position, start));
         }
 

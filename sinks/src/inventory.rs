@@ -16,7 +16,9 @@ pub struct StreamSummary {
     pub first_seq: u64,
     /// Highest sequence number.
     pub last_seq: u64,
-    /// Sequence numbers seen more than once (count of extra copies).
+    /// Records seen more than once (same epoch and seq; count of extra copies). Two records
+    /// with one seq and different epochs are different records (an agent whose outbox
+    /// started a new epoch numbers again).
     pub duplicates: u64,
     /// Sequence numbers between first and last never seen.
     pub missing: u64,
@@ -46,7 +48,7 @@ pub struct Inventory {
 /// Reads every `*.jsonl` file below `dir` (a missing directory is an empty inventory).
 pub fn scan(dir: &Path) -> std::io::Result<Inventory> {
     let mut inv = Inventory::default();
-    let mut seen: BTreeMap<(String, String), BTreeSet<u64>> = BTreeMap::new();
+    let mut seen: BTreeMap<(String, String), BTreeSet<(u64, u64)>> = BTreeMap::new();
     let mut files = Vec::new();
     collect(dir, &mut files)?;
     files.sort();
@@ -64,6 +66,7 @@ pub fn scan(dir: &Path) -> std::io::Result<Inventory> {
                     continue;
                 }
             };
+            let epoch = v.get("epoch").and_then(|e| e.as_u64()).unwrap_or(0);
             let (Some(agent), Some(stream), Some(seq)) = (
                 v.get("agent").and_then(|a| a.as_str()),
                 v.get("stream").and_then(|s| s.as_str()),
@@ -82,7 +85,7 @@ pub fn scan(dir: &Path) -> std::io::Result<Inventory> {
             summary.records += 1;
             summary.first_seq = summary.first_seq.min(seq);
             summary.last_seq = summary.last_seq.max(seq);
-            if !set.insert(seq) {
+            if !set.insert((epoch, seq)) {
                 summary.duplicates += 1;
                 continue;
             }
@@ -95,7 +98,15 @@ pub fn scan(dir: &Path) -> std::io::Result<Inventory> {
         inv.files.push((path, lines, bytes));
     }
     for (key, summary) in inv.streams.iter_mut() {
-        let distinct = seen.get(key).map(|s| s.len() as u64).unwrap_or(0);
+        let distinct = seen
+            .get(key)
+            .map(|s| {
+                s.iter()
+                    .map(|(_, seq)| *seq)
+                    .collect::<BTreeSet<u64>>()
+                    .len() as u64
+            })
+            .unwrap_or(0);
         summary.missing = (summary.last_seq - summary.first_seq + 1) - distinct;
     }
     Ok(inv)

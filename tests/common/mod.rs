@@ -115,6 +115,60 @@ pub fn server_config(dir: &Path, port: u16, rules: Option<&str>) -> PathBuf {
     path
 }
 
+/// How a test agent is configured.
+#[derive(Debug, Clone)]
+pub struct AgentOpts {
+    /// Fixed id (None: generated and kept in the state dir).
+    pub id: Option<String>,
+    /// Heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Stop after this many heartbeats (0 = never).
+    pub limit: u64,
+    /// Collect system metrics every second.
+    pub metrics: bool,
+    /// Outbox bound.
+    pub outbox_max_bytes: Option<u64>,
+    /// Connect to this port instead of the server's (e.g. a proxy).
+    pub port: Option<u16>,
+    /// Re-send unacknowledged records after this long.
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        AgentOpts {
+            id: None,
+            heartbeat_ms: 50,
+            limit: 0,
+            metrics: true,
+            outbox_max_bytes: None,
+            port: None,
+            ack_timeout_ms: 2000,
+        }
+    }
+}
+
+/// Writes an agent config `NAME.toml` in `dir` for a server on `port`.
+pub fn agent_config_opts(dir: &Path, name: &str, port: u16, o: &AgentOpts) -> PathBuf {
+    let id_line =
+        o.id.as_ref()
+            .map(|i| format!("id = \"{i}\"\n"))
+            .unwrap_or_default();
+    let port = o.port.unwrap_or(port);
+    let mut text = format!(
+        "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-{name}\"\n{id_line}groups = [\"{name}-group\"]\n\
+         [metrics]\nenabled = {}\ninterval = \"1s\"\n[heartbeat]\nenabled = true\ninterval = \"{}ms\"\nlimit = {}\n\
+         [connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\nack_timeout = \"{}ms\"\n",
+        o.metrics, o.heartbeat_ms, o.limit, o.ack_timeout_ms
+    );
+    if let Some(max) = o.outbox_max_bytes {
+        text.push_str(&format!("[outbox]\nmax_bytes = {max}\n"));
+    }
+    let path = dir.join(format!("{name}.toml"));
+    fs::write(&path, text).unwrap();
+    path
+}
+
 /// Writes an agent config `NAME.toml` in `dir`: heartbeat every `heartbeat_ms`, quick
 /// reconnects, metrics every second. `id` None means "generate one".
 pub fn agent_config(
@@ -124,15 +178,12 @@ pub fn agent_config(
     id: Option<&str>,
     heartbeat_ms: u64,
 ) -> PathBuf {
-    let id_line = id.map(|i| format!("id = \"{i}\"\n")).unwrap_or_default();
-    let text = format!(
-        "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-{name}\"\n{id_line}groups = [\"{name}-group\"]\n\
-         [metrics]\ninterval = \"1s\"\n[heartbeat]\nenabled = true\ninterval = \"{heartbeat_ms}ms\"\n\
-         [connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"1s\"\n"
-    );
-    let path = dir.join(format!("{name}.toml"));
-    fs::write(&path, text).unwrap();
-    path
+    let opts = AgentOpts {
+        id: id.map(str::to_string),
+        heartbeat_ms,
+        ..AgentOpts::default()
+    };
+    agent_config_opts(dir, name, port, &opts)
 }
 
 /// The delivery summary of (agent, stream) in the server's data dir, if anything arrived.
@@ -192,6 +243,15 @@ impl Fixture {
     /// Starts `fleetbus agent` `name` (see [`agent_config`]), logging to `NAME.log`.
     pub fn agent(&self, name: &str, id: Option<&str>, heartbeat_ms: u64) -> Proc {
         let cfg = agent_config(self.path(), name, self.port, id, heartbeat_ms);
+        Proc::start(
+            &["agent", "--config", cfg.to_str().unwrap()],
+            &self.path().join(format!("{name}.log")),
+        )
+    }
+
+    /// Starts `fleetbus agent` `name` configured by `opts`, logging to `NAME.log`.
+    pub fn agent_with(&self, name: &str, opts: &AgentOpts) -> Proc {
+        let cfg = agent_config_opts(self.path(), name, self.port, opts);
         Proc::start(
             &["agent", "--config", cfg.to_str().unwrap()],
             &self.path().join(format!("{name}.log")),

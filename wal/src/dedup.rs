@@ -99,10 +99,14 @@ pub struct StreamKey {
     pub stream: String,
 }
 
+/// Epochs remembered per stream: an agent whose outbox started a new epoch may still
+/// re-send records of the previous ones.
+const MAX_EPOCHS: usize = 4;
+
+/// The seen sequence numbers of a stream, per epoch (newest last).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct StreamState {
-    epoch: u64,
-    seen: RangeSet,
+    epochs: Vec<(u64, RangeSet)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,25 +127,34 @@ impl Dedup {
         self.agents
             .get(&key.agent)
             .and_then(|s| s.get(&key.stream))
-            .is_some_and(|st| st.epoch == key.epoch && st.seen.contains(key.seq))
+            .and_then(|st| st.epochs.iter().find(|(e, _)| *e == key.epoch))
+            .is_some_and(|(_, seen)| seen.contains(key.seq))
     }
 
-    /// Records `key` as accepted. A new epoch replaces the stream's old state (the agent's
-    /// outbox started again from nothing).
+    /// Records `key` as accepted. A new epoch (the agent's outbox started again) gets a set
+    /// of its own; the oldest of more than four is forgotten.
     pub fn record(&mut self, key: &RecordKey) {
         let streams = self.agents.entry(key.agent.clone()).or_default();
         let st = match streams.get_mut(&key.stream) {
             Some(st) => st,
             None => streams.entry(key.stream.clone()).or_default(),
         };
-        if st.epoch != key.epoch {
-            if !st.seen.is_empty() {
-                tracing::info!(agent = %key.agent, stream = %key.stream, old = st.epoch, new = key.epoch, "agent outbox started anew (new epoch): its sequence numbers restart");
+        match st.epochs.iter_mut().find(|(e, _)| *e == key.epoch) {
+            Some((_, seen)) => {
+                seen.insert(key.seq);
             }
-            st.epoch = key.epoch;
-            st.seen = RangeSet::default();
+            None => {
+                if !st.epochs.is_empty() {
+                    tracing::info!(agent = %key.agent, stream = %key.stream, epoch = key.epoch, "agent outbox started a new epoch: its sequence numbers may restart");
+                }
+                let mut seen = RangeSet::default();
+                seen.insert(key.seq);
+                st.epochs.push((key.epoch, seen));
+                if st.epochs.len() > MAX_EPOCHS {
+                    st.epochs.remove(0);
+                }
+            }
         }
-        st.seen.insert(key.seq);
     }
 
     /// Number of (agent, stream) pairs known.
@@ -258,6 +271,15 @@ mod tests {
         d.record(&key(1, 10));
         assert!(d.is_duplicate(&key(1, 10)));
         assert!(!d.is_duplicate(&key(2, 10)));
+        // re-sent records of the previous epoch are still recognised
+        assert!(d.is_duplicate(&key(2, 9)));
+        for e in 11..=14 {
+            d.record(&key(1, e));
+        }
+        assert!(
+            !d.is_duplicate(&key(2, 9)),
+            "only the last four epochs are kept"
+        );
     }
 
     #[test]
