@@ -239,3 +239,63 @@ fn torn_tails_of_the_wal_and_the_outbox_are_cut_and_work_goes_on() {
         .collect();
     assert_eq!(epochs.len(), 2, "the cut started a new outbox epoch");
 }
+
+/// The file sink's directory is unusable for 30 s: the records wait in the server's log
+/// and all arrive when it is back, with no duplicates.
+#[test]
+fn a_sink_destination_unavailable_for_30_s_loses_and_duplicates_nothing() {
+    let fx = Fixture::new();
+    let _server = fx.serve(None, "server");
+    let mut agent = fx.agent_with("un", &heartbeat_agent("un", 20, 2500));
+    wait_until(Duration::from_secs(20), "first records", || {
+        summary(&fx.data, "un", "heartbeat").is_some_and(|s| s.records >= 100)
+    });
+    // root ignores permissions, so make the directory unusable by putting a file in its place
+    let dir = fx.data.join("telemetry");
+    let away = fx.data.join("telemetry.away");
+    fs::rename(&dir, &away).unwrap();
+    fs::write(&dir, "not a directory").unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    assert!(agent.running());
+    let log = fs::read_to_string(fx.path().join("server.log")).unwrap();
+    assert!(log.contains("sink write failed; retrying"), "{log}");
+    fs::remove_file(&dir).unwrap();
+    fs::rename(&away, &dir).unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "all 2500 records exactly once",
+        || exactly(&fx.data, "un", 2500),
+    );
+    agent.terminate(Duration::from_secs(10));
+}
+
+/// A proxy between the agents and the broker cuts every connection at random moments for
+/// 60 s: nothing is lost and nothing is stored twice.
+#[test]
+fn connections_cut_at_random_for_60_s_lose_and_duplicate_nothing() {
+    let fx = Fixture::new();
+    let _server = fx.serve(None, "server");
+    fx.wait_listening();
+    let proxy = ChaosProxy::start(fx.port, 200, 2000);
+    let names = ["p1", "p2"];
+    let _agents: Vec<Proc> = names
+        .iter()
+        .map(|n| {
+            let opts = AgentOpts {
+                port: Some(proxy.port),
+                ack_timeout_ms: 1000,
+                ..heartbeat_agent(n, 10, 6000)
+            };
+            fx.agent_with(n, &opts)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(60));
+    proxy.calm();
+    let cuts = proxy.cuts.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(cuts >= 30, "the proxy cut connections only {cuts} times");
+    wait_until(
+        Duration::from_secs(60),
+        "6000 records from each agent, exactly once",
+        || names.iter().all(|n| exactly(&fx.data, n, 6000)),
+    );
+}

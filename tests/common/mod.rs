@@ -270,3 +270,92 @@ impl Fixture {
 pub fn ts(record: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
     record["ts"].as_str().unwrap().parse().unwrap()
 }
+
+/// A TCP proxy on 127.0.0.1 that forwards to `upstream` and, while chaos is on, cuts every
+/// open connection at random intervals.
+pub struct ChaosProxy {
+    pub port: u16,
+    chaos: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub cuts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl ChaosProxy {
+    /// Starts forwarding to 127.0.0.1:`upstream`, with chaos on.
+    pub fn start(upstream: u16, min_ms: u64, max_ms: u64) -> ChaosProxy {
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let chaos = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        {
+            let (stop, open) = (stop.clone(), open.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((client, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    let _ = client.set_nonblocking(false);
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        continue;
+                    };
+                    let mut guard = open.lock().unwrap();
+                    guard.push(client.try_clone().unwrap());
+                    guard.push(server.try_clone().unwrap());
+                    drop(guard);
+                    for (mut from, mut to) in [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ] {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = to.shutdown(Shutdown::Both);
+                            let _ = from.shutdown(Shutdown::Both);
+                        });
+                    }
+                }
+            });
+        }
+        {
+            let (chaos, stop, open, cuts) =
+                (chaos.clone(), stop.clone(), open.clone(), cuts.clone());
+            std::thread::spawn(move || {
+                use rand::Rng;
+                let mut rng = rand::rng();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(rng.random_range(min_ms..=max_ms)));
+                    if chaos.load(Ordering::Relaxed) {
+                        for s in open.lock().unwrap().drain(..) {
+                            let _ = s.shutdown(Shutdown::Both);
+                        }
+                        cuts.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        ChaosProxy {
+            port,
+            chaos,
+            stop,
+            cuts,
+        }
+    }
+
+    /// Stops cutting connections (forwarding goes on).
+    pub fn calm(&self) {
+        self.chaos
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for ChaosProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
