@@ -47,6 +47,7 @@ pub struct Server {
     broker: EmbeddedBroker,
     engine: Arc<Engine>,
     consumer: JoinHandle<()>,
+    reporter: JoinHandle<()>,
     addr: SocketAddr,
     // the sending half of the engine's link (also used for acknowledgements)
     _engine_link: Arc<Mutex<LinkTx>>,
@@ -92,12 +93,14 @@ impl Server {
         let consumer = tokio::spawn(
             consume(link_rx, engine.clone()).instrument(tracing::info_span!("rules_engine")),
         );
+        let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL));
         let addr = broker.listen().await?;
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "fleetbus server ready");
         Ok(Server {
             broker,
             engine,
             consumer,
+            reporter,
             addr,
             _engine_link: link_tx,
         })
@@ -133,6 +136,7 @@ impl Server {
             }
         }
         self.consumer.abort();
+        self.reporter.abort();
         let engine = match Arc::try_unwrap(self.engine) {
             Ok(e) => e,
             Err(shared) => {
@@ -151,6 +155,48 @@ impl Server {
             .shutdown(deadline.saturating_sub(started.elapsed()))
             .await;
         tracing::info!(took = ?started.elapsed(), "server stopped");
+    }
+}
+
+/// How often the engine's counters are logged.
+const STATS_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Logs the engine's and every sink's counters every `interval` while anything changes:
+/// per sink its lag in log entries, backlog bytes, retries and dead letters.
+async fn report_stats(engine: Arc<Engine>, interval: Duration) {
+    let mut last = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        let stats = engine.stats();
+        let key = (
+            stats.received,
+            stats.durable,
+            stats.sinks.iter().map(|(_, s)| s.position).sum::<u64>(),
+        );
+        if last == Some(key) {
+            continue;
+        }
+        last = Some(key);
+        tracing::info!(
+            received = stats.received,
+            duplicates = stats.duplicates,
+            refused = stats.refused,
+            undecodable = stats.decode_errors,
+            unrouted = stats.unrouted,
+            "engine"
+        );
+        for (name, s) in &stats.sinks {
+            tracing::info!(
+                sink = %name,
+                lag = stats.durable.saturating_sub(s.position),
+                backlog_bytes = s.pending_bytes,
+                written = s.written,
+                failed_attempts = s.failed_attempts,
+                dead_lettered = s.dead_lettered,
+                last_error = s.last_error.as_deref().unwrap_or(""),
+                "sink"
+            );
+        }
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod fleetbus;
 mod relay;
+mod wal;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -23,6 +24,15 @@ use fleetbus_mqtt::BrokerUrl;
 pub enum BenchCommand {
     /// Ingest throughput: fleetbus end to end vs plain broker relay.
     Ingest(IngestArgs),
+    /// Appends per second to the log under the outbox and the WAL, by fsync group size.
+    Wal {
+        /// Record size in bytes.
+        #[arg(long, default_value_t = 250)]
+        payload: usize,
+        /// Time per group size.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
 }
 
 /// `fleetbus bench ingest` options.
@@ -76,7 +86,26 @@ impl Measurement {
 
 /// Runs a `bench` subcommand.
 pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
-    let BenchCommand::Ingest(args) = command;
+    let args = match command {
+        BenchCommand::Ingest(args) => args,
+        BenchCommand::Wal { payload, duration } => {
+            println!(
+                "{:>14} {:>12} {:>14} {:>10}",
+                "appends/fsync", "appends", "appends/s", "MB/s"
+            );
+            for f in wal::measure(payload, duration, &[1, 10, 100, 1000])? {
+                let secs = f.elapsed.as_secs_f64();
+                println!(
+                    "{:>14} {:>12} {:>14.0} {:>10.1}",
+                    f.group,
+                    f.appends,
+                    f.appends as f64 / secs,
+                    f.appends as f64 * (payload + 8) as f64 / secs / 1e6
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let mut results = Vec::new();
     let mut mosquitto = None;
     if args.mosquitto {
