@@ -8,6 +8,23 @@ fn config(max_bytes: u64) -> OutboxConfig {
     }
 }
 
+/// Cuts `bytes` off the newest segment file in `dir` (a torn write).
+fn chop_last_segment(dir: &std::path::Path, bytes: u64) {
+    let seg = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .max()
+        .unwrap();
+    let len = std::fs::metadata(&seg).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - bytes)
+        .unwrap();
+}
+
 fn seqs_of(items: &[OutboxItem]) -> Vec<u64> {
     items
         .iter()
@@ -113,19 +130,7 @@ fn a_torn_tail_past_the_saved_head_is_not_skipped() {
     }
     ob.sync().unwrap();
     drop(ob);
-    let seg = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .max()
-        .unwrap();
-    let len = std::fs::metadata(&seg).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 3)
-        .unwrap();
+    chop_last_segment(dir.path(), 3);
     let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
     assert_eq!(ob.stats().pending, 0);
     // the new record takes the cut record's index; it must be sent, and numbered on
@@ -160,19 +165,7 @@ fn torn_tail_recovers_every_whole_record() {
         ob.push("metrics", |_| {}).unwrap();
     }
     drop(ob); // no sync: like a kill -9 (records were handed to the OS on push)
-    let seg = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
-        .max()
-        .unwrap();
-    let len = std::fs::metadata(&seg).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 3)
-        .unwrap();
+    chop_last_segment(dir.path(), 3);
     let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
     assert_eq!(
         seqs_of(&ob.read_from(0, 100).unwrap()),
