@@ -61,7 +61,6 @@ struct Counters {
     unrouted: AtomicU64,
     duplicates: AtomicU64,
     refused: AtomicU64,
-    committed: AtomicU64,
 }
 
 /// A copy of every counter of the engine at one moment.
@@ -82,7 +81,7 @@ pub struct EngineStats {
     pub durable: u64,
     /// (rule, matched, condition errors) per rule.
     pub rules: Vec<(String, u64, u64)>,
-    /// Counters per sink, with its lag in log entries (durable index − position).
+    /// Counters per sink (its lag in log entries is `durable − position`).
     pub sinks: Vec<(String, SinkStatsSnapshot)>,
 }
 
@@ -412,7 +411,6 @@ impl Inner {
             return None;
         }
         self.wal.finish_commit(upto);
-        self.counters.committed.store(upto, Ordering::Relaxed);
         for (agent, ack) in acks {
             match ack.encode() {
                 Ok(payload) => (self.acks)(&agent, payload),

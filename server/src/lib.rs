@@ -135,21 +135,16 @@ impl Server {
                 quiet_since = Instant::now();
             }
         }
+        // both tasks hold the engine: wait until they are gone, so it can be shut down
         self.consumer.abort();
         self.reporter.abort();
-        let engine = match Arc::try_unwrap(self.engine) {
-            Ok(e) => e,
-            Err(shared) => {
-                // the consumer task still holds it for a moment after abort
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                match Arc::try_unwrap(shared) {
-                    Ok(e) => e,
-                    Err(_) => {
-                        tracing::error!("rules engine still in use at shutdown; sinks not flushed");
-                        return;
-                    }
-                }
-            }
+        let _ = self.consumer.await;
+        let _ = self.reporter.await;
+        let Ok(engine) = Arc::try_unwrap(self.engine) else {
+            tracing::error!(
+                "rules engine still in use at shutdown; the log keeps what the sinks did not write"
+            );
+            return;
         };
         engine
             .shutdown(deadline.saturating_sub(started.elapsed()))

@@ -58,9 +58,9 @@ pub trait Sink: Send {
     /// Writes `batch` durably.
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>>;
 
-    /// Called once at start with the saved resume position; undoes a batch a crash
-    /// interrupted and returns where reading must resume (at least `saved`... or the end of
-    /// a batch known to be complete).
+    /// Called once at start with the saved resume position. Undoes a batch that a crash
+    /// interrupted, and returns where reading must resume: `saved`, or the end of a batch
+    /// the sink knows it completed after `saved` was written.
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
         Box::pin(async move { Ok(saved) })
     }
