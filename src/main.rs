@@ -7,6 +7,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc: the server and agent allocate many small, short-lived objects per message
+/// (decoded records, topics); it is markedly faster than the system allocator there
+/// (see docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Fleet telemetry bus: embedded MQTT broker, agents with a disk outbox, TOML rules, sinks.
 #[derive(Debug, Parser)]
 #[command(name = "fleetbus", version, about)]

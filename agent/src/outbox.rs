@@ -244,25 +244,31 @@ impl Outbox {
     /// Up to `max` records from `cursor` on (or from the oldest unacknowledged one, if that
     /// is later), skipping any already acknowledged.
     pub fn read_from(&self, cursor: u64, max: usize) -> Result<Vec<OutboxItem>, AgentError> {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let start = cursor.max(st.head);
         let end = st.log.next_index().min(start.saturating_add(max as u64));
         let mut items = Vec::with_capacity((end - start) as usize);
-        for index in start..end {
-            if st.acked.contains(&index) {
-                continue;
-            }
-            let Some(bytes) = st.log.read(index)? else {
-                continue;
-            };
-            let (topic, _, payload) = decode_entry(&bytes).ok_or_else(|| AgentError::State {
+        let mut malformed = None;
+        let acked = &st.acked;
+        st.log
+            .visit_range(start, (end - start) as usize, |index, bytes| {
+                if index >= end || acked.contains(&index) || malformed.is_some() {
+                    return;
+                }
+                match decode_entry(bytes) {
+                    Some((topic, _, payload)) => items.push(OutboxItem {
+                        index,
+                        topic: topic.to_string(),
+                        payload: payload.to_vec(),
+                    }),
+                    None => malformed = Some(index),
+                }
+            })?;
+        if let Some(index) = malformed {
+            return Err(AgentError::State {
                 path: st.log.dir().to_path_buf(),
                 problem: format!("outbox record {index} is malformed"),
-            })?;
-            items.push(OutboxItem {
-                index,
-                topic: topic.to_string(),
-                payload: payload.to_vec(),
             });
         }
         Ok(items)

@@ -290,11 +290,22 @@ impl Publisher {
 }
 
 /// Drives rumqttc's event loop (nothing happens unless `poll` keeps being called) and hands
-/// events over; stops at the first connection error.
+/// over the events the session acts on; stops at the first connection error. Outgoing
+/// packets, PUBACKs and ping responses are dropped here: delivery is decided by the
+/// server's end-to-end acknowledgements, and passing two events per record to the session
+/// would cost more than the publishing itself.
 async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, ConnectionError>>) {
     loop {
         let event = eventloop.poll().await;
         let failed = event.is_err();
+        if matches!(
+            event,
+            Ok(Event::Outgoing(_))
+                | Ok(Event::Incoming(Packet::PubAck(_)))
+                | Ok(Event::Incoming(Packet::PingResp))
+        ) {
+            continue;
+        }
         if tx.send(event).await.is_err() || failed {
             return;
         }

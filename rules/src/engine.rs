@@ -17,17 +17,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use chrono::{TimeZone, Utc};
 use fleetbus_config::ConfigError;
 use fleetbus_protocol::{Ack, Message, Topic};
 use fleetbus_sinks::position::PositionFile;
 use fleetbus_sinks::worker::WorkerSetup;
-use fleetbus_sinks::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
+use fleetbus_sinks::{
+    spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot, TailCache, TailEntry,
+};
 use fleetbus_wal::{Dedup, RecordKey, Wal, WalEntry, WalOptions};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::router::Router;
 use crate::ruleset::{RuleSet, RulesError};
+
+/// Encoded bytes of the newest log entries kept decoded for the sink workers.
+const TAIL_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Publishes an acknowledgement payload to an agent (on `fleet/{agent}/acks`).
 pub type AckPublisher = Arc<dyn Fn(&str, Vec<u8>) + Send + Sync>;
@@ -108,6 +114,7 @@ struct Inner {
     sink_stats: Vec<Arc<SinkStats>>,
     sink_limits: Vec<u64>,
     wal: Arc<Wal>,
+    tail: Arc<TailCache>,
     state: Mutex<IngestState>,
     wake: Notify,
     acks: AckPublisher,
@@ -199,6 +206,7 @@ impl Engine {
         }
 
         let filters = rules.filters();
+        let tail = Arc::new(TailCache::new(TAIL_CACHE_BYTES));
         let inner = Arc::new(Inner {
             router: Router::new(rules.rules),
             filters,
@@ -206,6 +214,7 @@ impl Engine {
             sink_limits: built.iter().map(|b| b.1.buffer().max_bytes).collect(),
             sink_stats: stats.clone(),
             wal: wal.clone(),
+            tail: tail.clone(),
             state: Mutex::new(IngestState {
                 dedup,
                 acks: HashMap::new(),
@@ -228,7 +237,7 @@ impl Engine {
                     start,
                     stats,
                 };
-                spawn_sink(sink, setup, wal.clone(), dead_letters.clone())
+                spawn_sink(sink, setup, wal.clone(), tail.clone(), dead_letters.clone())
             })
             .collect();
         let (stop, stop_rx) = watch::channel(false);
@@ -294,7 +303,7 @@ impl Inner {
             return; // our own acknowledgements, seen through the catch-all subscription
         }
         self.counters.received.fetch_add(1, Ordering::Relaxed);
-        let msg = match Message::decode(topic, payload) {
+        let mut msg = match Message::decode(topic, payload) {
             Ok(m) => m,
             Err(e) => {
                 let n = self.counters.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
@@ -338,10 +347,15 @@ impl Inner {
         if targets.is_empty() {
             self.counters.unrouted.fetch_add(1, Ordering::Relaxed);
         } else {
+            // the log keeps milliseconds: so does the message sinks see
+            let received_ms = msg.received.timestamp_millis();
+            if let Some(t) = Utc.timestamp_millis_opt(received_ms).single() {
+                msg.received = t;
+            }
             let entry = WalEntry {
                 topic: topic.to_string(),
                 payload: payload.to_vec(),
-                received_ms: msg.received.timestamp_millis(),
+                received_ms,
                 sinks: targets
                     .iter()
                     .map(|&t| self.sink_names[t].clone())
@@ -350,12 +364,18 @@ impl Inner {
                 dead_letter: None,
             };
             match self.wal.append(&entry) {
-                Ok((_, size)) => {
+                Ok((index, size)) => {
                     for &t in &targets {
                         self.sink_stats[t]
                             .pending_bytes
                             .fetch_add(size, Ordering::Relaxed);
                     }
+                    self.tail.insert(TailEntry {
+                        index,
+                        entry: Arc::new(entry),
+                        size,
+                        message: Arc::new(msg),
+                    });
                 }
                 Err(e) => {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);

@@ -76,121 +76,137 @@ impl FileSink {
         })
     }
 
-    fn load_marker(&self) -> Result<Option<Marker>, SinkError> {
-        match fs::read(&self.marker_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-                SinkError::Config(format!(
-                    "{}: unreadable batch marker: {e}",
-                    self.marker_path.display()
-                ))
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(SinkError::io(&self.marker_path, "read", e)),
-        }
-    }
-
-    /// True when every file of the marker has its after-batch length.
-    fn complete(marker: &Marker) -> bool {
-        marker.files.iter().all(|(path, _, post)| {
-            fs::metadata(path)
-                .map(|m| m.len() == *post)
-                .unwrap_or(false)
-        })
-    }
-
-    /// Cuts the files of an interrupted batch back to their lengths before it.
-    fn roll_back(marker: &Marker) -> Result<(), SinkError> {
-        for (path, pre, _) in &marker.files {
-            let Ok(meta) = fs::metadata(path) else {
-                continue;
-            };
-            if meta.len() > *pre {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| SinkError::io(path, "open for roll-back", e))?;
-                f.set_len(*pre)
-                    .and_then(|_| f.sync_data())
-                    .map_err(|e| SinkError::io(path, "roll back interrupted batch", e))?;
-                tracing::warn!(file = %path.display(), from = meta.len(), to = pre, "file sink: cut back a batch that was interrupted; it is written again");
-            }
-        }
-        Ok(())
-    }
-
-    fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        if let Some(marker) = self.load_marker()? {
-            if !Self::complete(&marker) {
-                Self::roll_back(&marker)?;
-            }
-        }
-        // group the lines per file, keeping their order
-        let mut order: Vec<PathBuf> = Vec::new();
-        let mut lines: HashMap<PathBuf, Vec<u8>> = HashMap::new();
+    /// Renders a batch into its lines, grouped per file in first-seen order (no I/O).
+    fn render(&self, batch: &Batch) -> Result<Vec<(PathBuf, Vec<u8>)>, SinkError> {
+        let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+        let mut slot: HashMap<PathBuf, usize> = HashMap::new();
         for item in &batch.items {
             let path = self.base.join(self.template.render(&item.message));
-            let buf = match lines.get_mut(&path) {
-                Some(b) => b,
+            let i = match slot.get(&path) {
+                Some(&i) => i,
                 None => {
-                    order.push(path.clone());
-                    lines.entry(path).or_default()
+                    slot.insert(path.clone(), files.len());
+                    files.push((path, Vec::new()));
+                    files.len() - 1
                 }
             };
-            json_line(item, buf)?;
+            json_line(item, &mut files[i].1)?;
         }
-        let mut files = Vec::with_capacity(order.len());
-        for path in &order {
-            if let Some(dir) = path.parent() {
-                fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
-            }
-            let pre = match fs::metadata(path) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-                Err(e) => return Err(SinkError::io(path, "stat", e)),
-            };
-            let len = lines.get(path).map(|b| b.len() as u64).unwrap_or(0);
-            files.push((path.clone(), pre, pre + len));
-        }
-        let marker = Marker {
-            first: batch.first,
-            next: batch.next,
-            files,
-        };
-        let bytes = serde_json::to_vec(&marker).map_err(|e| SinkError::Encode(e.to_string()))?;
-        write_atomically(&self.marker_path, &bytes)?;
-        for path in &order {
-            let data = lines.get(path).map(Vec::as_slice).unwrap_or_default();
-            let mut f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| SinkError::io(path, "open", e))?;
-            f.write_all(data)
-                .and_then(|_| f.sync_data())
-                .map_err(|e| SinkError::io(path, "append", e))?;
-        }
-        Ok(())
+        Ok(files)
     }
+}
+
+/// Appends a rendered batch exactly once (see the module documentation): blocking I/O.
+fn append_batch(
+    marker_path: &Path,
+    first: u64,
+    next: u64,
+    files: &[(PathBuf, Vec<u8>)],
+) -> Result<(), SinkError> {
+    if let Some(marker) = load_marker(marker_path)? {
+        if !complete(&marker) {
+            roll_back(&marker)?;
+        }
+    }
+    let mut lengths = Vec::with_capacity(files.len());
+    for (path, data) in files {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
+        }
+        let pre = match fs::metadata(path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(SinkError::io(path, "stat", e)),
+        };
+        lengths.push((path.clone(), pre, pre + data.len() as u64));
+    }
+    let marker = Marker {
+        first,
+        next,
+        files: lengths,
+    };
+    let bytes = serde_json::to_vec(&marker).map_err(|e| SinkError::Encode(e.to_string()))?;
+    write_atomically(marker_path, &bytes)?;
+    for (path, data) in files {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| SinkError::io(path, "open", e))?;
+        f.write_all(data)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| SinkError::io(path, "append", e))?;
+    }
+    Ok(())
+}
+
+fn load_marker(marker_path: &Path) -> Result<Option<Marker>, SinkError> {
+    match fs::read(marker_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            SinkError::Config(format!(
+                "{}: unreadable batch marker: {e}",
+                marker_path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SinkError::io(marker_path, "read", e)),
+    }
+}
+
+/// True when every file of the marker has its after-batch length.
+fn complete(marker: &Marker) -> bool {
+    marker.files.iter().all(|(path, _, post)| {
+        fs::metadata(path)
+            .map(|m| m.len() == *post)
+            .unwrap_or(false)
+    })
+}
+
+/// Cuts the files of an interrupted batch back to their lengths before it.
+fn roll_back(marker: &Marker) -> Result<(), SinkError> {
+    for (path, pre, _) in &marker.files {
+        let Ok(meta) = fs::metadata(path) else {
+            continue;
+        };
+        if meta.len() > *pre {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| SinkError::io(path, "open for roll-back", e))?;
+            f.set_len(*pre)
+                .and_then(|_| f.sync_data())
+                .map_err(|e| SinkError::io(path, "roll back interrupted batch", e))?;
+            tracing::warn!(file = %path.display(), from = meta.len(), to = pre, "file sink: cut back a batch that was interrupted; it is written again");
+        }
+    }
+    Ok(())
 }
 
 impl Sink for FileSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
-        // local appends: short enough to do on the async worker
-        Box::pin(async move { self.write_batch(batch) })
+        Box::pin(async move {
+            let files = self.render(batch)?;
+            let marker_path = self.marker_path.clone();
+            let (first, next) = (batch.first, batch.next);
+            // fsyncs: off the async workers
+            tokio::task::spawn_blocking(move || append_batch(&marker_path, first, next, &files))
+                .await
+                .map_err(|e| SinkError::Task(e.to_string()))?
+        })
     }
 
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
         Box::pin(async move {
-            let Some(marker) = self.load_marker()? else {
+            let Some(marker) = load_marker(&self.marker_path)? else {
                 return Ok(saved);
             };
             if marker.next <= saved {
                 return Ok(saved);
             }
-            if Self::complete(&marker) {
+            if complete(&marker) {
                 Ok(marker.next)
             } else {
-                Self::roll_back(&marker)?;
+                roll_back(&marker)?;
                 Ok(saved.max(marker.first))
             }
         })

@@ -11,6 +11,7 @@ pub mod file;
 pub mod inventory;
 pub mod position;
 pub mod stdout;
+pub mod tail;
 pub mod template;
 pub mod worker;
 
@@ -22,6 +23,7 @@ use std::sync::Arc;
 pub use config::{BatchConfig, BufferConfig, SinkConfig};
 use fleetbus_protocol::Message;
 use fleetbus_wal::DeadLetter;
+pub use tail::{TailCache, TailEntry};
 pub use template::{PathTemplate, TemplateError};
 pub use worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
 
@@ -90,6 +92,9 @@ pub enum SinkError {
     /// The sink's configuration is unusable.
     #[error("{0}")]
     Config(String),
+    /// The task doing the sink's blocking I/O failed (panicked or was cancelled).
+    #[error("sink I/O task failed: {0}")]
+    Task(String),
 }
 
 impl SinkError {

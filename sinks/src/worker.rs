@@ -20,10 +20,28 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::position::PositionFile;
+use crate::tail::TailCache;
 use crate::{Batch, BatchConfig, Item, Sink, SinkError};
 
-/// How often the position is saved while the worker only skips entries of other sinks.
-const SKIP_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the position is saved when it is not saved after every batch (exactly-once
+/// sinks, and while the worker only skips entries of other sinks).
+const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The last saved position and when it was saved.
+struct Saved {
+    at: u64,
+    when: Instant,
+}
+
+/// How a batch left the worker.
+enum Delivery {
+    /// The sink wrote it.
+    Written,
+    /// It went to the dead-letter sink.
+    DeadLettered,
+    /// The worker was asked to stop before the batch was written.
+    Stopped,
+}
 
 /// Where a worker hands batches it gives up on: appends them to the write-ahead log as
 /// dead letters routed to sink `target`.
@@ -148,6 +166,7 @@ pub fn spawn_sink(
     sink: Box<dyn Sink>,
     setup: WorkerSetup,
     wal: Arc<Wal>,
+    tail: Arc<TailCache>,
     dead_letters: Arc<dyn DeadLetters>,
 ) -> SinkHandle {
     let (stop, stop_rx) = watch::channel(false);
@@ -159,6 +178,7 @@ pub fn spawn_sink(
         sink,
         setup,
         wal,
+        tail,
         dead_letters,
     };
     let task = tokio::spawn(worker.run(stop_rx).instrument(span));
@@ -174,13 +194,14 @@ struct Worker {
     sink: Box<dyn Sink>,
     setup: WorkerSetup,
     wal: Arc<Wal>,
+    tail: Arc<TailCache>,
     dead_letters: Arc<dyn DeadLetters>,
 }
 
 /// A batch with what the worker needs beyond what the sink sees.
 struct Pending {
     batch: Batch,
-    entries: Vec<WalEntry>,
+    entries: Vec<Arc<WalEntry>>,
     bytes: u64,
 }
 
@@ -188,8 +209,13 @@ impl Worker {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut durable = self.wal.watch_durable();
         let mut cursor = self.setup.start;
-        let mut saved = cursor;
-        let mut last_save = Instant::now();
+        let mut saved = Saved {
+            at: cursor,
+            when: Instant::now(),
+        };
+        // an exactly-once sink records each batch's end itself (and `recover` returns it):
+        // its position file only needs saving now and then
+        let save_every_batch = !self.sink.exactly_once();
         loop {
             let stopping = *stop.borrow();
             let pending = match self.next_batch(cursor) {
@@ -203,38 +229,57 @@ impl Worker {
             match pending {
                 Some(p) if !p.batch.items.is_empty() => {
                     let next = p.batch.next;
-                    if !self.deliver(p, &mut stop).await {
-                        return; // stopped while retrying: resume from the saved position next time
+                    match self.deliver(p, &mut stop).await {
+                        // stopped while retrying: resume from the saved position next time
+                        Delivery::Stopped => return,
+                        Delivery::Written if !save_every_batch => cursor = next,
+                        Delivery::Written | Delivery::DeadLettered => {
+                            cursor = next;
+                            self.save(cursor, &mut saved).await;
+                        }
                     }
-                    cursor = next;
                 }
                 Some(p) => cursor = p.batch.next,
                 None => {
-                    if cursor != saved {
-                        self.save(cursor, &mut saved);
-                        last_save = Instant::now();
+                    let due = saved.when.elapsed() >= SAVE_INTERVAL;
+                    if cursor != saved.at && (stopping || save_every_batch || due) {
+                        self.save(cursor, &mut saved).await;
                     }
                     if stopping {
                         return;
                     }
+                    let wait = if cursor != saved.at {
+                        SAVE_INTERVAL.saturating_sub(saved.when.elapsed())
+                    } else {
+                        Duration::MAX
+                    };
                     tokio::select! {
                         _ = durable.changed() => {}
                         _ = stop.changed() => {}
+                        _ = tokio::time::sleep(wait.min(SAVE_INTERVAL)) => {}
                     }
                     continue;
                 }
             }
-            if cursor != saved && last_save.elapsed() >= SKIP_SAVE_INTERVAL {
-                self.save(cursor, &mut saved);
-                last_save = Instant::now();
+            if cursor != saved.at && saved.when.elapsed() >= SAVE_INTERVAL {
+                self.save(cursor, &mut saved).await;
             }
         }
     }
 
-    fn save(&self, cursor: u64, saved: &mut u64) {
-        match self.setup.position.save(cursor) {
+    /// Saves the resume position durably (off the async workers).
+    async fn save(&mut self, cursor: u64, saved: &mut Saved) {
+        let position = self.setup.position.clone();
+        let result = tokio::task::spawn_blocking(move || position.save(cursor))
+            .await
+            .map_err(|e| SinkError::Task(e.to_string()))
+            .and_then(|r| r);
+        match result {
             Ok(()) => {
-                *saved = cursor;
+                *saved = Saved {
+                    at: cursor,
+                    when: Instant::now(),
+                };
                 self.setup.stats.position.store(cursor, Ordering::Relaxed);
             }
             Err(e) => tracing::error!(error = %e, "cannot save the sink's position (will retry)"),
@@ -242,12 +287,25 @@ impl Worker {
     }
 
     /// The next batch from `cursor`: up to `max_events` items of this sink, or `None` when
-    /// the durable log is exhausted.
+    /// the durable log is exhausted. Entries come from the shared tail cache when it holds
+    /// them (already decoded), else from the log on disk.
     fn next_batch(&self, cursor: u64) -> Result<Option<Pending>, fleetbus_wal::WalError> {
-        let entries = self
-            .wal
-            .read_durable(cursor, self.setup.batch.max_events * 4)?;
-        let Some(last) = entries.last().map(|(i, _, _)| *i) else {
+        let scan = self.setup.batch.max_events * 4;
+        let mut entries: Vec<_> = self
+            .tail
+            .run(cursor, self.wal.durable(), scan)
+            .into_iter()
+            .map(|t| (t.index, t.entry, t.size, Some(t.message)))
+            .collect();
+        if entries.is_empty() {
+            entries = self
+                .wal
+                .read_durable(cursor, scan)?
+                .into_iter()
+                .map(|(index, entry, size)| (index, Arc::new(entry), size, None))
+                .collect();
+        }
+        let Some(last) = entries.last().map(|e| e.0) else {
             return Ok(None);
         };
         let mut pending = Pending {
@@ -259,17 +317,18 @@ impl Worker {
             entries: Vec::new(),
             bytes: 0,
         };
-        for (index, entry, size) in entries {
+        for (index, entry, size, decoded) in entries {
             if !entry.goes_to(&self.setup.name) {
                 continue;
             }
-            match Message::decode(&entry.topic, &entry.payload) {
-                Ok(mut message) => {
-                    if let Some(t) = Utc.timestamp_millis_opt(entry.received_ms).single() {
-                        message.received = t;
-                    }
+            let message = match decoded {
+                Some(m) => Ok(m),
+                None => decode_entry(&entry).map(Arc::new),
+            };
+            match message {
+                Ok(message) => {
                     pending.batch.items.push(Item {
-                        message: Arc::new(message),
+                        message,
                         dead_letter: entry.dead_letter.clone(),
                     });
                     pending.entries.push(entry);
@@ -292,19 +351,19 @@ impl Worker {
         Ok(Some(pending))
     }
 
-    /// Writes a batch, retrying; returns false if asked to stop before it succeeded.
-    async fn deliver(&mut self, p: Pending, stop: &mut watch::Receiver<bool>) -> bool {
+    /// Writes a batch, retrying, or hands it to the dead-letter sink.
+    async fn deliver(&mut self, p: Pending, stop: &mut watch::Receiver<bool>) -> Delivery {
         let stats = self.setup.stats.clone();
         let mut attempts = 0u32;
         let mut first_failure: Option<Instant> = None;
         let mut delay = self.setup.batch.retry_backoff;
-        loop {
+        let outcome = loop {
             let error = match self.sink.write(&p.batch).await {
                 Ok(()) => {
                     stats
                         .written
                         .fetch_add(p.batch.items.len() as u64, Ordering::Relaxed);
-                    break;
+                    break Delivery::Written;
                 }
                 Err(e) => e,
             };
@@ -315,7 +374,7 @@ impl Worker {
             if self.should_give_up(attempts, failing_since)
                 && self.dead_letter(&p, &error, attempts)
             {
-                break;
+                break Delivery::DeadLettered;
             }
             let wait = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
             tracing::warn!(error = %error, attempts, retry_in = ?wait, "sink write failed; retrying");
@@ -324,17 +383,15 @@ impl Worker {
                 _ = stop.changed() => {}
             }
             if *stop.borrow() {
-                return false;
+                return Delivery::Stopped;
             }
             delay = (delay * 2).min(self.setup.batch.retry_backoff_max);
-        }
+        };
         stats.pending_bytes.fetch_sub(
             p.bytes.min(stats.pending_bytes.load(Ordering::Relaxed)),
             Ordering::Relaxed,
         );
-        let mut saved = 0;
-        self.save(p.batch.next, &mut saved);
-        true
+        outcome
     }
 
     fn should_give_up(&self, attempts: u32, failing_since: Instant) -> bool {
@@ -383,4 +440,13 @@ impl Worker {
             }
         }
     }
+}
+
+/// Decodes the message of a log entry, with its `received` time from the entry.
+pub fn decode_entry(entry: &WalEntry) -> Result<Message, fleetbus_protocol::DecodeError> {
+    let mut message = Message::decode(&entry.topic, &entry.payload)?;
+    if let Some(t) = Utc.timestamp_millis_opt(entry.received_ms).single() {
+        message.received = t;
+    }
+    Ok(message)
 }
