@@ -89,13 +89,11 @@ impl TailCache {
             }
         };
         let mut out = Vec::new();
-        let mut expect = from;
-        for e in queue.range(start..) {
+        for (expect, e) in (from..).zip(queue.range(start..)) {
             if e.index != expect || e.index >= upto || out.len() >= max {
                 break;
             }
             out.push(e.clone());
-            expect += 1;
         }
         out
     }
