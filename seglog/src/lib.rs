@@ -176,11 +176,11 @@ impl SegLog {
         let mut header = [0u8; 8];
         header[..4].copy_from_slice(&len.to_le_bytes());
         header[4..].copy_from_slice(&crc.to_le_bytes());
-        let path = self.active_path();
+        let (dir, base) = (&self.dir, active);
         self.writer
             .write_all(&header)
             .and_then(|_| self.writer.write_all(payload))
-            .map_err(|e| SegLogError::io(&path, "append", e))?;
+            .map_err(|e| SegLogError::io(&segment_path(dir, base), "append", e))?;
         self.unflushed = true;
         self.active_bytes += RECORD_OVERHEAD + len as u64;
         self.live_bytes += RECORD_OVERHEAD + len as u64;
@@ -198,10 +198,10 @@ impl SegLog {
     /// Hands buffered appends to the operating system: they now survive a process crash.
     pub fn flush(&mut self) -> Result<(), SegLogError> {
         if self.unflushed {
-            let path = self.active_path();
+            let (dir, base) = (&self.dir, self.active_base());
             self.writer
                 .flush()
-                .map_err(|e| SegLogError::io(&path, "write", e))?;
+                .map_err(|e| SegLogError::io(&segment_path(dir, base), "write", e))?;
             self.unflushed = false;
         }
         Ok(())
@@ -210,11 +210,10 @@ impl SegLog {
     /// Flushes and forces the active segment to stable storage.
     pub fn sync(&mut self) -> Result<(), SegLogError> {
         self.flush()?;
-        let path = self.active_path();
         self.writer
             .get_ref()
             .sync_data()
-            .map_err(|e| SegLogError::io(&path, "fsync", e))
+            .map_err(|e| SegLogError::io(&self.active_path(), "fsync", e))
     }
 
     /// Flushes buffered appends and returns a handle on the active segment and the index

@@ -24,8 +24,12 @@ use fleetbus_mqtt::BrokerUrl;
 pub enum BenchCommand {
     /// Ingest throughput: fleetbus end to end vs plain broker relay.
     Ingest(IngestArgs),
-    /// Appends per second to the log under the outbox and the WAL, by fsync group size.
+    /// Appends per second to the log under the outbox and the WAL, by fsync group size,
+    /// beside two embedded stores.
     Wal {
+        /// Stores to measure (repeatable; default: all).
+        #[arg(long, value_enum)]
+        store: Vec<wal::Store>,
         /// Record size in bytes.
         #[arg(long, default_value_t = 250)]
         payload: usize,
@@ -88,15 +92,25 @@ impl Measurement {
 pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     let args = match command {
         BenchCommand::Ingest(args) => args,
-        BenchCommand::Wal { payload, duration } => {
+        BenchCommand::Wal {
+            store,
+            payload,
+            duration,
+        } => {
+            let stores = if store.is_empty() {
+                vec![wal::Store::Seglog, wal::Store::Redb, wal::Store::Fjall]
+            } else {
+                store
+            };
             println!(
-                "{:>14} {:>12} {:>14} {:>10}",
-                "appends/fsync", "appends", "appends/s", "MB/s"
+                "{:<8} {:>14} {:>12} {:>14} {:>10}",
+                "store", "appends/fsync", "appends", "appends/s", "MB/s"
             );
-            for f in wal::measure(payload, duration, &[1, 10, 100, 1000])? {
+            for f in wal::measure(&stores, payload, duration, &[1, 10, 100, 1000])? {
                 let secs = f.elapsed.as_secs_f64();
                 println!(
-                    "{:>14} {:>12} {:>14.0} {:>10.1}",
+                    "{:<8} {:>14} {:>12} {:>14.0} {:>10.1}",
+                    format!("{:?}", f.store).to_lowercase(),
                     f.group,
                     f.appends,
                     f.appends as f64 / secs,
