@@ -63,6 +63,11 @@ pub struct IngestArgs {
     /// Also start `mosquitto` (must be installed) on a free loopback port and measure it.
     #[arg(long)]
     pub mosquitto: bool,
+    /// Records each simulated agent keeps sent and not yet acknowledged by the server
+    /// (`connection.inflight`). Acknowledgements come after the server's fsync, so one
+    /// agent's rate is at most this window per acknowledgement round trip.
+    #[arg(long, default_value_t = 8000)]
+    pub inflight: u16,
     /// Skip the fleetbus end-to-end measurement.
     #[arg(long)]
     pub no_fleetbus: bool,
@@ -137,12 +142,13 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     }
     println!();
     println!(
-        "clients={} payload={}B rate={} duration={:?} (plain brokers at QoS {}, fleetbus agents at QoS 1 with disk outbox)",
+        "clients={} payload={}B rate={} duration={:?} (plain brokers at QoS {}, fleetbus agents at QoS 1 with disk outbox, window {})",
         args.clients,
         args.payload,
         if args.rate == 0 { "max".to_string() } else { format!("{}/s/client", args.rate) },
         args.duration,
-        args.qos
+        args.qos,
+        args.inflight
     );
     println!(
         "{:<40} {:>10} {:>10} {:>8} {:>12}",

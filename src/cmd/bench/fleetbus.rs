@@ -45,6 +45,7 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
         };
         c.metrics.enabled = false;
         c.outbox.max_bytes = 1 << 30;
+        c.connection.inflight = args.inflight;
         let agent = Agent::open(c)?;
         outboxes.push(agent.outbox().clone());
         agents.spawn(agent.run(stop_rx.clone()));
@@ -52,6 +53,8 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
 
     let start = Instant::now();
     let deadline = start + args.duration;
+    // the producers keep the agent's window full and a little more waiting behind it
+    let backlog = args.inflight as u64 + 2_000;
     let mut producers = Vec::new();
     for outbox in &outboxes {
         let outbox = outbox.clone();
@@ -67,7 +70,7 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
                         p.tick().await;
                     }
                     // as fast as the pipeline takes them: keep a bounded backlog
-                    None if outbox.stats().pending > 2_000 => {
+                    None if outbox.stats().pending > backlog => {
                         tokio::time::sleep(Duration::from_micros(500)).await;
                         continue;
                     }
