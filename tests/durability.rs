@@ -63,12 +63,24 @@ fn server_killed_twice_loses_nothing_and_duplicates_nothing() {
         std::thread::sleep(Duration::from_millis(rng.random_range(100..1000)));
         server = fx.serve(None, &format!("server-{round}"));
     }
-    wait_until(
-        Duration::from_secs(90),
-        "4000 records from each of the 5 agents, exactly once",
-        || names.iter().all(|n| exactly(&fx.data, n, 4000)),
-    );
+    let done = poll_until(Duration::from_secs(90), || {
+        names.iter().all(|n| exactly(&fx.data, n, 4000))
+    });
     let inv = scan(&fx.data).unwrap();
+    if !done {
+        let tail = |name: &str| {
+            let text = server.log_text();
+            let _ = name;
+            text.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+        };
+        let agent_log = fs::read_to_string(fx.path().join("d1.log")).unwrap_or_default();
+        panic!(
+            "not 4000 records from each of the 5 agents, exactly once, within 90 s: {:#?}\nserver log (newest first):\n{}\nagent d1 log (last lines):\n{}",
+            inv.streams,
+            tail("server"),
+            agent_log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        );
+    }
     let total: u64 = inv.streams.values().map(|s| s.records).sum();
     assert_eq!(total, 20_000, "{:#?}", inv.streams);
     assert!(inv

@@ -104,8 +104,10 @@ pub struct OutboxConfig {
     pub max_bytes: u64,
     /// Size of one outbox segment file.
     pub segment_bytes: u64,
-    /// Records are handed to the OS as they are written (they survive an agent crash); this
-    /// is how often they are also forced to disk (what a power loss can cost at most).
+    /// Records are handed to the OS as they are written (they survive an agent crash) and
+    /// published only once they are also on disk (they survive a power loss): at most this
+    /// often, everything pushed since the last time is forced to disk in one fsync (group
+    /// commit). Lower means less latency and more fsyncs.
     #[serde(with = "humantime_serde")]
     pub fsync_interval: Duration,
 }
@@ -115,7 +117,7 @@ impl Default for OutboxConfig {
         OutboxConfig {
             max_bytes: 64 * 1024 * 1024,
             segment_bytes: 4 * 1024 * 1024,
-            fsync_interval: Duration::from_millis(100),
+            fsync_interval: Duration::from_millis(10),
         }
     }
 }

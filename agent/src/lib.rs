@@ -128,6 +128,12 @@ impl Agent {
             birth: Arc::new(move || presence::birth(&birth_id, &birth_config)),
         };
         tasks.spawn(publisher.run(shutdown.clone()).in_current_span());
+        tasks.spawn(
+            self.outbox
+                .clone()
+                .run_syncer(shutdown.clone())
+                .in_current_span(),
+        );
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "agent task failed");

@@ -9,11 +9,15 @@
 //! (`fleetbus.outbox.overflow`) the next time the agent is connected.
 //!
 //! Durability: a record is handed to the OS before [`Outbox::push`] returns (it survives a
-//! crash of the agent); the log is forced to disk every `fsync_interval`.
+//! crash of the agent). It is published only once it is also on disk: a group commit
+//! ([`Outbox::commit`], run by [`Outbox::run_syncer`] at most every `fsync_interval`)
+//! forces the log to disk and releases what it covered to the publisher. So a power loss
+//! can only take records that never left the agent; a record the server acknowledged can
+//! never be lost and its sequence number handed out again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -21,7 +25,7 @@ use fleetbus_protocol::{topics, validate_id, Event, Record, Severity};
 use fleetbus_seglog::{SegLog, SegLogOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::futures::Notified;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::config::OutboxConfig;
 use crate::AgentError;
@@ -81,8 +85,8 @@ struct State {
     dropped_total: u64,
     state_dirty: bool,
     last_state_write: Instant,
-    log_unsynced: bool,
-    last_sync: Instant,
+    /// Records below this index are on disk (and may be published).
+    synced: u64,
 }
 
 /// The agent's durable outbox. Share it with `Arc`; all methods take `&self`.
@@ -91,7 +95,10 @@ pub struct Outbox {
     config: OutboxConfig,
     state_path: PathBuf,
     state: Mutex<State>,
+    /// Wakes the syncer: a record was pushed.
     notify: Notify,
+    /// Wakes the publisher: records were forced to disk.
+    durable: Notify,
 }
 
 impl Outbox {
@@ -165,6 +172,9 @@ impl Outbox {
                 "outbox: records from before the restart will be published again"
             );
         }
+        // what a crash left may sit in the page cache only: on disk before it is published
+        log.sync()?;
+        let synced = log.next_index();
         let now = Instant::now();
         Ok(Outbox {
             agent: agent.to_string(),
@@ -182,10 +192,10 @@ impl Outbox {
                 dropped_total: persisted.dropped_total,
                 state_dirty: true,
                 last_state_write: now,
-                log_unsynced: false,
-                last_sync: now,
+                synced,
             }),
             notify: Notify::new(),
+            durable: Notify::new(),
         })
     }
 
@@ -230,7 +240,6 @@ impl Outbox {
                 .or_default()
                 .insert(seq, (index, epoch));
             st.pending_bytes += st.log.record_bytes(index).unwrap_or(0);
-            st.log_unsynced = true;
             st.state_dirty = true;
             if bounded {
                 self.enforce_bound(&mut st);
@@ -247,7 +256,10 @@ impl Outbox {
         let mut guard = self.lock();
         let st = &mut *guard;
         let start = cursor.max(st.head);
-        let end = st.log.next_index().min(start.saturating_add(max as u64));
+        let end = st.synced.min(start.saturating_add(max as u64));
+        if end <= start {
+            return Ok(Vec::new());
+        }
         let mut items = Vec::with_capacity((end - start) as usize);
         let mut malformed = None;
         let acked = &st.acked;
@@ -351,6 +363,62 @@ impl Outbox {
         self.notify.notified()
     }
 
+    /// Resolves when pushed records were forced to disk and may now be published.
+    pub fn durable_notified(&self) -> Notified<'_> {
+        self.durable.notified()
+    }
+
+    /// Group commit: forces every record pushed so far to disk and releases them to the
+    /// publisher. The fsync runs without the lock, so pushes continue meanwhile. Blocking:
+    /// call it off the async workers. Returns false when there was nothing to do.
+    pub fn commit(&self) -> Result<bool, AgentError> {
+        let (handle, upto) = {
+            let mut st = self.lock();
+            if st.synced >= st.log.next_index() {
+                return Ok(false);
+            }
+            st.log.prepare_sync()?
+        };
+        handle.sync_data().map_err(|source| {
+            AgentError::Log(fleetbus_seglog::SegLogError::Io {
+                path: self.state_path.with_file_name(""),
+                op: "fsync",
+                source,
+            })
+        })?;
+        {
+            let mut st = self.lock();
+            st.synced = st.synced.max(upto);
+        }
+        self.durable.notify_one();
+        Ok(true)
+    }
+
+    /// Runs group commits until `shutdown`: after each push, waits until `fsync_interval`
+    /// has passed since the previous commit, then commits everything pushed meanwhile.
+    pub async fn run_syncer(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last = Instant::now() - self.config.fsync_interval;
+        loop {
+            tokio::select! {
+                _ = self.notified() => {}
+                _ = crate::stopped(&mut shutdown) => return,
+            }
+            let next = last + self.config.fsync_interval;
+            tokio::time::sleep_until(next.into()).await;
+            last = Instant::now();
+            let outbox = self.clone();
+            match tokio::task::spawn_blocking(move || outbox.commit()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot force the outbox to disk: records wait (retrying in 1 s)");
+                    self.notify.notify_one();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => tracing::error!(error = %e, "outbox syncer task failed"),
+            }
+        }
+    }
+
     /// If records were dropped since the last report, pushes an overflow event saying how
     /// many. Returns the count reported.
     pub fn report_drops(&self) -> Result<Option<u64>, AgentError> {
@@ -392,8 +460,8 @@ impl Outbox {
         Ok(Some(count))
     }
 
-    /// Periodic housekeeping: forces the log to disk every `fsync_interval`, saves the
-    /// state file, and deletes segments that hold only acknowledged records.
+    /// Periodic housekeeping: saves the state file and deletes segments that hold only
+    /// acknowledged records.
     pub fn maintain(&self) -> Result<(), AgentError> {
         self.maintain_at(false)
     }
@@ -406,12 +474,9 @@ impl Outbox {
     fn maintain_at(&self, force: bool) -> Result<(), AgentError> {
         let mut st = self.lock();
         let now = Instant::now();
-        if st.log_unsynced
-            && (force || now.duration_since(st.last_sync) >= self.config.fsync_interval)
-        {
+        if force && st.synced < st.log.next_index() {
             st.log.sync()?;
-            st.log_unsynced = false;
-            st.last_sync = now;
+            st.synced = st.log.next_index();
         }
         if st.state_dirty
             && (force || now.duration_since(st.last_state_write) >= STATE_WRITE_INTERVAL)

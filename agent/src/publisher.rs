@@ -214,7 +214,7 @@ impl Publisher {
                     Some(Err(e)) => return SessionEnd::Failed { reason: describe(&e), connected: true },
                     None => return SessionEnd::Failed { reason: "connection task ended".into(), connected: true },
                 },
-                _ = self.outbox.notified(), if !busy => {}
+                _ = self.outbox.durable_notified(), if !busy => {}
                 _ = housekeeping.tick() => {
                     if let Err(e) = self.outbox.maintain() {
                         tracing::error!(error = %e, "outbox housekeeping failed");

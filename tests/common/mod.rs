@@ -87,15 +87,24 @@ impl Drop for Proc {
 }
 
 /// Polls `cond` every 50 ms until it holds; panics with `what` after `timeout`.
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        poll_until(timeout, cond),
+        "timed out after {timeout:?} waiting for: {what}"
+    );
+}
+
+/// Polls `cond` every 50 ms until it holds (true) or `timeout` passes (false).
+#[allow(dead_code)]
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 /// A free loopback port.

@@ -102,6 +102,7 @@ fn overflow_drops_the_oldest_and_reports_the_count() {
     let stats = ob.stats();
     assert!(stats.pending_bytes <= 64 * 1024, "{stats:?}");
     assert!(stats.dropped_total > 0);
+    ob.commit().unwrap();
     let items = ob.read_from(0, 1000).unwrap();
     let seqs = seqs_of(&items);
     // the newest are kept, contiguous up to the last one pushed
@@ -110,6 +111,7 @@ fn overflow_drops_the_oldest_and_reports_the_count() {
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
 
     assert_eq!(ob.report_drops().unwrap(), Some(stats.dropped_total));
+    ob.commit().unwrap();
     let last = ob.read_from(0, 1000).unwrap().pop().unwrap();
     assert_eq!(last.topic, "fleet/a1/telemetry/events");
     let event = Record::decode(&last.payload).unwrap();
@@ -135,6 +137,7 @@ fn a_torn_tail_past_the_saved_head_is_not_skipped() {
     assert_eq!(ob.stats().pending, 0);
     // the new record takes the cut record's index; it must be sent, and numbered on
     assert_eq!(ob.push("m", |_| {}).unwrap(), 6);
+    ob.commit().unwrap();
     assert_eq!(seqs_of(&ob.read_from(0, 10).unwrap()), vec![6]);
 }
 
@@ -192,6 +195,7 @@ fn acknowledgements_by_stream_and_seq_ranges_remove_exactly_those_records() {
         ob.push("m", |_| {}).unwrap();
         ob.push("e", |_| {}).unwrap();
     }
+    ob.commit().unwrap();
     let epoch = Record::decode(&ob.read_from(0, 1).unwrap()[0].payload)
         .unwrap()
         .epoch
@@ -225,6 +229,7 @@ fn acknowledgements_by_stream_and_seq_ranges_remove_exactly_those_records() {
 fn the_epoch_is_kept_across_restarts_and_new_for_a_new_outbox() {
     let dir = tempfile::tempdir().unwrap();
     let epoch_of = |ob: &Outbox| {
+        ob.commit().unwrap();
         let items = ob.read_from(0, 1000).unwrap();
         Record::decode(&items.last().unwrap().payload)
             .unwrap()
@@ -242,4 +247,26 @@ fn the_epoch_is_kept_across_restarts_and_new_for_a_new_outbox() {
     let ob2 = Outbox::open(other.path(), "a1", &config(1 << 20)).unwrap();
     ob2.push("m", |_| {}).unwrap();
     assert_ne!(epoch_of(&ob2), first);
+}
+
+#[test]
+fn records_are_released_for_publishing_only_once_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    for _ in 0..3 {
+        ob.push("m", |_| {}).unwrap();
+    }
+    assert!(
+        ob.read_from(0, 10).unwrap().is_empty(),
+        "records not yet forced to disk must not be published"
+    );
+    assert!(ob.commit().unwrap());
+    assert_eq!(seqs_of(&ob.read_from(0, 10).unwrap()), vec![1, 2, 3]);
+    assert!(!ob.commit().unwrap(), "nothing new to commit");
+    ob.push("m", |_| {}).unwrap();
+    assert_eq!(seqs_of(&ob.read_from(0, 10).unwrap()), vec![1, 2, 3]);
+    drop(ob);
+    // reopening forces what a crash left to disk: everything is publishable again
+    let ob = Outbox::open(dir.path(), "a1", &config(1 << 20)).unwrap();
+    assert_eq!(seqs_of(&ob.read_from(0, 10).unwrap()), vec![1, 2, 3, 4]);
 }
