@@ -201,3 +201,57 @@ fn agent_without_a_server_keeps_retrying_then_delivers() {
         },
     );
 }
+
+/// `GET /metrics` on the server's metrics endpoint: what the sink wrote, its lag, in the
+/// Prometheus text format.
+#[test]
+fn metrics_endpoint_reports_records_written_and_sink_lag() {
+    use std::io::{Read, Write};
+    let fx = Fixture::new();
+    let metrics_port = free_port();
+    let cfg = server_config(fx.path(), fx.port, None);
+    let mut text = fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+    ));
+    fs::write(&cfg, text).unwrap();
+    let _server = Proc::start(
+        &["serve", "--config", cfg.to_str().unwrap()],
+        &fx.path().join("server.log"),
+    );
+    let agent = AgentOpts {
+        id: Some("m1".into()),
+        heartbeat_ms: 20,
+        limit: 25,
+        metrics: false,
+        ..AgentOpts::default()
+    };
+    let _agent = fx.agent_with("m1", &agent);
+    let scrape = || -> String {
+        let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) else {
+            return String::new();
+        };
+        let _ = conn
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let mut body = String::new();
+        let _ = conn.read_to_string(&mut body);
+        body
+    };
+    // 25 heartbeats plus the agent's birth message are not telemetry: 25 records archived
+    wait_until(
+        Duration::from_secs(30),
+        "the archive sink reported 25 records written and no lag",
+        || {
+            let m = scrape();
+            m.contains("fleetbus_sink_written_total{sink=\"archive\"} 25\n")
+                && m.contains("fleetbus_sink_lag_entries{sink=\"archive\"} 0\n")
+        },
+    );
+    let m = scrape();
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(m.contains("text/plain; version=0.0.4"), "{m}");
+    assert!(
+        m.contains("fleetbus_sink_dead_lettered_total{sink=\"archive\"} 0\n"),
+        "{m}"
+    );
+}

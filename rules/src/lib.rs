@@ -25,5 +25,6 @@ pub mod standalone;
 
 pub use engine::{AckPublisher, Engine, EngineOptions, EngineStats};
 pub use filter::TopicFilter;
+pub use fleetbus_sinks::SinkStatsSnapshot;
 pub use ruleset::{RuleSet, RulesError, DEFAULT_RULES};
 pub use standalone::{run_standalone, AckChannel, StandaloneOptions};

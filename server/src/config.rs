@@ -19,6 +19,16 @@ pub struct ServerConfig {
     pub rules: RulesSection,
     /// The write-ahead log.
     pub wal: WalSection,
+    /// The metrics endpoint.
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Where `GET /metrics` is served (e.g. `127.0.0.1:9464`); unset = no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[wal]`: the server's write-ahead log.
@@ -63,6 +73,7 @@ impl Default for ServerConfig {
             broker: BrokerConfig::default(),
             rules: RulesSection::default(),
             wal: WalSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }

@@ -5,12 +5,13 @@
 //! open, so no agent message can arrive before the engine sees it.
 
 mod config;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use config::{RulesSection, ServerConfig, WalSection};
+pub use config::{MetricsSection, RulesSection, ServerConfig, WalSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
 use fleetbus_protocol::topics;
 use fleetbus_rules::{AckPublisher, Engine, EngineStats, RuleSet, RulesError};
@@ -48,6 +49,7 @@ pub struct Server {
     engine: Arc<Engine>,
     consumer: JoinHandle<()>,
     reporter: JoinHandle<()>,
+    metrics: Option<(SocketAddr, JoinHandle<()>)>,
     addr: SocketAddr,
     // the sending half of the engine's link (also used for acknowledgements)
     _engine_link: Arc<Mutex<LinkTx>>,
@@ -94,6 +96,14 @@ impl Server {
             consume(link_rx, engine.clone()).instrument(tracing::info_span!("rules_engine")),
         );
         let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL));
+        let metrics = match config.metrics.listen {
+            Some(at) => {
+                let (bound, task) = metrics::start(at, engine.clone()).await?;
+                tracing::info!(addr = %bound, "metrics endpoint: GET /metrics");
+                Some((bound, task))
+            }
+            None => None,
+        };
         let addr = broker.listen().await?;
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "fleetbus server ready");
         Ok(Server {
@@ -101,6 +111,7 @@ impl Server {
             engine,
             consumer,
             reporter,
+            metrics,
             addr,
             _engine_link: link_tx,
         })
@@ -109,6 +120,11 @@ impl Server {
     /// The MQTT listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The metrics endpoint's address, when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|m| m.0)
     }
 
     /// The rules engine's counters.
@@ -140,6 +156,10 @@ impl Server {
         self.reporter.abort();
         let _ = self.consumer.await;
         let _ = self.reporter.await;
+        if let Some((_, task)) = self.metrics.take() {
+            task.abort();
+            let _ = task.await;
+        }
         let Ok(engine) = Arc::try_unwrap(self.engine) else {
             tracing::error!(
                 "rules engine still in use at shutdown; the log keeps what the sinks did not write"

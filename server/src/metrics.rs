@@ -1,0 +1,148 @@
+//! The metrics endpoint: `GET /metrics` answers the engine's and every sink's counters in
+//! the Prometheus text format (version 0.0.4), so lag, retries and dead letters can be
+//! scraped and alerted on.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use fleetbus_rules::{Engine, EngineStats, SinkStatsSnapshot};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::ServerError;
+
+/// Binds `addr` and serves `/metrics` from `engine` on the current runtime. Returns the
+/// bound address and the serving task.
+pub async fn start(
+    addr: SocketAddr,
+    engine: Arc<Engine>,
+) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServerError::Config(format!("metrics.listen {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| ServerError::Config(format!("metrics.listen {addr}: {e}")))?;
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(engine);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn scrape(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render(&engine.stats()),
+    )
+}
+
+/// The counters in the Prometheus text format.
+pub fn render(s: &EngineStats) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let engine = [
+        ("fleetbus_messages_received_total", "counter", "Messages handed to the rules engine.", s.received),
+        ("fleetbus_decode_errors_total", "counter", "Messages skipped because their payload could not be decoded.", s.decode_errors),
+        ("fleetbus_unrouted_total", "counter", "Messages no rule matched.", s.unrouted),
+        ("fleetbus_duplicates_total", "counter", "Records recognised as already accepted (acknowledged again, not stored again).", s.duplicates),
+        ("fleetbus_refused_total", "counter", "Records refused because a target sink's backlog was full (agents keep and resend them).", s.refused),
+        ("fleetbus_wal_durable_index", "gauge", "Write-ahead log index up to which entries are on disk.", s.durable),
+    ];
+    for (name, kind, help, value) in engine {
+        family(name, kind, help, &[(String::new(), value)]);
+    }
+    type RuleField = fn(&(String, u64, u64)) -> u64;
+    let rules: [(&str, &str, RuleField); 2] = [
+        (
+            "fleetbus_rule_matched_total",
+            "Messages each rule matched.",
+            |r| r.1,
+        ),
+        (
+            "fleetbus_rule_condition_errors_total",
+            "Messages whose condition could not be evaluated, per rule.",
+            |r| r.2,
+        ),
+    ];
+    for (name, help, field) in rules {
+        let samples: Vec<(String, u64)> = s
+            .rules
+            .iter()
+            .map(|r| (format!("{{rule=\"{}\"}}", escape(&r.0)), field(r)))
+            .collect();
+        family(name, "counter", help, &samples);
+    }
+    let durable = s.durable;
+    type SinkField = Box<dyn Fn(&SinkStatsSnapshot) -> u64>;
+    let sinks: [(&str, &str, &str, SinkField); 6] = [
+        ("fleetbus_sink_written_total", "counter", "Messages the sink wrote.", Box::new(|st| st.written)),
+        ("fleetbus_sink_failed_attempts_total", "counter", "Failed write attempts (each is retried, or the batch goes to the dead-letter sink).", Box::new(|st| st.failed_attempts)),
+        ("fleetbus_sink_dead_lettered_total", "counter", "Messages the sink gave up and handed to its dead-letter sink.", Box::new(|st| st.dead_lettered)),
+        ("fleetbus_sink_undecodable_total", "counter", "Log entries the sink could not decode (skipped).", Box::new(|st| st.undecodable)),
+        ("fleetbus_sink_lag_entries", "gauge", "Durable log entries after the sink's saved position.", Box::new(move |st| durable.saturating_sub(st.position))),
+        ("fleetbus_sink_backlog_bytes", "gauge", "Bytes of log entries routed to the sink and not yet written (backpressure at buffer.max_bytes).", Box::new(|st| st.pending_bytes)),
+    ];
+    for (name, kind, help, field) in sinks {
+        let samples: Vec<(String, u64)> = s
+            .sinks
+            .iter()
+            .map(|(sink, st)| (format!("{{sink=\"{}\"}}", escape(sink)), field(st)))
+            .collect();
+        family(name, kind, help, &samples);
+    }
+    out
+}
+
+/// Escapes a label value (backslash, quote, newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_engine_rule_and_sink_families() {
+        let stats = EngineStats {
+            received: 10,
+            durable: 9,
+            rules: vec![("archive".into(), 7, 1)],
+            sinks: vec![(
+                "files\"x".into(),
+                SinkStatsSnapshot {
+                    written: 5,
+                    position: 4,
+                    dead_lettered: 2,
+                    ..Default::default()
+                },
+            )],
+            ..Default::default()
+        };
+        let text = render(&stats);
+        assert!(text.contains("fleetbus_messages_received_total 10\n"));
+        assert!(text.contains("fleetbus_rule_matched_total{rule=\"archive\"} 7\n"));
+        assert!(text.contains("fleetbus_sink_written_total{sink=\"files\\\"x\"} 5\n"));
+        assert!(text.contains("fleetbus_sink_lag_entries{sink=\"files\\\"x\"} 5\n"));
+        assert!(text.contains("fleetbus_sink_dead_lettered_total{sink=\"files\\\"x\"} 2\n"));
+        assert!(text.contains("# TYPE fleetbus_sink_lag_entries gauge\n"));
+    }
+}
