@@ -126,17 +126,21 @@ impl EmbeddedBroker {
             let reason = factory(settings, protocol).await;
             tracing::error!(%addr, %reason, "broker listener ended");
         }));
-        // wait until rumqttd holds the port: probing by binding (not by connecting)
-        // leaves no half-open connection behind
+        // wait until rumqttd accepts connections. The probe connects and closes at once
+        // (rumqttd sees an empty connection end). Probing by binding would race: holding
+        // the port for an instant can make rumqttd's own bind fail.
         let waited = Duration::from_secs(5);
         let deadline = Instant::now() + waited;
+        let probe_addr = match addr.ip().is_unspecified() {
+            true => SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port())),
+            false => addr,
+        };
         while Instant::now() < deadline {
-            match StdTcpListener::bind(addr) {
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                    tracing::info!(%addr, "broker listening");
-                    return Ok(addr);
-                }
-                _ => {}
+            let probe = tokio::net::TcpStream::connect(probe_addr);
+            if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), probe).await {
+                drop(stream);
+                tracing::info!(%addr, "broker listening");
+                return Ok(addr);
             }
             if self.listener.as_ref().is_some_and(|l| l.is_finished()) {
                 break;

@@ -1,0 +1,544 @@
+//! The receiving side: chunks written at their offsets into a spool file per upload.
+//!
+//! On disk, one directory per upload, `ROOT/{owner}/{file_id}/`:
+//! - `manifest.json`: the manifest, written once at `init`;
+//! - `data`: the file being reassembled (sparse until every chunk arrived);
+//! - `held.json`: which chunks are on disk (index ranges), whether the file was verified,
+//!   and the last activity time. It is rewritten only after `data` was fsynced, so after a
+//!   crash it never claims a chunk that is not on disk: chunks received since are simply
+//!   asked for again.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ChunkError, Rejection};
+use crate::manifest::{sha256_hex, Manifest};
+
+/// Limits of the receiving side.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest file accepted.
+    pub max_file_size: u64,
+    /// Most bytes of spool one owner (agent) may occupy with uploads not yet removed.
+    pub quota_per_owner: u64,
+    /// Largest chunk accepted.
+    pub max_chunk_size: u32,
+    /// The held-chunks state is saved (after an fsync of the data) at least every this many
+    /// chunks; a crash costs at most this many chunks to be sent again.
+    pub persist_every: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_size: 4 << 30,
+            quota_per_owner: 8 << 30,
+            max_chunk_size: 128 * 1024,
+            persist_every: 64,
+        }
+    }
+}
+
+/// Where an upload stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadStatus {
+    /// The upload.
+    pub file_id: String,
+    /// Chunks in the file.
+    pub chunk_count: u32,
+    /// Chunks on disk, as inclusive index ranges.
+    pub held: Vec<(u32, u32)>,
+    /// True once the whole file was verified.
+    pub complete: bool,
+}
+
+impl UploadStatus {
+    /// Indexes not held yet, in order.
+    pub fn missing(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut next = 0u32;
+        for &(lo, hi) in &self.held {
+            out.extend(next..lo.min(self.chunk_count));
+            next = hi.saturating_add(1);
+        }
+        out.extend(next..self.chunk_count);
+        out
+    }
+}
+
+/// What [`Reassembler::put`] did with a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Written.
+    Stored,
+    /// Already held (or the file is already complete): nothing written.
+    Duplicate,
+}
+
+/// A verified file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// Whose file.
+    pub owner: String,
+    /// What it is.
+    pub manifest: Manifest,
+    /// Where its bytes are (stays until [`Reassembler::remove`]).
+    pub path: PathBuf,
+}
+
+/// What [`Reassembler::gc`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    /// (owner, file id) of every upload removed.
+    pub removed: Vec<(String, String)>,
+    /// Their declared sizes, summed.
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HeldState {
+    held: Vec<(u32, u32)>,
+    complete: bool,
+    updated_ms: u64,
+}
+
+#[derive(Debug)]
+struct Upload {
+    manifest: Manifest,
+    dir: PathBuf,
+    data: File,
+    held: Vec<u64>,
+    held_count: u32,
+    unsaved: u32,
+    complete: bool,
+    updated: SystemTime,
+}
+
+impl Upload {
+    fn has(&self, index: u32) -> bool {
+        self.held[(index / 64) as usize] & (1 << (index % 64)) != 0
+    }
+
+    fn set(&mut self, index: u32) {
+        self.held[(index / 64) as usize] |= 1 << (index % 64);
+        self.held_count += 1;
+    }
+
+    fn clear(&mut self) {
+        self.held.iter_mut().for_each(|w| *w = 0);
+        self.held_count = 0;
+    }
+
+    fn ranges(&self) -> Vec<(u32, u32)> {
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for i in (0..self.manifest.chunk_count).filter(|&i| self.has(i)) {
+            match out.last_mut() {
+                Some((_, hi)) if *hi + 1 == i => *hi = i,
+                _ => out.push((i, i)),
+            }
+        }
+        out
+    }
+
+    fn status(&self) -> UploadStatus {
+        UploadStatus {
+            file_id: self.manifest.file_id.clone(),
+            chunk_count: self.manifest.chunk_count,
+            held: self.ranges(),
+            complete: self.complete,
+        }
+    }
+
+    fn data_path(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// fsyncs the data, then saves which chunks it holds.
+    fn save(&mut self) -> Result<(), ChunkError> {
+        self.data
+            .sync_data()
+            .map_err(|e| ChunkError::io(self.data_path(), "fsync", e))?;
+        let state = HeldState {
+            held: self.ranges(),
+            complete: self.complete,
+            updated_ms: millis(self.updated),
+        };
+        write_json(&self.dir.join("held.json"), &state)?;
+        self.unsaved = 0;
+        Ok(())
+    }
+}
+
+/// Reassembles uploads from many owners under one spool directory.
+#[derive(Debug)]
+pub struct Reassembler {
+    root: PathBuf,
+    limits: Limits,
+    uploads: HashMap<(String, String), Upload>,
+}
+
+impl Reassembler {
+    /// Opens the spool at `root`, loading every upload a previous run left. An upload
+    /// whose state cannot be read is reported in the second value and left on disk.
+    pub fn open(root: &Path, limits: Limits) -> Result<(Reassembler, Vec<ChunkError>), ChunkError> {
+        fs::create_dir_all(root).map_err(|e| ChunkError::io(root, "create directory", e))?;
+        let mut r = Reassembler {
+            root: root.to_path_buf(),
+            limits,
+            uploads: HashMap::new(),
+        };
+        let mut problems = Vec::new();
+        for owner_dir in list_dirs(root)? {
+            for upload_dir in list_dirs(&owner_dir)? {
+                match load(&upload_dir) {
+                    Ok(upload) => {
+                        let owner = file_name(&owner_dir);
+                        r.uploads
+                            .insert((owner, upload.manifest.file_id.clone()), upload);
+                    }
+                    Err(e) => problems.push(e),
+                }
+            }
+        }
+        Ok((r, problems))
+    }
+
+    /// Starts (or resumes) `owner`'s upload of the file `manifest` describes, and says
+    /// which chunks are already held. Starting the same manifest again is harmless.
+    pub fn init(&mut self, owner: &str, manifest: Manifest) -> Result<UploadStatus, ChunkError> {
+        check_owner(owner)?;
+        manifest.validate(self.limits.max_chunk_size)?;
+        let key = (owner.to_string(), manifest.file_id.clone());
+        if let Some(up) = self.uploads.get_mut(&key) {
+            if up.manifest != manifest {
+                return Err(Rejection::ManifestConflict(manifest.file_id).into());
+            }
+            up.updated = SystemTime::now();
+            up.save()?;
+            return Ok(up.status());
+        }
+        if manifest.size > self.limits.max_file_size {
+            return Err(Rejection::TooLarge {
+                size: manifest.size,
+                max: self.limits.max_file_size,
+            }
+            .into());
+        }
+        let used = self.used_by(owner);
+        if used + manifest.size > self.limits.quota_per_owner {
+            return Err(Rejection::QuotaExceeded {
+                owner: owner.to_string(),
+                used,
+                size: manifest.size,
+                quota: self.limits.quota_per_owner,
+            }
+            .into());
+        }
+        let dir = self.root.join(owner).join(&manifest.file_id);
+        fs::create_dir_all(&dir).map_err(|e| ChunkError::io(&dir, "create directory", e))?;
+        let data_path = dir.join("data");
+        let data = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&data_path)
+            .map_err(|e| ChunkError::io(&data_path, "create", e))?;
+        data.set_len(manifest.size)
+            .map_err(|e| ChunkError::io(&data_path, "size", e))?;
+        write_json(&dir.join("manifest.json"), &manifest)?;
+        let words = (manifest.chunk_count as usize).div_ceil(64);
+        let mut up = Upload {
+            manifest,
+            dir,
+            data,
+            held: vec![0; words],
+            held_count: 0,
+            unsaved: 0,
+            complete: false,
+            updated: SystemTime::now(),
+        };
+        up.save()?;
+        let status = up.status();
+        self.uploads.insert(key, up);
+        Ok(status)
+    }
+
+    /// Stores chunk `index` of an upload after checking it against the manifest: its
+    /// offset, its length and its SHA-256 (`sha256`, as sent with it). Nothing is written
+    /// for a rejected chunk.
+    pub fn put(
+        &mut self,
+        owner: &str,
+        file_id: &str,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+        sha256: &str,
+    ) -> Result<PutOutcome, ChunkError> {
+        let persist_every = self.limits.persist_every.max(1);
+        let up = self.upload_mut(owner, file_id)?;
+        let m = &up.manifest;
+        let Some(expected_len) = m.len_of(index) else {
+            return Err(Rejection::IndexOutOfRange {
+                index,
+                count: m.chunk_count,
+            }
+            .into());
+        };
+        if offset != m.offset_of(index) {
+            return Err(Rejection::Offset {
+                index,
+                offset,
+                expected: m.offset_of(index),
+            }
+            .into());
+        }
+        if data.len() as u64 != expected_len {
+            return Err(Rejection::Length {
+                index,
+                len: data.len(),
+                expected: expected_len,
+            }
+            .into());
+        }
+        let actual = sha256_hex(data);
+        if !actual.eq_ignore_ascii_case(sha256) {
+            return Err(Rejection::ChunkHash {
+                index,
+                declared: sha256.to_string(),
+                actual,
+            }
+            .into());
+        }
+        up.updated = SystemTime::now();
+        if up.complete || up.has(index) {
+            return Ok(PutOutcome::Duplicate);
+        }
+        up.data
+            .write_all_at(data, offset)
+            .map_err(|e| ChunkError::io(up.data_path(), "write", e))?;
+        up.set(index);
+        up.unsaved += 1;
+        if up.unsaved >= persist_every {
+            up.save()?;
+        }
+        Ok(PutOutcome::Stored)
+    }
+
+    /// Which chunks of an upload are on disk (saved first, so the answer survives a crash).
+    pub fn status(&mut self, owner: &str, file_id: &str) -> Result<UploadStatus, ChunkError> {
+        let up = self.upload_mut(owner, file_id)?;
+        if up.unsaved > 0 {
+            up.save()?;
+        }
+        Ok(up.status())
+    }
+
+    /// Declares the upload finished: every chunk must be held, and the reassembled file
+    /// must hash to the manifest's SHA-256 (read back from disk, in bounded memory). On a
+    /// whole-file mismatch every chunk is forgotten, so the sender sends them all again.
+    pub fn finish(&mut self, owner: &str, file_id: &str) -> Result<Completed, ChunkError> {
+        let up = self.upload_mut(owner, file_id)?;
+        if !up.complete {
+            if up.held_count < up.manifest.chunk_count {
+                return Err(Rejection::Incomplete {
+                    file_id: file_id.to_string(),
+                    missing: up.manifest.chunk_count - up.held_count,
+                    count: up.manifest.chunk_count,
+                }
+                .into());
+            }
+            up.save()?;
+            let actual = hash_file(&up.data_path())?;
+            if !actual.eq_ignore_ascii_case(&up.manifest.sha256) {
+                up.clear();
+                up.save()?;
+                return Err(Rejection::FileHash {
+                    declared: up.manifest.sha256.clone(),
+                    actual,
+                }
+                .into());
+            }
+            up.complete = true;
+            up.updated = SystemTime::now();
+            up.save()?;
+        }
+        Ok(Completed {
+            owner: owner.to_string(),
+            manifest: up.manifest.clone(),
+            path: up.data_path(),
+        })
+    }
+
+    /// Removes an upload, finished or not, and frees its spool space. Returns the bytes
+    /// freed (its declared size), or `None` if there was no such upload.
+    pub fn remove(&mut self, owner: &str, file_id: &str) -> Result<Option<u64>, ChunkError> {
+        let Some(up) = self
+            .uploads
+            .remove(&(owner.to_string(), file_id.to_string()))
+        else {
+            return Ok(None);
+        };
+        fs::remove_dir_all(&up.dir).map_err(|e| ChunkError::io(&up.dir, "remove", e))?;
+        Ok(Some(up.manifest.size))
+    }
+
+    /// Removes every *unfinished* upload with no activity for `ttl` as of `now`.
+    pub fn gc(&mut self, ttl: Duration, now: SystemTime) -> Result<GcReport, ChunkError> {
+        let stale: Vec<(String, String)> = self
+            .uploads
+            .iter()
+            .filter(|(_, up)| {
+                !up.complete && now.duration_since(up.updated).unwrap_or_default() >= ttl
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut report = GcReport::default();
+        for (owner, file_id) in stale {
+            if let Some(bytes) = self.remove(&owner, &file_id)? {
+                report.bytes += bytes;
+                report.removed.push((owner, file_id));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Bytes of spool `owner`'s uploads take (their declared sizes).
+    pub fn used_by(&self, owner: &str) -> u64 {
+        self.uploads
+            .iter()
+            .filter(|((o, _), _)| o == owner)
+            .map(|(_, up)| up.manifest.size)
+            .sum()
+    }
+
+    /// The manifest of an upload in progress or complete.
+    pub fn manifest(&self, owner: &str, file_id: &str) -> Option<&Manifest> {
+        self.uploads
+            .get(&(owner.to_string(), file_id.to_string()))
+            .map(|up| &up.manifest)
+    }
+
+    fn upload_mut(&mut self, owner: &str, file_id: &str) -> Result<&mut Upload, ChunkError> {
+        self.uploads
+            .get_mut(&(owner.to_string(), file_id.to_string()))
+            .ok_or_else(|| Rejection::UnknownUpload(file_id.to_string()).into())
+    }
+}
+
+fn check_owner(owner: &str) -> Result<(), Rejection> {
+    let ok = !owner.is_empty()
+        && owner.len() <= 128
+        && owner != "."
+        && owner != ".."
+        && owner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Rejection::Manifest(format!(
+            "owner {owner:?} is not a usable agent id"
+        )))
+    }
+}
+
+fn load(dir: &Path) -> Result<Upload, ChunkError> {
+    let manifest: Manifest = read_json(&dir.join("manifest.json"))?;
+    let state: HeldState = read_json(&dir.join("held.json"))?;
+    let data_path = dir.join("data");
+    let data = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&data_path)
+        .map_err(|e| ChunkError::io(&data_path, "open", e))?;
+    let words = (manifest.chunk_count as usize).div_ceil(64);
+    let mut up = Upload {
+        manifest,
+        dir: dir.to_path_buf(),
+        data,
+        held: vec![0; words],
+        held_count: 0,
+        unsaved: 0,
+        complete: state.complete,
+        updated: UNIX_EPOCH + Duration::from_millis(state.updated_ms),
+    };
+    for (lo, hi) in state.held {
+        for i in lo..=hi.min(up.manifest.chunk_count.saturating_sub(1)) {
+            if !up.has(i) {
+                up.set(i);
+            }
+        }
+    }
+    Ok(up)
+}
+
+fn hash_file(path: &Path) -> Result<String, ChunkError> {
+    let mut f = File::open(path).map_err(|e| ChunkError::io(path, "open", e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| ChunkError::io(path, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ChunkError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| ChunkError::State {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes)
+        .and_then(|_| File::open(&tmp)?.sync_all())
+        .and_then(|_| fs::rename(&tmp, path))
+        .map_err(|e| ChunkError::io(path, "save", e))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ChunkError> {
+    let bytes = fs::read(path).map_err(|e| ChunkError::io(path, "read", e))?;
+    serde_json::from_slice(&bytes).map_err(|e| ChunkError::State {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn list_dirs(dir: &Path) -> Result<Vec<PathBuf>, ChunkError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| ChunkError::io(dir, "list", e))? {
+        let entry = entry.map_err(|e| ChunkError::io(dir, "list", e))?;
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;
