@@ -372,16 +372,17 @@ impl Outbox {
     /// publisher. The fsync runs without the lock, so pushes continue meanwhile. Blocking:
     /// call it off the async workers. Returns false when there was nothing to do.
     pub fn commit(&self) -> Result<bool, AgentError> {
-        let (handle, upto) = {
+        let (handle, upto, dir) = {
             let mut st = self.lock();
             if st.synced >= st.log.next_index() {
                 return Ok(false);
             }
-            st.log.prepare_sync()?
+            let (handle, upto) = st.log.prepare_sync()?;
+            (handle, upto, st.log.dir().to_path_buf())
         };
         handle.sync_data().map_err(|source| {
             AgentError::Log(fleetbus_seglog::SegLogError::Io {
-                path: self.state_path.with_file_name(""),
+                path: dir,
                 op: "fsync",
                 source,
             })
@@ -397,7 +398,9 @@ impl Outbox {
     /// Runs group commits until `shutdown`: after each push, waits until `fsync_interval`
     /// has passed since the previous commit, then commits everything pushed meanwhile.
     pub async fn run_syncer(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut last = Instant::now() - self.config.fsync_interval;
+        let mut last = Instant::now()
+            .checked_sub(self.config.fsync_interval)
+            .unwrap_or_else(Instant::now);
         loop {
             tokio::select! {
                 _ = self.notified() => {}

@@ -9,6 +9,11 @@ pub enum Rejection {
     /// The manifest contradicts itself or the limits.
     #[error("manifest rejected: {0}")]
     Manifest(String),
+    /// The owner (agent id) cannot name a spool directory.
+    #[error(
+        "owner {0:?} is not a usable agent id (1-128 characters of [A-Za-z0-9._-], not . or ..)"
+    )]
+    Owner(String),
     /// The file is larger than the configured maximum.
     #[error("file of {size} bytes exceeds the maximum file size of {max} bytes")]
     TooLarge {

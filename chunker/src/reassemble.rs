@@ -445,9 +445,7 @@ fn check_owner(owner: &str) -> Result<(), Rejection> {
     if ok {
         Ok(())
     } else {
-        Err(Rejection::Manifest(format!(
-            "owner {owner:?} is not a usable agent id"
-        )))
+        Err(Rejection::Owner(owner.to_string()))
     }
 }
 

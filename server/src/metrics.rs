@@ -120,6 +120,23 @@ fn escape(v: &str) -> String {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn an_address_in_use_is_an_error_naming_metrics_listen() {
+        let dir = tempfile::tempdir().unwrap();
+        let acks: fleetbus_rules::AckPublisher = Arc::new(|_: &str, _: Vec<u8>| {});
+        let rules = fleetbus_rules::RuleSet::builtin().unwrap();
+        let options = fleetbus_rules::EngineOptions::default();
+        let engine = Arc::new(
+            Engine::start(rules, dir.path(), options, acks)
+                .await
+                .unwrap(),
+        );
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = start(addr, engine).await.unwrap_err().to_string();
+        assert!(e.starts_with(&format!("metrics.listen {addr}: ")), "{e}");
+    }
+
     #[test]
     fn renders_engine_rule_and_sink_families() {
         let stats = EngineStats {
