@@ -29,12 +29,8 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Run an agent: collectors, disk outbox, one outbound MQTT connection.
-    Agent {
-        /// Agent configuration file (TOML). Without it: built-in defaults and FLEETBUS_* variables.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-    },
+    /// Run an agent: collectors, disk outbox, uploads, one outbound MQTT connection.
+    Agent(cmd::agent::AgentArgs),
     /// Check or run a rules file.
     Rules {
         #[command(subcommand)]
@@ -68,7 +64,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve { config } => cmd::serve::run(config.as_deref()).await,
-            Command::Agent { config } => cmd::agent::run(config.as_deref()).await,
+            Command::Agent(args) => cmd::agent::run(args).await,
             Command::Rules { command } => cmd::rules::run(command).await,
             Command::Bench { command } => cmd::bench::run(command).await,
             Command::Demo(args) => cmd::demo::run(args).await,

@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub outbox: OutboxConfig,
     /// Connection behaviour.
     pub connection: ConnectionConfig,
+    /// File uploads.
+    pub uploads: UploadsConfig,
 }
 
 impl Default for AgentConfig {
@@ -47,6 +49,7 @@ impl Default for AgentConfig {
             heartbeat: HeartbeatConfig::default(),
             outbox: OutboxConfig::default(),
             connection: ConnectionConfig::default(),
+            uploads: UploadsConfig::default(),
         }
     }
 }
@@ -159,6 +162,60 @@ impl Default for ConnectionConfig {
     }
 }
 
+/// `[uploads]`: files sent to the server in chunks over the agent's connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadsConfig {
+    /// A directory whose files are uploaded: a file is picked up once its size and
+    /// modification time stayed the same for one `poll_interval` (so files still being
+    /// written are left alone; write elsewhere and rename in to be safe), and removed (or
+    /// moved to `archive_dir`) only after the server confirmed it. Unset: no watching.
+    pub watch_dir: Option<PathBuf>,
+    /// Where confirmed files from `watch_dir` go; unset: they are deleted.
+    pub archive_dir: Option<PathBuf>,
+    /// How often `watch_dir` is scanned.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Bytes per chunk: each chunk is one MQTT publish of at most 128 KiB with its topic
+    /// and headers.
+    pub chunk_size: u32,
+    /// Chunks sent and not yet answered by the server, at most (flow control: bounds the
+    /// memory and the delay a chunk burst adds in front of telemetry).
+    pub window: usize,
+    /// Upload bandwidth limit in bytes per second (unset: no limit). Telemetry is not
+    /// counted and never waits for it.
+    pub max_bytes_per_sec: Option<u64>,
+    /// Silence from the server for this long during an upload: ask where it stands.
+    #[serde(with = "humantime_serde")]
+    pub reply_timeout: Duration,
+    /// First wait when the server is busy or the spool quota is full (doubling).
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest such wait.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// How long records of finished uploads are kept in `state_dir/uploads/`.
+    #[serde(with = "humantime_serde")]
+    pub remember: Duration,
+}
+
+impl Default for UploadsConfig {
+    fn default() -> Self {
+        UploadsConfig {
+            watch_dir: None,
+            archive_dir: None,
+            poll_interval: Duration::from_secs(2),
+            chunk_size: fleetbus_protocol::files::DEFAULT_CHUNK_SIZE,
+            window: 16,
+            max_bytes_per_sec: None,
+            reply_timeout: Duration::from_secs(10),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            remember: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
 impl AgentConfig {
     /// Checks the values serde cannot: identifiers, intervals, sizes.
     pub fn validate(&self) -> Result<(), String> {
@@ -185,6 +242,28 @@ impl AgentConfig {
         }
         if self.connection.inflight == 0 {
             return Err("connection.inflight must be at least 1".into());
+        }
+        let u = &self.uploads;
+        if u.chunk_size == 0 || u.chunk_size > fleetbus_protocol::files::DEFAULT_CHUNK_SIZE {
+            return Err(format!(
+                "uploads.chunk_size must be between 1 and {} (one chunk per 128 KiB publish)",
+                fleetbus_protocol::files::DEFAULT_CHUNK_SIZE
+            ));
+        }
+        if u.window == 0 || u.window > 1024 {
+            return Err("uploads.window must be between 1 and 1024 chunks".into());
+        }
+        if u.max_bytes_per_sec == Some(0) {
+            return Err("uploads.max_bytes_per_sec must be above 0 (leave it unset for no limit)".into());
+        }
+        if u.poll_interval < Duration::from_millis(10) {
+            return Err("uploads.poll_interval must be at least 10ms".into());
+        }
+        if u.reply_timeout < Duration::from_millis(100) {
+            return Err("uploads.reply_timeout must be at least 100ms".into());
+        }
+        if u.archive_dir.is_some() && u.watch_dir.is_none() {
+            return Err("uploads.archive_dir needs uploads.watch_dir".into());
         }
         Ok(())
     }

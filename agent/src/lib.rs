@@ -16,12 +16,14 @@ pub mod identity;
 pub mod outbox;
 pub mod presence;
 pub mod publisher;
+pub mod uploads;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use config::AgentConfig;
 pub use outbox::{Outbox, OutboxItem, OutboxStats};
+pub use uploads::{AfterUpload, UploadJob, UploadOutcome, UploadProgress, UploadQueue};
 use tokio::sync::watch;
 use tracing::Instrument;
 
@@ -55,6 +57,12 @@ pub enum AgentError {
     /// A record could not be built.
     #[error("record refused: {0}")]
     Record(String),
+    /// Another agent process uses the same `state_dir`.
+    #[error("{}: another agent process is running with this state_dir", path.display())]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
 }
 
 /// An agent ready to run.
@@ -62,6 +70,9 @@ pub struct Agent {
     config: AgentConfig,
     id: String,
     outbox: Arc<Outbox>,
+    uploads: Arc<UploadQueue>,
+    // held for the agent's lifetime: one process per state_dir
+    _lock: std::fs::File,
 }
 
 impl Agent {
@@ -74,13 +85,29 @@ impl Agent {
             op: "create state directory",
             source,
         })?;
+        let lock = lock_state_dir(&config.state_dir)?;
         let id = identity::resolve(config.id.as_deref(), &config.state_dir)?;
         let outbox = Outbox::open(&config.state_dir.join("outbox"), &id, &config.outbox)?;
+        let uploads = UploadQueue::open(&config.state_dir, config.uploads.chunk_size)?;
+        uploads.forget_older_than(config.uploads.remember);
         Ok(Agent {
             config,
             id,
             outbox: Arc::new(outbox),
+            uploads: Arc::new(uploads),
+            _lock: lock,
         })
+    }
+
+    /// The upload queue: submit files with [`UploadQueue::prepare`] and
+    /// [`UploadQueue::submit`], follow them with [`UploadQueue::wait`].
+    pub fn uploads(&self) -> &Arc<UploadQueue> {
+        &self.uploads
+    }
+
+    /// The configuration the agent runs with.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
     }
 
     /// The agent's id.
@@ -126,7 +153,19 @@ impl Agent {
             connection: self.config.connection.clone(),
             outbox: self.outbox.clone(),
             birth: Arc::new(move || presence::birth(&birth_id, &birth_config)),
+            uploads: self.uploads.clone(),
+            uploads_config: self.config.uploads.clone(),
         };
+        if self.config.uploads.watch_dir.is_some() {
+            tasks.spawn(
+                uploads::watch::run_watcher(
+                    self.uploads.clone(),
+                    self.config.uploads.clone(),
+                    shutdown.clone(),
+                )
+                .in_current_span(),
+            );
+        }
         tasks.spawn(publisher.run(shutdown.clone()).in_current_span());
         tasks.spawn(
             self.outbox
@@ -142,6 +181,30 @@ impl Agent {
         self.outbox.sync()?;
         tracing::info!("agent stopped; outbox saved");
         Ok(())
+    }
+}
+
+/// Takes the exclusive lock on `state_dir/agent.lock` (released when the process ends).
+fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+    let path = state_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| AgentError::Io {
+            path: path.clone(),
+            op: "open lock file",
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Locked { path }),
+        Err(std::fs::TryLockError::Error(source)) => Err(AgentError::Io {
+            path,
+            op: "lock",
+            source,
+        }),
     }
 }
 

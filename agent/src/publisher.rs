@@ -17,8 +17,10 @@ use fleetbus_protocol::{topics, Ack, Presence};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::ConnectionConfig;
+use crate::config::{ConnectionConfig, UploadsConfig};
 use crate::outbox::Outbox;
+use crate::uploads::transfer::FileSender;
+use crate::uploads::UploadQueue;
 
 /// Why a session ended.
 enum SessionEnd {
@@ -40,6 +42,10 @@ pub struct Publisher {
     pub outbox: Arc<Outbox>,
     /// Builds the birth message for each new connection.
     pub birth: Arc<dyn Fn() -> Presence + Send + Sync>,
+    /// Files to upload over the same connection.
+    pub uploads: Arc<UploadQueue>,
+    /// Upload tunables.
+    pub uploads_config: UploadsConfig,
 }
 
 type Events = mpsc::Receiver<Result<Event, ConnectionError>>;
@@ -106,9 +112,16 @@ impl Publisher {
         birth: Presence,
         window: usize,
     ) -> SessionEnd {
-        // 1. be accepted, and subscribed to our acknowledgements before sending anything
+        // 1. be accepted, and subscribed to our acknowledgements and replies before sending
+        //    anything
         let acks_topic = topics::acks(&self.agent);
-        if let Err(reason) = client.try_subscribe(acks_topic.clone(), QoS::AtLeastOnce) {
+        let mut files = FileSender::new(&self.agent, self.uploads.clone(), self.uploads_config.clone());
+        let replies_topic = files.replies_topic();
+        let filters = vec![
+            rumqttc::SubscribeFilter::new(acks_topic.clone(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new(replies_topic.clone(), QoS::AtLeastOnce),
+        ];
+        if let Err(reason) = client.try_subscribe_many(filters) {
             return SessionEnd::Failed {
                 reason: format!("cannot subscribe: {reason}"),
                 connected: false,
@@ -124,7 +137,7 @@ impl Publisher {
                             .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                         {
                             return Err(format!(
-                                "the broker refused our subscription to {acks_topic}"
+                                "the broker refused our subscription to {acks_topic} or {replies_topic}"
                             ));
                         }
                         return Ok(());
@@ -177,6 +190,9 @@ impl Publisher {
         let mut cursor = self.outbox.head();
         let mut last_progress = Instant::now();
         let mut housekeeping = tokio::time::interval(Duration::from_millis(50));
+        let mut last_queue_scan = Instant::now();
+        // 4. uploads go over the same connection, a window of chunks at a time
+        files.on_connected(client);
         loop {
             let head = self.outbox.head();
             let unacked = cursor.saturating_sub(head) as usize;
@@ -203,6 +219,9 @@ impl Publisher {
                 }
             }
             let busy = cursor.saturating_sub(self.outbox.head()) as usize >= window;
+            let wake = files.wake_at();
+            let wants_chunk = files.wants_chunk();
+            let idle = files.idle();
             tokio::select! {
                 event = events.recv() => match event {
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == acks_topic => {
@@ -210,12 +229,25 @@ impl Publisher {
                             last_progress = Instant::now();
                         }
                     }
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == replies_topic => {
+                        files.on_reply(&p.payload, client);
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return SessionEnd::Failed { reason: describe(&e), connected: true },
                     None => return SessionEnd::Failed { reason: "connection task ended".into(), connected: true },
                 },
                 _ = self.outbox.durable_notified(), if !busy => {}
+                prepared = files.next_chunk(), if wants_chunk => files.on_prepared(prepared, client),
+                _ = tokio::time::sleep_until(wake.unwrap_or_else(Instant::now).into()), if wake.is_some() => {
+                    files.on_timer(client);
+                }
+                _ = self.uploads.changed(), if idle => files.start_next(client),
                 _ = housekeeping.tick() => {
+                    if files.idle() && last_queue_scan.elapsed() >= Duration::from_secs(1) {
+                        // jobs other processes dropped into the queue directory
+                        last_queue_scan = Instant::now();
+                        files.start_next(client);
+                    }
                     if let Err(e) = self.outbox.maintain() {
                         tracing::error!(error = %e, "outbox housekeeping failed");
                     }

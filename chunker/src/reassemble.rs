@@ -411,6 +411,14 @@ impl Reassembler {
         Ok(report)
     }
 
+    /// Every upload in the spool: (owner, file id, verified, last activity).
+    pub fn uploads(&self) -> Vec<(String, String, bool, SystemTime)> {
+        self.uploads
+            .iter()
+            .map(|((o, f), up)| (o.clone(), f.clone(), up.complete, up.updated))
+            .collect()
+    }
+
     /// Bytes of spool `owner`'s uploads take (their declared sizes).
     pub fn used_by(&self, owner: &str) -> u64 {
         self.uploads

@@ -1,9 +1,10 @@
-//! The fleetbus wire contract: topic layout, telemetry records, presence messages and the
-//! decoded message envelope the server routes. No I/O lives here.
+//! The fleetbus wire contract: topic layout, telemetry records, presence messages, file
+//! transfer messages and the decoded message envelope the server routes. No I/O lives here.
 //!
 //! See `docs/protocol.md` for the human-readable description of everything in this crate.
 
 pub mod ack;
+pub mod files;
 pub mod ids;
 pub mod message;
 pub mod presence;
@@ -11,6 +12,10 @@ pub mod record;
 pub mod topics;
 
 pub use ack::{Ack, StreamAck};
+pub use files::{
+    ChunkOutcome, FileAction, FileChunk, FileCompleted, FileInit, FileManifest, FileReply,
+    RefusalKind,
+};
 pub use ids::{validate_id, IdError};
 pub use message::{DecodeError, EncodeError, Message};
 pub use presence::{Presence, PresenceStatus};

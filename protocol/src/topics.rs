@@ -5,7 +5,8 @@
 //! | `fleet/{agent}/telemetry/{stream}` | agent → server | [`crate::Record`] |
 //! | `fleet/{agent}/presence` | agent → server (retained, + last will) | [`crate::Presence`] |
 //! | `fleet/{agent}/acks` | server → agent | [`crate::Ack`] |
-//! | `fleet/{agent}/files/...` | reserved for file transfer | |
+//! | `fleet/{agent}/files/{file_id}/...` | agent ⇄ server | file transfer, see [`crate::files`] |
+//! | `fleet/{agent}/replies/...` | server → agent | answers (e.g. [`crate::FileReply`]) |
 //! | `fleet/{agent}/jobs/...` | reserved for per-agent jobs | |
 //! | `fleet/groups/{group}/jobs/...` | reserved for group jobs | |
 
@@ -54,11 +55,18 @@ pub enum Topic<'a> {
         /// The agent the presence message is about.
         agent: &'a str,
     },
-    /// `fleet/{agent}/files/...` (reserved)
+    /// `fleet/{agent}/files/...` (see [`crate::files`])
     Files {
         /// The uploading agent.
         agent: &'a str,
         /// Everything after `files/`.
+        rest: &'a str,
+    },
+    /// `fleet/{agent}/replies/...`: the server's answers to one agent.
+    Replies {
+        /// The agent the answers are for.
+        agent: &'a str,
+        /// Everything after `replies/`.
         rest: &'a str,
     },
     /// `fleet/{agent}/jobs/...` (reserved)
@@ -108,6 +116,7 @@ impl<'a> Topic<'a> {
                 agent,
                 rest: rest.unwrap_or(""),
             },
+            (agent, Some("replies"), Some(rest)) => Topic::Replies { agent, rest },
             (agent, Some("jobs"), rest) => Topic::AgentJobs {
                 agent,
                 rest: rest.unwrap_or(""),
@@ -123,6 +132,7 @@ impl<'a> Topic<'a> {
             | Topic::Presence { agent }
             | Topic::Acks { agent }
             | Topic::Files { agent, .. }
+            | Topic::Replies { agent, .. }
             | Topic::AgentJobs { agent, .. } => Some(agent),
             Topic::GroupJobs { .. } | Topic::Other(_) => None,
         }
@@ -178,6 +188,13 @@ mod tests {
             Topic::AgentJobs {
                 agent: "a",
                 rest: "x"
+            }
+        );
+        assert_eq!(
+            Topic::parse("fleet/a/replies/files"),
+            Topic::Replies {
+                agent: "a",
+                rest: "files"
             }
         );
         assert_eq!(Topic::parse("other/x"), Topic::Other("other/x"));

@@ -59,6 +59,28 @@ impl Default for EngineOptions {
     }
 }
 
+/// What [`Engine::dispatch_routed`] did with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dispatched {
+    /// Appended to the write-ahead log at `index`, for these sinks.
+    Appended {
+        /// Its log index (durable once [`Engine::durable`] is past it).
+        index: u64,
+        /// The sinks it goes to.
+        sinks: Vec<String>,
+    },
+    /// A record already accepted before (acknowledged again, not stored again).
+    Duplicate,
+    /// No rule matched.
+    Unrouted,
+    /// Not accepted: a target sink's backlog is full, or the log could not be written.
+    Refused,
+    /// The payload could not be decoded.
+    Undecodable,
+    /// A topic the engine does not route (the server's own acknowledgements and replies).
+    Ignored,
+}
+
 /// Engine-wide counters.
 #[derive(Debug, Default)]
 struct Counters {
@@ -257,7 +279,24 @@ impl Engine {
 
     /// Ingests one published message (see the module documentation).
     pub fn dispatch(&self, topic: &str, payload: &[u8]) {
+        self.inner.dispatch(topic, payload);
+    }
+
+    /// Ingests one message and says what became of it (for server-side producers such as
+    /// the file service, which must know where its completion message went).
+    pub fn dispatch_routed(&self, topic: &str, payload: &[u8]) -> Dispatched {
         self.inner.dispatch(topic, payload)
+    }
+
+    /// Log index up to which entries are durable (fsynced).
+    pub fn durable(&self) -> u64 {
+        self.inner.wal.durable()
+    }
+
+    /// The saved resume position of sink `name`: log entries below it are written.
+    pub fn sink_position(&self, name: &str) -> Option<u64> {
+        let i = self.inner.sink_names.iter().position(|n| n == name)?;
+        Some(self.inner.sink_stats[i].position.load(Ordering::Relaxed))
     }
 
     /// Every counter.
@@ -297,10 +336,11 @@ impl Engine {
 }
 
 impl Inner {
-    fn dispatch(&self, topic: &str, payload: &[u8]) {
+    fn dispatch(&self, topic: &str, payload: &[u8]) -> Dispatched {
         let parsed = Topic::parse(topic);
-        if matches!(parsed, Topic::Acks { .. }) {
-            return; // our own acknowledgements, seen through the catch-all subscription
+        if matches!(parsed, Topic::Acks { .. } | Topic::Replies { .. }) {
+            // our own acknowledgements and replies, seen through the catch-all subscription
+            return Dispatched::Ignored;
         }
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         let mut msg = match Message::decode(topic, payload) {
@@ -310,7 +350,7 @@ impl Inner {
                 if n.is_power_of_two() {
                     tracing::warn!(%topic, error = %e, bytes = payload.len(), undecodable_total = n, "message skipped: payload is neither a record nor JSON");
                 }
-                return;
+                return Dispatched::Undecodable;
             }
         };
         let key = match (parsed, msg.seq()) {
@@ -332,7 +372,7 @@ impl Inner {
                 add_ack(&mut state.acks, k);
                 drop(state);
                 self.wake.notify_one();
-                return;
+                return Dispatched::Duplicate;
             }
         }
         if let Some(&full) = targets.iter().find(|&&t| {
@@ -342,24 +382,26 @@ impl Inner {
             if n.is_power_of_two() {
                 tracing::warn!(sink = %self.sink_names[full], refused_total = n, "sink backlog full: records for it are not accepted (agents keep them and retry)");
             }
-            return;
+            return Dispatched::Refused;
         }
-        if targets.is_empty() {
+        let outcome = if targets.is_empty() {
             self.counters.unrouted.fetch_add(1, Ordering::Relaxed);
+            Dispatched::Unrouted
         } else {
             // the log keeps milliseconds: so does the message sinks see
             let received_ms = msg.received.timestamp_millis();
             if let Some(t) = Utc.timestamp_millis_opt(received_ms).single() {
                 msg.received = t;
             }
+            let sinks: Vec<String> = targets
+                .iter()
+                .map(|&t| self.sink_names[t].clone())
+                .collect();
             let entry = WalEntry {
                 topic: topic.to_string(),
                 payload: payload.to_vec(),
                 received_ms,
-                sinks: targets
-                    .iter()
-                    .map(|&t| self.sink_names[t].clone())
-                    .collect(),
+                sinks: sinks.clone(),
                 key: key.clone(),
                 dead_letter: None,
             };
@@ -376,20 +418,22 @@ impl Inner {
                         size,
                         message: Arc::new(msg),
                     });
+                    Dispatched::Appended { index, sinks }
                 }
                 Err(e) => {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "cannot append to the write-ahead log: record not accepted (the agent keeps it)");
-                    return;
+                    return Dispatched::Refused;
                 }
             }
-        }
+        };
         if let Some(k) = &key {
             state.dedup.record(k);
             add_ack(&mut state.acks, k);
         }
         drop(state);
         self.wake.notify_one();
+        outcome
     }
 
     fn lock(&self) -> MutexGuard<'_, IngestState> {

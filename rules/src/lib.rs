@@ -23,7 +23,7 @@ pub mod router;
 pub mod ruleset;
 pub mod standalone;
 
-pub use engine::{AckPublisher, Engine, EngineOptions, EngineStats};
+pub use engine::{AckPublisher, Dispatched, Engine, EngineOptions, EngineStats};
 pub use filter::TopicFilter;
 pub use fleetbus_sinks::SinkStatsSnapshot;
 pub use ruleset::{RuleSet, RulesError, DEFAULT_RULES};

@@ -19,10 +19,19 @@ pub const DEFAULT_RULES: &str = r#"
 type = "file"
 path = "telemetry/{agent}/{stream}/%Y-%m-%d.jsonl"
 
+[sinks.uploads]
+type = "file"
+path = "uploads/{agent}/{file.id}-{file.name}"
+
 [[rules]]
 name = "archive-all"
 from = ["fleet/+/telemetry/#"]
 to = ["archive"]
+
+[[rules]]
+name = "uploads"
+from = ["fleet/+/files/+/complete"]
+to = ["uploads"]
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -245,8 +254,11 @@ mod tests {
     #[test]
     fn builtin_rules_are_valid() {
         let rs = RuleSet::builtin().unwrap();
-        assert_eq!(rs.rules.len(), 1);
-        assert_eq!(rs.filters(), vec!["fleet/+/telemetry/#"]);
+        assert_eq!(rs.rules.len(), 2);
+        assert_eq!(
+            rs.filters(),
+            vec!["fleet/+/telemetry/#", "fleet/+/files/+/complete"]
+        );
     }
 
     #[test]

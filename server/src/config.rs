@@ -21,6 +21,8 @@ pub struct ServerConfig {
     pub wal: WalSection,
     /// The metrics endpoint.
     pub metrics: MetricsSection,
+    /// File uploads: limits and retention.
+    pub files: crate::files::FilesSection,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -74,6 +76,7 @@ impl Default for ServerConfig {
             rules: RulesSection::default(),
             wal: WalSection::default(),
             metrics: MetricsSection::default(),
+            files: crate::files::FilesSection::default(),
         }
     }
 }
@@ -82,6 +85,7 @@ impl ServerConfig {
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), String> {
         self.broker.validate().map_err(|e| e.to_string())?;
+        self.files.validate()?;
         if self.wal.commit_interval > Duration::from_secs(1) {
             return Err("wal.commit_interval must be at most 1s (agents wait for it)".into());
         }

@@ -5,6 +5,7 @@
 //! open, so no agent message can arrive before the engine sees it.
 
 mod config;
+pub mod files;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -12,8 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use config::{MetricsSection, RulesSection, ServerConfig, WalSection};
+pub use files::{FileCounters, FilesSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
-use fleetbus_protocol::topics;
+use fleetbus_protocol::{files as file_topics, topics, Topic};
 use fleetbus_rules::{AckPublisher, Engine, EngineStats, RuleSet, RulesError};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -33,6 +35,17 @@ pub enum ServerError {
     /// The broker could not start.
     #[error("{0}")]
     Broker(#[from] BrokerError),
+    /// The file spool is unusable.
+    #[error("file spool: {0}")]
+    Spool(#[from] fleetbus_chunker::ChunkError),
+    /// A thread could not be started.
+    #[error("cannot start {what}: {source}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// The data directory is unusable.
     #[error("data_dir {path}: {source}")]
     DataDir {
@@ -49,6 +62,7 @@ pub struct Server {
     engine: Arc<Engine>,
     consumer: JoinHandle<()>,
     reporter: JoinHandle<()>,
+    files: FileServiceHandle,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
     addr: SocketAddr,
     // the sending half of the engine's link (also used for acknowledgements)
@@ -92,13 +106,35 @@ impl Server {
         });
         let engine =
             Arc::new(Engine::start(rules, &config.data_dir, config.engine_options(), acks).await?);
+        let reply_link = link_tx.clone();
+        let replies: files::ReplyPublisher = Arc::new(move |agent: &str, payload: Vec<u8>| {
+            let mut link = reply_link.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = link.try_publish(file_topics::file_replies(agent), payload) {
+                tracing::debug!(%agent, error = %e, "file reply dropped behind a busy router (the agent asks again)");
+            }
+        });
+        let file_counters = Arc::new(FileCounters::default());
+        let service = files::FileService::open(
+            &config.data_dir,
+            config.files.clone(),
+            engine.clone(),
+            replies,
+            file_counters.clone(),
+        )?;
+        let (file_tx, file_thread, file_ticker) = files::spawn(service, FILES_TICK)
+            .map_err(|source| ServerError::Thread {
+                what: "the file service",
+                source,
+            })?;
         let consumer = tokio::spawn(
-            consume(link_rx, engine.clone()).instrument(tracing::info_span!("rules_engine")),
+            consume(link_rx, engine.clone(), file_tx)
+                .instrument(tracing::info_span!("rules_engine")),
         );
         let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL));
         let metrics = match config.metrics.listen {
             Some(at) => {
-                let (bound, task) = metrics::start(at, engine.clone()).await?;
+                let (bound, task) =
+                    metrics::start(at, engine.clone(), file_counters.clone()).await?;
                 tracing::info!(addr = %bound, "metrics endpoint: GET /metrics");
                 Some((bound, task))
             }
@@ -111,6 +147,11 @@ impl Server {
             engine,
             consumer,
             reporter,
+            files: FileServiceHandle {
+                counters: file_counters,
+                thread: Some(file_thread),
+                ticker: file_ticker,
+            },
             metrics,
             addr,
             _engine_link: link_tx,
@@ -130,6 +171,11 @@ impl Server {
     /// The rules engine's counters.
     pub fn stats(&self) -> EngineStats {
         self.engine.stats()
+    }
+
+    /// The file service's counters.
+    pub fn file_stats(&self) -> &FileCounters {
+        &self.files.counters
     }
 
     /// Graceful stop: refuse further traffic (agents keep unacknowledged records in their
@@ -156,6 +202,12 @@ impl Server {
         self.reporter.abort();
         let _ = self.consumer.await;
         let _ = self.reporter.await;
+        // the file service ends once its feeders are gone; it holds the engine too
+        self.files.ticker.abort();
+        let _ = (&mut self.files.ticker).await;
+        if let Some(thread) = self.files.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         if let Some((_, task)) = self.metrics.take() {
             task.abort();
             let _ = task.await;
@@ -172,6 +224,16 @@ impl Server {
         tracing::info!(took = ?started.elapsed(), "server stopped");
     }
 }
+
+/// The file service's thread and the task that wakes it for housekeeping.
+struct FileServiceHandle {
+    counters: Arc<FileCounters>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    ticker: JoinHandle<()>,
+}
+
+/// How often the file service frees delivered files and collects idle uploads.
+const FILES_TICK: Duration = Duration::from_secs(1);
 
 /// How often the engine's counters are logged.
 const STATS_INTERVAL: Duration = Duration::from_secs(30);
@@ -215,15 +277,31 @@ async fn report_stats(engine: Arc<Engine>, interval: Duration) {
     }
 }
 
-/// Feeds every message the router forwards to the in-process link into the engine.
-async fn consume(mut rx: LinkRx, engine: Arc<Engine>) {
+/// Feeds every message the router forwards to the in-process link into the engine, except
+/// file transfer messages, which go to the file service.
+async fn consume(
+    mut rx: LinkRx,
+    engine: Arc<Engine>,
+    files: tokio::sync::mpsc::Sender<files::FileEvent>,
+) {
     loop {
         match rx.next().await {
             Ok(Some(Notification::Forward(forward))) => {
                 let publish = forward.publish;
-                match std::str::from_utf8(&publish.topic) {
-                    Ok(topic) => engine.dispatch(topic, &publish.payload),
-                    Err(_) => tracing::warn!("message with a non-UTF-8 topic skipped"),
+                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                    tracing::warn!("message with a non-UTF-8 topic skipped");
+                    continue;
+                };
+                if matches!(Topic::parse(topic), Topic::Files { .. }) {
+                    let event = files::FileEvent::Message {
+                        topic: topic.to_string(),
+                        payload: publish.payload,
+                    };
+                    if files.send(event).await.is_err() {
+                        tracing::error!("file service stopped; file message dropped");
+                    }
+                } else {
+                    engine.dispatch(topic, &publish.payload);
                 }
             }
             Ok(Some(Notification::Unschedule)) => {

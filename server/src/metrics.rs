@@ -11,6 +11,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use fleetbus_rules::{Engine, EngineStats, SinkStatsSnapshot};
+
+use crate::files::FileCounters;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -21,6 +23,7 @@ use crate::ServerError;
 pub async fn start(
     addr: SocketAddr,
     engine: Arc<Engine>,
+    files: Arc<FileCounters>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -30,7 +33,7 @@ pub async fn start(
         .map_err(|e| ServerError::Config(format!("metrics.listen {addr}: {e}")))?;
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
-        .with_state(engine);
+        .with_state((engine, files));
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics endpoint stopped");
@@ -39,15 +42,17 @@ pub async fn start(
     Ok((bound, task))
 }
 
-async fn scrape(State(engine): State<Arc<Engine>>) -> impl IntoResponse {
+async fn scrape(
+    State((engine, files)): State<(Arc<Engine>, Arc<FileCounters>)>,
+) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render(&engine.stats()),
+        render(&engine.stats(), &files),
     )
 }
 
 /// The counters in the Prometheus text format.
-pub fn render(s: &EngineStats) -> String {
+pub fn render(s: &EngineStats, files: &FileCounters) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -106,6 +111,10 @@ pub fn render(s: &EngineStats) -> String {
             .collect();
         family(name, kind, help, &samples);
     }
+    for (suffix, help, value) in files.samples() {
+        let name = format!("fleetbus_files_{suffix}");
+        family(&name, "counter", help, &[(String::new(), value)]);
+    }
     out
 }
 
@@ -133,7 +142,10 @@ mod tests {
         );
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let e = start(addr, engine).await.unwrap_err().to_string();
+        let e = start(addr, engine, Arc::default())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with(&format!("metrics.listen {addr}: ")), "{e}");
     }
 
@@ -154,7 +166,10 @@ mod tests {
             )],
             ..Default::default()
         };
-        let text = render(&stats);
+        let files = FileCounters::default();
+        files.aborted.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        let text = render(&stats, &files);
+        assert!(text.contains("fleetbus_files_aborted_total 3\n"));
         assert!(text.contains("fleetbus_messages_received_total 10\n"));
         assert!(text.contains("fleetbus_rule_matched_total{rule=\"archive\"} 7\n"));
         assert!(text.contains("fleetbus_sink_written_total{sink=\"files\\\"x\"} 5\n"));

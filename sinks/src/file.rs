@@ -6,6 +6,11 @@
 //! written and fsynced. If a crash or an error interrupts a batch, the files are cut back
 //! to their lengths before it and the batch is written again, so nothing is duplicated.
 //! Each file sink must have files of its own (no two sinks appending to one file).
+//!
+//! A file completion message (see [`crate::completion`]) is not written as a line: the
+//! verified file is copied from the spool to the path the template names for it (e.g.
+//! `files/{agent}/{file.name}`), through a temporary file, fsynced, renamed into place, so
+//! writing it again after a crash just replaces it.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -14,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::completion::completed_file;
 use crate::position::write_atomically;
 use crate::template::PathTemplate;
 use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, Sink, SinkError};
@@ -76,12 +82,24 @@ impl FileSink {
         })
     }
 
-    /// Renders a batch into its lines, grouped per file in first-seen order (no I/O).
-    fn render(&self, batch: &Batch) -> Result<Vec<(PathBuf, Vec<u8>)>, SinkError> {
+    /// Renders a batch into its lines, grouped per file in first-seen order, and the
+    /// completed files to copy (source, destination). No I/O but the spool file's size check.
+    #[allow(clippy::type_complexity)]
+    fn render(
+        &self,
+        batch: &Batch,
+    ) -> Result<(Vec<(PathBuf, Vec<u8>)>, Vec<(PathBuf, PathBuf)>), SinkError> {
         let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
+        let mut copies = Vec::new();
         let mut slot: HashMap<PathBuf, usize> = HashMap::new();
         for item in &batch.items {
             let path = self.base.join(self.template.render(&item.message));
+            if item.dead_letter.is_none() {
+                if let Some(file) = completed_file(&self.base, &item.message) {
+                    copies.push((file?.path, path));
+                    continue;
+                }
+            }
             let i = match slot.get(&path) {
                 Some(&i) => i,
                 None => {
@@ -92,7 +110,7 @@ impl FileSink {
             };
             json_line(item, &mut files[i].1)?;
         }
-        Ok(files)
+        Ok((files, copies))
     }
 }
 
@@ -137,6 +155,22 @@ fn append_batch(
             .and_then(|_| f.sync_data())
             .map_err(|e| SinkError::io(path, "append", e))?;
     }
+    Ok(())
+}
+
+/// Copies a completed file into place: temporary file, fsync, rename (idempotent).
+fn copy_file(from: &Path, to: &Path) -> Result<(), SinkError> {
+    if let Some(dir) = to.parent() {
+        fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
+    }
+    let mut tmp_name = to.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".fleetbus-tmp");
+    let tmp = to.with_file_name(tmp_name);
+    fs::copy(from, &tmp)
+        .and_then(|_| fs::File::open(&tmp)?.sync_all())
+        .map_err(|e| SinkError::io(&tmp, "copy completed file", e))?;
+    fs::rename(&tmp, to).map_err(|e| SinkError::io(to, "rename completed file", e))?;
+    tracing::info!(from = %from.display(), to = %to.display(), "completed file copied");
     Ok(())
 }
 
@@ -185,13 +219,18 @@ fn roll_back(marker: &Marker) -> Result<(), SinkError> {
 impl Sink for FileSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            let files = self.render(batch)?;
+            let (files, copies) = self.render(batch)?;
             let marker_path = self.marker_path.clone();
             let (first, next) = (batch.first, batch.next);
             // fsyncs: off the async workers
-            tokio::task::spawn_blocking(move || append_batch(&marker_path, first, next, &files))
-                .await
-                .map_err(|e| SinkError::Task(e.to_string()))?
+            tokio::task::spawn_blocking(move || {
+                for (from, to) in &copies {
+                    copy_file(from, to)?;
+                }
+                append_batch(&marker_path, first, next, &files)
+            })
+            .await
+            .map_err(|e| SinkError::Task(e.to_string()))?
         })
     }
 

@@ -6,6 +6,7 @@
 //! | `file` | JSON lines into files named by a path template (`{agent}`, `{stream}`, `{topic.N}`, strftime) | exactly once (batches are made idempotent) |
 //! | `stdout` | JSON lines on standard output | at least once |
 
+pub mod completion;
 pub mod config;
 pub mod file;
 pub mod inventory;

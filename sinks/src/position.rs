@@ -36,8 +36,9 @@ impl PositionFile {
     }
 }
 
-/// Replaces `path` with `bytes`: temporary file, fsync, rename.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
+/// Replaces `path` with `bytes`, never leaving it half written: temporary file, fsync,
+/// rename.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
     }

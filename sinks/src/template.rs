@@ -2,6 +2,8 @@
 //!
 //! - `{agent}`, `{stream}`: the message's agent and stream (`_` when it has none);
 //! - `{topic.N}`: segment N (0-based) of the topic;
+//! - `{file.name}`, `{file.sha256}`, `{file.id}`, `{file.size}`, `{file.meta.KEY}`: the
+//!   file of a file completion message (`_` for other messages);
 //! - strftime fields (`%Y`, `%m`, `%d`, `%H`, ...) from the record's timestamp (its `ts`,
 //!   else the time the server received it), in UTC.
 //!
@@ -28,6 +30,8 @@ enum Part {
     Agent,
     Stream,
     TopicSegment(usize),
+    /// A field of the body, by path (`file.name` → `body.file.name`).
+    BodyField(Vec<String>),
 }
 
 /// A template that cannot be used, with the character position of the problem.
@@ -112,6 +116,18 @@ impl PathTemplate {
                 Part::Agent => push_safe(&mut out, msg.agent()),
                 Part::Stream => push_safe(&mut out, msg.stream()),
                 Part::TopicSegment(n) => push_safe(&mut out, msg.segments().nth(*n)),
+                Part::BodyField(path) => {
+                    let value = path
+                        .iter()
+                        .try_fold(&msg.body, |v, key| v.get(key.as_str()));
+                    match value {
+                        Some(serde_json::Value::String(s)) => push_safe(&mut out, Some(s)),
+                        Some(v @ serde_json::Value::Number(_)) => {
+                            push_safe(&mut out, Some(&v.to_string()))
+                        }
+                        _ => push_safe(&mut out, None),
+                    }
+                }
             }
         }
         out
@@ -129,10 +145,18 @@ fn placeholder(name: &str) -> Result<Part, String> {
     match name {
         "agent" => Ok(Part::Agent),
         "stream" => Ok(Part::Stream),
+        "file.id" => Ok(Part::BodyField(vec!["file".into(), "file_id".into()])),
+        "file.name" | "file.sha256" | "file.size" | "file.content_type" => Ok(Part::BodyField(
+            name.split('.').map(str::to_string).collect(),
+        )),
+        _ if name.starts_with("file.meta.") && name.len() > "file.meta.".len() => {
+            let key = &name["file.meta.".len()..];
+            Ok(Part::BodyField(vec!["file".into(), "meta".into(), key.into()]))
+        }
         _ => match name.strip_prefix("topic.").map(str::parse::<usize>) {
             Some(Ok(n)) => Ok(Part::TopicSegment(n)),
             _ => Err(format!(
-                "unknown placeholder `{{{name}}}` (known: {{agent}}, {{stream}}, {{topic.N}})"
+                "unknown placeholder `{{{name}}}` (known: {{agent}}, {{stream}}, {{topic.N}}, {{file.name}}, {{file.sha256}}, {{file.id}}, {{file.size}}, {{file.meta.KEY}})"
             )),
         },
     }
@@ -171,6 +195,19 @@ mod tests {
         assert_eq!(t.render(&m), "telemetry/a1/metrics/2026-03-04.jsonl");
         let t = PathTemplate::parse("by-topic/{topic.0}-{topic.3}/%H.log").unwrap();
         assert_eq!(t.render(&m), "by-topic/fleet-metrics/05.log");
+    }
+
+    #[test]
+    fn renders_file_fields() {
+        let t = PathTemplate::parse("files/{agent}/{file.meta.case}/{file.name}-{file.sha256}")
+            .unwrap();
+        let m = msg(
+            "fleet/a1/files/f1/complete",
+            r#"{"file":{"name":"core.dump","sha256":"ab12","meta":{"case":"INC-42"}}}"#,
+        );
+        assert_eq!(t.render(&m), "files/a1/INC-42/core.dump-ab12");
+        let other = msg("fleet/a1/telemetry/x", "{}");
+        assert_eq!(t.render(&other), "files/a1/_/_-_");
     }
 
     #[test]

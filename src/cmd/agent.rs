@@ -1,22 +1,176 @@
-//! `fleetbus agent`
+//! `fleetbus agent` and `fleetbus agent upload`.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use fleetbus_agent::{Agent, AgentConfig};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use fleetbus_agent::{AfterUpload, Agent, AgentConfig, AgentError, UploadOutcome, UploadQueue};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::watch;
 
-/// Loads the agent configuration (file + FLEETBUS_* overrides); a relative `state_dir`
-/// is resolved against the configuration file's directory.
+/// `fleetbus agent [--config FILE] [upload ...]`
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Agent configuration file (TOML). Without it: built-in defaults and FLEETBUS_* variables.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
+}
+
+/// What `fleetbus agent` does besides running.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Upload one file to the server (chunked, verified, resumable) and wait until the
+    /// server confirmed it. If the agent is already running with the same state_dir, the
+    /// file is handed to it.
+    Upload {
+        /// The file.
+        file: PathBuf,
+        /// Metadata carried with the file (repeatable): rules can route on it.
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
+        meta: Vec<(String, String)>,
+    },
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+/// Loads the agent configuration (file + FLEETBUS_* overrides); relative paths are
+/// resolved against the configuration file's directory.
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<AgentConfig> {
     let mut config: AgentConfig = fleetbus_config::load(path)?;
     config.state_dir = fleetbus_config::relative_to(path, &config.state_dir);
+    if let Some(d) = &config.uploads.watch_dir {
+        config.uploads.watch_dir = Some(fleetbus_config::relative_to(path, d));
+    }
+    if let Some(d) = &config.uploads.archive_dir {
+        config.uploads.archive_dir = Some(fleetbus_config::relative_to(path, d));
+    }
     Ok(config)
 }
 
-/// Runs the agent until Ctrl-C / SIGTERM.
-pub async fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
-    let config = load_config(config_path)?;
-    let agent = Agent::open(config)?;
-    agent.run(super::shutdown_signal()).await?;
-    Ok(ExitCode::SUCCESS)
+/// Runs `fleetbus agent ...`.
+pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
+    match args.command {
+        None => {
+            let config = load_config(args.config.as_deref())?;
+            let agent = Agent::open(config)?;
+            agent.run(super::shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(AgentCommand::Upload { file, meta }) => {
+            upload(args.config.as_deref(), &file, meta.into_iter().collect()).await
+        }
+    }
+}
+
+/// One-shot upload with a progress bar.
+async fn upload(
+    config_path: Option<&Path>,
+    file: &Path,
+    meta: BTreeMap<String, String>,
+) -> anyhow::Result<ExitCode> {
+    let mut config = load_config(config_path)?;
+    // only the upload: no collectors, no directory watching
+    config.metrics.enabled = false;
+    config.heartbeat.enabled = false;
+    config.uploads.watch_dir = None;
+    config.uploads.archive_dir = None;
+    let state_dir = config.state_dir.clone();
+
+    let hashing = spinner(&format!("hashing {}", file.display()));
+    let chunk_size = config.uploads.chunk_size;
+    let path = file.to_path_buf();
+    let job = tokio::task::spawn_blocking(move || {
+        UploadQueue::prepare(&path, chunk_size, meta, AfterUpload::Keep)
+    })
+    .await
+    .context("hashing task failed")??;
+    hashing.finish_and_clear();
+    let id = job.manifest.file_id.clone();
+
+    let outcome = match Agent::open(config) {
+        Ok(agent) => {
+            agent.uploads().submit(&job)?;
+            let uploads = agent.uploads().clone();
+            let (stop, stopped) = watch::channel(false);
+            let running = tokio::spawn(agent.run(stopped));
+            let bar = ProgressBar::new(job.manifest.size);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(job.manifest.name.clone());
+            let mut progress = uploads.progress();
+            let outcome = loop {
+                tokio::select! {
+                    o = uploads.wait(&id) => break o,
+                    changed = progress.changed() => {
+                        if changed.is_err() { continue; }
+                        let p = progress.borrow().clone();
+                        if p.file_id == id {
+                            bar.set_position((p.held as u64 * p.chunk_size as u64).min(p.size));
+                        }
+                    }
+                }
+            };
+            bar.finish_and_clear();
+            let _ = stop.send(true);
+            match running.await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "agent stopped with an error"),
+                Err(e) => tracing::warn!(error = %e, "agent task failed"),
+                Ok(Ok(())) => {}
+            }
+            outcome
+        }
+        Err(AgentError::Locked { .. }) => {
+            UploadQueue::submit_to(&UploadQueue::queue_dir(&state_dir), &job)?;
+            let waiting = spinner(&format!(
+                "{}: handed to the agent running with {}; waiting for the server",
+                job.manifest.name,
+                state_dir.display()
+            ));
+            let uploads_dir = state_dir.join("uploads");
+            let outcome = loop {
+                if let Some(o) = UploadQueue::outcome_on_disk(&uploads_dir, &id) {
+                    break o;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            waiting.finish_and_clear();
+            outcome
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match outcome {
+        UploadOutcome::Confirmed { manifest } => {
+            println!(
+                "uploaded {} ({} bytes, sha256 {}) as file {}",
+                manifest.name, manifest.size, manifest.sha256, manifest.file_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        UploadOutcome::Failed { manifest, reason } => {
+            eprintln!("upload of {} failed: {reason}", manifest.name);
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn spinner(message: &str) -> ProgressBar {
+    let s = ProgressBar::new_spinner();
+    s.set_message(message.to_string());
+    s.enable_steady_tick(Duration::from_millis(120));
+    s
 }
