@@ -254,7 +254,9 @@ impl AgentConfig {
             return Err("uploads.window must be between 1 and 1024 chunks".into());
         }
         if u.max_bytes_per_sec == Some(0) {
-            return Err("uploads.max_bytes_per_sec must be above 0 (leave it unset for no limit)".into());
+            return Err(
+                "uploads.max_bytes_per_sec must be above 0 (leave it unset for no limit)".into(),
+            );
         }
         if u.poll_interval < Duration::from_millis(10) {
             return Err("uploads.poll_interval must be at least 10ms".into());

@@ -23,9 +23,9 @@ use std::sync::Arc;
 
 pub use config::AgentConfig;
 pub use outbox::{Outbox, OutboxItem, OutboxStats};
-pub use uploads::{AfterUpload, UploadJob, UploadOutcome, UploadProgress, UploadQueue};
 use tokio::sync::watch;
 use tracing::Instrument;
+pub use uploads::{AfterUpload, UploadJob, UploadOutcome, UploadProgress, UploadQueue};
 
 /// Everything that can stop the agent, naming the file or value involved.
 #[derive(Debug, thiserror::Error)]

@@ -115,7 +115,11 @@ impl Publisher {
         // 1. be accepted, and subscribed to our acknowledgements and replies before sending
         //    anything
         let acks_topic = topics::acks(&self.agent);
-        let mut files = FileSender::new(&self.agent, self.uploads.clone(), self.uploads_config.clone());
+        let mut files = FileSender::new(
+            &self.agent,
+            self.uploads.clone(),
+            self.uploads_config.clone(),
+        );
         let replies_topic = files.replies_topic();
         let filters = vec![
             rumqttc::SubscribeFilter::new(acks_topic.clone(), QoS::AtLeastOnce),

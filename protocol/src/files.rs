@@ -299,7 +299,10 @@ mod tests {
         assert!(payload.len() - data.len() <= CHUNK_ENVELOPE_BYTES);
         // fixed header 1 + 4, topic 2 + len, packet id 2
         let packet = 1 + 4 + 2 + topic.len() + 2 + payload.len();
-        assert!(packet <= MAX_PUBLISH_BYTES, "{packet} > {MAX_PUBLISH_BYTES}");
+        assert!(
+            packet <= MAX_PUBLISH_BYTES,
+            "{packet} > {MAX_PUBLISH_BYTES}"
+        );
     }
 
     #[test]

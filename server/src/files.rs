@@ -22,8 +22,7 @@ use bytes::Bytes;
 use fleetbus_chunker::{ChunkError, Limits, Manifest, PutOutcome, Reassembler, Rejection};
 use fleetbus_protocol::files::{self, parse_file_rest, FileAction};
 use fleetbus_protocol::{
-    ChunkOutcome, FileChunk, FileCompleted, FileInit, FileManifest, FileReply, RefusalKind,
-    Topic,
+    ChunkOutcome, FileChunk, FileCompleted, FileInit, FileManifest, FileReply, RefusalKind, Topic,
 };
 use fleetbus_rules::{Dispatched, Engine};
 use serde::{Deserialize, Serialize};
@@ -121,18 +120,66 @@ impl FileCounters {
     pub fn samples(&self) -> Vec<(&'static str, &'static str, u64)> {
         let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
         vec![
-            ("uploads_started_total", "Uploads started.", l(&self.started)),
-            ("chunks_stored_total", "File chunks written to the spool.", l(&self.chunks_stored)),
-            ("chunks_duplicate_total", "File chunks received again and already held.", l(&self.chunks_duplicate)),
-            ("chunks_rejected_total", "File chunks refused (hash, offset, length, unknown upload).", l(&self.chunks_rejected)),
-            ("bytes_stored_total", "File bytes written to the spool.", l(&self.bytes_stored)),
-            ("completed_total", "Files verified and handed to the rules engine.", l(&self.completed)),
-            ("delivered_total", "Files written by every sink they were routed to.", l(&self.delivered)),
-            ("refused_total", "Uploads refused (quota, size, manifest).", l(&self.refused)),
-            ("aborted_total", "Uploads aborted by their agent.", l(&self.aborted)),
-            ("collected_total", "Idle uploads removed after files.ttl.", l(&self.collected)),
-            ("freed_bytes_total", "Spool bytes freed by abort and garbage collection.", l(&self.freed_bytes)),
-            ("malformed_total", "File messages that could not be decoded or are not allowed.", l(&self.malformed)),
+            (
+                "uploads_started_total",
+                "Uploads started.",
+                l(&self.started),
+            ),
+            (
+                "chunks_stored_total",
+                "File chunks written to the spool.",
+                l(&self.chunks_stored),
+            ),
+            (
+                "chunks_duplicate_total",
+                "File chunks received again and already held.",
+                l(&self.chunks_duplicate),
+            ),
+            (
+                "chunks_rejected_total",
+                "File chunks refused (hash, offset, length, unknown upload).",
+                l(&self.chunks_rejected),
+            ),
+            (
+                "bytes_stored_total",
+                "File bytes written to the spool.",
+                l(&self.bytes_stored),
+            ),
+            (
+                "completed_total",
+                "Files verified and handed to the rules engine.",
+                l(&self.completed),
+            ),
+            (
+                "delivered_total",
+                "Files written by every sink they were routed to.",
+                l(&self.delivered),
+            ),
+            (
+                "refused_total",
+                "Uploads refused (quota, size, manifest).",
+                l(&self.refused),
+            ),
+            (
+                "aborted_total",
+                "Uploads aborted by their agent.",
+                l(&self.aborted),
+            ),
+            (
+                "collected_total",
+                "Idle uploads removed after files.ttl.",
+                l(&self.collected),
+            ),
+            (
+                "freed_bytes_total",
+                "Spool bytes freed by abort and garbage collection.",
+                l(&self.freed_bytes),
+            ),
+            (
+                "malformed_total",
+                "File messages that could not be decoded or are not allowed.",
+                l(&self.malformed),
+            ),
         ]
     }
 }
@@ -218,7 +265,9 @@ impl FileService {
                     }
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::error!(file = %path.display(), error = %e, "cannot read delivery record"),
+                Err(e) => {
+                    tracing::error!(file = %path.display(), error = %e, "cannot read delivery record")
+                }
             }
         }
         if !reassembler.uploads().is_empty() {
@@ -367,13 +416,19 @@ impl FileService {
         let chunk: FileChunk<'_> = match rmp_serde::from_slice(payload) {
             Ok(c) => c,
             Err(e) => {
-                self.counters.chunks_rejected.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .chunks_rejected
+                    .fetch_add(1, Ordering::Relaxed);
                 return failed(file_id, RefusalKind::Malformed, format!("chunk: {e}"));
             }
         };
         let index = chunk.index;
-        if self.reassembler.manifest(agent, file_id).is_none() && self.delivered(agent, file_id).is_some() {
-            self.counters.chunks_duplicate.fetch_add(1, Ordering::Relaxed);
+        if self.reassembler.manifest(agent, file_id).is_none()
+            && self.delivered(agent, file_id).is_some()
+        {
+            self.counters
+                .chunks_duplicate
+                .fetch_add(1, Ordering::Relaxed);
             return chunk_reply(file_id, index, ChunkOutcome::Duplicate, None);
         }
         match self.reassembler.put(
@@ -392,11 +447,15 @@ impl FileService {
                 chunk_reply(file_id, index, ChunkOutcome::Stored, None)
             }
             Ok(PutOutcome::Duplicate) => {
-                self.counters.chunks_duplicate.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .chunks_duplicate
+                    .fetch_add(1, Ordering::Relaxed);
                 chunk_reply(file_id, index, ChunkOutcome::Duplicate, None)
             }
             Err(ChunkError::Rejected(Rejection::UnknownUpload { .. })) => {
-                self.counters.chunks_rejected.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .chunks_rejected
+                    .fetch_add(1, Ordering::Relaxed);
                 failed(
                     file_id,
                     RefusalKind::UnknownUpload,
@@ -404,7 +463,9 @@ impl FileService {
                 )
             }
             Err(ChunkError::Rejected(r)) => {
-                self.counters.chunks_rejected.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .chunks_rejected
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%agent, %file_id, index, reason = %r, "chunk rejected");
                 chunk_reply(file_id, index, ChunkOutcome::Rejected, Some(r.to_string()))
             }
@@ -538,7 +599,9 @@ impl FileService {
             Ok(freed) => {
                 if let Some(bytes) = freed {
                     self.counters.aborted.fetch_add(1, Ordering::Relaxed);
-                    self.counters.freed_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    self.counters
+                        .freed_bytes
+                        .fetch_add(bytes, Ordering::Relaxed);
                     tracing::info!(%agent, %file_id, bytes, "upload aborted; spool freed");
                 }
                 FileReply::Aborted {
@@ -589,13 +652,18 @@ impl FileService {
             .filter(|(a, f, complete, updated)| {
                 *complete
                     && now.duration_since(*updated).unwrap_or_default() >= self.config.ttl
-                    && !self.deliveries.iter().any(|d| &d.agent == a && &d.file_id == f)
+                    && !self
+                        .deliveries
+                        .iter()
+                        .any(|d| &d.agent == a && &d.file_id == f)
             })
             .collect();
         for (agent, file_id, _, _) in orphans {
             if let Ok(Some(bytes)) = self.reassembler.remove(&agent, &file_id) {
                 self.counters.collected.fetch_add(1, Ordering::Relaxed);
-                self.counters.freed_bytes.fetch_add(bytes, Ordering::Relaxed);
+                self.counters
+                    .freed_bytes
+                    .fetch_add(bytes, Ordering::Relaxed);
                 tracing::warn!(%agent, %file_id, bytes, "verified file no rule routed removed after files.ttl");
             }
         }
@@ -609,10 +677,7 @@ impl FileService {
     }
 
     fn delivered_done(&mut self, d: &Delivery) {
-        let manifest = self
-            .reassembler
-            .manifest(&d.agent, &d.file_id)
-            .map(to_wire);
+        let manifest = self.reassembler.manifest(&d.agent, &d.file_id).map(to_wire);
         if let Some(m) = manifest {
             let path = self.tombstone(&d.agent, &d.file_id);
             if let Err(e) = write_json(&path, &m) {
@@ -624,7 +689,9 @@ impl FileService {
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(agent = %d.agent, file_id = %d.file_id, sinks = ?d.sinks, "file delivered; spool freed");
             }
-            Err(e) => tracing::error!(agent = %d.agent, file_id = %d.file_id, error = %e, "cannot free the spool of a delivered file"),
+            Err(e) => {
+                tracing::error!(agent = %d.agent, file_id = %d.file_id, error = %e, "cannot free the spool of a delivered file")
+            }
         }
     }
 }
@@ -666,7 +733,12 @@ fn failed(file_id: &str, kind: RefusalKind, reason: String) -> FileReply {
     }
 }
 
-fn chunk_reply(file_id: &str, index: u32, outcome: ChunkOutcome, reason: Option<String>) -> FileReply {
+fn chunk_reply(
+    file_id: &str,
+    index: u32,
+    outcome: ChunkOutcome,
+    reason: Option<String>,
+) -> FileReply {
     FileReply::Chunk {
         file_id: file_id.to_string(),
         index,

@@ -121,8 +121,8 @@ impl Server {
             replies,
             file_counters.clone(),
         )?;
-        let (file_tx, file_thread, file_ticker) = files::spawn(service, FILES_TICK)
-            .map_err(|source| ServerError::Thread {
+        let (file_tx, file_thread, file_ticker) =
+            files::spawn(service, FILES_TICK).map_err(|source| ServerError::Thread {
                 what: "the file service",
                 source,
             })?;

@@ -167,7 +167,9 @@ mod tests {
             ..Default::default()
         };
         let files = FileCounters::default();
-        files.aborted.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        files
+            .aborted
+            .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
         let text = render(&stats, &files);
         assert!(text.contains("fleetbus_files_aborted_total 3\n"));
         assert!(text.contains("fleetbus_messages_received_total 10\n"));

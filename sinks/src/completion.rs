@@ -34,10 +34,7 @@ pub fn is_completion(msg: &Message) -> bool {
 /// The completed file `msg` announces, with its spool path under `data_dir`; `None` when
 /// `msg` is not a completion. A completion whose spool path would leave the spool
 /// directory, or whose file is gone, is an error naming it.
-pub fn completed_file(
-    data_dir: &Path,
-    msg: &Message,
-) -> Option<Result<CompletedFile, SinkError>> {
+pub fn completed_file(data_dir: &Path, msg: &Message) -> Option<Result<CompletedFile, SinkError>> {
     if !is_completion(msg) {
         return None;
     }
@@ -46,10 +43,7 @@ pub fn completed_file(
 
 fn resolve(data_dir: &Path, msg: &Message) -> Result<CompletedFile, SinkError> {
     let completed: FileCompleted = serde_json::from_value(msg.body.clone()).map_err(|e| {
-        SinkError::Encode(format!(
-            "{}: not a file completion message: {e}",
-            msg.topic
-        ))
+        SinkError::Encode(format!("{}: not a file completion message: {e}", msg.topic))
     })?;
     let relative = Path::new(&completed.spool);
     if relative.as_os_str().is_empty()

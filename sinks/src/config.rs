@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::file::{FileSink, FileSinkConfig};
+use crate::s3::{S3Sink, S3SinkConfig};
 use crate::stdout::{StdoutSink, StdoutSinkConfig};
 use crate::{Sink, SinkError};
 
@@ -17,6 +18,8 @@ pub enum SinkConfig {
     File(FileSinkConfig),
     /// `type = "stdout"`: JSON lines on standard output.
     Stdout(StdoutSinkConfig),
+    /// `type = "s3"`: files and record batches into an S3 bucket.
+    S3(S3SinkConfig),
 }
 
 /// `buffer`: how much of the write-ahead log may wait for this sink.
@@ -43,6 +46,12 @@ impl Default for BufferConfig {
 pub struct BatchConfig {
     /// Most messages in one write.
     pub max_events: usize,
+    /// Most bytes (of log entries) in one write (unset: no limit besides `max_events`).
+    pub max_bytes: Option<u64>,
+    /// How long a write may wait for more messages to fill it (its oldest message's age);
+    /// 0 = write whatever is there at once.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
     /// Attempts per batch before it goes to the `dead_letter` sink (0 = no limit). Without
     /// a `dead_letter` sink a batch is retried until it is written: never dropped.
     pub max_attempts: u32,
@@ -62,6 +71,8 @@ impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_events: 1_000,
+            max_bytes: None,
+            max_age: Duration::ZERO,
             max_attempts: 0,
             max_retry_age: None,
             retry_backoff: Duration::from_millis(200),
@@ -76,6 +87,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(_) => "file",
             SinkConfig::Stdout(_) => "stdout",
+            SinkConfig::S3(_) => "s3",
         }
     }
 
@@ -84,6 +96,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => &c.buffer,
             SinkConfig::Stdout(c) => &c.buffer,
+            SinkConfig::S3(c) => &c.buffer,
         }
     }
 
@@ -92,6 +105,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => &c.batch,
             SinkConfig::Stdout(c) => &c.batch,
+            SinkConfig::S3(c) => &c.batch,
         }
     }
 
@@ -100,6 +114,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.dead_letter.as_deref(),
             SinkConfig::Stdout(c) => c.dead_letter.as_deref(),
+            SinkConfig::S3(c) => c.dead_letter.as_deref(),
         }
     }
 
@@ -111,6 +126,12 @@ impl SinkConfig {
         if self.batch().max_events == 0 {
             return Err("batch.max_events must be at least 1".into());
         }
+        if self.batch().max_bytes == Some(0) {
+            return Err("batch.max_bytes must be at least 1 (leave it unset for no limit)".into());
+        }
+        if self.batch().max_age > Duration::from_secs(3600) {
+            return Err("batch.max_age must be at most 1h".into());
+        }
         if self.dead_letter().is_none()
             && (self.batch().max_attempts > 0 || self.batch().max_retry_age.is_some())
         {
@@ -119,6 +140,7 @@ impl SinkConfig {
         match self {
             SinkConfig::File(c) => c.validate(),
             SinkConfig::Stdout(_) => Ok(()),
+            SinkConfig::S3(c) => c.validate(),
         }
     }
 
@@ -134,6 +156,7 @@ impl SinkConfig {
         Ok(match self {
             SinkConfig::File(c) => Box::new(FileSink::new(name, c, data_dir, state_dir)?),
             SinkConfig::Stdout(_) => Box::new(StdoutSink),
+            SinkConfig::S3(c) => Box::new(S3Sink::new(c, data_dir)?),
         })
     }
 }

@@ -5,12 +5,14 @@
 //! |---|---|---|
 //! | `file` | JSON lines into files named by a path template (`{agent}`, `{stream}`, `{topic.N}`, strftime) | exactly once (batches are made idempotent) |
 //! | `stdout` | JSON lines on standard output | at least once |
+//! | `s3` | files streamed from the spool (multipart); records batched into JSON-lines objects with deterministic keys | exactly once per key (a retry overwrites) |
 
 pub mod completion;
 pub mod config;
 pub mod file;
 pub mod inventory;
 pub mod position;
+pub mod s3;
 pub mod stdout;
 pub mod tail;
 pub mod template;
@@ -93,6 +95,9 @@ pub enum SinkError {
     /// The sink's configuration is unusable.
     #[error("{0}")]
     Config(String),
+    /// A remote service (S3, HTTP...) refused or failed the request.
+    #[error("{0}")]
+    Remote(String),
     /// The task doing the sink's blocking I/O failed (panicked or was cancelled).
     #[error("sink I/O task failed: {0}")]
     Task(String),

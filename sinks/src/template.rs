@@ -2,6 +2,8 @@
 //!
 //! - `{agent}`, `{stream}`: the message's agent and stream (`_` when it has none);
 //! - `{topic.N}`: segment N (0-based) of the topic;
+//! - `{seq}`, `{epoch}`: a record's sequence number (`t` + the time received in ms when it
+//!   has none) and outbox incarnation;
 //! - `{file.name}`, `{file.sha256}`, `{file.id}`, `{file.size}`, `{file.meta.KEY}`: the
 //!   file of a file completion message (`_` for other messages);
 //! - strftime fields (`%Y`, `%m`, `%d`, `%H`, ...) from the record's timestamp (its `ts`,
@@ -29,6 +31,8 @@ enum Part {
     Text(Vec<Item<'static>>),
     Agent,
     Stream,
+    Seq,
+    Epoch,
     TopicSegment(usize),
     /// A field of the body, by path (`file.name` → `body.file.name`).
     BodyField(Vec<String>),
@@ -115,6 +119,17 @@ impl PathTemplate {
                 }
                 Part::Agent => push_safe(&mut out, msg.agent()),
                 Part::Stream => push_safe(&mut out, msg.stream()),
+                Part::Seq => match msg.seq() {
+                    Some(seq) => {
+                        let _ = write!(out, "{seq}");
+                    }
+                    None => {
+                        let _ = write!(out, "t{}", msg.received.timestamp_millis());
+                    }
+                },
+                Part::Epoch => {
+                    let _ = write!(out, "{}", msg.epoch());
+                }
                 Part::TopicSegment(n) => push_safe(&mut out, msg.segments().nth(*n)),
                 Part::BodyField(path) => {
                     let value = path
@@ -145,6 +160,8 @@ fn placeholder(name: &str) -> Result<Part, String> {
     match name {
         "agent" => Ok(Part::Agent),
         "stream" => Ok(Part::Stream),
+        "seq" => Ok(Part::Seq),
+        "epoch" => Ok(Part::Epoch),
         "file.id" => Ok(Part::BodyField(vec!["file".into(), "file_id".into()])),
         "file.name" | "file.sha256" | "file.size" | "file.content_type" => Ok(Part::BodyField(
             name.split('.').map(str::to_string).collect(),
@@ -156,7 +173,7 @@ fn placeholder(name: &str) -> Result<Part, String> {
         _ => match name.strip_prefix("topic.").map(str::parse::<usize>) {
             Some(Ok(n)) => Ok(Part::TopicSegment(n)),
             _ => Err(format!(
-                "unknown placeholder `{{{name}}}` (known: {{agent}}, {{stream}}, {{topic.N}}, {{file.name}}, {{file.sha256}}, {{file.id}}, {{file.size}}, {{file.meta.KEY}})"
+                "unknown placeholder `{{{name}}}` (known: {{agent}}, {{stream}}, {{seq}}, {{epoch}}, {{topic.N}}, {{file.name}}, {{file.sha256}}, {{file.id}}, {{file.size}}, {{file.meta.KEY}})"
             )),
         },
     }

@@ -203,6 +203,9 @@ struct Pending {
     batch: Batch,
     entries: Vec<Arc<WalEntry>>,
     bytes: u64,
+    /// The scan stopped at its entry limit with more of the log possibly unread (the batch
+    /// is as full as one read makes it).
+    hit_end_of_scan: bool,
 }
 
 impl Worker {
@@ -228,6 +231,15 @@ impl Worker {
             };
             match pending {
                 Some(p) if !p.batch.items.is_empty() => {
+                    if let (Some(wait), false) = (self.linger(&p), stopping) {
+                        // not full yet and young: give it `max_age` to fill
+                        tokio::select! {
+                            _ = durable.changed() => {}
+                            _ = stop.changed() => {}
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                        continue;
+                    }
                     let next = p.batch.next;
                     match self.deliver(p, &mut stop).await {
                         // stopped while retrying: resume from the saved position next time
@@ -265,6 +277,22 @@ impl Worker {
                 self.save(cursor, &mut saved).await;
             }
         }
+    }
+
+    /// How much longer a batch that is neither full (`max_events`, `max_bytes`) nor old
+    /// (`max_age`, from its oldest message) may wait for more; `None` = write it now.
+    fn linger(&self, p: &Pending) -> Option<Duration> {
+        let b = &self.setup.batch;
+        if b.max_age.is_zero()
+            || p.batch.items.len() >= b.max_events
+            || b.max_bytes.is_some_and(|max| p.bytes >= max)
+            || p.hit_end_of_scan
+        {
+            return None;
+        }
+        let oldest = p.batch.items.first()?.message.received;
+        let age = (Utc::now() - oldest).to_std().unwrap_or_default();
+        b.max_age.checked_sub(age).filter(|d| !d.is_zero())
     }
 
     /// Saves the resume position durably (off the async workers).
@@ -308,6 +336,7 @@ impl Worker {
         let Some(last) = entries.last().map(|e| e.0) else {
             return Ok(None);
         };
+        let scanned = entries.len();
         let mut pending = Pending {
             batch: Batch {
                 first: cursor,
@@ -316,6 +345,7 @@ impl Worker {
             },
             entries: Vec::new(),
             bytes: 0,
+            hit_end_of_scan: scanned >= scan,
         };
         for (index, entry, size, decoded) in entries {
             if !entry.goes_to(&self.setup.name) {
@@ -343,7 +373,12 @@ impl Worker {
                     tracing::error!(index, topic = %entry.topic, error = %e, "log entry cannot be decoded; skipped");
                 }
             }
-            if pending.batch.items.len() >= self.setup.batch.max_events {
+            let full_bytes = self
+                .setup
+                .batch
+                .max_bytes
+                .is_some_and(|max| pending.bytes >= max);
+            if pending.batch.items.len() >= self.setup.batch.max_events || full_bytes {
                 pending.batch.next = index + 1;
                 break;
             }

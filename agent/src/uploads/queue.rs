@@ -292,7 +292,8 @@ impl UploadQueue {
             return None;
         }
         ["done", "failed"].iter().find_map(|sub| {
-            let bytes = std::fs::read(uploads_dir.join(sub).join(format!("{file_id}.json"))).ok()?;
+            let bytes =
+                std::fs::read(uploads_dir.join(sub).join(format!("{file_id}.json"))).ok()?;
             serde_json::from_slice(&bytes).ok()
         })
     }
@@ -352,7 +353,9 @@ fn apply_after(path: &Path, after: &AfterUpload) -> Result<(), AgentError> {
     };
     match after {
         AfterUpload::Keep => Ok(()),
-        AfterUpload::Remove => std::fs::remove_file(path).map_err(|e| io("remove uploaded file", e)),
+        AfterUpload::Remove => {
+            std::fs::remove_file(path).map_err(|e| io("remove uploaded file", e))
+        }
         AfterUpload::Archive(dir) => {
             std::fs::create_dir_all(dir).map_err(|source| AgentError::Io {
                 path: dir.clone(),

@@ -251,7 +251,10 @@ impl FileSender {
                 stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
                 if let Some(rate) = self.config.max_bytes_per_sec.filter(|r| *r > 0) {
                     let cost = Duration::from_secs_f64(len as f64 / rate as f64);
-                    self.next_send = self.next_send.max(Instant::now() - cost.min(Duration::from_millis(100))) + cost;
+                    self.next_send = self
+                        .next_send
+                        .max(Instant::now() - cost.min(Duration::from_millis(100)))
+                        + cost;
                 }
                 let timeout = self.config.reply_timeout;
                 if let Some(t) = self.current.as_mut() {
@@ -392,7 +395,10 @@ impl FileSender {
                             ));
                         }
                         tracing::warn!(file_id = %t.job.manifest.file_id, index, %reason, "chunk rejected by the server: sending it again");
-                        self.queue.stats().chunks_resent.fetch_add(1, Ordering::Relaxed);
+                        self.queue
+                            .stats()
+                            .chunks_resent
+                            .fetch_add(1, Ordering::Relaxed);
                         match prepare(&t.splitter, index) {
                             Ok(chunk) => self.send_chunk(chunk, client),
                             Err(e) => self.fail(e),

@@ -60,7 +60,9 @@ pub async fn run_watcher(
                     tracing::info!(file = %path.display(), file_id = %job.manifest.file_id, size = job.manifest.size, "file queued for upload");
                     queued.insert(path.clone());
                 }
-                Ok(Err(e)) => tracing::warn!(file = %path.display(), error = %e, "cannot queue file for upload (tried again next scan)"),
+                Ok(Err(e)) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot queue file for upload (tried again next scan)")
+                }
                 Err(e) => tracing::error!(error = %e, "upload preparation task failed"),
             }
         }
