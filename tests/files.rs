@@ -327,10 +327,7 @@ to = ["local"]
     assert!(!files_under(&dir.path().join("s3/samples"))
         .iter()
         .any(|p| p.to_string_lossy().contains("notes.bin")));
-    assert_eq!(
-        server.metric("fleetbus_files_chunks_stored_total") as u32 >= chunks,
-        true
-    );
+    assert!(server.metric("fleetbus_files_chunks_stored_total") >= chunks as u64);
 
     // delivered: the spool is empty again
     assert!(
@@ -696,4 +693,33 @@ async fn bad_chunks_lying_manifests_quota_abort_and_ttl_are_handled() {
     });
     assert!(gone.await.unwrap(), "idle upload not collected");
     assert!(server.metric("fleetbus_files_collected_total") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_dropped_into_the_upload_directory_are_archived_after_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), LOCAL_RULES, "");
+    let (watch_dir, archive) = (dir.path().join("outgoing"), dir.path().join("archive"));
+    fs::create_dir_all(&watch_dir).unwrap();
+    let agent = TestAgent::start(dir.path(), "w1", server.port, |c| {
+        c.uploads.watch_dir = Some(watch_dir.clone());
+        c.uploads.archive_dir = Some(archive.clone());
+        c.uploads.poll_interval = Duration::from_millis(100);
+    });
+    let (_, sha) = random_file(&watch_dir, "sample.exe", 700 * 1024);
+    let archived = archive.join("sample.exe");
+    let received = server.data().join("received/w1/sample.exe");
+    let done = tokio::task::spawn_blocking({
+        let (a, r) = (archived.clone(), received.clone());
+        move || common::poll_until(Duration::from_secs(60), || a.exists() && r.exists())
+    });
+    assert!(
+        done.await.unwrap(),
+        "not uploaded and archived:\n{}",
+        server.log()
+    );
+    assert!(!watch_dir.join("sample.exe").exists());
+    assert_eq!(sha_of(&archived), sha);
+    assert_eq!(sha_of(&received), sha);
+    agent.stop().await;
 }

@@ -149,6 +149,9 @@ impl S3SinkConfig {
     }
 }
 
+/// The records that share one object: (agent, stream, outbox incarnation).
+type RecordGroup = (Option<String>, Option<String>, u64);
+
 /// Writes files and record batches to one bucket.
 pub struct S3Sink {
     client: Client,
@@ -355,7 +358,7 @@ impl S3Sink {
     /// Groups record items into objects: (key, JSON lines), one per (agent, stream, epoch)
     /// in first-seen order, keyed by the first record of each.
     fn record_objects(&self, items: &[&Item]) -> Result<Vec<(String, Vec<u8>)>, SinkError> {
-        let mut objects: Vec<((Option<String>, Option<String>, u64), String, Vec<u8>)> = Vec::new();
+        let mut objects: Vec<(RecordGroup, String, Vec<u8>)> = Vec::new();
         for item in items {
             let m = &item.message;
             let group = (

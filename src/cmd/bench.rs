@@ -11,6 +11,7 @@
 
 mod fleetbus;
 mod relay;
+mod upload;
 mod wal;
 
 use std::process::ExitCode;
@@ -24,6 +25,20 @@ use fleetbus_mqtt::BrokerUrl;
 pub enum BenchCommand {
     /// Ingest throughput: fleetbus end to end vs plain broker relay.
     Ingest(IngestArgs),
+    /// One large file from an agent into the file sink and the S3 sink (s3s-fs), beside a
+    /// raw loopback TCP copy of the same bytes.
+    Upload {
+        /// File size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Targets (repeatable; default: file and s3).
+        #[arg(long, value_enum)]
+        target: Vec<upload::Target>,
+        /// The agent's upload window (chunks sent and not yet answered); default: the
+        /// agent's default.
+        #[arg(long)]
+        window: Option<usize>,
+    },
     /// Appends per second to the log under the outbox and the WAL, by fsync group size,
     /// beside two embedded stores.
     Wal {
@@ -97,6 +112,42 @@ impl Measurement {
 pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     let args = match command {
         BenchCommand::Ingest(args) => args,
+        BenchCommand::Upload {
+            size_mib,
+            target,
+            window,
+        } => {
+            let targets = if target.is_empty() {
+                vec![upload::Target::File, upload::Target::S3]
+            } else {
+                target
+            };
+            let rows = upload::run(size_mib * 1024 * 1024, &targets, window).await?;
+            println!(
+                "{:<46} {:>10} {:>9} {:>9} {:>16}",
+                "path", "MiB", "seconds", "MB/s", "server peak MiB"
+            );
+            for r in rows {
+                let secs = r.elapsed.as_secs_f64();
+                println!(
+                    "{:<46} {:>10} {:>9.2} {:>9.0} {:>16}",
+                    r.what,
+                    r.bytes / (1024 * 1024),
+                    secs,
+                    r.bytes as f64 / secs / 1e6,
+                    r.server_peak_kib
+                        .map(|k| format!("{:.1}", k as f64 / 1024.0))
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+            if let Some(kib) = upload::peak_kib(std::process::id()) {
+                println!(
+                    "bench process (agent, s3s-fs) peak memory: {:.1} MiB",
+                    kib as f64 / 1024.0
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         BenchCommand::Wal {
             store,
             payload,

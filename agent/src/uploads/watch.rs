@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 
@@ -86,9 +86,4 @@ fn scan(dir: &std::path::Path) -> HashMap<PathBuf, Signature> {
         }
     }
     out
-}
-
-/// How long a file must stay unchanged before it is queued (for documentation).
-pub fn settle_time(config: &UploadsConfig) -> Duration {
-    config.poll_interval
 }
