@@ -47,10 +47,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    cmd::init_logging(matches!(
-        cli.command,
-        Command::Demo(_) | Command::Bench { .. }
-    ));
+    let quiet = match &cli.command {
+        Command::Demo(_) | Command::Bench { .. } => true,
+        Command::Agent(args) => args.is_upload(),
+        _ => false,
+    };
+    cmd::init_logging(quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -27,6 +27,9 @@ use crate::{Batch, BatchConfig, Item, Sink, SinkError};
 /// sinks, and while the worker only skips entries of other sinks).
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often a lingering batch (see `batch.max_age`) is looked at again.
+const LINGER_STEP: Duration = Duration::from_millis(50);
+
 /// The last saved position and when it was saved.
 struct Saved {
     at: u64,
@@ -232,11 +235,12 @@ impl Worker {
             match pending {
                 Some(p) if !p.batch.items.is_empty() => {
                     if let (Some(wait), false) = (self.linger(&p), stopping) {
-                        // not full yet and young: give it `max_age` to fill
+                        // not full yet and young: give it `max_age` to fill, looking again
+                        // every LINGER_STEP (not on every group commit: re-forming a large
+                        // batch per commit would cost more than writing it)
                         tokio::select! {
-                            _ = durable.changed() => {}
                             _ = stop.changed() => {}
-                            _ = tokio::time::sleep(wait) => {}
+                            _ = tokio::time::sleep(wait.min(LINGER_STEP)) => {}
                         }
                         continue;
                     }

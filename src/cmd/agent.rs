@@ -21,6 +21,13 @@ pub struct AgentArgs {
     command: Option<AgentCommand>,
 }
 
+impl AgentArgs {
+    /// True for `fleetbus agent upload` (one-shot: quiet logs under a progress bar).
+    pub fn is_upload(&self) -> bool {
+        matches!(self.command, Some(AgentCommand::Upload { .. }))
+    }
+}
+
 /// What `fleetbus agent` does besides running.
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {

@@ -227,12 +227,6 @@ impl UploadQueue {
         self.changed.notified().await
     }
 
-    /// Wakes whoever waits in [`UploadQueue::changed`] (e.g. on a timer, to pick up jobs
-    /// other processes dropped in).
-    pub fn poke(&self) {
-        self.changed.notify_one();
-    }
-
     /// Ends `job` with `outcome`: records it, and for a confirmed file does what
     /// `job.after` says.
     pub fn finish(&self, job: &UploadJob, outcome: UploadOutcome) {

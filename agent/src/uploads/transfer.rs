@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use fleetbus_chunker::{Manifest, Splitter};
 use fleetbus_protocol::files::{self, FileAction};
 use fleetbus_protocol::{ChunkOutcome, FileChunk, FileInit, FileManifest, FileReply, RefusalKind};
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::{AsyncClient, ClientError, QoS, Request};
 use tokio::sync::mpsc;
 
 use crate::config::UploadsConfig;
@@ -244,17 +244,17 @@ impl FileSender {
         };
         let topic = files::file_topic(&self.agent, &t.job.manifest.file_id, FileAction::Chunk);
         let len = payload.len() as u64;
-        match client.try_publish(topic, QoS::AtLeastOnce, false, payload.clone()) {
+        match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
             Ok(()) => {
                 let stats = self.queue.stats();
                 stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
                 stats.bytes_sent.fetch_add(len, Ordering::Relaxed);
                 if let Some(rate) = self.config.max_bytes_per_sec.filter(|r| *r > 0) {
+                    // token bucket carrying at most 100 ms of unused allowance
                     let cost = Duration::from_secs_f64(len as f64 / rate as f64);
-                    self.next_send = self
-                        .next_send
-                        .max(Instant::now() - cost.min(Duration::from_millis(100)))
-                        + cost;
+                    let now = Instant::now();
+                    let floor = now.checked_sub(Duration::from_millis(100)).unwrap_or(now);
+                    self.next_send = self.next_send.max(floor) + cost;
                 }
                 let timeout = self.config.reply_timeout;
                 if let Some(t) = self.current.as_mut() {
@@ -262,11 +262,18 @@ impl FileSender {
                     t.deadline = Instant::now() + timeout;
                 }
             }
-            Err(_) => {
+            Err(
+                ClientError::TryRequest(Request::Publish(p))
+                | ClientError::Request(Request::Publish(p)),
+            ) => {
                 // the client's queue is full (telemetry is flowing): keep it for a moment
                 if let Some(t) = self.current.as_mut() {
-                    t.stash = Some((index, payload));
+                    t.stash = Some((index, p.payload.to_vec()));
                 }
+            }
+            Err(_) => {
+                // cannot happen for a publish; the reply timeout would ask the server again
+                tracing::debug!(index, "chunk not handed to the client");
             }
         }
     }
