@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -119,6 +119,16 @@ struct Upload {
     unsaved: u32,
     complete: bool,
     updated: SystemTime,
+    /// SHA-256 of the chunks `0..next` as they arrived in order, so that `finish` only reads
+    /// back what came out of order (and, after a restart, everything).
+    running: RunningHash,
+}
+
+/// The whole-file hash, advanced chunk by chunk while chunks arrive in order.
+#[derive(Debug, Clone, Default)]
+struct RunningHash {
+    next: u32,
+    hash: Sha256,
 }
 
 impl Upload {
@@ -134,6 +144,42 @@ impl Upload {
     fn clear(&mut self) {
         self.held.iter_mut().for_each(|w| *w = 0);
         self.held_count = 0;
+        self.running = RunningHash::default();
+    }
+
+    /// Feeds chunk `index` (just written) to the running hash if it is the next one, then
+    /// every following chunk that had arrived early (read back from the spool).
+    fn advance_hash(&mut self, index: u32, data: &[u8]) -> Result<(), ChunkError> {
+        if index != self.running.next {
+            return Ok(());
+        }
+        self.running.hash.update(data);
+        self.running.next += 1;
+        let mut buf = Vec::new();
+        while self.running.next < self.manifest.chunk_count && self.has(self.running.next) {
+            let next = self.running.next;
+            let len = self.manifest.len_of(next).unwrap_or(0) as usize;
+            buf.resize(len, 0);
+            self.data
+                .read_exact_at(&mut buf, self.manifest.offset_of(next))
+                .map_err(|e| ChunkError::io(self.data_path(), "read", e))?;
+            self.running.hash.update(&buf);
+            self.running.next += 1;
+        }
+        Ok(())
+    }
+
+    /// The whole file's SHA-256: the running hash completed from the spool file.
+    fn file_hash(&mut self) -> Result<String, ChunkError> {
+        let from = self
+            .manifest
+            .offset_of(self.running.next.min(self.manifest.chunk_count));
+        let path = self.data_path();
+        let mut hash = std::mem::take(&mut self.running).hash;
+        if from < self.manifest.size {
+            hash_file_from(&path, from, &mut hash)?;
+        }
+        Ok(hex::encode(hash.finalize()))
     }
 
     fn ranges(&self) -> Vec<(u32, u32)> {
@@ -264,6 +310,7 @@ impl Reassembler {
             unsaved: 0,
             complete: false,
             updated: SystemTime::now(),
+            running: RunningHash::default(),
         };
         up.save()?;
         let status = up.status();
@@ -326,6 +373,7 @@ impl Reassembler {
             .write_all_at(data, offset)
             .map_err(|e| ChunkError::io(up.data_path(), "write", e))?;
         up.set(index);
+        up.advance_hash(index, data)?;
         up.unsaved += 1;
         if up.unsaved >= persist_every {
             up.save()?;
@@ -357,7 +405,7 @@ impl Reassembler {
                 .into());
             }
             up.save()?;
-            let actual = hash_file(&up.data_path())?;
+            let actual = up.file_hash()?;
             if !actual.eq_ignore_ascii_case(&up.manifest.sha256) {
                 up.clear();
                 up.save()?;
@@ -476,6 +524,7 @@ fn load(dir: &Path) -> Result<Upload, ChunkError> {
         unsaved: 0,
         complete: state.complete,
         updated: UNIX_EPOCH + Duration::from_millis(state.updated_ms),
+        running: RunningHash::default(),
     };
     for (lo, hi) in state.held {
         for i in lo..=hi.min(up.manifest.chunk_count.saturating_sub(1)) {
@@ -487,9 +536,11 @@ fn load(dir: &Path) -> Result<Upload, ChunkError> {
     Ok(up)
 }
 
-fn hash_file(path: &Path) -> Result<String, ChunkError> {
+/// Feeds `path` from byte `from` to its end into `h`, in bounded memory.
+fn hash_file_from(path: &Path, from: u64, h: &mut Sha256) -> Result<(), ChunkError> {
     let mut f = File::open(path).map_err(|e| ChunkError::io(path, "open", e))?;
-    let mut h = Sha256::new();
+    f.seek(SeekFrom::Start(from))
+        .map_err(|e| ChunkError::io(path, "seek", e))?;
     let mut buf = vec![0u8; 1024 * 1024];
     loop {
         let n = f
@@ -500,7 +551,7 @@ fn hash_file(path: &Path) -> Result<String, ChunkError> {
         }
         h.update(&buf[..n]);
     }
-    Ok(hex::encode(h.finalize()))
+    Ok(())
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ChunkError> {
