@@ -696,6 +696,41 @@ async fn bad_chunks_lying_manifests_quota_abort_and_ttl_are_handled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_lost_on_the_way_is_reported_when_a_later_one_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), LOCAL_RULES, "");
+    let mut raw = Raw::connect("raw-gap", server.port).await;
+    let mut data = vec![0u8; 4096];
+    rand::rng().fill_bytes(&mut data);
+    let m = manifest_for(&data, "gap.bin", 1024);
+    let id = m.file_id.clone();
+    assert!(matches!(raw.init(&m).await, FileReply::Status { .. }));
+    let part = |i: usize| &data[i * 1024..(i + 1) * 1024];
+    let outcome = |r: &FileReply| match r {
+        FileReply::Chunk { index, outcome, .. } => (*index, outcome.clone()),
+        other => panic!("expected a chunk reply, got {other:?}"),
+    };
+    use fleetbus_protocol::ChunkOutcome::{Lost, Stored};
+    let r = raw.chunk(&id, 0, 0, part(0), &sha_hex(part(0))).await;
+    assert_eq!(outcome(&r), (0, Stored));
+    // chunks 1 and 2 "lost on the way": chunk 3 arrives next
+    let r = raw.chunk(&id, 3, 3072, part(3), &sha_hex(part(3))).await;
+    assert_eq!(outcome(&r), (1, Lost), "{r:?}");
+    assert_eq!(outcome(&raw.reply().await), (2, Lost));
+    assert_eq!(outcome(&raw.reply().await), (3, Stored));
+    // sent again (lower indexes than the last): stored, nothing reported
+    for i in [1usize, 2] {
+        let r = raw
+            .chunk(&id, i as u32, (i * 1024) as u64, part(i), &sha_hex(part(i)))
+            .await;
+        assert_eq!(outcome(&r), (i as u32, Stored));
+    }
+    raw.send(&id, FileAction::Finish, Vec::new()).await;
+    assert!(matches!(raw.reply().await, FileReply::Complete { .. }));
+    assert_eq!(server.metric("fleetbus_files_chunks_lost_total"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_dropped_into_the_upload_directory_are_archived_after_confirmation() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), LOCAL_RULES, "");

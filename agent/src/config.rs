@@ -206,7 +206,7 @@ impl Default for UploadsConfig {
             archive_dir: None,
             poll_interval: Duration::from_secs(2),
             chunk_size: fleetbus_protocol::files::DEFAULT_CHUNK_SIZE,
-            window: 64,
+            window: 48,
             max_bytes_per_sec: None,
             reply_timeout: Duration::from_secs(10),
             retry_min: Duration::from_secs(1),

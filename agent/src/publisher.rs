@@ -94,7 +94,7 @@ impl Publisher {
                 true,
             ));
         }
-        let (client, eventloop) = fleetbus_mqtt::client(options, window + 16);
+        let (client, eventloop) = AsyncClient::new(options, window + 16);
         let (events_tx, mut events) = mpsc::channel(4096);
         let poller = tokio::spawn(poll_events(eventloop, events_tx));
         let end = self

@@ -26,7 +26,11 @@ pub struct BrokerConfig {
     /// Bytes of one in-memory log segment per topic filter in the router.
     pub segment_bytes: usize,
     /// Segments kept per filter: a subscriber further behind than
-    /// `segment_bytes * segment_count` loses the oldest messages.
+    /// `segment_bytes * (segment_count - 1)` may lose the oldest messages. The router
+    /// keeps this much of the latest traffic in memory whether or not anyone is behind,
+    /// so it is most of the server's memory under load. Agents send again what is lost
+    /// (records on a missing acknowledgement, file chunks when told or after
+    /// `uploads.reply_timeout`).
     pub segment_count: usize,
 }
 
@@ -38,8 +42,8 @@ impl Default for BrokerConfig {
             max_payload_bytes: 256 * 1024,
             max_inflight: 1_000,
             connect_timeout: Duration::from_secs(10),
-            segment_bytes: 16 * 1024 * 1024,
-            segment_count: 4,
+            segment_bytes: 2 * 1024 * 1024,
+            segment_count: 5,
         }
     }
 }

@@ -41,3 +41,30 @@ pub(crate) fn set_on_listener(addr: SocketAddr) -> std::io::Result<bool> {
     }
     Ok(found)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn connections_accepted_after_it_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let before = TcpStream::connect(addr).unwrap();
+        let (accepted_before, _) = listener.accept().unwrap();
+        assert!(!accepted_before.nodelay().unwrap());
+        assert!(super::set_on_listener(addr).unwrap(), "listener not found");
+        let _after = TcpStream::connect(addr).unwrap();
+        let (accepted_after, _) = listener.accept().unwrap();
+        assert!(accepted_after.nodelay().unwrap());
+        drop(before);
+    }
+
+    #[test]
+    fn another_address_is_not_touched() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let other = std::net::SocketAddr::from(([127, 0, 0, 2], port));
+        assert!(!super::set_on_listener(other).unwrap());
+    }
+}

@@ -476,6 +476,13 @@ impl Reassembler {
             .sum()
     }
 
+    /// True when chunk `index` of an upload is on disk (or the upload is complete).
+    pub fn holds(&self, owner: &str, file_id: &str, index: u32) -> bool {
+        self.uploads
+            .get(&(owner.to_string(), file_id.to_string()))
+            .is_some_and(|up| up.complete || (index < up.manifest.chunk_count && up.has(index)))
+    }
+
     /// The manifest of an upload in progress or complete.
     pub fn manifest(&self, owner: &str, file_id: &str) -> Option<&Manifest> {
         self.uploads

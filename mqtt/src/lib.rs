@@ -35,18 +35,3 @@ pub fn options(
         .set_inflight(inflight.max(1));
     opts
 }
-
-/// A client and its event loop for `options`, with TCP_NODELAY on the socket: MQTT is
-/// request/response (publish -> PUBACK, chunk -> reply), and with Nagle's algorithm on, a
-/// small packet written while another is unacknowledged waits for the peer's delayed ACK
-/// (40 ms on Linux), which caps a windowed upload at a few MB/s per window.
-pub fn client(
-    options: rumqttc::MqttOptions,
-    capacity: usize,
-) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    (client, eventloop)
-}

@@ -165,6 +165,10 @@ pub enum ChunkOutcome {
     /// Refused; nothing written. The agent sends it again (after a `status` if the upload
     /// itself is unknown).
     Rejected,
+    /// Never arrived: a later chunk of the same upload did. Chunks travel in order, so it
+    /// was lost on the way (the server sheds chunks when it is overloaded); the agent sends
+    /// it again at once. Not counted as a refusal.
+    Lost,
 }
 
 /// Why the server refused something, for programs to act on (the text says it for people).

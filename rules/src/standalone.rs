@@ -71,7 +71,7 @@ pub async fn run_standalone(
             Duration::from_secs(15),
             100,
         );
-        let (client, mut eventloop) = fleetbus_mqtt::client(opts, 4096);
+        let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         acks.set(Some(client.clone()));
         for filter in engine.filters() {
             let filter = match &options.group {

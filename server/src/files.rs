@@ -13,6 +13,7 @@
 //! - `delivered/{agent}/{file_id}`: a note that the file was delivered, kept for
 //!   `files.remember`, so uploading the same file again is answered "complete" at once.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -97,6 +98,11 @@ pub struct FileCounters {
     pub chunks_duplicate: AtomicU64,
     /// Chunks refused (hash, offset, length, unknown upload).
     pub chunks_rejected: AtomicU64,
+    /// Chunks shed unread because the file service's queue was full (the agent is told
+    /// they were lost when a later chunk arrives, and sends them again).
+    pub chunks_shed: AtomicU64,
+    /// Chunks reported lost to their agent (a later chunk of the upload arrived first).
+    pub chunks_lost: AtomicU64,
     /// Bytes written to the spool.
     pub bytes_stored: AtomicU64,
     /// Files verified and handed to the rules engine.
@@ -139,6 +145,16 @@ impl FileCounters {
                 "chunks_rejected_total",
                 "File chunks refused (hash, offset, length, unknown upload).",
                 l(&self.chunks_rejected),
+            ),
+            (
+                "chunks_shed_total",
+                "File chunks dropped unread because the file service was behind (sent again).",
+                l(&self.chunks_shed),
+            ),
+            (
+                "chunks_lost_total",
+                "File chunks reported lost to their agent (a later chunk arrived first).",
+                l(&self.chunks_lost),
             ),
             (
                 "bytes_stored_total",
@@ -184,6 +200,14 @@ impl FileCounters {
     }
 }
 
+/// Messages queued for the file service (chunks are at most 128 KiB: 8 MiB).
+pub(crate) const QUEUE_CAPACITY: usize = 64;
+
+/// Chunks shed unread by the engine's consumer whose agent was already told they were lost
+/// (agent, file id, index): the file service does not report them a second time.
+pub(crate) type ShedChunks =
+    Arc<std::sync::Mutex<std::collections::HashSet<(String, String, u32)>>>;
+
 /// Publishes a reply payload to an agent (on `fleet/{agent}/replies/files`).
 pub type ReplyPublisher = Arc<dyn Fn(&str, Vec<u8>) + Send + Sync>;
 
@@ -211,6 +235,10 @@ struct Delivery {
     sinks: Vec<String>,
 }
 
+/// Most chunks reported lost for one gap: an agent never has more than its window in flight,
+/// so a wider gap means it skipped chunks on purpose (held ones) or the state is stale.
+const MAX_LOST_REPORTED: usize = 1024;
+
 /// How long a finished upload waits for its completion message to become durable.
 const DURABLE_WAIT: Duration = Duration::from_secs(5);
 
@@ -224,6 +252,11 @@ pub(crate) struct FileService {
     counters: Arc<FileCounters>,
     deliveries: Vec<Delivery>,
     last_remember_sweep: Option<Instant>,
+    /// Per upload, the index after the highest chunk seen since its last `init`: agents
+    /// send the chunks the server lacks in order, so a chunk arriving past a gap of chunks
+    /// still not held means those were lost on the way.
+    next_expected: HashMap<(String, String), u32>,
+    shed: ShedChunks,
 }
 
 impl FileService {
@@ -234,6 +267,7 @@ impl FileService {
         engine: Arc<Engine>,
         reply: ReplyPublisher,
         counters: Arc<FileCounters>,
+        shed: ShedChunks,
     ) -> Result<FileService, ChunkError> {
         let root = data_dir.join("files");
         let spool = data_dir.join(fleetbus_sinks::completion::SPOOL_DIR);
@@ -286,6 +320,8 @@ impl FileService {
             counters,
             deliveries,
             last_remember_sweep: None,
+            next_expected: HashMap::new(),
+            shed,
         })
     }
 
@@ -315,7 +351,11 @@ impl FileService {
         };
         let _span = tracing::debug_span!("file", %agent, %file_id).entered();
         let reply = match action {
-            FileAction::Init => self.init(agent, file_id, payload),
+            FileAction::Init => {
+                self.next_expected
+                    .remove(&(agent.to_string(), file_id.to_string()));
+                self.init(agent, file_id, payload)
+            }
             FileAction::Chunk => self.chunk(agent, file_id, payload),
             FileAction::Status => self.status(agent, file_id),
             FileAction::Finish => self.finish(agent, file_id),
@@ -423,6 +463,7 @@ impl FileService {
             }
         };
         let index = chunk.index;
+        self.report_lost(agent, file_id, index);
         if self.reassembler.manifest(agent, file_id).is_none()
             && self.delivered(agent, file_id).is_some()
         {
@@ -473,6 +514,45 @@ impl FileService {
                 tracing::error!(%agent, %file_id, index, error = %e, "cannot store a chunk");
                 failed(file_id, RefusalKind::Busy, e.to_string())
             }
+        }
+    }
+
+    /// Tells the agent about chunks sent before `index` that never arrived (see
+    /// `next_expected`), so it sends them again now instead of after its reply timeout.
+    fn report_lost(&mut self, agent: &str, file_id: &str, index: u32) {
+        let Some(count) = self
+            .reassembler
+            .manifest(agent, file_id)
+            .map(|m| m.chunk_count)
+        else {
+            return;
+        };
+        if index >= count {
+            return; // refused as out of range, says nothing about the others
+        }
+        let key = (agent.to_string(), file_id.to_string());
+        let Some(next) = self.next_expected.get(&key).copied() else {
+            self.next_expected.insert(key, index + 1);
+            return;
+        };
+        if index < next {
+            return; // a chunk sent again
+        }
+        self.next_expected.insert(key, index.saturating_add(1));
+        let mut shed = self.shed.lock().unwrap_or_else(|p| p.into_inner());
+        let lost: Vec<u32> = (next..index)
+            .filter(|&i| !self.reassembler.holds(agent, file_id, i))
+            .filter(|&i| !shed.remove(&(agent.to_string(), file_id.to_string(), i)))
+            .take(MAX_LOST_REPORTED)
+            .collect();
+        drop(shed);
+        for i in lost {
+            self.counters.chunks_lost.fetch_add(1, Ordering::Relaxed);
+            let reason = format!("chunk {i} never arrived (chunk {index} did)");
+            self.send(
+                agent,
+                &chunk_reply(file_id, i, ChunkOutcome::Lost, Some(reason)),
+            );
         }
     }
 
@@ -628,6 +708,13 @@ impl FileService {
             }
         }
         self.deliveries = still;
+        let reassembler = &self.reassembler;
+        self.next_expected
+            .retain(|(agent, file_id), _| reassembler.manifest(agent, file_id).is_some());
+        self.shed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(agent, file_id, _)| reassembler.manifest(agent, file_id).is_some());
 
         let now = SystemTime::now();
         match self.reassembler.gc(self.config.ttl, now) {
@@ -698,6 +785,10 @@ impl FileService {
 
 /// Starts the file service thread and its housekeeping ticker; returns the channel that
 /// feeds it and the thread.
+///
+/// The queue holds at most [`QUEUE_CAPACITY`] messages; chunks arriving while it is full
+/// are shed (see [`FileCounters::chunks_shed`]), which bounds the memory pinned by a
+/// file service that is behind.
 #[allow(clippy::type_complexity)]
 pub(crate) fn spawn(
     service: FileService,
@@ -707,7 +798,7 @@ pub(crate) fn spawn(
     std::thread::JoinHandle<()>,
     tokio::task::JoinHandle<()>,
 )> {
-    let (tx, rx) = mpsc::channel(256);
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let span = tracing::info_span!("files");
     let thread = std::thread::Builder::new()
         .name("fleetbus-files".into())

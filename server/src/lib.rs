@@ -9,6 +9,7 @@ pub mod files;
 pub mod metrics;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -114,12 +115,15 @@ impl Server {
             }
         });
         let file_counters = Arc::new(FileCounters::default());
+        let shed_replies = replies.clone();
+        let shed = files::ShedChunks::default();
         let service = files::FileService::open(
             &config.data_dir,
             config.files.clone(),
             engine.clone(),
             replies,
             file_counters.clone(),
+            shed.clone(),
         )?;
         let (file_tx, file_thread, file_ticker) =
             files::spawn(service, FILES_TICK).map_err(|source| ServerError::Thread {
@@ -127,8 +131,15 @@ impl Server {
                 source,
             })?;
         let consumer = tokio::spawn(
-            consume(link_rx, engine.clone(), file_tx)
-                .instrument(tracing::info_span!("rules_engine")),
+            consume(
+                link_rx,
+                engine.clone(),
+                file_tx,
+                file_counters.clone(),
+                shed_replies,
+                shed,
+            )
+            .instrument(tracing::info_span!("rules_engine")),
         );
         let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL));
         let metrics = match config.metrics.listen {
@@ -235,6 +246,10 @@ struct FileServiceHandle {
 /// How often the file service frees delivered files and collects idle uploads.
 const FILES_TICK: Duration = Duration::from_secs(1);
 
+/// Most shed chunks remembered as reported (beyond, a chunk may be reported lost twice and
+/// sent once more than needed).
+const MAX_SHED_REMEMBERED: usize = 65_536;
+
 /// How often the engine's counters are logged.
 const STATS_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -277,12 +292,53 @@ async fn report_stats(engine: Arc<Engine>, interval: Duration) {
     }
 }
 
+/// Drops a chunk the file service has no room for and tells its agent at once that it was
+/// lost, so it is sent again.
+fn shed_chunk(
+    event: files::FileEvent,
+    counters: &FileCounters,
+    replies: &files::ReplyPublisher,
+    shed: &files::ShedChunks,
+) {
+    counters.chunks_shed.fetch_add(1, Ordering::Relaxed);
+    let files::FileEvent::Message { topic, payload } = event else {
+        return;
+    };
+    let Topic::Files { agent, rest } = Topic::parse(&topic) else {
+        return;
+    };
+    let Some((file_id, _)) = file_topics::parse_file_rest(rest) else {
+        return;
+    };
+    // an undecodable chunk is dropped silently: the file service would only refuse it
+    let Ok(chunk) = rmp_serde::from_slice::<fleetbus_protocol::FileChunk<'_>>(&payload) else {
+        return;
+    };
+    let reply = fleetbus_protocol::FileReply::Chunk {
+        file_id: file_id.to_string(),
+        index: chunk.index,
+        outcome: fleetbus_protocol::ChunkOutcome::Lost,
+        reason: Some("the server is busy: chunk shed unread".into()),
+    };
+    if let Ok(bytes) = file_topics::encode(&reply) {
+        let mut reported = shed.lock().unwrap_or_else(|p| p.into_inner());
+        if reported.len() < MAX_SHED_REMEMBERED {
+            reported.insert((agent.to_string(), file_id.to_string(), chunk.index));
+        }
+        drop(reported);
+        replies(agent, bytes);
+    }
+}
+
 /// Feeds every message the router forwards to the in-process link into the engine, except
 /// file transfer messages, which go to the file service.
 async fn consume(
     mut rx: LinkRx,
     engine: Arc<Engine>,
     files: tokio::sync::mpsc::Sender<files::FileEvent>,
+    file_counters: Arc<FileCounters>,
+    replies: files::ReplyPublisher,
+    shed: files::ShedChunks,
 ) {
     loop {
         match rx.next().await {
@@ -292,12 +348,27 @@ async fn consume(
                     tracing::warn!("message with a non-UTF-8 topic skipped");
                     continue;
                 };
-                if matches!(Topic::parse(topic), Topic::Files { .. }) {
+                if let Topic::Files { rest, .. } = Topic::parse(topic) {
+                    let is_chunk = file_topics::parse_file_rest(rest)
+                        .is_some_and(|(_, action)| action == file_topics::FileAction::Chunk);
                     let event = files::FileEvent::Message {
                         topic: topic.to_string(),
                         payload: publish.payload,
                     };
-                    if files.send(event).await.is_err() {
+                    // a chunk is shed when the file service is behind (its agent is told
+                    // once a later chunk arrives); the rest waits for room
+                    let sent = match is_chunk {
+                        true => match files.try_send(event) {
+                            Err(tokio::sync::mpsc::error::TrySendError::Full(event)) => {
+                                shed_chunk(event, &file_counters, &replies, &shed);
+                                Ok(())
+                            }
+                            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(()),
+                            Ok(()) => Ok(()),
+                        },
+                        false => files.send(event).await.map_err(|_| ()),
+                    };
+                    if sent.is_err() {
                         tracing::error!("file service stopped; file message dropped");
                     }
                 } else {

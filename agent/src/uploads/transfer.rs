@@ -13,7 +13,7 @@
 //! missing chunks travel. Chunks are read and hashed off the async workers, a window
 //! ahead, so the file is never in memory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,8 +51,8 @@ struct Transfer {
     phase: Phase,
     deadline: Instant,
     reader: Option<mpsc::Receiver<Prepared>>,
-    /// A prepared chunk the client could not take yet.
-    stash: Option<(u32, Vec<u8>)>,
+    /// Prepared chunks the client could not take yet, oldest first.
+    stash: VecDeque<(u32, Vec<u8>)>,
     unanswered: usize,
     reader_done: bool,
     held: u32,
@@ -91,7 +91,7 @@ impl FileSender {
     pub(crate) fn on_connected(&mut self, client: &AsyncClient) {
         if let Some(t) = self.current.as_mut() {
             t.reader = None;
-            t.stash = None;
+            t.stash.clear();
             t.unanswered = 0;
             t.retry_delay = self.config.retry_min;
         }
@@ -149,7 +149,7 @@ impl FileSender {
             phase: Phase::Asking,
             deadline: Instant::now(),
             reader: None,
-            stash: None,
+            stash: VecDeque::new(),
             unanswered: 0,
             reader_done: false,
             held: 0,
@@ -209,7 +209,7 @@ impl FileSender {
     pub(crate) fn wants_chunk(&self) -> bool {
         self.current.as_ref().is_some_and(|t| {
             t.phase == Phase::Sending
-                && t.stash.is_none()
+                && t.stash.is_empty()
                 && t.reader.is_some()
                 && t.unanswered < self.config.window
         }) && Instant::now() >= self.next_send
@@ -238,7 +238,19 @@ impl FileSender {
         }
     }
 
+    /// Hands a chunk to the client; when its queue is full the chunk is stashed (at the front
+    /// when it came from the stash, so chunks keep their order).
     fn send_chunk(&mut self, (index, payload): (u32, Vec<u8>), client: &AsyncClient) {
+        self.send_chunk_from(index, payload, false, client)
+    }
+
+    fn send_chunk_from(
+        &mut self,
+        index: u32,
+        payload: Vec<u8>,
+        from_stash: bool,
+        client: &AsyncClient,
+    ) {
         let Some(t) = self.current.as_ref() else {
             return;
         };
@@ -268,7 +280,11 @@ impl FileSender {
             ) => {
                 // the client's queue is full (telemetry is flowing): keep it for a moment
                 if let Some(t) = self.current.as_mut() {
-                    t.stash = Some((index, p.payload.to_vec()));
+                    let chunk = (index, p.payload.to_vec());
+                    match from_stash {
+                        true => t.stash.push_front(chunk),
+                        false => t.stash.push_back(chunk),
+                    }
                 }
             }
             Err(_) => {
@@ -284,7 +300,7 @@ impl FileSender {
         let t = self.current.as_ref()?;
         let mut at = t.deadline;
         if t.phase == Phase::Sending {
-            if t.stash.is_some() {
+            if !t.stash.is_empty() {
                 at = at.min(Instant::now() + Duration::from_millis(2));
             } else if t.reader.is_some() && t.unanswered < self.config.window {
                 at = at.min(self.next_send.max(Instant::now()));
@@ -298,8 +314,8 @@ impl FileSender {
         let Some(t) = self.current.as_mut() else {
             return;
         };
-        if let Some(chunk) = t.stash.take() {
-            self.send_chunk(chunk, client);
+        if let Some((index, payload)) = t.stash.pop_front() {
+            self.send_chunk_from(index, payload, true, client);
             return;
         }
         if Instant::now() < t.deadline {
@@ -392,6 +408,17 @@ impl FileSender {
                         self.progress();
                         self.maybe_finish(client);
                     }
+                    ChunkOutcome::Lost => {
+                        tracing::debug!(file_id = %t.job.manifest.file_id, index, "chunk lost on the way: sending it again");
+                        self.queue
+                            .stats()
+                            .chunks_resent
+                            .fetch_add(1, Ordering::Relaxed);
+                        match prepare(&t.splitter, index) {
+                            Ok(chunk) => self.send_chunk(chunk, client),
+                            Err(e) => self.fail(e),
+                        }
+                    }
                     ChunkOutcome::Rejected => {
                         let attempts = t.rejected.entry(index).or_insert(0);
                         *attempts += 1;
@@ -473,7 +500,7 @@ impl FileSender {
         let Some(t) = &self.current else {
             return;
         };
-        if t.phase == Phase::Sending && t.reader_done && t.unanswered == 0 && t.stash.is_none() {
+        if t.phase == Phase::Sending && t.reader_done && t.unanswered == 0 && t.stash.is_empty() {
             self.send_finish(client);
         }
     }

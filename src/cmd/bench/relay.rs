@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleetbus_mqtt::BrokerUrl;
-use rumqttc::{Event, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 
 use super::{IngestArgs, Measurement};
 
@@ -85,7 +85,7 @@ pub async fn measure(
         Duration::from_secs(30),
         1000,
     );
-    let (sub, mut sub_loop) = fleetbus_mqtt::client(opts, 100);
+    let (sub, mut sub_loop) = AsyncClient::new(opts, 100);
     sub.subscribe(format!("{TOPIC_ROOT}/#"), qos).await?;
     let subscribed = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -130,7 +130,7 @@ pub async fn measure(
             Duration::from_secs(30),
             100,
         );
-        let (client, mut eventloop) = fleetbus_mqtt::client(opts, 100);
+        let (client, mut eventloop) = AsyncClient::new(opts, 100);
         loops.push(tokio::spawn(async move {
             loop {
                 if let Err(e) = eventloop.poll().await {
