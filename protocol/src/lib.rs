@@ -1,11 +1,12 @@
 //! The fleetbus wire contract: topic layout, telemetry records, presence messages, file
-//! transfer messages and the decoded message envelope the server routes. No I/O lives here.
+//! transfer messages, job commands and statuses, and the decoded message envelope the server routes. No I/O lives here.
 //!
 //! See `docs/protocol.md` for the human-readable description of everything in this crate.
 
 pub mod ack;
 pub mod files;
 pub mod ids;
+pub mod jobs;
 pub mod message;
 pub mod presence;
 pub mod record;
@@ -17,6 +18,9 @@ pub use files::{
     RefusalKind,
 };
 pub use ids::{validate_id, IdError};
+pub use jobs::{
+    ExecutionState, JobCommand, JobDocument, JobEvent, JobStatus, JobTarget, SignedCommand,
+};
 pub use message::{DecodeError, EncodeError, Message};
 pub use presence::{Presence, PresenceStatus};
 pub use record::{Event, Metric, Record, Resource, Severity};
