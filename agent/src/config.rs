@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub connection: ConnectionConfig,
     /// File uploads.
     pub uploads: UploadsConfig,
+    /// Jobs: the signing key to trust and the allow-listed operations.
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 impl Default for AgentConfig {
@@ -50,6 +52,7 @@ impl Default for AgentConfig {
             outbox: OutboxConfig::default(),
             connection: ConnectionConfig::default(),
             uploads: UploadsConfig::default(),
+            jobs: crate::jobs::JobsConfig::default(),
         }
     }
 }
@@ -267,6 +270,7 @@ impl AgentConfig {
         if u.archive_dir.is_some() && u.watch_dir.is_none() {
             return Err("uploads.archive_dir needs uploads.watch_dir".into());
         }
+        self.jobs.validate()?;
         Ok(())
     }
 }

@@ -13,6 +13,7 @@
 pub mod collectors;
 pub mod config;
 pub mod identity;
+pub mod jobs;
 pub mod outbox;
 pub mod presence;
 pub mod publisher;
@@ -71,6 +72,8 @@ pub struct Agent {
     id: String,
     outbox: Arc<Outbox>,
     uploads: Arc<UploadQueue>,
+    jobs: jobs::JobRunner,
+    job_reports: tokio::sync::mpsc::Receiver<fleetbus_protocol::JobStatus>,
     // held for the agent's lifetime: one process per state_dir
     _lock: std::fs::File,
 }
@@ -90,11 +93,15 @@ impl Agent {
         let outbox = Outbox::open(&config.state_dir.join("outbox"), &id, &config.outbox)?;
         let uploads = UploadQueue::open(&config.state_dir, config.uploads.chunk_size)?;
         uploads.forget_older_than(config.uploads.remember);
+        let (jobs, job_reports) =
+            jobs::JobRunner::open(&id, &config.groups, &config.jobs, &config.state_dir)?;
         Ok(Agent {
             config,
             id,
             outbox: Arc::new(outbox),
             uploads: Arc::new(uploads),
+            jobs,
+            job_reports,
             _lock: lock,
         })
     }
@@ -103,6 +110,11 @@ impl Agent {
     /// [`UploadQueue::submit`], follow them with [`UploadQueue::wait`].
     pub fn uploads(&self) -> &Arc<UploadQueue> {
         &self.uploads
+    }
+
+    /// The job runner (its counters and the recorded state of each job).
+    pub fn jobs(&self) -> &jobs::JobRunner {
+        &self.jobs
     }
 
     /// The configuration the agent runs with.
@@ -155,6 +167,8 @@ impl Agent {
             birth: Arc::new(move || presence::birth(&birth_id, &birth_config)),
             uploads: self.uploads.clone(),
             uploads_config: self.config.uploads.clone(),
+            jobs: self.jobs.clone(),
+            job_reports: tokio::sync::Mutex::new(self.job_reports),
         };
         if self.config.uploads.watch_dir.is_some() {
             tasks.spawn(

@@ -46,6 +46,10 @@ pub struct Publisher {
     pub uploads: Arc<UploadQueue>,
     /// Upload tunables.
     pub uploads_config: UploadsConfig,
+    /// Runs the jobs that arrive over the connection.
+    pub jobs: crate::jobs::JobRunner,
+    /// The runner's status reports, published while connected.
+    pub job_reports: tokio::sync::Mutex<mpsc::Receiver<fleetbus_protocol::JobStatus>>,
 }
 
 type Events = mpsc::Receiver<Result<Event, ConnectionError>>;
@@ -121,10 +125,20 @@ impl Publisher {
             self.uploads_config.clone(),
         );
         let replies_topic = files.replies_topic();
-        let filters = vec![
+        let job_topics = self.jobs.notify_topics();
+        let mut filters = vec![
             rumqttc::SubscribeFilter::new(acks_topic.clone(), QoS::AtLeastOnce),
             rumqttc::SubscribeFilter::new(replies_topic.clone(), QoS::AtLeastOnce),
         ];
+        filters.extend(
+            job_topics
+                .iter()
+                .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce)),
+        );
+        let mut job_reports = self.job_reports.lock().await;
+        let status_topic = fleetbus_protocol::jobs::status(&self.agent);
+        // a report the client could not take yet
+        let mut unsent_report: Option<Vec<u8>> = None;
         if let Err(reason) = client.try_subscribe_many(filters) {
             return SessionEnd::Failed {
                 reason: format!("cannot subscribe: {reason}"),
@@ -141,7 +155,7 @@ impl Publisher {
                             .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                         {
                             return Err(format!(
-                                "the broker refused our subscription to {acks_topic} or {replies_topic}"
+                                "the broker refused one of our subscriptions ({acks_topic}, {replies_topic}, job topics)"
                             ));
                         }
                         return Ok(());
@@ -236,6 +250,9 @@ impl Publisher {
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == replies_topic => {
                         files.on_reply(&p.payload, client);
                     }
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) if job_topics.contains(&p.topic) => {
+                        self.jobs.on_command(&p.payload);
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => return SessionEnd::Failed { reason: describe(&e), connected: true },
                     None => return SessionEnd::Failed { reason: "connection task ended".into(), connected: true },
@@ -246,7 +263,15 @@ impl Publisher {
                     files.on_timer(client);
                 }
                 _ = self.uploads.changed(), if idle => files.start_next(client),
+                report = job_reports.recv(), if unsent_report.is_none() => {
+                    if let Some(payload) = report.and_then(|r| r.encode().ok()) {
+                        unsent_report = publish_report(client, &status_topic, payload);
+                    }
+                }
                 _ = housekeeping.tick() => {
+                    if let Some(payload) = unsent_report.take() {
+                        unsent_report = publish_report(client, &status_topic, payload);
+                    }
                     if files.idle() && last_queue_scan.elapsed() >= Duration::from_secs(1) {
                         // jobs other processes dropped into the queue directory
                         last_queue_scan = Instant::now();
@@ -322,6 +347,16 @@ impl Publisher {
             while let Some(Ok(_)) = events.recv().await {}
         })
         .await;
+    }
+}
+
+/// Hands a job status report to the client; gives it back when the client's queue is full.
+fn publish_report(client: &AsyncClient, topic: &str, payload: Vec<u8>) -> Option<Vec<u8>> {
+    match client.try_publish(topic, QoS::AtLeastOnce, false, payload) {
+        Err(rumqttc::ClientError::TryRequest(rumqttc::Request::Publish(p))) => {
+            Some(p.payload.to_vec())
+        }
+        _ => None,
     }
 }
 

@@ -148,17 +148,15 @@ impl SignedCommand {
 
     /// Decodes `payload`, checks the signature with `key`, then parses the command.
     pub fn verify(payload: &[u8], key: &VerifyingKey) -> Result<JobCommand, CommandError> {
-        let signed: SignedCommand = serde_json::from_slice(payload)
-            .map_err(|e| CommandError::Malformed(e.to_string()))?;
+        let signed: SignedCommand =
+            serde_json::from_slice(payload).map_err(|e| CommandError::Malformed(e.to_string()))?;
         let bytes = hex::decode(&signed.signature)
             .map_err(|e| CommandError::BadSignature(format!("not hex: {e}")))?;
         let bytes: [u8; 64] = bytes
             .try_into()
             .map_err(|_| CommandError::BadSignature("not 64 bytes".into()))?;
         key.verify(signed.body.as_bytes(), &Signature::from_bytes(&bytes))
-            .map_err(|_| {
-                CommandError::BadSignature("does not match the job signing key".into())
-            })?;
+            .map_err(|_| CommandError::BadSignature("does not match the job signing key".into()))?;
         serde_json::from_str(&signed.body).map_err(|e| CommandError::Malformed(e.to_string()))
     }
 

@@ -61,6 +61,9 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<AgentConfig> {
     if let Some(d) = &config.uploads.archive_dir {
         config.uploads.archive_dir = Some(fleetbus_config::relative_to(path, d));
     }
+    if let Some(f) = &config.jobs.public_key_file {
+        config.jobs.public_key_file = Some(fleetbus_config::relative_to(path, f));
+    }
     Ok(config)
 }
 

@@ -384,14 +384,15 @@ fn content_type(name: &str) -> Option<&'static str> {
     })
 }
 
-/// Writes `value` as JSON via a temporary file and a rename.
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), AgentError> {
+/// Writes `value` as JSON via a temporary file (forced to disk) and a rename.
+pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), AgentError> {
     let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::State {
         path: path.to_path_buf(),
         problem: e.to_string(),
     })?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
         .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|source| AgentError::Io {
             path: path.to_path_buf(),

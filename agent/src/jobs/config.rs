@@ -1,0 +1,166 @@
+//! `[jobs]` in the agent configuration: the key that signs jobs, and the allow-listed
+//! operations with the patterns their arguments must match.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[jobs]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// The server's job signing public key, hex (from `fleetbus keys generate`). Without
+    /// one (here or in `public_key_file`) every job is rejected.
+    pub public_key: Option<String>,
+    /// A file holding the public key instead (relative to the configuration file).
+    pub public_key_file: Option<PathBuf>,
+    /// Jobs running at the same time, at most; more wait their turn (QUEUED).
+    pub concurrency: usize,
+    /// Bytes of stdout and of stderr kept for the status report; beyond, a marker says how
+    /// much was cut.
+    pub output_limit: usize,
+    /// Enables the `shell` operation (`cmd` argument run by `sh -c`). Off unless the
+    /// operator explicitly wants arbitrary commands.
+    pub allow_shell: bool,
+    /// Timeout for `shell` and built-ins when the job does not ask for less.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// The allow-listed operations, by name.
+    pub handlers: BTreeMap<String, HandlerConfig>,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            public_key: None,
+            public_key_file: None,
+            concurrency: 4,
+            output_limit: 16 * 1024,
+            allow_shell: false,
+            default_timeout: Duration::from_secs(300),
+            handlers: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[jobs.handlers.NAME]`: one allow-listed operation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// The program and its arguments; `{name}` is replaced by the job's argument `name`
+    /// (each element is one argument: no shell, no word splitting).
+    pub command: Vec<String>,
+    /// Every argument the job may pass, with the regular expression its whole value must
+    /// match. An argument not listed here rejects the job.
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    /// Most time one run may take; the process group is killed after it.
+    #[serde(with = "humantime_serde", default = "default_handler_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_handler_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl JobsConfig {
+    /// Checks what serde cannot: patterns compile, commands are not empty, placeholders
+    /// name declared arguments.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.concurrency == 0 {
+            return Err("jobs.concurrency must be at least 1".into());
+        }
+        if self.public_key.is_some() && self.public_key_file.is_some() {
+            return Err("jobs: set public_key or public_key_file, not both".into());
+        }
+        if let Some(k) = &self.public_key {
+            fleetbus_protocol::jobs::verifying_key_from_hex(k)
+                .map_err(|e| format!("jobs.public_key: {e}"))?;
+        }
+        for (name, h) in &self.handlers {
+            if crate::jobs::BUILTINS.contains(&name.as_str()) {
+                return Err(format!(
+                    "jobs.handlers.{name}: `{name}` is a built-in operation"
+                ));
+            }
+            if h.command.is_empty() {
+                return Err(format!("jobs.handlers.{name}.command is empty"));
+            }
+            for (arg, pattern) in &h.args {
+                regex::Regex::new(pattern)
+                    .map_err(|e| format!("jobs.handlers.{name}.args.{arg}: {e}"))?;
+            }
+            for part in &h.command {
+                for placeholder in placeholders(part) {
+                    if !h.args.contains_key(placeholder) {
+                        return Err(format!(
+                            "jobs.handlers.{name}.command uses {{{placeholder}}}, which is not in jobs.handlers.{name}.args"
+                        ));
+                    }
+                }
+            }
+            if h.timeout.is_zero() {
+                return Err(format!("jobs.handlers.{name}.timeout must be above 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `{name}` placeholders in one command element.
+pub(crate) fn placeholders(part: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = part;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            break;
+        };
+        out.push(&rest[open + 1..open + close]);
+        rest = &rest[open + close + 1..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handler(command: &[&str], args: &[(&str, &str)]) -> HandlerConfig {
+        HandlerConfig {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            args: args
+                .iter()
+                .map(|(a, p)| (a.to_string(), p.to_string()))
+                .collect(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn handlers_are_checked() {
+        let mut c = JobsConfig::default();
+        c.handlers.insert(
+            "restart".into(),
+            handler(&["systemctl", "restart", "{name}"], &[("name", "^[a-z]+$")]),
+        );
+        c.validate().unwrap();
+        c.handlers
+            .insert("bad".into(), handler(&["x", "{missing}"], &[]));
+        assert!(c.validate().unwrap_err().contains("{missing}"));
+        c.handlers.remove("bad");
+        c.handlers
+            .insert("re".into(), handler(&["x"], &[("a", "([")]));
+        assert!(c.validate().unwrap_err().contains("args.a"));
+        c.handlers.remove("re");
+        c.handlers.insert("echo".into(), handler(&["x"], &[]));
+        assert!(c.validate().unwrap_err().contains("built-in"));
+    }
+
+    #[test]
+    fn placeholders_are_found() {
+        assert_eq!(placeholders("--unit={name}.{kind}"), vec!["name", "kind"]);
+        assert!(placeholders("plain").is_empty());
+    }
+}
