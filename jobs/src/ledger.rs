@@ -1,0 +1,369 @@
+//! The ledger: jobs, per-target executions and known agents in SQLite under the server's
+//! data directory (`data_dir/jobs.sqlite`), so pending executions survive a restart and are
+//! sent again when their agent connects.
+
+use std::path::Path;
+
+use chrono::{DateTime, TimeZone, Utc};
+use fleetbus_protocol::{ExecutionState, JobDocument, JobTarget};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::JobsError;
+
+/// How a job as a whole stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Executions are pending or running.
+    Active,
+    /// Every execution reached a final state.
+    Done,
+    /// Cancelled by an operator.
+    Canceled,
+    /// Cancelled by the abort threshold.
+    Aborted,
+}
+
+impl JobState {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobState::Active => "active",
+            JobState::Done => "done",
+            JobState::Canceled => "canceled",
+            JobState::Aborted => "aborted",
+        }
+    }
+
+    fn parse(s: &str) -> JobState {
+        match s {
+            "done" => JobState::Done,
+            "canceled" => JobState::Canceled,
+            "aborted" => JobState::Aborted,
+            _ => JobState::Active,
+        }
+    }
+}
+
+/// How a job is rolled out and when it is aborted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Targets sent the job per minute, at most (unset: all at once; a group job is then one
+    /// publish on the group topic).
+    #[serde(default)]
+    pub max_per_minute: Option<u32>,
+    /// Cancel the targets not started yet once this percentage of finished executions
+    /// failed (FAILED, TIMED_OUT or REJECTED) ...
+    #[serde(default)]
+    pub abort_failure_pct: Option<f64>,
+    /// ... and at least this many executions finished.
+    #[serde(default)]
+    pub abort_min_finished: u32,
+}
+
+/// One job as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredJob {
+    /// The document sent to agents.
+    pub doc: JobDocument,
+    /// Rollout and abort settings.
+    pub rollout: Rollout,
+    /// Where the job stands.
+    pub state: JobState,
+    /// The signed command payload, sent again to agents that connect later.
+    #[serde(skip)]
+    pub signed: Vec<u8>,
+}
+
+/// One target's execution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execution {
+    /// The target agent.
+    pub agent: String,
+    /// Where it stands.
+    pub state: ExecutionState,
+    /// When the job was last sent to it.
+    pub sent: Option<DateTime<Utc>>,
+    /// When the agent started it.
+    pub started: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished: Option<DateTime<Utc>>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Head of its output.
+    pub output: String,
+    /// Why (rejection, failure, timeout, cancel).
+    pub reason: Option<String>,
+}
+
+/// SQLite-backed store.
+pub struct Ledger {
+    db: Connection,
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.and_then(|m| Utc.timestamp_millis_opt(m).single())
+}
+
+impl Ledger {
+    /// Opens (creating) the ledger at `path`.
+    pub fn open(path: &Path) -> Result<Ledger, JobsError> {
+        let db = Connection::open(path).map_err(|e| JobsError::ledger(path, e))?;
+        db.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             CREATE TABLE IF NOT EXISTS jobs (
+                 id TEXT PRIMARY KEY, doc TEXT NOT NULL, rollout TEXT NOT NULL,
+                 state TEXT NOT NULL, signed BLOB NOT NULL, created_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS executions (
+                 job_id TEXT NOT NULL, agent TEXT NOT NULL, state TEXT NOT NULL,
+                 sent_ms INTEGER, started_ms INTEGER, finished_ms INTEGER, exit_code INTEGER,
+                 output TEXT NOT NULL DEFAULT '', reason TEXT,
+                 PRIMARY KEY (job_id, agent));
+             CREATE INDEX IF NOT EXISTS executions_by_agent ON executions (agent, state);
+             CREATE TABLE IF NOT EXISTS agents (
+                 agent TEXT PRIMARY KEY, groups TEXT NOT NULL, online INTEGER NOT NULL,
+                 last_seen_ms INTEGER NOT NULL);",
+        )
+        .map_err(|e| JobsError::ledger(path, e))?;
+        Ok(Ledger { db })
+    }
+
+    /// Stores a new job with one QUEUED execution per target, in one transaction.
+    pub fn insert_job(&mut self, job: &StoredJob, targets: &[String]) -> Result<(), JobsError> {
+        let tx = self.db.transaction()?;
+        tx.execute(
+            "INSERT INTO jobs (id, doc, rollout, state, signed, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                job.doc.id,
+                serde_json::to_string(&job.doc)?,
+                serde_json::to_string(&job.rollout)?,
+                job.state.as_str(),
+                job.signed,
+                ms(job.doc.created)
+            ],
+        )?;
+        {
+            let mut add = tx.prepare(
+                "INSERT OR IGNORE INTO executions (job_id, agent, state) VALUES (?1, ?2, 'QUEUED')",
+            )?;
+            for agent in targets {
+                add.execute(params![job.doc.id, agent])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Adds a QUEUED execution for `agent` if the job has none. True when added.
+    pub fn add_target(&mut self, job_id: &str, agent: &str) -> Result<bool, JobsError> {
+        let n = self.db.execute(
+            "INSERT OR IGNORE INTO executions (job_id, agent, state) VALUES (?1, ?2, 'QUEUED')",
+            params![job_id, agent],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<Option<StoredJob>, JobsError> {
+        self.db
+            .query_row(
+                "SELECT doc, rollout, state, signed FROM jobs WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, Vec<u8>>(3)?,
+                    ))
+                },
+            )
+            .optional()?
+            .map(|(doc, rollout, state, signed)| {
+                Ok(StoredJob {
+                    doc: serde_json::from_str(&doc)?,
+                    rollout: serde_json::from_str(&rollout)?,
+                    state: JobState::parse(&state),
+                    signed,
+                })
+            })
+            .transpose()
+    }
+
+    /// Ids of jobs, newest first.
+    pub fn job_ids(&self, limit: usize, only_active: bool) -> Result<Vec<String>, JobsError> {
+        let sql = match only_active {
+            true => "SELECT id FROM jobs WHERE state = 'active' ORDER BY created_ms DESC LIMIT ?1",
+            false => "SELECT id FROM jobs ORDER BY created_ms DESC LIMIT ?1",
+        };
+        let mut stmt = self.db.prepare(sql)?;
+        let ids = stmt
+            .query_map(params![limit as i64], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
+    }
+
+    /// Sets a job's overall state.
+    pub fn set_job_state(&mut self, id: &str, state: JobState) -> Result<(), JobsError> {
+        self.db.execute(
+            "UPDATE jobs SET state = ?2 WHERE id = ?1",
+            params![id, state.as_str()],
+        )?;
+        Ok(())
+    }
+
+    /// Every execution of a job, by agent.
+    pub fn executions(&self, job_id: &str) -> Result<Vec<Execution>, JobsError> {
+        let mut stmt = self.db.prepare(
+            "SELECT agent, state, sent_ms, started_ms, finished_ms, exit_code, output, reason
+             FROM executions WHERE job_id = ?1 ORDER BY agent",
+        )?;
+        let rows = stmt
+            .query_map(params![job_id], row_to_execution)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// One execution.
+    pub fn execution(&self, job_id: &str, agent: &str) -> Result<Option<Execution>, JobsError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT agent, state, sent_ms, started_ms, finished_ms, exit_code, output, reason
+                 FROM executions WHERE job_id = ?1 AND agent = ?2",
+                params![job_id, agent],
+                row_to_execution,
+            )
+            .optional()?)
+    }
+
+    /// Job ids with a non-final execution for `agent`.
+    pub fn pending_for(&self, agent: &str) -> Result<Vec<String>, JobsError> {
+        let mut stmt = self.db.prepare(
+            "SELECT e.job_id FROM executions e JOIN jobs j ON j.id = e.job_id
+             WHERE e.agent = ?1 AND e.state IN ('QUEUED', 'IN_PROGRESS') AND j.state = 'active'
+             ORDER BY j.created_ms",
+        )?;
+        let ids = stmt
+            .query_map(params![agent], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
+    }
+
+    /// Records that the job was sent to these agents now.
+    pub fn mark_sent(
+        &mut self,
+        job_id: &str,
+        agents: &[String],
+        at: DateTime<Utc>,
+    ) -> Result<(), JobsError> {
+        let tx = self.db.transaction()?;
+        {
+            let mut stmt =
+                tx.prepare("UPDATE executions SET sent_ms = ?3 WHERE job_id = ?1 AND agent = ?2")?;
+            for a in agents {
+                stmt.execute(params![job_id, a, ms(at)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores an execution's new state and details.
+    pub fn update_execution(&mut self, job_id: &str, e: &Execution) -> Result<(), JobsError> {
+        self.db.execute(
+            "UPDATE executions SET state = ?3, started_ms = ?4, finished_ms = ?5, exit_code = ?6,
+                 output = ?7, reason = ?8 WHERE job_id = ?1 AND agent = ?2",
+            params![
+                job_id,
+                e.agent,
+                e.state.as_str(),
+                e.started.map(ms),
+                e.finished.map(ms),
+                e.exit_code,
+                e.output,
+                e.reason
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Remembers an agent's groups (from its birth message) and whether it is online.
+    pub fn upsert_agent(
+        &mut self,
+        agent: &str,
+        groups: &[String],
+        online: bool,
+        at: DateTime<Utc>,
+    ) -> Result<(), JobsError> {
+        if online {
+            self.db.execute(
+                "INSERT INTO agents (agent, groups, online, last_seen_ms) VALUES (?1, ?2, 1, ?3)
+                 ON CONFLICT(agent) DO UPDATE SET groups = ?2, online = 1, last_seen_ms = ?3",
+                params![agent, serde_json::to_string(groups)?, ms(at)],
+            )?;
+        } else {
+            self.db.execute(
+                "UPDATE agents SET online = 0, last_seen_ms = ?2 WHERE agent = ?1",
+                params![agent, ms(at)],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Every known agent with its groups.
+    pub fn agents(&self) -> Result<Vec<(String, Vec<String>, bool)>, JobsError> {
+        let mut stmt = self
+            .db
+            .prepare("SELECT agent, groups, online FROM agents ORDER BY agent")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, bool>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(a, g, o)| Ok((a, serde_json::from_str(&g)?, o)))
+            .collect()
+    }
+
+    /// Members of `group` known from birth messages.
+    pub fn members(&self, group: &str) -> Result<Vec<String>, JobsError> {
+        Ok(self
+            .agents()?
+            .into_iter()
+            .filter(|(_, groups, _)| groups.iter().any(|g| g == group))
+            .map(|(a, _, _)| a)
+            .collect())
+    }
+
+    /// Whether `target` includes `agent`, given its groups.
+    pub fn targets(target: &JobTarget, agent: &str, groups: &[String]) -> bool {
+        match target {
+            JobTarget::Agent(a) => a == agent,
+            JobTarget::Group(g) => groups.contains(g),
+        }
+    }
+}
+
+fn row_to_execution(r: &rusqlite::Row<'_>) -> rusqlite::Result<Execution> {
+    let state: String = r.get(1)?;
+    Ok(Execution {
+        agent: r.get(0)?,
+        state: ExecutionState::parse(&state).unwrap_or(ExecutionState::Queued),
+        sent: from_ms(r.get(2)?),
+        started: from_ms(r.get(3)?),
+        finished: from_ms(r.get(4)?),
+        exit_code: r.get(5)?,
+        output: r.get(6)?,
+        reason: r.get(7)?,
+    })
+}

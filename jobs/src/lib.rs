@@ -1,0 +1,501 @@
+//! The server-side job service: a ledger of jobs and per-target executions, signed dispatch
+//! to one agent or to a whole group with one publish, rollout rate, abort threshold, job
+//! timeouts, cancel, and every state change handed on as a message rules can route.
+//!
+//! It does no I/O of its own beyond its ledger: the server gives it a [`Publish`] function
+//! (to the broker) and an [`Announce`] function (into the rules engine) and feeds it agents'
+//! presence and status messages.
+//!
+//! Delivery never depends on the broker's memory: an execution stays QUEUED in the ledger
+//! until its agent reports; every time an agent announces itself (birth message) its pending
+//! jobs are sent again on its own topic. Agents answer a job they already ran from their
+//! records, so sending again is always safe.
+
+pub mod ledger;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use ed25519_dalek::SigningKey;
+use fleetbus_protocol::jobs::{agent_notify, group_notify};
+use fleetbus_protocol::{
+    ExecutionState, JobCommand, JobDocument, JobEvent, JobStatus, JobTarget, Presence,
+    PresenceStatus,
+};
+pub use ledger::{Execution, JobState, Ledger, Rollout, StoredJob};
+use serde::{Deserialize, Serialize};
+
+/// Errors of the job service.
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    /// The ledger (SQLite) failed.
+    #[error("job ledger: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// The ledger file cannot be opened.
+    #[error("job ledger {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// A stored document cannot be read or written.
+    #[error("job ledger: bad document: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The request is unusable (unknown job, empty target, bad id).
+    #[error("{0}")]
+    Request(String),
+    /// No such job.
+    #[error("no job `{0}`")]
+    NotFound(String),
+}
+
+impl JobsError {
+    fn ledger(path: &Path, source: rusqlite::Error) -> JobsError {
+        JobsError::Open {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Publishes a payload on a broker topic (QoS 1).
+pub type Publish = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
+/// Hands a job state change to the rules engine (topic, JSON payload).
+pub type Announce = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
+
+/// What an operator asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PushRequest {
+    /// One agent or a group.
+    pub target: JobTarget,
+    /// The operation (an agent handler name).
+    pub operation: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: std::collections::BTreeMap<String, String>,
+    /// Most seconds one execution may run.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Rollout and abort settings.
+    #[serde(default)]
+    pub rollout: Rollout,
+}
+
+fn default_timeout() -> u64 {
+    300
+}
+
+/// A job with its executions and a count per state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobReport {
+    /// The job.
+    pub job: StoredJob,
+    /// Executions per state.
+    pub counts: std::collections::BTreeMap<ExecutionState, usize>,
+    /// Every execution (empty in lists).
+    #[serde(default)]
+    pub executions: Vec<Execution>,
+}
+
+impl JobReport {
+    /// Executions in any state.
+    pub fn total(&self) -> usize {
+        self.counts.values().sum()
+    }
+
+    /// Executions in a final state.
+    pub fn finished(&self) -> usize {
+        self.counts
+            .iter()
+            .filter(|(s, _)| s.is_terminal())
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Executions that ended badly (failed, timed out, rejected).
+    pub fn failed(&self) -> usize {
+        self.counts
+            .iter()
+            .filter(|(s, _)| is_failure(**s))
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+fn is_failure(s: ExecutionState) -> bool {
+    matches!(
+        s,
+        ExecutionState::Failed | ExecutionState::TimedOut | ExecutionState::Rejected
+    )
+}
+
+/// Grace beyond a job's timeout before the server marks executions still running
+/// TIMED_OUT (the agent kills at the timeout and reports; this covers agents that vanish).
+const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
+
+/// The job service.
+pub struct JobService {
+    ledger: Ledger,
+    key: SigningKey,
+    publish: Publish,
+    announce: Announce,
+}
+
+impl JobService {
+    /// Opens the ledger at `data_dir/jobs.sqlite`.
+    pub fn open(
+        data_dir: &Path,
+        key: SigningKey,
+        publish: Publish,
+        announce: Announce,
+    ) -> Result<JobService, JobsError> {
+        Ok(JobService {
+            ledger: Ledger::open(&data_dir.join("jobs.sqlite"))?,
+            key,
+            publish,
+            announce,
+        })
+    }
+
+    /// Creates, signs, records and dispatches a job. A group job's targets are the members
+    /// known from birth messages; members that announce themselves later while it is active
+    /// are added.
+    pub fn push(&mut self, req: PushRequest) -> Result<JobReport, JobsError> {
+        if req.operation.is_empty() {
+            return Err(JobsError::Request("operation is empty".into()));
+        }
+        let target_name = match &req.target {
+            JobTarget::Agent(a) | JobTarget::Group(a) => a,
+        };
+        fleetbus_protocol::validate_id("target", target_name)
+            .map_err(|e| JobsError::Request(e.to_string()))?;
+        if let Some(pct) = req.rollout.abort_failure_pct {
+            if !(0.0..=100.0).contains(&pct) {
+                return Err(JobsError::Request(
+                    "abort_failure_pct must be between 0 and 100".into(),
+                ));
+            }
+        }
+        if req.rollout.max_per_minute == Some(0) {
+            return Err(JobsError::Request(
+                "max_per_minute must be above 0 (leave it unset for all at once)".into(),
+            ));
+        }
+        let doc = JobDocument {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            operation: req.operation,
+            args: req.args,
+            timeout_secs: req.timeout_secs.max(1),
+            created: Utc::now(),
+            target: req.target,
+        };
+        let signed = JobCommand::Run { job: doc.clone() }
+            .sign(&self.key)?
+            .encode()?;
+        let targets = match &doc.target {
+            JobTarget::Agent(a) => vec![a.clone()],
+            JobTarget::Group(g) => self.ledger.members(g)?,
+        };
+        let job = StoredJob {
+            doc,
+            rollout: req.rollout,
+            state: JobState::Active,
+            signed,
+        };
+        self.ledger.insert_job(&job, &targets)?;
+        tracing::info!(job_id = %job.doc.id, target = %job.doc.target, operation = %job.doc.operation, targets = targets.len(), "job pushed");
+        for agent in &targets {
+            self.announce_state(&job, &self.queued(agent));
+        }
+        if job.rollout.max_per_minute.is_none() {
+            let now = Utc::now();
+            match &job.doc.target {
+                JobTarget::Group(g) => (self.publish)(group_notify(g), job.signed.clone()),
+                JobTarget::Agent(a) => (self.publish)(agent_notify(a), job.signed.clone()),
+            }
+            self.ledger.mark_sent(&job.doc.id, &targets, now)?;
+        } else {
+            self.roll_out(&job.doc.id)?;
+        }
+        self.report(&job.doc.id)
+    }
+
+    fn queued(&self, agent: &str) -> Execution {
+        Execution {
+            agent: agent.to_string(),
+            state: ExecutionState::Queued,
+            sent: None,
+            started: None,
+            finished: None,
+            exit_code: None,
+            output: String::new(),
+            reason: None,
+        }
+    }
+
+    /// A job with every execution.
+    pub fn report(&self, job_id: &str) -> Result<JobReport, JobsError> {
+        let job = self
+            .ledger
+            .job(job_id)?
+            .ok_or_else(|| JobsError::NotFound(job_id.to_string()))?;
+        let executions = self.ledger.executions(job_id)?;
+        let mut counts = std::collections::BTreeMap::new();
+        for e in &executions {
+            *counts.entry(e.state).or_insert(0) += 1;
+        }
+        Ok(JobReport {
+            job,
+            counts,
+            executions,
+        })
+    }
+
+    /// The newest jobs, with counts only.
+    pub fn list(&self, limit: usize) -> Result<Vec<JobReport>, JobsError> {
+        self.ledger
+            .job_ids(limit, false)?
+            .iter()
+            .map(|id| {
+                self.report(id).map(|mut r| {
+                    r.executions.clear();
+                    r
+                })
+            })
+            .collect()
+    }
+
+    /// Cancels a job: executions not started become CANCELED and agents are told not to
+    /// start it (running ones finish).
+    pub fn cancel(&mut self, job_id: &str) -> Result<JobReport, JobsError> {
+        self.stop(job_id, JobState::Canceled, "cancelled by an operator")?;
+        self.report(job_id)
+    }
+
+    fn stop(&mut self, job_id: &str, state: JobState, why: &str) -> Result<(), JobsError> {
+        let job = self
+            .ledger
+            .job(job_id)?
+            .ok_or_else(|| JobsError::NotFound(job_id.to_string()))?;
+        if job.state != JobState::Active {
+            return Ok(());
+        }
+        self.ledger.set_job_state(job_id, state)?;
+        let cancel = JobCommand::Cancel {
+            job_id: job_id.to_string(),
+            ts: Utc::now(),
+        }
+        .sign(&self.key)?
+        .encode()?;
+        let mut told = Vec::new();
+        for mut e in self.ledger.executions(job_id)? {
+            if e.state != ExecutionState::Queued {
+                continue;
+            }
+            e.state = ExecutionState::Canceled;
+            e.finished = Some(Utc::now());
+            e.reason = Some(why.to_string());
+            self.ledger.update_execution(job_id, &e)?;
+            self.announce_state(&job, &e);
+            told.push(e.agent);
+        }
+        match &job.doc.target {
+            JobTarget::Group(g) => (self.publish)(group_notify(g), cancel),
+            JobTarget::Agent(_) => {
+                for a in &told {
+                    (self.publish)(agent_notify(a), cancel.clone());
+                }
+            }
+        }
+        tracing::info!(%job_id, canceled = told.len(), %why, "job stopped");
+        Ok(())
+    }
+
+    /// An agent's presence message: remembers its groups; when it comes online, adds it to
+    /// active group jobs it belongs to and sends it every job still pending for it.
+    pub fn on_presence(&mut self, presence: &Presence) -> Result<(), JobsError> {
+        let online = presence.status == PresenceStatus::Online;
+        self.ledger
+            .upsert_agent(&presence.agent, &presence.groups, online, Utc::now())?;
+        if !online {
+            return Ok(());
+        }
+        for job_id in self.ledger.job_ids(1000, true)? {
+            let Some(job) = self.ledger.job(&job_id)? else {
+                continue;
+            };
+            if let JobTarget::Group(g) = &job.doc.target {
+                if presence.groups.contains(g)
+                    && self.ledger.add_target(&job_id, &presence.agent)?
+                {
+                    self.announce_state(&job, &self.queued(&presence.agent));
+                }
+            }
+        }
+        for job_id in self.ledger.pending_for(&presence.agent)? {
+            let Some(job) = self.ledger.job(&job_id)? else {
+                continue;
+            };
+            let held_by_rollout = job.rollout.max_per_minute.is_some()
+                && self
+                    .ledger
+                    .execution(&job_id, &presence.agent)?
+                    .is_some_and(|e| e.sent.is_none());
+            if held_by_rollout {
+                continue;
+            }
+            (self.publish)(agent_notify(&presence.agent), job.signed.clone());
+            self.ledger
+                .mark_sent(&job_id, &[presence.agent.clone()], Utc::now())?;
+        }
+        Ok(())
+    }
+
+    /// An agent's status report.
+    pub fn on_status(&mut self, agent: &str, status: JobStatus) -> Result<(), JobsError> {
+        let Some(job) = self.ledger.job(&status.job_id)? else {
+            tracing::debug!(%agent, job_id = %status.job_id, state = %status.state, "status for an unknown job ignored");
+            return Ok(());
+        };
+        let Some(mut e) = self.ledger.execution(&status.job_id, agent)? else {
+            tracing::warn!(%agent, job_id = %status.job_id, "status from an agent the job is not for ignored");
+            return Ok(());
+        };
+        if e.state.is_terminal() || e.state == status.state {
+            return Ok(()); // final states are final; repeats change nothing
+        }
+        if status.state == ExecutionState::Queued {
+            return Ok(()); // the agent got it; it stays QUEUED here until it starts
+        }
+        e.state = status.state;
+        e.started = status.started.or(e.started);
+        e.finished = status.finished;
+        e.exit_code = status.exit_code;
+        e.output = status.output;
+        e.reason = status.reason;
+        self.ledger.update_execution(&status.job_id, &e)?;
+        self.announce_state(&job, &e);
+        if e.state.is_terminal() {
+            self.after_finish(&job)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the abort threshold and whether the job is done.
+    fn after_finish(&mut self, job: &StoredJob) -> Result<(), JobsError> {
+        let report = self.report(&job.doc.id)?;
+        if report.job.state != JobState::Active {
+            return Ok(());
+        }
+        let finished = report.finished();
+        if let Some(pct) = job.rollout.abort_failure_pct {
+            let failed = report.failed();
+            if finished > 0
+                && finished as u32 >= job.rollout.abort_min_finished
+                && (failed as f64) * 100.0 / (finished as f64) >= pct
+            {
+                let why = format!(
+                    "aborted: {failed} of {finished} finished executions failed (threshold {pct}%)"
+                );
+                return self.stop(&job.doc.id, JobState::Aborted, &why);
+            }
+        }
+        if finished == report.total() {
+            self.ledger.set_job_state(&job.doc.id, JobState::Done)?;
+            tracing::info!(job_id = %job.doc.id, finished, failed = report.failed(), "job done");
+        }
+        Ok(())
+    }
+
+    /// Periodic work: roll out rate-limited jobs, time out executions still running past
+    /// their job's timeout.
+    pub fn tick(&mut self) -> Result<(), JobsError> {
+        let now = Utc::now();
+        for job_id in self.ledger.job_ids(1000, true)? {
+            let Some(job) = self.ledger.job(&job_id)? else {
+                continue;
+            };
+            if job.rollout.max_per_minute.is_some() {
+                self.roll_out(&job_id)?;
+            }
+            let limit = chrono::Duration::from_std(
+                Duration::from_secs(job.doc.timeout_secs) + TIMEOUT_GRACE,
+            )
+            .unwrap_or(chrono::Duration::MAX);
+            let mut changed = false;
+            for mut e in self.ledger.executions(&job_id)? {
+                let Some(started) = e.started else { continue };
+                if e.state == ExecutionState::InProgress && now - started > limit {
+                    e.state = ExecutionState::TimedOut;
+                    e.finished = Some(now);
+                    e.reason = Some(format!(
+                        "no result within the job's timeout ({}s) plus {}s",
+                        job.doc.timeout_secs,
+                        TIMEOUT_GRACE.as_secs()
+                    ));
+                    self.ledger.update_execution(&job_id, &e)?;
+                    self.announce_state(&job, &e);
+                    changed = true;
+                }
+            }
+            if changed {
+                self.after_finish(&job)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a rate-limited job to as many not-yet-sent targets as its rate allows now.
+    fn roll_out(&mut self, job_id: &str) -> Result<(), JobsError> {
+        let Some(job) = self.ledger.job(job_id)? else {
+            return Ok(());
+        };
+        let Some(rate) = job.rollout.max_per_minute else {
+            return Ok(());
+        };
+        let now = Utc::now();
+        let executions = self.ledger.executions(job_id)?;
+        let minute_ago = now - chrono::Duration::seconds(60);
+        let recent = executions
+            .iter()
+            .filter(|e| e.sent.is_some_and(|t| t > minute_ago))
+            .count();
+        let budget = (rate as usize).saturating_sub(recent);
+        let next: Vec<String> = executions
+            .iter()
+            .filter(|e| e.sent.is_none() && e.state == ExecutionState::Queued)
+            .take(budget)
+            .map(|e| e.agent.clone())
+            .collect();
+        for agent in &next {
+            (self.publish)(agent_notify(agent), job.signed.clone());
+        }
+        if !next.is_empty() {
+            self.ledger.mark_sent(job_id, &next, now)?;
+        }
+        Ok(())
+    }
+
+    fn announce_state(&self, job: &StoredJob, e: &Execution) {
+        let event = JobEvent {
+            agent: e.agent.clone(),
+            kind: "job".into(),
+            job_id: job.doc.id.clone(),
+            operation: job.doc.operation.clone(),
+            state: e.state,
+            exit_code: e.exit_code,
+            reason: e.reason.clone(),
+            ts: Utc::now(),
+        };
+        match serde_json::to_vec(&event) {
+            Ok(payload) => (self.announce)(fleetbus_protocol::jobs::event(&e.agent), payload),
+            Err(e) => tracing::error!(error = %e, "cannot encode a job event"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

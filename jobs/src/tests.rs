@@ -1,0 +1,191 @@
+use std::sync::Mutex;
+
+use super::*;
+use fleetbus_protocol::SignedCommand;
+
+type Sent = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+fn service(dir: &Path) -> (JobService, Sent, Sent) {
+    let sent: Sent = Arc::default();
+    let events: Sent = Arc::default();
+    let (s, e) = (sent.clone(), events.clone());
+    let svc = JobService::open(
+        dir,
+        SigningKey::from_bytes(&[3u8; 32]),
+        Arc::new(move |t, p| s.lock().unwrap().push((t, p))),
+        Arc::new(move |t, p| e.lock().unwrap().push((t, p))),
+    )
+    .unwrap();
+    (svc, sent, events)
+}
+
+fn online(agent: &str, groups: &[&str]) -> Presence {
+    let mut p = Presence::offline(agent, Utc::now());
+    p.status = PresenceStatus::Online;
+    p.groups = groups.iter().map(|g| g.to_string()).collect();
+    p
+}
+
+fn push(svc: &mut JobService, target: JobTarget, rollout: Rollout) -> JobReport {
+    svc.push(PushRequest {
+        target,
+        operation: "echo".into(),
+        args: Default::default(),
+        timeout_secs: 30,
+        rollout,
+    })
+    .unwrap()
+}
+
+fn status(job: &str, state: ExecutionState) -> JobStatus {
+    JobStatus {
+        job_id: job.into(),
+        state,
+        started: Some(Utc::now()),
+        finished: state.is_terminal().then(Utc::now),
+        exit_code: None,
+        output: String::new(),
+        reason: None,
+    }
+}
+
+#[test]
+fn a_group_job_is_one_signed_publish_and_tracked_per_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut svc, sent, events) = service(dir.path());
+    for a in ["w1", "w2", "w3"] {
+        svc.on_presence(&online(a, &["web"])).unwrap();
+    }
+    svc.on_presence(&online("db1", &["db"])).unwrap();
+    let r = push(&mut svc, JobTarget::Group("web".into()), Rollout::default());
+    assert_eq!(r.total(), 3);
+    let sent = sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "one publish for the whole group");
+    assert_eq!(sent[0].0, "fleet/groups/web/jobs/notify");
+    let key = SigningKey::from_bytes(&[3u8; 32]).verifying_key();
+    let cmd = SignedCommand::verify(&sent[0].1, &key).unwrap();
+    assert_eq!(cmd.job_id(), r.job.doc.id);
+    let id = r.job.doc.id.clone();
+    for a in ["w1", "w2", "w3"] {
+        svc.on_status(a, status(&id, ExecutionState::InProgress))
+            .unwrap();
+        svc.on_status(a, status(&id, ExecutionState::Succeeded))
+            .unwrap();
+    }
+    // a late duplicate does not regress a final state
+    svc.on_status("w1", status(&id, ExecutionState::InProgress))
+        .unwrap();
+    let r = svc.report(&id).unwrap();
+    assert_eq!(r.counts.get(&ExecutionState::Succeeded), Some(&3));
+    assert_eq!(r.job.state, JobState::Done);
+    // events: QUEUED, IN_PROGRESS, SUCCEEDED per member
+    assert_eq!(events.lock().unwrap().len(), 9);
+}
+
+#[test]
+fn pending_jobs_survive_a_restart_and_reach_agents_when_they_connect() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let (mut svc, _, _) = service(dir.path());
+        svc.on_presence(&online("w1", &["web"])).unwrap();
+        svc.on_presence(&online("w2", &["web"])).unwrap();
+        push(&mut svc, JobTarget::Group("web".into()), Rollout::default())
+            .job
+            .doc
+            .id
+    };
+    let (mut svc, sent, _) = service(dir.path());
+    svc.on_presence(&online("w2", &["web"])).unwrap();
+    // a new member of the group joins while the job is active
+    svc.on_presence(&online("w9", &["web"])).unwrap();
+    let sent = sent.lock().unwrap().clone();
+    let topics: Vec<&str> = sent.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(topics, vec!["fleet/w2/jobs/notify", "fleet/w9/jobs/notify"]);
+    assert_eq!(svc.report(&id).unwrap().total(), 3);
+}
+
+#[test]
+fn the_abort_threshold_cancels_the_targets_not_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut svc, sent, _) = service(dir.path());
+    let agents: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
+    for a in &agents {
+        svc.on_presence(&online(a, &["g"])).unwrap();
+    }
+    let rollout = Rollout {
+        max_per_minute: None,
+        abort_failure_pct: Some(50.0),
+        abort_min_finished: 3,
+    };
+    let id = push(&mut svc, JobTarget::Group("g".into()), rollout)
+        .job
+        .doc
+        .id;
+    svc.on_status("a0", status(&id, ExecutionState::Failed))
+        .unwrap();
+    svc.on_status("a1", status(&id, ExecutionState::Failed))
+        .unwrap();
+    assert_eq!(
+        svc.report(&id).unwrap().job.state,
+        JobState::Active,
+        "minimum not reached"
+    );
+    svc.on_status("a2", status(&id, ExecutionState::InProgress))
+        .unwrap();
+    svc.on_status("a3", status(&id, ExecutionState::Succeeded))
+        .unwrap();
+    let r = svc.report(&id).unwrap();
+    assert_eq!(r.job.state, JobState::Aborted);
+    assert_eq!(r.counts.get(&ExecutionState::Canceled), Some(&6));
+    assert_eq!(
+        r.counts.get(&ExecutionState::InProgress),
+        Some(&1),
+        "running ones finish"
+    );
+    let last = sent.lock().unwrap().last().cloned().unwrap();
+    let key = SigningKey::from_bytes(&[3u8; 32]).verifying_key();
+    assert!(matches!(
+        SignedCommand::verify(&last.1, &key).unwrap(),
+        JobCommand::Cancel { .. }
+    ));
+}
+
+#[test]
+fn rollout_sends_at_most_the_rate_per_minute() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut svc, sent, _) = service(dir.path());
+    for i in 0..5 {
+        svc.on_presence(&online(&format!("a{i}"), &["g"])).unwrap();
+    }
+    let rollout = Rollout {
+        max_per_minute: Some(2),
+        ..Default::default()
+    };
+    push(&mut svc, JobTarget::Group("g".into()), rollout);
+    svc.tick().unwrap();
+    assert_eq!(sent.lock().unwrap().len(), 2);
+    assert!(sent
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(t, _)| t.ends_with("/jobs/notify") && !t.contains("groups")));
+}
+
+#[test]
+fn unknown_jobs_and_bad_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut svc, _, _) = service(dir.path());
+    assert!(matches!(svc.report("nope"), Err(JobsError::NotFound(_))));
+    assert!(matches!(svc.cancel("nope"), Err(JobsError::NotFound(_))));
+    let bad = svc.push(PushRequest {
+        target: JobTarget::Group("bad group".into()),
+        operation: "echo".into(),
+        args: Default::default(),
+        timeout_secs: 1,
+        rollout: Rollout::default(),
+    });
+    assert!(matches!(bad, Err(JobsError::Request(_))));
+    // a status for a job nobody pushed changes nothing
+    svc.on_status("a", status("ghost", ExecutionState::Succeeded))
+        .unwrap();
+}
