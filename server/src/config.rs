@@ -23,6 +23,36 @@ pub struct ServerConfig {
     pub metrics: MetricsSection,
     /// File uploads: limits and retention.
     pub files: crate::files::FilesSection,
+    /// Jobs: the signing key.
+    pub jobs: JobsSection,
+    /// The admin endpoint (jobs API for `fleetbus job ...`).
+    pub admin: AdminSection,
+}
+
+/// `[jobs]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsSection {
+    /// The Ed25519 secret key that signs every job (`fleetbus keys generate`); unset = the
+    /// job service is off.
+    pub signing_key: Option<PathBuf>,
+}
+
+/// `[admin]`: the HTTP endpoint the `fleetbus job` commands talk to. It has no
+/// authentication of its own: keep it on a loopback address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Where the admin API listens; unset = no endpoint.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 7070))),
+        }
+    }
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -77,6 +107,8 @@ impl Default for ServerConfig {
             wal: WalSection::default(),
             metrics: MetricsSection::default(),
             files: crate::files::FilesSection::default(),
+            jobs: JobsSection::default(),
+            admin: AdminSection::default(),
         }
     }
 }
@@ -112,6 +144,9 @@ impl ServerConfig {
         self.data_dir = fleetbus_config::relative_to(config_file, &self.data_dir);
         if let Some(f) = &self.rules.file {
             self.rules.file = Some(fleetbus_config::relative_to(config_file, f));
+        }
+        if let Some(f) = &self.jobs.signing_key {
+            self.jobs.signing_key = Some(fleetbus_config::relative_to(config_file, f));
         }
     }
 }

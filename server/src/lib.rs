@@ -4,8 +4,10 @@
 //! in-process client subscribed to everything, and only then does the network listener
 //! open, so no agent message can arrive before the engine sees it.
 
+pub mod admin;
 mod config;
 pub mod files;
+pub mod jobs;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -13,7 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub use config::{MetricsSection, RulesSection, ServerConfig, WalSection};
+pub use config::{
+    AdminSection, JobsSection, MetricsSection, RulesSection, ServerConfig, WalSection,
+};
 pub use files::{FileCounters, FilesSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
 use fleetbus_protocol::{files as file_topics, topics, Topic};
@@ -65,6 +69,12 @@ pub struct Server {
     reporter: JoinHandle<()>,
     files: FileServiceHandle,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    admin: Option<(SocketAddr, JoinHandle<()>)>,
+    jobs: Option<(
+        Arc<jobs::JobsHandle>,
+        std::thread::JoinHandle<()>,
+        JoinHandle<()>,
+    )>,
     addr: SocketAddr,
     // the sending half of the engine's link (also used for acknowledgements)
     _engine_link: Arc<Mutex<LinkTx>>,
@@ -130,6 +140,27 @@ impl Server {
                 what: "the file service",
                 source,
             })?;
+        let jobs = match &config.jobs.signing_key {
+            Some(key_file) => {
+                let job_link = link_tx.clone();
+                let publish: fleetbus_jobs::Publish = Arc::new(move |topic, payload| {
+                    let mut link = job_link.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = link.try_publish(topic, payload) {
+                        tracing::warn!(error = %e, "job message not published (sent again when its agent reconnects)");
+                    }
+                });
+                let event_engine = engine.clone();
+                let announce: fleetbus_jobs::Announce = Arc::new(move |topic, payload| {
+                    event_engine.dispatch(&topic, &payload);
+                });
+                let (handle, thread, ticker) =
+                    jobs::start(&config.data_dir, key_file, publish, announce)
+                        .map_err(ServerError::Config)?;
+                Some((Arc::new(handle), thread, ticker))
+            }
+            None => None,
+        };
+        let job_handle = jobs.as_ref().map(|j| j.0.clone());
         let consumer = tokio::spawn(
             consume(
                 link_rx,
@@ -138,6 +169,7 @@ impl Server {
                 file_counters.clone(),
                 shed_replies,
                 shed,
+                job_handle.clone(),
             )
             .instrument(tracing::info_span!("rules_engine")),
         );
@@ -149,6 +181,20 @@ impl Server {
                 tracing::info!(addr = %bound, "metrics endpoint: GET /metrics");
                 Some((bound, task))
             }
+            None => None,
+        };
+        let admin = match config.admin.listen {
+            // a second server on the same machine keeps running without its admin endpoint
+            Some(at) => match admin::start(at, job_handle).await {
+                Ok((bound, task)) => {
+                    tracing::info!(addr = %bound, jobs = jobs.is_some(), "admin endpoint: /jobs");
+                    Some((bound, task))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "admin endpoint not started: `fleetbus job` cannot reach this server");
+                    None
+                }
+            },
             None => None,
         };
         let addr = broker.listen().await?;
@@ -164,6 +210,8 @@ impl Server {
                 ticker: file_ticker,
             },
             metrics,
+            admin,
+            jobs,
             addr,
             _engine_link: link_tx,
         })
@@ -177,6 +225,11 @@ impl Server {
     /// The metrics endpoint's address, when one is configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(|m| m.0)
+    }
+
+    /// The admin endpoint's address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.0)
     }
 
     /// The rules engine's counters.
@@ -222,6 +275,16 @@ impl Server {
         if let Some((_, task)) = self.metrics.take() {
             task.abort();
             let _ = task.await;
+        }
+        if let Some((_, task)) = self.admin.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        if let Some((handle, thread, ticker)) = self.jobs.take() {
+            ticker.abort();
+            let _ = ticker.await;
+            drop(handle);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
         let Ok(engine) = Arc::try_unwrap(self.engine) else {
             tracing::error!(
@@ -292,6 +355,20 @@ async fn report_stats(engine: Arc<Engine>, interval: Duration) {
     }
 }
 
+/// Hands an agent's job status report to the job service (nothing else reads it).
+async fn forward_job_status(jobs: Option<&jobs::JobsHandle>, agent: &str, payload: &[u8]) {
+    let Some(jobs) = jobs else {
+        return;
+    };
+    match fleetbus_protocol::message::decode_as::<fleetbus_protocol::JobStatus>(payload) {
+        Ok(status) => {
+            jobs.send(jobs::JobInput::Status(agent.to_string(), status))
+                .await
+        }
+        Err(e) => tracing::warn!(%agent, error = %e, "unreadable job status ignored"),
+    }
+}
+
 /// Drops a chunk the file service has no room for and tells its agent at once that it was
 /// lost, so it is sent again.
 fn shed_chunk(
@@ -339,6 +416,7 @@ async fn consume(
     file_counters: Arc<FileCounters>,
     replies: files::ReplyPublisher,
     shed: files::ShedChunks,
+    jobs: Option<Arc<jobs::JobsHandle>>,
 ) {
     loop {
         match rx.next().await {
@@ -348,7 +426,27 @@ async fn consume(
                     tracing::warn!("message with a non-UTF-8 topic skipped");
                     continue;
                 };
-                if let Topic::Files { rest, .. } = Topic::parse(topic) {
+                let parsed = Topic::parse(topic);
+                match parsed {
+                    Topic::AgentJobs { agent, rest } => {
+                        if rest == "status" {
+                            forward_job_status(jobs.as_deref(), agent, &publish.payload).await;
+                        }
+                        // the server's own notify messages come back through `#`
+                        continue;
+                    }
+                    Topic::GroupJobs { .. } => continue,
+                    Topic::Presence { .. } => {
+                        if let Some(jobs) = jobs.as_deref() {
+                            match fleetbus_protocol::Presence::decode(&publish.payload) {
+                                Ok(p) => jobs.send(jobs::JobInput::Presence(p)).await,
+                                Err(e) => tracing::debug!(%topic, error = %e, "unreadable presence message"),
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                if let Topic::Files { rest, .. } = parsed {
                     let is_chunk = file_topics::parse_file_rest(rest)
                         .is_some_and(|(_, action)| action == file_topics::FileAction::Chunk);
                     let event = files::FileEvent::Message {

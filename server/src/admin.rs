@@ -1,0 +1,122 @@
+//! The admin endpoint: the jobs API `fleetbus job ...` talks to.
+//!
+//! | method and path | body / query | answer |
+//! |---|---|---|
+//! | `POST /jobs` | a push request (JSON) | 201 and the job report |
+//! | `GET /jobs?limit=N` | | the newest jobs with counts per state |
+//! | `GET /jobs/{id}` | | the job with every execution |
+//! | `POST /jobs/{id}/cancel` | | the job after cancelling |
+//!
+//! Errors answer `{"error": "..."}` with 400 (bad request), 404 (no such job) or 503 (the
+//! job service is off: no `jobs.signing_key`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use fleetbus_jobs::{JobsError, PushRequest};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::jobs::{JobsHandle, Request};
+use crate::ServerError;
+
+type Jobs = Option<Arc<JobsHandle>>;
+
+/// Binds `addr` and serves the admin API. Returns the bound address and the serving task.
+pub async fn start(addr: SocketAddr, jobs: Jobs) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServerError::Config(format!("admin.listen {addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| ServerError::Config(format!("admin.listen {addr}: {e}")))?;
+    let app = axum::Router::new()
+        .route("/jobs", post(push).get(list))
+        .route("/jobs/:id", get(report))
+        .route("/jobs/:id/cancel", post(cancel))
+        .with_state(jobs);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "admin endpoint stopped");
+        }
+    });
+    Ok((bound, task))
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+fn failed(e: JobsError) -> Response {
+    let status = match &e {
+        JobsError::NotFound(_) => StatusCode::NOT_FOUND,
+        JobsError::Request(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+fn service(jobs: &Jobs) -> Result<&JobsHandle, Response> {
+    jobs.as_deref().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the job service is off: set jobs.signing_key in the server configuration (fleetbus keys generate)".into(),
+        )
+    })
+}
+
+async fn push(State(jobs): State<Jobs>, Json(req): Json<PushRequest>) -> Response {
+    let jobs = match service(&jobs) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    match jobs.ask(|tx| Request::Push(req, tx)).await {
+        Ok(report) => (StatusCode::CREATED, Json(report)).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn list(State(jobs): State<Jobs>, Query(q): Query<ListQuery>) -> Response {
+    let jobs = match service(&jobs) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    let limit = q.limit.unwrap_or(20).clamp(1, 1000);
+    match jobs.ask(|tx| Request::List(limit, tx)).await {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn report(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
+    let jobs = match service(&jobs) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    match jobs.ask(|tx| Request::Report(id, tx)).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn cancel(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
+    let jobs = match service(&jobs) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    match jobs.ask(|tx| Request::Cancel(id, tx)).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => failed(e),
+    }
+}

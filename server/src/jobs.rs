@@ -1,0 +1,132 @@
+//! The job service inside `fleetbus serve`: its own thread (every step writes the SQLite
+//! ledger), fed with agents' presence and status messages by the engine's link consumer and
+//! with operators' requests by the admin endpoint.
+
+use std::path::Path;
+
+use std::time::Duration;
+
+use fleetbus_jobs::{JobReport, JobService, JobsError, PushRequest};
+use fleetbus_protocol::{JobStatus, Presence};
+use tokio::sync::{mpsc, oneshot};
+
+/// An operator's request and where its answer goes.
+pub enum Request {
+    /// Push a job.
+    Push(PushRequest, oneshot::Sender<Result<JobReport, JobsError>>),
+    /// One job with every execution.
+    Report(String, oneshot::Sender<Result<JobReport, JobsError>>),
+    /// The newest jobs.
+    List(usize, oneshot::Sender<Result<Vec<JobReport>, JobsError>>),
+    /// Cancel a job.
+    Cancel(String, oneshot::Sender<Result<JobReport, JobsError>>),
+}
+
+/// What the job service thread is fed.
+pub enum JobInput {
+    /// An agent's birth or last-will message.
+    Presence(Presence),
+    /// An agent's status report.
+    Status(String, JobStatus),
+    /// An operator's request.
+    Request(Request),
+    /// Time for rollout and timeouts.
+    Tick,
+}
+
+/// Handle to the running job service.
+#[derive(Clone)]
+pub struct JobsHandle {
+    tx: mpsc::Sender<JobInput>,
+}
+
+impl JobsHandle {
+    /// Feeds a message (waits for room: presence and status must not be dropped).
+    pub async fn send(&self, input: JobInput) {
+        if self.tx.send(input).await.is_err() {
+            tracing::error!("job service stopped; message dropped");
+        }
+    }
+
+    /// Asks the service and waits for the answer.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, JobsError>>) -> Request,
+    ) -> Result<T, JobsError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(JobInput::Request(make(tx))).await;
+        rx.await
+            .map_err(|_| JobsError::Request("the job service stopped".into()))?
+    }
+}
+
+/// How often rollout and timeouts are checked.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Loads the signing key and starts the service thread and its ticker.
+pub fn start(
+    data_dir: &Path,
+    key_file: &Path,
+    publish: fleetbus_jobs::Publish,
+    announce: fleetbus_jobs::Announce,
+) -> Result<(JobsHandle, std::thread::JoinHandle<()>, tokio::task::JoinHandle<()>), String> {
+    let text = std::fs::read_to_string(key_file)
+        .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
+    let key = fleetbus_protocol::jobs::signing_key_from_hex(&text)
+        .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
+    let mut service =
+        JobService::open(data_dir, key, publish, announce).map_err(|e| e.to_string())?;
+    let (tx, mut rx) = mpsc::channel::<JobInput>(4096);
+    let span = tracing::info_span!("jobs");
+    let thread = std::thread::Builder::new()
+        .name("fleetbus-jobs".into())
+        .spawn(move || {
+            let _entered = span.enter();
+            while let Some(input) = rx.blocking_recv() {
+                handle(&mut service, input);
+            }
+        })
+        .map_err(|e| format!("cannot start the job service thread: {e}"))?;
+    let ticker_tx = tx.clone();
+    let ticker = tokio::spawn(async move {
+        let mut every = tokio::time::interval(TICK);
+        loop {
+            every.tick().await;
+            if ticker_tx.try_send(JobInput::Tick).is_err() && ticker_tx.is_closed() {
+                return;
+            }
+        }
+    });
+    Ok((JobsHandle { tx }, thread, ticker))
+}
+
+fn handle(service: &mut JobService, input: JobInput) {
+    let result = match input {
+        JobInput::Presence(p) => service.on_presence(&p),
+        JobInput::Status(agent, status) => service.on_status(&agent, status),
+        JobInput::Tick => service.tick(),
+        JobInput::Request(r) => {
+            match r {
+                Request::Push(req, reply) => {
+                    let _ = reply.send(service.push(req));
+                }
+                Request::Report(id, reply) => {
+                    let _ = reply.send(service.report(&id));
+                }
+                Request::List(limit, reply) => {
+                    let _ = reply.send(service.list(limit));
+                }
+                Request::Cancel(id, reply) => {
+                    let _ = reply.send(service.cancel(&id));
+                }
+            }
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        tracing::error!(error = %e, "job service");
+    }
+}
+
+
+
