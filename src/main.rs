@@ -54,6 +54,13 @@ enum Command {
         #[command(subcommand)]
         command: cmd::bench::BenchCommand,
     },
+    /// Jobs: push to one agent or a group, follow, list, cancel (via the admin endpoint).
+    Job(cmd::job::JobArgs),
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        command: cmd::keys::KeysCommand,
+    },
     /// Start a server and three agents on the embedded defaults, show what arrived where.
     Demo(cmd::demo::DemoArgs),
 }
@@ -84,6 +91,8 @@ fn main() -> ExitCode {
             Command::Rules { command } => cmd::rules::run(command).await,
             Command::Bench { command } => cmd::bench::run(command).await,
             Command::Demo(args) => cmd::demo::run(args).await,
+            Command::Job(args) => cmd::job::run(args).await,
+            Command::Keys { command } => cmd::keys::run(command),
         }
     });
     // don't wait for blocked threads (rumqttd's router has no shutdown)

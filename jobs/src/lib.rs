@@ -349,7 +349,7 @@ impl JobService {
             }
             (self.publish)(agent_notify(&presence.agent), job.signed.clone());
             self.ledger
-                .mark_sent(&job_id, &[presence.agent.clone()], Utc::now())?;
+                .mark_sent(&job_id, std::slice::from_ref(&presence.agent), Utc::now())?;
         }
         Ok(())
     }

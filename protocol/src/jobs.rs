@@ -143,7 +143,7 @@ pub enum CommandError {
 impl SignedCommand {
     /// Encodes for the wire (JSON).
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
-        Ok(serde_json::to_vec(self)?)
+        serde_json::to_vec(self)
     }
 
     /// Decodes `payload`, checks the signature with `key`, then parses the command.
@@ -276,7 +276,7 @@ pub struct JobStatus {
 impl JobStatus {
     /// Encodes for the wire (JSON).
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
-        Ok(serde_json::to_vec(self)?)
+        serde_json::to_vec(self)
     }
 }
 

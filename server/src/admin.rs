@@ -24,12 +24,16 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::jobs::{JobsHandle, Request};
+
 use crate::ServerError;
 
 type Jobs = Option<Arc<JobsHandle>>;
 
 /// Binds `addr` and serves the admin API. Returns the bound address and the serving task.
-pub async fn start(addr: SocketAddr, jobs: Jobs) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+pub async fn start(
+    addr: SocketAddr,
+    jobs: Jobs,
+) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| ServerError::Config(format!("admin.listen {addr}: {e}")))?;
@@ -62,19 +66,17 @@ fn failed(e: JobsError) -> Response {
     error(status, e.to_string())
 }
 
-fn service(jobs: &Jobs) -> Result<&JobsHandle, Response> {
-    jobs.as_deref().ok_or_else(|| {
-        error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the job service is off: set jobs.signing_key in the server configuration (fleetbus keys generate)".into(),
-        )
-    })
+/// The answer when the job service is off.
+fn off() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the job service is off: set jobs.signing_key in the server configuration (fleetbus keys generate)".into(),
+    )
 }
 
 async fn push(State(jobs): State<Jobs>, Json(req): Json<PushRequest>) -> Response {
-    let jobs = match service(&jobs) {
-        Ok(j) => j,
-        Err(r) => return r,
+    let Some(jobs) = jobs.as_deref() else {
+        return off();
     };
     match jobs.ask(|tx| Request::Push(req, tx)).await {
         Ok(report) => (StatusCode::CREATED, Json(report)).into_response(),
@@ -88,9 +90,8 @@ struct ListQuery {
 }
 
 async fn list(State(jobs): State<Jobs>, Query(q): Query<ListQuery>) -> Response {
-    let jobs = match service(&jobs) {
-        Ok(j) => j,
-        Err(r) => return r,
+    let Some(jobs) = jobs.as_deref() else {
+        return off();
     };
     let limit = q.limit.unwrap_or(20).clamp(1, 1000);
     match jobs.ask(|tx| Request::List(limit, tx)).await {
@@ -100,9 +101,8 @@ async fn list(State(jobs): State<Jobs>, Query(q): Query<ListQuery>) -> Response 
 }
 
 async fn report(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
-    let jobs = match service(&jobs) {
-        Ok(j) => j,
-        Err(r) => return r,
+    let Some(jobs) = jobs.as_deref() else {
+        return off();
     };
     match jobs.ask(|tx| Request::Report(id, tx)).await {
         Ok(r) => Json(r).into_response(),
@@ -111,9 +111,8 @@ async fn report(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
 }
 
 async fn cancel(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
-    let jobs = match service(&jobs) {
-        Ok(j) => j,
-        Err(r) => return r,
+    let Some(jobs) = jobs.as_deref() else {
+        return off();
     };
     match jobs.ask(|tx| Request::Cancel(id, tx)).await {
         Ok(r) => Json(r).into_response(),

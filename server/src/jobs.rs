@@ -69,7 +69,14 @@ pub fn start(
     key_file: &Path,
     publish: fleetbus_jobs::Publish,
     announce: fleetbus_jobs::Announce,
-) -> Result<(JobsHandle, std::thread::JoinHandle<()>, tokio::task::JoinHandle<()>), String> {
+) -> Result<
+    (
+        JobsHandle,
+        std::thread::JoinHandle<()>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+> {
     let text = std::fs::read_to_string(key_file)
         .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
     let key = fleetbus_protocol::jobs::signing_key_from_hex(&text)
@@ -127,6 +134,3 @@ fn handle(service: &mut JobService, input: JobInput) {
         tracing::error!(error = %e, "job service");
     }
 }
-
-
-

@@ -440,7 +440,9 @@ async fn consume(
                         if let Some(jobs) = jobs.as_deref() {
                             match fleetbus_protocol::Presence::decode(&publish.payload) {
                                 Ok(p) => jobs.send(jobs::JobInput::Presence(p)).await,
-                                Err(e) => tracing::debug!(%topic, error = %e, "unreadable presence message"),
+                                Err(e) => {
+                                    tracing::debug!(%topic, error = %e, "unreadable presence message")
+                                }
                             }
                         }
                     }

@@ -3,6 +3,8 @@
 pub mod agent;
 pub mod bench;
 pub mod demo;
+pub mod job;
+pub mod keys;
 pub mod rules;
 pub mod serve;
 

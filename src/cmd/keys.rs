@@ -1,0 +1,73 @@
+//! `fleetbus keys generate`: the Ed25519 key pair that signs jobs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use rand::RngCore;
+
+/// `fleetbus keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Writes a new job signing key pair: DIR/job-signing.key (secret, mode 0600: the
+    /// server's jobs.signing_key) and DIR/job-signing.pub (agents' jobs.public_key_file).
+    Generate {
+        /// Directory to write into (created if missing).
+        #[arg(long, default_value = "keys")]
+        out: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Runs `fleetbus keys ...`.
+pub fn run(command: KeysCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        KeysCommand::Generate { out, force } => generate(&out, force),
+    }
+}
+
+fn generate(dir: &Path, force: bool) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let secret_path = dir.join("job-signing.key");
+    let public_path = dir.join("job-signing.pub");
+    for p in [&secret_path, &public_path] {
+        if p.exists() && !force {
+            anyhow::bail!("{} exists (use --force to replace it; agents trusting the old key will reject new jobs)", p.display());
+        }
+    }
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let public = hex::encode(key.verifying_key().to_bytes());
+    write_secret(&secret_path, &hex::encode(secret))?;
+    std::fs::write(&public_path, format!("{public}\n"))
+        .with_context(|| format!("writing {}", public_path.display()))?;
+    println!(
+        "secret key: {} (server: [jobs] signing_key)",
+        secret_path.display()
+    );
+    println!(
+        "public key: {} (agents: [jobs] public_key_file, or public_key = \"{public}\")",
+        public_path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{text}").with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,512 @@
+//! End to end: jobs pushed through a real `fleetbus serve` process (admin API, signed
+//! commands over the embedded broker, SQLite ledger) to in-process agents that run them.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{free_port, Proc};
+use fleetbus_agent::jobs::{HandlerConfig, JobRunner};
+use fleetbus_agent::{Agent, AgentConfig};
+use fleetbus_jobs::{JobReport, JobState, PushRequest, Rollout};
+use fleetbus_protocol::{ExecutionState, JobTarget};
+use tokio::sync::watch;
+
+/// A server process with a job signing key and an admin endpoint.
+struct Server {
+    dir: PathBuf,
+    port: u16,
+    admin: String,
+    config: PathBuf,
+    public_key: String,
+    proc: Option<Proc>,
+}
+
+impl Server {
+    fn start(dir: &Path) -> Server {
+        let port = free_port();
+        let admin_port = free_port();
+        let keys = dir.join("keys");
+        let out = std::process::Command::new(common::bin())
+            .args(["keys", "generate", "--out", keys.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let public_key = fs::read_to_string(keys.join("job-signing.pub"))
+            .unwrap()
+            .trim()
+            .to_string();
+        fs::write(
+            dir.join("rules.toml"),
+            "[sinks.audit]\ntype = \"file\"\npath = \"audit/{agent}.jsonl\"\n\
+             [[rules]]\nname = \"job-audit\"\nfrom = [\"fleet/+/jobs/event\"]\nto = [\"audit\"]\n",
+        )
+        .unwrap();
+        let config = dir.join("server.toml");
+        fs::write(
+            &config,
+            format!(
+                "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n\
+                 [jobs]\nsigning_key = \"keys/job-signing.key\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
+            ),
+        )
+        .unwrap();
+        let mut s = Server {
+            dir: dir.to_path_buf(),
+            port,
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            config,
+            public_key,
+            proc: None,
+        };
+        s.launch();
+        s
+    }
+
+    fn launch(&mut self) {
+        self.proc = Some(Proc::start(
+            &["serve", "--config", self.config.to_str().unwrap()],
+            &self.dir.join("server.log"),
+        ));
+        let url = format!("{}/jobs", self.admin);
+        assert!(
+            common::poll_until(Duration::from_secs(30), || ureq::get(&url).call().is_ok()),
+            "server did not start:\n{}",
+            fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        );
+    }
+
+    fn restart(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(10));
+        }
+        self.launch();
+    }
+
+    fn push(&self, target: JobTarget, op: &str, args: &[(&str, &str)], rollout: Rollout) -> String {
+        let req = PushRequest {
+            target,
+            operation: op.into(),
+            args: args
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            timeout_secs: 30,
+            rollout,
+        };
+        let report: JobReport = ureq::post(&format!("{}/jobs", self.admin))
+            .send_json(&req)
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        report.job.doc.id
+    }
+
+    fn report(&self, id: &str) -> JobReport {
+        ureq::get(&format!("{}/jobs/{id}", self.admin))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap()
+    }
+
+    /// Waits until `cond` holds for the job's report.
+    async fn wait_for(&self, id: &str, what: &str, cond: impl Fn(&JobReport) -> bool) -> JobReport {
+        for _ in 0..300 {
+            let r = self.report(id);
+            if cond(&r) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{what}: {:#?}", self.report(id).counts);
+    }
+}
+
+struct TestAgent {
+    jobs: JobRunner,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn handler(command: &[&str], args: &[(&str, &str)], timeout: Duration) -> HandlerConfig {
+    HandlerConfig {
+        command: command.iter().map(|s| s.to_string()).collect(),
+        args: args
+            .iter()
+            .map(|(a, p)| (a.to_string(), p.to_string()))
+            .collect(),
+        timeout,
+    }
+}
+
+impl TestAgent {
+    fn start(dir: &Path, id: &str, groups: &[&str], server: &Server) -> TestAgent {
+        let mut config = AgentConfig {
+            server: format!("mqtt://127.0.0.1:{}", server.port).parse().unwrap(),
+            state_dir: dir.join(format!("state-{id}")),
+            id: Some(id.into()),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            ..AgentConfig::default()
+        };
+        config.metrics.enabled = false;
+        config.heartbeat.enabled = false;
+        config.connection.backoff_min = Duration::from_millis(100);
+        config.connection.backoff_max = Duration::from_millis(500);
+        config.jobs.public_key = Some(server.public_key.clone());
+        config.jobs.handlers.insert(
+            "fail".into(),
+            handler(&["sh", "-c", "exit 3"], &[], Duration::from_secs(5)),
+        );
+        config.jobs.handlers.insert(
+            "slow".into(),
+            handler(
+                &["sleep", "{secs}"],
+                &[("secs", "[0-9]+")],
+                Duration::from_secs(1),
+            ),
+        );
+        let agent = Agent::open(config).unwrap();
+        let jobs = agent.jobs().clone();
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            agent.run(rx).await.unwrap();
+        });
+        TestAgent { jobs, stop, task }
+    }
+
+    fn started(&self) -> u64 {
+        self.jobs.counters().started.load(Ordering::Relaxed)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+fn count(r: &JobReport, s: ExecutionState) -> usize {
+    r.counts.get(&s).copied().unwrap_or(0)
+}
+
+/// Waits until the server's ledger knows `n` members of `group` (from birth messages) by
+/// pushing nothing: it reads the member count of a throw-away probe job.
+async fn members_known(server: &Server, group: &str, n: usize) {
+    for _ in 0..200 {
+        let db = server.dir.join("data/jobs.sqlite");
+        if let Ok(conn) = rusqlite_count(&db, group) {
+            if conn >= n {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server does not know {n} members of {group}");
+}
+
+fn rusqlite_count(db: &Path, group: &str) -> Result<usize, String> {
+    let ledger = fleetbus_jobs::Ledger::open(db).map_err(|e| e.to_string())?;
+    Ok(ledger.members(group).map_err(|e| e.to_string())?.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_job_reaches_twenty_agents_once_including_three_started_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mut agents = Vec::new();
+    for i in 0..17 {
+        agents.push(TestAgent::start(
+            dir.path(),
+            &format!("web-{i:02}"),
+            &["web", "eu"],
+            &server,
+        ));
+    }
+    members_known(&server, "web", 17).await;
+    let id = server.push(
+        JobTarget::Group("web".into()),
+        "echo",
+        &[("msg", "hello")],
+        Rollout::default(),
+    );
+    // three members were offline at push time: they get the job when they connect
+    for i in 17..20 {
+        agents.push(TestAgent::start(
+            dir.path(),
+            &format!("web-{i:02}"),
+            &["web"],
+            &server,
+        ));
+    }
+    let r = server
+        .wait_for(&id, "all 20 succeeded", |r| {
+            count(r, ExecutionState::Succeeded) == 20
+        })
+        .await;
+    assert_eq!(r.total(), 20);
+    assert_eq!(r.job.state, JobState::Done);
+    assert!(
+        r.executions.iter().all(|e| e.output == "msg=hello"),
+        "{:?}",
+        r.executions
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for a in &agents {
+        assert_eq!(a.started(), 1, "each agent runs the job exactly once");
+    }
+    // state changes went through the rules engine to the audit sink
+    let audit = dir.path().join("data/audit/web-00.jsonl");
+    assert!(
+        common::poll_until(Duration::from_secs(10), || fs::read_to_string(&audit)
+            .is_ok_and(|t| t.contains("SUCCEEDED"))),
+        "no job event in the audit sink"
+    );
+    for a in agents {
+        a.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_pushed_before_a_server_restart_reaches_agents_that_connect_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    // the agents are known (they connected once) and offline at push time
+    let a = TestAgent::start(dir.path(), "db-1", &["db"], &server);
+    let b = TestAgent::start(dir.path(), "db-2", &["db"], &server);
+    members_known(&server, "db", 2).await;
+    a.stop().await;
+    b.stop().await;
+    let id = server.push(
+        JobTarget::Group("db".into()),
+        "echo",
+        &[],
+        Rollout::default(),
+    );
+    server.restart(); // rumqttd keeps nothing: delivery must come from the ledger
+    let a = TestAgent::start(dir.path(), "db-1", &["db"], &server);
+    let b = TestAgent::start(dir.path(), "db-2", &["db"], &server);
+    server
+        .wait_for(&id, "both succeeded", |r| {
+            count(r, ExecutionState::Succeeded) == 2
+        })
+        .await;
+    assert_eq!(a.started() + b.started(), 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_rejections_and_the_abort_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let one = TestAgent::start(dir.path(), "solo", &[], &server);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // a handler running past its timeout is killed: TIMED_OUT
+    let id = server.push(
+        JobTarget::Agent("solo".into()),
+        "slow",
+        &[("secs", "30")],
+        Rollout::default(),
+    );
+    let r = server
+        .wait_for(&id, "timed out", |r| {
+            count(r, ExecutionState::TimedOut) == 1
+        })
+        .await;
+    assert!(
+        r.executions[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("killed"),
+        "{:?}",
+        r.executions
+    );
+    // unknown operation, argument failing its pattern: REJECTED with the reason
+    let id = server.push(
+        JobTarget::Agent("solo".into()),
+        "format-disk",
+        &[],
+        Rollout::default(),
+    );
+    let r = server
+        .wait_for(&id, "rejected", |r| count(r, ExecutionState::Rejected) == 1)
+        .await;
+    assert!(r.executions[0]
+        .reason
+        .as_deref()
+        .unwrap_or("")
+        .contains("unknown operation"));
+    let id = server.push(
+        JobTarget::Agent("solo".into()),
+        "slow",
+        &[("secs", "1; rm -rf /")],
+        Rollout::default(),
+    );
+    let r = server
+        .wait_for(&id, "rejected", |r| count(r, ExecutionState::Rejected) == 1)
+        .await;
+    assert!(r.executions[0]
+        .reason
+        .as_deref()
+        .unwrap_or("")
+        .contains("does not match"));
+    assert_eq!(one.started(), 1, "only the slow job ran");
+
+    // abort: 4 members known, 2 online; both fail -> the 2 not started are CANCELED
+    let mut online = Vec::new();
+    for i in 0..4 {
+        online.push(TestAgent::start(
+            dir.path(),
+            &format!("batch-{i}"),
+            &["batch"],
+            &server,
+        ));
+    }
+    members_known(&server, "batch", 4).await;
+    for a in online.drain(2..) {
+        a.stop().await;
+    }
+    let rollout = Rollout {
+        max_per_minute: None,
+        abort_failure_pct: Some(50.0),
+        abort_min_finished: 2,
+    };
+    let id = server.push(JobTarget::Group("batch".into()), "fail", &[], rollout);
+    let r = server
+        .wait_for(&id, "aborted", |r| r.job.state == JobState::Aborted)
+        .await;
+    assert_eq!(count(&r, ExecutionState::Failed), 2, "{:?}", r.counts);
+    assert_eq!(count(&r, ExecutionState::Canceled), 2, "{:?}", r.counts);
+    for a in online {
+        a.stop().await;
+    }
+    one.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_without_the_signing_key_is_rejected_by_every_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let agents: Vec<TestAgent> = (0..3)
+        .map(|i| TestAgent::start(dir.path(), &format!("edge-{i}"), &["edge"], &server))
+        .collect();
+    members_known(&server, "edge", 3).await;
+    // a rogue client signs with its own key and publishes straight to the group topic
+    let rogue_key = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    let job = fleetbus_protocol::JobDocument {
+        id: "rogue-1".into(),
+        operation: "echo".into(),
+        args: Default::default(),
+        timeout_secs: 5,
+        created: chrono::Utc::now(),
+        target: JobTarget::Group("edge".into()),
+    };
+    let payload = fleetbus_protocol::JobCommand::Run { job }
+        .sign(&rogue_key)
+        .unwrap()
+        .encode()
+        .unwrap();
+    let mut opts = rumqttc::MqttOptions::new("rogue", "127.0.0.1", server.port);
+    opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    client
+        .publish(
+            fleetbus_protocol::jobs::group_notify("edge"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            payload,
+        )
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = eventloop.poll().await
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    for a in &agents {
+        let rejected = common::poll_until(Duration::from_secs(10), || {
+            a.jobs.counters().rejected.load(Ordering::Relaxed) >= 1
+        });
+        assert!(rejected, "an agent did not reject the forged job");
+        assert_eq!(a.started(), 0, "nothing executed");
+        assert!(
+            a.jobs.status("rogue-1").is_none(),
+            "a forged id is not remembered"
+        );
+    }
+    for a in agents {
+        a.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_job_does_not_run_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let a = TestAgent::start(dir.path(), "k1", &[], &server);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let id = server.push(
+        JobTarget::Agent("k1".into()),
+        "slow",
+        &[("secs", "0")],
+        Rollout::default(),
+    );
+    server
+        .wait_for(&id, "succeeded", |r| {
+            count(r, ExecutionState::Succeeded) == 1
+        })
+        .await;
+    // a second job is killed with the agent while it runs
+    let id2 = server.push(
+        JobTarget::Agent("k1".into()),
+        "slow",
+        &[("secs", "5")],
+        Rollout::default(),
+    );
+    server
+        .wait_for(&id2, "in progress", |r| {
+            count(r, ExecutionState::InProgress) == 1
+        })
+        .await;
+    a.task.abort(); // like a kill: no goodbye
+    let _ = a.task.await;
+    // the restarted agent is sent the pending job again (birth message) and answers from
+    // its record: FAILED (interrupted), not run again; the finished one is not run either
+    let b = TestAgent::start(dir.path(), "k1", &[], &server);
+    let r = server
+        .wait_for(&id2, "reported failed", |r| {
+            count(r, ExecutionState::Failed) == 1
+        })
+        .await;
+    assert!(
+        r.executions[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("interrupted"),
+        "{:?}",
+        r.executions
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.started(), 0, "nothing ran again after the restart");
+    assert_eq!(
+        b.jobs.status(&id).map(|s| s.state),
+        Some(ExecutionState::Succeeded)
+    );
+    b.stop().await;
+}
