@@ -174,11 +174,18 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        // the grandchild is gone too (a zombie until init reaps it is gone enough)
-        let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false);
-        assert!(!alive, "grandchild {pid} survived the timeout");
+        // the grandchild is gone too (SIGKILL is delivered asynchronously: allow it a
+        // moment; a zombie waiting for init to reap it is gone enough)
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!alive(), "grandchild {pid} survived the timeout");
     }
 
     #[tokio::test]
