@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, Proc};
+use common::{free_port, ServeProc};
 use fleetbus_agent::config::UploadsConfig;
 use fleetbus_agent::{AfterUpload, Agent, AgentConfig, UploadOutcome, UploadQueue};
 use fleetbus_protocol::files::{self as wire, FileAction};
@@ -24,11 +24,9 @@ use tokio::sync::watch;
 
 /// A server process with its own data dir, metrics endpoint and rules.
 struct Server {
-    dir: PathBuf,
     port: u16,
     metrics_port: u16,
-    config: PathBuf,
-    proc: Option<Proc>,
+    proc: ServeProc,
 }
 
 impl Server {
@@ -36,51 +34,35 @@ impl Server {
         let port = free_port();
         let metrics_port = free_port();
         fs::write(dir.join("rules.toml"), rules).unwrap();
-        let config = dir.join("server.toml");
-        fs::write(
-            &config,
-            format!(
+        let proc = ServeProc::start(
+            dir,
+            &format!(
                 "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[files]\n{files}\n"
             ),
-        )
-        .unwrap();
-        let mut s = Server {
-            dir: dir.to_path_buf(),
+            move || !scrape(metrics_port).is_empty(),
+        );
+        Server {
             port,
             metrics_port,
-            config,
-            proc: None,
-        };
-        s.launch();
-        s
-    }
-
-    fn launch(&mut self) {
-        self.proc = Some(Proc::start(
-            &["serve", "--config", self.config.to_str().unwrap()],
-            &self.dir.join("server.log"),
-        ));
-        let port = self.metrics_port;
-        assert!(
-            common::poll_until(Duration::from_secs(30), || !scrape(port).is_empty()),
-            "server did not start:\n{}",
-            self.log()
-        );
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill();
+            proc,
         }
     }
 
+    fn launch(&mut self) {
+        self.proc.launch();
+    }
+
+    fn kill(&mut self) {
+        self.proc.kill();
+    }
+
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+        self.proc.log()
     }
 
     fn data(&self) -> PathBuf {
-        self.dir.join("data")
+        self.proc.dir.join("data")
     }
 
     /// A counter of the metrics endpoint (0 when absent).

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{free_port, Proc};
+use common::{free_port, ServeProc};
 use fleetbus_agent::jobs::{HandlerConfig, JobRunner};
 use fleetbus_agent::{Agent, AgentConfig};
 use fleetbus_jobs::{JobReport, JobState, PushRequest, Rollout};
@@ -20,9 +20,8 @@ struct Server {
     dir: PathBuf,
     port: u16,
     admin: String,
-    config: PathBuf,
     public_key: String,
-    proc: Option<Proc>,
+    proc: ServeProc,
 }
 
 impl Server {
@@ -49,45 +48,34 @@ impl Server {
              [[rules]]\nname = \"job-audit\"\nfrom = [\"fleet/+/jobs/event\"]\nto = [\"audit\"]\n",
         )
         .unwrap();
-        let config = dir.join("server.toml");
-        fs::write(
-            &config,
-            format!(
+        let admin = format!("http://127.0.0.1:{admin_port}");
+        let probe = format!("{admin}/jobs");
+        let proc = ServeProc::start(
+            dir,
+            &format!(
                 "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n\
                  [jobs]\nsigning_key = \"keys/job-signing.key\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
             ),
-        )
-        .unwrap();
-        let mut s = Server {
+            move || ureq::get(&probe).call().is_ok(),
+        );
+        Server {
             dir: dir.to_path_buf(),
             port,
-            admin: format!("http://127.0.0.1:{admin_port}"),
-            config,
+            admin,
             public_key,
-            proc: None,
-        };
-        s.launch();
-        s
-    }
-
-    fn launch(&mut self) {
-        self.proc = Some(Proc::start(
-            &["serve", "--config", self.config.to_str().unwrap()],
-            &self.dir.join("server.log"),
-        ));
-        let url = format!("{}/jobs", self.admin);
-        assert!(
-            common::poll_until(Duration::from_secs(30), || ureq::get(&url).call().is_ok()),
-            "server did not start:\n{}",
-            fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-        );
-    }
-
-    fn restart(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.terminate(Duration::from_secs(10));
+            proc,
         }
-        self.launch();
+    }
+
+    /// A graceful stop and a start on the same data directory.
+    fn restart(&mut self) {
+        self.proc.terminate();
+        self.proc.launch();
+    }
+
+    /// Pushes `op` to one agent with default rollout.
+    fn push_to(&self, agent: &str, op: &str, args: &[(&str, &str)]) -> String {
+        self.push(JobTarget::Agent(agent.into()), op, args, Rollout::default())
     }
 
     fn push(&self, target: JobTarget, op: &str, args: &[(&str, &str)], rollout: Rollout) -> String {
@@ -198,13 +186,13 @@ fn count(r: &JobReport, s: ExecutionState) -> usize {
     r.counts.get(&s).copied().unwrap_or(0)
 }
 
-/// Waits until the server's ledger knows `n` members of `group` (from birth messages) by
-/// pushing nothing: it reads the member count of a throw-away probe job.
+/// Waits until the server's ledger knows `n` members of `group` (from their birth
+/// messages), reading the ledger file directly.
 async fn members_known(server: &Server, group: &str, n: usize) {
     for _ in 0..200 {
         let db = server.dir.join("data/jobs.sqlite");
-        if let Ok(conn) = rusqlite_count(&db, group) {
-            if conn >= n {
+        if let Ok(known) = ledger_members(&db, group) {
+            if known >= n {
                 return;
             }
         }
@@ -213,7 +201,7 @@ async fn members_known(server: &Server, group: &str, n: usize) {
     panic!("server does not know {n} members of {group}");
 }
 
-fn rusqlite_count(db: &Path, group: &str) -> Result<usize, String> {
+fn ledger_members(db: &Path, group: &str) -> Result<usize, String> {
     let ledger = fleetbus_jobs::Ledger::open(db).map_err(|e| e.to_string())?;
     Ok(ledger.members(group).map_err(|e| e.to_string())?.len())
 }
@@ -312,12 +300,7 @@ async fn timeouts_rejections_and_the_abort_threshold() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // a handler running past its timeout is killed: TIMED_OUT
-    let id = server.push(
-        JobTarget::Agent("solo".into()),
-        "slow",
-        &[("secs", "30")],
-        Rollout::default(),
-    );
+    let id = server.push_to("solo", "slow", &[("secs", "30")]);
     let r = server
         .wait_for(&id, "timed out", |r| {
             count(r, ExecutionState::TimedOut) == 1
@@ -333,12 +316,7 @@ async fn timeouts_rejections_and_the_abort_threshold() {
         r.executions
     );
     // unknown operation, argument failing its pattern: REJECTED with the reason
-    let id = server.push(
-        JobTarget::Agent("solo".into()),
-        "format-disk",
-        &[],
-        Rollout::default(),
-    );
+    let id = server.push_to("solo", "format-disk", &[]);
     let r = server
         .wait_for(&id, "rejected", |r| count(r, ExecutionState::Rejected) == 1)
         .await;
@@ -347,12 +325,7 @@ async fn timeouts_rejections_and_the_abort_threshold() {
         .as_deref()
         .unwrap_or("")
         .contains("unknown operation"));
-    let id = server.push(
-        JobTarget::Agent("solo".into()),
-        "slow",
-        &[("secs", "1; rm -rf /")],
-        Rollout::default(),
-    );
+    let id = server.push_to("solo", "slow", &[("secs", "1; rm -rf /")]);
     let r = server
         .wait_for(&id, "rejected", |r| count(r, ExecutionState::Rejected) == 1)
         .await;
@@ -429,26 +402,63 @@ async fn a_job_without_the_signing_key_is_rejected_by_every_agent() {
         )
         .await
         .unwrap();
+    // garbage on the group topic, and a status report the server cannot read
+    client
+        .publish(
+            fleetbus_protocol::jobs::group_notify("edge"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"not a command".to_vec(),
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            fleetbus_protocol::jobs::status("edge-0"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            b"{\"job_id\": 5}".to_vec(),
+        )
+        .await
+        .unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
+        let mut acked = 0;
+        while acked < 3 {
             if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = eventloop.poll().await
             {
-                break;
+                acked += 1;
             }
         }
     })
     .await;
     for a in &agents {
         let rejected = common::poll_until(Duration::from_secs(10), || {
-            a.jobs.counters().rejected.load(Ordering::Relaxed) >= 1
+            a.jobs.counters().rejected.load(Ordering::Relaxed) >= 2
         });
-        assert!(rejected, "an agent did not reject the forged job");
+        assert!(
+            rejected,
+            "an agent did not reject the forged job and the garbage"
+        );
         assert_eq!(a.started(), 0, "nothing executed");
         assert!(
             a.jobs.status("rogue-1").is_none(),
             "a forged id is not remembered"
         );
     }
+    assert!(
+        common::poll_until(Duration::from_secs(5), || server
+            .proc
+            .log()
+            .contains("unreadable job status ignored")),
+        "the unreadable status report was not reported"
+    );
+    // and the server still works
+    assert_eq!(
+        server
+            .report(&server.push_to("edge-1", "echo", &[]))
+            .total(),
+        1
+    );
     for a in agents {
         a.stop().await;
     }
@@ -460,24 +470,14 @@ async fn an_agent_killed_mid_job_does_not_run_it_again() {
     let server = Server::start(dir.path());
     let a = TestAgent::start(dir.path(), "k1", &[], &server);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let id = server.push(
-        JobTarget::Agent("k1".into()),
-        "slow",
-        &[("secs", "0")],
-        Rollout::default(),
-    );
+    let id = server.push_to("k1", "slow", &[("secs", "0")]);
     server
         .wait_for(&id, "succeeded", |r| {
             count(r, ExecutionState::Succeeded) == 1
         })
         .await;
     // a second job is killed with the agent while it runs
-    let id2 = server.push(
-        JobTarget::Agent("k1".into()),
-        "slow",
-        &[("secs", "5")],
-        Rollout::default(),
-    );
+    let id2 = server.push_to("k1", "slow", &[("secs", "5")]);
     server
         .wait_for(&id2, "in progress", |r| {
             count(r, ExecutionState::InProgress) == 1

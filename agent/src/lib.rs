@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod outbox;
 pub mod presence;
 pub mod publisher;
+mod state_file;
 pub mod uploads;
 
 use std::path::PathBuf;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use chrono::{DateTime, TimeZone, Utc};
-use fleetbus_protocol::{ExecutionState, JobDocument, JobTarget};
+use fleetbus_protocol::{ExecutionState, JobDocument};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
@@ -343,14 +343,6 @@ impl Ledger {
             .filter(|(_, groups, _)| groups.iter().any(|g| g == group))
             .map(|(a, _, _)| a)
             .collect())
-    }
-
-    /// Whether `target` includes `agent`, given its groups.
-    pub fn targets(target: &JobTarget, agent: &str, groups: &[String]) -> bool {
-        match target {
-            JobTarget::Agent(a) => a == agent,
-            JobTarget::Group(g) => groups.contains(g),
-        }
     }
 }
 

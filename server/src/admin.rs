@@ -21,6 +21,7 @@ use axum::Json;
 use fleetbus_jobs::{JobsError, PushRequest};
 use serde::Deserialize;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::jobs::{JobsHandle, Request};
@@ -74,14 +75,23 @@ fn off() -> Response {
     )
 }
 
-async fn push(State(jobs): State<Jobs>, Json(req): Json<PushRequest>) -> Response {
+/// Asks the job service and answers its result as JSON (`ok` on success).
+async fn answer<T: serde::Serialize>(
+    jobs: &Jobs,
+    ok: StatusCode,
+    make: impl FnOnce(oneshot::Sender<Result<T, JobsError>>) -> Request,
+) -> Response {
     let Some(jobs) = jobs.as_deref() else {
         return off();
     };
-    match jobs.ask(|tx| Request::Push(req, tx)).await {
-        Ok(report) => (StatusCode::CREATED, Json(report)).into_response(),
+    match jobs.ask(make).await {
+        Ok(value) => (ok, Json(value)).into_response(),
         Err(e) => failed(e),
     }
+}
+
+async fn push(State(jobs): State<Jobs>, Json(req): Json<PushRequest>) -> Response {
+    answer(&jobs, StatusCode::CREATED, |tx| Request::Push(req, tx)).await
 }
 
 #[derive(Deserialize)]
@@ -90,32 +100,14 @@ struct ListQuery {
 }
 
 async fn list(State(jobs): State<Jobs>, Query(q): Query<ListQuery>) -> Response {
-    let Some(jobs) = jobs.as_deref() else {
-        return off();
-    };
     let limit = q.limit.unwrap_or(20).clamp(1, 1000);
-    match jobs.ask(|tx| Request::List(limit, tx)).await {
-        Ok(list) => Json(list).into_response(),
-        Err(e) => failed(e),
-    }
+    answer(&jobs, StatusCode::OK, |tx| Request::List(limit, tx)).await
 }
 
 async fn report(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
-    let Some(jobs) = jobs.as_deref() else {
-        return off();
-    };
-    match jobs.ask(|tx| Request::Report(id, tx)).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => failed(e),
-    }
+    answer(&jobs, StatusCode::OK, |tx| Request::Report(id, tx)).await
 }
 
 async fn cancel(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
-    let Some(jobs) = jobs.as_deref() else {
-        return off();
-    };
-    match jobs.ask(|tx| Request::Cancel(id, tx)).await {
-        Ok(r) => Json(r).into_response(),
-        Err(e) => failed(e),
-    }
+    answer(&jobs, StatusCode::OK, |tx| Request::Cancel(id, tx)).await
 }

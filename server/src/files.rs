@@ -803,16 +803,7 @@ pub(crate) fn spawn(
     let thread = std::thread::Builder::new()
         .name("fleetbus-files".into())
         .spawn(move || span.in_scope(|| service.run(rx)))?;
-    let ticker_tx = tx.clone();
-    let ticker = tokio::spawn(async move {
-        let mut every = tokio::time::interval(tick);
-        loop {
-            every.tick().await;
-            if ticker_tx.try_send(FileEvent::Tick).is_err() && ticker_tx.is_closed() {
-                return;
-            }
-        }
-    });
+    let ticker = crate::ticker::spawn(tx.clone(), tick, || FileEvent::Tick);
     Ok((tx, thread, ticker))
 }
 

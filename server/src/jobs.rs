@@ -94,16 +94,7 @@ pub fn start(
             }
         })
         .map_err(|e| format!("cannot start the job service thread: {e}"))?;
-    let ticker_tx = tx.clone();
-    let ticker = tokio::spawn(async move {
-        let mut every = tokio::time::interval(TICK);
-        loop {
-            every.tick().await;
-            if ticker_tx.try_send(JobInput::Tick).is_err() && ticker_tx.is_closed() {
-                return;
-            }
-        }
-    });
+    let ticker = crate::ticker::spawn(tx.clone(), TICK, || JobInput::Tick);
     Ok((JobsHandle { tx }, thread, ticker))
 }
 

@@ -9,6 +9,7 @@ mod config;
 pub mod files;
 pub mod jobs;
 pub mod metrics;
+mod ticker;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

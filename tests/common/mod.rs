@@ -368,3 +368,65 @@ impl Drop for ChaosProxy {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// A `fleetbus serve` process on a configuration file in `dir` (logging to
+/// `dir/server.log`), which can be killed, stopped and started again on the same config.
+pub struct ServeProc {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    proc: Option<Proc>,
+    ready: Box<dyn Fn() -> bool + Send>,
+}
+
+impl ServeProc {
+    /// Writes `config_text` to `dir/server.toml` and starts the server; `ready` says when
+    /// it is up (e.g. its metrics or admin endpoint answers).
+    pub fn start(
+        dir: &Path,
+        config_text: &str,
+        ready: impl Fn() -> bool + Send + 'static,
+    ) -> ServeProc {
+        let config = dir.join("server.toml");
+        fs::write(&config, config_text).unwrap();
+        let mut s = ServeProc {
+            dir: dir.to_path_buf(),
+            config,
+            proc: None,
+            ready: Box::new(ready),
+        };
+        s.launch();
+        s
+    }
+
+    /// Starts the process (again) and waits until it is ready.
+    pub fn launch(&mut self) {
+        self.proc = Some(Proc::start(
+            &["serve", "--config", self.config.to_str().unwrap()],
+            &self.dir.join("server.log"),
+        ));
+        assert!(
+            poll_until(Duration::from_secs(30), &self.ready),
+            "server did not start:\n{}",
+            self.log()
+        );
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM and wait (a graceful stop).
+    pub fn terminate(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.terminate(Duration::from_secs(10));
+        }
+    }
+
+    /// What the server logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}

@@ -42,7 +42,7 @@ use tracing::Instrument;
 
 pub use config::{HandlerConfig, JobsConfig};
 
-use crate::uploads::queue::write_json;
+use crate::state_file::write_json;
 use crate::AgentError;
 
 /// Operations every agent knows without configuration.

@@ -19,6 +19,7 @@ use fleetbus_chunker::Manifest;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
+use crate::state_file::write_json;
 use crate::AgentError;
 
 /// What happens to the agent's copy of a file once the server confirmed it.
@@ -382,21 +383,4 @@ fn content_type(name: &str) -> Option<&'static str> {
         "pcap" => "application/vnd.tcpdump.pcap",
         _ => "application/octet-stream",
     })
-}
-
-/// Writes `value` as JSON via a temporary file (forced to disk) and a rename.
-pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), AgentError> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| AgentError::State {
-        path: path.to_path_buf(),
-        problem: e.to_string(),
-    })?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| AgentError::Io {
-            path: path.to_path_buf(),
-            op: "write",
-            source,
-        })
 }

@@ -410,14 +410,7 @@ impl FileSender {
                     }
                     ChunkOutcome::Lost => {
                         tracing::debug!(file_id = %t.job.manifest.file_id, index, "chunk lost on the way: sending it again");
-                        self.queue
-                            .stats()
-                            .chunks_resent
-                            .fetch_add(1, Ordering::Relaxed);
-                        match prepare(&t.splitter, index) {
-                            Ok(chunk) => self.send_chunk(chunk, client),
-                            Err(e) => self.fail(e),
-                        }
+                        self.resend(index, client);
                     }
                     ChunkOutcome::Rejected => {
                         let attempts = t.rejected.entry(index).or_insert(0);
@@ -429,14 +422,7 @@ impl FileSender {
                             ));
                         }
                         tracing::warn!(file_id = %t.job.manifest.file_id, index, %reason, "chunk rejected by the server: sending it again");
-                        self.queue
-                            .stats()
-                            .chunks_resent
-                            .fetch_add(1, Ordering::Relaxed);
-                        match prepare(&t.splitter, index) {
-                            Ok(chunk) => self.send_chunk(chunk, client),
-                            Err(e) => self.fail(e),
-                        }
+                        self.resend(index, client);
                     }
                 }
             }
@@ -463,6 +449,21 @@ impl FileSender {
                 self.fail("aborted on the server".into());
             }
             FileReply::Failed { kind, reason, .. } => self.on_refusal(kind, reason, client),
+        }
+    }
+
+    /// Reads chunk `index` again and sends it (counted as re-sent).
+    fn resend(&mut self, index: u32, client: &AsyncClient) {
+        let Some(t) = self.current.as_ref() else {
+            return;
+        };
+        self.queue
+            .stats()
+            .chunks_resent
+            .fetch_add(1, Ordering::Relaxed);
+        match prepare(&t.splitter, index) {
+            Ok(chunk) => self.send_chunk(chunk, client),
+            Err(e) => self.fail(e),
         }
     }
 
