@@ -26,6 +26,22 @@ fn tune_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 2) };
 }
 
+/// Raises the open-file limit to the hard limit: every connected agent is a socket in the
+/// server (and a simulated one in `bench jobs` too), and the usual soft limit of 1024
+/// would refuse the 1,021st agent. Failure is only logged: the limit stays as it was.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
+}
+
 /// Fleet telemetry bus: embedded MQTT broker, agents with a disk outbox, TOML rules, sinks.
 #[derive(Debug, Parser)]
 #[command(name = "fleetbus", version, about)]
@@ -56,6 +72,8 @@ enum Command {
     },
     /// Jobs: push to one agent or a group, follow, list, cancel (via the admin endpoint).
     Job(cmd::job::JobArgs),
+    /// Agents the server knows from their presence messages (via the admin endpoint).
+    Agents(cmd::agents::AgentsArgs),
     /// Key management.
     Keys {
         #[command(subcommand)]
@@ -74,6 +92,7 @@ fn main() -> ExitCode {
         _ => false,
     };
     cmd::init_logging(quiet);
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,6 +111,7 @@ fn main() -> ExitCode {
             Command::Bench { command } => cmd::bench::run(command).await,
             Command::Demo(args) => cmd::demo::run(args).await,
             Command::Job(args) => cmd::job::run(args).await,
+            Command::Agents(args) => cmd::agents::run(args).await,
             Command::Keys { command } => cmd::keys::run(command),
         }
     });

@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -17,7 +17,6 @@ use tokio::sync::watch;
 
 /// A server process with a job signing key and an admin endpoint.
 struct Server {
-    dir: PathBuf,
     port: u16,
     admin: String,
     public_key: String,
@@ -59,7 +58,6 @@ impl Server {
             move || ureq::get(&probe).call().is_ok(),
         );
         Server {
-            dir: dir.to_path_buf(),
             port,
             admin,
             public_key,
@@ -186,24 +184,21 @@ fn count(r: &JobReport, s: ExecutionState) -> usize {
     r.counts.get(&s).copied().unwrap_or(0)
 }
 
-/// Waits until the server's ledger knows `n` members of `group` (from their birth
-/// messages), reading the ledger file directly.
+/// Waits until the server knows `n` members of `group` from their birth messages (the
+/// admin endpoint's agent list, as `fleetbus agents list --group` shows it).
 async fn members_known(server: &Server, group: &str, n: usize) {
+    let url = format!("{}/agents?group={group}", server.admin);
     for _ in 0..200 {
-        let db = server.dir.join("data/jobs.sqlite");
-        if let Ok(known) = ledger_members(&db, group) {
-            if known >= n {
-                return;
-            }
+        let known: Option<Vec<fleetbus_jobs::KnownAgent>> = ureq::get(&url)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json().ok());
+        if known.is_some_and(|k| k.iter().filter(|a| a.online).count() >= n) {
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("server does not know {n} members of {group}");
-}
-
-fn ledger_members(db: &Path, group: &str) -> Result<usize, String> {
-    let ledger = fleetbus_jobs::Ledger::open(db).map_err(|e| e.to_string())?;
-    Ok(ledger.members(group).map_err(|e| e.to_string())?.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,4 +504,31 @@ async fn an_agent_killed_mid_job_does_not_run_it_again() {
         Some(ExecutionState::Succeeded)
     );
     b.stop().await;
+}
+
+/// `fleetbus bench jobs` end to end on a small fleet: every simulated agent connects,
+/// receives the signed group job and reports it; the run fails unless the ledger shows
+/// every target SUCCEEDED.
+#[test]
+fn the_jobs_benchmark_runs_a_small_fleet_to_completion() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetbus"))
+        .args(["bench", "jobs", "--agents", "30", "--deadline", "60s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |what: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(what))
+            .unwrap_or_else(|| panic!("no `{what}` in:\n{stdout}"))
+            .to_string()
+    };
+    assert!(line("simulated agents").ends_with(" 30"), "{stdout}");
+    assert!(line("status reports sent").ends_with(" 90"), "{stdout}");
+    assert!(line("push -> ledger shows every target SUCCEEDED").ends_with(" ms"));
 }

@@ -10,7 +10,6 @@
 //!   of every connection passes through it, which is where connection policy lives.
 
 mod config;
-mod nodelay;
 mod policy;
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
@@ -140,15 +139,6 @@ impl EmbeddedBroker {
             let probe = tokio::net::TcpStream::connect(probe_addr);
             if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), probe).await {
                 drop(stream);
-                match nodelay::set_on_listener(addr) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(%addr, "listening socket not found: connections keep Nagle's algorithm (slower request/response)")
-                    }
-                    Err(e) => {
-                        tracing::warn!(%addr, error = %e, "cannot set TCP_NODELAY on the listener: connections keep Nagle's algorithm")
-                    }
-                }
                 tracing::info!(%addr, "broker listening");
                 return Ok(addr);
             }

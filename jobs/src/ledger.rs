@@ -96,6 +96,26 @@ pub struct Execution {
     pub reason: Option<String>,
 }
 
+/// An agent the server knows from its presence messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KnownAgent {
+    /// Its id.
+    pub agent: String,
+    /// Groups from its last birth message.
+    pub groups: Vec<String>,
+    /// Whether its last presence message said online.
+    pub online: bool,
+    /// When its last presence message arrived.
+    pub last_seen: Option<DateTime<Utc>>,
+}
+
+impl KnownAgent {
+    /// Whether the agent said it belongs to `group`.
+    pub fn in_group(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| g == group)
+    }
+}
+
 /// SQLite-backed store.
 pub struct Ledger {
     db: Connection,
@@ -133,9 +153,27 @@ impl Ledger {
         Ok(Ledger { db })
     }
 
+    /// Starts a transaction that groups the writes that follow until [`Ledger::commit`]:
+    /// one fsync for a batch of status reports instead of one each. Writes that make
+    /// their own transaction (a job's insertion) nest inside it as savepoints.
+    pub fn begin(&mut self) -> Result<(), JobsError> {
+        self.db.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    /// Commits the transaction [`Ledger::begin`] started (rolls back if the commit fails,
+    /// so the ledger is never left inside a transaction).
+    pub fn commit(&mut self) -> Result<(), JobsError> {
+        if let Err(e) = self.db.execute_batch("COMMIT") {
+            let _ = self.db.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// Stores a new job with one QUEUED execution per target, in one transaction.
     pub fn insert_job(&mut self, job: &StoredJob, targets: &[String]) -> Result<(), JobsError> {
-        let tx = self.db.transaction()?;
+        let tx = self.db.savepoint()?;
         tx.execute(
             "INSERT INTO jobs (id, doc, rollout, state, signed, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
@@ -148,7 +186,7 @@ impl Ledger {
             ],
         )?;
         {
-            let mut add = tx.prepare(
+            let mut add = tx.prepare_cached(
                 "INSERT OR IGNORE INTO executions (job_id, agent, state) VALUES (?1, ?2, 'QUEUED')",
             )?;
             for agent in targets {
@@ -161,28 +199,27 @@ impl Ledger {
 
     /// Adds a QUEUED execution for `agent` if the job has none. True when added.
     pub fn add_target(&mut self, job_id: &str, agent: &str) -> Result<bool, JobsError> {
-        let n = self.db.execute(
-            "INSERT OR IGNORE INTO executions (job_id, agent, state) VALUES (?1, ?2, 'QUEUED')",
-            params![job_id, agent],
-        )?;
+        let n = self
+            .db
+            .prepare_cached(
+                "INSERT OR IGNORE INTO executions (job_id, agent, state) VALUES (?1, ?2, 'QUEUED')",
+            )?
+            .execute(params![job_id, agent])?;
         Ok(n > 0)
     }
 
     /// One job.
     pub fn job(&self, id: &str) -> Result<Option<StoredJob>, JobsError> {
         self.db
-            .query_row(
-                "SELECT doc, rollout, state, signed FROM jobs WHERE id = ?1",
-                params![id],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, String>(2)?,
-                        r.get::<_, Vec<u8>>(3)?,
-                    ))
-                },
-            )
+            .prepare_cached("SELECT doc, rollout, state, signed FROM jobs WHERE id = ?1")?
+            .query_row(params![id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Vec<u8>>(3)?,
+                ))
+            })
             .optional()?
             .map(|(doc, rollout, state, signed)| {
                 Ok(StoredJob {
@@ -201,7 +238,7 @@ impl Ledger {
             true => "SELECT id FROM jobs WHERE state = 'active' ORDER BY created_ms DESC LIMIT ?1",
             false => "SELECT id FROM jobs ORDER BY created_ms DESC LIMIT ?1",
         };
-        let mut stmt = self.db.prepare(sql)?;
+        let mut stmt = self.db.prepare_cached(sql)?;
         let ids = stmt
             .query_map(params![limit as i64], |r| r.get::<_, String>(0))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -229,22 +266,37 @@ impl Ledger {
         Ok(rows)
     }
 
+    /// Executions of a job still IN_PROGRESS that started before `cutoff`.
+    pub fn running_since_before(
+        &self,
+        job_id: &str,
+        cutoff: DateTime<Utc>,
+    ) -> Result<Vec<Execution>, JobsError> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT agent, state, sent_ms, started_ms, finished_ms, exit_code, output, reason
+             FROM executions WHERE job_id = ?1 AND state = 'IN_PROGRESS' AND started_ms < ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![job_id, ms(cutoff)], row_to_execution)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// One execution.
     pub fn execution(&self, job_id: &str, agent: &str) -> Result<Option<Execution>, JobsError> {
         Ok(self
             .db
-            .query_row(
+            .prepare_cached(
                 "SELECT agent, state, sent_ms, started_ms, finished_ms, exit_code, output, reason
                  FROM executions WHERE job_id = ?1 AND agent = ?2",
-                params![job_id, agent],
-                row_to_execution,
-            )
+            )?
+            .query_row(params![job_id, agent], row_to_execution)
             .optional()?)
     }
 
     /// Job ids with a non-final execution for `agent`.
     pub fn pending_for(&self, agent: &str) -> Result<Vec<String>, JobsError> {
-        let mut stmt = self.db.prepare(
+        let mut stmt = self.db.prepare_cached(
             "SELECT e.job_id FROM executions e JOIN jobs j ON j.id = e.job_id
              WHERE e.agent = ?1 AND e.state IN ('QUEUED', 'IN_PROGRESS') AND j.state = 'active'
              ORDER BY j.created_ms",
@@ -262,10 +314,11 @@ impl Ledger {
         agents: &[String],
         at: DateTime<Utc>,
     ) -> Result<(), JobsError> {
-        let tx = self.db.transaction()?;
+        let tx = self.db.savepoint()?;
         {
-            let mut stmt =
-                tx.prepare("UPDATE executions SET sent_ms = ?3 WHERE job_id = ?1 AND agent = ?2")?;
+            let mut stmt = tx.prepare_cached(
+                "UPDATE executions SET sent_ms = ?3 WHERE job_id = ?1 AND agent = ?2",
+            )?;
             for a in agents {
                 stmt.execute(params![job_id, a, ms(at)])?;
             }
@@ -274,22 +327,24 @@ impl Ledger {
         Ok(())
     }
 
+    /// Stores several executions' new states in one transaction.
+    pub fn update_executions(&mut self, job_id: &str, es: &[Execution]) -> Result<(), JobsError> {
+        let tx = self.db.savepoint()?;
+        {
+            let mut stmt = tx.prepare_cached(UPDATE_EXECUTION)?;
+            for e in es {
+                stmt.execute(execution_params(job_id, e))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Stores an execution's new state and details.
     pub fn update_execution(&mut self, job_id: &str, e: &Execution) -> Result<(), JobsError> {
-        self.db.execute(
-            "UPDATE executions SET state = ?3, started_ms = ?4, finished_ms = ?5, exit_code = ?6,
-                 output = ?7, reason = ?8 WHERE job_id = ?1 AND agent = ?2",
-            params![
-                job_id,
-                e.agent,
-                e.state.as_str(),
-                e.started.map(ms),
-                e.finished.map(ms),
-                e.exit_code,
-                e.output,
-                e.reason
-            ],
-        )?;
+        self.db
+            .prepare_cached(UPDATE_EXECUTION)?
+            .execute(execution_params(job_id, e))?;
         Ok(())
     }
 
@@ -302,36 +357,44 @@ impl Ledger {
         at: DateTime<Utc>,
     ) -> Result<(), JobsError> {
         if online {
-            self.db.execute(
-                "INSERT INTO agents (agent, groups, online, last_seen_ms) VALUES (?1, ?2, 1, ?3)
-                 ON CONFLICT(agent) DO UPDATE SET groups = ?2, online = 1, last_seen_ms = ?3",
-                params![agent, serde_json::to_string(groups)?, ms(at)],
-            )?;
+            self.db
+                .prepare_cached(
+                    "INSERT INTO agents (agent, groups, online, last_seen_ms) VALUES (?1, ?2, 1, ?3)
+                     ON CONFLICT(agent) DO UPDATE SET groups = ?2, online = 1, last_seen_ms = ?3",
+                )?
+                .execute(params![agent, serde_json::to_string(groups)?, ms(at)])?;
         } else {
-            self.db.execute(
-                "UPDATE agents SET online = 0, last_seen_ms = ?2 WHERE agent = ?1",
-                params![agent, ms(at)],
-            )?;
+            self.db
+                .prepare_cached("UPDATE agents SET online = 0, last_seen_ms = ?2 WHERE agent = ?1")?
+                .execute(params![agent, ms(at)])?;
         }
         Ok(())
     }
 
-    /// Every known agent with its groups.
-    pub fn agents(&self) -> Result<Vec<(String, Vec<String>, bool)>, JobsError> {
+    /// Every known agent with its groups, by id.
+    pub fn agents(&self) -> Result<Vec<KnownAgent>, JobsError> {
         let mut stmt = self
             .db
-            .prepare("SELECT agent, groups, online FROM agents ORDER BY agent")?;
+            .prepare("SELECT agent, groups, online, last_seen_ms FROM agents ORDER BY agent")?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, bool>(2)?,
+                    r.get::<_, i64>(3)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         rows.into_iter()
-            .map(|(a, g, o)| Ok((a, serde_json::from_str(&g)?, o)))
+            .map(|(agent, groups, online, seen)| {
+                Ok(KnownAgent {
+                    agent,
+                    groups: serde_json::from_str(&groups)?,
+                    online,
+                    last_seen: from_ms(Some(seen)),
+                })
+            })
             .collect()
     }
 
@@ -340,10 +403,51 @@ impl Ledger {
         Ok(self
             .agents()?
             .into_iter()
-            .filter(|(_, groups, _)| groups.iter().any(|g| g == group))
-            .map(|(a, _, _)| a)
+            .filter(|a| a.in_group(group))
+            .map(|a| a.agent)
             .collect())
     }
+
+    /// How many executions of a job are in each state.
+    pub fn counts(
+        &self,
+        job_id: &str,
+    ) -> Result<std::collections::BTreeMap<ExecutionState, usize>, JobsError> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT state, COUNT(*) FROM executions WHERE job_id = ?1 GROUP BY state",
+        )?;
+        let rows = stmt
+            .query_map(params![job_id], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows
+            .into_iter()
+            .map(|(state, n)| {
+                (
+                    ExecutionState::parse(&state).unwrap_or(ExecutionState::Queued),
+                    n as usize,
+                )
+            })
+            .collect())
+    }
+}
+
+const UPDATE_EXECUTION: &str =
+    "UPDATE executions SET state = ?3, started_ms = ?4, finished_ms = ?5, exit_code = ?6,
+     output = ?7, reason = ?8 WHERE job_id = ?1 AND agent = ?2";
+
+fn execution_params<'a>(job_id: &'a str, e: &'a Execution) -> impl rusqlite::Params + 'a {
+    (
+        job_id,
+        e.agent.as_str(),
+        e.state.as_str(),
+        e.started.map(ms),
+        e.finished.map(ms),
+        e.exit_code,
+        e.output.as_str(),
+        e.reason.as_deref(),
+    )
 }
 
 fn row_to_execution(r: &rusqlite::Row<'_>) -> rusqlite::Result<Execution> {

@@ -24,7 +24,7 @@ use fleetbus_protocol::{
     ExecutionState, JobCommand, JobDocument, JobEvent, JobStatus, JobTarget, Presence,
     PresenceStatus,
 };
-pub use ledger::{Execution, JobState, Ledger, Rollout, StoredJob};
+pub use ledger::{Execution, JobState, KnownAgent, Ledger, Rollout, StoredJob};
 use serde::{Deserialize, Serialize};
 
 /// Errors of the job service.
@@ -142,6 +142,9 @@ pub struct JobService {
     key: SigningKey,
     publish: Publish,
     announce: Announce,
+    /// Inside [`JobService::batch`]: jobs with an execution newly finished, checked for
+    /// abort and completion once at the end of the batch instead of after every report.
+    finished_in_batch: Option<std::collections::BTreeSet<String>>,
 }
 
 impl JobService {
@@ -157,12 +160,39 @@ impl JobService {
             key,
             publish,
             announce,
+            finished_in_batch: None,
         })
     }
 
-    /// Creates, signs, records and dispatches a job. A group job's targets are the members
-    /// known from birth messages; members that announce themselves later while it is active
-    /// are added.
+    /// Runs `work` (presence and status messages) as one ledger transaction: one fsync for
+    /// the whole batch instead of one per message, and each job touched is checked for
+    /// abort and completion once, at the end. Operators' requests are not meant to run
+    /// inside (a pushed job must be on disk before it is published).
+    pub fn batch<T>(&mut self, work: impl FnOnce(&mut JobService) -> T) -> Result<T, JobsError> {
+        self.ledger.begin()?;
+        self.finished_in_batch = Some(Default::default());
+        let out = work(self);
+        let mut settled = Ok(());
+        for job_id in self.finished_in_batch.take().unwrap_or_default() {
+            let step = match self.ledger.job(&job_id) {
+                Ok(Some(job)) => self.after_finish(&job),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = step {
+                settled = Err(e);
+                break;
+            }
+        }
+        let committed = self.ledger.commit();
+        settled?;
+        committed?;
+        Ok(out)
+    }
+
+    /// Creates, signs, records and dispatches a job; answers its summary (counts per
+    /// state). A group job's targets are the members known from birth messages; members
+    /// that announce themselves later while it is active are added.
     pub fn push(&mut self, req: PushRequest) -> Result<JobReport, JobsError> {
         if req.operation.is_empty() {
             return Err(JobsError::Request("operation is empty".into()));
@@ -220,7 +250,7 @@ impl JobService {
         } else {
             self.roll_out(&job.doc.id)?;
         }
-        self.report(&job.doc.id)
+        self.summary(&job.doc.id)
     }
 
     fn queued(&self, agent: &str) -> Execution {
@@ -238,19 +268,21 @@ impl JobService {
 
     /// A job with every execution.
     pub fn report(&self, job_id: &str) -> Result<JobReport, JobsError> {
+        let mut report = self.summary(job_id)?;
+        report.executions = self.ledger.executions(job_id)?;
+        Ok(report)
+    }
+
+    /// A job with its counts per state only (no executions).
+    pub fn summary(&self, job_id: &str) -> Result<JobReport, JobsError> {
         let job = self
             .ledger
             .job(job_id)?
             .ok_or_else(|| JobsError::NotFound(job_id.to_string()))?;
-        let executions = self.ledger.executions(job_id)?;
-        let mut counts = std::collections::BTreeMap::new();
-        for e in &executions {
-            *counts.entry(e.state).or_insert(0) += 1;
-        }
         Ok(JobReport {
             job,
-            counts,
-            executions,
+            counts: self.ledger.counts(job_id)?,
+            executions: Vec::new(),
         })
     }
 
@@ -259,20 +291,24 @@ impl JobService {
         self.ledger
             .job_ids(limit, false)?
             .iter()
-            .map(|id| {
-                self.report(id).map(|mut r| {
-                    r.executions.clear();
-                    r
-                })
-            })
+            .map(|id| self.summary(id))
             .collect()
+    }
+
+    /// Agents known from presence messages, all or the members of one group.
+    pub fn agents(&self, group: Option<&str>) -> Result<Vec<KnownAgent>, JobsError> {
+        let mut agents = self.ledger.agents()?;
+        if let Some(g) = group {
+            agents.retain(|a| a.in_group(g));
+        }
+        Ok(agents)
     }
 
     /// Cancels a job: executions not started become CANCELED and agents are told not to
     /// start it (running ones finish).
     pub fn cancel(&mut self, job_id: &str) -> Result<JobReport, JobsError> {
         self.stop(job_id, JobState::Canceled, "cancelled by an operator")?;
-        self.report(job_id)
+        self.summary(job_id)
     }
 
     fn stop(&mut self, job_id: &str, state: JobState, why: &str) -> Result<(), JobsError> {
@@ -290,15 +326,22 @@ impl JobService {
         }
         .sign(&self.key)?
         .encode()?;
+        let now = Utc::now();
+        let canceled: Vec<Execution> = self
+            .ledger
+            .executions(job_id)?
+            .into_iter()
+            .filter(|e| e.state == ExecutionState::Queued)
+            .map(|mut e| {
+                e.state = ExecutionState::Canceled;
+                e.finished = Some(now);
+                e.reason = Some(why.to_string());
+                e
+            })
+            .collect();
+        self.ledger.update_executions(job_id, &canceled)?;
         let mut told = Vec::new();
-        for mut e in self.ledger.executions(job_id)? {
-            if e.state != ExecutionState::Queued {
-                continue;
-            }
-            e.state = ExecutionState::Canceled;
-            e.finished = Some(Utc::now());
-            e.reason = Some(why.to_string());
-            self.ledger.update_execution(job_id, &e)?;
+        for e in canceled {
             self.announce_state(&job, &e);
             told.push(e.agent);
         }
@@ -379,14 +422,19 @@ impl JobService {
         self.ledger.update_execution(&status.job_id, &e)?;
         self.announce_state(&job, &e);
         if e.state.is_terminal() {
-            self.after_finish(&job)?;
+            match self.finished_in_batch.as_mut() {
+                Some(jobs) => {
+                    jobs.insert(job.doc.id);
+                }
+                None => self.after_finish(&job)?,
+            }
         }
         Ok(())
     }
 
     /// Checks the abort threshold and whether the job is done.
     fn after_finish(&mut self, job: &StoredJob) -> Result<(), JobsError> {
-        let report = self.report(&job.doc.id)?;
+        let report = self.summary(&job.doc.id)?;
         if report.job.state != JobState::Active {
             return Ok(());
         }
@@ -425,10 +473,11 @@ impl JobService {
                 Duration::from_secs(job.doc.timeout_secs) + TIMEOUT_GRACE,
             )
             .unwrap_or(chrono::Duration::MAX);
-            let mut changed = false;
-            for mut e in self.ledger.executions(&job_id)? {
-                let Some(started) = e.started else { continue };
-                if e.state == ExecutionState::InProgress && now - started > limit {
+            let timed_out: Vec<Execution> = self
+                .ledger
+                .running_since_before(&job_id, now - limit)?
+                .into_iter()
+                .map(|mut e| {
                     e.state = ExecutionState::TimedOut;
                     e.finished = Some(now);
                     e.reason = Some(format!(
@@ -436,12 +485,14 @@ impl JobService {
                         job.doc.timeout_secs,
                         TIMEOUT_GRACE.as_secs()
                     ));
-                    self.ledger.update_execution(&job_id, &e)?;
-                    self.announce_state(&job, &e);
-                    changed = true;
+                    e
+                })
+                .collect();
+            if !timed_out.is_empty() {
+                self.ledger.update_executions(&job_id, &timed_out)?;
+                for e in &timed_out {
+                    self.announce_state(&job, e);
                 }
-            }
-            if changed {
                 self.after_finish(&job)?;
             }
         }

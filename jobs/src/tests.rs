@@ -189,3 +189,63 @@ fn unknown_jobs_and_bad_requests_are_refused() {
     svc.on_status("a", status("ghost", ExecutionState::Succeeded))
         .unwrap();
 }
+
+#[test]
+fn a_batch_of_reports_is_stored_together_and_settles_each_job_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut svc, sent, _) = service(dir.path());
+    let agents: Vec<String> = (0..200).map(|i| format!("a{i:03}")).collect();
+    svc.batch(|svc| {
+        for a in &agents {
+            svc.on_presence(&online(a, &["g"])).unwrap();
+        }
+    })
+    .unwrap();
+    assert_eq!(svc.agents(Some("g")).unwrap().len(), 200);
+    assert!(svc.agents(Some("other")).unwrap().is_empty());
+    let id = push(&mut svc, JobTarget::Group("g".into()), Rollout::default())
+        .job
+        .doc
+        .id;
+    // every report in one batch: the job is done at the end of it, on disk
+    svc.batch(|svc| {
+        for a in &agents {
+            svc.on_status(a, status(&id, ExecutionState::InProgress))
+                .unwrap();
+            svc.on_status(a, status(&id, ExecutionState::Succeeded))
+                .unwrap();
+        }
+    })
+    .unwrap();
+    drop(svc);
+    let (svc, _, _) = service(dir.path());
+    let r = svc.summary(&id).unwrap();
+    assert_eq!(r.counts.get(&ExecutionState::Succeeded), Some(&200));
+    assert_eq!(r.job.state, JobState::Done);
+    assert!(r.executions.is_empty(), "a summary has counts only");
+    assert_eq!(sent.lock().unwrap().len(), 1);
+
+    // the abort threshold is checked at the end of a batch too
+    let (mut svc, sent, _) = service(dir.path());
+    let rollout = Rollout {
+        max_per_minute: None,
+        abort_failure_pct: Some(10.0),
+        abort_min_finished: 5,
+    };
+    let id = push(&mut svc, JobTarget::Group("g".into()), rollout)
+        .job
+        .doc
+        .id;
+    svc.batch(|svc| {
+        for a in &agents[..10] {
+            svc.on_status(a, status(&id, ExecutionState::Failed))
+                .unwrap();
+        }
+    })
+    .unwrap();
+    let r = svc.summary(&id).unwrap();
+    assert_eq!(r.job.state, JobState::Aborted);
+    assert_eq!(r.counts.get(&ExecutionState::Failed), Some(&10));
+    assert_eq!(r.counts.get(&ExecutionState::Canceled), Some(&190));
+    assert_eq!(sent.lock().unwrap().len(), 2, "the job, then one cancel");
+}

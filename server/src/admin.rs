@@ -4,8 +4,9 @@
 //! |---|---|---|
 //! | `POST /jobs` | a push request (JSON) | 201 and the job report |
 //! | `GET /jobs?limit=N` | | the newest jobs with counts per state |
-//! | `GET /jobs/{id}` | | the job with every execution |
-//! | `POST /jobs/{id}/cancel` | | the job after cancelling |
+//! | `GET /jobs/{id}` | `executions=false`: counts only | the job with every execution |
+//! | `POST /jobs/{id}/cancel` | | the job after cancelling (counts) |
+//! | `GET /agents?group=G` | | agents known from presence messages (one group's members) |
 //!
 //! Errors answer `{"error": "..."}` with 400 (bad request), 404 (no such job) or 503 (the
 //! job service is off: no `jobs.signing_key`).
@@ -45,6 +46,7 @@ pub async fn start(
         .route("/jobs", post(push).get(list))
         .route("/jobs/:id", get(report))
         .route("/jobs/:id/cancel", post(cancel))
+        .route("/agents", get(agents))
         .with_state(jobs);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -104,8 +106,29 @@ async fn list(State(jobs): State<Jobs>, Query(q): Query<ListQuery>) -> Response 
     answer(&jobs, StatusCode::OK, |tx| Request::List(limit, tx)).await
 }
 
-async fn report(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
-    answer(&jobs, StatusCode::OK, |tx| Request::Report(id, tx)).await
+#[derive(Deserialize)]
+struct ReportQuery {
+    executions: Option<bool>,
+}
+
+async fn report(
+    State(jobs): State<Jobs>,
+    Path(id): Path<String>,
+    Query(q): Query<ReportQuery>,
+) -> Response {
+    match q.executions {
+        Some(false) => answer(&jobs, StatusCode::OK, |tx| Request::Summary(id, tx)).await,
+        _ => answer(&jobs, StatusCode::OK, |tx| Request::Report(id, tx)).await,
+    }
+}
+
+#[derive(Deserialize)]
+struct AgentsQuery {
+    group: Option<String>,
+}
+
+async fn agents(State(jobs): State<Jobs>, Query(q): Query<AgentsQuery>) -> Response {
+    answer(&jobs, StatusCode::OK, |tx| Request::Agents(q.group, tx)).await
 }
 
 async fn cancel(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {

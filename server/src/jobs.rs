@@ -6,7 +6,7 @@ use std::path::Path;
 
 use std::time::Duration;
 
-use fleetbus_jobs::{JobReport, JobService, JobsError, PushRequest};
+use fleetbus_jobs::{JobReport, JobService, JobsError, KnownAgent, PushRequest};
 use fleetbus_protocol::{JobStatus, Presence};
 use tokio::sync::{mpsc, oneshot};
 
@@ -16,10 +16,17 @@ pub enum Request {
     Push(PushRequest, oneshot::Sender<Result<JobReport, JobsError>>),
     /// One job with every execution.
     Report(String, oneshot::Sender<Result<JobReport, JobsError>>),
+    /// One job with counts per state only.
+    Summary(String, oneshot::Sender<Result<JobReport, JobsError>>),
     /// The newest jobs.
     List(usize, oneshot::Sender<Result<Vec<JobReport>, JobsError>>),
     /// Cancel a job.
     Cancel(String, oneshot::Sender<Result<JobReport, JobsError>>),
+    /// Agents known from presence messages (all, or one group's members).
+    Agents(
+        Option<String>,
+        oneshot::Sender<Result<Vec<KnownAgent>, JobsError>>,
+    ),
 }
 
 /// What the job service thread is fed.
@@ -60,6 +67,9 @@ impl JobsHandle {
     }
 }
 
+/// Most presence and status messages applied in one ledger transaction.
+const BATCH: usize = 2048;
+
 /// How often rollout and timeouts are checked.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -89,13 +99,59 @@ pub fn start(
         .name("fleetbus-jobs".into())
         .spawn(move || {
             let _entered = span.enter();
+            let mut batch = Vec::with_capacity(BATCH);
             while let Some(input) = rx.blocking_recv() {
-                handle(&mut service, input);
+                // presence and status messages that queued up meanwhile go into one ledger
+                // transaction; a request or tick ends the batch and runs after it
+                let mut after = None;
+                let mut next = Some(input);
+                while let Some(input) = next.take() {
+                    match input {
+                        JobInput::Presence(_) | JobInput::Status(..) => batch.push(input),
+                        other => {
+                            after = Some(other);
+                            break;
+                        }
+                    }
+                    if batch.len() < BATCH {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !batch.is_empty() {
+                    apply_batch(&mut service, &mut batch);
+                }
+                if let Some(input) = after {
+                    handle(&mut service, input);
+                }
             }
         })
         .map_err(|e| format!("cannot start the job service thread: {e}"))?;
     let ticker = crate::ticker::spawn(tx.clone(), TICK, || JobInput::Tick);
     Ok((JobsHandle { tx }, thread, ticker))
+}
+
+/// Applies queued presence and status messages in one ledger transaction (emptying
+/// `batch`). A message that fails is logged and the others still apply.
+fn apply_batch(service: &mut JobService, batch: &mut Vec<JobInput>) {
+    let n = batch.len();
+    let applied = service.batch(|service| {
+        for input in batch.drain(..) {
+            let result = match input {
+                JobInput::Presence(p) => service.on_presence(&p),
+                JobInput::Status(agent, status) => service.on_status(&agent, status),
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                tracing::error!(error = %e, "job service");
+            }
+        }
+    });
+    if let Err(e) = applied {
+        // not on disk: agents send their reports again when they reconnect and the job
+        // is re-sent to them (they answer from their records)
+        tracing::error!(error = %e, messages = n, "job ledger: a batch of presence and status messages was not stored");
+    }
+    batch.clear();
 }
 
 fn handle(service: &mut JobService, input: JobInput) {
@@ -111,11 +167,17 @@ fn handle(service: &mut JobService, input: JobInput) {
                 Request::Report(id, reply) => {
                     let _ = reply.send(service.report(&id));
                 }
+                Request::Summary(id, reply) => {
+                    let _ = reply.send(service.summary(&id));
+                }
                 Request::List(limit, reply) => {
                     let _ = reply.send(service.list(limit));
                 }
                 Request::Cancel(id, reply) => {
                     let _ = reply.send(service.cancel(&id));
+                }
+                Request::Agents(group, reply) => {
+                    let _ = reply.send(service.agents(group.as_deref()));
                 }
             }
             Ok(())

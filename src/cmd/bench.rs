@@ -10,6 +10,7 @@
 //! All targets run side by side in one invocation, so the figures are comparable.
 
 mod fleetbus;
+mod jobs;
 mod relay;
 mod upload;
 mod wal;
@@ -39,6 +40,9 @@ pub enum BenchCommand {
         #[arg(long)]
         window: Option<usize>,
     },
+    /// Thousands of simulated agents in one group, one job: time from the push until the
+    /// ledger shows every target SUCCEEDED, and the server's memory per connected agent.
+    Jobs(jobs::JobsBenchArgs),
     /// Appends per second to the log under the outbox and the WAL, by fsync group size,
     /// beside two embedded stores.
     Wal {
@@ -146,6 +150,11 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     kib as f64 / 1024.0
                 );
             }
+            return Ok(ExitCode::SUCCESS);
+        }
+        BenchCommand::Jobs(args) => {
+            let figures = jobs::run(&args).await?;
+            jobs::print(&figures);
             return Ok(ExitCode::SUCCESS);
         }
         BenchCommand::Wal {

@@ -5,22 +5,17 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use fleetbus_jobs::{JobReport, PushRequest, Rollout};
 use fleetbus_protocol::{ExecutionState, JobTarget};
 
+use super::admin_client::{AdminClient, AdminEndpoint};
+
 /// `fleetbus job ...`
 #[derive(Debug, Args)]
 pub struct JobArgs {
-    /// The server's admin endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "FLEETBUS_ADMIN",
-        default_value = "http://127.0.0.1:7070"
-    )]
-    pub admin: String,
+    #[command(flatten)]
+    admin: AdminEndpoint,
     #[command(subcommand)]
     command: JobCommand,
 }
@@ -86,7 +81,7 @@ fn parse_arg(s: &str) -> Result<(String, String), String> {
 
 /// Runs `fleetbus job ...`.
 pub async fn run(args: JobArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.admin);
+    let client = args.admin.client();
     match args.command {
         JobCommand::Push(p) => push(&client, p).await,
         JobCommand::Status { id } => {
@@ -120,7 +115,7 @@ pub async fn run(args: JobArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn push(client: &Client, p: PushArgs) -> anyhow::Result<ExitCode> {
+async fn push(client: &AdminClient, p: PushArgs) -> anyhow::Result<ExitCode> {
     let target = match (p.agent, p.group) {
         (Some(a), _) => JobTarget::Agent(a),
         (None, Some(g)) => JobTarget::Group(g),
@@ -152,19 +147,22 @@ async fn push(client: &Client, p: PushArgs) -> anyhow::Result<ExitCode> {
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} finished  {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let report = loop {
-        let r: JobReport = client.get(&format!("/jobs/{id}")).await?;
+    // counts only while following (a job may have thousands of targets); the full
+    // per-target table once at the end
+    loop {
+        let r: JobReport = client.get(&format!("/jobs/{id}?executions=false")).await?;
         bar.set_length(r.total() as u64);
         bar.set_position(r.finished() as u64);
         bar.set_message(counts(&r));
         if r.finished() == r.total() && r.total() > 0
             || r.job.state != fleetbus_jobs::JobState::Active
         {
-            break r;
+            break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
     bar.finish();
+    let report: JobReport = client.get(&format!("/jobs/{id}")).await?;
     print_report(&report);
     let bad = report.failed()
         + report
@@ -229,63 +227,4 @@ fn print_report(r: &JobReport) {
             head
         );
     }
-}
-
-/// A small JSON client for the admin endpoint.
-struct Client {
-    base: String,
-    http: ureq::Agent,
-}
-
-impl Client {
-    fn new(base: &str) -> Client {
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build();
-        Client {
-            base: base.trim_end_matches('/').to_string(),
-            http: config.into(),
-        }
-    }
-
-    async fn get<T: serde::de::DeserializeOwned + Send + 'static>(
-        &self,
-        path: &str,
-    ) -> anyhow::Result<T> {
-        let url = format!("{}{path}", self.base);
-        let http = self.http.clone();
-        tokio::task::spawn_blocking(move || answer(http.get(&url).call(), &url)).await?
-    }
-
-    async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned + Send + 'static>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> anyhow::Result<T> {
-        let url = format!("{}{path}", self.base);
-        let http = self.http.clone();
-        let body = serde_json::to_value(body)?;
-        tokio::task::spawn_blocking(move || answer(http.post(&url).send_json(&body), &url)).await?
-    }
-}
-
-fn answer<T: serde::de::DeserializeOwned>(
-    result: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
-    url: &str,
-) -> anyhow::Result<T> {
-    let mut response = result.with_context(|| format!("cannot reach the admin endpoint at {url} (is `fleetbus serve` running with [admin] listen and [jobs] signing_key?)"))?;
-    let status = response.status();
-    if !status.is_success() {
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or(text);
-        anyhow::bail!("{url}: {status}: {message}");
-    }
-    response
-        .body_mut()
-        .read_json::<T>()
-        .with_context(|| format!("{url}: unreadable answer"))
 }

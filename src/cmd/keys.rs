@@ -31,6 +31,31 @@ pub fn run(command: KeysCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn generate(dir: &Path, force: bool) -> anyhow::Result<ExitCode> {
+    let pair = write_pair(dir, force)?;
+    println!(
+        "secret key: {} (server: [jobs] signing_key)",
+        pair.secret.display()
+    );
+    println!(
+        "public key: {} (agents: [jobs] public_key_file, or public_key = \"{}\")",
+        pair.public.display(),
+        pair.public_hex
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Files of a job signing key pair.
+pub struct KeyPairFiles {
+    /// DIR/job-signing.key (hex secret, mode 0600).
+    pub secret: PathBuf,
+    /// DIR/job-signing.pub (hex public key).
+    pub public: PathBuf,
+    /// The public key in hex.
+    pub public_hex: String,
+}
+
+/// Writes a new key pair into `dir` (refusing to replace existing files unless `force`).
+pub fn write_pair(dir: &Path, force: bool) -> anyhow::Result<KeyPairFiles> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let secret_path = dir.join("job-signing.key");
     let public_path = dir.join("job-signing.pub");
@@ -46,15 +71,11 @@ fn generate(dir: &Path, force: bool) -> anyhow::Result<ExitCode> {
     write_secret(&secret_path, &hex::encode(secret))?;
     std::fs::write(&public_path, format!("{public}\n"))
         .with_context(|| format!("writing {}", public_path.display()))?;
-    println!(
-        "secret key: {} (server: [jobs] signing_key)",
-        secret_path.display()
-    );
-    println!(
-        "public key: {} (agents: [jobs] public_key_file, or public_key = \"{public}\")",
-        public_path.display()
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(KeyPairFiles {
+        secret: secret_path,
+        public: public_path,
+        public_hex: public,
+    })
 }
 
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {

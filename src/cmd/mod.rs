@@ -1,6 +1,8 @@
 //! One module per subcommand, plus what they share (logging, signals).
 
+pub mod admin_client;
 pub mod agent;
+pub mod agents;
 pub mod bench;
 pub mod demo;
 pub mod job;

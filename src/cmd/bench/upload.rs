@@ -131,14 +131,7 @@ async fn upload(
         work.join("server.toml"),
         format!("data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
     )?;
-    let mut server = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["serve", "--config"])
-        .arg(work.join("server.toml"))
-        .env("RUST_LOG", "warn,rumqttd=off")
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the server")?;
-    let server_pid = server.id().unwrap_or(0);
+    let (mut server, server_pid) = start_server(&work.join("server.toml"))?;
     wait_for_port(port).await?;
 
     let mut config = AgentConfig {
@@ -200,7 +193,22 @@ async fn upload(
     })
 }
 
-async fn wait_for_port(port: u16) -> anyhow::Result<()> {
+/// Starts `fleetbus serve --config CONFIG` as a child process (killed when dropped, logging
+/// warnings only); answers it and its pid.
+pub fn start_server(config: &Path) -> anyhow::Result<(tokio::process::Child, u32)> {
+    let server = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn,rumqttd=off")
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the server")?;
+    let pid = server.id().unwrap_or(0);
+    Ok((server, pid))
+}
+
+/// Waits until something accepts connections on 127.0.0.1:`port` (30 s at most).
+pub async fn wait_for_port(port: u16) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
