@@ -74,6 +74,11 @@ enum Command {
     Job(cmd::job::JobArgs),
     /// Agents the server knows from their presence messages (via the admin endpoint).
     Agents(cmd::agents::AgentsArgs),
+    /// The topic authorization policy: who may publish and subscribe where.
+    Acl {
+        #[command(subcommand)]
+        command: cmd::acl::AclCommand,
+    },
     /// Key management.
     Keys {
         #[command(subcommand)]
@@ -112,6 +117,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => cmd::demo::run(args).await,
             Command::Job(args) => cmd::job::run(args).await,
             Command::Agents(args) => cmd::agents::run(args).await,
+            Command::Acl { command } => cmd::acl::run(command),
             Command::Keys { command } => cmd::keys::run(command),
         }
     });

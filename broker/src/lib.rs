@@ -9,6 +9,7 @@
 //!   [`PolicyProtocol`], our wrapper around rumqttd's MQTT v4 codec: every decoded packet
 //!   of every connection passes through it, which is where connection policy lives.
 
+pub mod acl;
 mod config;
 mod policy;
 

@@ -1,5 +1,6 @@
 //! One module per subcommand, plus what they share (logging, signals).
 
+pub mod acl;
 pub mod admin_client;
 pub mod agent;
 pub mod agents;
