@@ -124,17 +124,6 @@ struct TestAgent {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn handler(command: &[&str], args: &[(&str, &str)], timeout: Duration) -> HandlerConfig {
-    HandlerConfig {
-        command: command.iter().map(|s| s.to_string()).collect(),
-        args: args
-            .iter()
-            .map(|(a, p)| (a.to_string(), p.to_string()))
-            .collect(),
-        timeout,
-    }
-}
-
 impl TestAgent {
     fn start(dir: &Path, id: &str, groups: &[&str], server: &Server) -> TestAgent {
         let mut config = AgentConfig {
@@ -151,11 +140,11 @@ impl TestAgent {
         config.jobs.public_key = Some(server.public_key.clone());
         config.jobs.handlers.insert(
             "fail".into(),
-            handler(&["sh", "-c", "exit 3"], &[], Duration::from_secs(5)),
+            HandlerConfig::new(&["sh", "-c", "exit 3"], &[], Duration::from_secs(5)),
         );
         config.jobs.handlers.insert(
             "slow".into(),
-            handler(
+            HandlerConfig::new(
                 &["sleep", "{secs}"],
                 &[("secs", "[0-9]+")],
                 Duration::from_secs(1),

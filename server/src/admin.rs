@@ -21,7 +21,6 @@ use axum::routing::{get, post};
 use axum::Json;
 use fleetbus_jobs::{JobsError, PushRequest};
 use serde::Deserialize;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -36,24 +35,13 @@ pub async fn start(
     addr: SocketAddr,
     jobs: Jobs,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| ServerError::Config(format!("admin.listen {addr}: {e}")))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| ServerError::Config(format!("admin.listen {addr}: {e}")))?;
     let app = axum::Router::new()
         .route("/jobs", post(push).get(list))
         .route("/jobs/:id", get(report))
         .route("/jobs/:id/cancel", post(cancel))
         .route("/agents", get(agents))
         .with_state(jobs);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin endpoint stopped");
-        }
-    });
-    Ok((bound, task))
+    crate::http::serve("admin.listen", addr, app).await
 }
 
 fn error(status: StatusCode, message: String) -> Response {

@@ -7,6 +7,7 @@
 pub mod admin;
 mod config;
 pub mod files;
+mod http;
 pub mod jobs;
 pub mod metrics;
 mod ticker;

@@ -13,7 +13,6 @@ use axum::routing::get;
 use fleetbus_rules::{Engine, EngineStats, SinkStatsSnapshot};
 
 use crate::files::FileCounters;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::ServerError;
@@ -25,21 +24,10 @@ pub async fn start(
     engine: Arc<Engine>,
     files: Arc<FileCounters>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| ServerError::Config(format!("metrics.listen {addr}: {e}")))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| ServerError::Config(format!("metrics.listen {addr}: {e}")))?;
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
         .with_state((engine, files));
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics endpoint stopped");
-        }
-    });
-    Ok((bound, task))
+    crate::http::serve("metrics.listen", addr, app).await
 }
 
 async fn scrape(

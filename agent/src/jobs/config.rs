@@ -65,6 +65,21 @@ fn default_handler_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
+impl HandlerConfig {
+    /// A handler running `command` (`{name}` placeholders), accepting `args` (name and the
+    /// pattern its value must match), killed after `timeout`.
+    pub fn new(command: &[&str], args: &[(&str, &str)], timeout: Duration) -> HandlerConfig {
+        HandlerConfig {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            args: args
+                .iter()
+                .map(|(a, p)| (a.to_string(), p.to_string()))
+                .collect(),
+            timeout,
+        }
+    }
+}
+
 impl JobsConfig {
     /// Checks what serde cannot: patterns compile, commands are not empty, placeholders
     /// name declared arguments.
@@ -128,14 +143,7 @@ mod tests {
     use super::*;
 
     fn handler(command: &[&str], args: &[(&str, &str)]) -> HandlerConfig {
-        HandlerConfig {
-            command: command.iter().map(|s| s.to_string()).collect(),
-            args: args
-                .iter()
-                .map(|(a, p)| (a.to_string(), p.to_string()))
-                .collect(),
-            timeout: Duration::from_secs(5),
-        }
+        HandlerConfig::new(command, args, Duration::from_secs(5))
     }
 
     #[test]

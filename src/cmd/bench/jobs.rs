@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
-use super::upload::{peak_kib, start_server, wait_for_port};
+use super::upload::{peak_kib, resident_kib, start_server, wait_for_port};
 use crate::cmd::admin_client::AdminClient;
 
 /// What to run.
@@ -273,15 +273,6 @@ pub fn print(f: &Figures) {
         "{:<52} {:>8.1} KiB",
         "server memory per connected agent", kib_per_agent
     );
-}
-
-/// Current resident set (VmRSS) of process `pid` in KiB; `None` off Linux.
-fn resident_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// What every simulated agent shares.

@@ -95,6 +95,12 @@ fn keep_unexpired(pubdata: &mut PublishData, now: Instant) -> bool {
     is_valid
 }
 
+/// fleetbus patch: a `$` topic, which `matches` never matches (kept for the exact-filter
+/// lookups, so they decide as `matches` would).
+fn is_dollar(topic: &str) -> bool {
+    topic.starts_with('$')
+}
+
 /// fleetbus patch: whether `filter` has a wildcard level.
 fn has_wildcard(filter: &str) -> bool {
     filter.contains(['+', '#'])
@@ -175,7 +181,7 @@ impl DataLog {
                 // new topic, O(agents^2) for a fleet with one filter per agent)
                 let mut v: Vec<usize> = Vec::new();
                 if let Some(idx) = self.filter_indexes.get(topic) {
-                    if !has_wildcard(topic) && matches(topic, topic) {
+                    if !is_dollar(topic) {
                         v.push(*idx);
                     }
                 }
@@ -220,7 +226,7 @@ impl DataLog {
                 } else if let Some(filters) = publish_filters.get_mut(filter) {
                     // fleetbus patch: a filter without wildcards matches only the topic
                     // equal to it (was a scan of every known topic)
-                    if matches(filter, filter) {
+                    if !is_dollar(filter) {
                         filters.push(idx);
                     }
                 }
@@ -348,7 +354,7 @@ impl DataLog {
             return self
                 .retained_publishes
                 .get(filter)
-                .filter(|_| matches(filter, filter))
+                .filter(|_| !is_dollar(filter))
                 .map(|p| (p.publish.clone(), p.properties.clone()))
                 .into_iter()
                 .collect();
