@@ -24,7 +24,10 @@ fn acl_check_explains_allow_and_deny() {
         "fleet/web-02/telemetry/metrics",
     ]);
     assert!(!ok, "{out}");
-    assert!(out.starts_with("deny: no rule allows web-01"), "{out}");
+    assert!(
+        out.starts_with("deny: no rule allows web-01 (agent)"),
+        "{out}"
+    );
 
     let (ok, out) = acl(&[
         "--client",

@@ -150,6 +150,30 @@ pub struct ConnectionConfig {
     /// server recognises duplicates).
     #[serde(with = "humantime_serde")]
     pub ack_timeout: Duration,
+    /// The agent's secret token from `fleetbus agents enroll` (sent as the MQTT password,
+    /// with the agent id as client id and user name). Prefer `token_file`.
+    pub token: Option<String>,
+    /// A file holding the token (read at start; surrounding whitespace ignored).
+    pub token_file: Option<PathBuf>,
+}
+
+impl ConnectionConfig {
+    /// The token to log in with: `token`, or the contents of `token_file`, or none.
+    pub fn load_token(&self) -> Result<Option<String>, String> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.trim().to_string()));
+        }
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("connection.token_file {}: {e}", path.display()))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(format!("connection.token_file {}: empty", path.display()));
+        }
+        Ok(Some(token.to_string()))
+    }
 }
 
 impl Default for ConnectionConfig {
@@ -161,6 +185,8 @@ impl Default for ConnectionConfig {
             connect_timeout: Duration::from_secs(10),
             inflight: 2000,
             ack_timeout: Duration::from_secs(10),
+            token: None,
+            token_file: None,
         }
     }
 }

@@ -75,6 +75,7 @@ pub struct Agent {
     uploads: Arc<UploadQueue>,
     jobs: jobs::JobRunner,
     job_reports: tokio::sync::mpsc::Receiver<fleetbus_protocol::JobStatus>,
+    token: Option<String>,
     // held for the agent's lifetime: one process per state_dir
     _lock: std::fs::File,
 }
@@ -89,6 +90,7 @@ impl Agent {
             op: "create state directory",
             source,
         })?;
+        let token = config.connection.load_token().map_err(AgentError::Config)?;
         let lock = lock_state_dir(&config.state_dir)?;
         let id = identity::resolve(config.id.as_deref(), &config.state_dir)?;
         let outbox = Outbox::open(&config.state_dir.join("outbox"), &id, &config.outbox)?;
@@ -103,6 +105,7 @@ impl Agent {
             uploads: Arc::new(uploads),
             jobs,
             job_reports,
+            token,
             _lock: lock,
         })
     }
@@ -164,6 +167,7 @@ impl Agent {
             agent: self.id.clone(),
             server: self.config.server.clone(),
             connection: self.config.connection.clone(),
+            token: self.token.clone(),
             outbox: self.outbox.clone(),
             birth: Arc::new(move || presence::birth(&birth_id, &birth_config)),
             uploads: self.uploads.clone(),

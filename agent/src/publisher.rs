@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use fleetbus_mqtt::{Backoff, BrokerUrl};
 use fleetbus_protocol::{topics, Ack, Presence};
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, LastWill, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, Packet, QoS,
+};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{ConnectionConfig, UploadsConfig};
@@ -38,6 +40,8 @@ pub struct Publisher {
     pub server: BrokerUrl,
     /// Connection tunables.
     pub connection: ConnectionConfig,
+    /// The token to log in with (MQTT password; the agent id is the user name).
+    pub token: Option<String>,
     /// The outbox to publish from.
     pub outbox: Arc<Outbox>,
     /// Builds the birth message for each new connection.
@@ -90,6 +94,9 @@ impl Publisher {
             self.connection.keepalive,
             self.connection.inflight,
         );
+        if let Some(token) = &self.token {
+            options.set_credentials(self.agent.clone(), token.clone());
+        }
         if let Some(payload) = encoded(&will) {
             options.set_last_will(LastWill::new(
                 topics::presence(&self.agent),
@@ -387,7 +394,17 @@ async fn poll_events(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, Co
 fn describe(e: &ConnectionError) -> String {
     match e {
         ConnectionError::ConnectionRefused(code) => {
-            format!("broker refused the connection: {code:?}")
+            let why = match code {
+                ConnectReturnCode::BadUserNamePassword => {
+                    "bad credentials: no token, or not this agent's token (connection.token_file)"
+                }
+                ConnectReturnCode::NotAuthorized => {
+                    "not authorized: this agent id is not enrolled or was revoked (fleetbus agents enroll)"
+                }
+                ConnectReturnCode::BadClientId => "client id rejected",
+                _ => "",
+            };
+            format!("broker refused the connection: {code:?} {why}")
         }
         ConnectionError::Io(io) => format!("network error: {io}"),
         other => other.to_string(),

@@ -34,6 +34,27 @@ pub enum Role {
     Operator,
 }
 
+impl Role {
+    /// The role's name in policy files, the credential store and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Server => "server",
+            Role::Operator => "operator",
+        }
+    }
+
+    /// A role by its name.
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "agent" => Some(Role::Agent),
+            "server" => Some(Role::Server),
+            "operator" => Some(Role::Operator),
+            _ => None,
+        }
+    }
+}
+
 /// An authenticated client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -101,7 +122,9 @@ pub struct Policy {
 }
 
 impl Default for Policy {
-    /// Agents publish only under their own `fleet/{id}/`, subscribe only to their own
+    /// Agents publish only what agents produce under their own `fleet/{id}/` (telemetry,
+    /// presence, file transfer, job status: never acknowledgements, replies, job commands
+    /// or the server's event topics of their own id), subscribe only to their own
     /// acknowledgements, replies and jobs and to their groups' jobs; the server's clients
     /// may do anything outside `$`-topics; operators may watch the fleet.
     fn default() -> Self {
@@ -117,7 +140,12 @@ impl Default for Policy {
                     "agent-publishes-own-topics",
                     Role::Agent,
                     &[Action::Publish],
-                    &["fleet/${client_id}/#"],
+                    &[
+                        "fleet/${client_id}/telemetry/#",
+                        "fleet/${client_id}/presence",
+                        "fleet/${client_id}/files/#",
+                        "fleet/${client_id}/jobs/status",
+                    ],
                 ),
                 rule(
                     "agent-subscribes-own-replies-and-jobs",
@@ -171,6 +199,65 @@ impl Policy {
 
     /// May `who` do `action` on `topic` (a topic name to publish, a filter to subscribe)?
     pub fn check(&self, who: &Identity, action: Action, topic: &str) -> Decision {
+        self.grants_for(who).decide(action, topic)
+    }
+
+    /// The grants of `who` with placeholders filled in: what the broker keeps per
+    /// connection, so that checking a packet allocates nothing.
+    pub fn grants_for(&self, who: &Identity) -> Grants {
+        let mut grants = Vec::new();
+        for rule in self.rules.iter().filter(|r| r.role == who.role) {
+            for pattern in &rule.topics {
+                for filled in expand(pattern, who) {
+                    grants.push(Grant {
+                        rule: rule.name.clone(),
+                        publish: rule.actions.contains(&Action::Publish),
+                        subscribe: rule.actions.contains(&Action::Subscribe),
+                        pattern: filled,
+                    });
+                }
+            }
+        }
+        Grants {
+            who: format!("{} ({})", who.client_id, who.role.as_str()),
+            grants,
+        }
+    }
+}
+
+/// One filled-in pattern of one rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Grant {
+    rule: String,
+    publish: bool,
+    subscribe: bool,
+    pattern: String,
+}
+
+/// What one identity may do: a policy's rules for its role, placeholders filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grants {
+    /// `client_id (role)`, for reasons.
+    who: String,
+    grants: Vec<Grant>,
+}
+
+impl Grants {
+    /// The rule and filled-in pattern allowing `action` on `topic`, or `None` (denied).
+    pub fn allows(&self, action: Action, topic: &str) -> Option<(&str, &str)> {
+        check_topic(action, topic).ok()?;
+        self.grants
+            .iter()
+            .filter(|g| match action {
+                Action::Publish => g.publish,
+                Action::Subscribe => g.subscribe,
+            })
+            .find(|g| covers(&g.pattern, topic))
+            .map(|g| (g.rule.as_str(), g.pattern.as_str()))
+    }
+
+    /// [`Grants::allows`] with the reason in words.
+    pub fn decide(&self, action: Action, topic: &str) -> Decision {
         if let Err(problem) = check_topic(action, topic) {
             return Decision {
                 allowed: false,
@@ -178,36 +265,24 @@ impl Policy {
                 reason: problem,
             };
         }
-        for rule in self
-            .rules
-            .iter()
-            .filter(|r| r.role == who.role && r.actions.contains(&action))
-        {
-            for pattern in &rule.topics {
-                for filled in expand(pattern, who) {
-                    if covers(&filled, topic) {
-                        return Decision {
-                            allowed: true,
-                            rule: Some(rule.name.clone()),
-                            reason: format!("matches `{filled}`"),
-                        };
+        match self.allows(action, topic) {
+            Some((rule, pattern)) => Decision {
+                allowed: true,
+                rule: Some(rule.to_string()),
+                reason: format!("matches `{pattern}`"),
+            },
+            None => Decision {
+                allowed: false,
+                rule: None,
+                reason: format!(
+                    "no rule allows {} to {} `{topic}`",
+                    self.who,
+                    match action {
+                        Action::Publish => "publish on",
+                        Action::Subscribe => "subscribe to",
                     }
-                }
-            }
-        }
-        Decision {
-            allowed: false,
-            rule: None,
-            reason: format!(
-                "no rule allows {} {:?} to {} `{topic}`",
-                who.client_id,
-                who.role,
-                match action {
-                    Action::Publish => "publish on",
-                    Action::Subscribe => "subscribe to",
-                }
-            )
-            .to_lowercase(),
+                ),
+            },
         }
     }
 }

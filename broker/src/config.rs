@@ -1,6 +1,7 @@
 //! The broker's configuration: our keys, our defaults, validated before rumqttd sees them.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,21 @@ pub struct BrokerConfig {
     /// (records on a missing acknowledgement, file chunks when told or after
     /// `uploads.reply_timeout`).
     pub segment_count: usize,
+    /// Authentication and topic authorization.
+    pub security: SecurityConfig,
+}
+
+/// `[broker.security]`: who may connect and what each client may publish and subscribe to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Authenticate every client against the credential store (`fleetbus agents enroll`)
+    /// and enforce the topic policy on every PUBLISH and SUBSCRIBE. Off by default, so
+    /// that the demo runs with no set-up: turn it on for any broker others can reach.
+    pub enforce: bool,
+    /// A policy file (`[[rule]]` tables, see docs/security.md); the built-in policy when
+    /// unset.
+    pub policy: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -44,6 +60,7 @@ impl Default for BrokerConfig {
             connect_timeout: Duration::from_secs(10),
             segment_bytes: 2 * 1024 * 1024,
             segment_count: 5,
+            security: SecurityConfig::default(),
         }
     }
 }

@@ -11,13 +11,16 @@
 
 pub mod acl;
 mod config;
+pub mod credentials;
+mod guard;
 mod policy;
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use config::{BrokerConfig, ConfigProblem};
+pub use config::{BrokerConfig, ConfigProblem, SecurityConfig};
+pub use guard::{connack_code, EventSink, Guard, SecurityCounters};
 pub use policy::{Gate, PolicyProtocol};
 pub use rumqttd::local::{LinkRx, LinkTx};
 pub use rumqttd::Notification;
@@ -65,6 +68,7 @@ type ListenerFactory =
 pub struct EmbeddedBroker {
     config: BrokerConfig,
     gate: Arc<Gate>,
+    guard: Arc<Guard>,
     // rumqttd's router channel type is not nameable outside rumqttd, so the two things we do
     // with it are captured in closures.
     links: LinkFactory,
@@ -73,8 +77,18 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Validates `config` and spawns the router thread. No network listener yet.
+    /// Validates `config` and spawns the router thread. No network listener yet. Nothing
+    /// is enforced and no events are emitted (see [`EmbeddedBroker::start_guarded`]).
     pub fn start(config: BrokerConfig) -> Result<EmbeddedBroker, BrokerError> {
+        EmbeddedBroker::start_guarded(config, Arc::new(Guard::default()))
+    }
+
+    /// [`EmbeddedBroker::start`] with `guard` admitting connections, checking their
+    /// packets and receiving their events.
+    pub fn start_guarded(
+        config: BrokerConfig,
+        guard: Arc<Guard>,
+    ) -> Result<EmbeddedBroker, BrokerError> {
         config.validate()?;
         let router_tx = rumqttd::Router::new(0, config.router_config()).spawn();
         let link_tx = router_tx.clone();
@@ -96,6 +110,7 @@ impl EmbeddedBroker {
         Ok(EmbeddedBroker {
             config,
             gate: Arc::new(Gate::default()),
+            guard,
             links,
             listener_factory: Some(listener_factory),
             listener: None,
@@ -122,7 +137,7 @@ impl EmbeddedBroker {
         // so that "address in use" is an error the operator sees.
         StdTcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
         let settings = self.config.server_settings();
-        let protocol = PolicyProtocol::new(self.gate.clone());
+        let protocol = PolicyProtocol::new(self.gate.clone(), self.guard.clone());
         self.listener = Some(tokio::spawn(async move {
             let reason = factory(settings, protocol).await;
             tracing::error!(%addr, %reason, "broker listener ended");
@@ -151,6 +166,19 @@ impl EmbeddedBroker {
         Err(BrokerError::NotListening { addr, waited })
     }
 
+    /// The guard (credentials, policy, live sessions, counters).
+    pub fn guard(&self) -> &Arc<Guard> {
+        &self.guard
+    }
+
+    /// A handle that drops clients' live connections (see [`ClientDropper::drop_client`]).
+    pub fn dropper(&self) -> ClientDropper {
+        ClientDropper {
+            links: self.links.clone(),
+            guard: self.guard.clone(),
+        }
+    }
+
     /// The configuration the broker runs with.
     pub fn config(&self) -> &BrokerConfig {
         &self.config
@@ -163,6 +191,28 @@ impl EmbeddedBroker {
         if let Some(listener) = self.listener.take() {
             listener.abort();
         }
+    }
+}
+
+/// Drops live connections of the embedded broker by client id.
+#[derive(Clone)]
+pub struct ClientDropper {
+    links: LinkFactory,
+    guard: Arc<Guard>,
+}
+
+impl ClientDropper {
+    /// Ends `client_id`'s live connection, if any; its end reports `reason`. rumqttd has no
+    /// call for that, but a new connection with the same client id takes the session over
+    /// and the router drops the old one: an in-process link does that and then ends itself.
+    pub fn drop_client(&self, client_id: &str, reason: &str) -> Result<(), BrokerError> {
+        self.guard.dropping(client_id, reason);
+        let link_error = |reason: String| BrokerError::Link {
+            client_id: client_id.to_string(),
+            reason,
+        };
+        let (tx, _rx) = (self.links)(client_id).map_err(link_error)?;
+        tx.disconnect().map_err(|e| link_error(e.to_string()))
     }
 }
 

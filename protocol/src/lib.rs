@@ -4,6 +4,7 @@
 //! See `docs/protocol.md` for the human-readable description of everything in this crate.
 
 pub mod ack;
+pub mod broker_events;
 pub mod files;
 pub mod ids;
 pub mod jobs;
@@ -13,6 +14,7 @@ pub mod record;
 pub mod topics;
 
 pub use ack::{Ack, StreamAck};
+pub use broker_events::BrokerEvent;
 pub use files::{
     ChunkOutcome, FileAction, FileChunk, FileCompleted, FileInit, FileManifest, FileReply,
     RefusalKind,

@@ -10,6 +10,7 @@ pub mod files;
 mod http;
 pub mod jobs;
 pub mod metrics;
+pub mod security;
 mod ticker;
 
 use std::net::SocketAddr;
@@ -77,6 +78,7 @@ pub struct Server {
         std::thread::JoinHandle<()>,
         JoinHandle<()>,
     )>,
+    security: security::SecurityTasks,
     addr: SocketAddr,
     // the sending half of the engine's link (also used for acknowledgements)
     _engine_link: Arc<Mutex<LinkTx>>,
@@ -101,7 +103,9 @@ impl Server {
             file = %config.rules.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into()),
             "rules loaded"
         );
-        let mut broker = EmbeddedBroker::start(config.broker.clone())?;
+        let security = security::Security::open(&config.broker.security, &config.data_dir)?;
+        let guard = security.guard.clone();
+        let mut broker = EmbeddedBroker::start_guarded(config.broker.clone(), guard.clone())?;
         let (mut link_tx, link_rx) = broker.local_link(ENGINE_CLIENT_ID)?;
         // one catch-all subscription: the engine matches rule filters itself, and every
         // topic has a subscriber (rumqttd disconnects publishers to topics nobody wants)
@@ -175,11 +179,13 @@ impl Server {
             )
             .instrument(tracing::info_span!("rules_engine")),
         );
+        let security = security.run(engine.clone(), broker.dropper())?;
         let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL));
         let metrics = match config.metrics.listen {
             Some(at) => {
                 let (bound, task) =
-                    metrics::start(at, engine.clone(), file_counters.clone()).await?;
+                    metrics::start(at, engine.clone(), file_counters.clone(), guard.clone())
+                        .await?;
                 tracing::info!(addr = %bound, "metrics endpoint: GET /metrics");
                 Some((bound, task))
             }
@@ -214,6 +220,7 @@ impl Server {
             metrics,
             admin,
             jobs,
+            security,
             addr,
             _engine_link: link_tx,
         })
@@ -264,6 +271,7 @@ impl Server {
             }
         }
         // both tasks hold the engine: wait until they are gone, so it can be shut down
+        self.security.stop().await;
         self.consumer.abort();
         self.reporter.abort();
         let _ = self.consumer.await;

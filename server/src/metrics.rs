@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use fleetbus_broker::{Guard, SecurityCounters};
 use fleetbus_rules::{Engine, EngineStats, SinkStatsSnapshot};
 
 use crate::files::FileCounters;
@@ -23,24 +24,25 @@ pub async fn start(
     addr: SocketAddr,
     engine: Arc<Engine>,
     files: Arc<FileCounters>,
+    guard: Arc<Guard>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
-        .with_state((engine, files));
+        .with_state((engine, files, guard));
     crate::http::serve("metrics.listen", addr, app).await
 }
 
 async fn scrape(
-    State((engine, files)): State<(Arc<Engine>, Arc<FileCounters>)>,
+    State((engine, files, guard)): State<(Arc<Engine>, Arc<FileCounters>, Arc<Guard>)>,
 ) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render(&engine.stats(), &files),
+        render(&engine.stats(), &files, guard.counters()),
     )
 }
 
 /// The counters in the Prometheus text format.
-pub fn render(s: &EngineStats, files: &FileCounters) -> String {
+pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -103,6 +105,19 @@ pub fn render(s: &EngineStats, files: &FileCounters) -> String {
         let name = format!("fleetbus_files_{suffix}");
         family(&name, "counter", help, &[(String::new(), value)]);
     }
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let broker = [
+        ("fleetbus_broker_connects_total", "Connections the broker admitted.", load(&security.connects)),
+        ("fleetbus_broker_disconnects_total", "Admitted connections that ended.", load(&security.disconnects)),
+        ("fleetbus_broker_refused_total", "CONNECTs refused (bad or missing token, unknown or revoked client).", load(&security.refused)),
+        ("fleetbus_broker_violations_total", "Clients disconnected for a PUBLISH or SUBSCRIBE the policy forbids.", load(&security.violations)),
+        ("fleetbus_broker_duplicate_identities_total", "Duplicate-identity events (one client id taking over another live connection again and again).", load(&security.duplicate_identities)),
+        ("fleetbus_broker_revoked_drops_total", "Live connections dropped because their credential was revoked or replaced.", load(&security.revoked_drops)),
+        ("fleetbus_broker_events_dropped_total", "Broker events not handed to the rules engine because its queue was full.", crate::security::EVENTS_DROPPED.load(std::sync::atomic::Ordering::Relaxed)),
+    ];
+    for (name, help, value) in broker {
+        family(name, "counter", help, &[(String::new(), value)]);
+    }
     out
 }
 
@@ -130,7 +145,7 @@ mod tests {
         );
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let e = start(addr, engine, Arc::default())
+        let e = start(addr, engine, Arc::default(), Arc::default())
             .await
             .unwrap_err()
             .to_string();
@@ -158,7 +173,12 @@ mod tests {
         files
             .aborted
             .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
-        let text = render(&stats, &files);
+        let security = SecurityCounters::default();
+        security
+            .refused
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        let text = render(&stats, &files, &security);
+        assert!(text.contains("fleetbus_broker_refused_total 2\n"));
         assert!(text.contains("fleetbus_files_aborted_total 3\n"));
         assert!(text.contains("fleetbus_messages_received_total 10\n"));
         assert!(text.contains("fleetbus_rule_matched_total{rule=\"archive\"} 7\n"));

@@ -163,6 +163,14 @@ impl LinkTx {
         self.recv_buffer.lock()
     }
 
+    /// fleetbus patch: ends this in-process connection in the router, which frees its
+    /// client id (upstream has no way to end a local link).
+    pub fn disconnect(&self) -> Result<(), LinkError> {
+        self.router_tx
+            .send((self.connection_id, Event::Disconnect))?;
+        Ok(())
+    }
+
     /// Send raw device data
     fn push(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {

@@ -63,6 +63,11 @@ impl<P: Protocol> Network<P> {
         }
     }
 
+    /// fleetbus patch: the connection's protocol value (for its hooks).
+    pub fn protocol_mut(&mut self) -> &mut P {
+        &mut self.protocol
+    }
+
     pub fn set_keepalive(&mut self, keepalive: u16) {
         let keepalive = Duration::from_secs(keepalive as u64);
         self.keepalive = keepalive + keepalive.mul_f32(0.5);

@@ -126,6 +126,11 @@ impl<P: Protocol> RemoteLink<P> {
         })
     }
 
+    /// fleetbus patch: this connection's protocol value (for its `ended` hook).
+    pub(crate) fn protocol_mut(&mut self) -> &mut P {
+        self.network.protocol_mut()
+    }
+
     pub async fn start(&mut self) -> Result<(), Error> {
         self.network.set_keepalive(self.connect.keep_alive);
 
@@ -197,6 +202,16 @@ where
     Span::current().record("client_id", &connect.client_id);
 
     handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
+
+    // fleetbus patch: the protocol's own admission decision, refused with a CONNACK code
+    if let Err(code) = network.protocol_mut().admit(&packet) {
+        let ack = ConnAck {
+            session_present: false,
+            code,
+        };
+        network.write(Packet::ConnAck(ack, None)).await?;
+        return Err(Error::ConnectionAck(format!("refused: {code:?}")));
+    }
 
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.

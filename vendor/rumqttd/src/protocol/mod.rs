@@ -748,4 +748,18 @@ pub enum Error {
 pub trait Protocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
+
+    /// fleetbus patch: the server clones its protocol value for every accepted connection
+    /// and tells the clone the peer's address before any packet is read.
+    fn accepted(&mut self, _peer: std::net::SocketAddr) {}
+
+    /// fleetbus patch: decides on this connection's CONNECT packet (after the built-in
+    /// checks). A refusal is answered with a CONNACK carrying the code, then the
+    /// connection is closed (upstream only closes the socket on a failed login).
+    fn admit(&mut self, _connect: &Packet) -> Result<(), ConnectReturnCode> {
+        Ok(())
+    }
+
+    /// fleetbus patch: the connection that was admitted has ended; `reason` in words.
+    fn ended(&mut self, _reason: &str) {}
 }

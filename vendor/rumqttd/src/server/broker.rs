@@ -438,7 +438,9 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             let router_tx = self.router_tx.clone();
             count += 1;
 
-            let protocol = self.protocol.clone();
+            // fleetbus patch: every connection's protocol value knows its peer
+            let mut protocol = self.protocol.clone();
+            protocol.accepted(addr);
             match link_type {
                 #[cfg(feature = "websocket")]
                 LinkType::Websocket => {
@@ -598,26 +600,39 @@ async fn remote<P: Protocol>(
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
-    match link.start().await {
+    // fleetbus patch: the reason is handed to the protocol's `ended` hook
+    let reason = match link.start().await {
         // Connection got closed. This shouldn't usually happen.
-        Ok(_) => error!("connection-stop"),
+        Ok(_) => {
+            error!("connection-stop");
+            "connection stopped".to_string()
+        }
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
         Err(remote::Error::Link(e)) => {
             error!(error=?e, "router-drop");
             send_disconnect = false;
+            "dropped by the broker (another connection took over this client id, or it was disconnected)".to_string()
         }
         // Connection was closed by peer
         Err(remote::Error::Network(network::Error::Io(err)) | remote::Error::Io(err))
             if err.kind() == io::ErrorKind::ConnectionAborted =>
         {
             info!(error=?err, "disconnected");
+            "closed by the client".to_string()
         }
         // Any other error
         Err(e) => {
             error!(error=?e, "disconnected");
+            match &e {
+                remote::Error::Network(network::Error::KeepAlive(_)) => {
+                    "keepalive timeout: nothing heard from the client".to_string()
+                }
+                other => other.to_string(),
+            }
         }
     };
+    link.protocol_mut().ended(&reason);
 
     if send_disconnect {
         let disconnect = Event::Disconnect;

@@ -1,0 +1,373 @@
+//! The broker's shared security state: credentials, the topic policy, the live sessions by
+//! client id (to see take-overs and to drop revoked clients), and where events go.
+//!
+//! One [`Guard`] serves every connection; each connection's [`crate::PolicyProtocol`]
+//! asks it to admit its CONNECT and reports its end.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use fleetbus_protocol::BrokerEvent;
+use rumqttd::protocol::ConnectReturnCode;
+
+use crate::acl::{Action, Grants, Policy};
+use crate::credentials::{AuthFailure, Credential, Credentials};
+
+/// Where broker events go (the server feeds them into the rules engine). Called on the
+/// connection's task: it must not block.
+pub type EventSink = Arc<dyn Fn(BrokerEvent) + Send + Sync>;
+
+/// Take-overs of one client id within this window...
+const TAKEOVER_WINDOW: Duration = Duration::from_secs(600);
+/// ...this many times mean two machines share the identity.
+const TAKEOVERS_FOR_DUPLICATE: usize = 3;
+/// At most one duplicate-identity event per client id this often.
+const DUPLICATE_EVENT_EVERY: Duration = Duration::from_secs(60);
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct SecurityCounters {
+    /// Connections admitted.
+    pub connects: AtomicU64,
+    /// Admitted connections ended.
+    pub disconnects: AtomicU64,
+    /// CONNECTs refused.
+    pub refused: AtomicU64,
+    /// Clients disconnected for a forbidden PUBLISH or SUBSCRIBE.
+    pub violations: AtomicU64,
+    /// Duplicate-identity events emitted.
+    pub duplicate_identities: AtomicU64,
+    /// Live connections dropped because their credential was revoked or replaced.
+    pub revoked_drops: AtomicU64,
+}
+
+/// What a connection was admitted as.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// Number of this connection (told apart from a later one with the same client id).
+    pub serial: u64,
+    /// What it may publish and subscribe to; `None` when the policy is not enforced.
+    pub grants: Option<Arc<Grants>>,
+}
+
+#[derive(Debug)]
+struct Live {
+    serial: u64,
+    peer: SocketAddr,
+    since: Instant,
+    credential: Option<Credential>,
+}
+
+#[derive(Debug, Default)]
+struct Sessions {
+    live: HashMap<String, Live>,
+    takeovers: HashMap<String, VecDeque<(Instant, SocketAddr)>>,
+    last_duplicate_event: HashMap<String, Instant>,
+    /// Client ids being dropped on purpose, with the reason their end reports.
+    dropping: HashMap<String, String>,
+}
+
+/// The broker's security state, shared by all connections.
+pub struct Guard {
+    enforce: bool,
+    policy: Policy,
+    credentials: RwLock<Arc<Credentials>>,
+    sessions: Mutex<Sessions>,
+    events: Option<EventSink>,
+    next_serial: AtomicU64,
+    counters: SecurityCounters,
+}
+
+impl Default for Guard {
+    /// Nothing enforced, no events: every client is admitted and may do anything.
+    fn default() -> Self {
+        Guard::new(false, Policy::default(), Credentials::default(), None)
+    }
+}
+
+impl Guard {
+    /// A guard that, when `enforce` is set, authenticates every CONNECT against
+    /// `credentials` and checks every PUBLISH and SUBSCRIBE against `policy`. Events go to
+    /// `events` either way.
+    pub fn new(
+        enforce: bool,
+        policy: Policy,
+        credentials: Credentials,
+        events: Option<EventSink>,
+    ) -> Guard {
+        Guard {
+            enforce,
+            policy,
+            credentials: RwLock::new(Arc::new(credentials)),
+            sessions: Mutex::new(Sessions::default()),
+            events,
+            next_serial: AtomicU64::new(1),
+            counters: SecurityCounters::default(),
+        }
+    }
+
+    /// Whether authentication and the topic policy are enforced.
+    pub fn enforcing(&self) -> bool {
+        self.enforce
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &SecurityCounters {
+        &self.counters
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: BrokerEvent) {
+        if let Some(sink) = &self.events {
+            sink(event);
+        }
+    }
+
+    /// Replaces the credentials (after the store changed) and returns the client ids whose
+    /// live connection is no longer valid (revoked, removed, new token): the caller drops
+    /// them with [`crate::EmbeddedBroker::drop_client`].
+    pub fn set_credentials(&self, credentials: Credentials) -> Vec<String> {
+        let stale: Vec<String> = {
+            let sessions = self.sessions();
+            sessions
+                .live
+                .iter()
+                .filter(|(_, l)| {
+                    l.credential
+                        .as_ref()
+                        .is_some_and(|c| credentials.invalidates(c))
+                })
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
+        stale
+    }
+
+    /// Client ids connected now.
+    pub fn connected(&self) -> Vec<String> {
+        self.sessions().live.keys().cloned().collect()
+    }
+
+    /// Notes that `client_id` is about to be dropped on purpose, so its end says why.
+    pub(crate) fn dropping(&self, client_id: &str, reason: &str) {
+        self.sessions()
+            .dropping
+            .insert(client_id.to_string(), reason.to_string());
+    }
+
+    /// Decides on a CONNECT from `peer`.
+    pub(crate) fn admit(
+        &self,
+        peer: Option<SocketAddr>,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+    ) -> Result<Admitted, ConnectReturnCode> {
+        let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut credential = None;
+        let mut grants = None;
+        if self.enforce {
+            let credentials = self
+                .credentials
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            match credentials.authenticate(client_id, username, password) {
+                Ok(c) => {
+                    grants = Some(Arc::new(self.policy.grants_for(&c.identity())));
+                    credential = Some(c.clone());
+                }
+                Err(failure) => {
+                    let code = match failure {
+                        AuthFailure::NoToken | AuthFailure::WrongToken => {
+                            ConnectReturnCode::BadUserNamePassword
+                        }
+                        AuthFailure::UserMismatch => ConnectReturnCode::ClientIdentifierNotValid,
+                        AuthFailure::Unknown | AuthFailure::Revoked => {
+                            ConnectReturnCode::NotAuthorized
+                        }
+                    };
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(client_id, %peer, reason = failure.as_str(), "connection refused");
+                    self.emit(BrokerEvent::Refused {
+                        client_id: client_id.to_string(),
+                        peer: peer.to_string(),
+                        code: connack_code(code),
+                        reason: failure.as_str().to_string(),
+                        ts: Utc::now(),
+                    });
+                    return Err(code);
+                }
+            }
+        }
+        let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
+        let role = credential.as_ref().map(|c| c.role.as_str().to_string());
+        let duplicate = {
+            let mut sessions = self.sessions();
+            let previous = sessions.live.insert(
+                client_id.to_string(),
+                Live {
+                    serial,
+                    peer,
+                    since: Instant::now(),
+                    credential,
+                },
+            );
+            match previous {
+                Some(old) => self.note_takeover(&mut sessions, client_id, old.peer, peer),
+                None => None,
+            }
+        };
+        self.counters.connects.fetch_add(1, Ordering::Relaxed);
+        self.emit(BrokerEvent::Connected {
+            client_id: client_id.to_string(),
+            peer: peer.to_string(),
+            role,
+            ts: Utc::now(),
+        });
+        if let Some(event) = duplicate {
+            self.counters
+                .duplicate_identities
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(client_id, "duplicate agent identity: two machines keep taking over one client id (see docs/security.md, cloned identities)");
+            self.emit(event);
+        }
+        Ok(Admitted { serial, grants })
+    }
+
+    /// A live connection of `client_id` was taken over by a new one from `new_peer`.
+    fn note_takeover(
+        &self,
+        sessions: &mut Sessions,
+        client_id: &str,
+        old_peer: SocketAddr,
+        new_peer: SocketAddr,
+    ) -> Option<BrokerEvent> {
+        let now = Instant::now();
+        let history = sessions.takeovers.entry(client_id.to_string()).or_default();
+        history.push_back((now, old_peer));
+        history.push_back((now, new_peer));
+        while history
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > TAKEOVER_WINDOW)
+        {
+            history.pop_front();
+        }
+        let takeovers = history.len() / 2;
+        if takeovers < TAKEOVERS_FOR_DUPLICATE {
+            return None;
+        }
+        let mut peers: Vec<String> = history.iter().map(|(_, p)| p.to_string()).collect();
+        peers.sort();
+        peers.dedup();
+        if sessions
+            .last_duplicate_event
+            .get(client_id)
+            .is_some_and(|t| now.duration_since(*t) < DUPLICATE_EVENT_EVERY)
+        {
+            return None;
+        }
+        sessions
+            .last_duplicate_event
+            .insert(client_id.to_string(), now);
+        Some(BrokerEvent::DuplicateIdentity {
+            client_id: client_id.to_string(),
+            peers,
+            takeovers,
+            window_secs: TAKEOVER_WINDOW.as_secs(),
+            ts: Utc::now(),
+        })
+    }
+
+    /// A PUBLISH or SUBSCRIBE was denied: count it and say so.
+    pub(crate) fn violation(
+        &self,
+        client_id: &str,
+        peer: Option<SocketAddr>,
+        action: Action,
+        topic: &str,
+        reason: String,
+    ) {
+        self.counters.violations.fetch_add(1, Ordering::Relaxed);
+        let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+        tracing::warn!(client_id, %peer, ?action, topic, %reason, "policy violation: client disconnected");
+        self.sessions()
+            .dropping
+            .insert(client_id.to_string(), format!("policy violation: {reason}"));
+        self.emit(BrokerEvent::Violation {
+            client_id: client_id.to_string(),
+            peer,
+            action: match action {
+                Action::Publish => "publish",
+                Action::Subscribe => "subscribe",
+            }
+            .to_string(),
+            topic: topic.to_string(),
+            reason,
+            ts: Utc::now(),
+        });
+    }
+
+    /// An admitted connection ended.
+    pub(crate) fn ended(
+        &self,
+        client_id: &str,
+        serial: u64,
+        peer: Option<SocketAddr>,
+        reason: &str,
+    ) {
+        let (since, reason) = {
+            let mut sessions = self.sessions();
+            let mine = sessions
+                .live
+                .get(client_id)
+                .is_some_and(|l| l.serial == serial);
+            if mine {
+                let live = sessions.live.remove(client_id);
+                let reason = sessions
+                    .dropping
+                    .remove(client_id)
+                    .unwrap_or_else(|| reason.to_string());
+                if live.as_ref().is_some_and(|l| l.credential.is_some())
+                    && reason.starts_with("credential")
+                {
+                    self.counters.revoked_drops.fetch_add(1, Ordering::Relaxed);
+                }
+                (live.map(|l| l.since), reason)
+            } else {
+                (
+                    None,
+                    "replaced by a newer connection with the same client id".to_string(),
+                )
+            }
+        };
+        self.counters.disconnects.fetch_add(1, Ordering::Relaxed);
+        self.emit(BrokerEvent::Disconnected {
+            client_id: client_id.to_string(),
+            peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+            reason,
+            connected_secs: since.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0),
+            ts: Utc::now(),
+        });
+    }
+}
+
+/// The MQTT 3.1.1 CONNACK return code of `code`.
+pub fn connack_code(code: ConnectReturnCode) -> u8 {
+    match code {
+        ConnectReturnCode::Success => 0,
+        ConnectReturnCode::RefusedProtocolVersion => 1,
+        ConnectReturnCode::ClientIdentifierNotValid => 2,
+        ConnectReturnCode::ServiceUnavailable => 3,
+        ConnectReturnCode::BadUserNamePassword => 4,
+        _ => 5,
+    }
+}

@@ -1,0 +1,185 @@
+//! The server's side of broker security: builds the broker's [`Guard`] from
+//! `[broker.security]`, feeds broker events (connects, disconnects, refusals, violations,
+//! duplicate identities) into the rules engine, and reloads the credential store when
+//! `fleetbus agents enroll/revoke` changed it, dropping live connections whose credential
+//! is no longer valid.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetbus_broker::acl::Policy;
+use fleetbus_broker::credentials::{CredentialStore, Credentials};
+use fleetbus_broker::{ClientDropper, EventSink, Guard, SecurityConfig};
+use fleetbus_protocol::BrokerEvent;
+use fleetbus_rules::Engine;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::ServerError;
+
+/// Broker events waiting for the rules engine; beyond this they are counted and dropped
+/// (a connect storm must not stall connection tasks).
+const EVENT_QUEUE: usize = 16_384;
+
+/// How often the credential store is looked at for changes made by other processes.
+pub const CREDENTIALS_POLL: Duration = Duration::from_secs(1);
+
+/// Broker events dropped because the queue to the engine was full.
+pub static EVENTS_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// The guard and the receiving end of its events.
+pub struct Security {
+    /// For the broker.
+    pub guard: Arc<Guard>,
+    events: mpsc::Receiver<BrokerEvent>,
+    store: Option<CredentialStore>,
+}
+
+impl Security {
+    /// Reads `[broker.security]`: the policy file and, when enforcing, the credential store
+    /// in `data_dir`.
+    pub fn open(config: &SecurityConfig, data_dir: &Path) -> Result<Security, ServerError> {
+        let policy = match &config.policy {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ServerError::Config(format!(
+                        "broker.security.policy: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Policy::from_toml(&text).map_err(|e| {
+                    ServerError::Config(format!("broker.security.policy {}: {e}", path.display()))
+                })?
+            }
+            None => Policy::default(),
+        };
+        let (store, credentials) = match config.enforce {
+            true => {
+                let store = CredentialStore::open_in(data_dir)
+                    .map_err(|e| ServerError::Config(e.to_string()))?;
+                let credentials = store
+                    .snapshot()
+                    .map_err(|e| ServerError::Config(e.to_string()))?;
+                tracing::info!(
+                    enrolled = credentials.len(),
+                    "broker security enforced: clients authenticate with their token, topic policy applied"
+                );
+                (Some(store), credentials)
+            }
+            false => {
+                tracing::warn!("broker.security.enforce is off: any client that reaches the broker may publish and subscribe as anyone (docs/security.md)");
+                (None, Credentials::default())
+            }
+        };
+        let (tx, events) = mpsc::channel(EVENT_QUEUE);
+        let sink: EventSink = Arc::new(move |event| {
+            if tx.try_send(event).is_err() {
+                EVENTS_DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Ok(Security {
+            guard: Arc::new(Guard::new(config.enforce, policy, credentials, Some(sink))),
+            events,
+            store,
+        })
+    }
+
+    /// Starts forwarding events into `engine` and, when enforcing, watching the credential
+    /// store (dropping clients through `dropper`).
+    pub fn run(
+        self,
+        engine: Arc<Engine>,
+        dropper: ClientDropper,
+    ) -> Result<SecurityTasks, ServerError> {
+        let forward = tokio::spawn(forward_events(self.events, engine));
+        let watcher = match self.store {
+            Some(store) => {
+                let (stop, stopped) = std_mpsc::channel();
+                let guard = self.guard.clone();
+                let thread = std::thread::Builder::new()
+                    .name("credentials".into())
+                    .spawn(move || watch_credentials(store, guard, dropper, stopped))
+                    .map_err(|source| ServerError::Thread {
+                        what: "the credential watcher",
+                        source,
+                    })?;
+                Some((stop, thread))
+            }
+            None => None,
+        };
+        Ok(SecurityTasks { forward, watcher })
+    }
+}
+
+/// The event forwarder and the credential watcher of a running server.
+pub struct SecurityTasks {
+    forward: JoinHandle<()>,
+    watcher: Option<(std_mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+impl SecurityTasks {
+    /// Stops both (the forwarder holds the engine).
+    pub async fn stop(self) {
+        self.forward.abort();
+        let _ = self.forward.await;
+        if let Some((stop, thread)) = self.watcher {
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+async fn forward_events(mut events: mpsc::Receiver<BrokerEvent>, engine: Arc<Engine>) {
+    while let Some(event) = events.recv().await {
+        match event.encode() {
+            Ok(payload) => {
+                engine.dispatch(&event.topic(), &payload);
+            }
+            Err(e) => tracing::error!(error = %e, "broker event not encoded"),
+        }
+    }
+}
+
+/// Polls the store; on a change reloads it and drops connections that lost their right.
+/// Ends when `stop` is dropped.
+fn watch_credentials(
+    store: CredentialStore,
+    guard: Arc<Guard>,
+    dropper: ClientDropper,
+    stop: std_mpsc::Receiver<()>,
+) {
+    let mut seen = store.changed().ok();
+    while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CREDENTIALS_POLL) {
+        let now = match store.changed() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!(error = %e, "credential store unreadable; keeping the credentials loaded before");
+                continue;
+            }
+        };
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let credentials = match store.snapshot() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "credential store unreadable; keeping the credentials loaded before");
+                continue;
+            }
+        };
+        tracing::info!(
+            enrolled = credentials.len(),
+            "credential store changed: reloaded"
+        );
+        for client_id in guard.set_credentials(credentials) {
+            tracing::warn!(%client_id, "credential revoked or replaced: dropping the live connection");
+            if let Err(e) = dropper.drop_client(&client_id, "credential revoked or replaced") {
+                tracing::error!(%client_id, error = %e, "cannot drop the connection");
+            }
+        }
+    }
+}
