@@ -25,7 +25,7 @@ use crate::ServerError;
 const EVENT_QUEUE: usize = 16_384;
 
 /// How often the credential store is looked at for changes made by other processes.
-pub const CREDENTIALS_POLL: Duration = Duration::from_secs(1);
+pub const CREDENTIALS_POLL: Duration = Duration::from_millis(500);
 
 /// Broker events dropped because the queue to the engine was full.
 pub static EVENTS_DROPPED: AtomicU64 = AtomicU64::new(0);

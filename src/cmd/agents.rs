@@ -1,18 +1,63 @@
-//! `fleetbus agents ...`: the agents a running server knows from their presence messages
-//! (through the admin endpoint).
+//! `fleetbus agents ...`: credentials (enroll, revoke, list: written to the server's
+//! credential store, with or without the server running) and the agents a running server
+//! knows from their presence messages (through the admin endpoint).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
+use fleetbus_broker::acl::Role;
+use fleetbus_broker::credentials::CredentialStore;
 use fleetbus_jobs::KnownAgent;
 
 use super::admin_client::AdminEndpoint;
+
+/// Where the server keeps its data (and so its credential store).
+#[derive(Debug, Args)]
+pub struct ServerData {
+    /// The server's configuration file (its `data_dir` holds the credential store).
+    #[arg(long, global = true, env = "FLEETBUS_CONFIG")]
+    config: Option<PathBuf>,
+    /// The server's data directory (instead of --config).
+    #[arg(long, global = true, conflicts_with = "config")]
+    data_dir: Option<PathBuf>,
+}
+
+impl ServerData {
+    fn store(&self) -> anyhow::Result<CredentialStore> {
+        let data_dir = match &self.data_dir {
+            Some(dir) => dir.clone(),
+            None => super::serve::load_config(self.config.as_deref())?.data_dir,
+        };
+        CredentialStore::open_in(&data_dir).context("opening the credential store")
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Agent,
+    Server,
+    Operator,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Agent => Role::Agent,
+            RoleArg::Server => Role::Server,
+            RoleArg::Operator => Role::Operator,
+        }
+    }
+}
 
 /// `fleetbus agents ...`
 #[derive(Debug, Args)]
 pub struct AgentsArgs {
     #[command(flatten)]
     admin: AdminEndpoint,
+    #[command(flatten)]
+    data: ServerData,
     #[command(subcommand)]
     command: AgentsCommand,
 }
@@ -25,13 +70,87 @@ enum AgentsCommand {
         #[arg(long)]
         group: Option<String>,
     },
+    /// Creates a client's credential and prints its token once (only a hash is kept).
+    Enroll {
+        /// The client id (the agent id for agents).
+        id: String,
+        /// Its groups, comma-separated (agents: the group job topics it may subscribe to).
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Its role.
+        #[arg(long, value_enum, default_value = "agent")]
+        role: RoleArg,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Issue a new token for an enrolled id (the old token stops working, and a
+        /// running server drops the connection that used it).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Revokes a credential: refused from the next CONNECT on, and a running server drops
+    /// the live connection within a second.
+    Revoke {
+        /// The client id.
+        id: String,
+    },
+    /// Enrolled credentials: id, role, groups, enrolled, revoked.
+    Credentials,
 }
 
 /// Runs `fleetbus agents ...`.
 pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
-    let client = args.admin.client();
     match args.command {
+        AgentsCommand::Enroll {
+            id,
+            groups,
+            role,
+            out,
+            replace,
+        } => {
+            let token = args
+                .data
+                .store()?
+                .enroll(&id, role.into(), &groups, replace)?;
+            match out {
+                Some(path) => {
+                    write_secret(&path, &token)?;
+                    eprintln!("enrolled {id}: token written to {}", path.display());
+                }
+                None => {
+                    eprintln!("enrolled {id}; its token (shown once, give it to the agent as connection.token_file):");
+                    println!("{token}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        AgentsCommand::Revoke { id } => {
+            args.data.store()?.revoke(&id)?;
+            eprintln!("revoked {id}: a running server drops its connection within a second");
+            Ok(ExitCode::SUCCESS)
+        }
+        AgentsCommand::Credentials => {
+            let all = args.data.store()?.list()?;
+            println!(
+                "{:<32} {:<9} {:<20} {:<26} revoked",
+                "id", "role", "groups", "enrolled"
+            );
+            for c in &all {
+                println!(
+                    "{:<32} {:<9} {:<20} {:<26} {}",
+                    c.id,
+                    c.role.as_str(),
+                    c.groups.join(","),
+                    c.enrolled_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+                    c.revoked_at
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         AgentsCommand::List { group } => {
+            let client = args.admin.client();
             let path = match &group {
                 Some(g) => format!("/agents?group={g}"),
                 None => "/agents".to_string(),
@@ -54,4 +173,23 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes `secret` to a new file only its owner can read.
+fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{secret}").with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
 }

@@ -163,11 +163,18 @@ impl LinkTx {
         self.recv_buffer.lock()
     }
 
+    /// fleetbus patch: the buffer shared with the router (identifies this link).
+    pub(crate) fn incoming_buffer(&self) -> Arc<Mutex<VecDeque<Packet>>> {
+        self.recv_buffer.clone()
+    }
+
     /// fleetbus patch: ends this in-process connection in the router, which frees its
     /// client id (upstream has no way to end a local link).
     pub fn disconnect(&self) -> Result<(), LinkError> {
-        self.router_tx
-            .send((self.connection_id, Event::Disconnect))?;
+        self.router_tx.send((
+            self.connection_id,
+            Event::DisconnectLink(self.recv_buffer.clone()),
+        ))?;
         Ok(())
     }
 

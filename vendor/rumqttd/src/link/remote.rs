@@ -126,6 +126,14 @@ impl<P: Protocol> RemoteLink<P> {
         })
     }
 
+    /// fleetbus patch: the buffer this link hands packets to the router in (names the
+    /// link in the router, unlike its reusable connection id).
+    pub(crate) fn incoming_buffer(
+        &self,
+    ) -> std::sync::Arc<parking_lot::Mutex<VecDeque<Packet>>> {
+        self.link_tx.incoming_buffer()
+    }
+
     /// fleetbus patch: this connection's protocol value (for its `ended` hook).
     pub(crate) fn protocol_mut(&mut self) -> &mut P {
         self.network.protocol_mut()

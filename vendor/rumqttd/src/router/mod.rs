@@ -55,6 +55,11 @@ pub enum Event {
     DeviceData,
     /// Disconnection request
     Disconnect,
+    /// fleetbus patch: disconnection request of the link whose incoming buffer this is.
+    /// Connection ids are reused: a plain `Disconnect` sent by a link that ended just as a
+    /// new connection with the same client id took its session over (and its id) used to
+    /// drop the new connection.
+    DisconnectLink(std::sync::Arc<parking_lot::Mutex<VecDeque<Packet>>>),
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links

@@ -245,6 +245,18 @@ impl Router {
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
             Event::Disconnect => self.handle_disconnection(id, None),
+            Event::DisconnectLink(buffer) => {
+                // fleetbus patch: only if `id` is still that link
+                let same = self
+                    .ibufs
+                    .get(id)
+                    .is_some_and(|i| std::sync::Arc::ptr_eq(&i.buffer, &buffer));
+                if same {
+                    self.handle_disconnection(id, None)
+                } else {
+                    info!("late disconnect of a replaced connection ignored");
+                }
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)

@@ -635,7 +635,9 @@ async fn remote<P: Protocol>(
     link.protocol_mut().ended(&reason);
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        // fleetbus patch: names the link, so a replaced connection's late request cannot
+        // drop the connection that took its id over
+        let disconnect = Event::DisconnectLink(link.incoming_buffer());
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }

@@ -1,0 +1,354 @@
+//! End to end: a `fleetbus serve` process with `[broker.security] enforce = true`,
+//! credentials made with `fleetbus agents enroll/revoke`, raw MQTT clients (rumqttc) and a
+//! real agent process. Broker events are routed by a rule into a file sink and read back.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{free_port, poll_until, Proc, ServeProc};
+use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS};
+
+/// A server enforcing security, its events written to `data/events/{kind}.jsonl`.
+struct Secured {
+    dir: PathBuf,
+    port: u16,
+    proc: ServeProc,
+}
+
+impl Secured {
+    fn start(dir: &Path) -> Secured {
+        let port = free_port();
+        fs::write(
+            dir.join("rules.toml"),
+            "[sinks.events]\ntype = \"file\"\npath = \"events/{topic.3}.jsonl\"\n\
+             [sinks.records]\ntype = \"file\"\npath = \"records/{agent}/{stream}.jsonl\"\n\
+             [[rules]]\nname = \"broker-events\"\nfrom = [\"fleet/server/#\"]\nto = [\"events\"]\n\
+             [[rules]]\nname = \"telemetry\"\nfrom = [\"fleet/+/telemetry/#\"]\nto = [\"records\"]\n",
+        )
+        .unwrap();
+        let config = format!(
+            "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n\
+             [broker.security]\nenforce = true\n[rules]\nfile = \"rules.toml\"\n"
+        );
+        let proc = ServeProc::start(dir, &config, move || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Secured {
+            dir: dir.to_path_buf(),
+            port,
+            proc,
+        }
+    }
+
+    /// `fleetbus agents ARGS --data-dir data`, which must succeed; its stdout.
+    fn agents(&self, args: &[&str]) -> String {
+        let data = self.dir.join("data");
+        let out = std::process::Command::new(common::bin())
+            .arg("agents")
+            .args(args)
+            .args(["--data-dir", data.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fleetbus agents {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Enrolls `id` and returns its token.
+    fn enroll(&self, id: &str, extra: &[&str]) -> String {
+        let mut args = vec!["enroll", id];
+        args.extend_from_slice(extra);
+        self.agents(&args).trim().to_string()
+    }
+
+    /// The broker events of `kind` (`violation`, `refused`, `connected`, ...) so far.
+    fn events(&self, kind: &str) -> Vec<serde_json::Value> {
+        let path = self.dir.join(format!("data/events/{kind}.jsonl"));
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v.get("payload").cloned().unwrap_or(v))
+            .collect()
+    }
+
+    fn wait_event(&self, kind: &str, what: impl Fn(&serde_json::Value) -> bool) {
+        assert!(
+            poll_until(Duration::from_secs(10), || self
+                .events(kind)
+                .iter()
+                .any(&what)),
+            "no matching `{kind}` event; have {:?}\n{}",
+            self.events(kind),
+            self.proc.log()
+        );
+    }
+}
+
+fn options(port: u16, id: &str, token: Option<&str>) -> MqttOptions {
+    let mut o = MqttOptions::new(id, "127.0.0.1", port);
+    o.set_max_packet_size(256 * 1024, 256 * 1024);
+    o.set_keep_alive(Duration::from_secs(5));
+    if let Some(token) = token {
+        o.set_credentials(id, token);
+    }
+    o
+}
+
+/// A connected client. Retried for a few seconds: a running server notices new
+/// enrollments by polling its credential store.
+async fn connect(port: u16, id: &str, token: &str) -> (AsyncClient, rumqttc::EventLoop) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (client, mut events) = AsyncClient::new(options(port, id, Some(token)), 64);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return (client, events),
+                Ok(Ok(_)) => {}
+                Ok(Err(ConnectionError::ConnectionRefused(code)))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    let _ = code;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break;
+                }
+                other => panic!("{id} did not connect: {other:?}"),
+            }
+        }
+    }
+}
+
+/// The first CONNECT outcome of `id` with `token`.
+async fn connect_result(port: u16, id: &str, token: Option<&str>) -> Result<(), ConnectionError> {
+    let (_client, mut events) = AsyncClient::new(options(port, id, token), 8);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("{id}: no answer to CONNECT"),
+        }
+    }
+}
+
+/// Polls until the connection fails (true) or `within` passes (false).
+async fn disconnected(events: &mut rumqttc::EventLoop, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        loop {
+            if events.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Publishes received by `events` within `within`, by topic.
+async fn received(events: &mut rumqttc::EventLoop, within: Duration) -> Vec<String> {
+    let mut topics = Vec::new();
+    let _ = tokio::time::timeout(within, async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => topics.push(p.topic.clone()),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    topics
+}
+
+fn refused_with(result: Result<(), ConnectionError>, code: ConnectReturnCode) {
+    match result {
+        Err(ConnectionError::ConnectionRefused(c)) if c == code => {}
+        other => panic!("expected refusal {code:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rogue_agent_is_disconnected_and_nothing_it_sent_is_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start(dir.path());
+    let rogue_token = server.enroll("web-01", &["--groups", "web"]);
+    let ops_token = server.enroll("ops", &["--role", "operator"]);
+    let port = server.port;
+
+    // an operator watching the whole fleet sees what is delivered
+    let (ops, mut ops_events) = connect(port, "ops", &ops_token).await;
+    ops.subscribe("fleet/#", QoS::AtLeastOnce).await.unwrap();
+    let _ = received(&mut ops_events, Duration::from_millis(300)).await;
+
+    // what the agent may do is delivered (the observer works)
+    let (web, mut web_events) = connect(port, "web-01", &rogue_token).await;
+    web.publish(
+        "fleet/web-01/telemetry/probe",
+        QoS::AtLeastOnce,
+        false,
+        b"x".to_vec(),
+    )
+    .await
+    .unwrap();
+    let _ = received(&mut web_events, Duration::from_millis(300)).await;
+    let seen = received(&mut ops_events, Duration::from_secs(1)).await;
+    assert!(
+        seen.contains(&"fleet/web-01/telemetry/probe".to_string()),
+        "{seen:?}"
+    );
+
+    // three forbidden acts, each on a fresh connection: each one ends it
+    let acts: [(&str, &str); 3] = [
+        ("publish", "fleet/web-02/telemetry/metrics"),
+        ("subscribe", "fleet/#"),
+        ("publish", "fleet/groups/web/jobs/notify"),
+    ];
+    for (action, topic) in acts {
+        let (client, mut events) = connect(port, "web-01", &rogue_token).await;
+        match action {
+            "publish" => client
+                .publish(topic, QoS::AtLeastOnce, false, b"forged".to_vec())
+                .await
+                .unwrap(),
+            _ => client.subscribe(topic, QoS::AtLeastOnce).await.unwrap(),
+        }
+        assert!(
+            disconnected(&mut events, Duration::from_secs(5)).await,
+            "{action} {topic}: still connected"
+        );
+        server.wait_event("violation", |e| {
+            e["client_id"] == "web-01" && e["action"] == action && e["topic"] == topic
+        });
+    }
+    let seen = received(&mut ops_events, Duration::from_secs(1)).await;
+    assert!(
+        seen.iter()
+            .all(|t| !t.contains("web-02") && !t.contains("groups")),
+        "a forbidden publish was delivered: {seen:?}"
+    );
+    // the disconnect says why
+    server.wait_event("disconnected", |e| {
+        e["client_id"] == "web-01"
+            && e["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("policy violation"))
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_are_refused_with_the_right_code_and_revocation_drops_the_live_connection()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start(dir.path());
+    let token = server.enroll("db-01", &[]);
+    let other = server.enroll("db-02", &[]);
+    let port = server.port;
+    // both known to the server
+    drop(connect(port, "db-01", &token).await);
+    drop(connect(port, "db-02", &other).await);
+
+    refused_with(
+        connect_result(port, "db-01", Some("0000")).await,
+        ConnectReturnCode::BadUserNamePassword,
+    );
+    refused_with(
+        connect_result(port, "db-01", Some(&other)).await,
+        ConnectReturnCode::BadUserNamePassword,
+    );
+    refused_with(
+        connect_result(port, "db-01", None).await,
+        ConnectReturnCode::BadUserNamePassword,
+    );
+    refused_with(
+        connect_result(port, "nobody", Some(&token)).await,
+        ConnectReturnCode::NotAuthorized,
+    );
+    server.wait_event("refused", |e| e["client_id"] == "nobody" && e["code"] == 5);
+    connect_result(port, "db-01", Some(&token)).await.unwrap();
+
+    // revoked while connected: dropped within a few seconds, then refused
+    let (_client, mut events) = connect(port, "db-01", &token).await;
+    server.agents(&["revoke", "db-01"]);
+    assert!(
+        disconnected(&mut events, Duration::from_secs(5)).await,
+        "the revoked client is still connected"
+    );
+    refused_with(
+        connect_result(port, "db-01", Some(&token)).await,
+        ConnectReturnCode::NotAuthorized,
+    );
+    server.wait_event("disconnected", |e| {
+        e["client_id"] == "db-01" && e["reason"].as_str().is_some_and(|r| r.contains("revoked"))
+    });
+    // the other client is unaffected
+    connect_result(port, "db-02", Some(&other)).await.unwrap();
+    let listing = server.agents(&["credentials"]);
+    assert!(
+        listing.contains("db-01") && listing.contains("UTC"),
+        "{listing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_agent_process_delivers_and_two_clones_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start(dir.path());
+    let token_file = dir.path().join("edge-1.token");
+    server.enroll(
+        "edge-1",
+        &["--groups", "edge", "--out", token_file.to_str().unwrap()],
+    );
+    // a real agent with its token file: its records arrive, its job subscriptions pass
+    let agent_config = |name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        fs::write(
+            &path,
+            format!(
+                "server = \"mqtt://127.0.0.1:{}\"\nstate_dir = \"state-{name}\"\nid = \"edge-1\"\n\
+                 groups = [\"edge\"]\n[metrics]\nenabled = false\n[heartbeat]\nenabled = true\n\
+                 interval = \"50ms\"\n[connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"300ms\"\n\
+                 token_file = \"{}\"\n",
+                server.port,
+                token_file.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let first = agent_config("first");
+    let mut a = Proc::start(
+        &["agent", "--config", first.to_str().unwrap()],
+        &dir.path().join("first.log"),
+    );
+    let records = dir.path().join("data/records/edge-1/heartbeat.jsonl");
+    assert!(
+        poll_until(Duration::from_secs(15), || fs::read_to_string(&records)
+            .is_ok_and(|t| t.lines().count() >= 5)),
+        "no heartbeats from the enrolled agent\n{}\n{}",
+        a.log_text(),
+        server.proc.log()
+    );
+    assert!(
+        server.events("violation").is_empty(),
+        "{:?}",
+        server.events("violation")
+    );
+    // a cloned machine starts with the same identity: the two keep taking the session
+    // from each other, and the broker says so
+    let second = agent_config("second");
+    let mut b = Proc::start(
+        &["agent", "--config", second.to_str().unwrap()],
+        &dir.path().join("second.log"),
+    );
+    server.wait_event("duplicate-identity", |e| {
+        e["client_id"] == "edge-1" && e["takeovers"].as_u64().is_some_and(|n| n >= 3)
+    });
+    b.kill();
+    a.kill();
+}
