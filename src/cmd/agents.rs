@@ -114,7 +114,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
                 .enroll(&id, role.into(), &groups, replace)?;
             match out {
                 Some(path) => {
-                    write_secret(&path, &token)?;
+                    super::keys::write_secret(&path, &token)?;
                     eprintln!("enrolled {id}: token written to {}", path.display());
                 }
                 None => {
@@ -173,23 +173,4 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// Writes `secret` to a new file only its owner can read.
-fn write_secret(path: &std::path::Path, secret: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(file, "{secret}").with_context(|| format!("writing {}", path.display()))?;
-    file.sync_all()
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
 }

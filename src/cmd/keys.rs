@@ -78,7 +78,8 @@ pub fn write_pair(dir: &Path, force: bool) -> anyhow::Result<KeyPairFiles> {
     })
 }
 
-fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+/// Writes `text` to a new file only its owner can read (replacing an old one).
+pub(crate) fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let _ = std::fs::remove_file(path);
     let mut f = std::fs::OpenOptions::new()
