@@ -300,3 +300,26 @@ impl AgentConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_comes_from_the_file_and_a_bad_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = ConnectionConfig::default();
+        assert_eq!(c.load_token(), Ok(None));
+        let file = dir.path().join("web-01.token");
+        c.token_file = Some(file.clone());
+        let missing = c.load_token().unwrap_err();
+        assert!(
+            missing.starts_with("connection.token_file") && missing.contains("web-01.token"),
+            "{missing}"
+        );
+        std::fs::write(&file, "  \n").unwrap();
+        assert!(c.load_token().unwrap_err().ends_with("empty"));
+        std::fs::write(&file, "abc123\n").unwrap();
+        assert_eq!(c.load_token(), Ok(Some("abc123".into())));
+    }
+}

@@ -18,8 +18,8 @@ use crate::acl::{Action, Grants, Policy};
 use crate::credentials::{AuthFailure, Credential, Credentials};
 
 /// Where broker events go (the server feeds them into the rules engine). Called on the
-/// connection's task: it must not block.
-pub type EventSink = Arc<dyn Fn(BrokerEvent) + Send + Sync>;
+/// connection's task: it must not block; it returns false when it had to drop the event.
+pub type EventSink = Arc<dyn Fn(BrokerEvent) -> bool + Send + Sync>;
 
 /// Take-overs of one client id within this window...
 const TAKEOVER_WINDOW: Duration = Duration::from_secs(600);
@@ -27,6 +27,10 @@ const TAKEOVER_WINDOW: Duration = Duration::from_secs(600);
 const TAKEOVERS_FOR_DUPLICATE: usize = 3;
 /// At most one duplicate-identity event per client id this often.
 const DUPLICATE_EVENT_EVERY: Duration = Duration::from_secs(60);
+/// Take-overs remembered per client id (a flapping id costs bounded memory and work).
+const TAKEOVERS_KEPT: usize = 32;
+/// Client ids with take-over history kept before stale histories are swept.
+const TAKEOVER_HISTORIES: usize = 1024;
 
 /// Counters for the metrics endpoint.
 #[derive(Debug, Default)]
@@ -41,8 +45,10 @@ pub struct SecurityCounters {
     pub violations: AtomicU64,
     /// Duplicate-identity events emitted.
     pub duplicate_identities: AtomicU64,
-    /// Live connections dropped because their credential was revoked or replaced.
-    pub revoked_drops: AtomicU64,
+    /// Live connections the server dropped (credential revoked or replaced).
+    pub dropped: AtomicU64,
+    /// Events not handed on because the event sink was full.
+    pub events_dropped: AtomicU64,
 }
 
 /// What a connection was admitted as.
@@ -126,13 +132,15 @@ impl Guard {
 
     fn emit(&self, event: BrokerEvent) {
         if let Some(sink) = &self.events {
-            sink(event);
+            if !sink(event) {
+                self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
     /// Replaces the credentials (after the store changed) and returns the client ids whose
     /// live connection is no longer valid (revoked, removed, new token): the caller drops
-    /// them with [`crate::EmbeddedBroker::drop_client`].
+    /// them with [`crate::ClientDropper::drop_client`].
     pub fn set_credentials(&self, credentials: Credentials) -> Vec<String> {
         let stale: Vec<String> = {
             let sessions = self.sessions();
@@ -151,16 +159,18 @@ impl Guard {
         stale
     }
 
-    /// Client ids connected now.
-    pub fn connected(&self) -> Vec<String> {
-        self.sessions().live.keys().cloned().collect()
-    }
-
     /// Notes that `client_id` is about to be dropped on purpose, so its end says why.
-    pub(crate) fn dropping(&self, client_id: &str, reason: &str) {
-        self.sessions()
+    /// False (nothing noted) when it is not connected.
+    pub(crate) fn dropping(&self, client_id: &str, reason: &str) -> bool {
+        let mut sessions = self.sessions();
+        if !sessions.live.contains_key(client_id) {
+            return false;
+        }
+        sessions
             .dropping
             .insert(client_id.to_string(), reason.to_string());
+        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Decides on a CONNECT from `peer`.
@@ -252,12 +262,24 @@ impl Guard {
         new_peer: SocketAddr,
     ) -> Option<BrokerEvent> {
         let now = Instant::now();
+        let stale = |history: &VecDeque<(Instant, SocketAddr)>| {
+            history
+                .back()
+                .is_none_or(|(t, _)| now.duration_since(*t) > TAKEOVER_WINDOW)
+        };
+        if sessions.takeovers.len() >= TAKEOVER_HISTORIES {
+            sessions.takeovers.retain(|_, h| !stale(h));
+            sessions
+                .last_duplicate_event
+                .retain(|_, t| now.duration_since(*t) < DUPLICATE_EVENT_EVERY);
+        }
         let history = sessions.takeovers.entry(client_id.to_string()).or_default();
         history.push_back((now, old_peer));
         history.push_back((now, new_peer));
-        while history
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > TAKEOVER_WINDOW)
+        while history.len() > 2 * TAKEOVERS_KEPT
+            || history
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > TAKEOVER_WINDOW)
         {
             history.pop_front();
         }
@@ -336,11 +358,6 @@ impl Guard {
                     .dropping
                     .remove(client_id)
                     .unwrap_or_else(|| reason.to_string());
-                if live.as_ref().is_some_and(|l| l.credential.is_some())
-                    && reason.starts_with("credential")
-                {
-                    self.counters.revoked_drops.fetch_add(1, Ordering::Relaxed);
-                }
                 (live.map(|l| l.since), reason)
             } else {
                 (
@@ -361,7 +378,7 @@ impl Guard {
 }
 
 /// The MQTT 3.1.1 CONNACK return code of `code`.
-pub fn connack_code(code: ConnectReturnCode) -> u8 {
+fn connack_code(code: ConnectReturnCode) -> u8 {
     match code {
         ConnectReturnCode::Success => 0,
         ConnectReturnCode::RefusedProtocolVersion => 1,

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use config::{BrokerConfig, ConfigProblem, SecurityConfig};
-pub use guard::{connack_code, EventSink, Guard, SecurityCounters};
+pub use guard::{EventSink, Guard, SecurityCounters};
 pub use policy::{Gate, PolicyProtocol};
 pub use rumqttd::local::{LinkRx, LinkTx};
 pub use rumqttd::Notification;
@@ -166,11 +166,6 @@ impl EmbeddedBroker {
         Err(BrokerError::NotListening { addr, waited })
     }
 
-    /// The guard (credentials, policy, live sessions, counters).
-    pub fn guard(&self) -> &Arc<Guard> {
-        &self.guard
-    }
-
     /// A handle that drops clients' live connections (see [`ClientDropper::drop_client`]).
     pub fn dropper(&self) -> ClientDropper {
         ClientDropper {
@@ -205,14 +200,18 @@ impl ClientDropper {
     /// Ends `client_id`'s live connection, if any; its end reports `reason`. rumqttd has no
     /// call for that, but a new connection with the same client id takes the session over
     /// and the router drops the old one: an in-process link does that and then ends itself.
-    pub fn drop_client(&self, client_id: &str, reason: &str) -> Result<(), BrokerError> {
-        self.guard.dropping(client_id, reason);
+    /// Returns false when the client was not connected (nothing to drop).
+    pub fn drop_client(&self, client_id: &str, reason: &str) -> Result<bool, BrokerError> {
+        if !self.guard.dropping(client_id, reason) {
+            return Ok(false);
+        }
         let link_error = |reason: String| BrokerError::Link {
             client_id: client_id.to_string(),
             reason,
         };
         let (tx, _rx) = (self.links)(client_id).map_err(link_error)?;
-        tx.disconnect().map_err(|e| link_error(e.to_string()))
+        tx.disconnect().map_err(|e| link_error(e.to_string()))?;
+        Ok(true)
     }
 }
 

@@ -51,8 +51,8 @@ struct Session {
     client_id: String,
     admitted: Admitted,
     /// The last topic a PUBLISH was allowed on (most clients publish on a few topics over
-    /// and over: the policy is asked once per change of topic).
-    last_allowed: Vec<u8>,
+    /// and over: the policy is asked once per change of topic). None before the first.
+    last_allowed: Option<Vec<u8>>,
 }
 
 /// rumqttd's MQTT v4 codec with fleetbus policy applied to every incoming packet.
@@ -86,20 +86,30 @@ impl PolicyProtocol {
         let Some(grants) = &session.admitted.grants else {
             return Ok(()); // the policy is not enforced
         };
-        if action == Action::Publish && topic == session.last_allowed.as_slice() {
+        if action == Action::Publish && session.last_allowed.as_deref() == Some(topic) {
             return Ok(());
         }
-        let text = String::from_utf8_lossy(topic);
-        if grants.allows(action, &text).is_some() {
+        let text = match std::str::from_utf8(topic) {
+            Ok(text) => text,
+            Err(_) => {
+                let shown = String::from_utf8_lossy(topic).into_owned();
+                let reason = "topic is not UTF-8".to_string();
+                self.guard
+                    .violation(&session.client_id, self.peer, action, &shown, reason);
+                return Err(Error::InvalidProtocol);
+            }
+        };
+        if grants.allows(action, text).is_some() {
             if action == Action::Publish {
-                session.last_allowed.clear();
-                session.last_allowed.extend_from_slice(topic);
+                let last = session.last_allowed.get_or_insert_with(Vec::new);
+                last.clear();
+                last.extend_from_slice(topic);
             }
             return Ok(());
         }
-        let reason = grants.decide(action, &text).reason;
+        let reason = grants.decide(action, text).reason;
         self.guard
-            .violation(&session.client_id, self.peer, action, &text, reason);
+            .violation(&session.client_id, self.peer, action, text, reason);
         Err(Error::InvalidProtocol)
     }
 }
@@ -146,7 +156,7 @@ impl Protocol for PolicyProtocol {
         self.session = Some(Session {
             client_id: connect.client_id.clone(),
             admitted,
-            last_allowed: Vec::new(),
+            last_allowed: None,
         });
         Ok(())
     }
@@ -160,5 +170,202 @@ impl Protocol for PolicyProtocol {
                 reason,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use fleetbus_protocol::BrokerEvent;
+    use rand::{Rng, SeedableRng};
+    use rumqttd::protocol::{Connect, Login};
+
+    use super::*;
+    use crate::acl::{covers, Policy, Role};
+    use crate::credentials::CredentialStore;
+
+    /// An enforcing guard knowing agent `a1` (group `web`), its token, and its events.
+    fn guard() -> (Arc<Guard>, String, Arc<Mutex<Vec<BrokerEvent>>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open_in(dir.path()).unwrap();
+        let token = store
+            .enroll("a1", Role::Agent, &["web".into()], false)
+            .unwrap();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let seen = events.clone();
+        let sink: crate::EventSink = Arc::new(move |e| {
+            seen.lock().unwrap().push(e);
+            true
+        });
+        let guard = Guard::new(
+            true,
+            Policy::default(),
+            store.snapshot().unwrap(),
+            Some(sink),
+        );
+        (Arc::new(guard), token, events)
+    }
+
+    fn connect(id: &str, token: &str) -> Packet {
+        let connect = Connect {
+            keep_alive: 30,
+            client_id: id.into(),
+            clean_session: true,
+        };
+        let login = Login {
+            username: id.into(),
+            password: token.into(),
+        };
+        Packet::Connect(connect, None, None, None, Some(login))
+    }
+
+    /// A QoS 0 PUBLISH of `topic` (any bytes) as it comes off the wire.
+    fn publish_bytes(topic: &[u8]) -> BytesMut {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+        body.extend_from_slice(topic);
+        body.extend_from_slice(b"payload");
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&[0x30, body.len() as u8]);
+        out.extend_from_slice(&body);
+        out
+    }
+
+    fn admitted(guard: &Arc<Guard>, token: &str) -> PolicyProtocol {
+        let mut p = PolicyProtocol::new(Arc::new(Gate::default()), guard.clone());
+        p.accepted(SocketAddr::from(([127, 0, 0, 1], 5000)));
+        p.admit(&connect("a1", token)).unwrap();
+        p
+    }
+
+    #[test]
+    fn refusals_carry_their_code_and_an_event() {
+        let (guard, token, events) = guard();
+        let mut p = PolicyProtocol::new(Arc::new(Gate::default()), guard.clone());
+        assert_eq!(
+            p.admit(&connect("a1", "wrong")),
+            Err(ConnectReturnCode::BadUserNamePassword)
+        );
+        assert_eq!(
+            p.admit(&connect("zz", &token)),
+            Err(ConnectReturnCode::NotAuthorized)
+        );
+        assert_eq!(guard.counters().refused.load(Ordering::Relaxed), 2);
+        let events = events.lock().unwrap();
+        assert!(
+            matches!(&events[1], BrokerEvent::Refused { code: 5, client_id, .. } if client_id == "zz")
+        );
+    }
+
+    #[test]
+    fn own_topics_pass_others_and_non_utf8_topics_end_the_connection() {
+        let (guard, token, events) = guard();
+        let mut p = admitted(&guard, &token);
+        let mut ok = publish_bytes(b"fleet/a1/telemetry/metrics");
+        assert!(matches!(
+            p.read_mut(&mut ok, 1 << 20),
+            Ok(Packet::Publish(..))
+        ));
+        // again: the cached topic
+        let mut again = publish_bytes(b"fleet/a1/telemetry/metrics");
+        assert!(p.read_mut(&mut again, 1 << 20).is_ok());
+        let mut other = publish_bytes(b"fleet/a2/telemetry/metrics");
+        assert!(p.read_mut(&mut other, 1 << 20).is_err());
+        let mut p = admitted(&guard, &token);
+        let mut bad = publish_bytes(b"fleet/a1/telemetry/\xff\xfe");
+        assert!(p.read_mut(&mut bad, 1 << 20).is_err());
+        assert_eq!(guard.counters().violations.load(Ordering::Relaxed), 2);
+        let events = events.lock().unwrap();
+        let reasons: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                BrokerEvent::Violation { reason, .. } => Some(reason.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(reasons.len(), 2, "{events:?}");
+        assert!(reasons[1].contains("UTF-8"), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_third_takeover_reports_a_duplicate_identity_and_ends_are_told_apart() {
+        let (guard, token, events) = guard();
+        let mut connections: Vec<PolicyProtocol> =
+            (0..4).map(|_| admitted(&guard, &token)).collect();
+        assert_eq!(
+            guard
+                .counters()
+                .duplicate_identities
+                .load(Ordering::Relaxed),
+            1
+        );
+        // the replaced connections end after their successor took over
+        connections[0].ended("closed by the client");
+        connections[3].ended("closed by the client");
+        let events = events.lock().unwrap();
+        let reasons: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                BrokerEvent::Disconnected { reason, .. } => Some(reason.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "replaced by a newer connection with the same client id",
+                "closed by the client"
+            ]
+        );
+        // nobody is connected any more: nothing to drop
+        assert!(!guard.dropping("a1", "credential revoked"));
+    }
+
+    /// Random PUBLISH bytes through the codec: no panic, and whatever passes is under the
+    /// agent's own prefix.
+    #[test]
+    fn random_packets_never_pass_a_forbidden_topic() {
+        let (guard, token, _events) = guard();
+        let levels: [&[u8]; 12] = [
+            b"fleet",
+            b"a1",
+            b"a2",
+            b"groups",
+            b"web",
+            b"telemetry",
+            b"jobs",
+            b"+",
+            b"#",
+            b"$SYS",
+            b"\xff",
+            b"",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut passed = 0;
+        for _ in 0..20_000 {
+            let mut p = admitted(&guard, &token);
+            let n = rng.random_range(1..=5);
+            let mut topic: Vec<&[u8]> = (0..n)
+                .map(|_| levels[rng.random_range(0..levels.len())])
+                .collect();
+            // half of them start near the agent's own topics, where allowed cases are
+            if rng.random_bool(0.5) {
+                topic.splice(0..0, [&b"fleet"[..], &b"a1"[..], &b"telemetry"[..]]);
+            }
+            let topic = topic.join(&b'/');
+            let mut bytes = publish_bytes(&topic);
+            if rng.random_bool(0.2) {
+                // damage a byte
+                let i = rng.random_range(0..bytes.len());
+                bytes[i] = rng.random();
+            }
+            if let Ok(Packet::Publish(publish, _)) = p.read_mut(&mut bytes, 1 << 20) {
+                let topic = std::str::from_utf8(&publish.topic).unwrap();
+                assert!(covers("fleet/a1/#", topic), "{topic} passed");
+                passed += 1;
+            }
+        }
+        assert!(passed > 10, "the generator reached too few allowed cases");
     }
 }

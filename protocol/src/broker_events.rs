@@ -101,17 +101,6 @@ impl BrokerEvent {
         }
     }
 
-    /// The client the event is about.
-    pub fn client_id(&self) -> &str {
-        match self {
-            BrokerEvent::Connected { client_id, .. }
-            | BrokerEvent::Disconnected { client_id, .. }
-            | BrokerEvent::Refused { client_id, .. }
-            | BrokerEvent::Violation { client_id, .. }
-            | BrokerEvent::DuplicateIdentity { client_id, .. } => client_id,
-        }
-    }
-
     /// The JSON payload.
     pub fn encode(&self) -> Result<Vec<u8>, serde_json::Error> {
         serde_json::to_vec(self)

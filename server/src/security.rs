@@ -5,7 +5,6 @@
 //! is no longer valid.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +25,6 @@ const EVENT_QUEUE: usize = 16_384;
 
 /// How often the credential store is looked at for changes made by other processes.
 pub const CREDENTIALS_POLL: Duration = Duration::from_millis(500);
-
-/// Broker events dropped because the queue to the engine was full.
-pub static EVENTS_DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// The guard and the receiving end of its events.
 pub struct Security {
@@ -75,11 +71,7 @@ impl Security {
             }
         };
         let (tx, events) = mpsc::channel(EVENT_QUEUE);
-        let sink: EventSink = Arc::new(move |event| {
-            if tx.try_send(event).is_err() {
-                EVENTS_DROPPED.fetch_add(1, Ordering::Relaxed);
-            }
-        });
+        let sink: EventSink = Arc::new(move |event| tx.try_send(event).is_ok());
         Ok(Security {
             guard: Arc::new(Guard::new(config.enforce, policy, credentials, Some(sink))),
             events,
@@ -177,9 +169,54 @@ fn watch_credentials(
         );
         for client_id in guard.set_credentials(credentials) {
             tracing::warn!(%client_id, "credential revoked or replaced: dropping the live connection");
-            if let Err(e) = dropper.drop_client(&client_id, "credential revoked or replaced") {
-                tracing::error!(%client_id, error = %e, "cannot drop the connection");
+            match dropper.drop_client(&client_id, "credential revoked or replaced") {
+                Ok(_) => {}
+                Err(e) => tracing::error!(%client_id, error = %e, "cannot drop the connection"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_error(config: &SecurityConfig, data_dir: &Path) -> String {
+        match Security::open(config, data_dir) {
+            Ok(_) => panic!("opened"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_missing_or_broken_policy_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = dir.path().join("acl.toml");
+        let config = SecurityConfig {
+            enforce: true,
+            policy: Some(policy.clone()),
+        };
+        let e = open_error(&config, dir.path());
+        assert!(e.starts_with("broker.security.policy: cannot read"), "{e}");
+        std::fs::write(
+            &policy,
+            "[[rule]]\nname = \"bad\"\nrole = \"agent\"\nactions = [\"publish\"]\ntopics = [\"a/#/b\"]\n",
+        )
+        .unwrap();
+        let e = open_error(&config, dir.path());
+        assert!(e.contains("acl.toml") && e.contains("`bad`"), "{e}");
+    }
+
+    #[test]
+    fn an_unusable_credential_store_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // a directory where the database file should be
+        std::fs::create_dir(dir.path().join("credentials.db")).unwrap();
+        let config = SecurityConfig {
+            enforce: true,
+            policy: None,
+        };
+        let e = open_error(&config, dir.path());
+        assert!(e.contains("credentials.db"), "{e}");
     }
 }
