@@ -204,7 +204,7 @@ impl Agent {
 }
 
 /// Takes the exclusive lock on `state_dir/agent.lock` (released when the process ends).
-fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
+pub(crate) fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
     let path = state_dir.join("agent.lock");
     let file = std::fs::OpenOptions::new()
         .create(true)

@@ -12,6 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod mosquitto;
+
 /// What a client wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,6 +99,14 @@ pub struct Decision {
 /// A policy file that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
+    /// The file cannot be read.
+    #[error("policy file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        reason: String,
+    },
     /// Not TOML of the expected shape.
     #[error("policy: {0}")]
     Parse(String),
@@ -176,6 +186,31 @@ impl Default for Policy {
 }
 
 impl Policy {
+    /// Reads and checks the policy file at `path`; errors name the file.
+    pub fn load(path: &std::path::Path) -> Result<Policy, PolicyError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| PolicyError::Read {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        Policy::from_toml(&text).map_err(|e| match e {
+            PolicyError::Parse(reason) => PolicyError::Read {
+                path: shown,
+                reason,
+            },
+            PolicyError::Pattern {
+                rule,
+                pattern,
+                problem,
+            } => PolicyError::Pattern {
+                rule,
+                pattern,
+                problem: format!("{problem} (in {shown})"),
+            },
+            other => other,
+        })
+    }
+
     /// Reads a policy (`[[rule]]` tables) and checks every pattern.
     pub fn from_toml(text: &str) -> Result<Policy, PolicyError> {
         let policy: Policy = toml::from_str(text).map_err(|e| PolicyError::Parse(e.to_string()))?;
@@ -243,6 +278,14 @@ pub struct Grants {
 }
 
 impl Grants {
+    /// Every filled-in pattern with whether it grants publish and subscribe, in policy
+    /// order.
+    pub fn patterns(&self) -> impl Iterator<Item = (&str, bool, bool)> {
+        self.grants
+            .iter()
+            .map(|g| (g.pattern.as_str(), g.publish, g.subscribe))
+    }
+
     /// The rule and filled-in pattern allowing `action` on `topic`, or `None` (denied).
     pub fn allows(&self, action: Action, topic: &str) -> Option<(&str, &str)> {
         check_topic(action, topic).ok()?;

@@ -39,17 +39,8 @@ impl Security {
     /// in `data_dir`.
     pub fn open(config: &SecurityConfig, data_dir: &Path) -> Result<Security, ServerError> {
         let policy = match &config.policy {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    ServerError::Config(format!(
-                        "broker.security.policy: cannot read {}: {e}",
-                        path.display()
-                    ))
-                })?;
-                Policy::from_toml(&text).map_err(|e| {
-                    ServerError::Config(format!("broker.security.policy {}: {e}", path.display()))
-                })?
-            }
+            Some(path) => Policy::load(path)
+                .map_err(|e| ServerError::Config(format!("broker.security.policy: {e}")))?,
             None => Policy::default(),
         };
         let (store, credentials) = match config.enforce {
@@ -197,7 +188,10 @@ mod tests {
             policy: Some(policy.clone()),
         };
         let e = open_error(&config, dir.path());
-        assert!(e.starts_with("broker.security.policy: cannot read"), "{e}");
+        assert!(
+            e.starts_with("broker.security.policy: policy file") && e.contains("acl.toml"),
+            "{e}"
+        );
         std::fs::write(
             &policy,
             "[[rule]]\nname = \"bad\"\nrole = \"agent\"\nactions = [\"publish\"]\ntopics = [\"a/#/b\"]\n",

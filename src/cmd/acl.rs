@@ -1,11 +1,11 @@
-//! `fleetbus acl ...`: the topic authorization policy, explained.
+//! `fleetbus acl ...`: the topic authorization policy, explained, and exported for an
+//! external broker.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
-use fleetbus_broker::acl::{Action, Identity, Policy, Role};
+use fleetbus_broker::acl::{mosquitto, Action, Identity, Policy, Role};
 
 /// `fleetbus acl ...`
 #[derive(Debug, Subcommand)]
@@ -13,6 +13,29 @@ pub enum AclCommand {
     /// Whether a client may publish on a topic or subscribe to a filter, and which rule
     /// decides (exit 0 allowed, 1 denied).
     Check(CheckArgs),
+    /// The policy, filled in for every enrolled client (not revoked), in an external
+    /// broker's format, on stdout.
+    Export(ExportArgs),
+}
+
+/// `fleetbus acl export` options.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Output format.
+    #[arg(long, value_enum)]
+    format: ExportFormat,
+    /// A policy file (`[[rule]]` tables); default: the built-in policy.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Whose credential store.
+    #[command(flatten)]
+    data: super::agents::ServerData,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    /// Mosquitto's `acl_file`.
+    Mosquitto,
 }
 
 /// `fleetbus acl check` options.
@@ -53,18 +76,35 @@ enum RoleArg {
 pub fn run(command: AclCommand) -> anyhow::Result<ExitCode> {
     match command {
         AclCommand::Check(args) => check(args),
+        AclCommand::Export(args) => export(args),
     }
 }
 
-fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let policy = match &args.policy {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Policy::from_toml(&text).with_context(|| path.display().to_string())?
-        }
+fn load_policy(path: Option<&std::path::Path>) -> anyhow::Result<Policy> {
+    Ok(match path {
+        Some(path) => Policy::load(path)?,
         None => Policy::default(),
-    };
+    })
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let policy = load_policy(args.policy.as_deref())?;
+    let clients: Vec<Identity> = args
+        .data
+        .store()?
+        .list()?
+        .into_iter()
+        .filter(|c| c.revoked_at.is_none())
+        .map(|c| c.identity())
+        .collect();
+    match args.format {
+        ExportFormat::Mosquitto => print!("{}", mosquitto::export(&policy, &clients)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let policy = load_policy(args.policy.as_deref())?;
     let who = Identity {
         client_id: args.client,
         role: match args.role {

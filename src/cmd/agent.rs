@@ -31,6 +31,10 @@ impl AgentArgs {
 /// What `fleetbus agent` does besides running.
 #[derive(Debug, Subcommand)]
 pub enum AgentCommand {
+    /// Give this machine a new agent identity (on a cloned machine that shares its id with
+    /// the original): the state directory is kept aside, renamed, and a new id is made.
+    /// The agent must not be running; enroll the new id before starting it.
+    ResetIdentity,
     /// Upload one file to the server (chunked, verified, resumable) and wait until the
     /// server confirmed it. If the agent is already running with the same state_dir, the
     /// file is handed to it.
@@ -64,6 +68,9 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<AgentConfig> {
     if let Some(f) = &config.jobs.public_key_file {
         config.jobs.public_key_file = Some(fleetbus_config::relative_to(path, f));
     }
+    if let Some(f) = &config.connection.token_file {
+        config.connection.token_file = Some(fleetbus_config::relative_to(path, f));
+    }
     Ok(config)
 }
 
@@ -74,6 +81,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             let config = load_config(args.config.as_deref())?;
             let agent = Agent::open(config)?;
             agent.run(super::shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(AgentCommand::ResetIdentity) => {
+            let config = load_config(args.config.as_deref())?;
+            let reset = fleetbus_agent::identity::reset(&config)?;
+            println!("{}", reset.new_id);
+            eprintln!(
+                "new agent id {} (was {}); the old state is kept in {}.\n\
+                 Enroll the new id on the server (fleetbus agents enroll {} --groups ...) and \
+                 point connection.token_file at its token before starting the agent.",
+                reset.new_id,
+                reset.old_id.as_deref().unwrap_or("none"),
+                reset.kept_in.display(),
+                reset.new_id
+            );
             Ok(ExitCode::SUCCESS)
         }
         Some(AgentCommand::Upload { file, meta }) => {

@@ -15,7 +15,7 @@ use super::admin_client::AdminEndpoint;
 
 /// Where the server keeps its data (and so its credential store).
 #[derive(Debug, Args)]
-pub struct ServerData {
+pub(crate) struct ServerData {
     /// The server's configuration file (its `data_dir` holds the credential store).
     #[arg(long, global = true, env = "FLEETBUS_CONFIG")]
     config: Option<PathBuf>,
@@ -25,7 +25,7 @@ pub struct ServerData {
 }
 
 impl ServerData {
-    fn store(&self) -> anyhow::Result<CredentialStore> {
+    pub(crate) fn store(&self) -> anyhow::Result<CredentialStore> {
         let data_dir = match &self.data_dir {
             Some(dir) => dir.clone(),
             None => super::serve::load_config(self.config.as_deref())?.data_dir,
