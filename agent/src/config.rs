@@ -39,10 +39,7 @@ pub struct AgentConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
-            server: BrokerUrl {
-                host: "127.0.0.1".into(),
-                port: 1883,
-            },
+            server: BrokerUrl::mqtt("127.0.0.1", 1883),
             state_dir: PathBuf::from("fleetbus-agent-state"),
             id: None,
             groups: Vec::new(),
@@ -155,9 +152,31 @@ pub struct ConnectionConfig {
     pub token: Option<String>,
     /// A file holding the token (read at start; surrounding whitespace ignored).
     pub token_file: Option<PathBuf>,
+    /// CA certificates (PEM) the server's certificate must chain to (`mqtts://`,
+    /// `wss://`); the system's roots when unset.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub client_key: Option<PathBuf>,
+    /// An HTTP proxy the connection goes through (`http://host:port`, HTTP CONNECT).
+    pub proxy: Option<String>,
 }
 
 impl ConnectionConfig {
+    /// How to reach `server`: TLS from `ca_file`/`client_cert`/`client_key`, `proxy`.
+    pub fn transport(
+        &self,
+        server: &BrokerUrl,
+    ) -> Result<fleetbus_mqtt::ClientTransport, fleetbus_mqtt::TransportError> {
+        let files = fleetbus_mqtt::TlsFiles {
+            ca_file: self.ca_file.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        };
+        fleetbus_mqtt::ClientTransport::for_url(server, &files, self.proxy.as_deref())
+    }
+
     /// The token to log in with: `token`, or the contents of `token_file`, or none.
     pub fn load_token(&self) -> Result<Option<String>, String> {
         if let Some(token) = &self.token {
@@ -187,6 +206,10 @@ impl Default for ConnectionConfig {
             ack_timeout: Duration::from_secs(10),
             token: None,
             token_file: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            proxy: None,
         }
     }
 }

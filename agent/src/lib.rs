@@ -76,6 +76,7 @@ pub struct Agent {
     jobs: jobs::JobRunner,
     job_reports: tokio::sync::mpsc::Receiver<fleetbus_protocol::JobStatus>,
     token: Option<String>,
+    transport: fleetbus_mqtt::ClientTransport,
     // held for the agent's lifetime: one process per state_dir
     _lock: std::fs::File,
 }
@@ -91,6 +92,10 @@ impl Agent {
             source,
         })?;
         let token = config.connection.load_token().map_err(AgentError::Config)?;
+        let transport = config
+            .connection
+            .transport(&config.server)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
         let lock = lock_state_dir(&config.state_dir)?;
         let id = identity::resolve(config.id.as_deref(), &config.state_dir)?;
         let outbox = Outbox::open(&config.state_dir.join("outbox"), &id, &config.outbox)?;
@@ -106,6 +111,7 @@ impl Agent {
             jobs,
             job_reports,
             token,
+            transport,
             _lock: lock,
         })
     }
@@ -165,7 +171,7 @@ impl Agent {
         let birth_id = self.id.clone();
         let publisher = publisher::Publisher {
             agent: self.id.clone(),
-            server: self.config.server.clone(),
+            server: self.transport.clone(),
             connection: self.config.connection.clone(),
             token: self.token.clone(),
             outbox: self.outbox.clone(),

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleetbus_mqtt::{Backoff, BrokerUrl};
+use fleetbus_mqtt::{Backoff, ClientTransport};
 use fleetbus_protocol::{topics, Ack, Presence};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, Packet, QoS,
@@ -37,7 +37,7 @@ pub struct Publisher {
     /// The agent's id (also its MQTT client id).
     pub agent: String,
     /// Where to connect.
-    pub server: BrokerUrl,
+    pub server: ClientTransport,
     /// Connection tunables.
     pub connection: ConnectionConfig,
     /// The token to log in with (MQTT password; the agent id is the user name).
@@ -70,7 +70,7 @@ impl Publisher {
                         backoff.reset();
                     }
                     let delay = backoff.next_delay();
-                    tracing::warn!(server = %self.server, %reason, retry_in = ?delay, "connection to server failed");
+                    tracing::warn!(server = %self.server.url(), %reason, retry_in = ?delay, "connection to server failed");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = crate::stopped(&mut shutdown) => return,
@@ -195,7 +195,7 @@ impl Publisher {
                 }
             }
         }
-        tracing::info!(server = %self.server, agent = %self.agent, "connected");
+        tracing::info!(server = %self.server.url(), agent = %self.agent, "connected");
 
         // 2. announce ourselves, and report losses the operator must know about
         if let Some(payload) = encoded(&birth) {

@@ -35,6 +35,27 @@ pub struct BrokerConfig {
     pub segment_count: usize,
     /// Authentication and topic authorization.
     pub security: SecurityConfig,
+    /// TLS listeners (MQTT over TLS, MQTT over WebSocket over TLS).
+    pub tls: TlsConfig,
+}
+
+/// `[broker.tls]`: encrypted listeners beside the plain one. Each is opened when its
+/// address is set; both need `cert` and `key`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// MQTT over TLS (`mqtts://`), e.g. `0.0.0.0:8883`.
+    pub listen: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (`wss://`), e.g. `0.0.0.0:443`: the one outbound port
+    /// most firewalls and proxies let through.
+    pub websocket_listen: Option<SocketAddr>,
+    /// The server's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM) client certificates must chain to: set, every TLS client must
+    /// present one (mutual TLS); unset, none is asked for.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `[broker.security]`: who may connect and what each client may publish and subscribe to.
@@ -61,6 +82,7 @@ impl Default for BrokerConfig {
             segment_bytes: 2 * 1024 * 1024,
             segment_count: 5,
             security: SecurityConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -115,6 +137,23 @@ impl BrokerConfig {
         }
         if self.segment_count < 2 {
             return Err(problem("segment_count", "must be at least 2"));
+        }
+        let tls = &self.tls;
+        let listening = tls.listen.is_some() || tls.websocket_listen.is_some();
+        if listening && (tls.cert.is_none() || tls.key.is_none()) {
+            return Err(problem(
+                "tls",
+                "tls.listen and tls.websocket_listen need tls.cert and tls.key",
+            ));
+        }
+        let addresses = [Some(self.listen), tls.listen, tls.websocket_listen];
+        let mut taken: Vec<SocketAddr> = addresses.into_iter().flatten().collect();
+        taken.sort();
+        if taken.windows(2).any(|w| w[0] == w[1]) {
+            return Err(problem(
+                "tls",
+                "listen, tls.listen and tls.websocket_listen must be different addresses",
+            ));
         }
         Ok(())
     }

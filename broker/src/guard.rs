@@ -49,6 +49,9 @@ pub struct SecurityCounters {
     pub dropped: AtomicU64,
     /// Events not handed on because the event sink was full.
     pub events_dropped: AtomicU64,
+    /// TLS or WebSocket handshakes that failed or timed out (wrong CA, plain TCP on a TLS
+    /// port, scanners).
+    pub handshake_failures: AtomicU64,
 }
 
 /// What a connection was admitted as.

@@ -14,12 +14,13 @@ mod config;
 pub mod credentials;
 mod guard;
 mod policy;
+mod tls_listener;
 
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use config::{BrokerConfig, ConfigProblem, SecurityConfig};
+pub use config::{BrokerConfig, ConfigProblem, SecurityConfig, TlsConfig};
 pub use guard::{EventSink, Guard, SecurityCounters};
 pub use policy::{Gate, PolicyProtocol};
 pub use rumqttd::local::{LinkRx, LinkTx};
@@ -47,6 +48,9 @@ pub enum BrokerError {
         /// How long we waited.
         waited: Duration,
     },
+    /// The TLS settings cannot be used (files missing, unreadable, not matching).
+    #[error("{0}")]
+    Tls(String),
     /// An in-process link could not be attached to the router.
     #[error("cannot attach in-process client `{client_id}` to the broker: {reason}")]
     Link {
@@ -61,6 +65,9 @@ type LinkFactory = Arc<dyn Fn(&str) -> Result<(LinkTx, LinkRx), String> + Send +
 type ListenerFuture = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
 type ListenerFactory =
     Box<dyn FnOnce(rumqttd::ServerSettings, PolicyProtocol) -> ListenerFuture + Send>;
+type ConnectionsFactory = Box<
+    dyn Fn(rumqttd::ServerSettings, PolicyProtocol) -> rumqttd::Connections<PolicyProtocol> + Send,
+>;
 
 /// A running embedded broker. Dropping it does not stop the router thread (rumqttd has no
 /// shutdown API); call [`EmbeddedBroker::stop`] to close the listener and refuse all
@@ -73,7 +80,9 @@ pub struct EmbeddedBroker {
     // with it are captured in closures.
     links: LinkFactory,
     listener_factory: Option<ListenerFactory>,
+    connections_factory: ConnectionsFactory,
     listener: Option<tokio::task::JoinHandle<()>>,
+    tls_listeners: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl EmbeddedBroker {
@@ -98,6 +107,10 @@ impl EmbeddedBroker {
                 .map(|(tx, rx, _connack)| (tx, rx))
                 .map_err(|e| e.to_string())
         });
+        let connections_tx = router_tx.clone();
+        let connections_factory: ConnectionsFactory = Box::new(move |settings, protocol| {
+            rumqttd::Server::new(settings, connections_tx.clone(), protocol).connections()
+        });
         let listener_factory: ListenerFactory = Box::new(move |settings, protocol| {
             Box::pin(async move {
                 let mut server = rumqttd::Server::new(settings, router_tx, protocol);
@@ -113,7 +126,9 @@ impl EmbeddedBroker {
             guard,
             links,
             listener_factory: Some(listener_factory),
+            connections_factory,
             listener: None,
+            tls_listeners: Vec::new(),
         })
     }
 
@@ -138,6 +153,7 @@ impl EmbeddedBroker {
         StdTcpListener::bind(addr).map_err(|source| BrokerError::Bind { addr, source })?;
         let settings = self.config.server_settings();
         let protocol = PolicyProtocol::new(self.gate.clone(), self.guard.clone());
+        self.listen_tls(&settings, &protocol)?;
         self.listener = Some(tokio::spawn(async move {
             let reason = factory(settings, protocol).await;
             tracing::error!(%addr, %reason, "broker listener ended");
@@ -174,6 +190,36 @@ impl EmbeddedBroker {
         }
     }
 
+    /// Opens the `[broker.tls]` listeners that are configured.
+    fn listen_tls(
+        &mut self,
+        settings: &rumqttd::ServerSettings,
+        protocol: &PolicyProtocol,
+    ) -> Result<(), BrokerError> {
+        let tls = &self.config.tls;
+        let listeners = [
+            (tls.listen, false, "broker.tls.listen"),
+            (tls.websocket_listen, true, "broker.tls.websocket_listen"),
+        ];
+        if listeners.iter().all(|(addr, _, _)| addr.is_none()) {
+            return Ok(());
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls_listener::server_config(tls)?);
+        for (addr, websocket, key) in listeners {
+            let Some(addr) = addr else { continue };
+            let listener = tls_listener::TlsListener {
+                listener: tls_listener::bind(addr, key)?,
+                acceptor: acceptor.clone(),
+                websocket,
+                connections: (self.connections_factory)(settings.clone(), protocol.clone()),
+                guard: self.guard.clone(),
+                handshake_timeout: self.config.connect_timeout,
+            };
+            self.tls_listeners.push(tokio::spawn(listener.run()));
+        }
+        Ok(())
+    }
+
     /// The configuration the broker runs with.
     pub fn config(&self) -> &BrokerConfig {
         &self.config
@@ -184,6 +230,9 @@ impl EmbeddedBroker {
     pub fn stop(&mut self) {
         self.gate.close();
         if let Some(listener) = self.listener.take() {
+            listener.abort();
+        }
+        for listener in self.tls_listeners.drain(..) {
             listener.abort();
         }
     }

@@ -9,10 +9,14 @@
 //! fresh client for every connection attempt.
 
 mod backoff;
+mod transport;
 mod url;
 
 pub use backoff::Backoff;
-pub use url::{BrokerUrl, UrlError};
+pub use transport::{
+    crypto_provider, read_certificates, read_private_key, ClientTransport, TlsFiles, TransportError,
+};
+pub use url::{BrokerUrl, Scheme, UrlError};
 
 use std::time::Duration;
 
@@ -20,18 +24,26 @@ use std::time::Duration;
 /// generous room for topic and headers (the broker's default payload limit).
 pub const MAX_PACKET_BYTES: usize = 256 * 1024;
 
-/// Connection options for `client_id` talking to `url`: clean session, our packet size
-/// limits, `keepalive` pings and at most `inflight` unacknowledged QoS 1 publishes.
+/// Connection options for `client_id` talking to the broker of `transport`: clean
+/// session, our packet size limits, `keepalive` pings and at most `inflight`
+/// unacknowledged QoS 1 publishes.
 pub fn options(
-    url: &BrokerUrl,
+    transport: &ClientTransport,
     client_id: &str,
     keepalive: Duration,
     inflight: u16,
 ) -> rumqttc::MqttOptions {
-    let mut opts = rumqttc::MqttOptions::new(client_id, url.host.clone(), url.port);
+    let url = transport.url();
+    // rumqttc takes a WebSocket broker as its whole URL
+    let addr = match url.scheme.is_websocket() {
+        true => url.to_string(),
+        false => url.host.clone(),
+    };
+    let mut opts = rumqttc::MqttOptions::new(client_id, addr, url.port);
     opts.set_keep_alive(keepalive.max(Duration::from_secs(1)))
         .set_clean_session(true)
         .set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES)
         .set_inflight(inflight.max(1));
+    transport.apply(&mut opts);
     opts
 }

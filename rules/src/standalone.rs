@@ -9,7 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleetbus_mqtt::{Backoff, BrokerUrl};
+use fleetbus_mqtt::{Backoff, ClientTransport};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::watch;
 
@@ -47,10 +47,13 @@ impl AckChannel {
 /// Where and how the standalone engine connects.
 #[derive(Debug, Clone)]
 pub struct StandaloneOptions {
-    /// The broker.
-    pub broker: BrokerUrl,
+    /// The broker and how to reach it.
+    pub broker: ClientTransport,
     /// MQTT client id.
     pub client_id: String,
+    /// The client's token (MQTT password, the client id as user name), if the broker
+    /// authenticates clients.
+    pub token: Option<String>,
     /// Shared-subscription group, if several engines split the traffic.
     pub group: Option<String>,
 }
@@ -65,12 +68,15 @@ pub async fn run_standalone(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
-        let opts = fleetbus_mqtt::options(
+        let mut opts = fleetbus_mqtt::options(
             &options.broker,
             &options.client_id,
             Duration::from_secs(15),
             100,
         );
+        if let Some(token) = &options.token {
+            opts.set_credentials(options.client_id.clone(), token.clone());
+        }
         let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         acks.set(Some(client.clone()));
         for filter in engine.filters() {
@@ -88,11 +94,11 @@ pub async fn run_standalone(
                     Ok(Event::Incoming(Packet::Publish(p))) => engine.dispatch(&p.topic, &p.payload),
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
-                        tracing::info!(broker = %options.broker, filters = ?engine.filters(), "rules engine connected");
+                        tracing::info!(broker = %options.broker.url(), filters = ?engine.filters(), "rules engine connected");
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
                         if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
-                            tracing::error!(broker = %options.broker, "broker refused a subscription");
+                            tracing::error!(broker = %options.broker.url(), "broker refused a subscription");
                         }
                     }
                     Ok(_) => {}
@@ -103,7 +109,7 @@ pub async fn run_standalone(
         };
         acks.set(None);
         let delay = backoff.next_delay();
-        tracing::warn!(broker = %options.broker, %reason, retry_in = ?delay, "rules engine connection failed");
+        tracing::warn!(broker = %options.broker.url(), %reason, retry_in = ?delay, "rules engine connection failed");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.wait_for(|s| *s) => return,

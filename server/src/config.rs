@@ -148,5 +148,16 @@ impl ServerConfig {
         if let Some(f) = &self.jobs.signing_key {
             self.jobs.signing_key = Some(fleetbus_config::relative_to(config_file, f));
         }
+        let tls = &mut self.broker.tls;
+        for file in [
+            &mut self.broker.security.policy,
+            &mut tls.cert,
+            &mut tls.key,
+            &mut tls.client_ca,
+        ] {
+            if let Some(f) = file.as_ref() {
+                *file = Some(fleetbus_config::relative_to(config_file, f));
+            }
+        }
     }
 }

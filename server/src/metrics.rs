@@ -113,6 +113,7 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
         ("fleetbus_broker_violations_total", "Clients disconnected for a PUBLISH or SUBSCRIBE the policy forbids.", load(&security.violations)),
         ("fleetbus_broker_duplicate_identities_total", "Duplicate-identity events (one client id taking over another live connection again and again).", load(&security.duplicate_identities)),
         ("fleetbus_broker_dropped_total", "Live connections the server dropped because their credential was revoked or replaced.", load(&security.dropped)),
+        ("fleetbus_broker_handshake_failures_total", "TLS or WebSocket handshakes that failed or timed out on the [broker.tls] listeners.", load(&security.handshake_failures)),
         ("fleetbus_broker_events_dropped_total", "Broker events not handed to the rules engine because its queue was full.", load(&security.events_dropped)),
     ];
     for (name, help, value) in broker {

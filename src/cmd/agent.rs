@@ -68,8 +68,16 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<AgentConfig> {
     if let Some(f) = &config.jobs.public_key_file {
         config.jobs.public_key_file = Some(fleetbus_config::relative_to(path, f));
     }
-    if let Some(f) = &config.connection.token_file {
-        config.connection.token_file = Some(fleetbus_config::relative_to(path, f));
+    let connection = &mut config.connection;
+    for file in [
+        &mut connection.token_file,
+        &mut connection.ca_file,
+        &mut connection.client_cert,
+        &mut connection.client_key,
+    ] {
+        if let Some(f) = file.as_ref() {
+            *file = Some(fleetbus_config::relative_to(path, f));
+        }
     }
     Ok(config)
 }

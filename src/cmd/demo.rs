@@ -50,10 +50,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut ids = Vec::new();
     for group in GROUPS {
         let mut agent_config = AgentConfig {
-            server: BrokerUrl {
-                host: "127.0.0.1".into(),
-                port,
-            },
+            server: BrokerUrl::mqtt("127.0.0.1", port),
             state_dir: tmp.path().join(format!("agent-{group}")),
             groups: vec![group.to_string()],
             ..AgentConfig::default()

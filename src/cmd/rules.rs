@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Subcommand;
 use fleetbus_mqtt::BrokerUrl;
 use fleetbus_rules::{
@@ -34,6 +35,14 @@ pub enum RulesCommand {
         /// Share the load with other engines of this group ($share/GROUP/... subscriptions).
         #[arg(long)]
         group: Option<String>,
+        /// A file holding this client's token (`fleetbus agents enroll ID --role server`),
+        /// for a broker that authenticates clients.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// CA certificates (PEM) to verify an mqtts:// or wss:// broker with (default: the
+        /// system's roots).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -63,14 +72,31 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
             data_dir,
             client_id,
             group,
+            token_file,
+            ca_file,
         } => {
+            let files = fleetbus_mqtt::TlsFiles {
+                ca_file,
+                ..Default::default()
+            };
+            let transport = fleetbus_mqtt::ClientTransport::for_url(&broker, &files, None)?;
+            let token = match &token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("--token-file {}", path.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
             let set = RuleSet::load(&rules)?;
             let acks = AckChannel::default();
             let engine =
                 Engine::start(set, &data_dir, EngineOptions::default(), acks.publisher()).await?;
             let options = StandaloneOptions {
-                broker,
+                broker: transport,
                 client_id,
+                token,
                 group,
             };
             run_standalone(&engine, &acks, &options, super::shutdown_signal()).await;

@@ -1,7 +1,11 @@
 //! In-process servers for tests and benchmarks, listening on 127.0.0.1 only and stopped
 //! when dropped:
 //! - [`S3Server`]: a real S3-protocol server (s3s-fs: files on disk, SigV4 checked);
-//! - [`CutProxy`]: a TCP proxy whose connections can be cut on demand.
+//! - [`CutProxy`]: a TCP proxy whose connections can be cut on demand;
+//! - [`ConnectProxy`]: an HTTP CONNECT proxy;
+//! - [`tls::TestCa`]: a throw-away CA issuing server and client certificates.
+
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -148,4 +152,91 @@ impl Drop for CutProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// An HTTP CONNECT proxy (what agents behind a corporate proxy go through): it answers
+/// `CONNECT host:port` by opening that connection and relaying bytes both ways.
+pub struct ConnectProxy {
+    addr: SocketAddr,
+    tunnels: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl ConnectProxy {
+    /// Starts the proxy on 127.0.0.1; it tunnels only to loopback addresses.
+    pub async fn start() -> std::io::Result<ConnectProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let tunnels = Arc::new(AtomicU64::new(0));
+        let counter = tunnels.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let _ = tunnel(inbound, &counter).await;
+                });
+            }
+        });
+        Ok(ConnectProxy {
+            addr,
+            tunnels,
+            task,
+        })
+    }
+
+    /// The proxy's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Tunnels opened so far.
+    pub fn tunnels(&self) -> u64 {
+        self.tunnels.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for ConnectProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn tunnel(mut inbound: TcpStream, tunnels: &AtomicU64) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // the request head, up to the blank line
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if inbound.read(&mut byte).await? == 0 || head.len() > 8192 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    let target = head
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("CONNECT "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|t| {
+            t.parse::<SocketAddr>().ok().or_else(|| {
+                let (host, port) = t.rsplit_once(':')?;
+                let port: u16 = port.parse().ok()?;
+                (host == "localhost").then_some(SocketAddr::from(([127, 0, 0, 1], port)))
+            })
+        });
+    let Some(target) = target.filter(|t| t.ip().is_loopback()) else {
+        inbound.write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n").await?;
+        return Ok(());
+    };
+    let mut outbound = TcpStream::connect(target).await?;
+    inbound
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    tunnels.fetch_add(1, Ordering::Relaxed);
+    tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+    Ok(())
 }

@@ -35,10 +35,7 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
     let mut agents = tokio::task::JoinSet::new();
     for i in 0..args.clients {
         let mut c = AgentConfig {
-            server: BrokerUrl {
-                host: "127.0.0.1".into(),
-                port,
-            },
+            server: BrokerUrl::mqtt("127.0.0.1", port),
             state_dir: tmp.path().join(format!("agent-{i}")),
             id: Some(format!("bench-{i}")),
             ..AgentConfig::default()

@@ -45,10 +45,7 @@ impl Mosquitto {
 
     /// Its URL.
     pub fn url(&self) -> BrokerUrl {
-        BrokerUrl {
-            host: "127.0.0.1".into(),
-            port: self.port,
-        }
+        BrokerUrl::mqtt("127.0.0.1", self.port)
     }
 }
 
@@ -78,9 +75,10 @@ pub async fn measure(
     let last_received = Arc::new(std::sync::Mutex::new(Instant::now()));
     let run_id = std::process::id();
 
+    let transport = fleetbus_mqtt::ClientTransport::to(url)?;
     // the subscriber, subscribed before anyone publishes
     let opts = fleetbus_mqtt::options(
-        url,
+        &transport,
         &format!("bench-sub-{run_id}"),
         Duration::from_secs(30),
         1000,
@@ -125,7 +123,7 @@ pub async fn measure(
     let sent_total = Arc::new(AtomicU64::new(0));
     for i in 0..args.clients {
         let opts = fleetbus_mqtt::options(
-            url,
+            &transport,
             &format!("bench-pub-{run_id}-{i}"),
             Duration::from_secs(30),
             100,

@@ -23,7 +23,8 @@ pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
-pub use server::{Broker, LinkType, Server};
+pub use link::network::N as ConnectionStream;
+pub use server::{Broker, Connections, LinkType, Server};
 
 pub use self::router::shared_subs::Strategy;
 

@@ -354,7 +354,62 @@ pub struct Server<P> {
     awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
 }
 
+/// fleetbus patch: serves connections whose transport the caller accepted and set up
+/// itself (TLS, WebSocket: with the handshake in the connection's own task instead of the
+/// accept loop, where upstream does it and one slow client stalls every accept).
+pub struct Connections<P> {
+    config: Arc<ConnectionSettings>,
+    router_tx: Sender<(ConnectionId, Event)>,
+    protocol: P,
+    awaiting_will_handler: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+}
+
+impl<P: Clone> Clone for Connections<P> {
+    fn clone(&self) -> Self {
+        Connections {
+            config: self.config.clone(),
+            router_tx: self.router_tx.clone(),
+            protocol: self.protocol.clone(),
+            awaiting_will_handler: self.awaiting_will_handler.clone(),
+        }
+    }
+}
+
+impl<P: Protocol + Clone + Send + 'static> Connections<P> {
+    /// Serves one MQTT connection from `peer` over `stream` until it ends.
+    pub async fn serve(&self, stream: Box<dyn N>, peer: SocketAddr) {
+        let mut protocol = self.protocol.clone();
+        protocol.accepted(peer);
+        remote(
+            self.config.clone(),
+            None,
+            self.router_tx.clone(),
+            stream,
+            protocol,
+            self.awaiting_will_handler.clone(),
+        )
+        .instrument(tracing::error_span!(
+            "remote_link",
+            tenant_id = field::Empty,
+            client_id = field::Empty,
+            connection_id = field::Empty,
+        ))
+        .await
+    }
+}
+
 impl<P: Protocol + Clone + Send + 'static> Server<P> {
+    /// fleetbus patch: a handle serving connections accepted elsewhere, on this server's
+    /// router and connection settings.
+    pub fn connections(&self) -> Connections<P> {
+        Connections {
+            config: Arc::new(self.config.connections.clone()),
+            router_tx: self.router_tx.clone(),
+            protocol: self.protocol.clone(),
+            awaiting_will_handler: self.awaiting_will_handler.clone(),
+        }
+    }
+
     pub fn new(
         config: ServerSettings,
         router_tx: Sender<(ConnectionId, Event)>,
