@@ -90,6 +90,22 @@ pub struct IngestArgs {
     /// Skip the fleetbus end-to-end measurement.
     #[arg(long)]
     pub no_fleetbus: bool,
+    /// Broker security for the fleetbus measurement, one run per value, side by side
+    /// (repeatable): `off`, `enforce` (tokens and the topic policy), `tls` (enforce, over
+    /// mqtts:// with a throw-away CA).
+    #[arg(long, value_enum, default_values_t = [BenchSecurity::Off])]
+    pub security: Vec<BenchSecurity>,
+}
+
+/// How the fleetbus end-to-end bench secures its broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchSecurity {
+    /// No authentication, no policy, plain TCP.
+    Off,
+    /// Agents log in with tokens; every PUBLISH/SUBSCRIBE is checked.
+    Enforce,
+    /// `enforce` over TLS.
+    Tls,
 }
 
 /// One measured target.
@@ -198,7 +214,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     }
     drop(mosquitto);
     if !args.no_fleetbus {
-        results.push(fleetbus::measure(&args).await?);
+        for security in &args.security {
+            results.push(fleetbus::measure(&args, *security).await?);
+        }
     }
     println!();
     println!(
@@ -211,12 +229,12 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         args.inflight
     );
     println!(
-        "{:<40} {:>10} {:>10} {:>8} {:>12}",
+        "{:<52} {:>10} {:>10} {:>8} {:>12}",
         "target", "sent", "out", "secs", "msg/s out"
     );
     for r in &results {
         println!(
-            "{:<40} {:>10} {:>10} {:>8.2} {:>12.0}",
+            "{:<52} {:>10} {:>10} {:>8.2} {:>12.0}",
             r.target,
             r.sent,
             r.received,

@@ -6,18 +6,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetbus_agent::{Agent, AgentConfig, Outbox};
+use fleetbus_broker::acl::Role;
+use fleetbus_broker::credentials::CredentialStore;
 use fleetbus_mqtt::BrokerUrl;
 use fleetbus_protocol::Record;
 use fleetbus_server::{Server, ServerConfig};
+use fleetbus_testkit::tls::TestCa;
 use tokio::sync::watch;
 
-use super::{IngestArgs, Measurement};
+use super::{BenchSecurity, IngestArgs, Measurement};
 
 /// Stream the simulated agents write to.
 const STREAM: &str = "bench";
 
 /// Runs the end-to-end measurement.
-pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
+pub async fn measure(args: &IngestArgs, security: BenchSecurity) -> anyhow::Result<Measurement> {
     let tmp = tempfile::Builder::new()
         .prefix("fleetbus-bench-")
         .tempdir()?;
@@ -27,6 +30,31 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
         ..ServerConfig::default()
     };
     config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut server_url = BrokerUrl::mqtt("127.0.0.1", port);
+    let mut ca_file = None;
+    let mut tokens = Vec::new();
+    if security != BenchSecurity::Off {
+        config.broker.security.enforce = true;
+        let store = CredentialStore::open_in(&config.data_dir)?;
+        for i in 0..args.clients {
+            tokens.push(Some(store.enroll(
+                &format!("bench-{i}"),
+                Role::Agent,
+                &[],
+                false,
+            )?));
+        }
+    }
+    if security == BenchSecurity::Tls {
+        let ca = TestCa::new("fleetbus bench CA")?;
+        ca_file = Some(ca.write_ca(tmp.path(), "ca")?);
+        let cert = ca.issue(tmp.path(), "server", &["127.0.0.1"])?;
+        let tls_port = fleetbus_broker::free_port()?;
+        config.broker.tls.listen = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, tls_port)));
+        config.broker.tls.cert = Some(cert.cert);
+        config.broker.tls.key = Some(cert.key);
+        server_url = format!("mqtts://127.0.0.1:{tls_port}").parse()?;
+    }
     let server = Server::start(&config).await?;
 
     let pad = pad_for(args.payload);
@@ -35,7 +63,7 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
     let mut agents = tokio::task::JoinSet::new();
     for i in 0..args.clients {
         let mut c = AgentConfig {
-            server: BrokerUrl::mqtt("127.0.0.1", port),
+            server: server_url.clone(),
             state_dir: tmp.path().join(format!("agent-{i}")),
             id: Some(format!("bench-{i}")),
             ..AgentConfig::default()
@@ -43,6 +71,8 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
         c.metrics.enabled = false;
         c.outbox.max_bytes = 1 << 30;
         c.connection.inflight = args.inflight;
+        c.connection.token = tokens.get(i).cloned().flatten();
+        c.connection.ca_file = ca_file.clone();
         let agent = Agent::open(c)?;
         outboxes.push(agent.outbox().clone());
         agents.spawn(agent.run(stop_rx.clone()));
@@ -107,7 +137,15 @@ pub async fn measure(args: &IngestArgs) -> anyhow::Result<Measurement> {
     while agents.join_next().await.is_some() {}
     server.shutdown(Duration::from_secs(10)).await;
     Ok(Measurement {
-        target: format!("fleetbus end to end ({} agents)", args.clients),
+        target: format!(
+            "fleetbus end to end ({} agents, security {})",
+            args.clients,
+            match security {
+                BenchSecurity::Off => "off",
+                BenchSecurity::Enforce => "enforce",
+                BenchSecurity::Tls => "enforce+tls",
+            }
+        ),
         sent,
         received: seen,
         elapsed,
