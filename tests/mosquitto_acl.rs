@@ -265,9 +265,10 @@ async fn the_exported_acl_decides_like_the_embedded_policy() {
         (
             "ops",
             Action::Subscribe,
-            "fleet/#",
+            "fleet/+/telemetry/#",
             "fleet/web-01/telemetry/metrics",
         ),
+        ("ops", Action::Subscribe, "fleet/#", "fleet/web-01/acks"),
         ("ops", Action::Publish, "fleet/web-01/acks", ""),
         ("rules", Action::Publish, "fleet/web-01/acks", ""),
         (

@@ -126,15 +126,7 @@ async fn connect(port: u16, id: &str, token: &str) -> (AsyncClient, rumqttc::Eve
 
 /// The first CONNECT outcome of `id` with `token`.
 async fn connect_result(port: u16, id: &str, token: Option<&str>) -> Result<(), ConnectionError> {
-    let (_client, mut events) = AsyncClient::new(options(port, id, token), 8);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => panic!("{id}: no answer to CONNECT"),
-        }
-    }
+    connect_result_with(options(port, id, token)).await
 }
 
 /// Polls until the connection fails (true) or `within` passes (false).
@@ -178,10 +170,10 @@ async fn a_rogue_agent_is_disconnected_and_nothing_it_sent_is_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let server = Secured::start(dir.path());
     let rogue_token = server.enroll("web-01", &["--groups", "web"]);
-    let ops_token = server.enroll("ops", &["--role", "operator"]);
+    let ops_token = server.enroll("ops", &["--role", "server"]);
     let port = server.port;
 
-    // an operator watching the whole fleet sees what is delivered
+    // a server-role client watching the whole fleet sees what is delivered
     let (ops, mut ops_events) = connect(port, "ops", &ops_token).await;
     ops.subscribe("fleet/#", QoS::AtLeastOnce).await.unwrap();
     let _ = received(&mut ops_events, Duration::from_millis(300)).await;
@@ -351,4 +343,121 @@ async fn an_enrolled_agent_process_delivers_and_two_clones_are_reported() {
     });
     b.kill();
     a.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_token_enrolls_an_agent_and_can_do_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start(dir.path());
+    let boot_file = dir.path().join("bootstrap.token");
+    server.enroll(
+        "provision-edge",
+        &[
+            "--role",
+            "bootstrap",
+            "--groups",
+            "edge",
+            "--out",
+            boot_file.to_str().unwrap(),
+        ],
+    );
+    let boot = fs::read_to_string(&boot_file).unwrap().trim().to_string();
+    let port = server.port;
+
+    // logged in with the bootstrap token, publishing telemetry is a violation
+    let bootstrap_login = |id: &str| {
+        let mut o = options(port, id, None);
+        o.set_credentials("provision-edge", boot.clone());
+        o
+    };
+    let (client, mut events) = AsyncClient::new(bootstrap_login("newcomer"), 16);
+    let connected = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await;
+    assert!(connected.is_ok(), "the bootstrap login was refused");
+    client
+        .publish(
+            "fleet/newcomer/telemetry/metrics",
+            QoS::AtLeastOnce,
+            false,
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert!(disconnected(&mut events, Duration::from_secs(5)).await);
+    server.wait_event("violation", |e| e["client_id"] == "newcomer");
+
+    // an agent holding only the bootstrap token enrolls itself and delivers
+    let config = dir.path().join("edge-7.toml");
+    fs::write(
+        &config,
+        format!(
+            "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-edge-7\"\nid = \"edge-7\"\n\
+             groups = [\"edge\"]\n[metrics]\nenabled = false\n[heartbeat]\nenabled = true\n\
+             interval = \"50ms\"\n[connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
+             bootstrap_id = \"provision-edge\"\nbootstrap_token_file = \"{}\"\n",
+            boot_file.display()
+        ),
+    )
+    .unwrap();
+    let records = dir.path().join("data/records/edge-7/heartbeat.jsonl");
+    let count = || {
+        fs::read_to_string(&records)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let log = dir.path().join("edge-7.log");
+    let mut agent = Proc::start(&["agent", "--config", config.to_str().unwrap()], &log);
+    assert!(
+        poll_until(Duration::from_secs(20), || count() >= 5),
+        "no heartbeats from the enrolled agent\n{}\n{}",
+        agent.log_text(),
+        server.proc.log()
+    );
+    server.wait_event("enrolled", |e| {
+        e["client_id"] == "edge-7" && e["via"] == "provision-edge" && e["groups"][0] == "edge"
+    });
+    assert!(dir.path().join("state-edge-7/credential.json").is_file());
+    let listing = server.agents(&["credentials"]);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("edge-7") && l.contains(" agent ") && l.contains("edge")),
+        "{listing}"
+    );
+    // a restart logs in with the kept credential: no second enrollment
+    agent.kill();
+    let before = count();
+    let mut agent = Proc::start(&["agent", "--config", config.to_str().unwrap()], &log);
+    assert!(poll_until(Duration::from_secs(20), || count() >= before + 5));
+    assert_eq!(server.events("enrolled").len(), 1);
+    assert!(server
+        .events("violation")
+        .iter()
+        .all(|e| e["client_id"] != "edge-7"));
+    agent.kill();
+    // the bootstrap token cannot take an enrolled id
+    match connect_result_with(bootstrap_login("edge-7")).await {
+        Err(ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId)) => {}
+        other => panic!("a bootstrap login for an enrolled id: {other:?}"),
+    }
+}
+
+async fn connect_result_with(options: MqttOptions) -> Result<(), ConnectionError> {
+    let (_client, mut events) = AsyncClient::new(options, 8);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("no answer to CONNECT"),
+        }
+    }
 }

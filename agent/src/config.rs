@@ -161,6 +161,12 @@ pub struct ConnectionConfig {
     pub client_key: Option<PathBuf>,
     /// An HTTP proxy the connection goes through (`http://host:port`, HTTP CONNECT).
     pub proxy: Option<String>,
+    /// A bootstrap credential's id: with no token of its own, the agent logs in with it
+    /// (and `bootstrap_token_file`), asks for a credential, keeps it in
+    /// `state_dir/credential.json` and uses that from then on.
+    pub bootstrap_id: Option<String>,
+    /// The file holding the bootstrap token (`fleetbus agents enroll ID --role bootstrap`).
+    pub bootstrap_token_file: Option<PathBuf>,
 }
 
 impl ConnectionConfig {
@@ -210,6 +216,8 @@ impl Default for ConnectionConfig {
             client_cert: None,
             client_key: None,
             proxy: None,
+            bootstrap_id: None,
+            bootstrap_token_file: None,
         }
     }
 }

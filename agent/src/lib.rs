@@ -12,6 +12,7 @@
 
 pub mod collectors;
 pub mod config;
+pub mod enroll;
 pub mod identity;
 pub mod jobs;
 pub mod outbox;
@@ -76,6 +77,7 @@ pub struct Agent {
     jobs: jobs::JobRunner,
     job_reports: tokio::sync::mpsc::Receiver<fleetbus_protocol::JobStatus>,
     token: Option<String>,
+    bootstrap: Option<enroll::Bootstrap>,
     transport: fleetbus_mqtt::ClientTransport,
     // held for the agent's lifetime: one process per state_dir
     _lock: std::fs::File,
@@ -91,13 +93,19 @@ impl Agent {
             op: "create state directory",
             source,
         })?;
-        let token = config.connection.load_token().map_err(AgentError::Config)?;
+        let configured_token = config.connection.load_token().map_err(AgentError::Config)?;
+        let bootstrap =
+            enroll::Bootstrap::from_config(&config.connection).map_err(AgentError::Config)?;
         let transport = config
             .connection
             .transport(&config.server)
             .map_err(|e| AgentError::Config(e.to_string()))?;
         let lock = lock_state_dir(&config.state_dir)?;
         let id = identity::resolve(config.id.as_deref(), &config.state_dir)?;
+        let token = match configured_token {
+            Some(t) => Some(t),
+            None => enroll::stored_token(&config.state_dir, &id)?,
+        };
         let outbox = Outbox::open(&config.state_dir.join("outbox"), &id, &config.outbox)?;
         let uploads = UploadQueue::open(&config.state_dir, config.uploads.chunk_size)?;
         uploads.forget_older_than(config.uploads.remember);
@@ -111,6 +119,7 @@ impl Agent {
             jobs,
             job_reports,
             token,
+            bootstrap,
             transport,
             _lock: lock,
         })
@@ -169,7 +178,7 @@ impl Agent {
         }
         let birth_config = self.config.clone();
         let birth_id = self.id.clone();
-        let publisher = publisher::Publisher {
+        let mut publisher = publisher::Publisher {
             agent: self.id.clone(),
             server: self.transport.clone(),
             connection: self.config.connection.clone(),
@@ -191,7 +200,36 @@ impl Agent {
                 .in_current_span(),
             );
         }
-        tasks.spawn(publisher.run(shutdown.clone()).in_current_span());
+        // without a token of its own, a bootstrap login asks for one first
+        let enrollment = match (&publisher.token, self.bootstrap) {
+            (None, Some(bootstrap)) => Some((
+                bootstrap,
+                self.config.connection.clone(),
+                self.config.state_dir.clone(),
+            )),
+            _ => None,
+        };
+        let mut publisher_shutdown = shutdown.clone();
+        tasks.spawn(
+            async move {
+                if let Some((bootstrap, connection, state_dir)) = enrollment {
+                    publisher.token = enroll::obtain(
+                        &publisher.server,
+                        &publisher.agent,
+                        &bootstrap,
+                        &connection,
+                        &state_dir,
+                        &mut publisher_shutdown,
+                    )
+                    .await;
+                    if publisher.token.is_none() {
+                        return; // stopped while enrolling
+                    }
+                }
+                publisher.run(publisher_shutdown).await
+            }
+            .in_current_span(),
+        );
         tasks.spawn(
             self.outbox
                 .clone()

@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub mod mosquitto;
+pub mod export;
 
 /// What a client wants to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,8 @@ pub enum Role {
     Server,
     /// An operator's tool.
     Operator,
+    /// A bootstrap credential: may only ask for an agent credential (enrollment).
+    Bootstrap,
 }
 
 impl Role {
@@ -43,6 +45,7 @@ impl Role {
             Role::Agent => "agent",
             Role::Server => "server",
             Role::Operator => "operator",
+            Role::Bootstrap => "bootstrap",
         }
     }
 
@@ -52,6 +55,7 @@ impl Role {
             "agent" => Some(Role::Agent),
             "server" => Some(Role::Server),
             "operator" => Some(Role::Operator),
+            "bootstrap" => Some(Role::Bootstrap),
             _ => None,
         }
     }
@@ -132,6 +136,8 @@ pub struct Policy {
 }
 
 impl Default for Policy {
+    /// Operators watch telemetry, presence and jobs (not acknowledgements, file replies or
+    /// enrollment replies, which carry new tokens). Bootstrap credentials only enroll.
     /// Agents publish only what agents produce under their own `fleet/{id}/` (telemetry,
     /// presence, file transfer, job status: never acknowledgements, replies, job commands
     /// or the server's event topics of their own id), subscribe only to their own
@@ -178,7 +184,24 @@ impl Default for Policy {
                     "operator-watches-the-fleet",
                     Role::Operator,
                     &[Action::Subscribe],
-                    &["fleet/#"],
+                    &[
+                        "fleet/+/telemetry/#",
+                        "fleet/+/presence",
+                        "fleet/+/jobs/#",
+                        "fleet/groups/+/jobs/#",
+                    ],
+                ),
+                rule(
+                    "bootstrap-only-enrolls",
+                    Role::Bootstrap,
+                    &[Action::Publish],
+                    &["fleet/enroll/${client_id}/request"],
+                ),
+                rule(
+                    "bootstrap-reads-its-enrollment",
+                    Role::Bootstrap,
+                    &[Action::Subscribe],
+                    &["fleet/enroll/${client_id}/reply"],
                 ),
             ],
         }

@@ -86,6 +86,17 @@ pub enum AuthFailure {
     Unknown,
     /// The credential was revoked.
     Revoked,
+    /// A bootstrap login for a client id that is already enrolled.
+    IdTaken,
+}
+
+/// A successful login: the credential that was checked, and who the connection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated<'a> {
+    /// The credential the token belongs to (a bootstrap credential for an enrollment).
+    pub credential: &'a Credential,
+    /// The connection's identity: its client id, role and groups.
+    pub identity: Identity,
 }
 
 impl AuthFailure {
@@ -97,6 +108,7 @@ impl AuthFailure {
             AuthFailure::WrongToken => "wrong token",
             AuthFailure::Unknown => "unknown client id (not enrolled)",
             AuthFailure::Revoked => "credential revoked",
+            AuthFailure::IdTaken => "bootstrap login for a client id that is already enrolled",
         }
     }
 }
@@ -108,20 +120,26 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Checks a CONNECT's client id, user name and password (the token).
+    /// Checks a CONNECT's client id, user name and password (the token). The user name is
+    /// the client id (or empty), except for an enrollment: then it names a bootstrap
+    /// credential and the client id is the agent id wanted, which must not be enrolled.
     pub fn authenticate(
         &self,
         client_id: &str,
         username: Option<&str>,
         token: Option<&[u8]>,
-    ) -> Result<&Credential, AuthFailure> {
+    ) -> Result<Authenticated<'_>, AuthFailure> {
         let token = token
             .filter(|t| !t.is_empty())
             .ok_or(AuthFailure::NoToken)?;
-        if username.is_some_and(|u| !u.is_empty() && u != client_id) {
-            return Err(AuthFailure::UserMismatch);
-        }
-        let credential = self.by_id.get(client_id).ok_or(AuthFailure::Unknown)?;
+        let bootstrap = username.filter(|u| !u.is_empty() && *u != client_id);
+        let credential = match bootstrap {
+            Some(user) => match self.by_id.get(user) {
+                Some(c) if c.role == Role::Bootstrap => c,
+                _ => return Err(AuthFailure::UserMismatch),
+            },
+            None => self.by_id.get(client_id).ok_or(AuthFailure::Unknown)?,
+        };
         if credential.revoked_at.is_some() {
             return Err(AuthFailure::Revoked);
         }
@@ -134,7 +152,21 @@ impl Credentials {
         if difference != 0 {
             return Err(AuthFailure::WrongToken);
         }
-        Ok(credential)
+        let mut identity = credential.identity();
+        if bootstrap.is_some() {
+            if self
+                .by_id
+                .get(client_id)
+                .is_some_and(|c| c.revoked_at.is_none())
+            {
+                return Err(AuthFailure::IdTaken);
+            }
+            identity.client_id = client_id.to_string();
+        }
+        Ok(Authenticated {
+            credential,
+            identity,
+        })
     }
 
     /// The credential of `id`, revoked or not.
@@ -389,22 +421,24 @@ mod tests {
         let c = snap
             .authenticate("web-01", None, Some(token.as_bytes()))
             .unwrap();
-        assert_eq!(c.groups, vec!["web", "eu"]);
+        assert_eq!(c.identity.groups, vec!["web", "eu"]);
         assert_eq!(
-            snap.authenticate("web-01", None, Some(b"nope")),
-            Err(AuthFailure::WrongToken)
+            snap.authenticate("web-01", None, Some(b"nope")).err(),
+            Some(AuthFailure::WrongToken)
         );
         assert_eq!(
-            snap.authenticate("web-01", None, None),
-            Err(AuthFailure::NoToken)
+            snap.authenticate("web-01", None, None).err(),
+            Some(AuthFailure::NoToken)
         );
         assert_eq!(
-            snap.authenticate("web-01", Some("web-02"), Some(token.as_bytes())),
-            Err(AuthFailure::UserMismatch)
+            snap.authenticate("web-01", Some("web-02"), Some(token.as_bytes()))
+                .err(),
+            Some(AuthFailure::UserMismatch)
         );
         assert_eq!(
-            snap.authenticate("web-02", None, Some(token.as_bytes())),
-            Err(AuthFailure::Unknown)
+            snap.authenticate("web-02", None, Some(token.as_bytes()))
+                .err(),
+            Some(AuthFailure::Unknown)
         );
         // enrolling again needs --replace, which invalidates the old token
         assert!(matches!(
@@ -416,19 +450,64 @@ mod tests {
         let snap2 = store.snapshot().unwrap();
         assert!(snap2.invalidates(&old));
         assert_eq!(
-            snap2.authenticate("web-01", None, Some(token.as_bytes())),
-            Err(AuthFailure::WrongToken)
+            snap2
+                .authenticate("web-01", None, Some(token.as_bytes()))
+                .err(),
+            Some(AuthFailure::WrongToken)
         );
         store.revoke("web-01").unwrap();
         let snap3 = store.snapshot().unwrap();
         assert_eq!(
-            snap3.authenticate("web-01", None, Some(token2.as_bytes())),
-            Err(AuthFailure::Revoked)
+            snap3
+                .authenticate("web-01", None, Some(token2.as_bytes()))
+                .err(),
+            Some(AuthFailure::Revoked)
         );
         assert!(matches!(
             store.revoke("nobody"),
             Err(CredentialError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn a_bootstrap_token_logs_in_only_for_new_ids_and_as_bootstrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open_in(dir.path()).unwrap();
+        let boot = store
+            .enroll("provision", Role::Bootstrap, &["edge".into()], false)
+            .unwrap();
+        store.enroll("taken", Role::Agent, &[], false).unwrap();
+        let snap = store.snapshot().unwrap();
+        let login = snap
+            .authenticate("new-1", Some("provision"), Some(boot.as_bytes()))
+            .unwrap();
+        assert_eq!(login.credential.id, "provision");
+        assert_eq!(
+            login.identity,
+            Identity {
+                client_id: "new-1".into(),
+                role: Role::Bootstrap,
+                groups: vec!["edge".into()],
+            }
+        );
+        assert_eq!(
+            snap.authenticate("taken", Some("provision"), Some(boot.as_bytes()))
+                .err(),
+            Some(AuthFailure::IdTaken)
+        );
+        assert_eq!(
+            snap.authenticate("new-1", Some("provision"), Some(b"x"))
+                .err(),
+            Some(AuthFailure::WrongToken)
+        );
+        // an agent's own token does not open other ids
+        let agent = store.enroll("agent-1", Role::Agent, &[], false).unwrap();
+        let snap = store.snapshot().unwrap();
+        assert_eq!(
+            snap.authenticate("new-2", Some("agent-1"), Some(agent.as_bytes()))
+                .err(),
+            Some(AuthFailure::UserMismatch)
+        );
     }
 
     #[test]

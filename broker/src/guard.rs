@@ -133,6 +133,12 @@ impl Guard {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Hands an event about a connection (e.g. from the enrollment service) to the same
+    /// place as the broker's own.
+    pub fn report(&self, event: BrokerEvent) {
+        self.emit(event);
+    }
+
     fn emit(&self, event: BrokerEvent) {
         if let Some(sink) = &self.events {
             if !sink(event) {
@@ -160,6 +166,17 @@ impl Guard {
         };
         *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
         stale
+    }
+
+    /// The bootstrap credential `client_id`'s live connection logged in with, if it is an
+    /// enrollment connection (the enrollment service trusts the broker's word, not the
+    /// request's).
+    pub fn bootstrap_login(&self, client_id: &str) -> Option<Credential> {
+        self.sessions()
+            .live
+            .get(client_id)
+            .and_then(|l| l.credential.clone())
+            .filter(|c| c.role == crate::acl::Role::Bootstrap && c.id != client_id)
     }
 
     /// Notes that `client_id` is about to be dropped on purpose, so its end says why.
@@ -194,16 +211,18 @@ impl Guard {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             match credentials.authenticate(client_id, username, password) {
-                Ok(c) => {
-                    grants = Some(Arc::new(self.policy.grants_for(&c.identity())));
-                    credential = Some(c.clone());
+                Ok(login) => {
+                    grants = Some(Arc::new(self.policy.grants_for(&login.identity)));
+                    credential = Some(login.credential.clone());
                 }
                 Err(failure) => {
                     let code = match failure {
                         AuthFailure::NoToken | AuthFailure::WrongToken => {
                             ConnectReturnCode::BadUserNamePassword
                         }
-                        AuthFailure::UserMismatch => ConnectReturnCode::ClientIdentifierNotValid,
+                        AuthFailure::UserMismatch | AuthFailure::IdTaken => {
+                            ConnectReturnCode::ClientIdentifierNotValid
+                        }
                         AuthFailure::Unknown | AuthFailure::Revoked => {
                             ConnectReturnCode::NotAuthorized
                         }

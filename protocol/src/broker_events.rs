@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 /// Topic of connection events: `fleet/server/connections/{connected|disconnected}`.
 pub const CONNECTIONS: &str = "fleet/server/connections";
-/// Topic of security events: `fleet/server/security/{refused|violation|duplicate-identity}`.
+/// Topic of security events:
+/// `fleet/server/security/{refused|violation|duplicate-identity|enrolled}`.
 pub const SECURITY: &str = "fleet/server/security";
 /// Filter matching every broker event.
 pub const ALL_BROKER_EVENTS: &str = "fleet/server/#";
@@ -73,6 +74,17 @@ pub enum BrokerEvent {
         /// When.
         ts: DateTime<Utc>,
     },
+    /// An agent enrolled itself with a bootstrap token.
+    Enrolled {
+        /// The new agent's id.
+        client_id: String,
+        /// The bootstrap credential it used.
+        via: String,
+        /// The groups it got.
+        groups: Vec<String>,
+        /// When.
+        ts: DateTime<Utc>,
+    },
     /// One client id keeps taking over another live connection: two machines (a cloned
     /// VM image) share one identity.
     DuplicateIdentity {
@@ -98,6 +110,7 @@ impl BrokerEvent {
             BrokerEvent::Refused { .. } => format!("{SECURITY}/refused"),
             BrokerEvent::Violation { .. } => format!("{SECURITY}/violation"),
             BrokerEvent::DuplicateIdentity { .. } => format!("{SECURITY}/duplicate-identity"),
+            BrokerEvent::Enrolled { .. } => format!("{SECURITY}/enrolled"),
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod ack;
 pub mod broker_events;
+pub mod enroll;
 pub mod files;
 pub mod ids;
 pub mod jobs;
@@ -15,6 +16,7 @@ pub mod topics;
 
 pub use ack::{Ack, StreamAck};
 pub use broker_events::BrokerEvent;
+pub use enroll::{EnrollReply, EnrollRequest};
 pub use files::{
     ChunkOutcome, FileAction, FileChunk, FileCompleted, FileInit, FileManifest, FileReply,
     RefusalKind,

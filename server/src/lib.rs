@@ -28,6 +28,9 @@ use fleetbus_rules::{AckPublisher, Engine, EngineStats, RuleSet, RulesError};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+/// Topics of enrollment (`fleet/enroll/...`), kept away from the rules engine.
+const ENROLL_TOPICS: &str = "fleet/enroll/";
+
 /// Client id of the in-process rules engine on the embedded broker.
 pub const ENGINE_CLIENT_ID: &str = "fleetbus-rules-engine";
 
@@ -166,16 +169,36 @@ impl Server {
             }
             None => None,
         };
+        let enroller = match config.broker.security.enforce {
+            true => {
+                let enroll_link = link_tx.clone();
+                let publish: security::Publish = Arc::new(move |topic, payload| {
+                    let mut link = enroll_link.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = link.try_publish(topic, payload) {
+                        tracing::warn!(error = %e, "enrollment reply not published (the agent asks again)");
+                    }
+                });
+                Some(Arc::new(security::Enroller::open(
+                    &config.data_dir,
+                    guard.clone(),
+                    publish,
+                )?))
+            }
+            false => None,
+        };
         let job_handle = jobs.as_ref().map(|j| j.0.clone());
         let consumer = tokio::spawn(
             consume(
                 link_rx,
-                engine.clone(),
-                file_tx,
-                file_counters.clone(),
-                shed_replies,
-                shed,
-                job_handle.clone(),
+                Destinations {
+                    engine: engine.clone(),
+                    files: file_tx,
+                    file_counters: file_counters.clone(),
+                    replies: shed_replies,
+                    shed,
+                    jobs: job_handle.clone(),
+                    enroller,
+                },
             )
             .instrument(tracing::info_span!("rules_engine")),
         );
@@ -417,17 +440,31 @@ fn shed_chunk(
     }
 }
 
-/// Feeds every message the router forwards to the in-process link into the engine, except
-/// file transfer messages, which go to the file service.
-async fn consume(
-    mut rx: LinkRx,
+/// Where the messages the engine's link receives go besides the rules engine.
+struct Destinations {
     engine: Arc<Engine>,
     files: tokio::sync::mpsc::Sender<files::FileEvent>,
     file_counters: Arc<FileCounters>,
     replies: files::ReplyPublisher,
     shed: files::ShedChunks,
     jobs: Option<Arc<jobs::JobsHandle>>,
-) {
+    enroller: Option<Arc<security::Enroller>>,
+}
+
+/// Feeds every message the router forwards to the in-process link into the engine, except
+/// file transfer messages (to the file service), job status and presence (also to the job
+/// service) and enrollment messages (to the enroller, never to the engine: replies carry
+/// tokens).
+async fn consume(mut rx: LinkRx, to: Destinations) {
+    let Destinations {
+        engine,
+        files,
+        file_counters,
+        replies,
+        shed,
+        jobs,
+        enroller,
+    } = to;
     loop {
         match rx.next().await {
             Ok(Some(Notification::Forward(forward))) => {
@@ -436,6 +473,18 @@ async fn consume(
                     tracing::warn!("message with a non-UTF-8 topic skipped");
                     continue;
                 };
+                // enrollment requests and replies (new tokens) never reach the rules
+                if topic.starts_with(ENROLL_TOPICS) {
+                    if let (Some(enroller), Some(agent)) = (
+                        &enroller,
+                        fleetbus_protocol::enroll::requesting_agent(topic),
+                    ) {
+                        let (enroller, agent) = (enroller.clone(), agent.to_string());
+                        let payload = publish.payload.clone();
+                        tokio::task::spawn_blocking(move || enroller.handle(&agent, &payload));
+                    }
+                    continue;
+                }
                 let parsed = Topic::parse(topic);
                 match parsed {
                     Topic::AgentJobs { agent, rest } => {

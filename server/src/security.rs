@@ -1,8 +1,8 @@
 //! The server's side of broker security: builds the broker's [`Guard`] from
 //! `[broker.security]`, feeds broker events (connects, disconnects, refusals, violations,
-//! duplicate identities) into the rules engine, and reloads the credential store when
+//! duplicate identities) into the rules engine, reloads the credential store when
 //! `fleetbus agents enroll/revoke` changed it, dropping live connections whose credential
-//! is no longer valid.
+//! is no longer valid, and enrolls agents that ask with a bootstrap token ([`Enroller`]).
 
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetbus_broker::acl::Policy;
-use fleetbus_broker::credentials::{CredentialStore, Credentials};
+use fleetbus_broker::acl::Role;
+use fleetbus_broker::credentials::{CredentialError, CredentialStore, Credentials};
 use fleetbus_broker::{ClientDropper, EventSink, Guard, SecurityConfig};
+use fleetbus_protocol::enroll::{reply_topic, EnrollReply, EnrollRequest};
 use fleetbus_protocol::BrokerEvent;
 use fleetbus_rules::Engine;
 use tokio::sync::mpsc;
@@ -94,6 +96,106 @@ impl Security {
             None => None,
         };
         Ok(SecurityTasks { forward, watcher })
+    }
+}
+
+/// Publishes a message through the broker (topic, payload).
+pub type Publish = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
+
+/// Enrolls agents that ask on `fleet/enroll/{agent}/request` over a connection the broker
+/// admitted with a bootstrap credential: the agent gets a credential of its own (role
+/// agent, the bootstrap credential's groups), its token comes back on
+/// `fleet/enroll/{agent}/reply`.
+pub struct Enroller {
+    store: std::sync::Mutex<CredentialStore>,
+    guard: Arc<Guard>,
+    publish: Publish,
+}
+
+impl Enroller {
+    /// An enroller on the credential store in `data_dir` (its own connection to it).
+    pub fn open(
+        data_dir: &Path,
+        guard: Arc<Guard>,
+        publish: Publish,
+    ) -> Result<Enroller, ServerError> {
+        let store =
+            CredentialStore::open_in(data_dir).map_err(|e| ServerError::Config(e.to_string()))?;
+        Ok(Enroller {
+            store: std::sync::Mutex::new(store),
+            guard,
+            publish,
+        })
+    }
+
+    /// Handles one request from `agent` (blocking: SQLite).
+    pub fn handle(&self, agent: &str, payload: &[u8]) {
+        let Some(bootstrap) = self.guard.bootstrap_login(agent) else {
+            tracing::debug!(
+                agent,
+                "enrollment request not from a bootstrap login: ignored"
+            );
+            return;
+        };
+        let reply = match serde_json::from_slice::<EnrollRequest>(payload) {
+            Err(e) => EnrollReply::Refused {
+                reason: format!("unreadable request: {e}"),
+            },
+            Ok(request) if request.agent != agent => EnrollReply::Refused {
+                reason: format!(
+                    "the request names `{}` but the connection is `{agent}`",
+                    request.agent
+                ),
+            },
+            Ok(request) => self.enroll(agent, &bootstrap, request.hostname.as_deref()),
+        };
+        match serde_json::to_vec(&reply) {
+            Ok(bytes) => (self.publish)(reply_topic(agent), bytes),
+            Err(e) => tracing::error!(agent, error = %e, "enrollment reply not encoded"),
+        }
+    }
+
+    fn enroll(
+        &self,
+        agent: &str,
+        bootstrap: &fleetbus_broker::credentials::Credential,
+        hostname: Option<&str>,
+    ) -> EnrollReply {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        match store.enroll(agent, Role::Agent, &bootstrap.groups, false) {
+            Ok(token) => {
+                tracing::info!(agent, via = %bootstrap.id, hostname, groups = ?bootstrap.groups, "agent enrolled with a bootstrap token");
+                // known to the broker at once, not at the next poll of the store
+                match store.snapshot() {
+                    Ok(credentials) => {
+                        self.guard.set_credentials(credentials);
+                    }
+                    Err(e) => tracing::error!(error = %e, "credential store unreadable after an enrollment"),
+                }
+                self.guard.report(BrokerEvent::Enrolled {
+                    client_id: agent.to_string(),
+                    via: bootstrap.id.clone(),
+                    groups: bootstrap.groups.clone(),
+                    ts: chrono::Utc::now(),
+                });
+                EnrollReply::Enrolled {
+                    agent: agent.to_string(),
+                    token,
+                    groups: bootstrap.groups.clone(),
+                }
+            }
+            Err(CredentialError::Exists(_)) => EnrollReply::Refused {
+                reason: format!(
+                    "`{agent}` is already enrolled: a cloned machine? `fleetbus agent reset-identity` gives it a new id"
+                ),
+            },
+            Err(e) => {
+                tracing::error!(agent, error = %e, "enrollment failed");
+                EnrollReply::Refused {
+                    reason: e.to_string(),
+                }
+            }
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use fleetbus_broker::acl::{mosquitto, Action, Identity, Policy, Role};
+use fleetbus_broker::acl::{export, Action, Identity, Policy};
 
 /// `fleetbus acl ...`
 #[derive(Debug, Subcommand)]
@@ -36,6 +36,8 @@ pub struct ExportArgs {
 enum ExportFormat {
     /// Mosquitto's `acl_file`.
     Mosquitto,
+    /// EMQX 5's file authorizer (`acl.conf`).
+    Emqx,
 }
 
 /// `fleetbus acl check` options.
@@ -46,7 +48,7 @@ pub struct CheckArgs {
     client: String,
     /// Its role.
     #[arg(long, value_enum, default_value = "agent")]
-    role: RoleArg,
+    role: super::agents::RoleArg,
     /// Its groups, comma-separated.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<String>,
@@ -63,13 +65,6 @@ pub struct CheckArgs {
     /// A policy file (`[[rule]]` tables); default: the built-in policy.
     #[arg(long)]
     policy: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum RoleArg {
-    Agent,
-    Server,
-    Operator,
 }
 
 /// Runs `fleetbus acl ...`.
@@ -97,9 +92,11 @@ fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         .filter(|c| c.revoked_at.is_none())
         .map(|c| c.identity())
         .collect();
-    match args.format {
-        ExportFormat::Mosquitto => print!("{}", mosquitto::export(&policy, &clients)),
-    }
+    let format = match args.format {
+        ExportFormat::Mosquitto => export::Format::Mosquitto,
+        ExportFormat::Emqx => export::Format::Emqx,
+    };
+    print!("{}", export::export(format, &policy, &clients));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -107,11 +104,7 @@ fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let policy = load_policy(args.policy.as_deref())?;
     let who = Identity {
         client_id: args.client,
-        role: match args.role {
-            RoleArg::Agent => Role::Agent,
-            RoleArg::Server => Role::Server,
-            RoleArg::Operator => Role::Operator,
-        },
+        role: args.role.into(),
         groups: args.groups,
     };
     let (action, topic) = match (args.publish, args.subscribe) {

@@ -74,6 +74,7 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<AgentConfig> {
         &mut connection.ca_file,
         &mut connection.client_cert,
         &mut connection.client_key,
+        &mut connection.bootstrap_token_file,
     ] {
         if let Some(f) = file.as_ref() {
             *file = Some(fleetbus_config::relative_to(path, f));

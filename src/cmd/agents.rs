@@ -34,11 +34,14 @@ impl ServerData {
     }
 }
 
+/// A role on the command line.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum RoleArg {
+pub(crate) enum RoleArg {
     Agent,
     Server,
     Operator,
+    /// May only enroll agents (its token can be baked into an image).
+    Bootstrap,
 }
 
 impl From<RoleArg> for Role {
@@ -47,6 +50,7 @@ impl From<RoleArg> for Role {
             RoleArg::Agent => Role::Agent,
             RoleArg::Server => Role::Server,
             RoleArg::Operator => Role::Operator,
+            RoleArg::Bootstrap => Role::Bootstrap,
         }
     }
 }
