@@ -32,21 +32,8 @@ impl Drop for Mosquitto {
     }
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn fleetbus(dir: &Path, args: &[&str]) -> String {
-    let data = dir.join("data");
-    run(Command::new(common::bin())
-        .args(args)
-        .args(["--data-dir", data.to_str().unwrap()]))
+    common::fleetbus_with_data(&dir.join("data"), args)
 }
 
 async fn connect(port: u16, id: &str, token: &str) -> (AsyncClient, rumqttc::EventLoop) {
@@ -147,7 +134,7 @@ async fn the_exported_acl_decides_like_the_embedded_policy() {
         if i == 0 {
             cmd.arg("-c");
         }
-        run(cmd.args(["-b", passwords.to_str().unwrap(), id, &token]));
+        common::run_ok(cmd.args(["-b", passwords.to_str().unwrap(), id, &token]));
         tokens.insert(*id, token);
         identities.insert(
             *id,

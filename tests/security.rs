@@ -45,19 +45,10 @@ impl Secured {
 
     /// `fleetbus agents ARGS --data-dir data`, which must succeed; its stdout.
     fn agents(&self, args: &[&str]) -> String {
-        let data = self.dir.join("data");
-        let out = std::process::Command::new(common::bin())
-            .arg("agents")
-            .args(args)
-            .args(["--data-dir", data.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "fleetbus agents {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let args: Vec<&str> = std::iter::once("agents")
+            .chain(args.iter().copied())
+            .collect();
+        common::fleetbus_with_data(&self.dir.join("data"), &args)
     }
 
     /// Enrolls `id` and returns its token.
@@ -126,7 +117,7 @@ async fn connect(port: u16, id: &str, token: &str) -> (AsyncClient, rumqttc::Eve
 
 /// The first CONNECT outcome of `id` with `token`.
 async fn connect_result(port: u16, id: &str, token: Option<&str>) -> Result<(), ConnectionError> {
-    connect_result_with(options(port, id, token)).await
+    common::first_connect_outcome(options(port, id, token)).await
 }
 
 /// Polls until the connection fails (true) or `within` passes (false).
@@ -444,20 +435,8 @@ async fn a_bootstrap_token_enrolls_an_agent_and_can_do_nothing_else() {
         .all(|e| e["client_id"] != "edge-7"));
     agent.kill();
     // the bootstrap token cannot take an enrolled id
-    match connect_result_with(bootstrap_login("edge-7")).await {
+    match common::first_connect_outcome(bootstrap_login("edge-7")).await {
         Err(ConnectionError::ConnectionRefused(ConnectReturnCode::BadClientId)) => {}
         other => panic!("a bootstrap login for an enrolled id: {other:?}"),
-    }
-}
-
-async fn connect_result_with(options: MqttOptions) -> Result<(), ConnectionError> {
-    let (_client, mut events) = AsyncClient::new(options, 8);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => panic!("no answer to CONNECT"),
-        }
     }
 }

@@ -13,7 +13,7 @@ use common::{free_port, poll_until, Proc, ServeProc};
 use fleetbus_mqtt::{BrokerUrl, ClientTransport, TlsFiles};
 use fleetbus_testkit::tls::{CertFiles, TestCa};
 use fleetbus_testkit::ConnectProxy;
-use rumqttc::{AsyncClient, ConnectionError, Event, Packet};
+use rumqttc::ConnectionError;
 
 /// A CA and a server certificate for localhost / 127.0.0.1 in `dir`.
 fn certificates(dir: &Path) -> (std::path::PathBuf, CertFiles, TestCa) {
@@ -30,15 +30,7 @@ async fn connect(url: &str, files: &TlsFiles, id: &str) -> Result<(), Connection
     let url: BrokerUrl = url.parse().unwrap();
     let transport = ClientTransport::for_url(&url, files, None).unwrap();
     let opts = fleetbus_mqtt::options(&transport, id, Duration::from_secs(5), 10);
-    let (_client, mut events) = AsyncClient::new(opts, 10);
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
-            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => panic!("{id}: no answer from {url}"),
-        }
-    }
+    common::first_connect_outcome(opts).await
 }
 
 fn server_config(port: u16, tls: &str) -> String {
@@ -64,16 +56,9 @@ fn start_server(dir: &Path, tls: &str) -> (u16, ServeProc) {
 
 fn enroll(dir: &Path, id: &str) -> std::path::PathBuf {
     let token = dir.join(format!("{id}.token"));
-    let data = dir.join("data");
-    let out = std::process::Command::new(common::bin())
-        .args(["agents", "enroll", id, "--out", token.to_str().unwrap()])
-        .args(["--data-dir", data.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::fleetbus_with_data(
+        &dir.join("data"),
+        &["agents", "enroll", id, "--out", token.to_str().unwrap()],
     );
     token
 }

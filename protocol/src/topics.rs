@@ -9,6 +9,8 @@
 //! | `fleet/{agent}/replies/...` | server → agent | answers (e.g. [`crate::FileReply`]) |
 //! | `fleet/{agent}/jobs/...` | reserved for per-agent jobs | |
 //! | `fleet/groups/{group}/jobs/...` | reserved for group jobs | |
+//! | `fleet/enroll/{agent}/{request,reply}` | agent ⇄ server | enrollment, see [`crate::enroll`] |
+//! | `fleet/server/...` | broker → rules engine only | [`crate::BrokerEvent`] |
 
 /// First segment of every fleetbus topic.
 pub const ROOT: &str = "fleet";

@@ -14,6 +14,27 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_fleetbus")
 }
 
+/// Runs `cmd`, which must succeed; its stdout.
+pub fn run_ok(cmd: &mut std::process::Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `fleetbus ARGS --data-dir DATA` (credential store commands), which must succeed; its
+/// stdout.
+pub fn fleetbus_with_data(data: &Path, args: &[&str]) -> String {
+    run_ok(
+        std::process::Command::new(bin())
+            .args(args)
+            .args(["--data-dir", data.to_str().unwrap()]),
+    )
+}
+
 /// A child process that is SIGKILLed when dropped (so a failing test leaves nothing behind).
 pub struct Proc {
     pub child: Child,
@@ -428,5 +449,22 @@ impl ServeProc {
     /// What the server logged so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+/// The first outcome of connecting with `options`: Ok on a CONNACK, else the error (a
+/// refusal code, a TLS failure...). Panics when nothing answers within 10 s.
+pub async fn first_connect_outcome(
+    options: rumqttc::MqttOptions,
+) -> Result<(), rumqttc::ConnectionError> {
+    use rumqttc::{Event, Packet};
+    let (_client, mut events) = rumqttc::AsyncClient::new(options, 8);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => panic!("no answer to CONNECT"),
+        }
     }
 }
