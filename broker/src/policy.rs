@@ -322,8 +322,8 @@ mod tests {
         assert!(!guard.dropping("a1", "credential revoked"));
     }
 
-    /// Random PUBLISH bytes through the codec: no panic, and whatever passes is under the
-    /// agent's own prefix.
+    /// Random PUBLISH bytes, damaged PUBLISHes and arbitrary bytes through the codec: no
+    /// panic, and whatever passes is under the agent's own prefix.
     #[test]
     fn random_packets_never_pass_a_forbidden_topic() {
         let (guard, token, _events) = guard();
@@ -355,15 +355,37 @@ mod tests {
             }
             let topic = topic.join(&b'/');
             let mut bytes = publish_bytes(&topic);
-            if rng.random_bool(0.2) {
+            match rng.random_range(0..10) {
                 // damage a byte
-                let i = rng.random_range(0..bytes.len());
-                bytes[i] = rng.random();
+                0 | 1 => {
+                    let i = rng.random_range(0..bytes.len());
+                    bytes[i] = rng.random();
+                }
+                // or anything at all
+                2 => {
+                    let n = rng.random_range(0..300);
+                    bytes = (0..n).map(|_| rng.random::<u8>()).collect::<Vec<u8>>()[..].into();
+                }
+                _ => {}
             }
-            if let Ok(Packet::Publish(publish, _)) = p.read_mut(&mut bytes, 1 << 20) {
-                let topic = std::str::from_utf8(&publish.topic).unwrap();
-                assert!(covers("fleet/a1/#", topic), "{topic} passed");
-                passed += 1;
+            // every packet the codec hands on: a PUBLISH only on the agent's own topics,
+            // a SUBSCRIBE only to filters it is granted
+            while let Ok(packet) = p.read_mut(&mut bytes, 1 << 20) {
+                match packet {
+                    Packet::Publish(publish, _) => {
+                        let topic = std::str::from_utf8(&publish.topic).unwrap();
+                        assert!(covers("fleet/a1/#", topic), "{topic} passed");
+                        passed += 1;
+                    }
+                    Packet::Subscribe(subscribe, _) => {
+                        for f in &subscribe.filters {
+                            let granted = covers("fleet/a1/#", &f.path)
+                                || covers("fleet/groups/web/jobs/notify", &f.path);
+                            assert!(granted, "{} passed", f.path);
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
         assert!(passed > 10, "the generator reached too few allowed cases");
