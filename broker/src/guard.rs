@@ -168,6 +168,17 @@ impl Guard {
         stale
     }
 
+    /// The groups of the agent credential `client_id`'s live connection logged in with
+    /// (None when nothing is enforced or the client is not an agent).
+    pub fn agent_groups(&self, client_id: &str) -> Option<Vec<String>> {
+        self.sessions()
+            .live
+            .get(client_id)
+            .and_then(|l| l.credential.as_ref())
+            .filter(|c| c.role == crate::acl::Role::Agent && c.id == client_id)
+            .map(|c| c.groups.clone())
+    }
+
     /// The bootstrap credential `client_id`'s live connection logged in with, if it is an
     /// enrollment connection (the enrollment service trusts the broker's word, not the
     /// request's).

@@ -198,6 +198,7 @@ impl Server {
                     shed,
                     jobs: job_handle.clone(),
                     enroller,
+                    guard: guard.clone(),
                 },
             )
             .instrument(tracing::info_span!("rules_engine")),
@@ -440,6 +441,25 @@ fn shed_chunk(
     }
 }
 
+/// With security enforced, an agent's groups are those of its credential, not those its
+/// birth message claims (a rogue agent must not count as a member of another group).
+fn enrolled_groups(
+    guard: &fleetbus_broker::Guard,
+    agent: &str,
+    presence: &mut fleetbus_protocol::Presence,
+) {
+    if presence.status != fleetbus_protocol::PresenceStatus::Online {
+        return;
+    }
+    let Some(groups) = guard.agent_groups(agent) else {
+        return;
+    };
+    if presence.groups != groups {
+        tracing::warn!(agent, claimed = ?presence.groups, enrolled = ?groups, "birth message claims other groups than the agent's credential: the credential's count");
+        presence.groups = groups;
+    }
+}
+
 /// Where the messages the engine's link receives go besides the rules engine.
 struct Destinations {
     engine: Arc<Engine>,
@@ -449,6 +469,7 @@ struct Destinations {
     shed: files::ShedChunks,
     jobs: Option<Arc<jobs::JobsHandle>>,
     enroller: Option<Arc<security::Enroller>>,
+    guard: Arc<fleetbus_broker::Guard>,
 }
 
 /// Feeds every message the router forwards to the in-process link into the engine, except
@@ -464,6 +485,7 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
         shed,
         jobs,
         enroller,
+        guard,
     } = to;
     loop {
         match rx.next().await {
@@ -495,10 +517,13 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                         continue;
                     }
                     Topic::GroupJobs { .. } => continue,
-                    Topic::Presence { .. } => {
+                    Topic::Presence { agent } => {
                         if let Some(jobs) = jobs.as_deref() {
                             match fleetbus_protocol::Presence::decode(&publish.payload) {
-                                Ok(p) => jobs.send(jobs::JobInput::Presence(p)).await,
+                                Ok(mut p) => {
+                                    enrolled_groups(&guard, agent, &mut p);
+                                    jobs.send(jobs::JobInput::Presence(p)).await
+                                }
                                 Err(e) => {
                                     tracing::debug!(%topic, error = %e, "unreadable presence message")
                                 }
@@ -547,5 +572,57 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use fleetbus_broker::acl::{Policy, Role};
+    use fleetbus_broker::credentials::CredentialStore;
+    use fleetbus_broker::{Gate, Guard, PolicyProtocol};
+    use fleetbus_protocol::{Presence, PresenceStatus};
+    use rumqttd::protocol::{Connect, Login, Packet, Protocol};
+
+    use super::enrolled_groups;
+
+    #[test]
+    fn a_birth_message_cannot_claim_groups_its_credential_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open_in(dir.path()).unwrap();
+        let token = store
+            .enroll("web-01", Role::Agent, &["web".into()], false)
+            .unwrap();
+        let guard = Arc::new(Guard::new(
+            true,
+            Policy::default(),
+            store.snapshot().unwrap(),
+            None,
+        ));
+        let mut birth = Presence::offline("web-01", chrono::Utc::now());
+        birth.status = PresenceStatus::Online;
+        birth.groups = vec!["web".into(), "db".into()];
+        // not connected: nothing to go by
+        enrolled_groups(&guard, "web-01", &mut birth);
+        assert_eq!(birth.groups, ["web", "db"]);
+        let mut connection = PolicyProtocol::new(Arc::new(Gate::default()), guard.clone());
+        let connect = Packet::Connect(
+            Connect {
+                keep_alive: 30,
+                client_id: "web-01".into(),
+                clean_session: true,
+            },
+            None,
+            None,
+            None,
+            Some(Login {
+                username: "web-01".into(),
+                password: token,
+            }),
+        );
+        connection.admit(&connect).unwrap();
+        enrolled_groups(&guard, "web-01", &mut birth);
+        assert_eq!(birth.groups, ["web"]);
     }
 }
