@@ -8,9 +8,12 @@
 //! Each file sink must have files of its own (no two sinks appending to one file).
 //!
 //! A file completion message (see [`crate::completion`]) is not written as a line: the
-//! verified file is copied from the spool to the path the template names for it (e.g.
-//! `files/{agent}/{file.name}`), through a temporary file, fsynced, renamed into place, so
-//! writing it again after a crash just replaces it.
+//! verified file is placed at the path the template names for it (e.g.
+//! `files/{agent}/{file.name}`) under a temporary name, then renamed into place and the
+//! directory fsynced, so writing it again after a crash just replaces it. By default it is
+//! hard-linked to the spool file (already fsynced and never written again once verified:
+//! no second copy of the bytes); across filesystems, or with `completed_files = "copy"`,
+//! it is copied and fsynced.
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
@@ -33,6 +36,10 @@ pub struct FileSinkConfig {
     /// Sink that receives batches this sink gives up on (see `batch.max_attempts`).
     #[serde(default)]
     pub dead_letter: Option<String>,
+    /// How a completed file reaches its path: a hard link to the verified spool file where
+    /// the filesystem allows it (the default), or always a copy.
+    #[serde(default)]
+    pub completed_files: CompletedFiles,
     /// Backpressure settings.
     #[serde(default)]
     pub buffer: BufferConfig,
@@ -49,6 +56,18 @@ impl FileSinkConfig {
     }
 }
 
+/// How the file sink places a completed file at its templated path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompletedFiles {
+    /// A hard link to the verified spool file (no bytes copied); a copy where the spool and
+    /// the destination are on different filesystems or the filesystem has no hard links.
+    #[default]
+    Link,
+    /// Always a copy of its own (fsynced).
+    Copy,
+}
+
 /// What the last batch did to which files.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Marker {
@@ -63,6 +82,7 @@ pub struct FileSink {
     base: PathBuf,
     template: PathTemplate,
     marker_path: PathBuf,
+    completed_files: CompletedFiles,
 }
 
 impl FileSink {
@@ -79,6 +99,7 @@ impl FileSink {
             base: data_dir.to_path_buf(),
             template,
             marker_path: state_dir.join(format!("{name}.marker")),
+            completed_files: config.completed_files,
         })
     }
 
@@ -158,20 +179,51 @@ fn append_batch(
     Ok(())
 }
 
-/// Copies a completed file into place: temporary file, fsync, rename (idempotent).
-fn copy_file(from: &Path, to: &Path) -> Result<(), SinkError> {
-    if let Some(dir) = to.parent() {
-        fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
+/// Places a completed file at `to`: a hard link (or, with [`CompletedFiles::Copy`] or where
+/// linking fails, an fsynced copy) under a temporary name, renamed into place, directory
+/// fsynced. Idempotent: placing it again replaces it, or finds it already linked.
+fn place_file(from: &Path, to: &Path, how: CompletedFiles) -> Result<(), SinkError> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
+    if how == CompletedFiles::Link && same_file(from, to) {
+        return Ok(());
     }
     let mut tmp_name = to.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".fleetbus-tmp");
     let tmp = to.with_file_name(tmp_name);
-    fs::copy(from, &tmp)
-        .and_then(|_| fs::File::open(&tmp)?.sync_all())
-        .map_err(|e| SinkError::io(&tmp, "copy completed file", e))?;
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(SinkError::io(&tmp, "remove stale temporary file", e)),
+    }
+    let linked = how == CompletedFiles::Link
+        && match fs::hard_link(from, &tmp) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(from = %from.display(), to = %tmp.display(), error = %e, "cannot link the completed file; copying it");
+                false
+            }
+        };
+    if !linked {
+        fs::copy(from, &tmp)
+            .and_then(|_| fs::File::open(&tmp)?.sync_all())
+            .map_err(|e| SinkError::io(&tmp, "copy completed file", e))?;
+    }
     fs::rename(&tmp, to).map_err(|e| SinkError::io(to, "rename completed file", e))?;
-    tracing::info!(from = %from.display(), to = %to.display(), "completed file copied");
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| SinkError::io(dir, "fsync directory", e))?;
+    tracing::info!(from = %from.display(), to = %to.display(), linked, "completed file placed");
     Ok(())
+}
+
+/// True when `a` and `b` name the same file (device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 fn load_marker(marker_path: &Path) -> Result<Option<Marker>, SinkError> {
@@ -222,10 +274,11 @@ impl Sink for FileSink {
             let (files, copies) = self.render(batch)?;
             let marker_path = self.marker_path.clone();
             let (first, next) = (batch.first, batch.next);
+            let how = self.completed_files;
             // fsyncs: off the async workers
             tokio::task::spawn_blocking(move || {
                 for (from, to) in &copies {
-                    copy_file(from, to)?;
+                    place_file(from, to, how)?;
                 }
                 append_batch(&marker_path, first, next, &files)
             })

@@ -9,6 +9,7 @@ fn config(path: &str) -> FileSinkConfig {
     FileSinkConfig {
         path: path.into(),
         dead_letter: None,
+        completed_files: CompletedFiles::default(),
         buffer: BufferConfig::default(),
         batch: BatchConfig::default(),
     }
@@ -119,4 +120,70 @@ async fn unwritable_directory_is_an_error_naming_the_path() {
     .unwrap();
     let err = sink.write(&batch(0, 0..1)).await.unwrap_err();
     assert!(err.to_string().contains("blocker"), "{err}");
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().ino()
+}
+
+#[test]
+fn a_completed_file_is_linked_into_place_once_and_again_idempotently() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool-data");
+    fs::write(&spool, b"verified bytes").unwrap();
+    let to = dir.path().join("received/a/core.dump");
+    place_file(&spool, &to, CompletedFiles::Link).unwrap();
+    assert_eq!(fs::read(&to).unwrap(), b"verified bytes");
+    assert_eq!(inode(&to), inode(&spool), "linked, not copied");
+    // delivered again (a retry after a crash): still the one file, no temporary left over
+    place_file(&spool, &to, CompletedFiles::Link).unwrap();
+    assert_eq!(inode(&to), inode(&spool));
+    let names: Vec<_> = fs::read_dir(to.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("core.dump")]);
+    // the spool file removed afterwards (every sink delivered): the placed file stays
+    fs::remove_file(&spool).unwrap();
+    assert_eq!(fs::read(&to).unwrap(), b"verified bytes");
+}
+
+#[test]
+fn a_completed_file_replaces_an_older_file_at_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool-data");
+    fs::write(&spool, b"new").unwrap();
+    let to = dir.path().join("core.dump");
+    fs::write(&to, b"an older upload").unwrap();
+    fs::write(
+        dir.path().join("core.dump.fleetbus-tmp"),
+        b"left by a crash",
+    )
+    .unwrap();
+    place_file(&spool, &to, CompletedFiles::Link).unwrap();
+    assert_eq!(fs::read(&to).unwrap(), b"new");
+    assert!(!dir.path().join("core.dump.fleetbus-tmp").exists());
+}
+
+#[test]
+fn completed_files_copy_makes_a_file_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool-data");
+    fs::write(&spool, b"verified bytes").unwrap();
+    let to = dir.path().join("out/core.dump");
+    place_file(&spool, &to, CompletedFiles::Copy).unwrap();
+    assert_eq!(fs::read(&to).unwrap(), b"verified bytes");
+    assert_ne!(inode(&to), inode(&spool), "a copy of its own");
+    place_file(&spool, &to, CompletedFiles::Copy).unwrap();
+    assert_eq!(fs::read(&to).unwrap(), b"verified bytes");
+}
+
+#[test]
+fn completed_files_setting_parses() {
+    let c: FileSinkConfig = toml::from_str("path = \"x\"\ncompleted_files = \"copy\"").unwrap();
+    assert_eq!(c.completed_files, CompletedFiles::Copy);
+    let c: FileSinkConfig = toml::from_str("path = \"x\"").unwrap();
+    assert_eq!(c.completed_files, CompletedFiles::Link);
+    assert!(toml::from_str::<FileSinkConfig>("path = \"x\"\ncompleted_files = \"move\"").is_err());
 }
