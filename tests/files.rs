@@ -316,6 +316,8 @@ to = ["local"]
         common::poll_until(Duration::from_secs(30), || spool_uploads(&data) == 0),
         "spool not freed"
     );
+    // the file sink's file (a link to the spool file by default) outlives the spool's name
+    assert_eq!(sha_of(&local), small_sha);
 
     // the same file again: confirmed at once, not one chunk sent, not announced twice
     let sent_before = agent.sent();
