@@ -186,7 +186,8 @@ fn place_file(from: &Path, to: &Path, how: CompletedFiles) -> Result<(), SinkErr
     let dir = to.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
     if how == CompletedFiles::Link && same_file(from, to) {
-        return Ok(());
+        // placed before (a retry after a crash): make sure the name is durable
+        return sync_dir(dir);
     }
     let mut tmp_name = to.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".fleetbus-tmp");
@@ -210,11 +211,16 @@ fn place_file(from: &Path, to: &Path, how: CompletedFiles) -> Result<(), SinkErr
             .map_err(|e| SinkError::io(&tmp, "copy completed file", e))?;
     }
     fs::rename(&tmp, to).map_err(|e| SinkError::io(to, "rename completed file", e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| SinkError::io(dir, "fsync directory", e))?;
+    sync_dir(dir)?;
     tracing::info!(from = %from.display(), to = %to.display(), linked, "completed file placed");
     Ok(())
+}
+
+/// fsyncs directory `dir`, so that a rename into it survives a crash.
+fn sync_dir(dir: &Path) -> Result<(), SinkError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| SinkError::io(dir, "fsync directory", e))
 }
 
 /// True when `a` and `b` name the same file (device and inode).

@@ -122,6 +122,14 @@ async fn unwritable_directory_is_an_error_naming_the_path() {
     assert!(err.to_string().contains("blocker"), "{err}");
 }
 
+/// A verified spool file holding `bytes`, in a fresh directory.
+fn spool_file(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool-data");
+    fs::write(&spool, bytes).unwrap();
+    (dir, spool)
+}
+
 fn inode(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::metadata(path).unwrap().ino()
@@ -129,9 +137,7 @@ fn inode(path: &Path) -> u64 {
 
 #[test]
 fn a_completed_file_is_linked_into_place_once_and_again_idempotently() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool-data");
-    fs::write(&spool, b"verified bytes").unwrap();
+    let (dir, spool) = spool_file(b"verified bytes");
     let to = dir.path().join("received/a/core.dump");
     place_file(&spool, &to, CompletedFiles::Link).unwrap();
     assert_eq!(fs::read(&to).unwrap(), b"verified bytes");
@@ -151,9 +157,7 @@ fn a_completed_file_is_linked_into_place_once_and_again_idempotently() {
 
 #[test]
 fn a_completed_file_replaces_an_older_file_at_its_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool-data");
-    fs::write(&spool, b"new").unwrap();
+    let (dir, spool) = spool_file(b"new");
     let to = dir.path().join("core.dump");
     fs::write(&to, b"an older upload").unwrap();
     fs::write(
@@ -168,9 +172,7 @@ fn a_completed_file_replaces_an_older_file_at_its_path() {
 
 #[test]
 fn completed_files_copy_makes_a_file_of_its_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool-data");
-    fs::write(&spool, b"verified bytes").unwrap();
+    let (dir, spool) = spool_file(b"verified bytes");
     let to = dir.path().join("out/core.dump");
     place_file(&spool, &to, CompletedFiles::Copy).unwrap();
     assert_eq!(fs::read(&to).unwrap(), b"verified bytes");
@@ -186,4 +188,26 @@ fn completed_files_setting_parses() {
     let c: FileSinkConfig = toml::from_str("path = \"x\"").unwrap();
     assert_eq!(c.completed_files, CompletedFiles::Link);
     assert!(toml::from_str::<FileSinkConfig>("path = \"x\"\ncompleted_files = \"move\"").is_err());
+}
+
+#[test]
+fn a_completed_file_on_another_filesystem_is_copied() {
+    use std::os::unix::fs::MetadataExt;
+    // /dev/shm is a tmpfs of its own on Linux; the test's directory is on the disk
+    let Ok(shm) = tempfile::tempdir_in("/dev/shm") else {
+        eprintln!("skipped: /dev/shm not available");
+        return;
+    };
+    let spool = shm.path().join("spool-data");
+    fs::write(&spool, b"verified bytes").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    if fs::metadata(dir.path()).unwrap().dev() == fs::metadata(shm.path()).unwrap().dev() {
+        eprintln!("skipped: /dev/shm is on the same filesystem as the temporary directory");
+        return;
+    }
+    let to = dir.path().join("core.dump");
+    place_file(&spool, &to, CompletedFiles::Link).unwrap();
+    assert_eq!(fs::read(&to).unwrap(), b"verified bytes");
+    assert_ne!(inode(&to), inode(&spool));
+    assert!(!dir.path().join("core.dump.fleetbus-tmp").exists());
 }
