@@ -29,15 +29,13 @@ pub fn resolve(configured: Option<&str>, state_dir: &Path) -> Result<String, Age
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::new_v4().to_string();
-            let tmp = state_dir.join(format!("{ID_FILE}.tmp"));
-            fs::write(&tmp, format!("{id}\n"))
-                .and_then(|_| fs::File::open(&tmp)?.sync_all())
-                .and_then(|_| fs::rename(&tmp, &path))
-                .map_err(|source| AgentError::Io {
+            fleetbus_support::replace_file(&path, format!("{id}\n").as_bytes()).map_err(
+                |source| AgentError::Io {
                     path: path.clone(),
                     op: "write agent id",
                     source,
-                })?;
+                },
+            )?;
             tracing::info!(agent = %id, file = %path.display(), "generated a new agent id");
             Ok(id)
         }
@@ -91,10 +89,12 @@ pub fn reset(config: &AgentConfig) -> Result<Reset, AgentError> {
         let mut kept_in = state_dir.as_os_str().to_owned();
         kept_in.push(format!(".before-reset-{seconds}"));
         let kept_in = PathBuf::from(kept_in);
-        fs::rename(state_dir, &kept_in).map_err(|source| AgentError::Io {
-            path: state_dir.clone(),
-            op: "move aside",
-            source,
+        fleetbus_support::durable::rename(state_dir, &kept_in).map_err(|source| {
+            AgentError::Io {
+                path: state_dir.clone(),
+                op: "move aside",
+                source,
+            }
         })?;
         drop(lock);
         fs::create_dir_all(state_dir).map_err(|source| AgentError::Io {

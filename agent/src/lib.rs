@@ -80,7 +80,7 @@ pub struct Agent {
     bootstrap: Option<enroll::Bootstrap>,
     transport: fleetbus_mqtt::ClientTransport,
     // held for the agent's lifetime: one process per state_dir
-    _lock: std::fs::File,
+    _lock: fleetbus_support::DirLock,
 }
 
 impl Agent {
@@ -248,22 +248,13 @@ impl Agent {
 }
 
 /// Takes the exclusive lock on `state_dir/agent.lock` (released when the process ends).
-pub(crate) fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, AgentError> {
-    let path = state_dir.join("agent.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| AgentError::Io {
-            path: path.clone(),
-            op: "open lock file",
-            source,
-        })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Locked { path }),
-        Err(std::fs::TryLockError::Error(source)) => Err(AgentError::Io {
+pub(crate) fn lock_state_dir(
+    state_dir: &std::path::Path,
+) -> Result<fleetbus_support::DirLock, AgentError> {
+    match fleetbus_support::lock_dir(state_dir, "agent.lock") {
+        Ok(lock) => Ok(lock),
+        Err(fleetbus_support::LockError::Held { path }) => Err(AgentError::Locked { path }),
+        Err(fleetbus_support::LockError::Io { path, source }) => Err(AgentError::Io {
             path,
             op: "lock",
             source,

@@ -569,18 +569,12 @@ fn read_state(path: &Path) -> Result<PersistedState, AgentError> {
 }
 
 fn write_state(path: &Path, state: &PersistedState) -> Result<(), AgentError> {
-    let tmp = path.with_extension("state.tmp");
     let bytes = serde_json::to_vec(state).map_err(|e| AgentError::Record(e.to_string()))?;
-    let io = |source| AgentError::Io {
+    fleetbus_support::replace_file(path, &bytes).map_err(|source| AgentError::Io {
         path: path.to_path_buf(),
         op: "write outbox state",
         source,
-    };
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 #[cfg(test)]

@@ -1,15 +1,15 @@
 //! Small state files in `state_dir` (upload jobs and outcomes, job records, the enrolled
-//! credential), written so a crash leaves either the old or the new content, never a torn
-//! file.
+//! credential), written so a crash or a power loss leaves either the old or the new
+//! content, never a torn file ([`fleetbus_support::durable`]).
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
 
 use crate::AgentError;
 
-/// Writes `value` as JSON via a temporary file (forced to disk) and a rename.
+/// Writes `value` as JSON via a temporary file (forced to disk), a rename and a directory
+/// fsync.
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), AgentError> {
     write(path, value, false)
 }
@@ -24,25 +24,12 @@ fn write<T: Serialize>(path: &Path, value: &T, secret: bool) -> Result<(), Agent
         path: path.to_path_buf(),
         problem: e.to_string(),
     })?;
-    let tmp = path.with_extension("json.tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let _ = secret;
-    options
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&bytes)?;
-            f.sync_all()
-        })
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|source| AgentError::Io {
+    let mode = secret.then_some(0o600);
+    fleetbus_support::durable::replace_file_with_mode(path, &bytes, mode).map_err(|source| {
+        AgentError::Io {
             path: path.to_path_buf(),
             op: "write",
             source,
-        })
+        }
+    })
 }

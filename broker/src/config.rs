@@ -37,6 +37,49 @@ pub struct BrokerConfig {
     pub security: SecurityConfig,
     /// TLS listeners (MQTT over TLS, MQTT over WebSocket over TLS).
     pub tls: TlsConfig,
+    /// What one credential or one client may hold (connections, enrollments, topics).
+    pub limits: LimitsConfig,
+}
+
+/// `[broker.limits]`: bounds on what one credential or one client can take from everyone
+/// else. Each bound that is hit is counted (`fleetbus_broker_limited_total{limit=...}`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Live connections logged in with bootstrap credentials, all of them together
+    /// (enrollment takes one short exchange per new machine).
+    pub bootstrap_connections: usize,
+    /// A bootstrap connection is dropped after this long (an enrollment takes a second).
+    #[serde(with = "humantime_serde")]
+    pub bootstrap_lifetime: Duration,
+    /// Enrollments one bootstrap credential may make per minute (a burst of as many is
+    /// allowed after a quiet minute); requests beyond are refused, the agent asks again.
+    pub enrollments_per_minute: u32,
+    /// Live connections one `server` or `operator` credential may hold.
+    pub connections_per_credential: usize,
+    /// Connection slots (of `max_connections`) that only enrolled agents may take: other
+    /// logins (bootstrap, operator, server) are refused once the rest is in use. Unset: a
+    /// tenth of `max_connections`.
+    pub reserved_for_agents: Option<usize>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            bootstrap_connections: 32,
+            bootstrap_lifetime: Duration::from_secs(60),
+            enrollments_per_minute: 120,
+            connections_per_credential: 16,
+            reserved_for_agents: None,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The slots kept for agents out of `max_connections`.
+    pub fn agent_slots(&self, max_connections: usize) -> usize {
+        self.reserved_for_agents.unwrap_or(max_connections / 10)
+    }
 }
 
 /// `[broker.tls]`: encrypted listeners beside the plain one. Each is opened when its
@@ -69,12 +112,16 @@ pub struct SecurityConfig {
     /// A policy file (`[[rule]]` tables, see docs/security.md); the built-in policy when
     /// unset.
     pub policy: Option<PathBuf>,
+    /// Allow listeners on addresses other than loopback while `enforce` is off (anyone who
+    /// reaches them may publish and subscribe as anyone). Off: such a configuration is
+    /// refused at start.
+    pub allow_insecure: bool,
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         BrokerConfig {
-            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 10_000,
             max_payload_bytes: 256 * 1024,
             max_inflight: 1_000,
@@ -83,6 +130,7 @@ impl Default for BrokerConfig {
             segment_count: 5,
             security: SecurityConfig::default(),
             tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -138,6 +186,22 @@ impl BrokerConfig {
         if self.segment_count < 2 {
             return Err(problem("segment_count", "must be at least 2"));
         }
+        let limits = &self.limits;
+        if limits.agent_slots(self.max_connections) >= self.max_connections {
+            return Err(problem(
+                "limits.reserved_for_agents",
+                "must be below max_connections (other logins need a slot too)",
+            ));
+        }
+        if limits.bootstrap_lifetime < Duration::from_secs(1) {
+            return Err(problem("limits.bootstrap_lifetime", "must be at least 1s"));
+        }
+        if limits.connections_per_credential == 0 {
+            return Err(problem(
+                "limits.connections_per_credential",
+                "must be at least 1",
+            ));
+        }
         let tls = &self.tls;
         let listening = tls.listen.is_some() || tls.websocket_listen.is_some();
         if listening && (tls.cert.is_none() || tls.key.is_none()) {
@@ -147,6 +211,20 @@ impl BrokerConfig {
             ));
         }
         let addresses = [Some(self.listen), tls.listen, tls.websocket_listen];
+        let security = &self.security;
+        if !security.enforce && !security.allow_insecure {
+            if let Some(open) = addresses.iter().flatten().find(|a| !a.ip().is_loopback()) {
+                return Err(problem(
+                    "security",
+                    format!(
+                        "{open} is reachable beyond this machine but security.enforce is off: \
+                         anyone could publish and subscribe as anyone. Set \
+                         [broker.security] enforce = true (docs/security.md), listen on \
+                         127.0.0.1, or say security.allow_insecure = true"
+                    ),
+                ));
+            }
+        }
         let mut taken: Vec<SocketAddr> = addresses.into_iter().flatten().collect();
         taken.sort();
         if taken.windows(2).any(|w| w[0] == w[1]) {
@@ -199,6 +277,28 @@ mod tests {
     }
 
     #[test]
+    fn open_listeners_need_security_or_an_explicit_insecure() {
+        let mut c = BrokerConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "security");
+        assert!(e.problem.contains("0.0.0.0:1883"), "{e}");
+        c.security.allow_insecure = true;
+        c.validate().unwrap();
+        c.security.allow_insecure = false;
+        c.security.enforce = true;
+        c.validate().unwrap();
+        c.security.enforce = false;
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 1883));
+        c.tls.websocket_listen = Some(SocketAddr::from(([10, 0, 0, 1], 443)));
+        c.tls.cert = Some("c.pem".into());
+        c.tls.key = Some("k.pem".into());
+        assert_eq!(c.validate().unwrap_err().key, "security");
+    }
+
+    #[test]
     fn rumqttd_traps_are_refused() {
         let mut c = BrokerConfig {
             max_connections: 0,
@@ -206,6 +306,9 @@ mod tests {
         };
         assert_eq!(c.validate().unwrap_err().key, "max_connections");
         c.max_connections = 10;
+        c.limits.reserved_for_agents = Some(10);
+        assert_eq!(c.validate().unwrap_err().key, "limits.reserved_for_agents");
+        c.limits.reserved_for_agents = None;
         c.max_payload_bytes = 128 * 1024;
         assert_eq!(c.validate().unwrap_err().key, "max_payload_bytes");
     }

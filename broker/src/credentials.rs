@@ -40,6 +40,11 @@ pub enum CredentialError {
     /// Enrolling an id that already has a live credential.
     #[error("`{0}` is already enrolled (use --replace to issue a new token, which invalidates the old one)")]
     Exists(String),
+    /// Enrolling an id whose credential was revoked (without `--replace`).
+    #[error(
+        "`{0}` was revoked: it stays revoked until an operator enrolls it again with --replace"
+    )]
+    Revoked(String),
     /// Revoking or looking up an id that was never enrolled.
     #[error("`{0}` is not enrolled")]
     Unknown(String),
@@ -154,12 +159,11 @@ impl Credentials {
         }
         let mut identity = credential.identity();
         if bootstrap.is_some() {
-            if self
-                .by_id
-                .get(client_id)
-                .is_some_and(|c| c.revoked_at.is_none())
-            {
-                return Err(AuthFailure::IdTaken);
+            // a revoked id stays revoked: only an operator enrolls it again (--replace)
+            match self.by_id.get(client_id) {
+                Some(c) if c.revoked_at.is_some() => return Err(AuthFailure::Revoked),
+                Some(_) => return Err(AuthFailure::IdTaken),
+                None => {}
             }
             identity.client_id = client_id.to_string();
         }
@@ -247,8 +251,9 @@ impl CredentialStore {
     }
 
     /// Enrolls `id` with `role` and `groups` and returns its new token (shown once: only
-    /// its hash is kept). An id with a live credential is refused unless `replace`, which
-    /// issues a new token (the old one stops working); a revoked id may be enrolled again.
+    /// its hash is kept). An id that has a credential, live or revoked, is refused unless
+    /// `replace`, which issues a new token (the old one stops working): a revoked id stays
+    /// revoked until an operator enrolls it again on purpose.
     pub fn enroll(
         &self,
         id: &str,
@@ -261,8 +266,10 @@ impl CredentialStore {
             check_name("group", group)?;
         }
         if let Some(existing) = self.get(id)? {
-            if existing.revoked_at.is_none() && !replace {
-                return Err(CredentialError::Exists(id.to_string()));
+            match (existing.revoked_at, replace) {
+                (_, true) => {}
+                (None, false) => return Err(CredentialError::Exists(id.to_string())),
+                (Some(_), false) => return Err(CredentialError::Revoked(id.to_string())),
             }
         }
         let mut secret = [0u8; TOKEN_BYTES];
@@ -508,6 +515,36 @@ mod tests {
                 .err(),
             Some(AuthFailure::UserMismatch)
         );
+    }
+
+    #[test]
+    fn a_revoked_id_stays_revoked_until_an_operator_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open_in(dir.path()).unwrap();
+        let boot = store
+            .enroll("provision", Role::Bootstrap, &["edge".into()], false)
+            .unwrap();
+        store.enroll("stolen", Role::Agent, &[], false).unwrap();
+        store.revoke("stolen").unwrap();
+        let snap = store.snapshot().unwrap();
+        // a bootstrap token cannot log in as it to re-enroll it...
+        assert_eq!(
+            snap.authenticate("stolen", Some("provision"), Some(boot.as_bytes()))
+                .err(),
+            Some(AuthFailure::Revoked)
+        );
+        // ...and enrolling it (what the enrollment service does) is refused
+        assert!(matches!(
+            store.enroll("stolen", Role::Agent, &["edge".into()], false),
+            Err(CredentialError::Revoked(_))
+        ));
+        assert!(snap.get("stolen").unwrap().revoked_at.is_some());
+        // an operator's --replace enrolls it again
+        let token = store.enroll("stolen", Role::Agent, &[], true).unwrap();
+        let snap = store.snapshot().unwrap();
+        assert!(snap
+            .authenticate("stolen", None, Some(token.as_bytes()))
+            .is_ok());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! One [`Guard`] serves every connection; each connection's [`crate::PolicyProtocol`]
 //! asks it to admit its CONNECT and reports its end.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -14,7 +14,8 @@ use chrono::Utc;
 use fleetbus_protocol::BrokerEvent;
 use rumqttd::protocol::ConnectReturnCode;
 
-use crate::acl::{Action, Grants, Policy};
+use crate::acl::{Action, Grants, Policy, Role};
+use crate::config::LimitsConfig;
 use crate::credentials::{AuthFailure, Credential, Credentials};
 
 /// Where broker events go (the server feeds them into the rules engine). Called on the
@@ -52,6 +53,19 @@ pub struct SecurityCounters {
     /// TLS or WebSocket handshakes that failed or timed out (wrong CA, plain TCP on a TLS
     /// port, scanners).
     pub handshake_failures: AtomicU64,
+    /// CONNECTs refused by a connection limit of `[broker.limits]`.
+    pub limited_connections: AtomicU64,
+    /// Bootstrap connections dropped at the end of `limits.bootstrap_lifetime`.
+    pub bootstrap_expired: AtomicU64,
+    /// Enrollment requests refused by `limits.enrollments_per_minute`.
+    pub limited_enrollments: AtomicU64,
+    /// Accept loops that backed off because the process ran out of file descriptors.
+    pub accept_backoffs: AtomicU64,
+    /// HTTP connections (metrics, admin) closed at once because the endpoint's connection
+    /// cap was reached.
+    pub http_refused_connections: AtomicU64,
+    /// HTTP connections ended by the header timeout or the connection lifetime.
+    pub http_timed_out: AtomicU64,
 }
 
 /// What a connection was admitted as.
@@ -71,9 +85,46 @@ struct Live {
     credential: Option<Credential>,
 }
 
+/// Live connections counted against `[broker.limits]`.
+#[derive(Debug, Default)]
+struct Occupancy {
+    /// Per credential id: live connections logged in with it.
+    per_credential: HashMap<String, usize>,
+    /// Live connections logged in with any bootstrap credential.
+    bootstrap: usize,
+    /// Live connections that are not enrolled agents (bootstrap, operator, server).
+    not_agents: usize,
+}
+
+impl Occupancy {
+    fn change(&mut self, credential: &Credential, up: bool) {
+        let step = |n: &mut usize| {
+            *n = match up {
+                true => n.saturating_add(1),
+                false => n.saturating_sub(1),
+            }
+        };
+        let count = self
+            .per_credential
+            .entry(credential.id.clone())
+            .or_default();
+        step(count);
+        if *count == 0 {
+            self.per_credential.remove(&credential.id);
+        }
+        if credential.role == Role::Bootstrap {
+            step(&mut self.bootstrap);
+        }
+        if credential.role != Role::Agent {
+            step(&mut self.not_agents);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Sessions {
     live: HashMap<String, Live>,
+    occupancy: Occupancy,
     takeovers: HashMap<String, VecDeque<(Instant, SocketAddr)>>,
     last_duplicate_event: HashMap<String, Instant>,
     /// Client ids being dropped on purpose, with the reason their end reports.
@@ -83,6 +134,10 @@ struct Sessions {
 /// The broker's security state, shared by all connections.
 pub struct Guard {
     enforce: bool,
+    limits: LimitsConfig,
+    max_connections: usize,
+    /// Client ids of the server's in-process links: never admitted from the network.
+    reserved: RwLock<HashSet<String>>,
     policy: Policy,
     credentials: RwLock<Arc<Credentials>>,
     sessions: Mutex<Sessions>,
@@ -110,6 +165,9 @@ impl Guard {
     ) -> Guard {
         Guard {
             enforce,
+            limits: LimitsConfig::default(),
+            max_connections: usize::MAX,
+            reserved: RwLock::new(HashSet::new()),
             policy,
             credentials: RwLock::new(Arc::new(credentials)),
             sessions: Mutex::new(Sessions::default()),
@@ -117,6 +175,35 @@ impl Guard {
             next_serial: AtomicU64::new(1),
             counters: SecurityCounters::default(),
         }
+    }
+
+    /// The same guard with `[broker.limits]` applied, for a broker of `max_connections`.
+    pub fn with_limits(mut self, limits: LimitsConfig, max_connections: usize) -> Guard {
+        self.limits = limits;
+        self.max_connections = max_connections;
+        self
+    }
+
+    /// The limits applied.
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.limits
+    }
+
+    /// Keeps `client_id` for an in-process link: a network client asking for it is refused
+    /// (CONNACK 2), whether or not security is enforced, so nobody can take over the
+    /// server's own links (the rules engine's, for one).
+    pub fn reserve(&self, client_id: &str) {
+        self.reserved
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(client_id.to_string());
+    }
+
+    fn is_reserved(&self, client_id: &str) -> bool {
+        self.reserved
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(client_id)
     }
 
     /// Whether authentication and the topic policy are enforced.
@@ -187,7 +274,7 @@ impl Guard {
             .live
             .get(client_id)
             .and_then(|l| l.credential.clone())
-            .filter(|c| c.role == crate::acl::Role::Bootstrap && c.id != client_id)
+            .filter(|c| c.role == Role::Bootstrap && c.id != client_id)
     }
 
     /// Notes that `client_id` is about to be dropped on purpose, so its end says why.
@@ -204,6 +291,85 @@ impl Guard {
         true
     }
 
+    /// Counts a refused CONNECT, logs it and emits a `refused` event; returns `code`.
+    fn refuse(
+        &self,
+        peer: SocketAddr,
+        client_id: &str,
+        code: ConnectReturnCode,
+        reason: &str,
+    ) -> ConnectReturnCode {
+        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(client_id, %peer, reason, "connection refused");
+        self.emit(BrokerEvent::Refused {
+            client_id: client_id.to_string(),
+            peer: peer.to_string(),
+            code: connack_code(code),
+            reason: reason.to_string(),
+            ts: Utc::now(),
+        });
+        code
+    }
+
+    /// Why a client id can never be admitted from the network, if it cannot.
+    fn unacceptable_id(&self, client_id: &str) -> Option<&'static str> {
+        if self.is_reserved(client_id) {
+            return Some("client id reserved for the server's own links");
+        }
+        if client_id.contains(['/', '+', '#', '$', '\0']) {
+            return Some("client id contains '/', '+', '#', '$' or NUL");
+        }
+        None
+    }
+
+    /// Which connection limit a new connection with `credential` (replacing a live one of
+    /// the same client id logged in with `replacing`) would exceed, if any.
+    fn over_limit(
+        &self,
+        occupancy: &Occupancy,
+        credential: &Credential,
+        replacing: Option<&Credential>,
+    ) -> Option<String> {
+        let same = |c: &&Credential| c.id == credential.id;
+        let freed = usize::from(replacing.filter(same).is_some());
+        let mine = occupancy
+            .per_credential
+            .get(&credential.id)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(freed);
+        let limits = &self.limits;
+        match credential.role {
+            Role::Agent => return None,
+            Role::Bootstrap => {
+                let bootstrap = occupancy.bootstrap.saturating_sub(freed);
+                if bootstrap >= limits.bootstrap_connections {
+                    return Some(format!(
+                        "{bootstrap} bootstrap connections are open (limits.bootstrap_connections)"
+                    ));
+                }
+            }
+            Role::Server | Role::Operator => {
+                if mine >= limits.connections_per_credential {
+                    return Some(format!(
+                        "credential `{}` already holds {mine} connections (limits.connections_per_credential)",
+                        credential.id
+                    ));
+                }
+            }
+        }
+        let others = occupancy.not_agents.saturating_sub(freed);
+        let open_to_others = self
+            .max_connections
+            .saturating_sub(limits.agent_slots(self.max_connections));
+        if others >= open_to_others {
+            return Some(format!(
+                "the connection slots not kept for agents are taken ({others}; limits.reserved_for_agents)"
+            ));
+        }
+        None
+    }
+
     /// Decides on a CONNECT from `peer`.
     pub(crate) fn admit(
         &self,
@@ -213,6 +379,14 @@ impl Guard {
         password: Option<&[u8]>,
     ) -> Result<Admitted, ConnectReturnCode> {
         let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        if let Some(reason) = self.unacceptable_id(client_id) {
+            return Err(self.refuse(
+                peer,
+                client_id,
+                ConnectReturnCode::ClientIdentifierNotValid,
+                reason,
+            ));
+        }
         let mut credential = None;
         let mut grants = None;
         if self.enforce {
@@ -238,16 +412,7 @@ impl Guard {
                             ConnectReturnCode::NotAuthorized
                         }
                     };
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(client_id, %peer, reason = failure.as_str(), "connection refused");
-                    self.emit(BrokerEvent::Refused {
-                        client_id: client_id.to_string(),
-                        peer: peer.to_string(),
-                        code: connack_code(code),
-                        reason: failure.as_str().to_string(),
-                        ts: Utc::now(),
-                    });
-                    return Err(code);
+                    return Err(self.refuse(peer, client_id, code, failure.as_str()));
                 }
             }
         }
@@ -255,6 +420,25 @@ impl Guard {
         let role = credential.as_ref().map(|c| c.role.as_str().to_string());
         let duplicate = {
             let mut sessions = self.sessions();
+            if let Some(c) = &credential {
+                let replacing = sessions
+                    .live
+                    .get(client_id)
+                    .and_then(|l| l.credential.as_ref());
+                if let Some(reason) = self.over_limit(&sessions.occupancy, c, replacing) {
+                    drop(sessions);
+                    self.counters
+                        .limited_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(self.refuse(
+                        peer,
+                        client_id,
+                        ConnectReturnCode::ServiceUnavailable,
+                        &reason,
+                    ));
+                }
+                sessions.occupancy.change(c, true);
+            }
             let previous = sessions.live.insert(
                 client_id.to_string(),
                 Live {
@@ -265,7 +449,12 @@ impl Guard {
                 },
             );
             match previous {
-                Some(old) => self.note_takeover(&mut sessions, client_id, old.peer, peer),
+                Some(old) => {
+                    if let Some(c) = &old.credential {
+                        sessions.occupancy.change(c, false);
+                    }
+                    self.note_takeover(&mut sessions, client_id, old.peer, peer)
+                }
                 None => None,
             }
         };
@@ -284,6 +473,23 @@ impl Guard {
             self.emit(event);
         }
         Ok(Admitted { serial, grants })
+    }
+
+    /// Client ids of bootstrap connections older than `limits.bootstrap_lifetime`: the
+    /// caller drops them (see [`crate::ClientDropper::drop_client`]).
+    pub fn expired_bootstraps(&self) -> Vec<String> {
+        let lifetime = self.limits.bootstrap_lifetime;
+        self.sessions()
+            .live
+            .iter()
+            .filter(|(_, l)| {
+                l.credential
+                    .as_ref()
+                    .is_some_and(|c| c.role == Role::Bootstrap)
+                    && l.since.elapsed() >= lifetime
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// A live connection of `client_id` was taken over by a new one from `new_peer`.
@@ -387,6 +593,9 @@ impl Guard {
                 .is_some_and(|l| l.serial == serial);
             if mine {
                 let live = sessions.live.remove(client_id);
+                if let Some(c) = live.as_ref().and_then(|l| l.credential.as_ref()) {
+                    sessions.occupancy.change(c, false);
+                }
                 let reason = sessions
                     .dropping
                     .remove(client_id)

@@ -9,6 +9,7 @@
 //!   [`PolicyProtocol`], our wrapper around rumqttd's MQTT v4 codec: every decoded packet
 //!   of every connection passes through it, which is where connection policy lives.
 
+pub mod accept;
 pub mod acl;
 mod config;
 pub mod credentials;
@@ -20,7 +21,7 @@ use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use config::{BrokerConfig, ConfigProblem, SecurityConfig, TlsConfig};
+pub use config::{BrokerConfig, ConfigProblem, LimitsConfig, SecurityConfig, TlsConfig};
 pub use guard::{EventSink, Guard, SecurityCounters};
 pub use policy::{Gate, PolicyProtocol};
 pub use rumqttd::local::{LinkRx, LinkTx};
@@ -133,8 +134,11 @@ impl EmbeddedBroker {
     }
 
     /// Attaches an in-process client (e.g. the rules engine) directly to the router: no
-    /// socket, no encoding. Its subscriptions see every matching publish.
+    /// socket, no encoding. Its subscriptions see every matching publish. `client_id` is
+    /// reserved from then on: a network client asking for it is refused (CONNACK 2), so it
+    /// cannot take the link over.
     pub fn local_link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), BrokerError> {
+        self.guard.reserve(client_id);
         (self.links)(client_id).map_err(|reason| BrokerError::Link {
             client_id: client_id.to_string(),
             reason,

@@ -63,6 +63,9 @@ pub struct PolicyProtocol {
     guard: Arc<Guard>,
     peer: Option<SocketAddr>,
     session: Option<Session>,
+    /// The plain listener's accept back-off (shared by the clones; only the accept loop's
+    /// own value uses it).
+    accept_backoff: Arc<std::sync::Mutex<crate::accept::AcceptBackoff>>,
 }
 
 impl PolicyProtocol {
@@ -74,6 +77,9 @@ impl PolicyProtocol {
             guard,
             peer: None,
             session: None,
+            accept_backoff: Arc::new(std::sync::Mutex::new(crate::accept::AcceptBackoff::new(
+                "broker.listen",
+            ))),
         }
     }
 
@@ -141,6 +147,18 @@ impl Protocol for PolicyProtocol {
 
     fn accepted(&mut self, peer: SocketAddr) {
         self.peer = Some(peer);
+        // an accept worked: the next failure pauses briefly again
+        if let Ok(mut backoff) = self.accept_backoff.try_lock() {
+            backoff.succeeded();
+        }
+    }
+
+    fn accept_failed(&self, error: &std::io::Error) -> std::time::Duration {
+        let mut backoff = self
+            .accept_backoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        backoff.failed(error, &self.guard.counters().accept_backoffs)
     }
 
     fn admit(&mut self, connect: &Packet) -> Result<(), ConnectReturnCode> {
@@ -170,6 +188,14 @@ impl Protocol for PolicyProtocol {
                 reason,
             );
         }
+    }
+}
+
+impl Drop for PolicyProtocol {
+    /// A connection whose task ended without `ended` (it panicked, or was aborted at a
+    /// stop) still gives its session back, so its slot and its client id are free again.
+    fn drop(&mut self) {
+        self.ended("connection task ended abnormally");
     }
 }
 

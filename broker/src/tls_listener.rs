@@ -79,15 +79,20 @@ impl TlsListener {
     /// Accepts until the task is aborted.
     pub(crate) async fn run(self) {
         let this = Arc::new(self);
+        let mut backoff = crate::accept::AcceptBackoff::new(match this.websocket {
+            true => "broker.tls.websocket_listen",
+            false => "broker.tls.listen",
+        });
         loop {
             let (stream, peer) = match this.listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!(error = %e, "TLS listener: accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    let counter = &this.guard.counters().accept_backoffs;
+                    backoff.pause_after(&e, counter).await;
                     continue;
                 }
             };
+            backoff.succeeded();
             let _ = stream.set_nodelay(true);
             let this = this.clone();
             tokio::spawn(async move {

@@ -566,11 +566,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), ChunkError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes)
-        .and_then(|_| File::open(&tmp)?.sync_all())
-        .and_then(|_| fs::rename(&tmp, path))
-        .map_err(|e| ChunkError::io(path, "save", e))
+    fleetbus_support::replace_file(path, &bytes).map_err(|e| ChunkError::io(path, "save", e))
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ChunkError> {

@@ -173,6 +173,32 @@ async fn duplicates_are_acknowledged_but_stored_once() {
     assert_eq!(seqs, vec![1, 2, 3, 4]);
 }
 
+/// Records refused under backpressure leave gaps in a stream; hundreds of them must never
+/// make a record that fills one look like a duplicate (acknowledged, never stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_filling_hundreds_of_gaps_are_stored_not_taken_for_duplicates() {
+    let dir = tempfile::tempdir().unwrap();
+    let acks = AckLog::default();
+    let engine = start(ONE_SINK, dir.path(), &acks).await;
+    // every other record first (600 gaps), then the missing ones
+    for seq in (1..=1200).step_by(2) {
+        engine.dispatch("fleet/a1/telemetry/app", &record(seq));
+    }
+    for seq in (2..=1200).step_by(2) {
+        engine.dispatch("fleet/a1/telemetry/app", &record(seq));
+    }
+    wait_for(&engine, "all 1200 records", |s| s.written("out") == 1200).await;
+    assert_eq!(engine.stats().duplicates, 0);
+    assert_eq!(acks.seqs(), (1..=1200).collect::<Vec<_>>());
+    engine.shutdown(Duration::from_secs(5)).await;
+    let mut seqs: Vec<u64> = lines(&dir.path().join("out/a1.jsonl"))
+        .iter()
+        .map(|v| v["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=1200).collect::<Vec<_>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_keeps_what_a_sink_could_not_write_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();

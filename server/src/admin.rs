@@ -33,7 +33,9 @@ type Jobs = Option<Arc<JobsHandle>>;
 /// Binds `addr` and serves the admin API. Returns the bound address and the serving task.
 pub async fn start(
     addr: SocketAddr,
+    limits: crate::HttpSection,
     jobs: Jobs,
+    guard: Arc<fleetbus_broker::Guard>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let app = axum::Router::new()
         .route("/jobs", post(push).get(list))
@@ -41,7 +43,7 @@ pub async fn start(
         .route("/jobs/:id/cancel", post(cancel))
         .route("/agents", get(agents))
         .with_state(jobs);
-    crate::http::serve("admin.listen", addr, app).await
+    crate::http::serve("admin.listen", addr, app, limits, guard).await
 }
 
 fn error(status: StatusCode, message: String) -> Response {

@@ -27,6 +27,37 @@ pub struct ServerConfig {
     pub jobs: JobsSection,
     /// The admin endpoint (jobs API for `fleetbus job ...`).
     pub admin: AdminSection,
+    /// Bounds of the HTTP endpoints (metrics, admin).
+    pub http: HttpSection,
+}
+
+/// `[http]`: what one client may hold of an HTTP endpoint (metrics, admin), each endpoint
+/// on its own.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Connections served at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Longest time to send a request's headers, and to begin the next request on a
+    /// kept-alive connection (idle and slow-loris connections are closed after it).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Longest life of one connection, its requests included.
+    #[serde(with = "humantime_serde")]
+    pub connection_lifetime: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+            connection_lifetime: Duration::from_secs(60),
+            max_body_bytes: 256 * 1024,
+        }
+    }
 }
 
 /// `[jobs]`
@@ -109,6 +140,7 @@ impl Default for ServerConfig {
             files: crate::files::FilesSection::default(),
             jobs: JobsSection::default(),
             admin: AdminSection::default(),
+            http: HttpSection::default(),
         }
     }
 }
@@ -123,6 +155,18 @@ impl ServerConfig {
         }
         if self.wal.segment_bytes < 1024 * 1024 {
             return Err("wal.segment_bytes must be at least 1 MiB".into());
+        }
+        let http = &self.http;
+        if http.max_connections == 0 {
+            return Err("http.max_connections must be at least 1".into());
+        }
+        if http.header_timeout.is_zero() || http.connection_lifetime < http.header_timeout {
+            return Err(
+                "http.header_timeout must be above 0 and at most http.connection_lifetime".into(),
+            );
+        }
+        if http.max_body_bytes < 1024 {
+            return Err("http.max_body_bytes must be at least 1024".into());
         }
         Ok(())
     }

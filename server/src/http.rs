@@ -1,18 +1,35 @@
-//! Serving an HTTP endpoint (metrics, admin) on the current runtime.
+//! Serving an HTTP endpoint (metrics, admin) on the current runtime, with the bounds of
+//! `[http]` ([`HttpSection`]) that keep one client from holding it (or the process's file
+//! descriptors) for everyone: connections open at once per endpoint (one more is closed
+//! at once), the time to send a request's headers (and to begin the next request on a
+//! kept-alive connection), a connection's whole life, the size of a request body.
+//!
+//! A failed `accept` (out of file descriptors) pauses the loop
+//! ([`fleetbus_broker::accept`]) instead of spinning. Counters: the guard's
+//! `http_refused_connections`, `http_timed_out` and `accept_backoffs`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use fleetbus_broker::accept::AcceptBackoff;
+use fleetbus_broker::Guard;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::ServerError;
+use crate::{HttpSection, ServerError};
 
-/// Binds `addr` (the configuration key `key` names it in errors) and serves `app`.
-/// Returns the bound address and the serving task; the task logs if serving stops.
+/// Binds `addr` (the configuration key `key` names it in errors) and serves `app` within
+/// `limits`, counting in `guard`'s counters. Returns the bound address and the serving task.
 pub(crate) async fn serve(
     key: &'static str,
     addr: SocketAddr,
     app: axum::Router,
+    limits: HttpSection,
+    guard: Arc<Guard>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -20,10 +37,70 @@ pub(crate) async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|e| ServerError::Config(format!("{key} {addr}: {e}")))?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, endpoint = key, "HTTP endpoint stopped");
-        }
-    });
+    let app = app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes));
+    let task = tokio::spawn(accept_loop(key, listener, app, limits, guard));
     Ok((bound, task))
+}
+
+async fn accept_loop(
+    key: &'static str,
+    listener: TcpListener,
+    app: axum::Router,
+    limits: HttpSection,
+    guard: Arc<Guard>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut backoff = AcceptBackoff::new(key);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                backoff
+                    .pause_after(&e, &guard.counters().accept_backoffs)
+                    .await;
+                continue;
+            }
+        };
+        backoff.succeeded();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // closing at once frees the descriptor; the client may come back later
+            guard
+                .counters()
+                .http_refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(endpoint = key, %peer, "connection refused: http.max_connections open");
+            drop(stream);
+            continue;
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let guard = guard.clone();
+        let lifetime = limits.connection_lifetime;
+        tokio::spawn(async move {
+            match tokio::time::timeout(lifetime, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if e.is_timeout() {
+                        guard
+                            .counters()
+                            .http_timed_out
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::debug!(endpoint = key, %peer, error = %e, "connection ended");
+                }
+                Err(_) => {
+                    guard
+                        .counters()
+                        .http_timed_out
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(endpoint = key, %peer, "connection closed: lifetime over");
+                }
+            }
+            drop(slot);
+        });
+    }
 }

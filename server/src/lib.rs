@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use config::{
-    AdminSection, JobsSection, MetricsSection, RulesSection, ServerConfig, WalSection,
+    AdminSection, HttpSection, JobsSection, MetricsSection, RulesSection, ServerConfig, WalSection,
 };
 pub use files::{FileCounters, FilesSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
@@ -30,6 +30,9 @@ use tracing::Instrument;
 
 /// Topics of enrollment (`fleet/enroll/...`), kept away from the rules engine.
 const ENROLL_TOPICS: &str = "fleet/enroll/";
+
+/// The lock file in `data_dir` held by the process that uses it (`serve` or `rules run`).
+pub const DATA_DIR_LOCK: &str = "fleetbus.lock";
 
 /// Client id of the in-process rules engine on the embedded broker.
 pub const ENGINE_CLIENT_ID: &str = "fleetbus-rules-engine";
@@ -57,6 +60,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Another process uses the data directory.
+    #[error("data_dir: {0}")]
+    Locked(#[from] fleetbus_support::LockError),
     /// The data directory is unusable.
     #[error("data_dir {path}: {source}")]
     DataDir {
@@ -85,6 +91,8 @@ pub struct Server {
     addr: SocketAddr,
     // the sending half of the engine's link (also used for acknowledgements)
     _engine_link: Arc<Mutex<LinkTx>>,
+    // held while the server runs (and through shutdown)
+    _data_lock: fleetbus_support::DirLock,
 }
 
 impl Server {
@@ -96,6 +104,8 @@ impl Server {
             path: config.data_dir.display().to_string(),
             source,
         })?;
+        // one server per data_dir: two would append to one log and garble the sinks' markers
+        let data_lock = fleetbus_support::lock_dir(&config.data_dir, DATA_DIR_LOCK)?;
         let rules = match &config.rules.file {
             Some(path) => RuleSet::load(path)?,
             None => RuleSet::builtin()?,
@@ -106,7 +116,12 @@ impl Server {
             file = %config.rules.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into()),
             "rules loaded"
         );
-        let security = security::Security::open(&config.broker.security, &config.data_dir)?;
+        let security = security::Security::open(
+            &config.broker.security,
+            &config.broker.limits,
+            config.broker.max_connections,
+            &config.data_dir,
+        )?;
         let guard = security.guard.clone();
         let mut broker = EmbeddedBroker::start_guarded(config.broker.clone(), guard.clone())?;
         let (mut link_tx, link_rx) = broker.local_link(ENGINE_CLIENT_ID)?;
@@ -178,11 +193,10 @@ impl Server {
                         tracing::warn!(error = %e, "enrollment reply not published (the agent asks again)");
                     }
                 });
-                Some(Arc::new(security::Enroller::open(
-                    &config.data_dir,
-                    guard.clone(),
-                    publish,
-                )?))
+                let enroller = security::Enroller::open(&config.data_dir, guard.clone(), publish)?;
+                // the thread ends when the consumer (the queue's only holder) is gone
+                let (queue, _thread) = enroller.spawn()?;
+                Some(queue)
             }
             false => None,
         };
@@ -207,9 +221,14 @@ impl Server {
         let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL));
         let metrics = match config.metrics.listen {
             Some(at) => {
-                let (bound, task) =
-                    metrics::start(at, engine.clone(), file_counters.clone(), guard.clone())
-                        .await?;
+                let (bound, task) = metrics::start(
+                    at,
+                    config.http.clone(),
+                    engine.clone(),
+                    file_counters.clone(),
+                    guard.clone(),
+                )
+                .await?;
                 tracing::info!(addr = %bound, "metrics endpoint: GET /metrics");
                 Some((bound, task))
             }
@@ -217,16 +236,18 @@ impl Server {
         };
         let admin = match config.admin.listen {
             // a second server on the same machine keeps running without its admin endpoint
-            Some(at) => match admin::start(at, job_handle).await {
-                Ok((bound, task)) => {
-                    tracing::info!(addr = %bound, jobs = jobs.is_some(), "admin endpoint: /jobs");
-                    Some((bound, task))
+            Some(at) => {
+                match admin::start(at, config.http.clone(), job_handle, guard.clone()).await {
+                    Ok((bound, task)) => {
+                        tracing::info!(addr = %bound, jobs = jobs.is_some(), "admin endpoint: /jobs");
+                        Some((bound, task))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin endpoint not started: `fleetbus job` cannot reach this server");
+                        None
+                    }
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "admin endpoint not started: `fleetbus job` cannot reach this server");
-                    None
-                }
-            },
+            }
             None => None,
         };
         let addr = broker.listen().await?;
@@ -247,6 +268,7 @@ impl Server {
             security,
             addr,
             _engine_link: link_tx,
+            _data_lock: data_lock,
         })
     }
 
@@ -468,7 +490,7 @@ struct Destinations {
     replies: files::ReplyPublisher,
     shed: files::ShedChunks,
     jobs: Option<Arc<jobs::JobsHandle>>,
-    enroller: Option<Arc<security::Enroller>>,
+    enroller: Option<security::EnrollQueue>,
     guard: Arc<fleetbus_broker::Guard>,
 }
 
@@ -501,9 +523,7 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                         &enroller,
                         fleetbus_protocol::enroll::requesting_agent(topic),
                     ) {
-                        let (enroller, agent) = (enroller.clone(), agent.to_string());
-                        let payload = publish.payload.clone();
-                        tokio::task::spawn_blocking(move || enroller.handle(&agent, &payload));
+                        enroller.submit(agent, publish.payload.clone());
                     }
                     continue;
                 }

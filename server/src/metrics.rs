@@ -22,14 +22,16 @@ use crate::ServerError;
 /// bound address and the serving task.
 pub async fn start(
     addr: SocketAddr,
+    limits: crate::HttpSection,
     engine: Arc<Engine>,
     files: Arc<FileCounters>,
     guard: Arc<Guard>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+    let guard_for_http = guard.clone();
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
         .with_state((engine, files, guard));
-    crate::http::serve("metrics.listen", addr, app).await
+    crate::http::serve("metrics.listen", addr, app, limits, guard_for_http).await
 }
 
 async fn scrape(
@@ -115,6 +117,12 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
         ("fleetbus_broker_dropped_total", "Live connections the server dropped because their credential was revoked or replaced.", load(&security.dropped)),
         ("fleetbus_broker_handshake_failures_total", "TLS or WebSocket handshakes that failed or timed out on the [broker.tls] listeners.", load(&security.handshake_failures)),
         ("fleetbus_broker_events_dropped_total", "Broker events not handed to the rules engine because its queue was full.", load(&security.events_dropped)),
+        ("fleetbus_broker_limited_connections_total", "CONNECTs refused by a [broker.limits] connection limit (per credential, bootstrap, slots kept for agents).", load(&security.limited_connections)),
+        ("fleetbus_broker_bootstrap_expired_total", "Bootstrap connections dropped at the end of limits.bootstrap_lifetime.", load(&security.bootstrap_expired)),
+        ("fleetbus_broker_limited_enrollments_total", "Enrollment requests refused by limits.enrollments_per_minute or dropped from a full enrollment queue.", load(&security.limited_enrollments)),
+        ("fleetbus_accept_backoffs_total", "Times an accept loop (MQTT, TLS, HTTP) paused because the process had no file descriptor left.", load(&security.accept_backoffs)),
+        ("fleetbus_http_refused_connections_total", "HTTP connections (metrics, admin) closed at once because the endpoint's connection cap was reached.", load(&security.http_refused_connections)),
+        ("fleetbus_http_timed_out_total", "HTTP connections ended by the header timeout or the connection lifetime.", load(&security.http_timed_out)),
     ];
     for (name, help, value) in broker {
         family(name, "counter", help, &[(String::new(), value)]);
@@ -146,10 +154,16 @@ mod tests {
         );
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let e = start(addr, engine, Arc::default(), Arc::default())
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = start(
+            addr,
+            Default::default(),
+            engine,
+            Arc::default(),
+            Arc::default(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with(&format!("metrics.listen {addr}: ")), "{e}");
     }
 

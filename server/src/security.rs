@@ -12,7 +12,7 @@ use std::time::Duration;
 use fleetbus_broker::acl::Policy;
 use fleetbus_broker::acl::Role;
 use fleetbus_broker::credentials::{CredentialError, CredentialStore, Credentials};
-use fleetbus_broker::{ClientDropper, EventSink, Guard, SecurityConfig};
+use fleetbus_broker::{ClientDropper, EventSink, Guard, LimitsConfig, SecurityConfig};
 use fleetbus_protocol::enroll::{reply_topic, EnrollReply, EnrollRequest};
 use fleetbus_protocol::BrokerEvent;
 use fleetbus_rules::Engine;
@@ -38,8 +38,13 @@ pub struct Security {
 
 impl Security {
     /// Reads `[broker.security]`: the policy file and, when enforcing, the credential store
-    /// in `data_dir`.
-    pub fn open(config: &SecurityConfig, data_dir: &Path) -> Result<Security, ServerError> {
+    /// in `data_dir`; applies `[broker.limits]` for a broker of `max_connections`.
+    pub fn open(
+        config: &SecurityConfig,
+        limits: &LimitsConfig,
+        max_connections: usize,
+        data_dir: &Path,
+    ) -> Result<Security, ServerError> {
         let policy = match &config.policy {
             Some(path) => Policy::load(path)
                 .map_err(|e| ServerError::Config(format!("broker.security.policy: {e}")))?,
@@ -66,7 +71,10 @@ impl Security {
         let (tx, events) = mpsc::channel(EVENT_QUEUE);
         let sink: EventSink = Arc::new(move |event| tx.try_send(event).is_ok());
         Ok(Security {
-            guard: Arc::new(Guard::new(config.enforce, policy, credentials, Some(sink))),
+            guard: Arc::new(
+                Guard::new(config.enforce, policy, credentials, Some(sink))
+                    .with_limits(limits.clone(), max_connections),
+            ),
             events,
             store,
         })
@@ -106,10 +114,85 @@ pub type Publish = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
 /// admitted with a bootstrap credential: the agent gets a credential of its own (role
 /// agent, the bootstrap credential's groups), its token comes back on
 /// `fleet/enroll/{agent}/reply`.
+///
+/// Requests are handled one at a time on a thread of its own, fed by a bounded queue
+/// ([`ENROLL_QUEUE`]): a flood of requests costs one thread and a bounded amount of memory,
+/// and what does not fit is dropped (the agent asks again after its timeout). Each
+/// bootstrap credential may enroll `limits.enrollments_per_minute` agents a minute.
 pub struct Enroller {
     store: std::sync::Mutex<CredentialStore>,
     guard: Arc<Guard>,
     publish: Publish,
+    rate: std::sync::Mutex<RateLimits>,
+}
+
+/// Enrollment requests waiting for the enrollment thread; beyond, requests are dropped.
+pub const ENROLL_QUEUE: usize = 256;
+
+/// A token bucket per bootstrap credential: `per_minute` enrollments a minute, as many at
+/// once after a quiet minute.
+pub(crate) struct RateLimits {
+    per_minute: u32,
+    buckets: std::collections::HashMap<String, (f64, std::time::Instant)>,
+}
+
+impl RateLimits {
+    pub(crate) fn new(per_minute: u32) -> RateLimits {
+        RateLimits {
+            per_minute,
+            buckets: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Takes one enrollment for `credential`, or says how long until one is free.
+    pub(crate) fn take(
+        &mut self,
+        credential: &str,
+        now: std::time::Instant,
+    ) -> Result<(), Duration> {
+        let capacity = f64::from(self.per_minute);
+        if capacity == 0.0 {
+            return Err(Duration::from_secs(60));
+        }
+        let per_sec = capacity / 60.0;
+        let (tokens, last) = self
+            .buckets
+            .entry(credential.to_string())
+            .or_insert((capacity, now));
+        let refilled =
+            (*tokens + now.saturating_duration_since(*last).as_secs_f64() * per_sec).min(capacity);
+        *last = now;
+        if refilled >= 1.0 {
+            *tokens = refilled - 1.0;
+            Ok(())
+        } else {
+            *tokens = refilled;
+            Err(Duration::from_secs_f64((1.0 - refilled) / per_sec))
+        }
+    }
+}
+
+/// The sending end of the enrollment queue (see [`Enroller`]).
+#[derive(Clone)]
+pub struct EnrollQueue {
+    tx: std_mpsc::SyncSender<(String, bytes::Bytes)>,
+    guard: Arc<Guard>,
+}
+
+impl EnrollQueue {
+    /// Queues a request from `agent`; dropped (and counted) when the queue is full.
+    pub fn submit(&self, agent: &str, payload: bytes::Bytes) {
+        if self.tx.try_send((agent.to_string(), payload)).is_err() {
+            self.guard
+                .counters()
+                .limited_enrollments
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(
+                agent,
+                "enrollment queue full: request dropped (the agent asks again)"
+            );
+        }
+    }
 }
 
 impl Enroller {
@@ -121,11 +204,31 @@ impl Enroller {
     ) -> Result<Enroller, ServerError> {
         let store =
             CredentialStore::open_in(data_dir).map_err(|e| ServerError::Config(e.to_string()))?;
+        let per_minute = guard.limits().enrollments_per_minute;
         Ok(Enroller {
             store: std::sync::Mutex::new(store),
             guard,
             publish,
+            rate: std::sync::Mutex::new(RateLimits::new(per_minute)),
         })
+    }
+
+    /// Starts the enrollment thread; it ends when every [`EnrollQueue`] is dropped.
+    pub fn spawn(self) -> Result<(EnrollQueue, std::thread::JoinHandle<()>), ServerError> {
+        let (tx, rx) = std_mpsc::sync_channel::<(String, bytes::Bytes)>(ENROLL_QUEUE);
+        let guard = self.guard.clone();
+        let thread = std::thread::Builder::new()
+            .name("enrollment".into())
+            .spawn(move || {
+                while let Ok((agent, payload)) = rx.recv() {
+                    self.handle(&agent, &payload);
+                }
+            })
+            .map_err(|source| ServerError::Thread {
+                what: "the enrollment service",
+                source,
+            })?;
+        Ok((EnrollQueue { tx, guard }, thread))
     }
 
     /// Handles one request from `agent` (blocking: SQLite).
@@ -137,6 +240,11 @@ impl Enroller {
             );
             return;
         };
+        let limited = self
+            .rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&bootstrap.id, std::time::Instant::now());
         let reply = match serde_json::from_slice::<EnrollRequest>(payload) {
             Err(e) => EnrollReply::Refused {
                 reason: format!("unreadable request: {e}"),
@@ -147,6 +255,21 @@ impl Enroller {
                     request.agent
                 ),
             },
+            Ok(_) if limited.is_err() => {
+                self.guard
+                    .counters()
+                    .limited_enrollments
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let wait = limited.err().unwrap_or_default();
+                tracing::warn!(agent, via = %bootstrap.id, "enrollment refused: limits.enrollments_per_minute reached");
+                EnrollReply::Refused {
+                    reason: format!(
+                        "enrollment rate limit of `{}` reached (limits.enrollments_per_minute): ask again in {}s",
+                        bootstrap.id,
+                        wait.as_secs().max(1)
+                    ),
+                }
+            }
             Ok(request) => self.enroll(agent, &bootstrap, request.hostname.as_deref()),
         };
         match serde_json::to_vec(&reply) {
@@ -184,6 +307,11 @@ impl Enroller {
                     groups: bootstrap.groups.clone(),
                 }
             }
+            Err(CredentialError::Revoked(_)) => EnrollReply::Refused {
+                reason: format!(
+                    "`{agent}` was revoked: only an operator can enroll it again (fleetbus agents enroll --replace)"
+                ),
+            },
             Err(CredentialError::Exists(_)) => EnrollReply::Refused {
                 reason: format!(
                     "`{agent}` is already enrolled: a cloned machine? `fleetbus agent reset-identity` gives it a new id"
@@ -238,6 +366,20 @@ fn watch_credentials(
 ) {
     let mut seen = store.changed().ok();
     while let Err(std_mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CREDENTIALS_POLL) {
+        for client_id in guard.expired_bootstraps() {
+            let reason = "bootstrap connection lifetime over (limits.bootstrap_lifetime)";
+            match dropper.drop_client(&client_id, reason) {
+                Ok(true) => {
+                    guard
+                        .counters()
+                        .bootstrap_expired
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(%client_id, "bootstrap connection dropped: lifetime over");
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(%client_id, error = %e, "cannot drop the connection"),
+            }
+        }
         let now = match store.changed() {
             Ok(v) => Some(v),
             Err(e) => {
@@ -274,8 +416,28 @@ fn watch_credentials(
 mod tests {
     use super::*;
 
+    #[test]
+    fn enrollments_are_limited_per_bootstrap_credential_and_refill() {
+        let mut rate = RateLimits::new(60);
+        let t0 = std::time::Instant::now();
+        for _ in 0..60 {
+            rate.take("provision", t0).unwrap();
+        }
+        let wait = rate.take("provision", t0).unwrap_err();
+        assert!(wait <= Duration::from_secs(1), "{wait:?}");
+        // another bootstrap credential has its own bucket
+        rate.take("other", t0).unwrap();
+        // one a second comes back
+        rate.take("provision", t0 + Duration::from_millis(1100))
+            .unwrap();
+        assert!(rate
+            .take("provision", t0 + Duration::from_millis(1100))
+            .is_err());
+        assert!(RateLimits::new(0).take("x", t0).is_err());
+    }
+
     fn open_error(config: &SecurityConfig, data_dir: &Path) -> String {
-        match Security::open(config, data_dir) {
+        match Security::open(config, &LimitsConfig::default(), 100, data_dir) {
             Ok(_) => panic!("opened"),
             Err(e) => e.to_string(),
         }
@@ -288,6 +450,7 @@ mod tests {
         let config = SecurityConfig {
             enforce: true,
             policy: Some(policy.clone()),
+            allow_insecure: false,
         };
         let e = open_error(&config, dir.path());
         assert!(
@@ -311,6 +474,7 @@ mod tests {
         let config = SecurityConfig {
             enforce: true,
             policy: None,
+            allow_insecure: false,
         };
         let e = open_error(&config, dir.path());
         assert!(e.contains("credentials.db"), "{e}");

@@ -210,17 +210,15 @@ fn place_file(from: &Path, to: &Path, how: CompletedFiles) -> Result<(), SinkErr
             .and_then(|_| fs::File::open(&tmp)?.sync_all())
             .map_err(|e| SinkError::io(&tmp, "copy completed file", e))?;
     }
-    fs::rename(&tmp, to).map_err(|e| SinkError::io(to, "rename completed file", e))?;
-    sync_dir(dir)?;
+    fleetbus_support::durable::rename(&tmp, to)
+        .map_err(|e| SinkError::io(to, "rename completed file", e))?;
     tracing::info!(from = %from.display(), to = %to.display(), linked, "completed file placed");
     Ok(())
 }
 
 /// fsyncs directory `dir`, so that a rename into it survives a crash.
 fn sync_dir(dir: &Path) -> Result<(), SinkError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| SinkError::io(dir, "fsync directory", e))
+    fleetbus_support::sync_dir(dir).map_err(|e| SinkError::io(dir, "fsync directory", e))
 }
 
 /// True when `a` and `b` name the same file (device and inode).
@@ -232,17 +230,32 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The marker of the last batch, if there is one. A marker that cannot be parsed (garbled
+/// by something outside fleetbus; two servers on one `data_dir` did it before the data
+/// directory was locked) is set aside as `{name}.marker.garbled-{ms}` and treated as
+/// absent: the sink resumes from its saved position, so the batches written since that
+/// save are written again. Nothing acknowledged is lost; those few batches may appear
+/// twice.
 fn load_marker(marker_path: &Path) -> Result<Option<Marker>, SinkError> {
-    match fs::read(marker_path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
-            SinkError::Config(format!(
-                "{}: unreadable batch marker: {e}",
-                marker_path.display()
-            ))
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(SinkError::io(marker_path, "read", e)),
-    }
+    let bytes = match fs::read(marker_path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SinkError::io(marker_path, "read", e)),
+    };
+    let error = match serde_json::from_slice(&bytes) {
+        Ok(marker) => return Ok(Some(marker)),
+        Err(e) => e,
+    };
+    let mut aside = marker_path.as_os_str().to_owned();
+    aside.push(format!(
+        ".garbled-{}",
+        chrono::Utc::now().timestamp_millis()
+    ));
+    let aside = PathBuf::from(aside);
+    fleetbus_support::durable::rename(marker_path, &aside)
+        .map_err(|e| SinkError::io(marker_path, "set aside the unreadable batch marker", e))?;
+    tracing::error!(marker = %marker_path.display(), kept_as = %aside.display(), %error, "file sink: unreadable batch marker set aside; resuming from the saved position (the last batches may be written twice)");
+    Ok(None)
 }
 
 /// True when every file of the marker has its after-batch length.

@@ -36,17 +36,13 @@ impl PositionFile {
     }
 }
 
-/// Replaces `path` with `bytes`, never leaving it half written: temporary file, fsync,
-/// rename.
+/// Replaces `path` with `bytes` durably (creating its directory if need be): never half
+/// written, and the new content survives a power loss ([`fleetbus_support::durable`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| SinkError::io(path, "save", e))
+    fleetbus_support::replace_file(path, bytes).map_err(|e| SinkError::io(path, "save", e))
 }
 
 #[cfg(test)]

@@ -34,7 +34,12 @@ const LINGER_STEP: Duration = Duration::from_millis(50);
 struct Saved {
     at: u64,
     when: Instant,
+    /// After a failed save (a full disk), no new attempt before this.
+    retry_at: Option<Instant>,
 }
+
+/// How long after a failed position save the next attempt waits.
+const SAVE_RETRY: Duration = Duration::from_secs(1);
 
 /// How a batch left the worker.
 enum Delivery {
@@ -183,6 +188,7 @@ pub fn spawn_sink(
         wal,
         tail,
         dead_letters,
+        save_errors: fleetbus_support::Throttle::new(Duration::from_secs(10)),
     };
     let task = tokio::spawn(worker.run(stop_rx).instrument(span));
     SinkHandle {
@@ -199,6 +205,8 @@ struct Worker {
     wal: Arc<Wal>,
     tail: Arc<TailCache>,
     dead_letters: Arc<dyn DeadLetters>,
+    /// Bounds the log lines of failed position saves.
+    save_errors: fleetbus_support::Throttle,
 }
 
 /// A batch with what the worker needs beyond what the sink sees.
@@ -218,6 +226,7 @@ impl Worker {
         let mut saved = Saved {
             at: cursor,
             when: Instant::now(),
+            retry_at: None,
         };
         // an exactly-once sink records each batch's end itself (and `recover` returns it):
         // its position file only needs saving now and then
@@ -259,6 +268,9 @@ impl Worker {
                 None => {
                     let due = saved.when.elapsed() >= SAVE_INTERVAL;
                     if cursor != saved.at && (stopping || save_every_batch || due) {
+                        if stopping {
+                            saved.retry_at = None; // one last attempt before the stop
+                        }
                         self.save(cursor, &mut saved).await;
                     }
                     if stopping {
@@ -299,8 +311,13 @@ impl Worker {
         b.max_age.checked_sub(age).filter(|d| !d.is_zero())
     }
 
-    /// Saves the resume position durably (off the async workers).
+    /// Saves the resume position durably (off the async workers). After a failure the
+    /// next attempt waits [`SAVE_RETRY`], and failures are logged at a bounded rate: on a
+    /// full disk this would otherwise be tens of thousands of lines a minute.
     async fn save(&mut self, cursor: u64, saved: &mut Saved) {
+        if saved.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
         let position = self.setup.position.clone();
         let result = tokio::task::spawn_blocking(move || position.save(cursor))
             .await
@@ -311,10 +328,16 @@ impl Worker {
                 *saved = Saved {
                     at: cursor,
                     when: Instant::now(),
+                    retry_at: None,
                 };
                 self.setup.stats.position.store(cursor, Ordering::Relaxed);
             }
-            Err(e) => tracing::error!(error = %e, "cannot save the sink's position (will retry)"),
+            Err(e) => {
+                saved.retry_at = Some(Instant::now() + SAVE_RETRY);
+                if let Some(left_out) = self.save_errors.admit() {
+                    tracing::error!(error = %e, similar_errors_not_logged = left_out, "cannot save the sink's position (will retry)");
+                }
+            }
         }
     }
 

@@ -1,6 +1,5 @@
 //! `fleetbus keys generate`: the Ed25519 key pair that signs jobs.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -69,7 +68,7 @@ pub fn write_pair(dir: &Path, force: bool) -> anyhow::Result<KeyPairFiles> {
     let key = ed25519_dalek::SigningKey::from_bytes(&secret);
     let public = hex::encode(key.verifying_key().to_bytes());
     write_secret(&secret_path, &hex::encode(secret))?;
-    std::fs::write(&public_path, format!("{public}\n"))
+    fleetbus_support::replace_file(&public_path, format!("{public}\n").as_bytes())
         .with_context(|| format!("writing {}", public_path.display()))?;
     Ok(KeyPairFiles {
         secret: secret_path,
@@ -78,18 +77,9 @@ pub fn write_pair(dir: &Path, force: bool) -> anyhow::Result<KeyPairFiles> {
     })
 }
 
-/// Writes `text` to a new file only its owner can read (replacing an old one).
+/// Writes `text` to a file only its owner can read (replacing an old one durably).
 pub(crate) fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    writeln!(f, "{text}").with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let bytes = format!("{text}\n");
+    fleetbus_support::durable::replace_file_with_mode(path, bytes.as_bytes(), Some(0o600))
+        .with_context(|| format!("writing {}", path.display()))
 }

@@ -90,6 +90,9 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                 None => None,
             };
             let set = RuleSet::load(&rules)?;
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("--data-dir {}", data_dir.display()))?;
+            let _data_lock = fleetbus_support::lock_dir(&data_dir, fleetbus_server::DATA_DIR_LOCK)?;
             let acks = AckChannel::default();
             let engine =
                 Engine::start(set, &data_dir, EngineOptions::default(), acks.publisher()).await?;

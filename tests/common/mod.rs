@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod secured;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -33,6 +35,15 @@ pub fn fleetbus_with_data(data: &Path, args: &[&str]) -> String {
             .args(args)
             .args(["--data-dir", data.to_str().unwrap()]),
     )
+}
+
+/// A test's server program is missing: fails under `FLEETBUS_TEST_REQUIRE=1` (CI installs
+/// it), else says `skipped: WHAT not installed` (the caller then returns).
+pub fn skip_or_fail(what: &str) {
+    if std::env::var("FLEETBUS_TEST_REQUIRE").is_ok_and(|v| v == "1") {
+        panic!("{what} not installed (FLEETBUS_TEST_REQUIRE=1)");
+    }
+    eprintln!("skipped: {what} not installed");
 }
 
 /// A child process that is SIGKILLed when dropped (so a failing test leaves nothing behind).

@@ -8,9 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{RecordKey, WalError};
 
-/// Most ranges kept per stream. Gaps come from records the agent dropped (outbox overflow)
-/// and never fill; beyond this many, the lowest gaps are merged away.
-const MAX_RANGES: usize = 64;
+/// Most ranges kept per stream. Gaps come from records refused under backpressure (sent
+/// again later, when they fill) and from records the agent dropped (outbox overflow,
+/// never filled). Beyond this many ranges the *lowest range is forgotten*: its numbers
+/// count as unseen again, so a re-sent record from it would be stored a second time. A gap
+/// is never closed: a number that was not received is never taken for a duplicate (that
+/// would acknowledge a record nobody stored).
+const MAX_RANGES: usize = 256;
 
 /// A set of u64 as sorted, disjoint, non-adjacent inclusive ranges.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,10 +86,12 @@ impl RangeSet {
         self.ranges.is_empty()
     }
 
+    /// Forgets the lowest ranges beyond [`MAX_RANGES`] (see there): forgetting may let a
+    /// duplicate through, merging would invent "seen" numbers.
     fn compact(&mut self) {
-        while self.ranges.len() > MAX_RANGES {
-            let first = self.ranges.remove(0);
-            self.ranges[0].0 = first.0;
+        if self.ranges.len() > MAX_RANGES {
+            let excess = self.ranges.len() - MAX_RANGES;
+            self.ranges.drain(..excess);
         }
     }
 }
@@ -187,11 +193,7 @@ impl Dedup {
             problem,
         };
         let bytes = serde_json::to_vec(&snapshot).map_err(|e| err(e.to_string()))?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| err(format!("cannot save: {e}")))
+        fleetbus_support::replace_file(path, &bytes).map_err(|e| err(format!("cannot save: {e}")))
     }
 
     /// Loads a snapshot; returns the state and the WAL index it covers (0 when there is no
@@ -257,6 +259,49 @@ mod tests {
         }
         assert!(r.ranges().len() <= MAX_RANGES);
         assert!(r.contains(1998));
+    }
+
+    /// Hundreds of gaps (records refused under backpressure, later ones accepted): no
+    /// number that was never inserted is ever reported as contained, however the set is
+    /// compacted; only the oldest seen numbers may be forgotten.
+    #[test]
+    fn compaction_forgets_but_never_invents() {
+        let mut r = RangeSet::default();
+        for v in (1..=2000).step_by(2) {
+            r.insert(v);
+        }
+        for gap in (2..=2000).step_by(2) {
+            assert!(!r.contains(gap), "{gap} was never received");
+        }
+        assert!(r.ranges().len() <= MAX_RANGES);
+        // the newest are remembered, the oldest forgotten
+        assert!(r.contains(1999) && !r.contains(1));
+        // filling the gaps later: every one is new
+        for gap in (2..=2000).step_by(2) {
+            assert!(r.insert(gap), "{gap} taken for a duplicate");
+        }
+        // random insertions against a model: contains() implies inserted
+        use std::collections::HashSet;
+        let mut seen = HashSet::new();
+        let mut r = RangeSet::default();
+        let mut x: u64 = 7;
+        for _ in 0..20_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let v = (x >> 33) % 5000;
+            r.insert(v);
+            seen.insert(v);
+            if x.is_multiple_of(7) {
+                r.insert_range(v, v + (x >> 60));
+                for w in v..=v + (x >> 60) {
+                    seen.insert(w);
+                }
+            }
+        }
+        for v in 0..5100 {
+            assert!(!r.contains(v) || seen.contains(&v), "{v} invented");
+        }
     }
 
     #[test]

@@ -216,7 +216,8 @@ impl UploadQueue {
                 }
                 Err(e) => {
                     tracing::error!(file = %path.display(), error = %e, "unreadable upload job moved to failed/");
-                    let _ = std::fs::rename(&path, self.dir.join("failed").join(entry.file_name()));
+                    let failed = self.dir.join("failed").join(entry.file_name());
+                    let _ = fleetbus_support::durable::rename(&path, &failed);
                 }
             }
         }
@@ -359,7 +360,7 @@ fn apply_after(path: &Path, after: &AfterUpload) -> Result<(), AgentError> {
             })?;
             let name = path.file_name().unwrap_or_default();
             let target = dir.join(name);
-            match std::fs::rename(path, &target) {
+            match fleetbus_support::durable::rename(path, &target) {
                 Ok(()) => Ok(()),
                 // another file system: copy, then remove
                 Err(_) => std::fs::copy(path, &target)

@@ -93,14 +93,31 @@ impl<P: Protocol> RemoteLink<P> {
         // the Will Delay Interval has passed or the Session ends, whichever happens first
         let will_delay_interval = min(session_expiry, delay_interval);
 
-        let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
+        let built = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
             .last_will(lastwill)
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
-            .build()?;
+            .build();
+        let (link_tx, link_rx, notification) = match built {
+            Ok(link) => link,
+            Err(e) => {
+                // fleetbus patch: the router refused the link (too many connections, an id
+                // it does not take): the client gets a CONNACK saying so instead of a
+                // closed socket, and the protocol learns that its admitted connection ended
+                let ack = ConnAck {
+                    session_present: false,
+                    code: ConnectReturnCode::ServiceUnavailable,
+                };
+                let _ = network.write(Packet::ConnAck(ack, None)).await;
+                network
+                    .protocol_mut()
+                    .ended(&format!("refused by the broker's router: {e}"));
+                return Err(e.into());
+            }
+        };
 
         let id = link_rx.id();
         Span::current().record("connection_id", id);
@@ -211,16 +228,6 @@ where
 
     handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
 
-    // fleetbus patch: the protocol's own admission decision, refused with a CONNACK code
-    if let Err(code) = network.protocol_mut().admit(&packet) {
-        let ack = ConnAck {
-            session_present: false,
-            code,
-        };
-        network.write(Packet::ConnAck(ack, None)).await?;
-        return Err(Error::ConnectionAck(format!("refused: {code:?}")));
-    }
-
     // When keep_alive feature is disabled client can live forever, which is not good in
     // distributed broker context so currenlty we don't allow it.
     if connect.keep_alive == 0 {
@@ -240,6 +247,17 @@ where
         network.write(packet).await?;
 
         return Err(Error::InvalidClientId);
+    }
+
+    // fleetbus patch: the protocol's own admission decision, refused with a CONNACK code.
+    // Last, so that a connection it admits is either served or told `ended`.
+    if let Err(code) = network.protocol_mut().admit(&packet) {
+        let ack = ConnAck {
+            session_present: false,
+            code,
+        };
+        network.write(Packet::ConnAck(ack, None)).await?;
+        return Err(Error::ConnectionAck(format!("refused: {code:?}")));
     }
 
     // Ok((connect, props, lastwill, lastwill_props))

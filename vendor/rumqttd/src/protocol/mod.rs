@@ -762,4 +762,11 @@ pub trait Protocol {
 
     /// fleetbus patch: the connection that was admitted has ended; `reason` in words.
     fn ended(&mut self, _reason: &str) {}
+
+    /// fleetbus patch: the accept loop's `accept` failed (e.g. out of file descriptors);
+    /// returns how long to pause before accepting again. The protocol value the server
+    /// was created with is asked; it counts and logs (at a bounded rate).
+    fn accept_failed(&self, _error: &std::io::Error) -> std::time::Duration {
+        std::time::Duration::from_millis(100)
+    }
 }

@@ -466,7 +466,10 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             let (stream, addr) = match listener.accept().await {
                 Ok((s, r)) => (s, r),
                 Err(e) => {
-                    error!(error=?e, "Unable to accept socket.");
+                    // fleetbus patch: upstream logged and accepted again at once; out of
+                    // file descriptors that spins a core and floods the log (5 million
+                    // lines in 10 s). The protocol says how long to pause (and logs).
+                    time::sleep(self.protocol.accept_failed(&e)).await;
                     continue;
                 }
             };
@@ -567,6 +570,14 @@ impl Callback for WSCallback {
     }
 }
 
+/// fleetbus patch: the will handlers, whether or not a connection's task panicked while
+/// holding them (the map stays consistent: every change is one insert or remove).
+fn lock_will_handlers(
+    handlers: &Mutex<HashMap<String, Sender<AwaitingWill>>>,
+) -> std::sync::MutexGuard<'_, HashMap<String, Sender<AwaitingWill>>> {
+    handlers.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A new network connection should wait for a mqtt connect packet. This should be handled
 /// asynchronously to avoid blocking other new connections while this connection is
 /// waiting for mqtt connect packet. Also this honours connection wait time as per config to prevent
@@ -618,20 +629,23 @@ async fn remote<P: Protocol>(
         client_id = format!("{tenant_id}.{client_id}");
     }
 
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+    // fleetbus patch: the will handlers' lock is taken poison-tolerantly and a handler whose
+    // connection is gone is not an error. Upstream unwrapped both: a link the router
+    // refused left its handler behind with no receiver, the next CONNECT with that client
+    // id panicked in `try_send(..).unwrap()` while holding the lock, and the poisoned
+    // mutex then panicked every later connection (nobody could connect until a restart).
+    let previous = lock_will_handlers(&will_handlers).remove(&client_id);
+    if let Some(sender) = previous {
         let awaiting_will = if clean_session {
             AwaitingWill::Fire
         } else {
             AwaitingWill::Cancel
         };
-        sender.try_send(awaiting_will).unwrap();
+        let _ = sender.try_send(awaiting_will);
     }
 
     let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
+    lock_will_handlers(&will_handlers).insert(client_id.clone(), will_tx.clone());
 
     // Start the link
     let mut link = match RemoteLink::new(
@@ -647,9 +661,20 @@ async fn remote<P: Protocol>(
         Ok(l) => l,
         Err(e) => {
             error!(error=?e, "Remote link error");
+            // fleetbus patch: the router refused the link (invalid client id, too many
+            // connections): take our will handler out again, unless a newer connection
+            // with the same id has already replaced it
+            let mut handlers = lock_will_handlers(&will_handlers);
+            if handlers
+                .get(&client_id)
+                .is_some_and(|h| h.same_channel(&will_tx))
+            {
+                handlers.remove(&client_id);
+            }
             return;
         }
     };
+    drop(will_tx);
 
     let connection_id = link.connection_id;
     let will_delay_interval = link.will_delay_interval;
@@ -709,7 +734,7 @@ async fn remote<P: Protocol>(
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
         Err(_) => {
             // no need to keep the sender after timeout
-            will_handlers.lock().unwrap().remove(&client_id);
+            lock_will_handlers(&will_handlers).remove(&client_id);
             // as will delay interval has passed, publish the will message
             true
         }

@@ -1,0 +1,453 @@
+//! End to end: what one client, one credential or one bad message could do to everyone
+//! else, tried against a real `fleetbus serve` process over real sockets. Each test
+//! reproduces an attack or a fault and checks that it held: honest agents keep being
+//! ingested, nothing acknowledged is lost, the bad actor gets a clear refusal.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::secured::{
+    connect, connect_result, connected, disconnected, options, publish_records, refused_with,
+    Secured,
+};
+use common::{free_port, poll_until, Proc};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+
+/// A bootstrap login (credential `provision`) asking for client id `id`.
+fn bootstrap_login(port: u16, id: &str, token: &str) -> MqttOptions {
+    let mut o = options(port, id, None);
+    o.set_credentials("provision", token);
+    o
+}
+
+/// One enrollment exchange as an agent makes it; the server's answer (JSON).
+async fn enroll_over_mqtt(port: u16, id: &str, bootstrap: &str) -> serde_json::Value {
+    let (client, mut events) = AsyncClient::new(bootstrap_login(port, id, bootstrap), 16);
+    let reply = format!("fleet/enroll/{id}/reply");
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    client.subscribe(&reply, QoS::AtLeastOnce).await.unwrap();
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let request = serde_json::json!({ "agent": id }).to_string();
+                    client
+                        .publish(
+                            format!("fleet/enroll/{id}/request"),
+                            QoS::AtLeastOnce,
+                            false,
+                            request,
+                        )
+                        .await
+                        .unwrap();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == reply => {
+                    return serde_json::from_slice::<serde_json::Value>(&p.payload).unwrap();
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{id}: enrollment connection failed: {e:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{id}: no enrollment answer"));
+    let _ = client.disconnect().await;
+    answer
+}
+
+/// Finding 1: a client asking for the client id of the server's in-process rules engine
+/// link used to take it over, and ingestion stopped until a restart. Refused with CONNACK
+/// 2 and a `refused` event, with security off and with a bootstrap token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engines_client_id_cannot_be_taken_from_the_network() {
+    for enforce in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Secured::start_with(dir.path(), enforce, "");
+        let port = server.port;
+        let token = enforce.then(|| server.enroll("web-01", &[]));
+        let boot = enforce.then(|| server.enroll("provision", &["--role", "bootstrap"]));
+        tokio::time::sleep(Duration::from_millis(700)).await; // the server reloads the store
+        let attempt = match &boot {
+            Some(boot) => {
+                common::first_connect_outcome(bootstrap_login(port, "fleetbus-rules-engine", boot))
+                    .await
+            }
+            None => connect_result(port, "fleetbus-rules-engine", None).await,
+        };
+        refused_with(attempt, ConnectReturnCode::BadClientId);
+        server.wait_event("refused", |e| {
+            e["client_id"] == "fleetbus-rules-engine"
+                && e["code"] == 2
+                && e["reason"].as_str().unwrap().contains("reserved")
+        });
+        // the engine still ingests
+        publish_records(port, "web-01", token.as_deref(), "app", 1..=5).await;
+        server.wait_records("web-01", "app", 5);
+    }
+}
+
+/// Finding 2: when rumqttd's router refused a link (here: `max_connections` reached), a
+/// stale will handler stayed behind; the next CONNECT with the same id panicked while
+/// holding a mutex and every later connection panicked on the poisoned lock. Now the
+/// refusal is a CONNACK 3 and the broker keeps serving everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_refusal_cannot_poison_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    // the rules engine's link takes one of the four slots
+    let server = Secured::start_with(dir.path(), false, "max_connections = 4\n");
+    let port = server.port;
+    let mut held = Vec::new();
+    for id in ["a", "b", "c"] {
+        let (client, mut events) = connected(options(port, id, None)).await;
+        // keep the connection served in the background
+        let task = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+        held.push((client, task));
+    }
+    // the same refused id twice: the second used to panic and poison the broker
+    for _ in 0..3 {
+        refused_with(
+            connect_result(port, "d", None).await,
+            ConnectReturnCode::ServiceUnavailable,
+        );
+    }
+    // a slot frees up: new clients are served, the broker is not poisoned
+    let (client, task) = held.remove(0);
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    let mut connected = false;
+    for _ in 0..20 {
+        if connect_result(port, "e", None).await.is_ok() {
+            connected = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        connected,
+        "nobody can connect any more\n{}",
+        server.proc.log()
+    );
+    publish_records(port, "e", None, "app", 1..=3).await;
+    server.wait_records("e", "app", 3);
+    assert!(
+        !server.proc.log().contains("panicked"),
+        "{}",
+        server.proc.log()
+    );
+}
+
+/// Finding 3: one bootstrap token held ~200 connections and locked agents out, and enrolled
+/// 3,500 ids in 11 s. Bootstrap connections are capped and short-lived, enrollments are
+/// rate-limited per bootstrap credential, and enrolled agents still get in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_token_cannot_hold_the_broker_or_enroll_without_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start_with(
+        dir.path(),
+        true,
+        "[broker.limits]\nbootstrap_connections = 3\nbootstrap_lifetime = \"2s\"\n\
+         enrollments_per_minute = 2\n",
+    );
+    let port = server.port;
+    let boot = server.enroll("provision", &["--role", "bootstrap", "--groups", "edge"]);
+    let agent = server.enroll("web-01", &[]);
+    tokio::time::sleep(Duration::from_millis(700)).await; // the server reloads the store
+    let mut held = Vec::new();
+    for i in 0..3 {
+        held.push(connected(bootstrap_login(port, &format!("new-{i}"), &boot)).await);
+    }
+    // a fourth is refused: the broker is busy for bootstrap logins
+    refused_with(
+        common::first_connect_outcome(bootstrap_login(port, "new-3", &boot)).await,
+        ConnectReturnCode::ServiceUnavailable,
+    );
+    server.wait_event("refused", |e| {
+        e["client_id"] == "new-3" && e["reason"].as_str().unwrap().contains("bootstrap")
+    });
+    // an enrolled agent is not affected
+    publish_records(port, "web-01", Some(&agent), "app", 1..=3).await;
+    server.wait_records("web-01", "app", 3);
+    // the bootstrap connections are dropped once their lifetime is over
+    for (_, events) in held.iter_mut() {
+        assert!(
+            disconnected(events, Duration::from_secs(6)).await,
+            "a bootstrap connection outlived limits.bootstrap_lifetime"
+        );
+    }
+    server.wait_event("disconnected", |e| {
+        e["reason"].as_str().unwrap().contains("lifetime")
+    });
+    // two enrollments a minute: the third is refused and says why
+    for id in ["edge-1", "edge-2"] {
+        let answer = enroll_over_mqtt(port, id, &boot).await;
+        assert_eq!(answer["outcome"], "enrolled", "{answer}");
+    }
+    let answer = enroll_over_mqtt(port, "edge-3", &boot).await;
+    assert_eq!(answer["outcome"], "refused", "{answer}");
+    assert!(
+        answer["reason"].as_str().unwrap().contains("rate limit"),
+        "{answer}"
+    );
+    let listing = server.agents(&["credentials"]);
+    assert!(!listing.contains("edge-3"), "{listing}");
+}
+
+/// Finding 10: a bootstrap token re-enrolled a revoked id and got a fresh credential. A
+/// revoked id stays revoked until an operator enrolls it again with `--replace`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_id_cannot_be_reenrolled_with_a_bootstrap_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start(dir.path());
+    let port = server.port;
+    let boot = server.enroll("provision", &["--role", "bootstrap", "--groups", "edge"]);
+    server.enroll("stolen-1", &["--groups", "edge"]);
+    server.agents(&["revoke", "stolen-1"]);
+    tokio::time::sleep(Duration::from_millis(700)).await; // the server reloads the store
+    refused_with(
+        common::first_connect_outcome(bootstrap_login(port, "stolen-1", &boot)).await,
+        ConnectReturnCode::NotAuthorized,
+    );
+    server.wait_event("refused", |e| {
+        e["client_id"] == "stolen-1" && e["reason"] == "credential revoked"
+    });
+    // the operator's CLI says the same without --replace, and re-enrolls with it
+    let out = std::process::Command::new(common::bin())
+        .args(["agents", "enroll", "stolen-1", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("revoked") && err.contains("--replace"),
+        "{err}"
+    );
+    let token = server.enroll("stolen-1", &["--replace"]);
+    let (_client, _events) = connect(port, "stolen-1", &token).await;
+}
+
+/// Finding 16: two servers on one data directory both ran and garbled the file sink's
+/// batch marker; the next start refused to run with acknowledged records stranded. The
+/// second server is refused now, and a garbled marker no longer stops a start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_server_per_data_dir_and_a_garbled_marker_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Secured::start_with(dir.path(), false, "");
+    publish_records(server.port, "a1", None, "app", 1..=20).await;
+    server.wait_records("a1", "app", 20);
+
+    // a second server on the same data_dir (another port) does not start
+    let other = dir.path().join("second.toml");
+    fs::write(
+        &other,
+        format!(
+            "data_dir = \"data\"\n[rules]\nfile = \"rules.toml\"\n[broker]\nlisten = \"127.0.0.1:{}\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut second = Proc::start(
+        &["serve", "--config", other.to_str().unwrap()],
+        &dir.path().join("second.log"),
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || !second.running()),
+        "a second server runs on the same data_dir"
+    );
+    assert!(!second.child.wait().unwrap().success());
+    let log = second.log_text();
+    assert!(
+        log.contains("fleetbus.lock") && log.contains("locked"),
+        "{log}"
+    );
+
+    // garbled marker: the next start sets it aside and loses nothing
+    server.proc.terminate();
+    let marker = dir.path().join("data/wal/sinks/records.marker");
+    assert!(marker.is_file());
+    fs::write(&marker, b"\x00\x01 not json").unwrap();
+    server.proc.launch();
+    publish_records(server.port, "a1", None, "app", 21..=30).await;
+    server.wait_records("a1", "app", 30);
+    let mut seqs: Vec<u64> = server
+        .records("a1", "app")
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+    assert!(server
+        .proc
+        .log()
+        .contains("unreadable batch marker set aside"));
+}
+
+/// A raw TCP connection that sends nothing (or a few bytes): what an idle or slow-loris
+/// client holds.
+fn hold(port: u16, first_bytes: &[u8]) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(first_bytes).unwrap();
+    s
+}
+
+/// True when the server closed `stream` within `within` (a read sees EOF or a reset).
+fn closed_by_server(stream: &mut std::net::TcpStream, within: Duration) -> bool {
+    use std::io::Read;
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a 408 or the like before the close
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// `GET path` on 127.0.0.1:`port`: the body of a 200 answer.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of metric `name` (no labels) in a Prometheus text.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// Finding 4: idle and slow-loris connections to the HTTP endpoints were never closed.
+/// Now each endpoint serves a bounded number of connections, closes one more at once, and
+/// ends idle and slow connections after `http.header_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_http_clients_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    let server = Secured::start_with(
+        dir.path(),
+        false,
+        &format!(
+            "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
+             [http]\nmax_connections = 8\nheader_timeout = \"1s\"\nconnection_lifetime = \"3s\"\n"
+        ),
+    );
+    // 4 idle connections and 4 that dribble a request header
+    let mut held: Vec<std::net::TcpStream> = (0..4).map(|_| hold(metrics_port, b"")).collect();
+    for _ in 0..4 {
+        held.push(hold(metrics_port, b"GET /metrics HTTP/1.1\r\nX-Slow: "));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // a ninth is closed at once
+    let mut ninth = hold(metrics_port, b"");
+    assert!(closed_by_server(&mut ninth, Duration::from_millis(800)));
+    // the slow ones keep sending, one byte at a time: still cut off by the header timeout
+    let started = std::time::Instant::now();
+    for s in held.iter_mut() {
+        use std::io::Write;
+        let _ = s.write_all(b"a");
+        assert!(
+            closed_by_server(s, Duration::from_secs(4)),
+            "an idle or slow connection was kept"
+        );
+    }
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // honest requests are served again, and the counters say what happened
+    let text = http_get(metrics_port, "/metrics");
+    assert!(
+        metric(&text, "fleetbus_http_timed_out_total") >= 8,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "fleetbus_http_refused_connections_total") >= 1,
+        "{text}"
+    );
+    publish_records(server.port, "a1", None, "app", 1..=3).await;
+    server.wait_records("a1", "app", 3);
+}
+
+/// Finding 4, the other half: out of file descriptors, the MQTT accept loop spun and logged
+/// 5 million lines in 10 s. It pauses now, logs a few lines, counts the pauses, and serves
+/// again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        common::skip_or_fail("prlimit (util-linux)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    fs::write(
+        dir.path().join("server.toml"),
+        format!(
+            "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\nconnect_timeout = \"30s\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("server.log");
+    let out = fs::File::create(&log).unwrap();
+    let child = std::process::Command::new("prlimit")
+        .args(["--nofile=128:128", "--", common::bin(), "serve", "--config"])
+        .arg(dir.path().join("server.toml"))
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let mut server = Proc {
+        child,
+        log: log.clone(),
+    };
+    assert!(poll_until(Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", metrics_port)).is_ok()
+    }));
+    // hold more connections than the server has descriptors
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => held.push(s),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let text = server.log_text();
+    let lines = text.lines().filter(|l| l.contains("accept failed")).count();
+    assert!(lines >= 1, "never ran out of descriptors?\n{text}");
+    assert!(lines <= 5, "{lines} accept failures logged in 3 s");
+    drop(held);
+    // descriptors free again: agents are served
+    publish_records(port, "a1", None, "app", 1..=3).await;
+    let text = http_get(metrics_port, "/metrics");
+    assert!(
+        metric(&text, "fleetbus_accept_backoffs_total") >= 1,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "fleetbus_messages_received_total") >= 3,
+        "{text}"
+    );
+    server.terminate(Duration::from_secs(10));
+}
