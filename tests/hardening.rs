@@ -311,20 +311,52 @@ fn closed_by_server(stream: &mut std::net::TcpStream, within: Duration) -> bool 
     }
 }
 
-/// `GET path` on 127.0.0.1:`port`: the body of a 200 answer.
-fn http_get(port: u16, path: &str) -> String {
+/// One HTTP/1.1 request to 127.0.0.1:`port` with `headers` (each `Name: value`) and
+/// `body`; the status code and the whole answer.
+fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("host:"))
+    {
+        head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
+    for h in headers {
+        head.push_str(&format!("{h}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    s.write_all(head.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP answer: {text:?}"));
+    (status, text)
+}
+
+/// `GET path` on 127.0.0.1:`port` with `headers`: the whole answer, which must be a 200.
+fn http_get_with(port: u16, path: &str, headers: &[&str]) -> String {
+    let (status, text) = http_request(port, "GET", path, headers, b"");
+    assert_eq!(status, 200, "{text}");
     text
+}
+
+/// `GET path` on 127.0.0.1:`port`: the whole answer, which must be a 200.
+fn http_get(port: u16, path: &str) -> String {
+    http_get_with(port, path, &[])
 }
 
 /// The value of metric `name` (no labels) in a Prometheus text.
@@ -450,4 +482,278 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
         "{text}"
     );
     server.terminate(Duration::from_secs(10));
+}
+
+/// A server (security `enforce` or not) with a job signing key, an admin endpoint and
+/// `extra` configuration; the server and its admin port.
+fn with_jobs(dir: &std::path::Path, enforce: bool, extra: &str) -> (Secured, u16) {
+    let keys = dir.join("keys");
+    common::run_ok(std::process::Command::new(common::bin()).args([
+        "keys",
+        "generate",
+        "--out",
+        keys.to_str().unwrap(),
+    ]));
+    let admin = free_port();
+    let server = Secured::start_with(
+        dir,
+        enforce,
+        &format!(
+            "[jobs]\nsigning_key = \"keys/job-signing.key\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n{extra}"
+        ),
+    );
+    (server, admin)
+}
+
+/// A presence (birth) message as an agent sends it, naming `agent` with `groups`.
+fn birth(agent: &str, groups: &[&str]) -> Vec<u8> {
+    serde_json::json!({
+        "agent": agent,
+        "status": "online",
+        "ts": "2026-12-01T00:00:00Z",
+        "groups": groups,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The agents the job service knows in `group` (`GET /agents?group=` with `operator`, an
+/// `Authorization` header).
+fn members(admin_port: u16, operator: &str, group: &str) -> Vec<String> {
+    let text = http_get_with(admin_port, &format!("/agents?group={group}"), &[operator]);
+    let body = &text[text.find("\r\n\r\n").map(|i| i + 4).unwrap_or(0)..];
+    let body = body.trim();
+    // chunked encoding: take the JSON array between the first '[' and the last ']'
+    let json = &body[body.find('[').unwrap_or(0)..=body.rfind(']').unwrap_or(0)];
+    let agents: Vec<serde_json::Value> = serde_json::from_str(json).unwrap();
+    agents
+        .iter()
+        .map(|a| a["agent"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Finding 9: an agent published a birth message naming another agent on its own
+/// presence topic; the server took the payload's id over the topic's and moved the victim
+/// into the rogue's group. The topic's agent is the only identity now, and nobody but the
+/// server leaves retained messages under `fleet/` (a will included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_message_cannot_speak_for_another_agent_or_stay_retained() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, admin_port) = with_jobs(dir.path(), true, "");
+    let port = server.port;
+    let operator = format!(
+        "Authorization: Bearer {}",
+        server.enroll("ops", &["--role", "operator"])
+    );
+    let members = |group: &str| members(admin_port, &operator, group);
+    let victim = server.enroll("web-01", &["--groups", "web"]);
+    let rogue = server.enroll("db-01", &["--groups", "db"]);
+    let (v, mut v_events) = connect(port, "web-01", &victim).await;
+    v.publish(
+        "fleet/web-01/presence",
+        QoS::AtLeastOnce,
+        false,
+        birth("web-01", &["web"]),
+    )
+    .await
+    .unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while v_events.poll().await.is_ok() {}
+    })
+    .await;
+    assert!(
+        poll_until(Duration::from_secs(5), || members("web") == ["web-01"]),
+        "{:?}",
+        members("web")
+    );
+    // the rogue speaks for the victim on its own presence topic
+    let (r, mut r_events) = connect(port, "db-01", &rogue).await;
+    r.publish(
+        "fleet/db-01/presence",
+        QoS::AtLeastOnce,
+        false,
+        birth("web-01", &["db"]),
+    )
+    .await
+    .unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while r_events.poll().await.is_ok() {}
+    })
+    .await;
+    server.wait_event("violation", |e| {
+        e["client_id"] == "db-01" && e["reason"].as_str().unwrap().contains("web-01")
+    });
+    assert_eq!(members("web"), ["web-01"]);
+    assert!(members("db").is_empty(), "{:?}", members("db"));
+
+    // a retained presence is a violation: the connection ends
+    r.publish(
+        "fleet/db-01/presence",
+        QoS::AtLeastOnce,
+        true,
+        birth("db-01", &["db"]),
+    )
+    .await
+    .unwrap();
+    assert!(disconnected(&mut r_events, Duration::from_secs(5)).await);
+    server.wait_event("violation", |e| {
+        e["client_id"] == "db-01" && e["reason"].as_str().unwrap().contains("retained")
+    });
+    // and so is a retained last will, or a will on another agent's topic: refused at CONNECT
+    for (topic, retain) in [
+        ("fleet/db-01/presence", true),
+        ("fleet/web-01/presence", false),
+    ] {
+        let mut o = options(port, "db-01", Some(&rogue));
+        o.set_last_will(rumqttc::LastWill::new(
+            topic,
+            birth("db-01", &[]),
+            QoS::AtLeastOnce,
+            retain,
+        ));
+        refused_with(
+            common::first_connect_outcome(o).await,
+            ConnectReturnCode::NotAuthorized,
+        );
+    }
+    server.wait_event("refused", |e| {
+        e["client_id"] == "db-01" && e["reason"].as_str().unwrap().contains("last will")
+    });
+    drop(v);
+}
+
+/// Finding 11: the admin endpoint was unauthenticated, so any local process (or a web page
+/// by DNS rebinding) could push a job the server signs. Every call needs an operator
+/// token now, the `Host` must be the endpoint's, state changes need a JSON body, and
+/// bodies are bounded; refusals are security events. Without enforcement the broker
+/// listens on loopback only unless told `allow_insecure`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_needs_an_operator_and_the_broker_is_loopback_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, admin) = with_jobs(dir.path(), false, "[http]\nmax_body_bytes = 4096\n");
+    let operator = server.enroll("ops", &["--role", "operator"]);
+    let agent = server.enroll("web-01", &[]);
+    server.enroll("old-ops", &["--role", "operator"]);
+    let old = server.enroll("old-ops", &["--role", "operator", "--replace"]);
+    server.agents(&["revoke", "old-ops"]);
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    let json = "Content-Type: application/json";
+    let push = br#"{"target":{"group":"web"},"operation":"echo","args":{},"timeout_secs":30}"#;
+
+    let refused: [(&str, Vec<String>, &[u8], u16); 6] = [
+        ("no token", vec![json.into()], push, 401),
+        (
+            "an agent's token",
+            vec![json.into(), bearer(&agent)],
+            push,
+            403,
+        ),
+        (
+            "a revoked operator",
+            vec![json.into(), bearer(&old)],
+            push,
+            401,
+        ),
+        (
+            "a wrong token",
+            vec![json.into(), bearer("00ff")],
+            push,
+            401,
+        ),
+        (
+            "a foreign Host (DNS rebinding)",
+            vec![
+                json.into(),
+                bearer(&operator),
+                format!("Host: evil.example:{admin}"),
+            ],
+            push,
+            421,
+        ),
+        (
+            "a form POST (cross-site)",
+            vec![
+                "Content-Type: application/x-www-form-urlencoded".into(),
+                bearer(&operator),
+            ],
+            b"target=x",
+            415,
+        ),
+    ];
+    for (what, headers, body, want) in refused {
+        let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let (status, text) = http_request(admin, "POST", "/jobs", &headers, body);
+        assert_eq!(status, want, "{what}: {text}");
+    }
+    // a body past http.max_body_bytes
+    let big = vec![b'x'; 10_000];
+    let (status, _) = http_request(admin, "POST", "/jobs", &[json, &bearer(&operator)], &big);
+    assert_eq!(status, 413);
+    // nothing was pushed; the operator sees that, and may push
+    let text = http_get_with(admin, "/jobs", &[&bearer(&operator)]);
+    assert!(
+        text.trim_end().ends_with("[]") || text.contains("[]"),
+        "{text}"
+    );
+    let (status, text) = http_request(admin, "POST", "/jobs", &[json, &bearer(&operator)], push);
+    assert_eq!(status, 201, "{text}");
+    // the last refusal's event is there, and so are the others before it
+    server.wait_event("admin-refused", |e| e["status"] == 415);
+    let events = server.events("admin-refused");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["status"] == 421 && e["reason"].as_str().unwrap().contains("evil.example")),
+        "{events:?}"
+    );
+    assert!(events.len() >= 6, "{events:?}");
+
+    // the CLI reads the token from a file or FLEETBUS_ADMIN_TOKEN
+    let token_file = dir.path().join("ops.token");
+    fs::write(&token_file, &operator).unwrap();
+    let url = format!("http://127.0.0.1:{admin}");
+    let listed = common::run_ok(std::process::Command::new(common::bin()).args([
+        "job",
+        "list",
+        "--admin",
+        &url,
+        "--admin-token-file",
+        token_file.to_str().unwrap(),
+    ]));
+    assert!(listed.contains("echo"), "{listed}");
+    let out = std::process::Command::new(common::bin())
+        .args(["job", "list", "--admin", &url])
+        .env_remove("FLEETBUS_ADMIN_TOKEN")
+        .env_remove("FLEETBUS_ADMIN_TOKEN_FILE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-token-file"));
+    let listed = common::run_ok(
+        std::process::Command::new(common::bin())
+            .args(["job", "list", "--admin", &url])
+            .env("FLEETBUS_ADMIN_TOKEN", &operator),
+    );
+    assert!(listed.contains("echo"), "{listed}");
+
+    // the broker beyond loopback without enforcement: refused at start
+    let open = dir.path().join("open.toml");
+    fs::write(
+        &open,
+        format!(
+            "data_dir = \"open-data\"\n[broker]\nlisten = \"0.0.0.0:{}\"\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["serve", "--config", open.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("allow_insecure") && err.contains("enforce"),
+        "{err}"
+    );
 }

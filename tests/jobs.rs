@@ -19,6 +19,8 @@ use tokio::sync::watch;
 struct Server {
     port: u16,
     admin: String,
+    /// `Authorization` header value of an operator credential.
+    operator: String,
     public_key: String,
     proc: ServeProc,
 }
@@ -48,18 +50,22 @@ impl Server {
         )
         .unwrap();
         let admin = format!("http://127.0.0.1:{admin_port}");
-        let probe = format!("{admin}/jobs");
+        let token = common::fleetbus_with_data(
+            &dir.join("data"),
+            &["agents", "enroll", "ops", "--role", "operator"],
+        );
         let proc = ServeProc::start(
             dir,
             &format!(
                 "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n\
                  [jobs]\nsigning_key = \"keys/job-signing.key\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
             ),
-            move || ureq::get(&probe).call().is_ok(),
+            move || std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_ok(),
         );
         Server {
             port,
             admin,
+            operator: format!("Bearer {}", token.trim()),
             public_key,
             proc,
         }
@@ -88,6 +94,7 @@ impl Server {
             rollout,
         };
         let report: JobReport = ureq::post(&format!("{}/jobs", self.admin))
+            .header("Authorization", &self.operator)
             .send_json(&req)
             .unwrap()
             .body_mut()
@@ -98,6 +105,7 @@ impl Server {
 
     fn report(&self, id: &str) -> JobReport {
         ureq::get(&format!("{}/jobs/{id}", self.admin))
+            .header("Authorization", &self.operator)
             .call()
             .unwrap()
             .body_mut()
@@ -179,6 +187,7 @@ async fn members_known(server: &Server, group: &str, n: usize) {
     let url = format!("{}/agents?group={group}", server.admin);
     for _ in 0..200 {
         let known: Option<Vec<fleetbus_jobs::KnownAgent>> = ureq::get(&url)
+            .header("Authorization", &server.operator)
             .call()
             .ok()
             .and_then(|mut r| r.body_mut().read_json().ok());

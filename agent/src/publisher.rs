@@ -98,11 +98,12 @@ impl Publisher {
             options.set_credentials(self.agent.clone(), token.clone());
         }
         if let Some(payload) = encoded(&will) {
+            // not retained: the broker keeps no stale presence for operators to see
             options.set_last_will(LastWill::new(
                 topics::presence(&self.agent),
                 payload,
                 QoS::AtLeastOnce,
-                true,
+                false,
             ));
         }
         let (client, eventloop) = AsyncClient::new(options, window + 16);
@@ -202,7 +203,7 @@ impl Publisher {
             let _ = client.try_publish(
                 topics::presence(&self.agent),
                 QoS::AtLeastOnce,
-                true,
+                false,
                 payload,
             );
         }
@@ -345,7 +346,7 @@ impl Publisher {
             let _ = client.try_publish(
                 topics::presence(&self.agent),
                 QoS::AtLeastOnce,
-                true,
+                false,
                 payload,
             );
         }

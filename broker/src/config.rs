@@ -61,6 +61,9 @@ pub struct LimitsConfig {
     /// logins (bootstrap, operator, server) are refused once the rest is in use. Unset: a
     /// tenth of `max_connections`.
     pub reserved_for_agents: Option<usize>,
+    /// Bytes of retained messages the broker keeps (outside `fleet/`, where only the
+    /// server may retain): a retained publish beyond is a violation.
+    pub retained_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -71,6 +74,7 @@ impl Default for LimitsConfig {
             enrollments_per_minute: 120,
             connections_per_credential: 16,
             reserved_for_agents: None,
+            retained_bytes: 16 * 1024 * 1024,
         }
     }
 }

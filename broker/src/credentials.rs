@@ -234,7 +234,8 @@ impl CredentialStore {
                  token_sha256 BLOB NOT NULL,
                  enrolled_at TEXT NOT NULL,
                  revoked_at TEXT
-             );",
+             );
+             CREATE INDEX IF NOT EXISTS credentials_by_token ON credentials (token_sha256);",
         )
         .map_err(store_err)?;
         Ok(CredentialStore {
@@ -310,12 +311,26 @@ impl CredentialStore {
 
     /// The credential of `id`, if enrolled.
     pub fn get(&self, id: &str) -> Result<Option<Credential>, CredentialError> {
+        self.one_where("id = ?1", params![id])
+    }
+
+    /// The credential `token` belongs to, if any (revoked or not: the caller decides).
+    pub fn find_by_token(&self, token: &str) -> Result<Option<Credential>, CredentialError> {
+        let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+        self.one_where("token_sha256 = ?1", params![&hash[..]])
+    }
+
+    /// The credential selected by SQL condition `condition` with `params`, if any.
+    fn one_where(
+        &self,
+        condition: &str,
+        params: &[&dyn rusqlite::ToSql],
+    ) -> Result<Option<Credential>, CredentialError> {
+        let sql = format!(
+            "SELECT id, role, groups, token_sha256, enrolled_at, revoked_at FROM credentials WHERE {condition}"
+        );
         self.conn
-            .query_row(
-                "SELECT id, role, groups, token_sha256, enrolled_at, revoked_at FROM credentials WHERE id = ?1",
-                params![id],
-                row_to_credential,
-            )
+            .query_row(&sql, params, row_to_credential)
             .optional()
             .map_err(|e| self.err(e))?
             .transpose()

@@ -59,6 +59,8 @@ pub struct SecurityCounters {
     pub bootstrap_expired: AtomicU64,
     /// Enrollment requests refused by `limits.enrollments_per_minute`.
     pub limited_enrollments: AtomicU64,
+    /// Retained publishes refused by `limits.retained_bytes`.
+    pub limited_retained: AtomicU64,
     /// Accept loops that backed off because the process ran out of file descriptors.
     pub accept_backoffs: AtomicU64,
     /// HTTP connections (metrics, admin) closed at once because the endpoint's connection
@@ -75,6 +77,27 @@ pub struct Admitted {
     pub serial: u64,
     /// What it may publish and subscribe to; `None` when the policy is not enforced.
     pub grants: Option<Arc<Grants>>,
+    /// The role of its credential; `None` when nothing is enforced.
+    pub role: Option<Role>,
+}
+
+/// The last will a CONNECT asks the broker to publish for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Will<'a> {
+    /// Its topic (as received).
+    pub topic: &'a [u8],
+    /// Whether it would be retained.
+    pub retain: bool,
+}
+
+/// Topics under this prefix are the fleet's: nobody but the server's own clients may
+/// leave retained messages there (operators would see stale state, and every agent could
+/// make the broker remember a message per topic forever).
+pub const FLEET_PREFIX: &[u8] = b"fleet/";
+
+/// Whether a client logged in as `role` may publish a retained message on `topic`.
+pub fn may_retain(role: Option<Role>, topic: &[u8]) -> bool {
+    role == Some(Role::Server) || !topic.starts_with(FLEET_PREFIX)
 }
 
 #[derive(Debug)]
@@ -138,6 +161,8 @@ pub struct Guard {
     max_connections: usize,
     /// Client ids of the server's in-process links: never admitted from the network.
     reserved: RwLock<HashSet<String>>,
+    /// Retained messages accepted from network clients: bytes per topic, and their sum.
+    retained: Mutex<(HashMap<String, usize>, usize)>,
     policy: Policy,
     credentials: RwLock<Arc<Credentials>>,
     sessions: Mutex<Sessions>,
@@ -168,6 +193,7 @@ impl Guard {
             limits: LimitsConfig::default(),
             max_connections: usize::MAX,
             reserved: RwLock::new(HashSet::new()),
+            retained: Mutex::new((HashMap::new(), 0)),
             policy,
             credentials: RwLock::new(Arc::new(credentials)),
             sessions: Mutex::new(Sessions::default()),
@@ -204,6 +230,28 @@ impl Guard {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .contains(client_id)
+    }
+
+    /// Accounts a retained PUBLISH of `bytes` on `topic` (an empty one clears the topic's);
+    /// false (nothing noted) when it would take the retained messages past
+    /// `limits.retained_bytes`.
+    pub(crate) fn note_retained(&self, topic: &str, bytes: usize) -> bool {
+        let mut retained = self.retained.lock().unwrap_or_else(|p| p.into_inner());
+        let (by_topic, total) = &mut *retained;
+        let before = by_topic.get(topic).copied().unwrap_or(0);
+        let after = total.saturating_sub(before).saturating_add(bytes);
+        if bytes > before && after > self.limits.retained_bytes {
+            self.counters
+                .limited_retained
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        *total = after;
+        match bytes {
+            0 => by_topic.remove(topic),
+            n => by_topic.insert(topic.to_string(), n),
+        };
+        true
     }
 
     /// Whether authentication and the topic policy are enforced.
@@ -370,13 +418,14 @@ impl Guard {
         None
     }
 
-    /// Decides on a CONNECT from `peer`.
+    /// Decides on a CONNECT from `peer` asking the broker to publish `will` for it.
     pub(crate) fn admit(
         &self,
         peer: Option<SocketAddr>,
         client_id: &str,
         username: Option<&str>,
         password: Option<&[u8]>,
+        will: Option<Will<'_>>,
     ) -> Result<Admitted, ConnectReturnCode> {
         let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         if let Some(reason) = self.unacceptable_id(client_id) {
@@ -416,8 +465,12 @@ impl Guard {
                 }
             }
         }
+        let role = credential.as_ref().map(|c| c.role);
+        if let Some(reason) = will.and_then(|w| unacceptable_will(w, role, grants.as_deref())) {
+            return Err(self.refuse(peer, client_id, ConnectReturnCode::NotAuthorized, &reason));
+        }
         let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
-        let role = credential.as_ref().map(|c| c.role.as_str().to_string());
+        let role_name = role.map(|r| r.as_str().to_string());
         let duplicate = {
             let mut sessions = self.sessions();
             if let Some(c) = &credential {
@@ -462,7 +515,7 @@ impl Guard {
         self.emit(BrokerEvent::Connected {
             client_id: client_id.to_string(),
             peer: peer.to_string(),
-            role,
+            role: role_name,
             ts: Utc::now(),
         });
         if let Some(event) = duplicate {
@@ -472,7 +525,11 @@ impl Guard {
             tracing::warn!(client_id, "duplicate agent identity: two machines keep taking over one client id (see docs/security.md, cloned identities)");
             self.emit(event);
         }
-        Ok(Admitted { serial, grants })
+        Ok(Admitted {
+            serial,
+            grants,
+            role,
+        })
     }
 
     /// Client ids of bootstrap connections older than `limits.bootstrap_lifetime`: the
@@ -616,6 +673,32 @@ impl Guard {
             connected_secs: since.map(|s| s.elapsed().as_secs_f64()).unwrap_or(0.0),
             ts: Utc::now(),
         });
+    }
+}
+
+/// Why the broker must not accept `will` from a client logged in as `role` with `grants`
+/// (`None`: the policy is not enforced), if it must not: the broker publishes a will on the
+/// client's behalf, so it gets the same checks as the client's own PUBLISH.
+fn unacceptable_will(
+    will: Will<'_>,
+    role: Option<Role>,
+    grants: Option<&Grants>,
+) -> Option<String> {
+    let Ok(topic) = std::str::from_utf8(will.topic) else {
+        return Some("last will topic is not UTF-8".into());
+    };
+    if will.retain && !may_retain(role, will.topic) {
+        return Some(format!(
+            "retained last will on `{topic}`: only the server may retain messages under fleet/"
+        ));
+    }
+    let grants = grants?;
+    match grants.allows(Action::Publish, topic) {
+        Some(_) => None,
+        None => Some(format!(
+            "last will on `{topic}`: {}",
+            grants.decide(Action::Publish, topic).reason
+        )),
     }
 }
 

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use rumqttd::protocol::{v4::V4, ConnectReturnCode, Error, Packet, Protocol};
 
 use crate::acl::Action;
-use crate::guard::{Admitted, Guard};
+use crate::guard::{may_retain, Admitted, Guard, Will};
 
 /// Open while the broker accepts traffic; closed when it is stopping.
 #[derive(Debug)]
@@ -83,6 +83,34 @@ impl PolicyProtocol {
         }
     }
 
+    /// A retained PUBLISH: nobody but the server's own clients retains under `fleet/`
+    /// (stale state for operators, memory for ever), and retained messages elsewhere share
+    /// `limits.retained_bytes`. A refusal is a violation (the connection ends).
+    fn check_retain(&mut self, topic: &[u8], payload_len: usize) -> Result<(), Error> {
+        let Some(session) = &self.session else {
+            return Err(Error::InvalidProtocol);
+        };
+        let shown = String::from_utf8_lossy(topic).into_owned();
+        let reason = if !may_retain(session.admitted.role, topic) {
+            "retained publish under fleet/: only the server may retain messages there".to_string()
+        } else if !self.guard.note_retained(&shown, payload_len) {
+            format!(
+                "retained messages would exceed limits.retained_bytes ({} bytes)",
+                self.guard.limits().retained_bytes
+            )
+        } else {
+            return Ok(());
+        };
+        self.guard.violation(
+            &session.client_id,
+            self.peer,
+            Action::Publish,
+            &shown,
+            reason,
+        );
+        Err(Error::InvalidProtocol)
+    }
+
     /// Checks one PUBLISH topic or SUBSCRIBE filter of this connection.
     fn authorize(&mut self, action: Action, topic: &[u8]) -> Result<(), Error> {
         let Some(session) = &mut self.session else {
@@ -127,6 +155,11 @@ impl Protocol for PolicyProtocol {
             // the broker is stopping: this connection ends here, unacknowledged
             return Err(Error::InvalidProtocol);
         }
+        if let Packet::Publish(publish, _) = &packet {
+            if publish.retain {
+                self.check_retain(&publish.topic, publish.payload.len())?;
+            }
+        }
         if self.guard.enforcing() {
             match &packet {
                 Packet::Publish(publish, _) => self.authorize(Action::Publish, &publish.topic)?,
@@ -161,15 +194,23 @@ impl Protocol for PolicyProtocol {
         backoff.failed(error, &self.guard.counters().accept_backoffs)
     }
 
-    fn admit(&mut self, connect: &Packet) -> Result<(), ConnectReturnCode> {
-        let Packet::Connect(connect, _, _, _, login) = connect else {
+    fn admit(&mut self, connect_packet: &Packet) -> Result<(), ConnectReturnCode> {
+        let Packet::Connect(connect, _, _, _, login) = connect_packet else {
             return Err(ConnectReturnCode::ProtocolError);
         };
+        let Packet::Connect(_, _, will, _, _) = connect_packet else {
+            return Err(ConnectReturnCode::ProtocolError);
+        };
+        let will = will.as_ref().map(|w| Will {
+            topic: &w.topic,
+            retain: w.retain,
+        });
         let admitted = self.guard.admit(
             self.peer,
             &connect.client_id,
             login.as_ref().map(|l| l.username.as_str()),
             login.as_ref().map(|l| l.password.as_bytes()),
+            will,
         )?;
         self.session = Some(Session {
             client_id: connect.client_id.clone(),

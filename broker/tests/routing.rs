@@ -142,28 +142,29 @@ async fn exact_and_wildcard_filters_before_and_after_a_topic_is_first_seen() {
     );
 }
 
+/// (Outside `fleet/`: only the server may retain messages there.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retained_messages_reach_exact_and_wildcard_subscribers() {
     let (_broker, port) = broker().await;
     let p = publisher(port, "agent-r1").await;
-    p.publish("fleet/r1/presence", QoS::AtLeastOnce, true, "online")
+    p.publish("site/r1/presence", QoS::AtLeastOnce, true, "online")
         .await
         .unwrap();
-    p.publish("fleet/r2/telemetry/x", QoS::AtLeastOnce, true, "other")
+    p.publish("site/r2/telemetry/x", QoS::AtLeastOnce, true, "other")
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let waited = Duration::from_millis(500);
 
-    let (_e, mut exact) = subscriber(port, "e", &["fleet/r1/presence"]).await;
+    let (_e, mut exact) = subscriber(port, "e", &["site/r1/presence"]).await;
     assert_eq!(
         drain(&mut exact, waited).await,
-        vec![msg("fleet/r1/presence", "online")]
+        vec![msg("site/r1/presence", "online")]
     );
-    let (_w, mut wildcard) = subscriber(port, "w", &["fleet/+/presence"]).await;
+    let (_w, mut wildcard) = subscriber(port, "w", &["site/+/presence"]).await;
     assert_eq!(
         drain(&mut wildcard, waited).await,
-        vec![msg("fleet/r1/presence", "online")]
+        vec![msg("site/r1/presence", "online")]
     );
     let (_n, mut none) = subscriber(port, "n", &["fleet/r3/presence"]).await;
     assert!(drain(&mut none, waited).await.is_empty());

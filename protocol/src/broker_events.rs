@@ -85,6 +85,20 @@ pub enum BrokerEvent {
         /// When.
         ts: DateTime<Utc>,
     },
+    /// A request to the admin endpoint was refused (no or wrong operator token, a foreign
+    /// `Host` header, a POST that is not JSON).
+    AdminRefused {
+        /// Its address.
+        peer: String,
+        /// The request's method and path.
+        request: String,
+        /// The HTTP status answered.
+        status: u16,
+        /// Why, in words.
+        reason: String,
+        /// When.
+        ts: DateTime<Utc>,
+    },
     /// One client id keeps taking over another live connection: two machines (a cloned
     /// VM image) share one identity.
     DuplicateIdentity {
@@ -111,6 +125,7 @@ impl BrokerEvent {
             BrokerEvent::Violation { .. } => format!("{SECURITY}/violation"),
             BrokerEvent::DuplicateIdentity { .. } => format!("{SECURITY}/duplicate-identity"),
             BrokerEvent::Enrolled { .. } => format!("{SECURITY}/enrolled"),
+            BrokerEvent::AdminRefused { .. } => format!("{SECURITY}/admin-refused"),
         }
     }
 

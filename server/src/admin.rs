@@ -5,45 +5,175 @@
 //! | `POST /jobs` | a push request (JSON) | 201 and the job report |
 //! | `GET /jobs?limit=N` | | the newest jobs with counts per state |
 //! | `GET /jobs/{id}` | `executions=false`: counts only | the job with every execution |
-//! | `POST /jobs/{id}/cancel` | | the job after cancelling (counts) |
+//! | `POST /jobs/{id}/cancel` | `{}` (JSON) | the job after cancelling (counts) |
 //! | `GET /agents?group=G` | | agents known from presence messages (one group's members) |
 //!
-//! Errors answer `{"error": "..."}` with 400 (bad request), 404 (no such job) or 503 (the
-//! job service is off: no `jobs.signing_key`).
+//! A request passes three checks before it reaches a handler ([`guard`]), in this order:
+//!
+//! 1. its `Host` header names the endpoint itself (the listen address, `localhost:PORT` on
+//!    loopback, or one of `admin.allowed_hosts`), else 421: a page in a browser on this
+//!    host cannot reach the endpoint by DNS rebinding;
+//! 2. a POST carries `Content-Type: application/json`, else 415: a cross-site form (which
+//!    a browser sends without asking) cannot change anything;
+//! 3. `Authorization: Bearer TOKEN` is the token of a credential of role `operator` that is
+//!    not revoked, else 401 (403 for another role).
+//!
+//! Each refusal is logged and emitted as an `admin-refused` security event. Errors answer
+//! `{"error": "..."}` with 400 (bad request), 404 (no such job) or 503 (the job service is
+//! off: no `jobs.signing_key`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
+use fleetbus_broker::acl::Role;
+use fleetbus_broker::credentials::CredentialStore;
+use fleetbus_broker::Guard;
 use fleetbus_jobs::{JobsError, PushRequest};
+use fleetbus_protocol::BrokerEvent;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::jobs::{JobsHandle, Request};
-
+use crate::jobs::{JobsHandle, Request as JobRequest};
 use crate::ServerError;
 
 type Jobs = Option<Arc<JobsHandle>>;
 
-/// Binds `addr` and serves the admin API. Returns the bound address and the serving task.
+/// Who may use the endpoint: the credential store and the host names requests may name.
+struct Gatekeeper {
+    store: Mutex<CredentialStore>,
+    hosts: Vec<String>,
+    guard: Arc<Guard>,
+}
+
+/// Binds `addr` and serves the admin API (operators authenticated against the credential
+/// store in `data_dir`). Returns the bound address and the serving task.
 pub async fn start(
     addr: SocketAddr,
+    section: &crate::AdminSection,
     limits: crate::HttpSection,
+    data_dir: &Path,
     jobs: Jobs,
-    guard: Arc<fleetbus_broker::Guard>,
+    guard: Arc<Guard>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+    let store =
+        CredentialStore::open_in(data_dir).map_err(|e| ServerError::Config(e.to_string()))?;
+    let mut hosts = section.allowed_hosts.clone();
+    hosts.push(addr.to_string());
+    if addr.ip().is_loopback() {
+        hosts.push(format!("localhost:{}", addr.port()));
+        hosts.push(format!("127.0.0.1:{}", addr.port()));
+        hosts.push(format!("[::1]:{}", addr.port()));
+    }
+    let gatekeeper = Arc::new(Gatekeeper {
+        store: Mutex::new(store),
+        hosts,
+        guard: guard.clone(),
+    });
     let app = axum::Router::new()
         .route("/jobs", post(push).get(list))
         .route("/jobs/:id", get(report))
         .route("/jobs/:id/cancel", post(cancel))
         .route("/agents", get(agents))
-        .with_state(jobs);
+        .with_state(jobs)
+        .layer(axum::middleware::from_fn_with_state(gatekeeper, check));
     crate::http::serve("admin.listen", addr, app, limits, guard).await
+}
+
+/// The three checks of the module documentation.
+async fn check(
+    State(gate): State<Arc<Gatekeeper>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let refusal = if !gate.hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
+        Some((
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("Host `{host}` is not this endpoint (admin.allowed_hosts)"),
+        ))
+    } else if request.method() == Method::POST && !is_json(headers) {
+        Some((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "a POST must carry Content-Type: application/json".to_string(),
+        ))
+    } else {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+        authenticate(&gate, token).await.err()
+    };
+    let Some((status, reason)) = refusal else {
+        return next.run(request).await;
+    };
+    let what = format!("{} {}", request.method(), request.uri().path());
+    tracing::warn!(%peer, request = %what, %reason, "admin request refused");
+    gate.guard.report(BrokerEvent::AdminRefused {
+        peer: peer.to_string(),
+        request: what,
+        status: status.as_u16(),
+        reason: reason.clone(),
+        ts: chrono::Utc::now(),
+    });
+    error(status, reason)
+}
+
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Whether `token` belongs to a live operator credential; the refusal otherwise.
+async fn authenticate(
+    gate: &Arc<Gatekeeper>,
+    token: Option<String>,
+) -> Result<(), (StatusCode, String)> {
+    let unauthorized = |reason: &str| (StatusCode::UNAUTHORIZED, reason.to_string());
+    let Some(token) = token else {
+        return Err(unauthorized(
+            "no operator token (Authorization: Bearer ...; fleetbus agents enroll NAME --role operator)",
+        ));
+    };
+    let gate = gate.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let store = gate.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.find_by_token(&token)
+    })
+    .await
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match found {
+        None => Err(unauthorized("unknown token")),
+        Some(c) if c.revoked_at.is_some() => Err(unauthorized("credential revoked")),
+        Some(c) if c.role != Role::Operator => Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "credential `{}` has role {}, not operator",
+                c.id,
+                c.role.as_str()
+            ),
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 fn error(status: StatusCode, message: String) -> Response {
@@ -71,7 +201,7 @@ fn off() -> Response {
 async fn answer<T: serde::Serialize>(
     jobs: &Jobs,
     ok: StatusCode,
-    make: impl FnOnce(oneshot::Sender<Result<T, JobsError>>) -> Request,
+    make: impl FnOnce(oneshot::Sender<Result<T, JobsError>>) -> JobRequest,
 ) -> Response {
     let Some(jobs) = jobs.as_deref() else {
         return off();
@@ -83,7 +213,7 @@ async fn answer<T: serde::Serialize>(
 }
 
 async fn push(State(jobs): State<Jobs>, Json(req): Json<PushRequest>) -> Response {
-    answer(&jobs, StatusCode::CREATED, |tx| Request::Push(req, tx)).await
+    answer(&jobs, StatusCode::CREATED, |tx| JobRequest::Push(req, tx)).await
 }
 
 #[derive(Deserialize)]
@@ -93,7 +223,7 @@ struct ListQuery {
 
 async fn list(State(jobs): State<Jobs>, Query(q): Query<ListQuery>) -> Response {
     let limit = q.limit.unwrap_or(20).clamp(1, 1000);
-    answer(&jobs, StatusCode::OK, |tx| Request::List(limit, tx)).await
+    answer(&jobs, StatusCode::OK, |tx| JobRequest::List(limit, tx)).await
 }
 
 #[derive(Deserialize)]
@@ -103,12 +233,12 @@ struct ReportQuery {
 
 async fn report(
     State(jobs): State<Jobs>,
-    Path(id): Path<String>,
+    UrlPath(id): UrlPath<String>,
     Query(q): Query<ReportQuery>,
 ) -> Response {
     match q.executions {
-        Some(false) => answer(&jobs, StatusCode::OK, |tx| Request::Summary(id, tx)).await,
-        _ => answer(&jobs, StatusCode::OK, |tx| Request::Report(id, tx)).await,
+        Some(false) => answer(&jobs, StatusCode::OK, |tx| JobRequest::Summary(id, tx)).await,
+        _ => answer(&jobs, StatusCode::OK, |tx| JobRequest::Report(id, tx)).await,
     }
 }
 
@@ -118,9 +248,9 @@ struct AgentsQuery {
 }
 
 async fn agents(State(jobs): State<Jobs>, Query(q): Query<AgentsQuery>) -> Response {
-    answer(&jobs, StatusCode::OK, |tx| Request::Agents(q.group, tx)).await
+    answer(&jobs, StatusCode::OK, |tx| JobRequest::Agents(q.group, tx)).await
 }
 
-async fn cancel(State(jobs): State<Jobs>, Path(id): Path<String>) -> Response {
-    answer(&jobs, StatusCode::OK, |tx| Request::Cancel(id, tx)).await
+async fn cancel(State(jobs): State<Jobs>, UrlPath(id): UrlPath<String>) -> Response {
+    answer(&jobs, StatusCode::OK, |tx| JobRequest::Cancel(id, tx)).await
 }

@@ -69,19 +69,25 @@ pub struct JobsSection {
     pub signing_key: Option<PathBuf>,
 }
 
-/// `[admin]`: the HTTP endpoint the `fleetbus job` commands talk to. It has no
-/// authentication of its own: keep it on a loopback address.
+/// `[admin]`: the HTTP endpoint the `fleetbus job` commands talk to. Every request needs
+/// an operator token (`Authorization: Bearer ...`, a credential of role `operator` from
+/// `fleetbus agents enroll NAME --role operator`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     /// Where the admin API listens; unset = no endpoint.
     pub listen: Option<std::net::SocketAddr>,
+    /// Host names (with port, as in the `Host` header) requests may name besides the
+    /// listen address itself and, on loopback, `localhost:PORT`: a request naming any
+    /// other host is refused (a web page must not reach the endpoint by DNS rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 7070))),
+            allowed_hosts: Vec::new(),
         }
     }
 }

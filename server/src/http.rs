@@ -76,7 +76,11 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
-        let service = TowerToHyperService::new(app.clone());
+        // handlers may ask who is calling (ConnectInfo), as with axum::serve
+        let app = app
+            .clone()
+            .layer(axum::Extension(axum::extract::ConnectInfo(peer)));
+        let service = TowerToHyperService::new(app);
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let guard = guard.clone();
         let lifetime = limits.connection_lifetime;

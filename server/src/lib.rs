@@ -237,7 +237,15 @@ impl Server {
         let admin = match config.admin.listen {
             // a second server on the same machine keeps running without its admin endpoint
             Some(at) => {
-                match admin::start(at, config.http.clone(), job_handle, guard.clone()).await {
+                let started = admin::start(
+                    at,
+                    &config.admin,
+                    config.http.clone(),
+                    &config.data_dir,
+                    job_handle,
+                    guard.clone(),
+                );
+                match started.await {
                     Ok((bound, task)) => {
                         tracing::info!(addr = %bound, jobs = jobs.is_some(), "admin endpoint: /jobs");
                         Some((bound, task))
@@ -482,6 +490,21 @@ fn enrolled_groups(
     }
 }
 
+/// A presence message on `agent`'s topic naming `claimed`: refused (not routed, not given
+/// to the job service), logged and reported as a violation.
+fn refuse_presence(guard: &fleetbus_broker::Guard, agent: &str, topic: &str, claimed: &str) {
+    let reason = format!("presence message names agent `{claimed}`, not the topic's `{agent}`");
+    tracing::warn!(agent, topic, %reason, "presence message refused");
+    guard.report(fleetbus_protocol::BrokerEvent::Violation {
+        client_id: agent.to_string(),
+        peer: String::new(),
+        action: "publish".into(),
+        topic: topic.to_string(),
+        reason,
+        ts: chrono::Utc::now(),
+    });
+}
+
 /// Where the messages the engine's link receives go besides the rules engine.
 struct Destinations {
     engine: Arc<Engine>,
@@ -538,15 +561,21 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                     }
                     Topic::GroupJobs { .. } => continue,
                     Topic::Presence { agent } => {
-                        if let Some(jobs) = jobs.as_deref() {
-                            match fleetbus_protocol::Presence::decode(&publish.payload) {
-                                Ok(mut p) => {
+                        match fleetbus_protocol::Presence::decode(&publish.payload) {
+                            Ok(p) if p.agent != agent => {
+                                // the topic's agent is the only identity: a birth message
+                                // naming another agent would move it between groups
+                                refuse_presence(&guard, agent, topic, &p.agent);
+                                continue;
+                            }
+                            Ok(mut p) => {
+                                if let Some(jobs) = jobs.as_deref() {
                                     enrolled_groups(&guard, agent, &mut p);
                                     jobs.send(jobs::JobInput::Presence(p)).await
                                 }
-                                Err(e) => {
-                                    tracing::debug!(%topic, error = %e, "unreadable presence message")
-                                }
+                            }
+                            Err(e) => {
+                                tracing::debug!(%topic, error = %e, "unreadable presence message")
                             }
                         }
                     }

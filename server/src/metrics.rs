@@ -120,6 +120,7 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
         ("fleetbus_broker_limited_connections_total", "CONNECTs refused by a [broker.limits] connection limit (per credential, bootstrap, slots kept for agents).", load(&security.limited_connections)),
         ("fleetbus_broker_bootstrap_expired_total", "Bootstrap connections dropped at the end of limits.bootstrap_lifetime.", load(&security.bootstrap_expired)),
         ("fleetbus_broker_limited_enrollments_total", "Enrollment requests refused by limits.enrollments_per_minute or dropped from a full enrollment queue.", load(&security.limited_enrollments)),
+        ("fleetbus_broker_limited_retained_total", "Retained publishes refused because retained messages would exceed limits.retained_bytes.", load(&security.limited_retained)),
         ("fleetbus_accept_backoffs_total", "Times an accept loop (MQTT, TLS, HTTP) paused because the process had no file descriptor left.", load(&security.accept_backoffs)),
         ("fleetbus_http_refused_connections_total", "HTTP connections (metrics, admin) closed at once because the endpoint's connection cap was reached.", load(&security.http_refused_connections)),
         ("fleetbus_http_timed_out_total", "HTTP connections ended by the header timeout or the connection lifetime.", load(&security.http_timed_out)),

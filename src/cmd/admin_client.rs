@@ -1,10 +1,14 @@
 //! The admin endpoint's client, shared by `fleetbus job`, `fleetbus agents` and the jobs
-//! benchmark: JSON over HTTP (ureq), with the endpoint's `{"error": ...}` answers turned
-//! into errors that name the URL.
+//! benchmark: JSON over HTTP (ureq) with the operator's token, and the endpoint's
+//! `{"error": ...}` answers turned into errors that name the URL.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+
+/// The environment variable that may hold the operator token itself.
+pub const TOKEN_ENV: &str = "FLEETBUS_ADMIN_TOKEN";
 
 /// The `--admin URL` option of the commands that talk to the admin endpoint.
 #[derive(Debug, clap::Args)]
@@ -17,12 +21,30 @@ pub struct AdminEndpoint {
         default_value = "http://127.0.0.1:7070"
     )]
     pub url: String,
+    /// A file holding an operator token (`fleetbus agents enroll NAME --role operator
+    /// --out FILE`); or the token itself in FLEETBUS_ADMIN_TOKEN.
+    #[arg(
+        long = "admin-token-file",
+        global = true,
+        env = "FLEETBUS_ADMIN_TOKEN_FILE"
+    )]
+    pub token_file: Option<PathBuf>,
 }
 
 impl AdminEndpoint {
-    /// A client for it.
-    pub fn client(&self) -> AdminClient {
-        AdminClient::new(&self.url)
+    /// A client for it, with the operator token from `--admin-token-file` or
+    /// FLEETBUS_ADMIN_TOKEN (none: the endpoint answers 401 saying what is missing).
+    pub fn client(&self) -> anyhow::Result<AdminClient> {
+        let token = match &self.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("--admin-token-file {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_string()),
+        };
+        Ok(AdminClient::new(&self.url, token.filter(|t| !t.is_empty())))
     }
 }
 
@@ -30,11 +52,12 @@ impl AdminEndpoint {
 pub struct AdminClient {
     base: String,
     http: ureq::Agent,
+    authorization: Option<String>,
 }
 
 impl AdminClient {
-    /// A client for the endpoint at `base` (`http://host:port`).
-    pub fn new(base: &str) -> AdminClient {
+    /// A client for the endpoint at `base` (`http://host:port`) sending operator `token`.
+    pub fn new(base: &str, token: Option<String>) -> AdminClient {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
@@ -42,6 +65,7 @@ impl AdminClient {
         AdminClient {
             base: base.trim_end_matches('/').to_string(),
             http: config.into(),
+            authorization: token.map(|t| format!("Bearer {t}")),
         }
     }
 
@@ -51,8 +75,11 @@ impl AdminClient {
         path: &str,
     ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
-        let http = self.http.clone();
-        tokio::task::spawn_blocking(move || answer(http.get(&url).call(), &url)).await?
+        let mut request = self.http.get(&url);
+        if let Some(auth) = &self.authorization {
+            request = request.header("Authorization", auth);
+        }
+        tokio::task::spawn_blocking(move || answer(request.call(), &url)).await?
     }
 
     /// POST `body` as JSON to `path`, answer decoded from JSON.
@@ -62,9 +89,12 @@ impl AdminClient {
         body: &B,
     ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
-        let http = self.http.clone();
+        let mut request = self.http.post(&url);
+        if let Some(auth) = &self.authorization {
+            request = request.header("Authorization", auth);
+        }
         let body = serde_json::to_value(body)?;
-        tokio::task::spawn_blocking(move || answer(http.post(&url).send_json(&body), &url)).await?
+        tokio::task::spawn_blocking(move || answer(request.send_json(&body), &url)).await?
     }
 }
 
@@ -80,6 +110,9 @@ fn answer<T: serde::de::DeserializeOwned>(
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
             .unwrap_or(text);
+        if status == 401 {
+            anyhow::bail!("{url}: {status}: {message} (give an operator token with --admin-token-file FILE or {TOKEN_ENV})");
+        }
         anyhow::bail!("{url}: {status}: {message}");
     }
     response

@@ -154,7 +154,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AgentsCommand::List { group } => {
-            let client = args.admin.client();
+            let client = args.admin.client()?;
             let path = match &group {
                 Some(g) => format!("/agents?group={g}"),
                 None => "/agents".to_string(),

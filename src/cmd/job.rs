@@ -81,7 +81,7 @@ fn parse_arg(s: &str) -> Result<(String, String), String> {
 
 /// Runs `fleetbus job ...`.
 pub async fn run(args: JobArgs) -> anyhow::Result<ExitCode> {
-    let client = args.admin.client();
+    let client = args.admin.client()?;
     match args.command {
         JobCommand::Push(p) => push(&client, p).await,
         JobCommand::Status { id } => {

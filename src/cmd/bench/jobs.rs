@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::upload::{peak_kib, resident_kib, start_server, wait_for_port};
 use crate::cmd::admin_client::AdminClient;
+use fleetbus_broker::acl::Role;
 
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
@@ -96,9 +97,13 @@ pub async fn run(args: &JobsBenchArgs) -> anyhow::Result<Figures> {
             keys.secret.display()
         ),
     )?;
+    // the operator credential the bench talks to the admin endpoint with
+    let store = fleetbus_broker::credentials::CredentialStore::open_in(&dir.path().join("data"))?;
+    let token = store.enroll("bench-operator", Role::Operator, &[], false)?;
+    drop(store);
     let (mut server, pid) = start_server(&config)?;
     wait_for_port(admin).await?;
-    let client = AdminClient::new(&format!("http://127.0.0.1:{admin}"));
+    let client = AdminClient::new(&format!("http://127.0.0.1:{admin}"), Some(token));
     let _: Vec<KnownAgent> = client.get("/agents").await?;
     let idle_kib = resident_kib(pid).unwrap_or(0);
 
@@ -332,7 +337,6 @@ impl SimAgent {
         let payload = birth.encode()?;
         let pkid = conn.pkid();
         let mut publish = Publish::new(topics::presence(&self.id), QoS::AtLeastOnce, payload);
-        publish.retain = true;
         publish.pkid = pkid;
         publish.write(&mut conn.out)?;
         let mut subscribe = Subscribe::new_many([
