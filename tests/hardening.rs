@@ -757,3 +757,100 @@ async fn the_admin_endpoint_needs_an_operator_and_the_broker_is_loopback_by_defa
         "{err}"
     );
 }
+
+/// Finding 8: one message that can never be written (a 300-character stream name, a path
+/// too long for the filesystem, a forged file completion) used to fail its sink on every
+/// retry, across restarts: the sink stalled, its backlog filled, and records for it were
+/// refused until agents dropped theirs. Now such a message goes alone to the dead-letter
+/// sink at once, and everything behind it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_can_never_be_written_goes_to_a_dead_letter_and_blocks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start_with_rules(
+        dir.path(),
+        false,
+        "",
+        // a template that two 128-character names overflow (ENAMETOOLONG), and a rule that
+        // would store forged completions
+        "[sinks.pairs]\ntype = \"file\"\npath = \"pairs/{stream}-{stream}.jsonl\"\n\
+         [sinks.uploads]\ntype = \"file\"\npath = \"uploads/{agent}/{file.name}\"\n\
+         [[rules]]\nname = \"pairs\"\nfrom = [\"fleet/+/telemetry/#\"]\nto = [\"pairs\"]\n\
+         [[rules]]\nname = \"uploads\"\nfrom = [\"fleet/+/files/+/complete\"]\nto = [\"uploads\"]\n",
+    );
+    let port = server.port;
+    let long_valid = "s".repeat(128); // a valid id, but twice too long for one file name
+    let too_long = "x".repeat(300); // not a valid stream name at all
+    publish_records(port, "a1", None, &too_long, 1..=1).await;
+    publish_records(port, "a1", None, &long_valid, 1..=2).await;
+    // a forged completion pointing at a spool file that does not exist, and a forged event
+    let (client, mut events) = connected(options(port, "a1", None)).await;
+    let forged = serde_json::json!({
+        "file": {"id": "f1", "name": "x", "size": 3, "sha256": "00", "chunk_size": 3, "chunks": 1},
+        "spool": "a1/f1/data"
+    });
+    client
+        .publish(
+            "fleet/a1/files/f1/complete",
+            QoS::AtLeastOnce,
+            false,
+            forged.to_string(),
+        )
+        .await
+        .unwrap();
+    client
+        .publish(
+            "fleet/server/security/refused",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"event":"refused","client_id":"forged"}"#,
+        )
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_millis(300), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
+    // what comes after is written, by every sink
+    publish_records(port, "a1", None, "app", 1..=50).await;
+    server.wait_records("a1", "app", 50);
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            fs::read_to_string(dir.path().join("data/pairs/app-app.jsonl"))
+                .map(|t| t.lines().count() == 50)
+                .unwrap_or(false)
+        }),
+        "the pairs sink stalled\n{}",
+        server.proc.log()
+    );
+    server.wait_records("a1", &long_valid, 2);
+    // the impossible ones are in the built-in dead-letter sink, each with its reason
+    assert!(
+        poll_until(Duration::from_secs(10), || server.dead_letters().len() >= 3),
+        "{:?}\n{}",
+        server.dead_letters(),
+        server.proc.log()
+    );
+    let dead = server.dead_letters();
+    let from = |sink: &str| {
+        dead.iter()
+            .filter(|d| d["dead_letter"]["sink"] == sink)
+            .count()
+    };
+    assert_eq!(from("ingest"), 1, "{dead:?}");
+    assert_eq!(from("pairs"), 2, "{dead:?}");
+    assert!(dead.iter().any(|d| d["dead_letter"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("File name too long")));
+    // the forged messages reached no sink
+    assert!(!dir.path().join("data/uploads").exists());
+    assert!(server
+        .events("refused")
+        .iter()
+        .all(|e| e["client_id"] != "forged"));
+    let metrics_free = server.proc.log();
+    assert!(
+        !metrics_free.contains("retrying"),
+        "a sink retried a message it can never write\n{metrics_free}"
+    );
+}

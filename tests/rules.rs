@@ -106,7 +106,9 @@ fn conditions_select_and_fan_out_writes_every_sink() {
 }
 
 /// `fleetbus rules run` as its own process against a broker (here the embedded one of a
-/// `serve` with the built-in rules) writes what the agents publish, like the built-in engine.
+/// `serve` with the built-in rules) writes what the agents publish, like the built-in
+/// engine; a forged file completion from the network reaches none of its sinks (it used to
+/// stall the sink that tried to copy a file that does not exist).
 #[test]
 fn standalone_rules_engine_against_a_broker() {
     let fx = Fixture::new();
@@ -116,7 +118,9 @@ fn standalone_rules_engine_against_a_broker() {
     std::fs::write(
         &rules,
         "[sinks.out]\ntype = \"file\"\npath = \"{agent}-{stream}.jsonl\"\n\
-         [[rules]]\nname = \"hb\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"out\"]\n",
+         [sinks.files]\ntype = \"file\"\npath = \"files/{agent}/{file.name}\"\n\
+         [[rules]]\nname = \"hb\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"out\"]\n\
+         [[rules]]\nname = \"files\"\nfrom = [\"fleet/+/files/+/complete\"]\nto = [\"files\"]\n",
     )
     .unwrap();
     let standalone_data = fx.path().join("standalone-data");
@@ -138,11 +142,35 @@ fn standalone_rules_engine_against_a_broker() {
         "standalone engine subscribed",
         || engine.log_text().contains("rules engine connected"),
     );
+    // a forged completion, published before the agent's records
+    let (client, mut connection) = rumqttc::Client::new(
+        rumqttc::MqttOptions::new("forger", "127.0.0.1", fx.port),
+        10,
+    );
+    client
+        .publish(
+            "fleet/st/files/f1/complete",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            r#"{"file":{"id":"f1","name":"x","size":3},"spool":"st/f1/data"}"#,
+        )
+        .unwrap();
+    for event in connection.iter().take(20) {
+        if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = event {
+            break;
+        }
+    }
     let mut agent = fx.agent("st", Some("st"), 50);
     wait_until(
         Duration::from_secs(20),
         "heartbeats through the standalone engine",
         || summary(&standalone_data, "st", "heartbeat").is_some_and(|s| s.records >= 20),
+    );
+    assert!(!standalone_data.join("files").exists());
+    assert!(
+        engine.log_text().contains("only the server produces"),
+        "{}",
+        engine.log_text()
     );
     assert!(agent.terminate(Duration::from_secs(10)).success());
     std::thread::sleep(Duration::from_millis(500));

@@ -157,9 +157,14 @@ impl Default for Policy {
                     Role::Agent,
                     &[Action::Publish],
                     &[
-                        "fleet/${client_id}/telemetry/#",
+                        "fleet/${client_id}/telemetry/+",
                         "fleet/${client_id}/presence",
-                        "fleet/${client_id}/files/#",
+                        // not `files/+/complete`: only the server announces a file
+                        "fleet/${client_id}/files/+/init",
+                        "fleet/${client_id}/files/+/chunk",
+                        "fleet/${client_id}/files/+/status",
+                        "fleet/${client_id}/files/+/finish",
+                        "fleet/${client_id}/files/+/abort",
                         "fleet/${client_id}/jobs/status",
                     ],
                 ),

@@ -14,6 +14,10 @@
 
 /// First segment of every fleetbus topic.
 pub const ROOT: &str = "fleet";
+
+/// Second level of the server's own topics (`fleet/server/...`, broker events): a
+/// reserved id, no agent can be called so.
+pub const SERVER: &str = "server";
 /// Second segment reserved for group topics (so no agent may be called `groups`).
 pub const GROUPS: &str = "groups";
 
@@ -127,6 +131,26 @@ impl<'a> Topic<'a> {
         }
     }
 
+    /// True for topics only the server produces, and only inside its rules engine: file
+    /// completions (`fleet/{agent}/files/{id}/complete`), job state changes
+    /// (`fleet/{agent}/jobs/event`) and broker events (`fleet/server/...`). Such a message
+    /// arriving from the network is forged, whoever sent it, and is refused on every path.
+    pub fn server_only(&self) -> bool {
+        match *self {
+            Topic::Files { rest, .. } => matches!(
+                crate::files::parse_file_rest(rest),
+                Some((_, crate::files::FileAction::Complete))
+            ),
+            Topic::AgentJobs { agent, rest } => rest == "event" || agent == SERVER,
+            Topic::Other(topic) => topic
+                .strip_prefix(ROOT)
+                .and_then(|t| t.strip_prefix('/'))
+                .and_then(|t| t.strip_prefix(SERVER))
+                .is_some_and(|t| t.is_empty() || t.starts_with('/')),
+            _ => self.agent() == Some(SERVER),
+        }
+    }
+
     /// The agent a topic belongs to, if it is an agent topic.
     pub fn agent(&self) -> Option<&'a str> {
         match *self {
@@ -167,6 +191,30 @@ mod tests {
         assert_eq!(Topic::parse(&presence("a")), Topic::Presence { agent: "a" });
         assert_eq!(Topic::parse(&presence("a")).agent(), Some("a"));
         assert_eq!(Topic::parse(&acks("a")), Topic::Acks { agent: "a" });
+    }
+
+    #[test]
+    fn only_the_server_produces_completions_job_events_and_broker_events() {
+        for forged in [
+            "fleet/a1/files/0123/complete",
+            "fleet/a1/jobs/event",
+            "fleet/server/security/refused",
+            "fleet/server/connections/connected",
+            "fleet/server",
+            "fleet/server/telemetry/x",
+        ] {
+            assert!(Topic::parse(forged).server_only(), "{forged}");
+        }
+        for honest in [
+            "fleet/a1/files/0123/chunk",
+            "fleet/a1/jobs/status",
+            "fleet/a1/telemetry/metrics",
+            "fleet/a1/presence",
+            "fleet/serverless/telemetry/x",
+            "other/server/x",
+        ] {
+            assert!(!Topic::parse(honest).server_only(), "{honest}");
+        }
     }
 
     #[test]

@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use fleetbus_config::ConfigError;
-use fleetbus_protocol::{Ack, Message, Topic};
+use fleetbus_protocol::{validate_id, Ack, Message, Topic};
 use fleetbus_sinks::position::PositionFile;
 use fleetbus_sinks::worker::WorkerSetup;
 use fleetbus_sinks::{
     spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot, TailCache, TailEntry,
+    BUILTIN_DEAD_LETTERS,
 };
-use fleetbus_wal::{Dedup, RecordKey, Wal, WalEntry, WalOptions};
+use fleetbus_wal::{DeadLetter, Dedup, RecordKey, Wal, WalEntry, WalOptions};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -79,6 +80,9 @@ pub enum Dispatched {
     Undecodable,
     /// A topic the engine does not route (the server's own acknowledgements and replies).
     Ignored,
+    /// A message from the network on a topic only the server produces (a forged file
+    /// completion, job event or broker event): refused.
+    Forged,
 }
 
 /// Engine-wide counters.
@@ -86,6 +90,8 @@ pub enum Dispatched {
 struct Counters {
     received: AtomicU64,
     decode_errors: AtomicU64,
+    invalid_names: AtomicU64,
+    forged: AtomicU64,
     unrouted: AtomicU64,
     duplicates: AtomicU64,
     refused: AtomicU64,
@@ -98,6 +104,11 @@ pub struct EngineStats {
     pub received: u64,
     /// Messages whose payload could not be decoded (logged and skipped).
     pub decode_errors: u64,
+    /// Telemetry whose agent or stream name cannot be used (not an id: bad characters,
+    /// longer than 128): stored in the built-in dead-letter sink instead of routed.
+    pub invalid_names: u64,
+    /// Messages from the network on topics only the server produces (refused).
+    pub forged: u64,
     /// Messages no rule matched.
     pub unrouted: u64,
     /// Records recognised as already accepted (acknowledged again, not stored again).
@@ -142,6 +153,8 @@ struct Inner {
     acks: AckPublisher,
     counters: Counters,
     dedup_path: PathBuf,
+    /// Index of the built-in dead-letter sink.
+    dead_letters_sink: usize,
 }
 
 /// The rules engine with its log, committer and sink workers running.
@@ -228,6 +241,10 @@ impl Engine {
         }
 
         let filters = rules.filters();
+        let dead_letters_sink = built
+            .iter()
+            .position(|b| b.0 == BUILTIN_DEAD_LETTERS)
+            .ok_or_else(|| fail("the built-in dead-letter sink is missing".into()))?;
         let tail = Arc::new(TailCache::new(TAIL_CACHE_BYTES));
         let inner = Arc::new(Inner {
             router: Router::new(rules.rules),
@@ -245,16 +262,22 @@ impl Engine {
             acks,
             counters: Counters::default(),
             dedup_path,
+            dead_letters_sink,
         });
         let dead_letters: Arc<dyn DeadLetters> = inner.clone();
         let sinks = built
             .into_iter()
             .zip(stats)
             .map(|((name, config, sink, position, start), stats)| {
+                let rejected_to = config
+                    .dead_letter()
+                    .unwrap_or(BUILTIN_DEAD_LETTERS)
+                    .to_string();
                 let setup = WorkerSetup {
                     name,
                     batch: config.batch().clone(),
                     dead_letter: config.dead_letter().map(str::to_string),
+                    rejected_to,
                     position,
                     start,
                     stats,
@@ -282,6 +305,20 @@ impl Engine {
         self.inner.dispatch(topic, payload);
     }
 
+    /// Ingests one message that came from the network (through a broker): a message on a
+    /// topic only the server produces ([`Topic::server_only`]: file completions, job
+    /// events, broker events) is forged, whoever sent it, and refused.
+    pub fn dispatch_from_network(&self, topic: &str, payload: &[u8]) -> Dispatched {
+        if Topic::parse(topic).server_only() {
+            let n = self.inner.counters.forged.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%topic, forged_total = n, "message refused: only the server produces messages on this topic");
+            }
+            return Dispatched::Forged;
+        }
+        self.inner.dispatch(topic, payload)
+    }
+
     /// Ingests one message and says what became of it (for server-side producers such as
     /// the file service, which must know where its completion message went).
     pub fn dispatch_routed(&self, topic: &str, payload: &[u8]) -> Dispatched {
@@ -306,6 +343,8 @@ impl Engine {
         EngineStats {
             received: c.received.load(Ordering::Relaxed),
             decode_errors: c.decode_errors.load(Ordering::Relaxed),
+            invalid_names: c.invalid_names.load(Ordering::Relaxed),
+            forged: c.forged.load(Ordering::Relaxed),
             unrouted: c.unrouted.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
@@ -363,7 +402,33 @@ impl Inner {
             _ => None,
         };
         let mut targets = Vec::new();
-        self.router.route(&msg, &mut targets);
+        // names that reach paths and keys must be ids: a message with another name is
+        // kept, with the reason, in the built-in dead-letter sink instead of being routed
+        let invalid = match parsed {
+            Topic::Telemetry { agent, stream } => validate_id("agent id", agent)
+                .and_then(|()| validate_id("stream", stream))
+                .err(),
+            _ => None,
+        };
+        let dead_letter = match invalid {
+            Some(e) => {
+                let n = self.counters.invalid_names.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(%topic, error = %e, invalid_names_total = n, "message with an unusable name kept in the dead-letter sink");
+                }
+                targets.push(self.dead_letters_sink);
+                Some(DeadLetter {
+                    sink: "ingest".into(),
+                    error: e.to_string(),
+                    attempts: 0,
+                    failed_at_ms: msg.received.timestamp_millis(),
+                })
+            }
+            None => {
+                self.router.route(&msg, &mut targets);
+                None
+            }
+        };
 
         let mut state = self.lock();
         if let Some(k) = &key {
@@ -403,7 +468,7 @@ impl Inner {
                 received_ms,
                 sinks: sinks.clone(),
                 key: key.clone(),
-                dead_letter: None,
+                dead_letter,
             };
             match self.wal.append(&entry) {
                 Ok((index, size)) => {

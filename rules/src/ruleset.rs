@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use fleetbus_config::{parse_toml, ConfigError};
-use fleetbus_sinks::SinkConfig;
+use fleetbus_sinks::{builtin_dead_letters, SinkConfig, BUILTIN_DEAD_LETTERS};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -79,7 +79,8 @@ pub struct Rule {
 /// A validated rules file: sinks and the enabled rules.
 #[derive(Debug)]
 pub struct RuleSet {
-    /// Sinks by name, in name order.
+    /// Sinks by name, in name order, then the built-in dead-letter sink
+    /// ([`BUILTIN_DEAD_LETTERS`]).
     pub sinks: Vec<(String, SinkConfig)>,
     /// Enabled rules in file order.
     pub rules: Vec<Rule>,
@@ -100,6 +101,11 @@ impl From<ConfigError> for RulesError {
 }
 
 impl RuleSet {
+    /// The sinks the file defines (without the built-in dead-letter sink).
+    pub fn own_sinks(&self) -> impl Iterator<Item = &(String, SinkConfig)> {
+        self.sinks.iter().filter(|(n, _)| n != BUILTIN_DEAD_LETTERS)
+    }
+
     /// Reads and validates the rules file at `path`.
     pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
         let text = fleetbus_config::read(path)?;
@@ -122,6 +128,12 @@ impl RuleSet {
             if let Err(e) = fleetbus_protocol::validate_id("sink name", name) {
                 problems.push(at(config.span(), e.to_string()));
             }
+            if name == BUILTIN_DEAD_LETTERS {
+                problems.push(at(
+                    config.span(),
+                    format!("sink name `{name}` is reserved for the built-in dead-letter sink"),
+                ));
+            }
             if let Err(e) = config.get_ref().validate() {
                 problems.push(at(config.span(), format!("sink `{name}`: {e}")));
             }
@@ -134,7 +146,7 @@ impl RuleSet {
                         config.span(),
                         format!("sink `{name}`: dead_letter cannot be the sink itself"),
                     ));
-                } else if !raw.sinks.contains_key(target) {
+                } else if !raw.sinks.contains_key(target) && target != BUILTIN_DEAD_LETTERS {
                     problems.push(at(
                         config.span(),
                         format!("sink `{name}`: dead_letter names unknown sink `{target}`"),
@@ -142,6 +154,8 @@ impl RuleSet {
                 }
             }
         }
+        // always there: where messages that can never be written go
+        sinks.push((BUILTIN_DEAD_LETTERS.to_string(), builtin_dead_letters()));
         let sink_index = |name: &str| sinks.iter().position(|(n, _)| n == name);
 
         let mut names = HashSet::new();
@@ -286,7 +300,9 @@ to = ["a", "nope"]
             p[1]
         );
         assert!(
-            p[2].starts_with("r.toml:9:12: rule `r1`: unknown sink `nope` (defined: a)"),
+            p[2].starts_with(
+                "r.toml:9:12: rule `r1`: unknown sink `nope` (defined: a, fleetbus.dead-letters)"
+            ),
             "{}",
             p[2]
         );

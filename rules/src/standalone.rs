@@ -91,7 +91,9 @@ pub async fn run_standalone(
         let reason = loop {
             tokio::select! {
                 ev = eventloop.poll() => match ev {
-                    Ok(Event::Incoming(Packet::Publish(p))) => engine.dispatch(&p.topic, &p.payload),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        engine.dispatch_from_network(&p.topic, &p.payload);
+                    }
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         backoff.reset();
                         tracing::info!(broker = %options.broker.url(), filters = ?engine.filters(), "rules engine connected");

@@ -112,7 +112,7 @@ impl Server {
         };
         tracing::info!(
             rules = rules.rules.len(),
-            sinks = rules.sinks.len(),
+            sinks = rules.own_sinks().count(),
             file = %config.rules.file.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "<built-in>".into()),
             "rules loaded"
         );
@@ -401,6 +401,8 @@ async fn report_stats(engine: Arc<Engine>, interval: Duration) {
             duplicates = stats.duplicates,
             refused = stats.refused,
             undecodable = stats.decode_errors,
+            invalid_names = stats.invalid_names,
+            forged = stats.forged,
             unrouted = stats.unrouted,
             "engine"
         );
@@ -412,6 +414,7 @@ async fn report_stats(engine: Arc<Engine>, interval: Duration) {
                 written = s.written,
                 failed_attempts = s.failed_attempts,
                 dead_lettered = s.dead_lettered,
+                rejected = s.rejected,
                 last_error = s.last_error.as_deref().unwrap_or(""),
                 "sink"
             );
@@ -551,6 +554,11 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                     continue;
                 }
                 let parsed = Topic::parse(topic);
+                if parsed.server_only() {
+                    // a forged completion, job event or broker event: refused and counted
+                    engine.dispatch_from_network(topic, &publish.payload);
+                    continue;
+                }
                 match parsed {
                     Topic::AgentJobs { agent, rest } => {
                         if rest == "status" {
@@ -605,7 +613,7 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                         tracing::error!("file service stopped; file message dropped");
                     }
                 } else {
-                    engine.dispatch(topic, &publish.payload);
+                    engine.dispatch_from_network(topic, &publish.payload);
                 }
             }
             Ok(Some(Notification::Unschedule)) => {

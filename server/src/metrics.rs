@@ -56,6 +56,8 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
     let engine = [
         ("fleetbus_messages_received_total", "counter", "Messages handed to the rules engine.", s.received),
         ("fleetbus_decode_errors_total", "counter", "Messages skipped because their payload could not be decoded.", s.decode_errors),
+        ("fleetbus_invalid_names_total", "counter", "Telemetry whose agent or stream name is not an id, kept in the built-in dead-letter sink.", s.invalid_names),
+        ("fleetbus_forged_total", "counter", "Messages from the network on topics only the server produces (file completions, job events, broker events), refused.", s.forged),
         ("fleetbus_unrouted_total", "counter", "Messages no rule matched.", s.unrouted),
         ("fleetbus_duplicates_total", "counter", "Records recognised as already accepted (acknowledged again, not stored again).", s.duplicates),
         ("fleetbus_refused_total", "counter", "Records refused because a target sink's backlog was full (agents keep and resend them).", s.refused),
@@ -87,10 +89,12 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
     }
     let durable = s.durable;
     type SinkField = Box<dyn Fn(&SinkStatsSnapshot) -> u64>;
-    let sinks: [(&str, &str, &str, SinkField); 6] = [
+    let sinks: [(&str, &str, &str, SinkField); 8] = [
         ("fleetbus_sink_written_total", "counter", "Messages the sink wrote.", Box::new(|st| st.written)),
         ("fleetbus_sink_failed_attempts_total", "counter", "Failed write attempts (each is retried, or the batch goes to the dead-letter sink).", Box::new(|st| st.failed_attempts)),
         ("fleetbus_sink_dead_lettered_total", "counter", "Messages the sink gave up and handed to its dead-letter sink.", Box::new(|st| st.dead_lettered)),
+        ("fleetbus_sink_rejected_total", "counter", "Of those, messages that could never be written (moved at once, not retried).", Box::new(|st| st.rejected)),
+        ("fleetbus_sink_dropped_total", "counter", "Dead letters the built-in dead-letter sink could not write anywhere (dropped, logged).", Box::new(|st| st.dropped)),
         ("fleetbus_sink_undecodable_total", "counter", "Log entries the sink could not decode (skipped).", Box::new(|st| st.undecodable)),
         ("fleetbus_sink_lag_entries", "gauge", "Durable log entries after the sink's saved position.", Box::new(move |st| durable.saturating_sub(st.position))),
         ("fleetbus_sink_backlog_bytes", "gauge", "Bytes of log entries routed to the sink and not yet written (backpressure at buffer.max_bytes).", Box::new(|st| st.pending_bytes)),

@@ -65,6 +65,6 @@ fn resolve(data_dir: &Path, msg: &Message) -> Result<CompletedFile, SinkError> {
             m.len(),
             completed.file.size
         ))),
-        Err(e) => Err(SinkError::io(path, "open completed file", e)),
+        Err(e) => Err(SinkError::io(path, crate::COMPLETED_FILE_OP, e)),
     }
 }

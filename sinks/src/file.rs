@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::completion::completed_file;
 use crate::position::write_atomically;
 use crate::template::PathTemplate;
-use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, Sink, SinkError};
+use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, ErrorClass, Sink, SinkError};
 
 /// `type = "file"`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,43 +104,104 @@ impl FileSink {
     }
 
     /// Renders a batch into its lines, grouped per file in first-seen order, and the
-    /// completed files to copy (source, destination). No I/O but the spool file's size check.
-    #[allow(clippy::type_complexity)]
-    fn render(
-        &self,
-        batch: &Batch,
-    ) -> Result<(Vec<(PathBuf, Vec<u8>)>, Vec<(PathBuf, PathBuf)>), SinkError> {
-        let mut files: Vec<(PathBuf, Vec<u8>)> = Vec::new();
-        let mut copies = Vec::new();
+    /// completed files to place. No I/O but the spool file's size check. Messages that can
+    /// never be written here (a path the filesystem cannot take, a completion whose file is
+    /// gone, a body that cannot be encoded) are refused together, by position
+    /// ([`SinkError::Rejected`]), before anything is written.
+    fn render(&self, batch: &Batch) -> Result<Rendered, SinkError> {
+        let mut rendered = Rendered::default();
         let mut slot: HashMap<PathBuf, usize> = HashMap::new();
-        for item in &batch.items {
-            let path = self.base.join(self.template.render(&item.message));
+        let mut rejected: Vec<(usize, SinkError)> = Vec::new();
+        for (n, item) in batch.items.iter().enumerate() {
+            let relative = self.template.render(&item.message);
+            if let Err(e) = usable_path(&relative) {
+                rejected.push((n, e));
+                continue;
+            }
+            let path = self.base.join(relative);
             if item.dead_letter.is_none() {
                 if let Some(file) = completed_file(&self.base, &item.message) {
-                    copies.push((file?.path, path));
+                    match file {
+                        Ok(file) => rendered.copies.push((file.path, path, n)),
+                        Err(e) => rejected.push((n, e)),
+                    }
                     continue;
                 }
             }
             let i = match slot.get(&path) {
                 Some(&i) => i,
                 None => {
-                    slot.insert(path.clone(), files.len());
-                    files.push((path, Vec::new()));
-                    files.len() - 1
+                    slot.insert(path.clone(), rendered.files.len());
+                    rendered.files.push((path, Vec::new(), Vec::new()));
+                    rendered.files.len() - 1
                 }
             };
-            json_line(item, &mut files[i].1)?;
+            let (_, lines, items) = &mut rendered.files[i];
+            let before = lines.len();
+            match json_line(item, lines) {
+                Ok(()) => items.push(n),
+                Err(e) => {
+                    lines.truncate(before);
+                    rejected.push((n, e));
+                }
+            }
         }
-        Ok((files, copies))
+        // a retryable problem (a completed file's spool unreadable for now) retries it all
+        if let Some(i) = rejected
+            .iter()
+            .position(|(_, e)| e.class() == ErrorClass::Retryable)
+        {
+            return Err(rejected.swap_remove(i).1);
+        }
+        match rejected.first() {
+            None => Ok(rendered),
+            Some(_) => {
+                let items = rejected.iter().map(|(n, _)| *n).collect();
+                let (_, error) = rejected.swap_remove(0);
+                Err(SinkError::Rejected {
+                    items,
+                    error: Box::new(error),
+                })
+            }
+        }
     }
 }
 
-/// Appends a rendered batch exactly once (see the module documentation): blocking I/O.
+/// A batch rendered for the file sink.
+#[derive(Default)]
+struct Rendered {
+    /// (file, its new lines, positions of the batch's messages in them)
+    files: Vec<(PathBuf, Vec<u8>, Vec<usize>)>,
+    /// (spool file, where it goes, position of its completion message)
+    copies: Vec<(PathBuf, PathBuf, usize)>,
+}
+
+/// Longest name of one path component on the filesystems we write to (NAME_MAX).
+const MAX_NAME_BYTES: usize = 255;
+/// Longest relative path accepted (PATH_MAX is 4096 with the data directory in front).
+const MAX_PATH_BYTES: usize = 2048;
+
+/// Whether the rendered relative `path` can exist at all: a message whose substituted
+/// values make a component longer than the filesystem allows would fail on every retry.
+fn usable_path(path: &str) -> Result<(), SinkError> {
+    let too_long = path.len() > MAX_PATH_BYTES || path.split('/').any(|c| c.len() > MAX_NAME_BYTES);
+    match too_long {
+        false => Ok(()),
+        true => Err(SinkError::io(
+            path,
+            "render path",
+            std::io::Error::from_raw_os_error(36), // ENAMETOOLONG
+        )),
+    }
+}
+
+/// Appends a rendered batch exactly once (see the module documentation): blocking I/O. A
+/// permanent error on one file names the batch positions of the messages bound for it.
 fn append_batch(
     marker_path: &Path,
     first: u64,
     next: u64,
-    files: &[(PathBuf, Vec<u8>)],
+    files: &[(PathBuf, Vec<u8>, Vec<usize>)],
 ) -> Result<(), SinkError> {
     if let Some(marker) = load_marker(marker_path)? {
         if !complete(&marker) {
@@ -148,14 +209,15 @@ fn append_batch(
         }
     }
     let mut lengths = Vec::with_capacity(files.len());
-    for (path, data) in files {
+    for (path, data, items) in files {
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
+            fs::create_dir_all(dir)
+                .map_err(|e| SinkError::io(dir, "create directory", e).for_items(items.clone()))?;
         }
         let pre = match fs::metadata(path) {
             Ok(m) => m.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(SinkError::io(path, "stat", e)),
+            Err(e) => return Err(SinkError::io(path, "stat", e).for_items(items.clone())),
         };
         lengths.push((path.clone(), pre, pre + data.len() as u64));
     }
@@ -166,15 +228,15 @@ fn append_batch(
     };
     let bytes = serde_json::to_vec(&marker).map_err(|e| SinkError::Encode(e.to_string()))?;
     write_atomically(marker_path, &bytes)?;
-    for (path, data) in files {
+    for (path, data, items) in files {
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| SinkError::io(path, "open", e))?;
+            .map_err(|e| SinkError::io(path, "open", e).for_items(items.clone()))?;
         f.write_all(data)
             .and_then(|_| f.sync_data())
-            .map_err(|e| SinkError::io(path, "append", e))?;
+            .map_err(|e| SinkError::io(path, "append", e).for_items(items.clone()))?;
     }
     Ok(())
 }
@@ -290,14 +352,14 @@ fn roll_back(marker: &Marker) -> Result<(), SinkError> {
 impl Sink for FileSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            let (files, copies) = self.render(batch)?;
+            let Rendered { files, copies } = self.render(batch)?;
             let marker_path = self.marker_path.clone();
             let (first, next) = (batch.first, batch.next);
             let how = self.completed_files;
             // fsyncs: off the async workers
             tokio::task::spawn_blocking(move || {
-                for (from, to) in &copies {
-                    place_file(from, to, how)?;
+                for (from, to, n) in &copies {
+                    place_file(from, to, how).map_err(|e| e.for_items(vec![*n]))?;
                 }
                 append_batch(&marker_path, first, next, &files)
             })

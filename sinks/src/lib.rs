@@ -101,9 +101,76 @@ pub enum SinkError {
     /// The task doing the sink's blocking I/O failed (panicked or was cancelled).
     #[error("sink I/O task failed: {0}")]
     Task(String),
+    /// Some messages of the batch can never be written (their positions in
+    /// [`Batch::items`]); the others can. The worker moves those to the dead-letter sink at
+    /// once and writes the rest.
+    #[error("{error}")]
+    Rejected {
+        /// Positions in the batch of the messages that cannot be written.
+        items: Vec<usize>,
+        /// Why (a permanent error).
+        error: Box<SinkError>,
+    },
+}
+
+/// Whether retrying a failed write can ever help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The destination may come back (network, 5xx, a full or read-only disk, a missing
+    /// directory an operator can create): retry with backoff.
+    Retryable,
+    /// These messages can never be written (a path too long for the filesystem, a payload
+    /// that cannot be encoded, a completed file that is gone): retrying would stall the
+    /// sink for ever. They go to the dead-letter sink at once.
+    Permanent,
+}
+
+/// OS errors that say the write itself is impossible, not that the destination is down:
+/// ENAMETOOLONG, EILSEQ (a name the filesystem cannot represent), EFBIG, EINVAL.
+fn permanent_os_error(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(36 | 84 | 27 | 22))
 }
 
 impl SinkError {
+    /// Whether retrying can help (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Io { source, op, .. } => {
+                let gone =
+                    *op == COMPLETED_FILE_OP && source.kind() == std::io::ErrorKind::NotFound;
+                match gone || permanent_os_error(source) {
+                    true => ErrorClass::Permanent,
+                    false => ErrorClass::Retryable,
+                }
+            }
+            SinkError::Encode(_) | SinkError::Rejected { .. } => ErrorClass::Permanent,
+            SinkError::Config(_) | SinkError::Remote(_) | SinkError::Task(_) => {
+                ErrorClass::Retryable
+            }
+        }
+    }
+
+    /// The positions of the messages that cannot be written, when the sink said which.
+    pub fn rejected_items(&self) -> Option<&[usize]> {
+        match self {
+            SinkError::Rejected { items, .. } => Some(items),
+            _ => None,
+        }
+    }
+
+    /// `self` for the messages at `items`, when it is permanent; `self` unchanged when it is
+    /// retryable (the whole batch is retried).
+    pub fn for_items(self, items: Vec<usize>) -> SinkError {
+        match self.class() {
+            ErrorClass::Permanent if !matches!(self, SinkError::Rejected { .. }) => {
+                SinkError::Rejected {
+                    items,
+                    error: Box::new(self),
+                }
+            }
+            _ => self,
+        }
+    }
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
         SinkError::Io {
@@ -112,6 +179,27 @@ impl SinkError {
             source,
         }
     }
+}
+
+/// The `op` of an I/O error opening a completed file's spool copy: when the file is gone,
+/// no retry brings it back.
+pub const COMPLETED_FILE_OP: &str = "open completed file";
+
+/// Name of the dead-letter sink every server has: where messages that can never be written
+/// go when their sink names no `dead_letter`, and where ingest puts messages whose names
+/// cannot be used (JSON lines in `data_dir/dead-letters/`).
+pub const BUILTIN_DEAD_LETTERS: &str = "fleetbus.dead-letters";
+
+/// The configuration of [`BUILTIN_DEAD_LETTERS`]: one file a day, no part of the path taken
+/// from a message (so it cannot fail for a message's sake).
+pub fn builtin_dead_letters() -> SinkConfig {
+    SinkConfig::File(file::FileSinkConfig {
+        path: "dead-letters/%Y-%m-%d.jsonl".into(),
+        dead_letter: None,
+        completed_files: file::CompletedFiles::default(),
+        buffer: BufferConfig::default(),
+        batch: BatchConfig::default(),
+    })
 }
 
 /// The JSON line a sink writes for `item`: the message body, or for a dead letter an

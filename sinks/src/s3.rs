@@ -315,7 +315,7 @@ impl S3Sink {
         let path = &file.path;
         let mut f = tokio::fs::File::open(path)
             .await
-            .map_err(|e| SinkError::io(path, "open completed file", e))?;
+            .map_err(|e| SinkError::io(path, crate::COMPLETED_FILE_OP, e))?;
         let mut parts = Vec::new();
         let mut number = 1i32;
         loop {

@@ -11,7 +11,9 @@
 //!
 //! Substituted values are made safe as one path component: anything outside
 //! `[A-Za-z0-9._-]` becomes `_`, and `.`/`..` become `_`, so a message can never steer a
-//! write outside the sink's directory.
+//! write outside the sink's directory; a value longer than 128 bytes is cut to 100
+//! characters plus `~` and a hash of the whole ([`MAX_VALUE_BYTES`]), so one long file name
+//! cannot make a path the filesystem refuses.
 
 use std::fmt::Write as _;
 use std::path::{Component, Path};
@@ -182,16 +184,40 @@ fn placeholder(name: &str) -> Result<Part, String> {
 fn push_safe(out: &mut String, value: Option<&str>) {
     match value {
         Some(v) if !v.is_empty() && v != "." && v != ".." => {
-            out.extend(v.chars().map(|c| {
+            let safe = v.chars().map(|c| {
                 if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
                     c
                 } else {
                     '_'
                 }
-            }));
+            });
+            if v.len() <= MAX_VALUE_BYTES {
+                out.extend(safe);
+            } else {
+                // the first characters, then a hash of the whole value: still one
+                // component the filesystem takes, and still one per distinct value
+                out.extend(safe.take(LONG_VALUE_KEPT));
+                let _ = write!(out, "~{:016x}", fnv1a(v.as_bytes()));
+            }
         }
         _ => out.push('_'),
     }
+}
+
+/// Longest value substituted as it is (ids are at most 128 characters, so they always
+/// are); a longer one (a file name, a metadata value) is cut to [`LONG_VALUE_KEPT`]
+/// characters followed by `~` and 16 hex digits of its hash, so that it cannot make a path
+/// component longer than the filesystem allows (255 bytes) on its own.
+pub const MAX_VALUE_BYTES: usize = 128;
+/// Characters kept of a value longer than [`MAX_VALUE_BYTES`].
+const LONG_VALUE_KEPT: usize = 100;
+
+/// 64-bit FNV-1a: a stable hash (the same value gives the same path on every retry and
+/// every version).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -200,6 +226,25 @@ mod tests {
 
     fn msg(topic: &str, body: &str) -> Message {
         Message::decode(topic, body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_long_value_is_cut_with_a_hash_and_stays_distinct() {
+        let t = PathTemplate::parse("uploads/{file.id}-{file.name}").unwrap();
+        let body = |name: &str| format!(r#"{{"file":{{"id":"0123","name":"{name}"}}}}"#);
+        let long_a = format!("{}.tar.gz", "a".repeat(240));
+        let long_b = format!("{}.tar.gz", "a".repeat(241));
+        let a = t.render(&msg("fleet/a1/files/0123/complete", &body(&long_a)));
+        let b = t.render(&msg("fleet/a1/files/0123/complete", &body(&long_b)));
+        let name = a.rsplit('/').next().unwrap();
+        assert!(name.len() < 255 && name.contains("-aaaa"), "{a}");
+        assert_ne!(a, b, "two long names must not share a path");
+        assert_eq!(
+            a,
+            t.render(&msg("fleet/a1/files/0123/complete", &body(&long_a)))
+        );
+        let short = t.render(&msg("fleet/a1/files/0123/complete", &body("core.dump")));
+        assert!(short.ends_with("-core.dump"), "{short}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::position::PositionFile;
 use crate::tail::TailCache;
-use crate::{Batch, BatchConfig, Item, Sink, SinkError};
+use crate::{Batch, BatchConfig, ErrorClass, Item, Sink, SinkError};
 
 /// How often the position is saved when it is not saved after every batch (exactly-once
 /// sinks, and while the worker only skips entries of other sinks).
@@ -67,6 +67,10 @@ pub struct SinkStats {
     pub failed_attempts: AtomicU64,
     /// Messages handed to the dead-letter sink.
     pub dead_lettered: AtomicU64,
+    /// Of those, messages that could never be written (moved at once, not retried).
+    pub rejected: AtomicU64,
+    /// Dead letters the built-in dead-letter sink could not write anywhere (dropped).
+    pub dropped: AtomicU64,
     /// Log entries that could not be decoded (skipped, logged).
     pub undecodable: AtomicU64,
     /// The saved resume position: log entries below it are done for this sink.
@@ -85,6 +89,10 @@ pub struct SinkStatsSnapshot {
     pub failed_attempts: u64,
     /// See [`SinkStats::dead_lettered`].
     pub dead_lettered: u64,
+    /// See [`SinkStats::rejected`].
+    pub rejected: u64,
+    /// See [`SinkStats::dropped`].
+    pub dropped: u64,
     /// See [`SinkStats::undecodable`].
     pub undecodable: u64,
     /// See [`SinkStats::position`].
@@ -102,6 +110,8 @@ impl SinkStats {
             written: self.written.load(Ordering::Relaxed),
             failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
             undecodable: self.undecodable.load(Ordering::Relaxed),
             position: self.position.load(Ordering::Relaxed),
             pending_bytes: self.pending_bytes.load(Ordering::Relaxed),
@@ -161,6 +171,9 @@ pub struct WorkerSetup {
     pub batch: BatchConfig,
     /// Where given-up batches go.
     pub dead_letter: Option<String>,
+    /// Where messages that can never be written go: `dead_letter`, else the built-in
+    /// dead-letter sink ([`crate::BUILTIN_DEAD_LETTERS`]).
+    pub rejected_to: String,
     /// The saved position.
     pub position: PositionFile,
     /// Where to start reading (after [`Sink::recover`]).
@@ -189,6 +202,7 @@ pub fn spawn_sink(
         tail,
         dead_letters,
         save_errors: fleetbus_support::Throttle::new(Duration::from_secs(10)),
+        rejections: fleetbus_support::Throttle::new(Duration::from_secs(10)),
     };
     let task = tokio::spawn(worker.run(stop_rx).instrument(span));
     SinkHandle {
@@ -207,6 +221,8 @@ struct Worker {
     dead_letters: Arc<dyn DeadLetters>,
     /// Bounds the log lines of failed position saves.
     save_errors: fleetbus_support::Throttle,
+    /// Bounds the log lines of messages set apart as impossible to write.
+    rejections: fleetbus_support::Throttle,
 }
 
 /// A batch with what the worker needs beyond what the sink sees.
@@ -413,25 +429,46 @@ impl Worker {
         Ok(Some(pending))
     }
 
-    /// Writes a batch, retrying, or hands it to the dead-letter sink.
-    async fn deliver(&mut self, p: Pending, stop: &mut watch::Receiver<bool>) -> Delivery {
+    /// Writes a batch, retrying, or hands it to the dead-letter sink. Messages that can
+    /// never be written ([`ErrorClass::Permanent`]) leave the batch for the dead-letter
+    /// sink at once, and the rest is written: one bad message never stalls the sink.
+    async fn deliver(&mut self, mut p: Pending, stop: &mut watch::Receiver<bool>) -> Delivery {
         let stats = self.setup.stats.clone();
+        let bytes = p.bytes;
         let mut attempts = 0u32;
         let mut first_failure: Option<Instant> = None;
         let mut delay = self.setup.batch.retry_backoff;
+        let mut rejected_any = false;
         let outcome = loop {
+            if p.batch.items.is_empty() {
+                break Delivery::DeadLettered;
+            }
             let error = match self.sink.write(&p.batch).await {
                 Ok(()) => {
                     stats
                         .written
                         .fetch_add(p.batch.items.len() as u64, Ordering::Relaxed);
-                    break Delivery::Written;
+                    break match rejected_any {
+                        true => Delivery::DeadLettered,
+                        false => Delivery::Written,
+                    };
                 }
                 Err(e) => e,
             };
+            stats.set_error(error.to_string());
+            let error = match error.class() {
+                ErrorClass::Permanent => match self.set_apart(&mut p, error).await {
+                    // the rest goes again at once
+                    Ok(()) => {
+                        rejected_any = true;
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+                ErrorClass::Retryable => error,
+            };
             attempts += 1;
             stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-            stats.set_error(error.to_string());
             let failing_since = *first_failure.get_or_insert_with(Instant::now);
             if self.should_give_up(attempts, failing_since)
                 && self.dead_letter(&p, &error, attempts)
@@ -450,10 +487,114 @@ impl Worker {
             delay = (delay * 2).min(self.setup.batch.retry_backoff_max);
         };
         stats.pending_bytes.fetch_sub(
-            p.bytes.min(stats.pending_bytes.load(Ordering::Relaxed)),
+            bytes.min(stats.pending_bytes.load(Ordering::Relaxed)),
             Ordering::Relaxed,
         );
         outcome
+    }
+
+    /// A permanent `error` for (some messages of) the batch: finds which messages cannot be
+    /// written (the sink says, or each is tried alone), moves them to the dead-letter sink
+    /// and takes them (and any written alone meanwhile) out of `p`. An `Err` is an error
+    /// to retry the rest of the batch with (a retryable one met while trying messages
+    /// alone, or a dead-letter sink that cannot take them now).
+    async fn set_apart(&mut self, p: &mut Pending, error: SinkError) -> Result<(), SinkError> {
+        let (bad, written) = match error.rejected_items() {
+            Some(items) => (items.to_vec(), Vec::new()),
+            None if p.batch.items.len() == 1 => (vec![0], Vec::new()),
+            None => self.try_one_by_one(p).await?,
+        };
+        let bad: Vec<usize> = bad
+            .into_iter()
+            .filter(|&n| n < p.batch.items.len())
+            .collect();
+        if bad.is_empty() && written.is_empty() {
+            // the sink named nothing usable: retry the whole batch
+            return Err(error);
+        }
+        if !bad.is_empty() {
+            self.reject(p, &bad, &error)?;
+        }
+        self.setup
+            .stats
+            .written
+            .fetch_add(written.len() as u64, Ordering::Relaxed);
+        let mut gone = bad;
+        gone.extend(written);
+        let keep = |n: &usize| !gone.contains(n);
+        let mut n = 0;
+        p.batch.items.retain(|_| {
+            n += 1;
+            keep(&(n - 1))
+        });
+        let mut n = 0;
+        p.entries.retain(|_| {
+            n += 1;
+            keep(&(n - 1))
+        });
+        Ok(())
+    }
+
+    /// Writes the batch's messages one at a time to find the ones that cannot be written
+    /// (for a sink that does not say which): (cannot be written, written now). A retryable
+    /// error stops the search; the messages not tried yet are retried with the batch.
+    async fn try_one_by_one(&mut self, p: &Pending) -> Result<(Vec<usize>, Vec<usize>), SinkError> {
+        let (mut bad, mut written) = (Vec::new(), Vec::new());
+        for (n, item) in p.batch.items.iter().enumerate() {
+            let single = Batch {
+                first: p.batch.first,
+                next: p.batch.next,
+                items: vec![item.clone()],
+            };
+            match self.sink.write(&single).await {
+                Ok(()) => written.push(n),
+                Err(e) if e.class() == ErrorClass::Permanent => bad.push(n),
+                Err(e) if bad.is_empty() && written.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok((bad, written))
+    }
+
+    /// Moves the messages at `bad` to the dead-letter sink (this sink's `dead_letter`, else
+    /// the built-in one) with `error`. The built-in sink itself, having nowhere to send
+    /// them, logs and drops them (its path takes nothing from a message, so this needs a
+    /// broken disk).
+    fn reject(&self, p: &Pending, bad: &[usize], error: &SinkError) -> Result<(), SinkError> {
+        let stats = &self.setup.stats;
+        let target = self.setup.rejected_to.as_str();
+        if target == self.setup.name {
+            for &n in bad {
+                tracing::error!(topic = %p.entries[n].topic, error = %error, "a dead letter cannot be written anywhere: dropped");
+            }
+            stats.dropped.fetch_add(bad.len() as u64, Ordering::Relaxed);
+            return Ok(());
+        }
+        let info = DeadLetter {
+            sink: self.setup.name.clone(),
+            error: error.to_string(),
+            attempts: 1,
+            failed_at_ms: Utc::now().timestamp_millis(),
+        };
+        let entries = bad
+            .iter()
+            .map(|&n| dead_letter_entry(&p.entries[n], target, &info))
+            .collect();
+        self.dead_letters.append(target, entries).map_err(|e| {
+            SinkError::Remote(format!(
+                "cannot hand messages that can never be written to `{target}`: {e}"
+            ))
+        })?;
+        stats
+            .rejected
+            .fetch_add(bad.len() as u64, Ordering::Relaxed);
+        stats
+            .dead_lettered
+            .fetch_add(bad.len() as u64, Ordering::Relaxed);
+        if let Some(left_out) = self.rejections.admit() {
+            tracing::error!(error = %error, messages = bad.len(), dead_letter = %target, similar_errors_not_logged = left_out, "messages that can never be written moved to the dead-letter sink");
+        }
+        Ok(())
     }
 
     fn should_give_up(&self, attempts: u32, failing_since: Instant) -> bool {
@@ -478,14 +619,7 @@ impl Worker {
         let entries = p
             .entries
             .iter()
-            .map(|e| WalEntry {
-                topic: e.topic.clone(),
-                payload: e.payload.clone(),
-                received_ms: e.received_ms,
-                sinks: vec![target.clone()],
-                key: None,
-                dead_letter: Some(info.clone()),
-            })
+            .map(|e| dead_letter_entry(e, target, &info))
             .collect();
         match self.dead_letters.append(target, entries) {
             Ok(()) => {
@@ -501,6 +635,18 @@ impl Worker {
                 false
             }
         }
+    }
+}
+
+/// The log entry that carries `entry` to dead-letter sink `target` with `info`.
+fn dead_letter_entry(entry: &WalEntry, target: &str, info: &DeadLetter) -> WalEntry {
+    WalEntry {
+        topic: entry.topic.clone(),
+        payload: entry.payload.clone(),
+        received_ms: entry.received_ms,
+        sinks: vec![target.to_string()],
+        key: None,
+        dead_letter: Some(info.clone()),
     }
 }
 

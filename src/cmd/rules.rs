@@ -55,7 +55,7 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                     "{}: ok ({} rules, {} sinks)",
                     file.display(),
                     set.rules.len(),
-                    set.sinks.len()
+                    set.own_sinks().count()
                 );
                 Ok(ExitCode::SUCCESS)
             }

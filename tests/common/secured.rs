@@ -26,13 +26,22 @@ impl Secured {
     /// `[broker]` table, after `listen` (more keys such as `max_connections`, then tables
     /// such as `[broker.limits]`).
     pub fn start_with(dir: &Path, enforce: bool, extra: &str) -> Secured {
+        Secured::start_with_rules(dir, enforce, extra, "")
+    }
+
+    /// [`Secured::start_with`], with `more_rules` (TOML: sinks and rules) added to its
+    /// rules file.
+    pub fn start_with_rules(dir: &Path, enforce: bool, extra: &str, more_rules: &str) -> Secured {
         let port = free_port();
         fs::write(
             dir.join("rules.toml"),
-            "[sinks.events]\ntype = \"file\"\npath = \"events/{topic.3}.jsonl\"\n\
-             [sinks.records]\ntype = \"file\"\npath = \"records/{agent}/{stream}.jsonl\"\n\
-             [[rules]]\nname = \"broker-events\"\nfrom = [\"fleet/server/#\"]\nto = [\"events\"]\n\
-             [[rules]]\nname = \"telemetry\"\nfrom = [\"fleet/+/telemetry/#\"]\nto = [\"records\"]\n",
+            format!(
+                "[sinks.events]\ntype = \"file\"\npath = \"events/{{topic.3}}.jsonl\"\n\
+                 [sinks.records]\ntype = \"file\"\npath = \"records/{{agent}}/{{stream}}.jsonl\"\n\
+                 [[rules]]\nname = \"broker-events\"\nfrom = [\"fleet/server/#\"]\nto = [\"events\"]\n\
+                 [[rules]]\nname = \"telemetry\"\nfrom = [\"fleet/+/telemetry/#\"]\nto = [\"records\"]\n\
+                 {more_rules}"
+            ),
         )
         .unwrap();
         let config = format!(
@@ -67,6 +76,19 @@ impl Secured {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// The dead letters in the built-in dead-letter sink (`data/dead-letters/*.jsonl`).
+    pub fn dead_letters(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let Ok(entries) = fs::read_dir(self.dir.join("data/dead-letters")) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let text = fs::read_to_string(e.path()).unwrap_or_default();
+            out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+        out
     }
 
     /// Waits until (agent, stream) has at least `n` records; panics with the server log.

@@ -146,7 +146,7 @@ mod tests {
     fn mosquitto_gets_a_user_block_per_client() {
         let text = export(Format::Mosquitto, &Policy::default(), &clients());
         assert!(
-            text.contains("\nuser web-01\ntopic write fleet/web-01/telemetry/#\n"),
+            text.contains("\nuser web-01\ntopic write fleet/web-01/telemetry/+\n"),
             "{text}"
         );
         assert!(
@@ -163,7 +163,7 @@ mod tests {
         let text = export(Format::Emqx, &Policy::default(), &clients());
         assert!(
             text.contains(
-                "{allow, {username, \"web-01\"}, publish, [\"fleet/web-01/telemetry/#\"]}.\n"
+                "{allow, {username, \"web-01\"}, publish, [\"fleet/web-01/telemetry/+\"]}.\n"
             ),
             "{text}"
         );

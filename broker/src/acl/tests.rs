@@ -48,6 +48,14 @@ fn the_default_policy_keeps_agents_in_their_own_topics() {
         (&web01, Action::Publish, "fleet/web-01/replies/files", false),
         (&web01, Action::Publish, "fleet/web-01/jobs/notify", false),
         (&web01, Action::Publish, "fleet/web-01/jobs/event", false),
+        (&web01, Action::Publish, "fleet/web-01/files/f1/chunk", true),
+        (
+            &web01,
+            Action::Publish,
+            "fleet/web-01/files/f1/complete",
+            false,
+        ),
+        (&web01, Action::Publish, "fleet/web-01/telemetry/a/b", false),
         (&web01, Action::Publish, "$SYS/x", false),
         (&web01, Action::Subscribe, "fleet/web-01/acks", true),
         (
@@ -110,7 +118,7 @@ fn the_default_policy_keeps_agents_in_their_own_topics() {
     assert!(why.reason.contains("no rule allows"), "{why:?}");
     let ok = policy.check(&web01, Action::Publish, "fleet/web-01/telemetry/x");
     assert_eq!(ok.rule.as_deref(), Some("agent-publishes-own-topics"));
-    assert_eq!(ok.reason, "matches `fleet/web-01/telemetry/#`");
+    assert_eq!(ok.reason, "matches `fleet/web-01/telemetry/+`");
 }
 
 #[test]
