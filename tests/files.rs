@@ -742,3 +742,92 @@ async fn files_dropped_into_the_upload_directory_are_archived_after_confirmation
     assert_eq!(sha_of(&received), sha);
     agent.stop().await;
 }
+
+/// Hardening findings 5 and 6: a manifest with 1-byte chunks of a huge file took 517 MiB of
+/// server memory and seconds per status answer; 3,000 pending one-byte uploads held 3,029
+/// file descriptors, and with that many in the spool the server could not even start. Now
+/// chunk size and count are bounded, each agent may have a bounded number of unfinished
+/// uploads, pending uploads hold no descriptor, and a restart with a full spool works with
+/// few descriptors to spare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_manifests_and_piles_of_pending_uploads_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path(), LOCAL_RULES, "max_uploads_per_agent = 40");
+    let pid = server.proc.pid().unwrap();
+    let rss_before = common::resident_kib(pid);
+    let mut raw = Raw::connect("hostile", server.port).await;
+    let mut tiny = manifest_for(b"x", "big.bin", 1024);
+    tiny.size = 2 << 30;
+    tiny.chunk_size = 1;
+    tiny.chunk_count = 2 << 30;
+    failed_with(
+        &raw.init(&tiny).await,
+        RefusalKind::BadManifest,
+        "min_chunk_size",
+    );
+    let mut many = manifest_for(b"x", "many.bin", 1024);
+    many.size = 4 << 30;
+    many.chunk_count = 4 * 1024 * 1024;
+    failed_with(
+        &raw.init(&many).await,
+        RefusalKind::BadManifest,
+        "max_chunks",
+    );
+    assert!(
+        common::resident_kib(pid) < rss_before + 64 * 1024,
+        "server memory grew from {rss_before} to {} KiB",
+        common::resident_kib(pid)
+    );
+
+    // one agent piling up pending uploads gets `quota` past its limit
+    let fds_before = common::open_fds(pid);
+    for i in 0..60u32 {
+        let m = manifest_for(&i.to_be_bytes(), &format!("f{i}"), 1024);
+        let reply = raw.init(&m).await;
+        if i < 40 {
+            assert!(matches!(reply, FileReply::Status { .. }), "{reply:?}");
+        } else {
+            failed_with(&reply, RefusalKind::Quota, "unfinished uploads");
+        }
+    }
+    // other agents are not affected; together they hold many uploads but few descriptors
+    for a in 0..4 {
+        let mut other = Raw::connect(&format!("other-{a}"), server.port).await;
+        for i in 0..30u32 {
+            let m = manifest_for(&(a * 100 + i).to_be_bytes(), &format!("g{i}"), 1024);
+            assert!(matches!(other.init(&m).await, FileReply::Status { .. }));
+        }
+    }
+    let fds = common::open_fds(pid);
+    assert!(
+        fds < fds_before + 64,
+        "{} descriptors for 160 pending uploads",
+        fds - fds_before
+    );
+
+    // a restart with 160 uploads in the spool and 128 descriptors in all
+    server.kill();
+    let log = dir.path().join("limited.log");
+    let Some(_limited) = common::serve_with_nofile(&dir.path().join("server.toml"), &log, 128)
+    else {
+        return;
+    };
+    let (metrics_port, port) = (server.metrics_port, server.port);
+    assert!(
+        common::poll_until(Duration::from_secs(20), || {
+            !scrape(metrics_port).is_empty()
+                && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        }),
+        "the server did not start with a full spool:\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    drop(raw);
+    let mut raw = Raw::connect("after-restart", server.port).await;
+    let m = manifest_for(b"after", "f0", 1024);
+    let reply = tokio::time::timeout(Duration::from_secs(15), raw.init(&m)).await;
+    assert!(
+        matches!(reply, Ok(FileReply::Status { .. })),
+        "{reply:?}\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+}

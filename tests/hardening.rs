@@ -421,14 +421,6 @@ async fn idle_and_slow_http_clients_are_cut_off() {
 /// again once descriptors are free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
-    if std::process::Command::new("prlimit")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        common::skip_or_fail("prlimit (util-linux)");
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let (port, metrics_port) = (free_port(), free_port());
     fs::write(
@@ -440,18 +432,9 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
     )
     .unwrap();
     let log = dir.path().join("server.log");
-    let out = fs::File::create(&log).unwrap();
-    let child = std::process::Command::new("prlimit")
-        .args(["--nofile=128:128", "--", common::bin(), "serve", "--config"])
-        .arg(dir.path().join("server.toml"))
-        .env("RUST_LOG", "info")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let mut server = Proc {
-        child,
-        log: log.clone(),
+    let Some(mut server) = common::serve_with_nofile(&dir.path().join("server.toml"), &log, 128)
+    else {
+        return;
     };
     assert!(poll_until(Duration::from_secs(20), || {
         std::net::TcpStream::connect(("127.0.0.1", metrics_port)).is_ok()

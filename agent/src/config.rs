@@ -304,9 +304,9 @@ impl AgentConfig {
             return Err("connection.inflight must be at least 1".into());
         }
         let u = &self.uploads;
-        if u.chunk_size == 0 || u.chunk_size > fleetbus_protocol::files::DEFAULT_CHUNK_SIZE {
+        if u.chunk_size < 1024 || u.chunk_size > fleetbus_protocol::files::DEFAULT_CHUNK_SIZE {
             return Err(format!(
-                "uploads.chunk_size must be between 1 and {} (one chunk per 128 KiB publish)",
+                "uploads.chunk_size must be between 1024 (the server's files.min_chunk_size) and {} (one chunk per 128 KiB publish)",
                 fleetbus_protocol::files::DEFAULT_CHUNK_SIZE
             ));
         }

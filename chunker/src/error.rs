@@ -34,6 +34,14 @@ pub enum Rejection {
         /// The quota.
         quota: u64,
     },
+    /// The owner already has as many unfinished uploads as it may.
+    #[error("`{owner}` already has {uploads} unfinished uploads (the most allowed): finish or abort one first")]
+    TooManyUploads {
+        /// Whose uploads.
+        owner: String,
+        /// Its unfinished uploads.
+        uploads: usize,
+    },
     /// A chunk's index is beyond the manifest's chunk count.
     #[error("chunk {index}: index out of range (the file has {count} chunks)")]
     IndexOutOfRange {

@@ -30,6 +30,14 @@ pub struct Limits {
     pub quota_per_owner: u64,
     /// Largest chunk accepted.
     pub max_chunk_size: u32,
+    /// Smallest chunk accepted (a file smaller than it is one chunk): tiny chunks make a
+    /// large file millions of chunks, each costing a message, a write and state.
+    pub min_chunk_size: u32,
+    /// Most chunks one file may have (the held-chunk state is a bit per chunk: 1 Mi
+    /// chunks are 128 KiB).
+    pub max_chunk_count: u32,
+    /// Most unfinished uploads one owner may have in the spool at once.
+    pub max_uploads_per_owner: usize,
     /// The held-chunks state is saved (after an fsync of the data) at least every this many
     /// chunks; a crash costs at most this many chunks to be sent again.
     pub persist_every: u32,
@@ -41,6 +49,9 @@ impl Default for Limits {
             max_file_size: 4 << 30,
             quota_per_owner: 8 << 30,
             max_chunk_size: 128 * 1024,
+            min_chunk_size: 1024,
+            max_chunk_count: 1 << 20,
+            max_uploads_per_owner: 64,
             persist_every: 64,
         }
     }
@@ -113,7 +124,9 @@ struct HeldState {
 struct Upload {
     manifest: Manifest,
     dir: PathBuf,
-    data: File,
+    /// The spool file, open only while the upload is among the most recently used (see
+    /// [`MAX_OPEN_FILES`]): an idle upload holds no file descriptor.
+    data: Option<File>,
     held: Vec<u64>,
     held_count: u32,
     unsaved: u32,
@@ -131,7 +144,32 @@ struct RunningHash {
     hash: Sha256,
 }
 
+/// Spool files kept open at once; the least recently used beyond are closed (and opened
+/// again when their upload moves). Thousands of pending uploads hold no descriptors.
+pub const MAX_OPEN_FILES: usize = 32;
+
 impl Upload {
+    /// The spool file, opened if it is not.
+    fn file(&mut self) -> Result<&File, ChunkError> {
+        if self.data.is_none() {
+            let path = self.data_path();
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| ChunkError::io(&path, "open", e))?;
+            self.data = Some(f);
+        }
+        match &self.data {
+            Some(f) => Ok(f),
+            None => Err(ChunkError::io(
+                self.data_path(),
+                "open",
+                std::io::Error::other("spool file not open"),
+            )),
+        }
+    }
+
     fn has(&self, index: u32) -> bool {
         self.held[(index / 64) as usize] & (1 << (index % 64)) != 0
     }
@@ -160,8 +198,9 @@ impl Upload {
             let next = self.running.next;
             let len = self.manifest.len_of(next).unwrap_or(0) as usize;
             buf.resize(len, 0);
-            self.data
-                .read_exact_at(&mut buf, self.manifest.offset_of(next))
+            let offset = self.manifest.offset_of(next);
+            self.file()?
+                .read_exact_at(&mut buf, offset)
                 .map_err(|e| ChunkError::io(self.data_path(), "read", e))?;
             self.running.hash.update(&buf);
             self.running.next += 1;
@@ -182,12 +221,36 @@ impl Upload {
         Ok(hex::encode(hash.finalize()))
     }
 
+    /// The held chunks as ranges, a 64-chunk word at a time (words that are all held or
+    /// all missing cost one step), so a status answer is quick whatever the file's size.
     fn ranges(&self) -> Vec<(u32, u32)> {
         let mut out: Vec<(u32, u32)> = Vec::new();
-        for i in (0..self.manifest.chunk_count).filter(|&i| self.has(i)) {
-            match out.last_mut() {
-                Some((_, hi)) if *hi + 1 == i => *hi = i,
-                _ => out.push((i, i)),
+        let count = self.manifest.chunk_count;
+        let mut push = |lo: u32, hi: u32| match out.last_mut() {
+            Some((_, last)) if *last + 1 == lo => *last = hi,
+            _ => out.push((lo, hi)),
+        };
+        for (w, &word) in self.held.iter().enumerate() {
+            let base = (w as u32) * 64;
+            if word == 0 {
+                continue;
+            }
+            if word == u64::MAX {
+                push(base, (base + 63).min(count.saturating_sub(1)));
+                continue;
+            }
+            let mut bits = word;
+            while bits != 0 {
+                let start = bits.trailing_zeros();
+                let run = (bits >> start).trailing_ones();
+                let lo = base + start;
+                let hi = (lo + run - 1).min(count.saturating_sub(1));
+                push(lo, hi);
+                bits &= if start + run >= 64 {
+                    0
+                } else {
+                    !((1u64 << (start + run)) - 1)
+                };
             }
         }
         out
@@ -208,9 +271,11 @@ impl Upload {
 
     /// fsyncs the data, then saves which chunks it holds.
     fn save(&mut self) -> Result<(), ChunkError> {
-        self.data
-            .sync_data()
-            .map_err(|e| ChunkError::io(self.data_path(), "fsync", e))?;
+        if self.unsaved > 0 || self.data.is_some() {
+            self.file()?
+                .sync_data()
+                .map_err(|e| ChunkError::io(self.data_path(), "fsync", e))?;
+        }
         let state = HeldState {
             held: self.ranges(),
             complete: self.complete,
@@ -228,6 +293,8 @@ pub struct Reassembler {
     root: PathBuf,
     limits: Limits,
     uploads: HashMap<(String, String), Upload>,
+    /// Uploads whose spool file is open, least recently used first.
+    open_files: std::collections::VecDeque<(String, String)>,
 }
 
 impl Reassembler {
@@ -239,11 +306,12 @@ impl Reassembler {
             root: root.to_path_buf(),
             limits,
             uploads: HashMap::new(),
+            open_files: std::collections::VecDeque::new(),
         };
         let mut problems = Vec::new();
         for owner_dir in list_dirs(root)? {
             for upload_dir in list_dirs(&owner_dir)? {
-                match load(&upload_dir) {
+                match load(&upload_dir, &limits) {
                     Ok(upload) => {
                         let owner = file_name(&owner_dir);
                         r.uploads
@@ -268,7 +336,36 @@ impl Reassembler {
             }
             up.updated = SystemTime::now();
             up.save()?;
-            return Ok(up.status());
+            let status = up.status();
+            self.touched(&key);
+            return Ok(status);
+        }
+        let limits = &self.limits;
+        if manifest.chunk_size < limits.min_chunk_size && manifest.chunk_count > 1 {
+            return Err(Rejection::Manifest(format!(
+                "chunk_size {} is below the smallest accepted, {} (files.min_chunk_size)",
+                manifest.chunk_size, limits.min_chunk_size
+            ))
+            .into());
+        }
+        if manifest.chunk_count > limits.max_chunk_count {
+            return Err(Rejection::Manifest(format!(
+                "{} chunks are more than the {} a file may have (files.max_chunks): use larger chunks",
+                manifest.chunk_count, limits.max_chunk_count
+            ))
+            .into());
+        }
+        let unfinished = self
+            .uploads
+            .iter()
+            .filter(|((o, _), up)| o == owner && !up.complete)
+            .count();
+        if unfinished >= limits.max_uploads_per_owner {
+            return Err(Rejection::TooManyUploads {
+                owner: owner.to_string(),
+                uploads: unfinished,
+            }
+            .into());
         }
         if manifest.size > self.limits.max_file_size {
             return Err(Rejection::TooLarge {
@@ -304,7 +401,7 @@ impl Reassembler {
         let mut up = Upload {
             manifest,
             dir,
-            data,
+            data: Some(data),
             held: vec![0; words],
             held_count: 0,
             unsaved: 0,
@@ -314,8 +411,27 @@ impl Reassembler {
         };
         up.save()?;
         let status = up.status();
-        self.uploads.insert(key, up);
+        self.uploads.insert(key.clone(), up);
+        self.touched(&key);
         Ok(status)
+    }
+
+    /// Notes that `key`'s spool file was just used (and is open), closing the least
+    /// recently used ones beyond [`MAX_OPEN_FILES`].
+    fn touched(&mut self, key: &(String, String)) {
+        if self.open_files.back() != Some(key) {
+            self.open_files.retain(|k| k != key);
+            self.open_files.push_back(key.clone());
+        }
+        while self.open_files.len() > MAX_OPEN_FILES {
+            let Some(old) = self.open_files.pop_front() else {
+                break;
+            };
+            if let Some(up) = self.uploads.get_mut(&old) {
+                // written chunks stay in the page cache; a later save fsyncs them
+                up.data = None;
+            }
+        }
     }
 
     /// Stores chunk `index` of an upload after checking it against the manifest: its
@@ -369,7 +485,7 @@ impl Reassembler {
         if up.complete || up.has(index) {
             return Ok(PutOutcome::Duplicate);
         }
-        up.data
+        up.file()?
             .write_all_at(data, offset)
             .map_err(|e| ChunkError::io(up.data_path(), "write", e))?;
         up.set(index);
@@ -378,6 +494,7 @@ impl Reassembler {
         if up.unsaved >= persist_every {
             up.save()?;
         }
+        self.touched(&(owner.to_string(), file_id.to_string()));
         Ok(PutOutcome::Stored)
     }
 
@@ -429,12 +546,11 @@ impl Reassembler {
     /// Removes an upload, finished or not, and frees its spool space. Returns the bytes
     /// freed (its declared size), or `None` if there was no such upload.
     pub fn remove(&mut self, owner: &str, file_id: &str) -> Result<Option<u64>, ChunkError> {
-        let Some(up) = self
-            .uploads
-            .remove(&(owner.to_string(), file_id.to_string()))
-        else {
+        let key = (owner.to_string(), file_id.to_string());
+        let Some(up) = self.uploads.remove(&key) else {
             return Ok(None);
         };
+        self.open_files.retain(|k| k != &key);
         fs::remove_dir_all(&up.dir).map_err(|e| ChunkError::io(&up.dir, "remove", e))?;
         Ok(Some(up.manifest.size))
     }
@@ -512,20 +628,30 @@ fn check_owner(owner: &str) -> Result<(), Rejection> {
     }
 }
 
-fn load(dir: &Path) -> Result<Upload, ChunkError> {
+/// Loads the upload in `dir`. One whose manifest is over `limits` (left by a run with other
+/// limits, or by a hostile client before there were any) is removed instead: its state
+/// alone could take the memory of the whole server.
+fn load(dir: &Path, limits: &Limits) -> Result<Upload, ChunkError> {
     let manifest: Manifest = read_json(&dir.join("manifest.json"))?;
+    if manifest.chunk_count > limits.max_chunk_count {
+        fs::remove_dir_all(dir).map_err(|e| ChunkError::io(dir, "remove", e))?;
+        return Err(ChunkError::State {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "removed: {} chunks, more than the {} a file may have",
+                manifest.chunk_count, limits.max_chunk_count
+            ),
+        });
+    }
     let state: HeldState = read_json(&dir.join("held.json"))?;
     let data_path = dir.join("data");
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&data_path)
-        .map_err(|e| ChunkError::io(&data_path, "open", e))?;
+    // no descriptor held: opened when the upload moves again
+    std::fs::metadata(&data_path).map_err(|e| ChunkError::io(&data_path, "open", e))?;
     let words = (manifest.chunk_count as usize).div_ceil(64);
     let mut up = Upload {
         manifest,
         dir: dir.to_path_buf(),
-        data,
+        data: None,
         held: vec![0; words],
         held_count: 0,
         unsaved: 0,

@@ -39,6 +39,13 @@ pub struct FilesSection {
     pub quota_per_agent: u64,
     /// Largest chunk accepted, in bytes (a chunk message must fit 128 KiB).
     pub max_chunk_size: u32,
+    /// Smallest chunk accepted, in bytes (a file smaller than it is one chunk).
+    pub min_chunk_size: u32,
+    /// Most chunks one file may have: the server keeps a bit per chunk, and every chunk
+    /// is a message, a write and a reply.
+    pub max_chunks: u32,
+    /// Most unfinished uploads one agent may have in the spool at once.
+    pub max_uploads_per_agent: usize,
     /// An upload with no activity for this long is removed from the spool (counted as
     /// garbage collected); so is a verified file no rule routes.
     #[serde(with = "humantime_serde")]
@@ -58,6 +65,9 @@ impl Default for FilesSection {
             max_file_size: 4 << 30,
             quota_per_agent: 8 << 30,
             max_chunk_size: 128 * 1024,
+            min_chunk_size: 1024,
+            max_chunks: 1 << 20,
+            max_uploads_per_agent: 64,
             ttl: Duration::from_secs(24 * 3600),
             remember: Duration::from_secs(7 * 24 * 3600),
             persist_every: 512,
@@ -76,6 +86,15 @@ impl FilesSection {
         }
         if self.quota_per_agent < self.max_file_size.min(1 << 20) {
             return Err("files.quota_per_agent must be at least 1 MiB".into());
+        }
+        if self.min_chunk_size == 0 || self.min_chunk_size > self.max_chunk_size {
+            return Err("files.min_chunk_size must be between 1 and files.max_chunk_size".into());
+        }
+        if self.max_chunks == 0 || self.max_chunks > 1 << 24 {
+            return Err("files.max_chunks must be between 1 and 16777216".into());
+        }
+        if self.max_uploads_per_agent == 0 {
+            return Err("files.max_uploads_per_agent must be at least 1".into());
         }
         if self.persist_every == 0 {
             return Err("files.persist_every must be at least 1".into());
@@ -103,6 +122,9 @@ pub struct FileCounters {
     pub chunks_shed: AtomicU64,
     /// Chunks reported lost to their agent (a later chunk of the upload arrived first).
     pub chunks_lost: AtomicU64,
+    /// Control messages (init, status, finish, abort) shed because the file service's
+    /// queue was full (the agent is answered `busy` and asks again).
+    pub control_shed: AtomicU64,
     /// Bytes written to the spool.
     pub bytes_stored: AtomicU64,
     /// Files verified and handed to the rules engine.
@@ -155,6 +177,11 @@ impl FileCounters {
                 "chunks_lost_total",
                 "File chunks reported lost to their agent (a later chunk arrived first).",
                 l(&self.chunks_lost),
+            ),
+            (
+                "control_shed_total",
+                "File control messages (init, status, finish, abort) shed because the file service was behind (the agent is told busy and asks again).",
+                l(&self.control_shed),
             ),
             (
                 "bytes_stored_total",
@@ -275,6 +302,9 @@ impl FileService {
             max_file_size: config.max_file_size,
             quota_per_owner: config.quota_per_agent,
             max_chunk_size: config.max_chunk_size,
+            min_chunk_size: config.min_chunk_size,
+            max_chunk_count: config.max_chunks,
+            max_uploads_per_owner: config.max_uploads_per_agent,
             persist_every: config.persist_every,
         };
         let (reassembler, problems) = Reassembler::open(&spool, limits)?;
@@ -847,7 +877,9 @@ fn refusal(file_id: &str, e: ChunkError) -> FileReply {
     let kind = match &e {
         ChunkError::Rejected(r) => match r {
             Rejection::UnknownUpload { .. } => RefusalKind::UnknownUpload,
-            Rejection::QuotaExceeded { .. } => RefusalKind::Quota,
+            Rejection::QuotaExceeded { .. } | Rejection::TooManyUploads { .. } => {
+                RefusalKind::Quota
+            }
             Rejection::Incomplete { .. } => RefusalKind::Incomplete,
             Rejection::FileHash { .. } => RefusalKind::FileHash,
             Rejection::IndexOutOfRange { .. }

@@ -474,6 +474,29 @@ fn shed_chunk(
     }
 }
 
+/// Drops a file control message (init, status, finish, abort) the file service has no room
+/// for and tells its agent the server is busy: it asks again after its backoff.
+fn shed_control(event: files::FileEvent, counters: &FileCounters, replies: &files::ReplyPublisher) {
+    counters.control_shed.fetch_add(1, Ordering::Relaxed);
+    let files::FileEvent::Message { topic, .. } = event else {
+        return;
+    };
+    let Topic::Files { agent, rest } = Topic::parse(&topic) else {
+        return;
+    };
+    let Some((file_id, _)) = file_topics::parse_file_rest(rest) else {
+        return;
+    };
+    let reply = fleetbus_protocol::FileReply::Failed {
+        file_id: file_id.to_string(),
+        kind: fleetbus_protocol::RefusalKind::Busy,
+        reason: "the server's file service is busy: ask again later".into(),
+    };
+    if let Ok(bytes) = file_topics::encode(&reply) {
+        replies(agent, bytes);
+    }
+}
+
 /// With security enforced, an agent's groups are those of its credential, not those its
 /// birth message claims (a rogue agent must not count as a member of another group).
 fn enrolled_groups(
@@ -596,18 +619,19 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                         topic: topic.to_string(),
                         payload: publish.payload,
                     };
-                    // a chunk is shed when the file service is behind (its agent is told
-                    // once a later chunk arrives); the rest waits for room
-                    let sent = match is_chunk {
-                        true => match files.try_send(event) {
-                            Err(tokio::sync::mpsc::error::TrySendError::Full(event)) => {
-                                shed_chunk(event, &file_counters, &replies, &shed);
-                                Ok(())
+                    // never wait for the file service: telemetry shares this consumer. A
+                    // message it has no room for is shed and its agent told at once (a
+                    // chunk: lost, sent again; anything else: busy, asked again later)
+                    let sent = match files.try_send(event) {
+                        Err(tokio::sync::mpsc::error::TrySendError::Full(event)) => {
+                            match is_chunk {
+                                true => shed_chunk(event, &file_counters, &replies, &shed),
+                                false => shed_control(event, &file_counters, &replies),
                             }
-                            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(()),
-                            Ok(()) => Ok(()),
-                        },
-                        false => files.send(event).await.map_err(|_| ()),
+                            Ok(())
+                        }
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(()),
+                        Ok(()) => Ok(()),
                     };
                     if sent.is_err() {
                         tracing::error!("file service stopped; file message dropped");

@@ -37,6 +37,46 @@ pub fn fleetbus_with_data(data: &Path, args: &[&str]) -> String {
     )
 }
 
+/// Resident memory of process `pid`, in KiB (VmRSS).
+pub fn resident_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// File descriptors process `pid` has open.
+pub fn open_fds(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Starts `fleetbus serve --config CONFIG` with at most `nofile` file descriptors
+/// (`prlimit`), logging to `log`. None when prlimit is missing (after [`skip_or_fail`]).
+pub fn serve_with_nofile(config: &Path, log: &Path, nofile: u32) -> Option<Proc> {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        skip_or_fail("prlimit (util-linux)");
+        return None;
+    }
+    let out = fs::File::create(log).unwrap();
+    let child = Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .args(["--", bin(), "serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    Some(Proc {
+        child,
+        log: log.to_path_buf(),
+    })
+}
+
 /// A test's server program is missing: fails under `FLEETBUS_TEST_REQUIRE=1` (CI installs
 /// it), else says `skipped: WHAT not installed` (the caller then returns).
 pub fn skip_or_fail(what: &str) {
@@ -455,6 +495,11 @@ impl ServeProc {
         if let Some(mut p) = self.proc.take() {
             p.terminate(Duration::from_secs(10));
         }
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.child.id())
     }
 
     /// What the server logged so far.

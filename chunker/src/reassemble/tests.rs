@@ -8,6 +8,9 @@ fn limits() -> Limits {
         max_file_size: 1 << 20,
         quota_per_owner: 1 << 20,
         max_chunk_size: 4096,
+        min_chunk_size: 1024,
+        max_chunk_count: 1024,
+        max_uploads_per_owner: 8,
         persist_every: 4,
     }
 }
@@ -252,4 +255,118 @@ fn the_same_file_again_is_the_same_upload_and_a_different_manifest_conflicts() {
     assert!(matches!(e, Rejection::ManifestConflict(_)), "{e}");
     let e = rejection(r.init("../x", s.manifest().clone()).unwrap_err());
     assert!(e.to_string().contains("owner"), "{e}");
+}
+
+/// A manifest of `size` bytes in `chunk_size`-byte chunks (content never sent).
+fn lying_manifest(name: &str, size: u64, chunk_size: u32) -> Manifest {
+    let mut m = Manifest::for_reader(&b"x"[..], name, chunk_size).unwrap();
+    m.size = size;
+    m.chunk_size = chunk_size;
+    m.chunk_count = size.div_ceil(chunk_size as u64) as u32;
+    m
+}
+
+/// A hostile manifest (tiny chunks, a huge file) is refused before any state is made for
+/// it: a bit per chunk of a 4 GiB file in 1-byte chunks was 512 MiB of server memory.
+#[test]
+fn tiny_chunks_and_too_many_chunks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_file_size: 8 << 30,
+        quota_per_owner: 8 << 30,
+        ..limits()
+    };
+    let (mut r, _) = Reassembler::open(&dir.path().join("spool"), limits).unwrap();
+    let tiny = rejection(r.init("a1", lying_manifest("a", 2 << 30, 1)).unwrap_err());
+    assert!(tiny.to_string().contains("min_chunk_size"), "{tiny}");
+    let many = rejection(
+        r.init("a1", lying_manifest("b", 2 << 20, 1024))
+            .unwrap_err(),
+    );
+    assert!(many.to_string().contains("max_chunks"), "{many}");
+    assert!(r.uploads().is_empty());
+    // a small file in one small chunk is fine
+    r.init("a1", lying_manifest("c", 10, 10)).unwrap();
+}
+
+/// One owner cannot fill the spool with pending uploads, and pending uploads hold no file
+/// descriptors: thousands of them once kept the server from starting ("Too many open
+/// files").
+#[test]
+fn pending_uploads_are_bounded_per_owner_and_hold_no_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let (mut r, _) = Reassembler::open(&spool, limits()).unwrap();
+    for i in 0..8 {
+        r.init("a1", lying_manifest(&format!("f{i}"), 2048, 1024))
+            .unwrap();
+    }
+    let e = rejection(r.init("a1", lying_manifest("f9", 2048, 1024)).unwrap_err());
+    assert!(
+        matches!(e, Rejection::TooManyUploads { uploads: 8, .. }),
+        "{e}"
+    );
+    // another owner is not affected
+    r.init("a2", lying_manifest("g", 2048, 1024)).unwrap();
+    // many owners' uploads: open descriptors stay bounded
+    let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let before = fds();
+    for owner in 0..40 {
+        for i in 0..4 {
+            r.init(
+                &format!("o{owner}"),
+                lying_manifest(&format!("f{i}"), 2048, 1024),
+            )
+            .unwrap();
+        }
+    }
+    assert!(
+        fds() <= before + MAX_OPEN_FILES,
+        "{} descriptors for 160 pending uploads",
+        fds() - before
+    );
+    drop(r);
+    // a restart opens none of them
+    let before = fds();
+    let (r, problems) = Reassembler::open(&spool, limits()).unwrap();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(r.uploads().len(), 8 + 1 + 160);
+    assert!(
+        fds() <= before + 1,
+        "{} descriptors after a restart",
+        fds() - before
+    );
+}
+
+/// Held ranges are reported the same however they are laid out across 64-chunk words.
+#[test]
+fn held_ranges_are_exact_across_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = random_file(dir.path(), "f.bin", 300 * 4096 - 5);
+    let (mut r, _) = Reassembler::open(
+        &dir.path().join("spool"),
+        Limits {
+            max_file_size: 8 << 20,
+            quota_per_owner: 8 << 20,
+            ..limits()
+        },
+    )
+    .unwrap();
+    r.init("a1", s.manifest().clone()).unwrap();
+    let sent: Vec<u32> = (0..300)
+        .filter(|i| (i % 7 != 3) && !(60..140).contains(i))
+        .collect();
+    for &i in &sent {
+        send(&mut r, &s, "a1", i);
+    }
+    let status = r.status("a1", &s.manifest().file_id).unwrap();
+    let mut expect: Vec<(u32, u32)> = Vec::new();
+    for &i in &sent {
+        match expect.last_mut() {
+            Some((_, hi)) if *hi + 1 == i => *hi = i,
+            _ => expect.push((i, i)),
+        }
+    }
+    assert_eq!(status.held, expect);
+    assert_eq!(status.missing().len(), 300 - sent.len());
 }
