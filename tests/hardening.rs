@@ -837,3 +837,112 @@ async fn a_message_that_can_never_be_written_goes_to_a_dead_letter_and_blocks_no
         "a sink retried a message it can never write\n{metrics_free}"
     );
 }
+
+/// Finding 15: a `fleetbus rules run` worker on the same broker as `serve` acknowledged
+/// records too, and agents deleted a record on whichever acknowledgement came first:
+/// records only the worker stored were missing from the server's sinks. Acknowledgements
+/// name their store now, and an agent removes a record only on its own store's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_deletes_a_record_only_when_its_own_store_has_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // the server's `held` sink takes heartbeats and is blocked: once 1 MiB waits for it,
+    // the server refuses further heartbeats (and does not acknowledge them)
+    let server = Secured::start_with_rules(
+        dir.path(),
+        false,
+        "",
+        "[sinks.held]\ntype = \"file\"\npath = \"held/{agent}/{stream}.jsonl\"\nbuffer.max_bytes = 1048576\n\
+         [[rules]]\nname = \"held\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"held\"]\n",
+    );
+    let blocker = dir.path().join("data/held");
+    fs::write(&blocker, "a file where the sink needs a directory").unwrap();
+    let port = server.port;
+    let (filler, mut events) = connected(options(port, "filler", None)).await;
+    let pad = "x".repeat(100_000);
+    for seq in 1..=12 {
+        let body = format!(r#"{{"seq":{seq},"epoch":1,"pad":"{pad}"}}"#);
+        filler
+            .publish(
+                "fleet/filler/telemetry/heartbeat",
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .await
+            .unwrap();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
+
+    // a worker archiving heartbeats from the same broker, with its own store
+    let worker_rules = dir.path().join("worker.toml");
+    fs::write(
+        &worker_rules,
+        "[sinks.copy]\ntype = \"file\"\npath = \"{agent}-{stream}.jsonl\"\n\
+         [[rules]]\nname = \"copy\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"copy\"]\n",
+    )
+    .unwrap();
+    let worker_data = dir.path().join("worker-data");
+    let worker = Proc::start(
+        &[
+            "rules",
+            "run",
+            "--broker",
+            &format!("mqtt://127.0.0.1:{port}"),
+            "--rules",
+            worker_rules.to_str().unwrap(),
+            "--data-dir",
+            worker_data.to_str().unwrap(),
+            "--client-id",
+            "archiver",
+        ],
+        &dir.path().join("worker.log"),
+    );
+    assert!(poll_until(Duration::from_secs(10), || worker
+        .log_text()
+        .contains("rules engine connected")));
+
+    // an agent delivering to the server: the worker stores and acknowledges its
+    // heartbeats, the server refuses them for now
+    let opts = common::AgentOpts {
+        id: Some("a1".into()),
+        heartbeat_ms: 50,
+        limit: 40,
+        metrics: false,
+        ..Default::default()
+    };
+    let mut agent = common::Proc::start(
+        &[
+            "agent",
+            "--config",
+            common::agent_config_opts(dir.path(), "a1", port, &opts)
+                .to_str()
+                .unwrap(),
+        ],
+        &dir.path().join("a1.log"),
+    );
+    let copies = || {
+        fs::read_to_string(worker_data.join("a1-heartbeat.jsonl"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    assert!(
+        poll_until(Duration::from_secs(20), || copies() >= 40),
+        "the worker stored {} heartbeats\n{}",
+        copies(),
+        worker.log_text()
+    );
+    assert!(server.records("a1", "heartbeat").len() < 40);
+    // the server's sink comes back: every heartbeat reaches it, none was given up
+    fs::remove_file(&blocker).unwrap();
+    server.wait_records("a1", "heartbeat", 40);
+    let seqs: Vec<u64> = server
+        .records("a1", "heartbeat")
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+    assert!(agent.running());
+}

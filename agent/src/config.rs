@@ -167,6 +167,10 @@ pub struct ConnectionConfig {
     pub bootstrap_id: Option<String>,
     /// The file holding the bootstrap token (`fleetbus agents enroll ID --role bootstrap`).
     pub bootstrap_token_file: Option<PathBuf>,
+    /// The durable store this agent delivers to: a record leaves the outbox only on an
+    /// acknowledgement naming it (`server`: `fleetbus serve`; a `fleetbus rules run`
+    /// worker's `--store`). Acknowledgements of other stores on the same broker are ignored.
+    pub store: String,
 }
 
 impl ConnectionConfig {
@@ -218,6 +222,7 @@ impl Default for ConnectionConfig {
             proxy: None,
             bootstrap_id: None,
             bootstrap_token_file: None,
+            store: fleetbus_protocol::ack::SERVER_STORE.to_string(),
         }
     }
 }
@@ -288,6 +293,7 @@ impl AgentConfig {
         for g in &self.groups {
             validate_id("group", g).map_err(|e| format!("groups: {e}"))?;
         }
+        validate_id("connection.store", &self.connection.store).map_err(|e| e.to_string())?;
         if self.metrics.interval < Duration::from_millis(100) {
             return Err("metrics.interval must be at least 100ms".into());
         }

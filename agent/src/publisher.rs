@@ -305,9 +305,15 @@ impl Publisher {
         }
     }
 
-    /// Applies one acknowledgement message; returns how many records it removed.
+    /// Applies one acknowledgement message; returns how many records it removed. An
+    /// acknowledgement from another store than `connection.store` removes nothing: that
+    /// store holding a record says nothing about ours.
     fn apply_ack(&self, payload: &[u8]) -> usize {
         match Ack::decode(payload) {
+            Ok(ack) if ack.store != self.connection.store => {
+                tracing::debug!(store = %ack.store, ours = %self.connection.store, "acknowledgement of another store ignored");
+                0
+            }
             Ok(ack) => ack
                 .streams
                 .iter()

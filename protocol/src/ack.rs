@@ -1,6 +1,9 @@
 //! End-to-end acknowledgements: the server tells an agent which of its records are stored
 //! durably (in the server's write-ahead log), on `fleet/{agent}/acks`.
 //!
+//! Each names the store that holds the records (`store`); an agent trusts only the store
+//! it is configured to deliver to (`connection.store`, `server` by default).
+//!
 //! Acknowledgements are *selective*: per stream, the ranges of sequence numbers made
 //! durable since the last acknowledgement (re-sent duplicates included). An agent removes
 //! exactly those records from its outbox. Acknowledgements are idempotent, so they may be
@@ -12,9 +15,20 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The store name of `fleetbus serve`'s write-ahead log: what agents deliver to unless
+/// configured otherwise (`connection.store`).
+pub const SERVER_STORE: &str = "server";
+
 /// One acknowledgement message.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
+    /// The durable store that holds these records: [`SERVER_STORE`] for `fleetbus serve`,
+    /// the `--store` name of a `fleetbus rules run` worker. An agent removes records only
+    /// on acknowledgements from the store it delivers to: another engine on the same
+    /// broker (a worker archiving a copy) storing a record does not mean *its* store has
+    /// it.
+    #[serde(default)]
+    pub store: String,
     /// Per stream: the outbox incarnation the ranges belong to, and the ranges.
     pub streams: BTreeMap<String, StreamAck>,
 }

@@ -48,6 +48,8 @@ pub struct EngineOptions {
     pub snapshot_interval: Duration,
     /// Log segment size.
     pub wal: WalOptions,
+    /// The name acknowledgements give this store (see [`fleetbus_protocol::Ack::store`]).
+    pub store: String,
 }
 
 impl Default for EngineOptions {
@@ -56,6 +58,7 @@ impl Default for EngineOptions {
             commit_interval: Duration::from_millis(2),
             snapshot_interval: Duration::from_secs(5),
             wal: WalOptions::default(),
+            store: fleetbus_protocol::ack::SERVER_STORE.to_string(),
         }
     }
 }
@@ -153,6 +156,8 @@ struct Inner {
     acks: AckPublisher,
     counters: Counters,
     dedup_path: PathBuf,
+    /// The store name acknowledgements carry.
+    store: String,
     /// Index of the built-in dead-letter sink.
     dead_letters_sink: usize,
 }
@@ -262,6 +267,7 @@ impl Engine {
             acks,
             counters: Counters::default(),
             dedup_path,
+            store: options.store.clone(),
             dead_letters_sink,
         });
         let dead_letters: Arc<dyn DeadLetters> = inner.clone();
@@ -540,7 +546,8 @@ impl Inner {
             return None;
         }
         self.wal.finish_commit(upto);
-        for (agent, ack) in acks {
+        for (agent, mut ack) in acks {
+            ack.store.clone_from(&self.store);
             match ack.encode() {
                 Ok(payload) => (self.acks)(&agent, payload),
                 Err(e) => tracing::error!(%agent, error = %e, "cannot encode an acknowledgement"),

@@ -114,6 +114,9 @@ pub struct WalSection {
     pub snapshot_interval: Duration,
     /// Size of one log segment file.
     pub segment_bytes: u64,
+    /// The name this store gives its acknowledgements: agents remove a record only on an
+    /// acknowledgement from the store they deliver to (their `connection.store`).
+    pub store: String,
 }
 
 impl Default for WalSection {
@@ -123,6 +126,7 @@ impl Default for WalSection {
             commit_interval: d.commit_interval,
             snapshot_interval: d.snapshot_interval,
             segment_bytes: d.wal.segment_bytes,
+            store: d.store,
         }
     }
 }
@@ -159,6 +163,9 @@ impl ServerConfig {
         if self.wal.commit_interval > Duration::from_secs(1) {
             return Err("wal.commit_interval must be at most 1s (agents wait for it)".into());
         }
+        if let Err(e) = fleetbus_protocol::validate_id("wal.store", &self.wal.store) {
+            return Err(e.to_string());
+        }
         if self.wal.segment_bytes < 1024 * 1024 {
             return Err("wal.segment_bytes must be at least 1 MiB".into());
         }
@@ -185,6 +192,7 @@ impl ServerConfig {
             wal: fleetbus_wal::WalOptions {
                 segment_bytes: self.wal.segment_bytes,
             },
+            store: self.wal.store.clone(),
         }
     }
 

@@ -35,6 +35,12 @@ pub enum RulesCommand {
         /// Share the load with other engines of this group ($share/GROUP/... subscriptions).
         #[arg(long)]
         group: Option<String>,
+        /// The name its acknowledgements carry: agents remove a record only on an
+        /// acknowledgement from the store they deliver to (`connection.store`). Default:
+        /// the group, else the client id (never `server`, the name of `fleetbus serve`'s
+        /// store, unless given on purpose).
+        #[arg(long)]
+        store: Option<String>,
         /// A file holding this client's token (`fleetbus agents enroll ID --role server`),
         /// for a broker that authenticates clients.
         #[arg(long)]
@@ -72,9 +78,14 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
             data_dir,
             client_id,
             group,
+            store,
             token_file,
             ca_file,
         } => {
+            let store = store
+                .or_else(|| group.clone())
+                .unwrap_or_else(|| client_id.clone());
+            fleetbus_protocol::validate_id("--store", &store)?;
             let files = fleetbus_mqtt::TlsFiles {
                 ca_file,
                 ..Default::default()
@@ -94,8 +105,11 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--data-dir {}", data_dir.display()))?;
             let _data_lock = fleetbus_support::lock_dir(&data_dir, fleetbus_server::DATA_DIR_LOCK)?;
             let acks = AckChannel::default();
-            let engine =
-                Engine::start(set, &data_dir, EngineOptions::default(), acks.publisher()).await?;
+            let options = EngineOptions {
+                store,
+                ..EngineOptions::default()
+            };
+            let engine = Engine::start(set, &data_dir, options, acks.publisher()).await?;
             let options = StandaloneOptions {
                 broker: transport,
                 client_id,
