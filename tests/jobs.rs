@@ -378,11 +378,14 @@ async fn a_job_without_the_signing_key_is_rejected_by_every_agent() {
         created: chrono::Utc::now(),
         target: JobTarget::Group("edge".into()),
     };
-    let payload = fleetbus_protocol::JobCommand::Run { job }
-        .sign(&rogue_key)
-        .unwrap()
-        .encode()
-        .unwrap();
+    let payload = fleetbus_protocol::JobCommand::Run {
+        job,
+        expires: chrono::Utc::now() + chrono::Duration::seconds(600),
+    }
+    .sign(&rogue_key)
+    .unwrap()
+    .encode()
+    .unwrap();
     let mut opts = rumqttc::MqttOptions::new("rogue", "127.0.0.1", server.port);
     opts.set_max_packet_size(256 * 1024, 256 * 1024);
     let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
@@ -529,4 +532,157 @@ fn the_jobs_benchmark_runs_a_small_fleet_to_completion() {
     assert!(line("simulated agents").ends_with(" 30"), "{stdout}");
     assert!(line("status reports sent").ends_with(" 90"), "{stdout}");
     assert!(line("push -> ledger shows every target SUCCEEDED").ends_with(" ms"));
+}
+
+/// The server's signing key (what a captured command was signed with).
+fn server_key(dir: &Path) -> ed25519_dalek::SigningKey {
+    let hex = fs::read_to_string(dir.join("keys/job-signing.key")).unwrap();
+    let bytes: [u8; 32] = hex::decode(hex.trim()).unwrap().try_into().unwrap();
+    ed25519_dalek::SigningKey::from_bytes(&bytes)
+}
+
+/// Publishes `command`, signed with `key`, on `topic` and waits for the broker's ack.
+async fn publish_command(
+    port: u16,
+    topic: &str,
+    command: &fleetbus_protocol::JobCommand,
+    key: &ed25519_dalek::SigningKey,
+) {
+    let payload = command.sign(key).unwrap().encode().unwrap();
+    let mut opts = rumqttc::MqttOptions::new("replayer", "127.0.0.1", port);
+    opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) = eventloop.poll().await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let _ = client.disconnect().await;
+}
+
+/// Hardening finding 12: captured job commands replayed from the wire. An expired command
+/// (signed with the real key, captured earlier) is not run by a new group member; a job
+/// the server cancelled is not run after the agent restarts, however often its command is
+/// replayed; an execution the ledger did not send is recorded when it is reported; a job
+/// too large for the broker is refused at push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_commands_run_nothing_the_ledger_does_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let key = server_key(dir.path());
+    let newcomer = TestAgent::start(dir.path(), "edge-new", &["edge"], &server);
+    members_known(&server, "edge", 1).await;
+    let doc = |id: &str, target: JobTarget| fleetbus_protocol::JobDocument {
+        id: id.into(),
+        operation: "echo".into(),
+        args: Default::default(),
+        timeout_secs: 5,
+        created: chrono::Utc::now(),
+        target,
+    };
+    // an old group command, captured an hour ago: expired, not run, not reported
+    let old = fleetbus_protocol::JobCommand::Run {
+        job: doc("captured-1", JobTarget::Group("edge".into())),
+        expires: chrono::Utc::now() - chrono::Duration::seconds(3600),
+    };
+    let notify = fleetbus_protocol::jobs::group_notify("edge");
+    publish_command(server.port, &notify, &old, &key).await;
+    assert!(common::poll_until(Duration::from_secs(5), || {
+        newcomer.jobs.counters().rejected.load(Ordering::Relaxed) >= 1
+    }));
+    assert_eq!(newcomer.started(), 0);
+    assert!(newcomer.jobs.status("captured-1").is_none());
+
+    // a cancelled job: the agent remembers the cancel across a restart
+    let cancel = fleetbus_protocol::JobCommand::Cancel {
+        job_id: "cancelled-1".into(),
+        ts: chrono::Utc::now(),
+    };
+    let own = fleetbus_protocol::jobs::agent_notify("edge-new");
+    publish_command(server.port, &own, &cancel, &key).await;
+    assert!(common::poll_until(Duration::from_secs(5), || {
+        newcomer
+            .jobs
+            .status("cancelled-1")
+            .is_some_and(|s| s.state == ExecutionState::Canceled)
+    }));
+    newcomer.stop().await;
+    let newcomer = TestAgent::start(dir.path(), "edge-new", &["edge"], &server);
+    members_known(&server, "edge", 1).await;
+    let replay = fleetbus_protocol::JobCommand::Run {
+        job: doc("cancelled-1", JobTarget::Agent("edge-new".into())),
+        expires: chrono::Utc::now() + chrono::Duration::seconds(600),
+    };
+    publish_command(server.port, &own, &replay, &key).await;
+    assert!(common::poll_until(Duration::from_secs(5), || {
+        newcomer.jobs.counters().repeated.load(Ordering::Relaxed) >= 1
+    }));
+    assert_eq!(newcomer.started(), 0, "a cancelled job ran after a restart");
+
+    // a group job pushed while the group had no member, then cancelled: its command,
+    // captured and replayed within its validity to an agent that joined the group later,
+    // runs there, and the ledger records that execution instead of ignoring its report
+    let id = server.push(
+        JobTarget::Group("db".into()),
+        "echo",
+        &[],
+        Rollout::default(),
+    );
+    ureq::post(&format!("{}/jobs/{id}/cancel", server.admin))
+        .header("Authorization", &server.operator)
+        .send_json(serde_json::json!({}))
+        .unwrap();
+    let pushed = server.report(&id);
+    assert!(pushed.executions.is_empty());
+    assert_eq!(pushed.job.state, JobState::Canceled);
+    let late = TestAgent::start(dir.path(), "db-late", &["db"], &server);
+    members_known(&server, "db", 1).await;
+    let replay = fleetbus_protocol::JobCommand::Run {
+        job: server.report(&id).job.doc,
+        expires: chrono::Utc::now() + chrono::Duration::seconds(600),
+    };
+    publish_command(
+        server.port,
+        &fleetbus_protocol::jobs::group_notify("db"),
+        &replay,
+        &key,
+    )
+    .await;
+    let report = server
+        .wait_for(&id, "the replayed execution recorded", |r| {
+            r.executions
+                .iter()
+                .any(|e| e.agent == "db-late" && e.state == ExecutionState::Succeeded)
+        })
+        .await;
+    assert_eq!(late.started(), 1);
+    assert_eq!(report.executions.len(), 1, "{:?}", report.executions);
+    late.stop().await;
+
+    // a document too large for the broker is refused at push
+    let big = "x".repeat(100 * 1024);
+    let req = PushRequest {
+        target: JobTarget::Agent("edge-new".into()),
+        operation: "echo".into(),
+        args: [("blob".to_string(), big)].into_iter().collect(),
+        timeout_secs: 30,
+        rollout: Rollout::default(),
+    };
+    let response = ureq::post(&format!("{}/jobs", server.admin))
+        .header("Authorization", &server.operator)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(&req)
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    newcomer.stop().await;
 }

@@ -145,7 +145,12 @@ pub struct JobService {
     /// Inside [`JobService::batch`]: jobs with an execution newly finished, checked for
     /// abort and completion once at the end of the batch instead of after every report.
     finished_in_batch: Option<std::collections::BTreeSet<String>>,
+    /// How long a signed command stays valid (each send is signed afresh).
+    command_ttl: chrono::Duration,
 }
+
+/// How long a signed run command is valid by default (see [`JobService::with_command_ttl`]).
+pub const DEFAULT_COMMAND_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl JobService {
     /// Opens the ledger at `data_dir/jobs.sqlite`.
@@ -161,7 +166,26 @@ impl JobService {
             publish,
             announce,
             finished_in_batch: None,
+            command_ttl: chrono::Duration::seconds(DEFAULT_COMMAND_TTL.as_secs() as i64),
         })
+    }
+
+    /// The same service signing run commands valid for `ttl` after each send.
+    pub fn with_command_ttl(mut self, ttl: std::time::Duration) -> JobService {
+        self.command_ttl = chrono::Duration::from_std(ttl)
+            .unwrap_or_else(|_| chrono::Duration::seconds(DEFAULT_COMMAND_TTL.as_secs() as i64));
+        self
+    }
+
+    /// The run command of `doc`, signed now and valid for the command ttl: every send
+    /// (the first, a re-send at reconnect, a rollout step) is signed afresh, so a command
+    /// captured on the wire expires.
+    fn run_command(&self, doc: &JobDocument) -> Result<Vec<u8>, JobsError> {
+        let command = JobCommand::Run {
+            job: doc.clone(),
+            expires: Utc::now() + self.command_ttl,
+        };
+        Ok(command.sign(&self.key)?.encode()?)
     }
 
     /// Runs `work` (presence and status messages) as one ledger transaction: one fsync for
@@ -222,9 +246,14 @@ impl JobService {
             created: Utc::now(),
             target: req.target,
         };
-        let signed = JobCommand::Run { job: doc.clone() }
-            .sign(&self.key)?
-            .encode()?;
+        let signed = self.run_command(&doc)?;
+        if signed.len() > fleetbus_protocol::jobs::MAX_COMMAND_BYTES {
+            return Err(JobsError::Request(format!(
+                "the signed job is {} bytes, more than the {} a command may have (agents could not receive it): pass less in its arguments",
+                signed.len(),
+                fleetbus_protocol::jobs::MAX_COMMAND_BYTES
+            )));
+        }
         let targets = match &doc.target {
             JobTarget::Agent(a) => vec![a.clone()],
             JobTarget::Group(g) => self.ledger.members(g)?,
@@ -390,7 +419,7 @@ impl JobService {
             if held_by_rollout {
                 continue;
             }
-            (self.publish)(agent_notify(&presence.agent), job.signed.clone());
+            (self.publish)(agent_notify(&presence.agent), self.run_command(&job.doc)?);
             self.ledger
                 .mark_sent(&job_id, std::slice::from_ref(&presence.agent), Utc::now())?;
         }
@@ -403,9 +432,29 @@ impl JobService {
             tracing::debug!(%agent, job_id = %status.job_id, state = %status.state, "status for an unknown job ignored");
             return Ok(());
         };
-        let Some(mut e) = self.ledger.execution(&status.job_id, agent)? else {
-            tracing::warn!(%agent, job_id = %status.job_id, "status from an agent the job is not for ignored");
-            return Ok(());
+        let mut e = match self.ledger.execution(&status.job_id, agent)? {
+            Some(e) => e,
+            None if matches!(
+                status.state,
+                ExecutionState::Queued | ExecutionState::Rejected | ExecutionState::Canceled
+            ) =>
+            {
+                // nothing ran: a refusal from outside the targets changes no count
+                tracing::debug!(%agent, job_id = %status.job_id, state = %status.state, "report from an agent the job was not sent to ignored");
+                return Ok(());
+            }
+            None => {
+                // it ran where the ledger did not expect it: a command
+                // that reached an agent outside the job's targets (a replay, a member
+                // that joined as the job ended). The ledger records every execution it
+                // hears of, so none happens unknown to it.
+                tracing::warn!(%agent, job_id = %status.job_id, state = %status.state, "an agent the job was not sent to reports an execution: recorded");
+                self.ledger.add_target(&status.job_id, agent)?;
+                let mut e = self.queued(agent);
+                e.reason =
+                    Some("not a target of this job when it ran: recorded from its report".into());
+                e
+            }
         };
         if e.state.is_terminal() || e.state == status.state {
             return Ok(()); // final states are final; repeats change nothing
@@ -418,7 +467,7 @@ impl JobService {
         e.finished = status.finished;
         e.exit_code = status.exit_code;
         e.output = status.output;
-        e.reason = status.reason;
+        e.reason = status.reason.or(e.reason);
         self.ledger.update_execution(&status.job_id, &e)?;
         self.announce_state(&job, &e);
         if e.state.is_terminal() {
@@ -522,7 +571,7 @@ impl JobService {
             .map(|e| e.agent.clone())
             .collect();
         for agent in &next {
-            (self.publish)(agent_notify(agent), job.signed.clone());
+            (self.publish)(agent_notify(agent), self.run_command(&job.doc)?);
         }
         if !next.is_empty() {
             self.ledger.mark_sent(job_id, &next, now)?;

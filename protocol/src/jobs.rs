@@ -82,6 +82,16 @@ pub struct JobDocument {
     pub target: JobTarget,
 }
 
+/// How far an agent's clock may be behind or ahead of the server's before a fresh command
+/// looks expired (or an expired one fresh): agents accept a command until `expires` plus
+/// this.
+pub const CLOCK_SKEW_SECS: i64 = 300;
+
+/// Largest signed command (the job document with its arguments) the server publishes: it
+/// must fit a publish with room to spare (`broker.max_payload_bytes` is at least 132 KiB).
+/// AWS IoT allows 32 KB job documents; a push beyond this is refused.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
 /// What the server tells agents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -90,6 +100,10 @@ pub enum JobCommand {
     Run {
         /// The job.
         job: JobDocument,
+        /// After this time (plus [`CLOCK_SKEW_SECS`] of clock difference) agents refuse the
+        /// command: the server signs a fresh one for every send, so a command captured on
+        /// the wire cannot be replayed later.
+        expires: DateTime<Utc>,
     },
     /// Do not start this job (one already running finishes).
     Cancel {
@@ -104,7 +118,7 @@ impl JobCommand {
     /// The id of the job the command is about.
     pub fn job_id(&self) -> &str {
         match self {
-            JobCommand::Run { job } => &job.id,
+            JobCommand::Run { job, .. } => &job.id,
             JobCommand::Cancel { job_id, .. } => job_id,
         }
     }
@@ -322,7 +336,10 @@ mod tests {
     #[test]
     fn a_signed_command_verifies_and_a_tampered_one_does_not() {
         let key = SigningKey::from_bytes(&[7u8; 32]);
-        let command = JobCommand::Run { job: doc() };
+        let command = JobCommand::Run {
+            job: doc(),
+            expires: Utc::now(),
+        };
         let signed = command.sign(&key).unwrap();
         let payload = signed.encode().unwrap();
         assert_eq!(

@@ -61,12 +61,27 @@ impl Default for HttpSection {
 }
 
 /// `[jobs]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsSection {
     /// The Ed25519 secret key that signs every job (`fleetbus keys generate`); unset = the
     /// job service is off.
     pub signing_key: Option<PathBuf>,
+    /// How long a signed run command is valid after it was sent: every send (the push, a
+    /// re-send when an agent reconnects, a rollout step) is signed afresh, and agents
+    /// refuse a command past it (plus 5 minutes of clock difference), so a command
+    /// captured on the wire cannot be replayed later.
+    #[serde(with = "humantime_serde")]
+    pub command_ttl: Duration,
+}
+
+impl Default for JobsSection {
+    fn default() -> Self {
+        JobsSection {
+            signing_key: None,
+            command_ttl: fleetbus_jobs::DEFAULT_COMMAND_TTL,
+        }
+    }
 }
 
 /// `[admin]`: the HTTP endpoint the `fleetbus job` commands talk to. Every request needs
@@ -160,6 +175,9 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.broker.validate().map_err(|e| e.to_string())?;
         self.files.validate()?;
+        if self.jobs.command_ttl < Duration::from_secs(10) {
+            return Err("jobs.command_ttl must be at least 10s".into());
+        }
         if self.wal.commit_interval > Duration::from_secs(1) {
             return Err("wal.commit_interval must be at most 1s (agents wait for it)".into());
         }

@@ -77,6 +77,7 @@ const TICK: Duration = Duration::from_millis(500);
 pub fn start(
     data_dir: &Path,
     key_file: &Path,
+    command_ttl: std::time::Duration,
     publish: fleetbus_jobs::Publish,
     announce: fleetbus_jobs::Announce,
 ) -> Result<
@@ -91,8 +92,9 @@ pub fn start(
         .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
     let key = fleetbus_protocol::jobs::signing_key_from_hex(&text)
         .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
-    let mut service =
-        JobService::open(data_dir, key, publish, announce).map_err(|e| e.to_string())?;
+    let mut service = JobService::open(data_dir, key, publish, announce)
+        .map_err(|e| e.to_string())?
+        .with_command_ttl(command_ttl);
     let (tx, mut rx) = mpsc::channel::<JobInput>(4096);
     let span = tracing::info_span!("jobs");
     let thread = std::thread::Builder::new()

@@ -177,9 +177,14 @@ impl Server {
                 let announce: fleetbus_jobs::Announce = Arc::new(move |topic, payload| {
                     event_engine.dispatch(&topic, &payload);
                 });
-                let (handle, thread, ticker) =
-                    jobs::start(&config.data_dir, key_file, publish, announce)
-                        .map_err(ServerError::Config)?;
+                let (handle, thread, ticker) = jobs::start(
+                    &config.data_dir,
+                    key_file,
+                    config.jobs.command_ttl,
+                    publish,
+                    announce,
+                )
+                .map_err(ServerError::Config)?;
                 Some((Arc::new(handle), thread, ticker))
             }
             None => None,

@@ -1,5 +1,6 @@
 //! Running one job's process: no shell, its own process group (killed whole on timeout),
-//! stdout and stderr captured up to a limit.
+//! every process it started ended with it ([`super::contain`]), stdout and stderr captured
+//! up to a limit.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -17,8 +18,13 @@ pub(crate) enum Ended {
     NotStarted(String),
 }
 
-/// Runs `argv` with `timeout`, keeping at most `limit` bytes of stdout and of stderr.
-pub(crate) async fn run(argv: &[String], timeout: Duration, limit: usize) -> Ended {
+/// How long processes a job left behind get to stop after SIGTERM before SIGKILL.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs `argv` with `timeout`, keeping at most `limit` bytes of stdout and of stderr. Its
+/// processes carry `marker` ([`super::contain`]): whatever is still running when it ends
+/// (it exited, or ran past `timeout`) is ended too.
+pub(crate) async fn run(argv: &[String], timeout: Duration, limit: usize, marker: &str) -> Ended {
     let Some((program, args)) = argv.split_first() else {
         return Ended::NotStarted("empty command".into());
     };
@@ -28,6 +34,7 @@ pub(crate) async fn run(argv: &[String], timeout: Duration, limit: usize) -> End
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .env(super::contain::MARKER_VAR, marker)
         .process_group(0)
         .kill_on_drop(true);
     let mut child = match command.spawn() {
@@ -41,22 +48,32 @@ pub(crate) async fn run(argv: &[String], timeout: Duration, limit: usize) -> End
     let err = tokio::spawn(read_bounded(stderr, limit));
     let waited = tokio::time::timeout(timeout, child.wait()).await;
     let timed_out = waited.is_err();
-    if timed_out {
+    let left_behind = if timed_out {
         if let Some(pid) = group {
             kill_group(pid);
         }
         let _ = child.wait().await;
-    }
+        // and the ones that left the group (setsid)
+        super::contain::kill_all(marker)
+    } else {
+        // a handler that exited may have left children running (holding its pipes)
+        super::contain::end_all(marker, LEFTOVER_GRACE).await
+    };
     // the pipes close once every process of the group is gone
     let collect = async {
         let out = out.await.unwrap_or_default();
         let err = err.await.unwrap_or_default();
         combine(out, err)
     };
-    let output = match tokio::time::timeout(Duration::from_secs(2), collect).await {
+    let mut output = match tokio::time::timeout(Duration::from_secs(2), collect).await {
         Ok(o) => o,
         Err(_) => "[output not collected: a process the job started kept its pipes open]".into(),
     };
+    if left_behind > 0 && !timed_out {
+        output.push_str(&format!(
+            "\n[{left_behind} process(es) the job left running were ended]"
+        ));
+    }
     match waited {
         Err(_) => Ended::TimedOut { output },
         Ok(Ok(status)) => Ended::Exited {
@@ -128,6 +145,7 @@ mod tests {
             &argv(&["sh", "-c", "echo hi; echo oops >&2; exit 3"]),
             Duration::from_secs(5),
             100,
+            "test",
         )
         .await;
         assert_eq!(
@@ -145,6 +163,7 @@ mod tests {
             &argv(&["sh", "-c", "yes | head -c 10000"]),
             Duration::from_secs(5),
             100,
+            "test",
         )
         .await;
         let Ended::Exited { output, .. } = ended else {
@@ -166,6 +185,7 @@ mod tests {
             &argv(&["sh", "-c", &script]),
             Duration::from_millis(300),
             100,
+            "test-timeout",
         )
         .await;
         assert!(matches!(ended, Ended::TimedOut { .. }), "{ended:?}");
@@ -188,9 +208,94 @@ mod tests {
         assert!(!alive(), "grandchild {pid} survived the timeout");
     }
 
+    /// Waits until process `pid` is gone (a zombie waiting for its reaper counts as gone);
+    /// false if it is still running after 5 s.
+    async fn gone(pid: i32) -> bool {
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while alive() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        !alive()
+    }
+
+    fn pid_in(path: &std::path::Path) -> i32 {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// A child that left the job's process group with `setsid` used to survive the
+    /// timeout kill.
+    #[tokio::test]
+    async fn a_timeout_also_ends_a_child_that_left_the_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("escaped.pid");
+        let script = format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 30' & sleep 30",
+            pidfile.display()
+        );
+        let ended = run(
+            &argv(&["sh", "-c", &script]),
+            Duration::from_millis(500),
+            100,
+            "test-setsid",
+        )
+        .await;
+        assert!(matches!(ended, Ended::TimedOut { .. }), "{ended:?}");
+        assert!(gone(pid_in(&pidfile)).await, "the setsid child survived");
+    }
+
+    /// A handler that exits 0 leaving a child running: the child is ended with the job,
+    /// and the job's output is collected (the child held the pipes open before).
+    #[tokio::test]
+    async fn a_child_left_behind_by_a_finished_handler_ends_with_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("left.pid");
+        let script = format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 30' & sleep 0.3; echo done",
+            pidfile.display()
+        );
+        let ended = run(
+            &argv(&["sh", "-c", &script]),
+            Duration::from_secs(10),
+            1000,
+            "test-left",
+        )
+        .await;
+        let Ended::Exited {
+            code: Some(0),
+            output,
+        } = ended
+        else {
+            panic!("{ended:?}")
+        };
+        assert!(output.starts_with("done\n"), "{output}");
+        assert!(
+            output.contains("1 process(es) the job left running were ended"),
+            "{output}"
+        );
+        assert!(
+            gone(pid_in(&pidfile)).await,
+            "the left-behind child survived"
+        );
+    }
+
     #[tokio::test]
     async fn a_missing_program_is_reported() {
-        let ended = run(&argv(&["/nonexistent/prog"]), Duration::from_secs(1), 10).await;
+        let ended = run(
+            &argv(&["/nonexistent/prog"]),
+            Duration::from_secs(1),
+            10,
+            "test",
+        )
+        .await;
         assert!(
             matches!(ended, Ended::NotStarted(ref r) if r.contains("/nonexistent/prog")),
             "{ended:?}"

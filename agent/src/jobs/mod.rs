@@ -21,6 +21,7 @@
 //! forged command, and remembering it would let them block the real job's id.
 
 pub mod config;
+mod contain;
 mod exec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -185,11 +186,51 @@ impl JobRunner {
             }
         };
         match command {
-            JobCommand::Run { job } => self.on_run(job),
-            JobCommand::Cancel { job_id, .. } => {
-                tracing::info!(%job_id, "job cancelled by the server");
-                lock(&inner.cancelled).insert(job_id);
+            JobCommand::Run { job, expires } => {
+                let late = Utc::now() - expires;
+                if late > chrono::Duration::seconds(fleetbus_protocol::jobs::CLOCK_SKEW_SECS) {
+                    // replayed from the wire, or held back somewhere: not run, not
+                    // remembered, not reported (a report would let a replay mark the
+                    // real job refused). The server signs a fresh command on reconnect.
+                    tracing::warn!(job_id = %job.id, expired = %expires, "expired job command ignored (replayed or delayed)");
+                    inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.on_run(job)
             }
+            JobCommand::Cancel { job_id, .. } => self.on_cancel(job_id),
+        }
+    }
+
+    /// The server cancelled a job: one not started yet never will be, on this run or any
+    /// later one (a CANCELED record is written, so a replayed run command after a restart
+    /// is answered from it). A running one finishes.
+    fn on_cancel(&self, job_id: String) {
+        let inner = &self.inner;
+        if fleetbus_protocol::validate_id("job id", &job_id).is_err() {
+            return;
+        }
+        tracing::info!(%job_id, "job cancelled by the server");
+        lock(&inner.cancelled).insert(job_id.clone());
+        if self.read_record(&job_id).is_some() {
+            return; // it ran, runs or was refused already
+        }
+        let status = terminal(
+            &job_id,
+            ExecutionState::Canceled,
+            None,
+            String::new(),
+            Some("cancelled by the server before it started".into()),
+        );
+        let record = JobRecord {
+            operation: String::new(),
+            status: status.clone(),
+        };
+        if let Err(e) = write_json(&self.record_path(&job_id), &record) {
+            tracing::error!(%job_id, error = %e, "cannot record the cancellation (kept in memory until a restart)");
+        }
+        if !lock(&inner.active).contains(&job_id) {
+            self.report(status);
         }
     }
 
@@ -354,7 +395,8 @@ impl JobRunner {
         let (state, exit_code, output, reason) = match plan {
             Plan::Echo(text) => (ExecutionState::Succeeded, Some(0), text, None),
             Plan::Process { argv, timeout } => {
-                match exec::run(&argv, timeout, inner.config.output_limit).await {
+                let marker = contain::marker(&job.id);
+                match exec::run(&argv, timeout, inner.config.output_limit, &marker).await {
                     exec::Ended::Exited {
                         code: Some(0),
                         output,

@@ -367,7 +367,8 @@ impl SimAgent {
             if p.qos == QoS::AtLeastOnce && PubAck::new(p.pkid).write(&mut conn.out).is_err() {
                 return;
             }
-            if let Ok(JobCommand::Run { job }) = SignedCommand::verify(&p.payload, &self.shared.key)
+            if let Ok(JobCommand::Run { job, .. }) =
+                SignedCommand::verify(&p.payload, &self.shared.key)
             {
                 self.shared.received.fetch_add(1, Ordering::Relaxed);
                 let at = self.shared.started.elapsed().as_micros() as u64;
