@@ -33,7 +33,8 @@ async fn enroll_over_mqtt(port: u16, id: &str, bootstrap: &str) -> serde_json::V
                     client.subscribe(&reply, QoS::AtLeastOnce).await.unwrap();
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let request = serde_json::json!({ "agent": id }).to_string();
+                    let key = "00".repeat(32); // a public key (its secret is unknown here)
+                    let request = serde_json::json!({ "agent": id, "reply_key": key }).to_string();
                     client
                         .publish(
                             format!("fleet/enroll/{id}/request"),
@@ -945,4 +946,137 @@ async fn an_agent_deletes_a_record_only_when_its_own_store_has_it() {
         .collect();
     assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
     assert!(agent.running());
+}
+
+/// Finding 13: a `rules run` worker with a server credential archived enrollment replies,
+/// tokens included. Tokens are sealed to a key the enrolling agent made for its request
+/// (anyone subscribed to the reply sees ciphertext), and enrollment traffic is never routed
+/// to a sink, on any path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_tokens_never_cross_the_broker_in_clear_nor_reach_a_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start(dir.path());
+    let port = server.port;
+    let boot_file = dir.path().join("bootstrap.token");
+    server.enroll(
+        "provision-edge",
+        &[
+            "--role",
+            "bootstrap",
+            "--groups",
+            "edge",
+            "--out",
+            boot_file.to_str().unwrap(),
+        ],
+    );
+    let archiver_token = dir.path().join("archiver.token");
+    server.enroll(
+        "archiver",
+        &[
+            "--role",
+            "server",
+            "--out",
+            archiver_token.to_str().unwrap(),
+        ],
+    );
+    let spy_token = server.enroll("spy", &["--role", "server"]);
+    tokio::time::sleep(Duration::from_millis(700)).await; // the server reloads the store
+
+    // a worker archiving everything it can subscribe to
+    let rules = dir.path().join("everything.toml");
+    fs::write(
+        &rules,
+        "[sinks.all]\ntype = \"file\"\npath = \"all/{topic.1}.jsonl\"\n\
+         [[rules]]\nname = \"all\"\nfrom = [\"#\"]\nto = [\"all\"]\n",
+    )
+    .unwrap();
+    let worker_data = dir.path().join("worker-data");
+    let worker = Proc::start(
+        &[
+            "rules",
+            "run",
+            "--broker",
+            &format!("mqtt://127.0.0.1:{port}"),
+            "--rules",
+            rules.to_str().unwrap(),
+            "--data-dir",
+            worker_data.to_str().unwrap(),
+            "--client-id",
+            "archiver",
+            "--token-file",
+            archiver_token.to_str().unwrap(),
+        ],
+        &dir.path().join("worker.log"),
+    );
+    assert!(poll_until(Duration::from_secs(10), || worker
+        .log_text()
+        .contains("rules engine connected")));
+    // and a server-role client listening to enrollment replies
+    let (spy, mut spy_events) = connect(port, "spy", &spy_token).await;
+    spy.subscribe("fleet/enroll/+/reply", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Vec<u8>>::new()));
+    let spied = seen.clone();
+    let spying = tokio::spawn(async move {
+        loop {
+            if let Ok(Event::Incoming(Packet::Publish(p))) = spy_events.poll().await {
+                spied.lock().unwrap().push(p.payload.to_vec());
+            }
+        }
+    });
+
+    // an agent enrolls with the bootstrap token and delivers with its own
+    let config = dir.path().join("edge-9.toml");
+    fs::write(
+        &config,
+        format!(
+            "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-edge-9\"\nid = \"edge-9\"\n\
+             groups = [\"edge\"]\n[metrics]\nenabled = false\n[heartbeat]\nenabled = true\n\
+             interval = \"50ms\"\n[connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
+             bootstrap_id = \"provision-edge\"\nbootstrap_token_file = \"{}\"\n",
+            boot_file.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Proc::start(
+        &["agent", "--config", config.to_str().unwrap()],
+        &dir.path().join("edge-9.log"),
+    );
+    server.wait_records("edge-9", "heartbeat", 5);
+    agent.kill();
+    let stored: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(dir.path().join("state-edge-9/credential.json")).unwrap(),
+    )
+    .unwrap();
+    let token = stored["token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 64);
+
+    // the reply on the wire: sealed, the token nowhere in it
+    assert!(poll_until(Duration::from_secs(5), || !seen
+        .lock()
+        .unwrap()
+        .is_empty()));
+    spying.abort();
+    for payload in seen.lock().unwrap().iter() {
+        let text = String::from_utf8_lossy(payload);
+        assert!(
+            !text.contains(&token),
+            "the token crossed the broker in clear: {text}"
+        );
+        let reply: serde_json::Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(reply["outcome"], "enrolled", "{reply}");
+        assert!(reply["sealed_token"].as_str().unwrap().len() > 64);
+    }
+    // the worker archived telemetry, but no enrollment message and no token
+    assert!(poll_until(Duration::from_secs(10), || worker_data
+        .join("all/edge-9.jsonl")
+        .is_file()));
+    let mut archived = String::new();
+    for entry in fs::read_dir(worker_data.join("all")).unwrap().flatten() {
+        archived.push_str(&fs::read_to_string(entry.path()).unwrap());
+    }
+    assert!(!archived.contains("fleet/enroll"), "{archived}");
+    assert!(!archived.contains(&token), "the token reached a sink");
+    assert!(!dir.path().join("worker-data/all/enroll.jsonl").exists());
 }

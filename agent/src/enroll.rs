@@ -117,7 +117,7 @@ pub async fn obtain(
     let mut backoff = Backoff::new(connection.backoff_min, connection.backoff_max);
     loop {
         let delay = match ask(transport, agent, bootstrap, connection).await {
-            Ok(EnrollReply::Enrolled { token, groups, .. }) => {
+            Ok(Answer::Enrolled { token, groups }) => {
                 let stored = StoredCredential {
                     agent: agent.to_string(),
                     token: token.clone(),
@@ -136,7 +136,7 @@ pub async fn obtain(
                     }
                 }
             }
-            Ok(EnrollReply::Refused { reason }) => {
+            Ok(Answer::Refused { reason }) => {
                 tracing::error!(%reason, "enrollment refused by the server");
                 connection.backoff_max
             }
@@ -153,19 +153,48 @@ pub async fn obtain(
     }
 }
 
-/// One enrollment exchange.
+/// Opens the sealed token of an `enrolled` answer with the request's secret key.
+fn open(reply: EnrollReply, key: &crypto_box::SecretKey) -> Result<Answer, String> {
+    match reply {
+        EnrollReply::Refused { reason } => Ok(Answer::Refused { reason }),
+        EnrollReply::Enrolled {
+            sealed_token,
+            groups,
+            ..
+        } => {
+            let sealed =
+                hex::decode(&sealed_token).map_err(|e| format!("sealed token is not hex: {e}"))?;
+            let token = key
+                .unseal(&sealed)
+                .map_err(|_| "the sealed token does not open with this request's key".to_string())
+                .and_then(|t| String::from_utf8(t).map_err(|e| e.to_string()))?;
+            Ok(Answer::Enrolled { token, groups })
+        }
+    }
+}
+
+/// The server's answer, the token opened.
+enum Answer {
+    Enrolled { token: String, groups: Vec<String> },
+    Refused { reason: String },
+}
+
+/// One enrollment exchange. The request carries the public half of a key pair made for it
+/// alone; the token comes back sealed to it.
 async fn ask(
     transport: &ClientTransport,
     agent: &str,
     bootstrap: &Bootstrap,
     connection: &ConnectionConfig,
-) -> Result<EnrollReply, String> {
+) -> Result<Answer, String> {
     let mut opts = fleetbus_mqtt::options(transport, agent, connection.keepalive, 10);
     opts.set_credentials(bootstrap.id.clone(), bootstrap.token.clone());
     let (client, mut events) = AsyncClient::new(opts, 10);
+    let reply_key = crypto_box::SecretKey::generate(&mut crypto_box::aead::OsRng);
     let request = serde_json::to_vec(&EnrollRequest {
         agent: agent.to_string(),
         hostname: sysinfo::System::host_name().ok(),
+        reply_key: hex::encode(reply_key.public_key().as_bytes()),
     })
     .map_err(|e| e.to_string())?;
     let exchange = async {
@@ -191,8 +220,9 @@ async fn ask(
                         .map_err(|e| e.to_string())?;
                 }
                 Event::Incoming(Packet::Publish(p)) if p.topic == reply_topic(agent) => {
-                    return serde_json::from_slice::<EnrollReply>(&p.payload)
-                        .map_err(|e| format!("unreadable answer: {e}"));
+                    let reply = serde_json::from_slice::<EnrollReply>(&p.payload)
+                        .map_err(|e| format!("unreadable answer: {e}"))?;
+                    return open(reply, &reply_key);
                 }
                 _ => {}
             }

@@ -1,7 +1,8 @@
 //! Enrollment with a bootstrap token: an agent that has no credential yet connects with a
 //! bootstrap credential's id as user name and its token as password (the token may do
 //! nothing but this), asks on `fleet/enroll/{agent}/request`, and receives its own token
-//! on `fleet/enroll/{agent}/reply`. Like claim-based provisioning: one bootstrap token can
+//! on `fleet/enroll/{agent}/reply`, sealed to a one-time key the request carried (only the
+//! requester can read it). Like claim-based provisioning: one bootstrap token can
 //! be baked into an image; every machine started from it gets a credential of its own.
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,10 @@ pub struct EnrollRequest {
     /// Host name, for the operator's records (never used as identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The X25519 public key (32 bytes, hex) of a key pair the agent made for this request
+    /// alone: the server seals the new token to it, so the token never crosses the broker
+    /// (or reaches anyone subscribed there) in clear.
+    pub reply_key: String,
 }
 
 /// What the server answers (JSON), tagged by `outcome`.
@@ -47,8 +52,9 @@ pub enum EnrollReply {
     Enrolled {
         /// The agent id.
         agent: String,
-        /// Its token: log in with it from now on.
-        token: String,
+        /// Its token, sealed to the request's `reply_key` (a NaCl sealed box:
+        /// X25519 + XSalsa20-Poly1305, hex): only the requester can open it.
+        sealed_token: String,
         /// Its groups (those of the bootstrap credential).
         groups: Vec<String>,
     },

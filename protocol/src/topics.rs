@@ -151,6 +151,19 @@ impl<'a> Topic<'a> {
         }
     }
 
+    /// True for enrollment topics (`fleet/enroll/...`): they carry requests and sealed
+    /// tokens and are never routed to a sink, on any path.
+    pub fn is_enrollment(&self) -> bool {
+        match *self {
+            Topic::Other(topic) => topic
+                .strip_prefix(ROOT)
+                .and_then(|t| t.strip_prefix('/'))
+                .and_then(|t| t.strip_prefix(crate::enroll::ENROLL))
+                .is_some_and(|t| t.is_empty() || t.starts_with('/')),
+            _ => false,
+        }
+    }
+
     /// The agent a topic belongs to, if it is an agent topic.
     pub fn agent(&self) -> Option<&'a str> {
         match *self {
@@ -215,6 +228,14 @@ mod tests {
         ] {
             assert!(!Topic::parse(honest).server_only(), "{honest}");
         }
+    }
+
+    #[test]
+    fn enrollment_topics_are_told_apart() {
+        assert!(Topic::parse("fleet/enroll/a1/request").is_enrollment());
+        assert!(Topic::parse("fleet/enroll/a1/reply").is_enrollment());
+        assert!(!Topic::parse("fleet/enrollment/x").is_enrollment());
+        assert!(!Topic::parse("fleet/a1/telemetry/enroll").is_enrollment());
     }
 
     #[test]

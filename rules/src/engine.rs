@@ -313,9 +313,15 @@ impl Engine {
 
     /// Ingests one message that came from the network (through a broker): a message on a
     /// topic only the server produces ([`Topic::server_only`]: file completions, job
-    /// events, broker events) is forged, whoever sent it, and refused.
+    /// events, broker events) is forged, whoever sent it, and refused; enrollment messages
+    /// are never routed.
     pub fn dispatch_from_network(&self, topic: &str, payload: &[u8]) -> Dispatched {
-        if Topic::parse(topic).server_only() {
+        let parsed = Topic::parse(topic);
+        if parsed.is_enrollment() {
+            // requests and (sealed) tokens: never routed to a sink
+            return Dispatched::Ignored;
+        }
+        if parsed.server_only() {
             let n = self.inner.counters.forged.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(%topic, forged_total = n, "message refused: only the server produces messages on this topic");

@@ -270,7 +270,10 @@ impl Enroller {
                     ),
                 }
             }
-            Ok(request) => self.enroll(agent, &bootstrap, request.hostname.as_deref()),
+            Ok(request) => match reply_key(&request.reply_key) {
+                Ok(key) => self.enroll(agent, &bootstrap, request.hostname.as_deref(), &key),
+                Err(reason) => EnrollReply::Refused { reason },
+            },
         };
         match serde_json::to_vec(&reply) {
             Ok(bytes) => (self.publish)(reply_topic(agent), bytes),
@@ -283,10 +286,23 @@ impl Enroller {
         agent: &str,
         bootstrap: &fleetbus_broker::credentials::Credential,
         hostname: Option<&str>,
+        reply_key: &crypto_box::PublicKey,
     ) -> EnrollReply {
         let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
         match store.enroll(agent, Role::Agent, &bootstrap.groups, false) {
             Ok(token) => {
+                // sealed to the requester's one-time key: the broker, and anyone
+                // subscribed there, only ever sees ciphertext
+                let sealed_token = match reply_key.seal(&mut crypto_box::aead::OsRng, token.as_bytes())
+                {
+                    Ok(sealed) => hex::encode(sealed),
+                    Err(e) => {
+                        tracing::error!(agent, error = %e, "cannot seal the new token; the agent asks again (an operator may need --replace)");
+                        return EnrollReply::Refused {
+                            reason: format!("the server could not seal the token: {e}"),
+                        };
+                    }
+                };
                 tracing::info!(agent, via = %bootstrap.id, hostname, groups = ?bootstrap.groups, "agent enrolled with a bootstrap token");
                 // known to the broker at once, not at the next poll of the store
                 match store.snapshot() {
@@ -303,7 +319,7 @@ impl Enroller {
                 });
                 EnrollReply::Enrolled {
                     agent: agent.to_string(),
-                    token,
+                    sealed_token,
                     groups: bootstrap.groups.clone(),
                 }
             }
@@ -325,6 +341,15 @@ impl Enroller {
             }
         }
     }
+}
+
+/// The one-time public key of an enrollment request (32 bytes as hex), or why not.
+fn reply_key(hex_key: &str) -> Result<crypto_box::PublicKey, String> {
+    let bytes: [u8; 32] = hex::decode(hex_key)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or("reply_key must be an X25519 public key: 64 hex characters")?;
+    Ok(crypto_box::PublicKey::from(bytes))
 }
 
 /// The event forwarder and the credential watcher of a running server.
