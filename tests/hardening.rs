@@ -9,8 +9,8 @@ use std::fs;
 use std::time::Duration;
 
 use common::secured::{
-    connect, connect_result, connected, disconnected, options, publish_records, refused_with,
-    Secured,
+    bootstrap_agent_config, connect, connect_result, connected, disconnected, options,
+    publish_records, refused_with, rules_worker, Secured,
 };
 use common::{free_port, poll_until, Proc};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
@@ -878,32 +878,14 @@ async fn an_agent_deletes_a_record_only_when_its_own_store_has_it() {
     .await;
 
     // a worker archiving heartbeats from the same broker, with its own store
-    let worker_rules = dir.path().join("worker.toml");
-    fs::write(
-        &worker_rules,
+    let (worker, worker_data) = rules_worker(
+        dir.path(),
+        port,
+        "archiver",
         "[sinks.copy]\ntype = \"file\"\npath = \"{agent}-{stream}.jsonl\"\n\
          [[rules]]\nname = \"copy\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"copy\"]\n",
-    )
-    .unwrap();
-    let worker_data = dir.path().join("worker-data");
-    let worker = Proc::start(
-        &[
-            "rules",
-            "run",
-            "--broker",
-            &format!("mqtt://127.0.0.1:{port}"),
-            "--rules",
-            worker_rules.to_str().unwrap(),
-            "--data-dir",
-            worker_data.to_str().unwrap(),
-            "--client-id",
-            "archiver",
-        ],
-        &dir.path().join("worker.log"),
+        &[],
     );
-    assert!(poll_until(Duration::from_secs(10), || worker
-        .log_text()
-        .contains("rules engine connected")));
 
     // an agent delivering to the server: the worker stores and acknowledges its
     // heartbeats, the server refuses them for now
@@ -983,34 +965,14 @@ async fn enrollment_tokens_never_cross_the_broker_in_clear_nor_reach_a_sink() {
     tokio::time::sleep(Duration::from_millis(700)).await; // the server reloads the store
 
     // a worker archiving everything it can subscribe to
-    let rules = dir.path().join("everything.toml");
-    fs::write(
-        &rules,
+    let (_worker, worker_data) = rules_worker(
+        dir.path(),
+        port,
+        "archiver",
         "[sinks.all]\ntype = \"file\"\npath = \"all/{topic.1}.jsonl\"\n\
          [[rules]]\nname = \"all\"\nfrom = [\"#\"]\nto = [\"all\"]\n",
-    )
-    .unwrap();
-    let worker_data = dir.path().join("worker-data");
-    let worker = Proc::start(
-        &[
-            "rules",
-            "run",
-            "--broker",
-            &format!("mqtt://127.0.0.1:{port}"),
-            "--rules",
-            rules.to_str().unwrap(),
-            "--data-dir",
-            worker_data.to_str().unwrap(),
-            "--client-id",
-            "archiver",
-            "--token-file",
-            archiver_token.to_str().unwrap(),
-        ],
-        &dir.path().join("worker.log"),
+        &["--token-file", archiver_token.to_str().unwrap()],
     );
-    assert!(poll_until(Duration::from_secs(10), || worker
-        .log_text()
-        .contains("rules engine connected")));
     // and a server-role client listening to enrollment replies
     let (spy, mut spy_events) = connect(port, "spy", &spy_token).await;
     spy.subscribe("fleet/enroll/+/reply", QoS::AtLeastOnce)
@@ -1027,18 +989,7 @@ async fn enrollment_tokens_never_cross_the_broker_in_clear_nor_reach_a_sink() {
     });
 
     // an agent enrolls with the bootstrap token and delivers with its own
-    let config = dir.path().join("edge-9.toml");
-    fs::write(
-        &config,
-        format!(
-            "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-edge-9\"\nid = \"edge-9\"\n\
-             groups = [\"edge\"]\n[metrics]\nenabled = false\n[heartbeat]\nenabled = true\n\
-             interval = \"50ms\"\n[connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
-             bootstrap_id = \"provision-edge\"\nbootstrap_token_file = \"{}\"\n",
-            boot_file.display()
-        ),
-    )
-    .unwrap();
+    let config = bootstrap_agent_config(dir.path(), port, "edge-9", &boot_file);
     let mut agent = Proc::start(
         &["agent", "--config", config.to_str().unwrap()],
         &dir.path().join("edge-9.log"),

@@ -243,18 +243,7 @@ async fn a_bootstrap_token_enrolls_an_agent_and_can_do_nothing_else() {
     server.wait_event("violation", |e| e["client_id"] == "newcomer");
 
     // an agent holding only the bootstrap token enrolls itself and delivers
-    let config = dir.path().join("edge-7.toml");
-    fs::write(
-        &config,
-        format!(
-            "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-edge-7\"\nid = \"edge-7\"\n\
-             groups = [\"edge\"]\n[metrics]\nenabled = false\n[heartbeat]\nenabled = true\n\
-             interval = \"50ms\"\n[connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
-             bootstrap_id = \"provision-edge\"\nbootstrap_token_file = \"{}\"\n",
-            boot_file.display()
-        ),
-    )
-    .unwrap();
+    let config = common::secured::bootstrap_agent_config(dir.path(), port, "edge-7", &boot_file);
     let records = dir.path().join("data/records/edge-7/heartbeat.jsonl");
     let count = || {
         fs::read_to_string(&records)

@@ -190,6 +190,63 @@ pub async fn disconnected(events: &mut rumqttc::EventLoop, within: Duration) -> 
     .is_ok()
 }
 
+/// Starts `fleetbus rules run` against the broker on `port` with `rules` (TOML, written to
+/// `dir/NAME.toml`), data in `dir/NAME-data`, client id `NAME` and `extra` arguments; waits
+/// until it is subscribed. Returns the process and its data directory.
+pub fn rules_worker(
+    dir: &Path,
+    port: u16,
+    name: &str,
+    rules: &str,
+    extra: &[&str],
+) -> (super::Proc, PathBuf) {
+    let rules_file = dir.join(format!("{name}.toml"));
+    fs::write(&rules_file, rules).unwrap();
+    let data = dir.join(format!("{name}-data"));
+    let broker = format!("mqtt://127.0.0.1:{port}");
+    let mut args = vec![
+        "rules",
+        "run",
+        "--broker",
+        &broker,
+        "--rules",
+        rules_file.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--client-id",
+        name,
+    ];
+    args.extend_from_slice(extra);
+    let worker = super::Proc::start(&args, &dir.join(format!("{name}.log")));
+    assert!(
+        poll_until(Duration::from_secs(10), || worker
+            .log_text()
+            .contains("rules engine connected")),
+        "{}",
+        worker.log_text()
+    );
+    (worker, data)
+}
+
+/// Writes the configuration of agent `id` (group `edge`, heartbeats every 50 ms, no
+/// metrics) that enrolls itself with bootstrap credential `provision-edge` whose token is
+/// in `boot_file`; returns its path.
+pub fn bootstrap_agent_config(dir: &Path, port: u16, id: &str, boot_file: &Path) -> PathBuf {
+    let config = dir.join(format!("{id}.toml"));
+    fs::write(
+        &config,
+        format!(
+            "server = \"mqtt://127.0.0.1:{port}\"\nstate_dir = \"state-{id}\"\nid = \"{id}\"\n\
+             groups = [\"edge\"]\n[metrics]\nenabled = false\n[heartbeat]\nenabled = true\n\
+             interval = \"50ms\"\n[connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"500ms\"\n\
+             bootstrap_id = \"provision-edge\"\nbootstrap_token_file = \"{}\"\n",
+            boot_file.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// A client connected with `options` (its first CONNECT must be accepted).
 pub async fn connected(options: MqttOptions) -> (AsyncClient, rumqttc::EventLoop) {
     let id = options.client_id();
