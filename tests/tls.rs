@@ -198,8 +198,8 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let client = ca.issue(d, "client", &["edge-9"]).unwrap();
     let with = TlsFiles {
         ca_file: Some(ca_file),
-        client_cert: Some(client.cert),
-        client_key: Some(client.key),
+        client_cert: Some(client.cert.clone()),
+        client_key: Some(client.key.clone()),
     };
     // past TLS: the broker answers (and wants a token)
     match connect(&url, &with, "edge-9").await {
@@ -208,4 +208,33 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
         )) => {}
         other => panic!("expected the broker's refusal after the TLS handshake: {other:?}"),
     }
+    // the certificate is bound to the client id: edge-10's own valid token with edge-9's
+    // certificate is refused (hardening finding 14)...
+    let edge10 = fs::read_to_string(enroll(d, "edge-10")).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await; // the server reloads the store
+    let url_parsed: BrokerUrl = url.parse().unwrap();
+    let transport = ClientTransport::for_url(&url_parsed, &with, None).unwrap();
+    let mut opts = fleetbus_mqtt::options(&transport, "edge-10", Duration::from_secs(5), 10);
+    opts.set_credentials("edge-10", edge10.trim());
+    match common::first_connect_outcome(opts).await {
+        Err(ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::NotAuthorized)) => {}
+        other => panic!("a certificate naming edge-9 let edge-10 in: {other:?}"),
+    }
+    // ...and a whole mutual TLS session works: an agent with its own certificate delivers
+    let mut agent = start_agent(
+        d,
+        "edge-9",
+        &url,
+        &format!(
+            "client_cert = \"{}\"\nclient_key = \"{}\"\n",
+            client.cert.display(),
+            client.key.display()
+        ),
+    );
+    assert!(
+        poll_until(Duration::from_secs(20), || heartbeats(d, "edge-9") >= 5),
+        "no heartbeats over mutual TLS\n{}",
+        agent.log_text()
+    );
+    agent.kill();
 }

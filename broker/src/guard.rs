@@ -418,7 +418,8 @@ impl Guard {
         None
     }
 
-    /// Decides on a CONNECT from `peer` asking the broker to publish `will` for it.
+    /// Decides on a CONNECT from `peer` asking the broker to publish `will` for it;
+    /// `certificate` holds the names of its client certificate under mutual TLS.
     pub(crate) fn admit(
         &self,
         peer: Option<SocketAddr>,
@@ -426,6 +427,7 @@ impl Guard {
         username: Option<&str>,
         password: Option<&[u8]>,
         will: Option<Will<'_>>,
+        certificate: Option<&[String]>,
     ) -> Result<Admitted, ConnectReturnCode> {
         let peer = peer.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         if let Some(reason) = self.unacceptable_id(client_id) {
@@ -435,6 +437,25 @@ impl Guard {
                 ConnectReturnCode::ClientIdentifierNotValid,
                 reason,
             ));
+        }
+        if let Some(names) = certificate {
+            // the certificate, not only the token, says who this is: a client may use only
+            // an id its certificate names (a stolen token without the key is not enough)
+            if !names.iter().any(|n| n == client_id) {
+                let reason = format!(
+                    "client certificate names {}, not the client id",
+                    match names.is_empty() {
+                        true => "nothing".to_string(),
+                        false => names.join(", "),
+                    }
+                );
+                return Err(self.refuse(
+                    peer,
+                    client_id,
+                    ConnectReturnCode::NotAuthorized,
+                    &reason,
+                ));
+            }
         }
         let mut credential = None;
         let mut grants = None;

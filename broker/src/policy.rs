@@ -66,6 +66,8 @@ pub struct PolicyProtocol {
     /// The plain listener's accept back-off (shared by the clones; only the accept loop's
     /// own value uses it).
     accept_backoff: Arc<std::sync::Mutex<crate::accept::AcceptBackoff>>,
+    /// Under mutual TLS: the names of the client's certificate (its client id must be one).
+    certificate: Option<Vec<String>>,
 }
 
 impl PolicyProtocol {
@@ -80,7 +82,15 @@ impl PolicyProtocol {
             accept_backoff: Arc::new(std::sync::Mutex::new(crate::accept::AcceptBackoff::new(
                 "broker.listen",
             ))),
+            certificate: None,
         }
+    }
+
+    /// This connection's value, told the names of the certificate its client presented
+    /// (`None`: no certificate): its CONNECT must then name one of them as client id.
+    pub fn with_certificate_names(mut self, names: Option<Vec<String>>) -> Self {
+        self.certificate = names;
+        self
     }
 
     /// A retained PUBLISH: nobody but the server's own clients retains under `fleet/`
@@ -211,6 +221,7 @@ impl Protocol for PolicyProtocol {
             login.as_ref().map(|l| l.username.as_str()),
             login.as_ref().map(|l| l.password.as_bytes()),
             will,
+            self.certificate.as_deref(),
         )?;
         self.session = Some(Session {
             client_id: connect.client_id.clone(),

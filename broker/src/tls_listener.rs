@@ -99,7 +99,16 @@ impl TlsListener {
                 let handshake =
                     tokio::time::timeout(this.handshake_timeout, this.handshake(stream));
                 match handshake.await {
-                    Ok(Ok(stream)) => this.connections.serve(stream, peer).await,
+                    Ok(Ok((stream, names))) => {
+                        let protocol = this
+                            .connections
+                            .protocol()
+                            .clone()
+                            .with_certificate_names(names);
+                        this.connections
+                            .serve_with_protocol(stream, peer, protocol)
+                            .await
+                    }
                     Ok(Err(reason)) => this.failed(peer, &reason),
                     Err(_) => this.failed(peer, "handshake timed out"),
                 }
@@ -107,22 +116,28 @@ impl TlsListener {
         }
     }
 
+    /// The TLS (and WebSocket) handshake; the stream, and the names of the client's
+    /// certificate when it presented one (mutual TLS).
     async fn handshake(
         &self,
         stream: tokio::net::TcpStream,
-    ) -> Result<Box<dyn ConnectionStream>, String> {
+    ) -> Result<(Box<dyn ConnectionStream>, Option<Vec<String>>), String> {
         let tls = self
             .acceptor
             .accept(stream)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
+        let names = match tls.get_ref().1.peer_certificates() {
+            Some([leaf, ..]) => Some(certificate_names(leaf.as_ref())?),
+            _ => None,
+        };
         if !self.websocket {
-            return Ok(Box::new(tls));
+            return Ok((Box::new(tls), names));
         }
         let ws = async_tungstenite::tokio::accept_hdr_async(tls, mqtt_subprotocol)
             .await
             .map_err(|e| format!("WebSocket: {e}"))?;
-        Ok(Box::new(WsStream::new(ws)))
+        Ok((Box::new(WsStream::new(ws)), names))
     }
 
     fn failed(&self, peer: SocketAddr, reason: &str) {
@@ -132,6 +147,26 @@ impl TlsListener {
             .fetch_add(1, Ordering::Relaxed);
         tracing::info!(%peer, reason, websocket = self.websocket, "handshake failed");
     }
+}
+
+/// The names a client certificate gives its holder: its subject's common names and its DNS
+/// subject alternative names. Under mutual TLS the client id must be one of them.
+pub(crate) fn certificate_names(der: &[u8]) -> Result<Vec<String>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("client certificate unreadable: {e}"))?;
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push(dns.to_string());
+            }
+        }
+    }
+    Ok(names)
 }
 
 /// Answers the WebSocket upgrade with the `mqtt` subprotocol MQTT clients ask for. (The

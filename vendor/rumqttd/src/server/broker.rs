@@ -378,7 +378,20 @@ impl<P: Clone> Clone for Connections<P> {
 impl<P: Protocol + Clone + Send + 'static> Connections<P> {
     /// Serves one MQTT connection from `peer` over `stream` until it ends.
     pub async fn serve(&self, stream: Box<dyn N>, peer: SocketAddr) {
-        let mut protocol = self.protocol.clone();
+        self.serve_with_protocol(stream, peer, self.protocol.clone())
+            .await
+    }
+
+    /// The protocol value connections start from (clone it, tell it what the transport
+    /// learned, and hand it to [`Connections::serve_with_protocol`]).
+    pub fn protocol(&self) -> &P {
+        &self.protocol
+    }
+
+    /// [`Connections::serve`] with a protocol value of the caller's (e.g. one told the
+    /// client certificate's names after a mutual TLS handshake).
+    pub async fn serve_with_protocol(&self, stream: Box<dyn N>, peer: SocketAddr, protocol: P) {
+        let mut protocol = protocol;
         protocol.accepted(peer);
         remote(
             self.config.clone(),
