@@ -1031,3 +1031,73 @@ async fn enrollment_tokens_never_cross_the_broker_in_clear_nor_reach_a_sink() {
     assert!(!archived.contains(&token), "the token reached a sink");
     assert!(!dir.path().join("worker-data/all/enroll.jsonl").exists());
 }
+
+/// Publishes `n` QoS 0 messages from one connection, each on a topic of its own
+/// (`topic(i)`), pausing now and then so the broker keeps up.
+async fn publish_distinct(
+    client: &rumqttc::AsyncClient,
+    range: std::ops::Range<u64>,
+    topic: impl Fn(u64) -> String,
+    body: impl Fn(u64) -> String,
+) {
+    for i in range {
+        client
+            .publish(topic(i), QoS::AtMostOnce, false, body(i))
+            .await
+            .unwrap();
+        if i % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Finding 7: one client publishing 110,000 distinct topics left +275 MiB that was never
+/// freed (rumqttd kept a meter and a cache entry per topic for ever, and counted a
+/// message's memory as its bytes alone), and the de-duplication snapshot grew to 9.3 MB,
+/// rewritten every 5 s. Now the server's memory levels off however many topics one client
+/// invents, and the de-duplication state keeps a bounded number of streams per agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_inventing_topics_and_streams_cannot_grow_the_server_without_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics_port = free_port();
+    let server = Secured::start_with(
+        dir.path(),
+        false,
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    );
+    let pid = server.proc.pid().unwrap();
+    let (client, mut events) = connected(options(server.port, "a1", None)).await;
+    let pump = tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    // 3,000 streams of one agent: more than the de-duplication state keeps per agent
+    publish_distinct(
+        &client,
+        0..3000,
+        |i| format!("fleet/a1/telemetry/s{i}"),
+        |_| r#"{"seq":1,"epoch":1}"#.to_string(),
+    )
+    .await;
+    // then topics nobody routes, in two rounds
+    let other = |i: u64| format!("site/x/{i}");
+    publish_distinct(&client, 0..40_000, other, |_| "{}".into()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after_first = common::resident_kib(pid);
+    publish_distinct(&client, 40_000..120_000, other, |_| "{}".into()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after_second = common::resident_kib(pid);
+    pump.abort();
+    assert!(
+        after_second < after_first + 16 * 1024,
+        "80,000 more topics grew the server from {after_first} to {after_second} KiB"
+    );
+    let text = http_get(metrics_port, "/metrics");
+    assert_eq!(metric(&text, "fleetbus_dedup_streams"), 1024, "{text}");
+    assert!(metric(&text, "fleetbus_dedup_forgotten_total") >= 3000 - 1024);
+    assert!(metric(&text, "fleetbus_broker_topic_cache_resets_total") >= 1);
+    assert!(
+        poll_until(Duration::from_secs(10), || fs::metadata(
+            dir.path().join("data/wal/dedup.json")
+        )
+        .is_ok_and(|m| m.len() < 256 * 1024)),
+        "de-duplication snapshot too large"
+    );
+}

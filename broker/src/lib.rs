@@ -274,6 +274,13 @@ impl Drop for EmbeddedBroker {
     }
 }
 
+/// How often the router's cache of topics (and the filters matching each) was full and
+/// started over: a client publishing very many distinct topics (bounded at
+/// [`rumqttd::MAX_CACHED_TOPICS`] topics; the process has one router).
+pub fn topic_cache_resets() -> u64 {
+    rumqttd::TOPIC_CACHE_RESETS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (for tests and the demo: rumqttd
 /// cannot listen on port 0 and report the port it got).
 pub fn free_port() -> std::io::Result<u16> {

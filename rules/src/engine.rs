@@ -26,7 +26,7 @@ use fleetbus_sinks::{
     spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot, TailCache, TailEntry,
     BUILTIN_DEAD_LETTERS,
 };
-use fleetbus_wal::{DeadLetter, Dedup, RecordKey, Wal, WalEntry, WalOptions};
+use fleetbus_wal::{DeadLetter, Dedup, DedupLimits, RecordKey, Wal, WalEntry, WalOptions};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -50,6 +50,8 @@ pub struct EngineOptions {
     pub wal: WalOptions,
     /// The name acknowledgements give this store (see [`fleetbus_protocol::Ack::store`]).
     pub store: String,
+    /// What one agent can make the de-duplication state remember.
+    pub dedup: DedupLimits,
 }
 
 impl Default for EngineOptions {
@@ -59,6 +61,7 @@ impl Default for EngineOptions {
             snapshot_interval: Duration::from_secs(5),
             wal: WalOptions::default(),
             store: fleetbus_protocol::ack::SERVER_STORE.to_string(),
+            dedup: DedupLimits::default(),
         }
     }
 }
@@ -112,6 +115,10 @@ pub struct EngineStats {
     pub invalid_names: u64,
     /// Messages from the network on topics only the server produces (refused).
     pub forged: u64,
+    /// (agent, stream) pairs the de-duplication state remembers.
+    pub dedup_streams: u64,
+    /// Streams the de-duplication state forgot (too many for one agent, or idle).
+    pub dedup_forgotten: u64,
     /// Messages no rule matched.
     pub unrouted: u64,
     /// Records recognised as already accepted (acknowledged again, not stored again).
@@ -158,6 +165,8 @@ struct Inner {
     dedup_path: PathBuf,
     /// The store name acknowledgements carry.
     store: String,
+    /// The WAL index the saved de-duplication snapshot covers, and when it was saved.
+    last_snapshot: Mutex<(u64, Instant)>,
     /// Index of the built-in dead-letter sink.
     dead_letters_sink: usize,
 }
@@ -185,8 +194,8 @@ impl Engine {
         let (wal, _) = Wal::open(&wal_dir, options.wal).map_err(|e| fail(e.to_string()))?;
         let wal = Arc::new(wal);
         let dedup_path = wal_dir.join("dedup.json");
-        let (mut dedup, snapshot_upto) =
-            Dedup::load(&dedup_path).map_err(|e| fail(e.to_string()))?;
+        let (dedup, snapshot_upto) = Dedup::load(&dedup_path).map_err(|e| fail(e.to_string()))?;
+        let mut dedup = dedup.with_limits(options.dedup);
         let state_dir = wal_dir.join("sinks");
 
         // recover every sink and find where it resumes
@@ -226,7 +235,7 @@ impl Engine {
             replayed += 1;
             if index >= snapshot_upto {
                 if let Some(key) = &entry.key {
-                    dedup.record(key);
+                    dedup.record(key, entry.received_ms);
                 }
             }
             for (b, st) in built.iter().zip(&stats) {
@@ -268,6 +277,7 @@ impl Engine {
             counters: Counters::default(),
             dedup_path,
             store: options.store.clone(),
+            last_snapshot: Mutex::new((snapshot_upto, Instant::now())),
             dead_letters_sink,
         });
         let dead_letters: Arc<dyn DeadLetters> = inner.clone();
@@ -352,11 +362,17 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         let c = &self.inner.counters;
         let durable = self.inner.wal.durable();
+        let (dedup_streams, dedup_forgotten) = {
+            let state = self.inner.lock();
+            (state.dedup.streams() as u64, state.dedup.forgotten())
+        };
         EngineStats {
             received: c.received.load(Ordering::Relaxed),
             decode_errors: c.decode_errors.load(Ordering::Relaxed),
             invalid_names: c.invalid_names.load(Ordering::Relaxed),
             forged: c.forged.load(Ordering::Relaxed),
+            dedup_streams,
+            dedup_forgotten,
             unrouted: c.unrouted.load(Ordering::Relaxed),
             duplicates: c.duplicates.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
@@ -413,6 +429,7 @@ impl Inner {
             }),
             _ => None,
         };
+        let msg_received_ms = msg.received.timestamp_millis();
         let mut targets = Vec::new();
         // names that reach paths and keys must be ids: a message with another name is
         // kept, with the reason, in the built-in dead-letter sink instead of being routed
@@ -505,7 +522,7 @@ impl Inner {
             }
         };
         if let Some(k) = &key {
-            state.dedup.record(k);
+            state.dedup.record(k, msg_received_ms);
             add_ack(&mut state.acks, k);
         }
         drop(state);
@@ -605,9 +622,25 @@ fn add_ack(acks: &mut HashMap<String, Ack>, key: &RecordKey) {
 
 /// Saves the de-duplication state (consistent with the durable log) and truncates the log
 /// below what every sink has finished and the snapshot covers.
+/// A de-duplication state that did not change is saved again at most this often (the
+/// log is truncated only below a saved snapshot).
+const UNCHANGED_SNAPSHOT_EVERY: Duration = Duration::from_secs(60);
+
 fn save_snapshot(inner: &Inner) {
     let (dedup, upto) = {
-        let state = inner.lock();
+        let mut state = inner.lock();
+        state.dedup.forget_idle(Utc::now().timestamp_millis());
+        let last = *inner
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !state.dedup.dirty() && last.1.elapsed() < UNCHANGED_SNAPSHOT_EVERY {
+            // nothing to save: truncate below the snapshot already on disk
+            drop(state);
+            truncate(inner, last.0);
+            return;
+        }
+        state.dedup.mark_saved();
         // everything appended so far is covered once committed; take the state under the
         // same lock as the commit point so they match
         match inner.wal.begin_commit() {
@@ -629,15 +662,26 @@ fn save_snapshot(inner: &Inner) {
     };
     if let Err(e) = dedup.save(&inner.dedup_path, upto) {
         tracing::error!(error = %e, "cannot save the de-duplication state; the log is kept");
+        inner.lock().dedup.mark_dirty();
         return;
     }
+    *inner
+        .last_snapshot
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = (upto, Instant::now());
+    truncate(inner, upto);
+}
+
+/// Deletes log segments below both `saved` (the saved snapshot's position) and the slowest
+/// sink's position.
+fn truncate(inner: &Inner, saved: u64) {
     let slowest = inner
         .sink_stats
         .iter()
         .map(|s| s.position.load(Ordering::Relaxed))
         .min()
-        .unwrap_or(upto);
-    if let Err(e) = inner.wal.truncate_before(slowest.min(upto)) {
+        .unwrap_or(saved);
+    if let Err(e) = inner.wal.truncate_before(slowest.min(saved)) {
         tracing::error!(error = %e, "cannot truncate the write-ahead log");
     }
 }

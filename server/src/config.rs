@@ -132,6 +132,13 @@ pub struct WalSection {
     /// The name this store gives its acknowledgements: agents remove a record only on an
     /// acknowledgement from the store they deliver to (their `connection.store`).
     pub store: String,
+    /// Streams the de-duplication state remembers per agent: a record of one more makes
+    /// the agent's least recently used stream forgotten.
+    pub max_streams_per_agent: usize,
+    /// A stream with no record for this long is forgotten by the de-duplication state (a
+    /// record of it re-sent later is stored again).
+    #[serde(with = "humantime_serde")]
+    pub dedup_idle: Duration,
 }
 
 impl Default for WalSection {
@@ -142,6 +149,8 @@ impl Default for WalSection {
             snapshot_interval: d.snapshot_interval,
             segment_bytes: d.wal.segment_bytes,
             store: d.store,
+            max_streams_per_agent: d.dedup.max_streams_per_agent,
+            dedup_idle: Duration::from_millis(d.dedup.idle_ms as u64),
         }
     }
 }
@@ -184,6 +193,12 @@ impl ServerConfig {
         if let Err(e) = fleetbus_protocol::validate_id("wal.store", &self.wal.store) {
             return Err(e.to_string());
         }
+        if self.wal.max_streams_per_agent == 0 {
+            return Err("wal.max_streams_per_agent must be at least 1".into());
+        }
+        if self.wal.dedup_idle < Duration::from_secs(3600) {
+            return Err("wal.dedup_idle must be at least 1h (agents re-send unacknowledged records for longer)".into());
+        }
         if self.wal.segment_bytes < 1024 * 1024 {
             return Err("wal.segment_bytes must be at least 1 MiB".into());
         }
@@ -211,6 +226,10 @@ impl ServerConfig {
                 segment_bytes: self.wal.segment_bytes,
             },
             store: self.wal.store.clone(),
+            dedup: fleetbus_wal::DedupLimits {
+                max_streams_per_agent: self.wal.max_streams_per_agent,
+                idle_ms: self.wal.dedup_idle.as_millis().min(i64::MAX as u128) as i64,
+            },
         }
     }
 

@@ -113,6 +113,29 @@ const MAX_EPOCHS: usize = 4;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct StreamState {
     epochs: Vec<(u64, RangeSet)>,
+    /// When the stream's last record was received (ms since the epoch); 0 when unknown
+    /// (a snapshot from before this was kept).
+    #[serde(default)]
+    last_ms: i64,
+}
+
+/// How much one agent can make the de-duplication state remember.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupLimits {
+    /// Most streams remembered per agent: a record of one more makes the agent's least
+    /// recently used stream forgotten.
+    pub max_streams_per_agent: usize,
+    /// A stream with no record for this long is forgotten (ms).
+    pub idle_ms: i64,
+}
+
+impl Default for DedupLimits {
+    fn default() -> Self {
+        DedupLimits {
+            max_streams_per_agent: 1024,
+            idle_ms: 7 * 24 * 3600 * 1000,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,9 +145,20 @@ struct Snapshot {
 }
 
 /// Which records were accepted, per (agent, stream).
+///
+/// Bounded: at most [`DedupLimits::max_streams_per_agent`] streams per agent (the least
+/// recently used is forgotten for a new one) and streams idle for
+/// [`DedupLimits::idle_ms`] are forgotten ([`Dedup::forget_idle`]). Forgetting a stream
+/// means a record of it re-sent later is stored again (a possible duplicate), never that a
+/// record is taken for one.
 #[derive(Debug, Clone, Default)]
 pub struct Dedup {
     agents: HashMap<String, HashMap<String, StreamState>>,
+    limits: DedupLimits,
+    /// Streams forgotten so far (by either bound).
+    forgotten: u64,
+    /// Changed since [`Dedup::mark_saved`].
+    dirty: bool,
 }
 
 impl Dedup {
@@ -137,14 +171,72 @@ impl Dedup {
             .is_some_and(|(_, seen)| seen.contains(key.seq))
     }
 
-    /// Records `key` as accepted. A new epoch (the agent's outbox started again) gets a set
-    /// of its own; the oldest of more than four is forgotten.
-    pub fn record(&mut self, key: &RecordKey) {
+    /// The same state with `limits` applied from now on.
+    pub fn with_limits(mut self, limits: DedupLimits) -> Dedup {
+        self.limits = limits;
+        self
+    }
+
+    /// Streams forgotten so far (too many per agent, or idle).
+    pub fn forgotten(&self) -> u64 {
+        self.forgotten
+    }
+
+    /// True when something changed since the last [`Dedup::mark_saved`].
+    pub fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Notes that the state as it is now was saved.
+    pub fn mark_saved(&mut self) {
+        self.dirty = false;
+    }
+
+    /// Notes that the state must be saved again (a save failed).
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Forgets every stream with no record since `now_ms - limits.idle_ms`; returns how
+    /// many.
+    pub fn forget_idle(&mut self, now_ms: i64) -> usize {
+        let cutoff = now_ms.saturating_sub(self.limits.idle_ms);
+        let mut n = 0;
+        self.agents.retain(|_, streams| {
+            let before = streams.len();
+            streams.retain(|_, st| st.last_ms == 0 || st.last_ms >= cutoff);
+            n += before - streams.len();
+            !streams.is_empty()
+        });
+        if n > 0 {
+            self.forgotten += n as u64;
+            self.dirty = true;
+        }
+        n
+    }
+
+    /// Records `key` as accepted, received at `at_ms`. A new epoch (the agent's outbox
+    /// started again) gets a set of its own; the oldest of more than four is forgotten. A
+    /// new stream beyond the agent's limit makes its least recently used stream forgotten.
+    pub fn record(&mut self, key: &RecordKey, at_ms: i64) {
+        self.dirty = true;
+        let max_streams = self.limits.max_streams_per_agent.max(1);
         let streams = self.agents.entry(key.agent.clone()).or_default();
+        if !streams.contains_key(&key.stream) && streams.len() >= max_streams {
+            if let Some(oldest) = streams
+                .iter()
+                .min_by_key(|(_, st)| st.last_ms)
+                .map(|(name, _)| name.clone())
+            {
+                streams.remove(&oldest);
+                self.forgotten += 1;
+            }
+        }
         let st = match streams.get_mut(&key.stream) {
             Some(st) => st,
             None => streams.entry(key.stream.clone()).or_default(),
         };
+        st.last_ms = st.last_ms.max(at_ms);
         match st.epochs.iter_mut().find(|(e, _)| *e == key.epoch) {
             Some((_, seen)) => {
                 seen.insert(key.seq);
@@ -308,23 +400,55 @@ mod tests {
     fn duplicates_and_new_epochs() {
         let mut d = Dedup::default();
         assert!(!d.is_duplicate(&key(1, 9)));
-        d.record(&key(1, 9));
-        d.record(&key(2, 9));
+        d.record(&key(1, 9), 0);
+        d.record(&key(2, 9), 0);
         assert!(d.is_duplicate(&key(2, 9)));
         // the agent's outbox was wiped: seq 1 again, new epoch, not a duplicate
         assert!(!d.is_duplicate(&key(1, 10)));
-        d.record(&key(1, 10));
+        d.record(&key(1, 10), 0);
         assert!(d.is_duplicate(&key(1, 10)));
         assert!(!d.is_duplicate(&key(2, 10)));
         // re-sent records of the previous epoch are still recognised
         assert!(d.is_duplicate(&key(2, 9)));
         for e in 11..=14 {
-            d.record(&key(1, e));
+            d.record(&key(1, e), 0);
         }
         assert!(
             !d.is_duplicate(&key(2, 9)),
             "only the last four epochs are kept"
         );
+    }
+
+    /// One agent inventing streams cannot grow the state without bound, and streams that
+    /// went quiet are forgotten; what is kept still recognises duplicates.
+    #[test]
+    fn streams_are_bounded_per_agent_and_forgotten_when_idle() {
+        let mut d = Dedup::default().with_limits(DedupLimits {
+            max_streams_per_agent: 100,
+            idle_ms: 1_000,
+        });
+        let k = |agent: &str, stream: String| RecordKey {
+            agent: agent.into(),
+            stream,
+            epoch: 1,
+            seq: 1,
+        };
+        for i in 0..10_000 {
+            d.record(&k("rogue", format!("s{i}")), i);
+        }
+        d.record(&k("honest", "metrics".into()), 9_000);
+        assert_eq!(d.streams(), 101);
+        assert_eq!(d.forgotten(), 9_900);
+        // the most recent of the rogue's are kept, the honest agent's too
+        assert!(d.is_duplicate(&k("rogue", "s9999".into())));
+        assert!(!d.is_duplicate(&k("rogue", "s0".into())));
+        assert!(d.is_duplicate(&k("honest", "metrics".into())));
+        // streams quiet for longer than a second are forgotten
+        assert_eq!(d.forget_idle(10_950), 50 + 1);
+        assert!(!d.is_duplicate(&k("honest", "metrics".into())));
+        assert!(d.is_duplicate(&k("rogue", "s9999".into())));
+        assert_eq!(d.forget_idle(20_000), 50);
+        assert_eq!(d.streams(), 0);
     }
 
     #[test]
@@ -333,7 +457,7 @@ mod tests {
         let path = dir.path().join("dedup.json");
         assert_eq!(Dedup::load(&path).unwrap().1, 0);
         let mut d = Dedup::default();
-        d.record(&key(5, 1));
+        d.record(&key(5, 1), 0);
         d.save(&path, 42).unwrap();
         let (d2, upto) = Dedup::load(&path).unwrap();
         assert_eq!(upto, 42);

@@ -13,6 +13,6 @@ mod dedup;
 mod entry;
 mod log;
 
-pub use dedup::{Dedup, RangeSet, StreamKey};
+pub use dedup::{Dedup, DedupLimits, RangeSet, StreamKey};
 pub use entry::{DeadLetter, RecordKey, WalEntry};
 pub use log::{Wal, WalError, WalOptions};

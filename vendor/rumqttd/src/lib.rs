@@ -22,6 +22,8 @@ pub use link::alerts;
 pub use link::local;
 pub use link::meters;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
+/// fleetbus patch: the bound of the router's topic cache and how often it was reached.
+pub use router::logs::{MAX_CACHED_TOPICS, TOPIC_CACHE_RESETS};
 use segments::Storage;
 pub use link::network::N as ConnectionStream;
 pub use server::{Broker, Connections, LinkType, Server};

@@ -17,6 +17,13 @@ use std::time::Instant;
 
 type PubWithProp = (Publish, Option<PublishProperties>);
 
+/// fleetbus patch: most topics whose matching filters are cached (see `DataLog::matches`).
+pub const MAX_CACHED_TOPICS: usize = 32_768;
+
+/// fleetbus patch: how often the topic cache was full and started over (a client
+/// publishing very many distinct topics); read by the embedding program's metrics.
+pub static TOPIC_CACHE_RESETS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Clone)]
 pub struct PublishData {
     pub publish: Publish,
@@ -36,10 +43,13 @@ impl From<PubWithProp> for PublishData {
 
 // TODO: remove this from here
 impl Storage for PublishData {
-    // TODO: calculate size of publish properties as well!
+    // fleetbus patch: the size counted against `max_segment_size` includes the record
+    // itself. Upstream counted topic + payload + 4 bytes: a segment of 2 MiB then held
+    // ~100,000 small messages of ~300 bytes each in memory (a client publishing many small
+    // messages made the router hold 5-10 times its configured memory).
     fn size(&self) -> usize {
         let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        std::mem::size_of::<Self>() + publish.topic.len() + publish.payload.len()
     }
 }
 
@@ -193,6 +203,15 @@ impl DataLog {
                 );
 
                 if !v.is_empty() {
+                    // fleetbus patch: the cache of topic -> matching filters held every
+                    // topic ever published, for ever (one client publishing 110,000
+                    // distinct topics kept 275 MiB); it is only a cache, so past a bound
+                    // it starts over (entries are computed again on their next use)
+                    if self.publish_filters.len() >= MAX_CACHED_TOPICS {
+                        self.publish_filters.clear();
+                        self.publish_filters.shrink_to(MAX_CACHED_TOPICS / 4);
+                        TOPIC_CACHE_RESETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     self.publish_filters.insert(topic.to_owned(), v.clone());
                 }
 
