@@ -167,6 +167,9 @@ struct Inner {
     store: String,
     /// The WAL index the saved de-duplication snapshot covers, and when it was saved.
     last_snapshot: Mutex<(u64, Instant)>,
+    /// Bounds the log lines of write-ahead log errors (a full disk fails every append and
+    /// every commit).
+    log_errors: fleetbus_support::Throttle,
     /// Index of the built-in dead-letter sink.
     dead_letters_sink: usize,
 }
@@ -278,6 +281,7 @@ impl Engine {
             dedup_path,
             store: options.store.clone(),
             last_snapshot: Mutex::new((snapshot_upto, Instant::now())),
+            log_errors: fleetbus_support::Throttle::new(Duration::from_secs(10)),
             dead_letters_sink,
         });
         let dead_letters: Arc<dyn DeadLetters> = inner.clone();
@@ -516,7 +520,9 @@ impl Inner {
                 }
                 Err(e) => {
                     self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "cannot append to the write-ahead log: record not accepted (the agent keeps it)");
+                    if let Some(left_out) = self.log_errors.admit() {
+                        tracing::error!(error = %e, similar_errors_not_logged = left_out, "cannot append to the write-ahead log: record not accepted (the agent keeps it)");
+                    }
                     return Dispatched::Refused;
                 }
             }
@@ -541,14 +547,18 @@ impl Inner {
             match self.wal.begin_commit() {
                 Ok((handle, upto)) => (handle, upto, std::mem::take(&mut state.acks)),
                 Err(e) => {
-                    tracing::error!(error = %e, "write-ahead log commit failed; retrying");
+                    if let Some(left_out) = self.log_errors.admit() {
+                        tracing::error!(error = %e, similar_errors_not_logged = left_out, "write-ahead log commit failed; retrying");
+                    }
                     return None;
                 }
             }
         };
         let synced = tokio::task::spawn_blocking(move || handle.sync_data()).await;
         if !matches!(synced, Ok(Ok(()))) {
-            tracing::error!(result = ?synced, "write-ahead log fsync failed; acknowledgements held back");
+            if let Some(left_out) = self.log_errors.admit() {
+                tracing::error!(result = ?synced, similar_errors_not_logged = left_out, "write-ahead log fsync failed; acknowledgements held back");
+            }
             // put the acknowledgements back for the next attempt
             let mut state = self.lock();
             for (agent, ack) in acks {

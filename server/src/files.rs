@@ -284,6 +284,11 @@ pub(crate) struct FileService {
     /// still not held means those were lost on the way.
     next_expected: HashMap<(String, String), u32>,
     shed: ShedChunks,
+    /// Bounds the log lines of refused uploads and chunks (a hostile agent sends them
+    /// by the thousand; the counters count them all).
+    complaints: fleetbus_support::Throttle,
+    /// Bounds the log lines of spool I/O errors (a full disk).
+    io_errors: fleetbus_support::Throttle,
 }
 
 impl FileService {
@@ -352,6 +357,8 @@ impl FileService {
             last_remember_sweep: None,
             next_expected: HashMap::new(),
             shed,
+            complaints: fleetbus_support::Throttle::new(Duration::from_secs(10)),
+            io_errors: fleetbus_support::Throttle::new(Duration::from_secs(10)),
         })
     }
 
@@ -476,7 +483,9 @@ impl FileService {
             }
             Err(e) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%agent, %file_id, error = %e, "upload refused");
+                if let Some(left_out) = self.complaints.admit() {
+                    tracing::warn!(%agent, %file_id, error = %e, similar_not_logged = left_out, "upload refused");
+                }
                 refusal(file_id, e)
             }
         }
@@ -537,11 +546,15 @@ impl FileService {
                 self.counters
                     .chunks_rejected
                     .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%agent, %file_id, index, reason = %r, "chunk rejected");
+                if let Some(left_out) = self.complaints.admit() {
+                    tracing::warn!(%agent, %file_id, index, reason = %r, similar_not_logged = left_out, "chunk rejected");
+                }
                 chunk_reply(file_id, index, ChunkOutcome::Rejected, Some(r.to_string()))
             }
             Err(e) => {
-                tracing::error!(%agent, %file_id, index, error = %e, "cannot store a chunk");
+                if let Some(left_out) = self.io_errors.admit() {
+                    tracing::error!(%agent, %file_id, index, error = %e, similar_not_logged = left_out, "cannot store a chunk");
+                }
                 failed(file_id, RefusalKind::Busy, e.to_string())
             }
         }
@@ -616,7 +629,9 @@ impl FileService {
         let completed = match self.reassembler.finish(agent, file_id) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(%agent, %file_id, error = %e, "upload not finished");
+                if let Some(left_out) = self.complaints.admit() {
+                    tracing::warn!(%agent, %file_id, error = %e, similar_not_logged = left_out, "upload not finished");
+                }
                 return refusal(file_id, e);
             }
         };
