@@ -317,6 +317,73 @@ mod tests {
         p
     }
 
+    /// Bootstrap logins are capped, and past the slots kept for agents no other login gets
+    /// in, while enrolled agents still do; a connection that ends gives its slot back.
+    #[test]
+    fn connection_limits_keep_slots_for_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open_in(dir.path()).unwrap();
+        let boot = store
+            .enroll("provision", Role::Bootstrap, &[], false)
+            .unwrap();
+        let agents: Vec<(String, String)> = (0..8)
+            .map(|i| {
+                let id = format!("a{i}");
+                let token = store.enroll(&id, Role::Agent, &[], false).unwrap();
+                (id, token)
+            })
+            .collect();
+        let limits = crate::LimitsConfig {
+            bootstrap_connections: 5,
+            reserved_for_agents: Some(7),
+            ..Default::default()
+        };
+        let guard = Arc::new(
+            Guard::new(true, Policy::default(), store.snapshot().unwrap(), None)
+                .with_limits(limits, 10),
+        );
+        let bootstrap = |id: &str| {
+            let mut p = PolicyProtocol::new(Arc::new(Gate::default()), guard.clone());
+            let connect = Packet::Connect(
+                Connect {
+                    keep_alive: 30,
+                    client_id: id.into(),
+                    clean_session: true,
+                },
+                None,
+                None,
+                None,
+                Some(Login {
+                    username: "provision".into(),
+                    password: boot.clone(),
+                }),
+            );
+            p.admit(&connect).map(|()| p)
+        };
+        // 10 slots, 7 kept for agents: 3 for everyone else, below the bootstrap cap of 5
+        let mut held: Vec<PolicyProtocol> = (0..3)
+            .map(|i| bootstrap(&format!("n{i}")).unwrap())
+            .collect();
+        assert_eq!(
+            bootstrap("n3").err(),
+            Some(ConnectReturnCode::ServiceUnavailable)
+        );
+        for (id, token) in &agents {
+            let mut p = PolicyProtocol::new(Arc::new(Gate::default()), guard.clone());
+            p.admit(&connect(id, token)).unwrap();
+        }
+        assert_eq!(
+            guard.counters().limited_connections.load(Ordering::Relaxed),
+            1
+        );
+        // one ends: its slot is free again
+        held.remove(0).ended("closed by the client");
+        bootstrap("n4").unwrap();
+        // dropping a connection without `ended` (a task that panicked) frees it too
+        drop(held.remove(0));
+        bootstrap("n5").unwrap();
+    }
+
     #[test]
     fn refusals_carry_their_code_and_an_event() {
         let (guard, token, events) = guard();
