@@ -137,6 +137,7 @@ pub(crate) struct RateLimits {
 }
 
 impl RateLimits {
+    /// Buckets of `per_minute` enrollments a minute, full at first.
     pub(crate) fn new(per_minute: u32) -> RateLimits {
         RateLimits {
             per_minute,
