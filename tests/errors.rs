@@ -122,3 +122,35 @@ fn bad_agent_config_names_file_line_and_problem() {
         stderr(&out)
     );
 }
+
+/// An admin or metrics address another process holds stops `serve` with an error naming
+/// the key: running on without it, an operator's `fleetbus job` would reach the other
+/// server.
+#[test]
+fn a_taken_admin_or_metrics_address_stops_the_server() {
+    for key in ["admin", "metrics"] {
+        let dir = tempfile::tempdir().unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let cfg = dir.path().join("server.toml");
+        let admin = match key {
+            "admin" => String::new(),
+            _ => common::admin_table(),
+        };
+        fs::write(
+            &cfg,
+            format!(
+                "data_dir = \"d\"\n{admin}[broker]\nlisten = \"127.0.0.1:{}\"\n[{key}]\nlisten = \"{addr}\"\n",
+                common::free_port()
+            ),
+        )
+        .unwrap();
+        let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
+        assert!(!out.status.success(), "{key}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("{key}.listen {addr}")),
+            "{key}: {}",
+            stderr(&out)
+        );
+    }
+}

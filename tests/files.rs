@@ -37,8 +37,9 @@ impl Server {
         let proc = ServeProc::start(
             dir,
             &format!(
-                "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n\
-                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[files]\n{files}\n"
+                "data_dir = \"data\"\n{}[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n\
+                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[files]\n{files}\n",
+                common::admin_table()
             ),
             move || !scrape(metrics_port).is_empty(),
         );

@@ -245,7 +245,8 @@ async fn one_server_per_data_dir_and_a_garbled_marker_loses_nothing() {
     fs::write(
         &other,
         format!(
-            "data_dir = \"data\"\n[rules]\nfile = \"rules.toml\"\n[broker]\nlisten = \"127.0.0.1:{}\"\n",
+            "data_dir = \"data\"\n{}[rules]\nfile = \"rules.toml\"\n[broker]\nlisten = \"127.0.0.1:{}\"\n",
+            common::admin_table(),
             free_port()
         ),
     )
@@ -427,8 +428,9 @@ async fn out_of_file_descriptors_the_accept_loop_pauses_and_recovers() {
     fs::write(
         dir.path().join("server.toml"),
         format!(
-            "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\nconnect_timeout = \"30s\"\n\
-             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"
+            "data_dir = \"data\"\n{}[broker]\nlisten = \"127.0.0.1:{port}\"\nconnect_timeout = \"30s\"\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+            common::admin_table()
         ),
     )
     .unwrap();
@@ -725,7 +727,8 @@ async fn the_admin_endpoint_needs_an_operator_and_the_broker_is_loopback_by_defa
     fs::write(
         &open,
         format!(
-            "data_dir = \"open-data\"\n[broker]\nlisten = \"0.0.0.0:{}\"\n",
+            "data_dir = \"open-data\"\n{}[broker]\nlisten = \"0.0.0.0:{}\"\n",
+            common::admin_table(),
             free_port()
         ),
     )

@@ -35,8 +35,9 @@ async fn connect(url: &str, files: &TlsFiles, id: &str) -> Result<(), Connection
 
 fn server_config(port: u16, tls: &str) -> String {
     format!(
-        "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n\
-         [broker.security]\nenforce = true\n[broker.tls]\n{tls}\n[rules]\nfile = \"rules.toml\"\n"
+        "data_dir = \"data\"\n{}[broker]\nlisten = \"127.0.0.1:{port}\"\n\
+         [broker.security]\nenforce = true\n[broker.tls]\n{tls}\n[rules]\nfile = \"rules.toml\"\n",
+        common::admin_table()
     )
 }
 

@@ -240,26 +240,20 @@ impl Server {
             None => None,
         };
         let admin = match config.admin.listen {
-            // a second server on the same machine keeps running without its admin endpoint
+            // an address in use is an error: an operator's `fleetbus job` would otherwise
+            // reach whichever server holds it
             Some(at) => {
-                let started = admin::start(
+                let (bound, task) = admin::start(
                     at,
                     &config.admin,
                     config.http.clone(),
                     &config.data_dir,
                     job_handle,
                     guard.clone(),
-                );
-                match started.await {
-                    Ok((bound, task)) => {
-                        tracing::info!(addr = %bound, jobs = jobs.is_some(), "admin endpoint: /jobs");
-                        Some((bound, task))
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "admin endpoint not started: `fleetbus job` cannot reach this server");
-                        None
-                    }
-                }
+                )
+                .await?;
+                tracing::info!(addr = %bound, jobs = jobs.is_some(), "admin endpoint: /jobs");
+                Some((bound, task))
             }
             None => None,
         };

@@ -38,6 +38,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ..ServerConfig::default()
     };
     config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let admin = fleetbus_broker::free_port().context("no free TCP port on 127.0.0.1")?;
+    config.admin.listen = Some(SocketAddr::from((Ipv4Addr::LOCALHOST, admin)));
     let server = Server::start(&config).await?;
     println!(
         "server:  mqtt://{} (embedded broker, built-in rules: archive all telemetry to files)",

@@ -184,9 +184,18 @@ pub fn free_port() -> u16 {
     fleetbus_broker::free_port().unwrap()
 }
 
+/// The `[admin]` table of a test server: a free port, never the default 7070 (two test
+/// runs, or a test beside a real server, must not collide).
+pub fn admin_table() -> String {
+    format!("[admin]\nlisten = \"127.0.0.1:{}\"\n", free_port())
+}
+
 /// Writes a server config in `dir` listening on `port`, with `rules` (TOML text) if given.
 pub fn server_config(dir: &Path, port: u16, rules: Option<&str>) -> PathBuf {
-    let mut text = format!("data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n");
+    let mut text = format!(
+        "data_dir = \"data\"\n{}[broker]\nlisten = \"127.0.0.1:{port}\"\n",
+        admin_table()
+    );
     if let Some(rules) = rules {
         fs::write(dir.join("rules.toml"), rules).unwrap();
         text.push_str("[rules]\nfile = \"rules.toml\"\n");

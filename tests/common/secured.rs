@@ -44,8 +44,12 @@ impl Secured {
             ),
         )
         .unwrap();
+        let admin = match extra.contains("[admin]") {
+            true => String::new(),
+            false => super::admin_table(),
+        };
         let config = format!(
-            "data_dir = \"data\"\n[rules]\nfile = \"rules.toml\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n\
+            "data_dir = \"data\"\n{admin}[rules]\nfile = \"rules.toml\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n\
              {extra}\n[broker.security]\nenforce = {enforce}\n"
         );
         let proc = ServeProc::start(dir, &config, move || {

@@ -30,6 +30,7 @@ pub async fn measure(args: &IngestArgs, security: BenchSecurity) -> anyhow::Resu
         ..ServerConfig::default()
     };
     config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    config.admin.listen = None; // not needed, and never a fixed port
     let mut server_url = BrokerUrl::mqtt("127.0.0.1", port);
     let mut ca_file = None;
     let mut tokens = Vec::new();

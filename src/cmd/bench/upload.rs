@@ -127,9 +127,10 @@ async fn upload(
     )?;
     let port = fleetbus_broker::free_port()?;
     let metrics = fleetbus_broker::free_port()?;
+    let admin = fleetbus_broker::free_port()?;
     std::fs::write(
         work.join("server.toml"),
-        format!("data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
+        format!("data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n[rules]\nfile = \"rules.toml\"\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"),
     )?;
     let (mut server, server_pid) = start_server(&work.join("server.toml"))?;
     wait_for_port(port).await?;
