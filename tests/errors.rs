@@ -154,3 +154,86 @@ fn a_taken_admin_or_metrics_address_stops_the_server() {
         );
     }
 }
+
+/// Plain words for the mistakes a first day brings: a data directory that is a file, an OS
+/// error printed once, no colour codes in a log that is not a terminal, an environment
+/// variable meant for the agent does not stop the server.
+#[test]
+fn first_day_mistakes_get_plain_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    fs::write(&file, "x").unwrap();
+    let cfg = dir.path().join("server.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"not-a-dir\"\n{}[broker]\nlisten = \"127.0.0.1:{}\"\n",
+            common::admin_table(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("data_dir") && err.contains("exists and is not a directory"),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "ANSI codes in a log to a file: {err:?}"
+    );
+
+    let agent = dir.path().join("agent.toml");
+    fs::write(
+        &agent,
+        "server = \"mqtt://127.0.0.1:1\"\nstate_dir = \"not-a-dir\"\n",
+    )
+    .unwrap();
+    let out = run(&["agent", "--config", agent.to_str().unwrap()]);
+    let err = stderr(&out);
+    assert!(err.contains("exists and is not a directory"), "{err}");
+
+    // a missing file: the OS error once
+    let out = run(&[
+        "rules",
+        "check",
+        dir.path().join("nope.toml").to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(err.matches("os error 2").count(), 1, "{err}");
+
+    // the agent's variables are not the server's: this one does not stop `serve`...
+    let ok_dir = dir.path().join("ok");
+    fs::create_dir(&ok_dir).unwrap();
+    let cfg = ok_dir.join("server.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"d\"\n{}[broker]\nlisten = \"127.0.0.1:{}\"\n",
+            common::admin_table(),
+            common::free_port()
+        ),
+    )
+    .unwrap();
+    let mut serve = Command::new(bin())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("FLEETBUS_AGENT__METRICS__INTERVAL", "30s")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let exited = serve.try_wait().unwrap();
+    let _ = serve.kill();
+    let out = serve.wait_with_output().unwrap();
+    assert!(exited.is_none(), "serve exited: {}", stderr(&out));
+    // ...and a misspelt server variable does, naming it
+    let out = Command::new(bin())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("FLEETBUS_SERVER__BROKER__LISEN", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("lisen"), "{}", stderr(&out));
+}

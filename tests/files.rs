@@ -832,3 +832,54 @@ async fn hostile_manifests_and_piles_of_pending_uploads_are_bounded() {
         fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_upload_says_where_the_file_went_and_refuses_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), LOCAL_RULES, "");
+    let config = dir.path().join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "server = \"mqtt://127.0.0.1:{}\"\nstate_dir = \"state\"\nid = \"cli-1\"\n\
+             [metrics]\nenabled = false\n[heartbeat]\nenabled = false\n",
+            server.port
+        ),
+    )
+    .unwrap();
+    let file = dir.path().join("core.dump");
+    let mut bytes = vec![0u8; 300_000];
+    rand::rng().fill_bytes(&mut bytes);
+    fs::write(&file, &bytes).unwrap();
+    let upload = |path: &Path| {
+        std::process::Command::new(common::bin())
+            .args(["agent", "--config", config.to_str().unwrap(), "upload"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = upload(&file);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("routed to sink(s): local"), "{stdout}");
+    let landed = server.data().join("received/cli-1/core.dump");
+    assert!(
+        common::poll_until(Duration::from_secs(10), || fs::read(&landed)
+            .is_ok_and(|b| b == bytes)),
+        "{}",
+        server.log()
+    );
+
+    let out = upload(dir.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot upload") && stderr.contains("it is a directory"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("invalid agent configuration"), "{stderr}");
+}

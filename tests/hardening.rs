@@ -624,7 +624,7 @@ async fn the_admin_endpoint_needs_an_operator_and_the_broker_is_loopback_by_defa
     server.agents(&["revoke", "old-ops"]);
     let bearer = |t: &str| format!("Authorization: Bearer {t}");
     let json = "Content-Type: application/json";
-    let push = br#"{"target":{"group":"web"},"operation":"echo","args":{},"timeout_secs":30}"#;
+    let push = br#"{"target":{"group":"web"},"operation":"echo","args":{},"timeout_secs":30,"allow_empty":true}"#;
 
     let refused: [(&str, Vec<String>, &[u8], u16); 6] = [
         ("no token", vec![json.into()], push, 401),

@@ -83,6 +83,17 @@ impl Server {
     }
 
     fn push(&self, target: JobTarget, op: &str, args: &[(&str, &str)], rollout: Rollout) -> String {
+        self.push_request(target, op, args, rollout, false)
+    }
+
+    fn push_request(
+        &self,
+        target: JobTarget,
+        op: &str,
+        args: &[(&str, &str)],
+        rollout: Rollout,
+        allow_empty: bool,
+    ) -> String {
         let req = PushRequest {
             target,
             operation: op.into(),
@@ -92,6 +103,7 @@ impl Server {
                 .collect(),
             timeout_secs: 30,
             rollout,
+            allow_empty,
         };
         let report: JobReport = ureq::post(&format!("{}/jobs", self.admin))
             .header("Authorization", &self.operator)
@@ -151,6 +163,18 @@ impl TestAgent {
             HandlerConfig::new(&["sh", "-c", "exit 3"], &[], Duration::from_secs(5)),
         );
         config.jobs.handlers.insert(
+            "complain".into(),
+            HandlerConfig::new(
+                &[
+                    "sh",
+                    "-c",
+                    "echo 'System has not been booted with systemd as init system (PID 1).' >&2; echo 'Failed to connect to bus' >&2; exit 1",
+                ],
+                &[],
+                Duration::from_secs(5),
+            ),
+        );
+        config.jobs.handlers.insert(
             "slow".into(),
             HandlerConfig::new(
                 &["sleep", "{secs}"],
@@ -179,6 +203,24 @@ impl TestAgent {
 
 fn count(r: &JobReport, s: ExecutionState) -> usize {
     r.counts.get(&s).copied().unwrap_or(0)
+}
+
+/// Waits until the server knows agent `id` online (pushing to an agent the server has never
+/// heard of is refused).
+async fn agent_known(server: &Server, id: &str) {
+    let url = format!("{}/agents", server.admin);
+    for _ in 0..200 {
+        let known: Option<Vec<fleetbus_jobs::KnownAgent>> = ureq::get(&url)
+            .header("Authorization", &server.operator)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json().ok());
+        if known.is_some_and(|k| k.iter().any(|a| a.agent == id && a.online)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server does not know agent {id}");
 }
 
 /// Waits until the server knows `n` members of `group` from their birth messages (the
@@ -290,7 +332,7 @@ async fn timeouts_rejections_and_the_abort_threshold() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let one = TestAgent::start(dir.path(), "solo", &[], &server);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    agent_known(&server, "solo").await;
 
     // a handler running past its timeout is killed: TIMED_OUT
     let id = server.push_to("solo", "slow", &[("secs", "30")]);
@@ -465,7 +507,7 @@ async fn an_agent_killed_mid_job_does_not_run_it_again() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let a = TestAgent::start(dir.path(), "k1", &[], &server);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    agent_known(&server, "k1").await;
     let id = server.push_to("k1", "slow", &[("secs", "0")]);
     server
         .wait_for(&id, "succeeded", |r| {
@@ -630,11 +672,12 @@ async fn replayed_commands_run_nothing_the_ledger_does_not_know() {
     // a group job pushed while the group had no member, then cancelled: its command,
     // captured and replayed within its validity to an agent that joined the group later,
     // runs there, and the ledger records that execution instead of ignoring its report
-    let id = server.push(
+    let id = server.push_request(
         JobTarget::Group("db".into()),
         "echo",
         &[],
         Rollout::default(),
+        true,
     );
     ureq::post(&format!("{}/jobs/{id}/cancel", server.admin))
         .header("Authorization", &server.operator)
@@ -675,6 +718,7 @@ async fn replayed_commands_run_nothing_the_ledger_does_not_know() {
         args: [("blob".to_string(), big)].into_iter().collect(),
         timeout_secs: 30,
         rollout: Rollout::default(),
+        allow_empty: true,
     };
     let response = ureq::post(&format!("{}/jobs", server.admin))
         .header("Authorization", &server.operator)
@@ -685,4 +729,209 @@ async fn replayed_commands_run_nothing_the_ledger_does_not_know() {
         .unwrap();
     assert_eq!(response.status(), 400);
     newcomer.stop().await;
+}
+
+/// `fleetbus job ...` / `agents ...` against the server: (exit code, stdout, stderr).
+fn cli(server: &Server, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(common::bin())
+        .args(args)
+        .env("FLEETBUS_ADMIN", &server.admin)
+        .env(
+            "FLEETBUS_ADMIN_TOKEN",
+            server.operator.trim_start_matches("Bearer "),
+        )
+        .env_remove("FLEETBUS_ADMIN_TOKEN_FILE")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_command_ends_and_its_exit_code_says_how() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let web = TestAgent::start(dir.path(), "web-1", &["web"], &server);
+    let ghost = TestAgent::start(
+        dir.path(),
+        "ghost-0123456789-0123456789-0123456",
+        &["web"],
+        &server,
+    );
+    members_known(&server, "web", 2).await;
+    ghost.stop().await;
+
+    // a group nobody is in: refused at once, nothing waits
+    let started = std::time::Instant::now();
+    let (code, out, err) = cli(
+        &server,
+        &["job", "push", "--group", "nosuch", "--op", "echo", "--wait"],
+    );
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("group `nosuch` has no known member"), "{err}");
+    assert!(err.contains("--allow-empty"), "{err}");
+    let (code, _, err) = cli(
+        &server,
+        &["job", "push", "--agent", "nobody-here", "--op", "echo"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("no agent `nobody-here` is known"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // allowed in, an unknown agent stays QUEUED: --wait stops at its deadline, shows the
+    // table so far and exits 2
+    let (code, out, err) = cli(
+        &server,
+        &[
+            "job",
+            "push",
+            "--agent",
+            "nobody-here",
+            "--op",
+            "echo",
+            "--allow-empty",
+            "--wait",
+            "--wait-timeout",
+            "2s",
+        ],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        out.contains("nobody-here") && out.contains("QUEUED"),
+        "{out}"
+    );
+    assert!(err.contains("stopped waiting after 2s"), "{err}");
+    let queued_job = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+
+    // a failing job: exit 1 from push --wait and from status, and the output column
+    // shows the line that says why (not a stream marker)
+    let (code, out, err) = cli(
+        &server,
+        &[
+            "job", "push", "--agent", "web-1", "--op", "complain", "--wait",
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("System has not been booted with systemd as init system"),
+        "{out}"
+    );
+    assert!(!out.contains("[stderr]"), "{out}");
+    let failed_job = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    let (code, out, _) = cli(&server, &["job", "status", &failed_job]);
+    assert_eq!(code, 1, "{out}");
+    let (code, _, _) = cli(
+        &server,
+        &["job", "push", "--agent", "web-1", "--op", "echo", "--wait"],
+    );
+    assert_eq!(code, 0);
+
+    // a group job while one member is gone for good: forgetting it ends the job; the
+    // columns stay aligned with a long agent id
+    let (code, out, _) = cli(&server, &["job", "push", "--group", "web", "--op", "echo"]);
+    assert_eq!(code, 0, "{out}");
+    let group_job = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(':')
+        .to_string();
+    server
+        .wait_for(&group_job, "web-1 succeeded", |r| {
+            count(r, ExecutionState::Succeeded) == 1
+        })
+        .await;
+    let (_, out, _) = cli(&server, &["agents", "list"]);
+    let header = out.lines().next().unwrap();
+    let row = out.lines().find(|l| l.starts_with("web-1 ")).unwrap();
+    assert_eq!(header.find("online"), row.find("yes"), "{out}");
+    let (code, out, err) = cli(
+        &server,
+        &["agents", "forget", "ghost-0123456789-0123456789-0123456"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("removed from 1 active job"), "{out}");
+    let r = server
+        .wait_for(&group_job, "done", |r| {
+            r.job.state == fleetbus_jobs::JobState::Done
+        })
+        .await;
+    assert_eq!(r.total(), 1);
+    let (_, out, _) = cli(&server, &["agents", "list"]);
+    assert!(!out.contains("ghost"), "{out}");
+    let (code, _, err) = cli(
+        &server,
+        &["agents", "forget", "ghost-0123456789-0123456789-0123456"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("no agent"), "{err}");
+    // the job queued for an agent never seen ends when that id is forgotten, too
+    let (code, _, err) = cli(&server, &["agents", "forget", "nobody-here"]);
+    assert_eq!(code, 0, "{err}");
+    server
+        .wait_for(&queued_job, "done", |r| {
+            r.job.state == fleetbus_jobs::JobState::Done
+        })
+        .await;
+    web.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_registry_works_without_a_signing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let admin_port = free_port();
+    let token = common::fleetbus_with_data(
+        &dir.path().join("data"),
+        &["agents", "enroll", "ops", "--role", "operator"],
+    );
+    let proc = ServeProc::start(
+        dir.path(),
+        &format!(
+            "data_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n\
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n"
+        ),
+        move || std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_ok(),
+    );
+    let mut config = AgentConfig {
+        server: format!("mqtt://127.0.0.1:{port}").parse().unwrap(),
+        state_dir: dir.path().join("state"),
+        id: Some("lone-1".into()),
+        groups: vec!["edge".into()],
+        ..AgentConfig::default()
+    };
+    config.metrics.enabled = false;
+    config.heartbeat.enabled = false;
+    let agent = Agent::open(config).unwrap();
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(async move { agent.run(rx).await.unwrap() });
+    let server = Server {
+        port,
+        admin: format!("http://127.0.0.1:{admin_port}"),
+        operator: format!("Bearer {}", token.trim()),
+        public_key: String::new(),
+        proc,
+    };
+    members_known(&server, "edge", 1).await;
+    let (code, out, err) = cli(&server, &["agents", "list", "--group", "edge"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("lone-1"), "{out}");
+    let (code, _, err) = cli(&server, &["job", "push", "--group", "edge", "--op", "echo"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("the job service is off"), "{err}");
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
 }

@@ -6,31 +6,12 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use fleetbus_broker::acl::{Action, Identity, Policy, Role};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
-
-/// `name` on PATH or in /usr/sbin (where Debian puts the broker).
-fn find(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin")])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// A Mosquitto process, killed on drop.
-struct Mosquitto(Child);
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn fleetbus(dir: &Path, args: &[&str]) -> String {
     common::fleetbus_with_data(&dir.join("data"), args)
@@ -104,11 +85,8 @@ async fn delivered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exported_acl_decides_like_the_embedded_policy() {
-    let (Some(mosquitto), Some(passwd)) = (find("mosquitto"), find("mosquitto_passwd")) else {
-        if std::env::var("FLEETBUS_TEST_REQUIRE").is_ok_and(|v| v == "1") {
-            panic!("mosquitto not installed (FLEETBUS_TEST_REQUIRE=1)");
-        }
-        eprintln!("skipped: mosquitto not installed");
+    let Some(passwd) = common::mosquitto::find("mosquitto_passwd") else {
+        common::skip_or_fail("mosquitto");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -155,28 +133,17 @@ async fn the_exported_acl_decides_like_the_embedded_policy() {
     let acl = fleetbus(d, &["acl", "export", "--format", "mosquitto"]);
     assert!(!acl.contains("user gone"), "{acl}");
     fs::write(d.join("acl"), &acl).unwrap();
-    let port = common::free_port();
-    let conf = d.join("mosquitto.conf");
-    fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\n",
+    let Some(broker) = common::mosquitto::Mosquitto::start(
+        d,
+        &format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}",
             passwords.display(),
             d.join("acl").display()
         ),
-    )
-    .unwrap();
-    let _broker = Mosquitto(
-        Command::new(&mosquitto)
-            .args(["-c", conf.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(d.join("mosquitto.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    common::wait_until(Duration::from_secs(10), "mosquitto listening", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    ) else {
+        return;
+    };
+    let port = broker.port;
 
     // (client, action, topic or filter, for a SUBSCRIBE: the topic published to probe it)
     let cases: &[(&str, Action, &str, &str)] = &[
@@ -293,7 +260,7 @@ async fn the_exported_acl_decides_like_the_embedded_policy() {
     assert!(
         mismatches.is_empty(),
         "mosquitto decided differently: {mismatches:?}\n{table}\n{acl}\n{}",
-        fs::read_to_string(d.join("mosquitto.log")).unwrap_or_default()
+        broker.log_text()
     );
     assert!(allowed >= 5 && denied >= 5, "{table}");
 }

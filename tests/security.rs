@@ -286,3 +286,58 @@ async fn a_bootstrap_token_enrolls_an_agent_and_can_do_nothing_else() {
         other => panic!("a bootstrap login for an enrolled id: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_agent_picks_up_a_replaced_token_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Secured::start(dir.path());
+    let token_file = dir.path().join("edge-2.token");
+    server.enroll("edge-2", &["--out", token_file.to_str().unwrap()]);
+    let config = dir.path().join("edge-2.toml");
+    fs::write(
+        &config,
+        format!(
+            "server = \"mqtt://127.0.0.1:{}\"\nstate_dir = \"state\"\nid = \"edge-2\"\n\
+             [metrics]\nenabled = false\n[heartbeat]\nenabled = true\ninterval = \"50ms\"\n\
+             [connection]\nbackoff_min = \"100ms\"\nbackoff_max = \"300ms\"\ntoken_file = \"{}\"\n",
+            server.port,
+            token_file.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Proc::start(
+        &["agent", "--config", config.to_str().unwrap()],
+        &dir.path().join("agent.log"),
+    );
+    let records = dir.path().join("data/records/edge-2/heartbeat.jsonl");
+    let count = || {
+        fs::read_to_string(&records)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    assert!(
+        poll_until(Duration::from_secs(15), || count() >= 3),
+        "{}",
+        agent.log_text()
+    );
+    // a new token: the server drops the connection that used the old one, and the agent
+    // reconnects with what its token file holds now
+    let before = agent.log_text().len();
+    server.enroll(
+        "edge-2",
+        &["--replace", "--out", token_file.to_str().unwrap()],
+    );
+    assert!(
+        poll_until(Duration::from_secs(10), || agent.log_text()[before..]
+            .contains("connection to server failed")),
+        "the connection with the old token was not dropped:\n{}",
+        agent.log_text()
+    );
+    let dropped_at = count();
+    assert!(
+        poll_until(Duration::from_secs(15), || count() >= dropped_at + 5),
+        "no heartbeats after the token was replaced:\n{}",
+        agent.log_text()
+    );
+    agent.kill();
+}

@@ -97,7 +97,7 @@ pub fn reset(config: &AgentConfig) -> Result<Reset, AgentError> {
             }
         })?;
         drop(lock);
-        fs::create_dir_all(state_dir).map_err(|source| AgentError::Io {
+        fleetbus_support::create_dir(state_dir).map_err(|source| AgentError::Io {
             path: state_dir.clone(),
             op: "create state directory",
             source,

@@ -46,6 +46,14 @@ pub enum AgentError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A path given to upload is not a file that can be uploaded (a directory, a device).
+    #[error("cannot upload {}: {problem}", path.display())]
+    NotUploadable {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        problem: String,
+    },
     /// A file in `state_dir` holds something unusable.
     #[error("{}: {problem}", path.display())]
     State {
@@ -88,7 +96,7 @@ impl Agent {
     /// the outbox (recovering whatever a crash left there).
     pub fn open(config: AgentConfig) -> Result<Agent, AgentError> {
         config.validate().map_err(AgentError::Config)?;
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io {
+        fleetbus_support::create_dir(&config.state_dir).map_err(|source| AgentError::Io {
             path: config.state_dir.clone(),
             op: "create state directory",
             source,

@@ -94,8 +94,8 @@ impl Publisher {
             self.connection.keepalive,
             self.connection.inflight,
         );
-        if let Some(token) = &self.token {
-            options.set_credentials(self.agent.clone(), token.clone());
+        if let Some(token) = self.current_token() {
+            options.set_credentials(self.agent.clone(), token);
         }
         if let Some(payload) = encoded(&will) {
             // not retained: the broker keeps no stale presence for operators to see
@@ -114,6 +114,29 @@ impl Publisher {
             .await;
         poller.abort();
         end
+    }
+
+    /// The token for this connection attempt. `connection.token_file` is read again each
+    /// time, so a token replaced by `fleetbus agents enroll --replace` (the old one is
+    /// refused from then on) is used at the next attempt without a restart; if the file
+    /// cannot be read now, the token read at start is used.
+    fn current_token(&self) -> Option<String> {
+        if self.connection.token.is_some() || self.connection.token_file.is_none() {
+            return self.token.clone();
+        }
+        match self.connection.load_token() {
+            Ok(Some(token)) => {
+                if self.token.as_ref() != Some(&token) {
+                    tracing::debug!(agent = %self.agent, "connection.token_file holds a newer token than at start: using it");
+                }
+                Some(token)
+            }
+            Ok(None) => self.token.clone(),
+            Err(e) => {
+                tracing::warn!(agent = %self.agent, error = %e, "token file unreadable: the token read at start is used");
+                self.token.clone()
+            }
+        }
     }
 
     async fn serve(

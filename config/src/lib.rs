@@ -1,6 +1,6 @@
-//! Loads fleetbus configuration files: TOML with `FLEETBUS_`-prefixed environment
-//! overrides (via figment), unknown keys rejected, and every error naming
-//! `file:line:col` and the problem.
+//! Loads fleetbus configuration files: TOML with environment overrides scoped to the
+//! program (`FLEETBUS_SERVER__…` for `serve`, `FLEETBUS_AGENT__…` for `agent`, via
+//! figment), unknown keys rejected, and every error naming `file:line:col` and the problem.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -8,11 +8,15 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 
-/// Prefix of environment variables that override configuration keys. Nested keys are
-/// separated by a double underscore: `FLEETBUS_BROKER__LISTEN=0.0.0.0:1883`.
-pub const ENV_PREFIX: &str = "FLEETBUS_";
+/// Prefix of environment variables that override keys of the server's configuration
+/// (`fleetbus serve`). Nested keys are separated by a double underscore:
+/// `FLEETBUS_SERVER__BROKER__LISTEN=0.0.0.0:1883`.
+pub const SERVER_ENV_PREFIX: &str = "FLEETBUS_SERVER__";
+
+/// Prefix of environment variables that override keys of an agent's configuration
+/// (`fleetbus agent`): `FLEETBUS_AGENT__METRICS__INTERVAL=30s`.
+pub const AGENT_ENV_PREFIX: &str = "FLEETBUS_AGENT__";
 
 /// A configuration problem, always naming the file and, when known, the line and column.
 #[derive(Debug, thiserror::Error)]
@@ -111,22 +115,19 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
 }
 
 /// Loads a configuration of type `T` from the TOML file at `path` (if given) with
-/// `FLEETBUS_*` environment overrides on top. `T` must give every field a default and
-/// should use `#[serde(deny_unknown_fields)]`.
+/// environment overrides on top: every variable starting with `env_prefix`
+/// ([`SERVER_ENV_PREFIX`] or [`AGENT_ENV_PREFIX`]), nested keys separated by `__`. `T`
+/// must give every field a default and should use `#[serde(deny_unknown_fields)]`.
 ///
 /// The file alone is checked first so that errors in it carry `line:col`; the environment
-/// is merged afterwards. Only variables naming one of `T`'s own top-level keys are applied
-/// (`FLEETBUS_BROKER__LISTEN` for a server, `FLEETBUS_SERVER` for an agent): the agent's
-/// and the server's variables can share one environment, and so can unrelated ones such as
-/// `FLEETBUS_TEST_REQUIRE`. Below a known key, unknown names are errors as in a file.
-pub fn load<T: DeserializeOwned + Serialize + Default>(
+/// is merged afterwards. Each program has its own prefix, so an agent and a server can
+/// share one environment, and so can unrelated variables such as
+/// `FLEETBUS_TEST_REQUIRE`. A misspelled name under the prefix is an error, as in a file.
+pub fn load<T: DeserializeOwned + Default>(
     path: Option<&Path>,
+    env_prefix: &str,
 ) -> Result<T, ConfigError> {
-    let known = top_level_keys::<T>();
-    let env = Env::prefixed(ENV_PREFIX).split("__").filter(move |key| {
-        let first = key.as_str().split('.').next().unwrap_or_default();
-        known.iter().any(|k| k.eq_ignore_ascii_case(first))
-    });
+    let env = Env::prefixed(env_prefix).split("__");
     let (figment, shown) = match path {
         Some(path) => {
             let text = read(path)?;
@@ -138,18 +139,12 @@ pub fn load<T: DeserializeOwned + Serialize + Default>(
         }
         None => (Figment::new().merge(env), PathBuf::from("<defaults>")),
     };
-    figment
-        .extract::<T>()
-        .map_err(|e| ConfigError::invalid(&shown, format!("{e} (from environment overrides)")))
-}
-
-/// The top-level keys of `T`, read off its serialized default (every field, `None` ones
-/// included, as JSON keeps them as `null`).
-fn top_level_keys<T: Serialize + Default>() -> Vec<String> {
-    match serde_json::to_value(T::default()) {
-        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
-        _ => Vec::new(),
-    }
+    figment.extract::<T>().map_err(|e| {
+        ConfigError::invalid(
+            &shown,
+            format!("{e} (from environment overrides {env_prefix}*)"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -182,14 +177,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "name = \"x\"\n[inner]\nprot = 1\n").unwrap();
-        let err = load::<Sample>(Some(&path)).unwrap_err().to_string();
+        let err = load::<Sample>(Some(&path), "FLEETBUS_T__")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("c.toml:3:1"), "{err}");
         assert!(err.contains("unknown field `prot`"), "{err}");
     }
 
     #[test]
     fn missing_file_names_the_file() {
-        let err = load::<Sample>(Some(Path::new("/nonexistent/x.toml"))).unwrap_err();
+        let err =
+            load::<Sample>(Some(Path::new("/nonexistent/x.toml")), "FLEETBUS_T__").unwrap_err();
         assert!(
             err.to_string().contains("/nonexistent/x.toml: cannot read"),
             "{err}"
@@ -203,18 +201,22 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "name = \"x\"\n[inner]\nport = 1\n").unwrap();
         figment::Jail::expect_with(|jail| {
-            jail.set_env("FLEETBUS_INNER__PORT", "7");
-            jail.set_env("FLEETBUS_ID", "from-env");
-            // not a key of this configuration (another program's, or the test harness's)
+            jail.set_env("FLEETBUS_T__INNER__PORT", "7");
+            jail.set_env("FLEETBUS_T__ID", "from-env");
+            // another program's variables, and the test harness's, are not this one's
+            jail.set_env("FLEETBUS_OTHER__INNER__PROT", "1");
+            jail.set_env("FLEETBUS_INNER__PROT", "1");
             jail.set_env("FLEETBUS_TEST_REQUIRE", "1");
-            let s = load::<Sample>(Some(&path));
+            let s = load::<Sample>(Some(&path), "FLEETBUS_T__");
             let s = s.unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(s.inner.port, 7);
             assert_eq!(s.id.as_deref(), Some("from-env"));
             assert_eq!(s.name, "x");
             // below a known key, a misspelled name is still an error
-            jail.set_env("FLEETBUS_INNER__PROT", "7");
-            let err = load::<Sample>(Some(&path)).unwrap_err().to_string();
+            jail.set_env("FLEETBUS_T__INNER__PROT", "7");
+            let err = load::<Sample>(Some(&path), "FLEETBUS_T__")
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("prot"), "{err}");
             Ok(())
         });

@@ -9,6 +9,7 @@ use fleetbus_protocol::{ExecutionState, JobDocument};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use crate::registry::KnownAgent;
 use crate::JobsError;
 
 /// How a job as a whole stands.
@@ -96,26 +97,6 @@ pub struct Execution {
     pub reason: Option<String>,
 }
 
-/// An agent the server knows from its presence messages.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KnownAgent {
-    /// Its id.
-    pub agent: String,
-    /// Groups from its last birth message.
-    pub groups: Vec<String>,
-    /// Whether its last presence message said online.
-    pub online: bool,
-    /// When its last presence message arrived.
-    pub last_seen: Option<DateTime<Utc>>,
-}
-
-impl KnownAgent {
-    /// Whether the agent said it belongs to `group`.
-    pub fn in_group(&self, group: &str) -> bool {
-        self.groups.iter().any(|g| g == group)
-    }
-}
-
 /// SQLite-backed store.
 pub struct Ledger {
     db: Connection,
@@ -145,9 +126,7 @@ impl Ledger {
                  output TEXT NOT NULL DEFAULT '', reason TEXT,
                  PRIMARY KEY (job_id, agent));
              CREATE INDEX IF NOT EXISTS executions_by_agent ON executions (agent, state);
-             CREATE TABLE IF NOT EXISTS agents (
-                 agent TEXT PRIMARY KEY, groups TEXT NOT NULL, online INTEGER NOT NULL,
-                 last_seen_ms INTEGER NOT NULL);",
+             CREATE INDEX IF NOT EXISTS executions_by_state ON executions (state, sent_ms);",
         )
         .map_err(|e| JobsError::ledger(path, e))?;
         Ok(Ledger { db })
@@ -348,34 +327,20 @@ impl Ledger {
         Ok(())
     }
 
-    /// Remembers an agent's groups (from its birth message) and whether it is online.
-    pub fn upsert_agent(
-        &mut self,
-        agent: &str,
-        groups: &[String],
-        online: bool,
-        at: DateTime<Utc>,
-    ) -> Result<(), JobsError> {
-        if online {
-            self.db
-                .prepare_cached(
-                    "INSERT INTO agents (agent, groups, online, last_seen_ms) VALUES (?1, ?2, 1, ?3)
-                     ON CONFLICT(agent) DO UPDATE SET groups = ?2, online = 1, last_seen_ms = ?3",
-                )?
-                .execute(params![agent, serde_json::to_string(groups)?, ms(at)])?;
-        } else {
-            self.db
-                .prepare_cached("UPDATE agents SET online = 0, last_seen_ms = ?2 WHERE agent = ?1")?
-                .execute(params![agent, ms(at)])?;
+    /// Agents an older version kept in the ledger (`agents` table), handed over once to
+    /// the registry: the table is dropped after reading. Empty when there is none.
+    pub fn take_legacy_agents(&mut self) -> Result<Vec<KnownAgent>, JobsError> {
+        let exists: bool = self.db.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'agents'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !exists {
+            return Ok(Vec::new());
         }
-        Ok(())
-    }
-
-    /// Every known agent with its groups, by id.
-    pub fn agents(&self) -> Result<Vec<KnownAgent>, JobsError> {
         let mut stmt = self
             .db
-            .prepare("SELECT agent, groups, online, last_seen_ms FROM agents ORDER BY agent")?;
+            .prepare("SELECT agent, groups, online, last_seen_ms FROM agents")?;
         let rows = stmt
             .query_map([], |r| {
                 Ok((
@@ -386,7 +351,9 @@ impl Ledger {
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        rows.into_iter()
+        drop(stmt);
+        let agents = rows
+            .into_iter()
             .map(|(agent, groups, online, seen)| {
                 Ok(KnownAgent {
                     agent,
@@ -395,17 +362,76 @@ impl Ledger {
                     last_seen: from_ms(Some(seen)),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, JobsError>>()?;
+        Ok(agents)
     }
 
-    /// Members of `group` known from birth messages.
-    pub fn members(&self, group: &str) -> Result<Vec<String>, JobsError> {
-        Ok(self
-            .agents()?
-            .into_iter()
-            .filter(|a| a.in_group(group))
-            .map(|a| a.agent)
-            .collect())
+    /// Drops the table [`Ledger::take_legacy_agents`] read (once the registry has them).
+    pub fn drop_legacy_agents(&mut self) -> Result<(), JobsError> {
+        self.db.execute_batch("DROP TABLE IF EXISTS agents")?;
+        Ok(())
+    }
+
+    /// Removes `agent` from the targets of active jobs it has not started (its QUEUED
+    /// executions): the ids of the jobs it was removed from.
+    pub fn remove_queued(&mut self, agent: &str) -> Result<Vec<String>, JobsError> {
+        let tx = self.db.savepoint()?;
+        let ids = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT e.job_id FROM executions e JOIN jobs j ON j.id = e.job_id
+                 WHERE e.agent = ?1 AND e.state = 'QUEUED' AND j.state = 'active'",
+            )?;
+            let ids = stmt
+                .query_map(params![agent], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut delete = tx.prepare_cached(
+                "DELETE FROM executions WHERE job_id = ?1 AND agent = ?2 AND state = 'QUEUED'",
+            )?;
+            for id in &ids {
+                delete.execute(params![id, agent])?;
+            }
+            ids
+        };
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Executions of active jobs still QUEUED that were last sent before `cutoff` (their
+    /// agent never picked them up), with their job ids. Executions a rollout has not sent
+    /// yet are not among them.
+    pub fn queued_sent_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<(String, Execution)>, JobsError> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT e.agent, e.state, e.sent_ms, e.started_ms, e.finished_ms, e.exit_code,
+                    e.output, e.reason, e.job_id
+             FROM executions e JOIN jobs j ON j.id = e.job_id
+             WHERE e.state = 'QUEUED' AND e.sent_ms < ?1 AND j.state = 'active' LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![ms(cutoff), limit as i64], |r| {
+                Ok((r.get::<_, String>(8)?, row_to_execution(r)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Active jobs created before `cutoff` that have no execution at all (a group job
+    /// pushed with no known member that none joined).
+    pub fn empty_jobs_created_before(
+        &self,
+        cutoff: DateTime<Utc>,
+    ) -> Result<Vec<String>, JobsError> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT id FROM jobs j WHERE state = 'active' AND created_ms < ?1
+             AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.job_id = j.id)",
+        )?;
+        let ids = stmt
+            .query_map(params![ms(cutoff)], |r| r.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
     }
 
     /// How many executions of a job are in each state.

@@ -12,6 +12,7 @@
 //! records, so sending again is always safe.
 
 pub mod ledger;
+pub mod registry;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,7 +25,8 @@ use fleetbus_protocol::{
     ExecutionState, JobCommand, JobDocument, JobEvent, JobStatus, JobTarget, Presence,
     PresenceStatus,
 };
-pub use ledger::{Execution, JobState, KnownAgent, Ledger, Rollout, StoredJob};
+pub use ledger::{Execution, JobState, Ledger, Rollout, StoredJob};
+pub use registry::{KnownAgent, Registry};
 use serde::{Deserialize, Serialize};
 
 /// Errors of the job service.
@@ -50,6 +52,12 @@ pub enum JobsError {
     /// No such job.
     #[error("no job `{0}`")]
     NotFound(String),
+    /// No such agent in the registry.
+    #[error("no agent `{0}` is known to this server (fleetbus agents list)")]
+    NoAgent(String),
+    /// Jobs were asked for and the server has no signing key.
+    #[error("the job service is off: set jobs.signing_key in the server configuration (fleetbus keys generate)")]
+    Off,
 }
 
 impl JobsError {
@@ -65,6 +73,15 @@ impl JobsError {
 pub type Publish = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
 /// Hands a job state change to the rules engine (topic, JSON payload).
 pub type Announce = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
+
+/// What forgetting an agent did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Forgotten {
+    /// The agent.
+    pub agent: String,
+    /// Active jobs it was removed from (it had not started them).
+    pub removed_from: Vec<String>,
+}
 
 /// What an operator asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +99,11 @@ pub struct PushRequest {
     /// Rollout and abort settings.
     #[serde(default)]
     pub rollout: Rollout,
+    /// Queue the job even when no known agent is a target (an agent id never seen, a group
+    /// with no known member): it waits for targets that connect later, until
+    /// the offline expiry. Without it such a push is refused.
+    #[serde(default)]
+    pub allow_empty: bool,
 }
 
 fn default_timeout() -> u64 {
@@ -136,10 +158,12 @@ fn is_failure(s: ExecutionState) -> bool {
 /// TIMED_OUT (the agent kills at the timeout and reports; this covers agents that vanish).
 const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
 
-/// The job service.
+/// The job service, and the registry of agents it targets.
 pub struct JobService {
     ledger: Ledger,
-    key: SigningKey,
+    registry: Registry,
+    /// None: the service only keeps the registry; job requests answer [`JobsError::Off`].
+    key: Option<SigningKey>,
     publish: Publish,
     announce: Announce,
     /// Inside [`JobService::batch`]: jobs with an execution newly finished, checked for
@@ -147,27 +171,57 @@ pub struct JobService {
     finished_in_batch: Option<std::collections::BTreeSet<String>>,
     /// How long a signed command stays valid (each send is signed afresh).
     command_ttl: chrono::Duration,
+    /// How long an execution may stay QUEUED after it was last sent before it ends
+    /// TIMED_OUT (its agent is offline or gone).
+    offline_expiry: chrono::Duration,
 }
+
+/// How long an execution may stay QUEUED by default (see [`JobService::with_offline_expiry`]).
+pub const DEFAULT_OFFLINE_EXPIRY: Duration = Duration::from_secs(24 * 3600);
+
+/// Most expired executions ended per tick (the rest at the next ones).
+const EXPIRE_BATCH: usize = 10_000;
 
 /// How long a signed run command is valid by default (see [`JobService::with_command_ttl`]).
 pub const DEFAULT_COMMAND_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl JobService {
-    /// Opens the ledger at `data_dir/jobs.sqlite`.
+    /// Opens the ledger at `data_dir/jobs.sqlite` and the registry at
+    /// `data_dir/agents.sqlite`. Without a signing `key` only the registry works.
     pub fn open(
         data_dir: &Path,
-        key: SigningKey,
+        key: Option<SigningKey>,
         publish: Publish,
         announce: Announce,
     ) -> Result<JobService, JobsError> {
+        let mut ledger = Ledger::open(&data_dir.join("jobs.sqlite"))?;
+        let mut registry = Registry::open(&data_dir.join("agents.sqlite"))?;
+        // an older version kept the registry inside the ledger: hand it over once
+        let legacy = ledger.take_legacy_agents()?;
+        if !legacy.is_empty() && registry.is_empty()? {
+            registry.import(&legacy)?;
+        }
+        ledger.drop_legacy_agents()?;
         Ok(JobService {
-            ledger: Ledger::open(&data_dir.join("jobs.sqlite"))?,
+            ledger,
+            registry,
             key,
             publish,
             announce,
             finished_in_batch: None,
             command_ttl: chrono::Duration::seconds(DEFAULT_COMMAND_TTL.as_secs() as i64),
+            offline_expiry: chrono::Duration::seconds(DEFAULT_OFFLINE_EXPIRY.as_secs() as i64),
         })
+    }
+
+    /// The same service ending executions still QUEUED `expiry` after they were last sent.
+    pub fn with_offline_expiry(mut self, expiry: Duration) -> JobService {
+        self.offline_expiry = chrono::Duration::from_std(expiry).unwrap_or(chrono::Duration::MAX);
+        self
+    }
+
+    fn key(&self) -> Result<&SigningKey, JobsError> {
+        self.key.as_ref().ok_or(JobsError::Off)
     }
 
     /// The same service signing run commands valid for `ttl` after each send.
@@ -185,7 +239,7 @@ impl JobService {
             job: doc.clone(),
             expires: Utc::now() + self.command_ttl,
         };
-        Ok(command.sign(&self.key)?.encode()?)
+        Ok(command.sign(self.key()?)?.encode()?)
     }
 
     /// Runs `work` (presence and status messages) as one ledger transaction: one fsync for
@@ -194,6 +248,10 @@ impl JobService {
     /// inside (a pushed job must be on disk before it is published).
     pub fn batch<T>(&mut self, work: impl FnOnce(&mut JobService) -> T) -> Result<T, JobsError> {
         self.ledger.begin()?;
+        if let Err(e) = self.registry.begin() {
+            let _ = self.ledger.commit();
+            return Err(e);
+        }
         self.finished_in_batch = Some(Default::default());
         let out = work(self);
         let mut settled = Ok(());
@@ -209,15 +267,20 @@ impl JobService {
             }
         }
         let committed = self.ledger.commit();
+        let registered = self.registry.commit();
         settled?;
         committed?;
+        registered?;
         Ok(out)
     }
 
     /// Creates, signs, records and dispatches a job; answers its summary (counts per
     /// state). A group job's targets are the members known from birth messages; members
-    /// that announce themselves later while it is active are added.
+    /// that announce themselves later while it is active are added. A push with no known
+    /// target (an agent never seen, a group with no known member) is refused unless the
+    /// request allows it.
     pub fn push(&mut self, req: PushRequest) -> Result<JobReport, JobsError> {
+        self.key()?;
         if req.operation.is_empty() {
             return Err(JobsError::Request("operation is empty".into()));
         }
@@ -255,8 +318,23 @@ impl JobService {
             )));
         }
         let targets = match &doc.target {
-            JobTarget::Agent(a) => vec![a.clone()],
-            JobTarget::Group(g) => self.ledger.members(g)?,
+            JobTarget::Agent(a) => {
+                if !req.allow_empty && self.registry.get(a)?.is_none() {
+                    return Err(JobsError::Request(format!(
+                        "no agent `{a}` is known to this server (agents announce themselves when they connect: fleetbus agents list); allow_empty (--allow-empty) queues the job until it connects"
+                    )));
+                }
+                vec![a.clone()]
+            }
+            JobTarget::Group(g) => {
+                let members = self.registry.members(g)?;
+                if members.is_empty() && !req.allow_empty {
+                    return Err(JobsError::Request(format!(
+                        "group `{g}` has no known member (agents announce their groups when they connect: fleetbus agents list); allow_empty (--allow-empty) queues the job for members that connect later"
+                    )));
+                }
+                members
+            }
         };
         let job = StoredJob {
             doc,
@@ -326,11 +404,33 @@ impl JobService {
 
     /// Agents known from presence messages, all or the members of one group.
     pub fn agents(&self, group: Option<&str>) -> Result<Vec<KnownAgent>, JobsError> {
-        let mut agents = self.ledger.agents()?;
+        let mut agents = self.registry.all()?;
         if let Some(g) = group {
             agents.retain(|a| a.in_group(g));
         }
         Ok(agents)
+    }
+
+    /// Forgets an agent: out of the registry (so out of `agents list` and of the targets of
+    /// group jobs pushed from now on), and out of the targets of active jobs it has not
+    /// started (those jobs can then end). Executions it started keep running to their end
+    /// or timeout. An agent that connects again is known again.
+    pub fn forget(&mut self, agent: &str) -> Result<Forgotten, JobsError> {
+        let known = self.registry.forget(agent)?;
+        let jobs = self.ledger.remove_queued(agent)?;
+        if !known && jobs.is_empty() {
+            return Err(JobsError::NoAgent(agent.to_string()));
+        }
+        for job_id in &jobs {
+            if let Some(job) = self.ledger.job(job_id)? {
+                self.after_finish(&job)?;
+            }
+        }
+        tracing::info!(%agent, removed_from = jobs.len(), "agent forgotten");
+        Ok(Forgotten {
+            agent: agent.to_string(),
+            removed_from: jobs,
+        })
     }
 
     /// Cancels a job: executions not started become CANCELED and agents are told not to
@@ -348,13 +448,13 @@ impl JobService {
         if job.state != JobState::Active {
             return Ok(());
         }
-        self.ledger.set_job_state(job_id, state)?;
         let cancel = JobCommand::Cancel {
             job_id: job_id.to_string(),
             ts: Utc::now(),
         }
-        .sign(&self.key)?
+        .sign(self.key()?)?
         .encode()?;
+        self.ledger.set_job_state(job_id, state)?;
         let now = Utc::now();
         let canceled: Vec<Execution> = self
             .ledger
@@ -390,9 +490,9 @@ impl JobService {
     /// active group jobs it belongs to and sends it every job still pending for it.
     pub fn on_presence(&mut self, presence: &Presence) -> Result<(), JobsError> {
         let online = presence.status == PresenceStatus::Online;
-        self.ledger
-            .upsert_agent(&presence.agent, &presence.groups, online, Utc::now())?;
-        if !online {
+        self.registry
+            .upsert(&presence.agent, &presence.groups, online, Utc::now())?;
+        if !online || self.key.is_none() {
             return Ok(());
         }
         for job_id in self.ledger.job_ids(1000, true)? {
@@ -508,8 +608,12 @@ impl JobService {
     }
 
     /// Periodic work: roll out rate-limited jobs, time out executions still running past
-    /// their job's timeout.
+    /// their job's timeout, end executions QUEUED past the offline expiry.
     pub fn tick(&mut self) -> Result<(), JobsError> {
+        if self.key.is_none() {
+            return Ok(());
+        }
+        self.expire_queued()?;
         let now = Utc::now();
         for job_id in self.ledger.job_ids(1000, true)? {
             let Some(job) = self.ledger.job(&job_id)? else {
@@ -544,6 +648,41 @@ impl JobService {
                 }
                 self.after_finish(&job)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Ends TIMED_OUT the executions still QUEUED the offline expiry after they were last
+    /// sent (their agent is offline or gone, as AWS IoT's queued-execution timeout does),
+    /// and marks done the jobs that never had a target.
+    fn expire_queued(&mut self) -> Result<(), JobsError> {
+        let now = Utc::now();
+        let cutoff = now - self.offline_expiry;
+        let expired = self.ledger.queued_sent_before(cutoff, EXPIRE_BATCH)?;
+        let mut by_job: std::collections::BTreeMap<String, Vec<Execution>> = Default::default();
+        let hours = self.offline_expiry.num_seconds() as f64 / 3600.0;
+        for (job_id, mut e) in expired {
+            e.state = ExecutionState::TimedOut;
+            e.finished = Some(now);
+            e.reason = Some(format!(
+                "never started: the agent did not pick the job up within the offline expiry ({hours}h, jobs.offline_expiry)"
+            ));
+            by_job.entry(job_id).or_default().push(e);
+        }
+        for (job_id, executions) in by_job {
+            let Some(job) = self.ledger.job(&job_id)? else {
+                continue;
+            };
+            self.ledger.update_executions(&job_id, &executions)?;
+            for e in &executions {
+                self.announce_state(&job, e);
+            }
+            tracing::info!(%job_id, executions = executions.len(), "queued executions expired");
+            self.after_finish(&job)?;
+        }
+        for job_id in self.ledger.empty_jobs_created_before(cutoff)? {
+            self.ledger.set_job_state(&job_id, JobState::Done)?;
+            tracing::info!(%job_id, "job with no target ended at the offline expiry");
         }
         Ok(())
     }

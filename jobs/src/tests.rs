@@ -11,7 +11,7 @@ fn service(dir: &Path) -> (JobService, Sent, Sent) {
     let (s, e) = (sent.clone(), events.clone());
     let svc = JobService::open(
         dir,
-        SigningKey::from_bytes(&[3u8; 32]),
+        Some(SigningKey::from_bytes(&[3u8; 32])),
         Arc::new(move |t, p| s.lock().unwrap().push((t, p))),
         Arc::new(move |t, p| e.lock().unwrap().push((t, p))),
     )
@@ -33,6 +33,7 @@ fn push(svc: &mut JobService, target: JobTarget, rollout: Rollout) -> JobReport 
         args: Default::default(),
         timeout_secs: 30,
         rollout,
+        allow_empty: false,
     })
     .unwrap()
 }
@@ -183,6 +184,7 @@ fn unknown_jobs_and_bad_requests_are_refused() {
         args: Default::default(),
         timeout_secs: 1,
         rollout: Rollout::default(),
+        allow_empty: false,
     });
     assert!(matches!(bad, Err(JobsError::Request(_))));
     // a status for a job nobody pushed changes nothing
@@ -248,4 +250,138 @@ fn a_batch_of_reports_is_stored_together_and_settles_each_job_once() {
     assert_eq!(r.counts.get(&ExecutionState::Failed), Some(&10));
     assert_eq!(r.counts.get(&ExecutionState::Canceled), Some(&190));
     assert_eq!(sent.lock().unwrap().len(), 2, "the job, then one cancel");
+}
+
+fn push_req(target: JobTarget, allow_empty: bool) -> PushRequest {
+    PushRequest {
+        target,
+        operation: "echo".into(),
+        args: Default::default(),
+        timeout_secs: 30,
+        rollout: Rollout::default(),
+        allow_empty,
+    }
+}
+
+#[test]
+fn a_push_with_no_known_target_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut svc, sent, _) = service(dir.path());
+    svc.on_presence(&online("w1", &["web"])).unwrap();
+    let err = svc
+        .push(push_req(JobTarget::Group("nosuch".into()), false))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("group `nosuch` has no known member"), "{err}");
+    let err = svc
+        .push(push_req(JobTarget::Agent("nobody-here".into()), false))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no agent `nobody-here` is known"), "{err}");
+    assert!(sent.lock().unwrap().is_empty(), "nothing published");
+    assert!(svc.list(10).unwrap().is_empty(), "nothing stored");
+    // allowed: queued, and a member that connects later gets it
+    let r = svc
+        .push(push_req(JobTarget::Group("nosuch".into()), true))
+        .unwrap();
+    assert_eq!(r.total(), 0);
+    svc.on_presence(&online("late", &["nosuch"])).unwrap();
+    let r = svc.report(&r.job.doc.id).unwrap();
+    assert_eq!(r.total(), 1);
+    assert_eq!(r.executions[0].agent, "late");
+}
+
+#[test]
+fn executions_queued_past_the_offline_expiry_end_and_so_does_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (svc, _, events) = service(dir.path());
+    let mut svc = svc.with_offline_expiry(Duration::from_millis(300));
+    svc.on_presence(&online("w1", &["web"])).unwrap();
+    svc.on_presence(&online("w2", &["web"])).unwrap();
+    let id = push(&mut svc, JobTarget::Group("web".into()), Rollout::default())
+        .job
+        .doc
+        .id;
+    svc.on_status("w1", status(&id, ExecutionState::InProgress))
+        .unwrap();
+    svc.on_status("w1", status(&id, ExecutionState::Succeeded))
+        .unwrap();
+    // an empty job allowed in: ends at the expiry too
+    let empty = svc
+        .push(push_req(JobTarget::Group("nobody".into()), true))
+        .unwrap()
+        .job
+        .doc
+        .id;
+    svc.tick().unwrap();
+    assert_eq!(svc.summary(&id).unwrap().job.state, JobState::Active);
+    std::thread::sleep(Duration::from_millis(400));
+    svc.tick().unwrap();
+    let r = svc.report(&id).unwrap();
+    assert_eq!(r.job.state, JobState::Done);
+    let w2 = r.executions.iter().find(|e| e.agent == "w2").unwrap();
+    assert_eq!(w2.state, ExecutionState::TimedOut);
+    assert!(
+        w2.reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("offline expiry"),
+        "{w2:?}"
+    );
+    assert_eq!(r.counts.get(&ExecutionState::Succeeded), Some(&1));
+    assert_eq!(svc.summary(&empty).unwrap().job.state, JobState::Done);
+    assert!(events
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(_, p)| String::from_utf8_lossy(p).contains("TIMED_OUT")));
+}
+
+#[test]
+fn a_forgotten_agent_leaves_the_registry_and_the_jobs_it_never_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut svc, _, _) = service(dir.path());
+    svc.on_presence(&online("w1", &["web"])).unwrap();
+    svc.on_presence(&online("ghost", &["web"])).unwrap();
+    let id = push(&mut svc, JobTarget::Group("web".into()), Rollout::default())
+        .job
+        .doc
+        .id;
+    svc.on_status("w1", status(&id, ExecutionState::InProgress))
+        .unwrap();
+    svc.on_status("w1", status(&id, ExecutionState::Succeeded))
+        .unwrap();
+    assert_eq!(svc.summary(&id).unwrap().job.state, JobState::Active);
+    let f = svc.forget("ghost").unwrap();
+    assert_eq!(f.removed_from, vec![id.clone()]);
+    let r = svc.report(&id).unwrap();
+    assert_eq!(r.job.state, JobState::Done, "{r:?}");
+    assert_eq!(r.total(), 1);
+    let known: Vec<String> = svc
+        .agents(None)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.agent)
+        .collect();
+    assert_eq!(known, vec!["w1".to_string()]);
+    assert!(matches!(svc.forget("ghost"), Err(JobsError::NoAgent(_))));
+    // the next group job does not target it
+    let r = push(&mut svc, JobTarget::Group("web".into()), Rollout::default());
+    assert_eq!(r.total(), 1);
+}
+
+#[test]
+fn without_a_signing_key_the_registry_works_and_jobs_are_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut svc =
+        JobService::open(dir.path(), None, Arc::new(|_, _| {}), Arc::new(|_, _| {})).unwrap();
+    svc.on_presence(&online("w1", &["web"])).unwrap();
+    assert_eq!(svc.agents(Some("web")).unwrap().len(), 1);
+    assert!(matches!(
+        svc.push(push_req(JobTarget::Group("web".into()), false)),
+        Err(JobsError::Off)
+    ));
+    svc.tick().unwrap();
+    svc.forget("w1").unwrap();
+    assert!(svc.agents(None).unwrap().is_empty());
 }

@@ -230,6 +230,11 @@ pub enum FileReply {
         size: u64,
         /// The verified SHA-256.
         sha256: String,
+        /// The sinks the server's rules routed the file to (where it lands: see each
+        /// sink in the server's rules file). Empty when the server does not say (an
+        /// upload it delivered before).
+        #[serde(default)]
+        sinks: Vec<String>,
     },
     /// The upload was aborted and its spool space freed.
     Aborted {

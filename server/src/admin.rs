@@ -7,6 +7,7 @@
 //! | `GET /jobs/{id}` | `executions=false`: counts only | the job with every execution |
 //! | `POST /jobs/{id}/cancel` | `{}` (JSON) | the job after cancelling (counts) |
 //! | `GET /agents?group=G` | | agents known from presence messages (one group's members) |
+//! | `POST /agents/{id}/forget` | `{}` (JSON) | what was forgotten: the agent, the jobs it was removed from |
 //!
 //! A request passes three checks before it reaches a handler ([`guard`]), in this order:
 //!
@@ -19,8 +20,9 @@
 //!    not revoked, else 401 (403 for another role).
 //!
 //! Each refusal is logged and emitted as an `admin-refused` security event. Errors answer
-//! `{"error": "..."}` with 400 (bad request), 404 (no such job) or 503 (the job service is
-//! off: no `jobs.signing_key`).
+//! `{"error": "..."}` with 400 (bad request), 404 (no such job or agent) or 503 (a job
+//! request while the job service is off: no `jobs.signing_key`; the agent registry works
+//! without it).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -82,6 +84,7 @@ pub async fn start(
         .route("/jobs/:id", get(report))
         .route("/jobs/:id/cancel", post(cancel))
         .route("/agents", get(agents))
+        .route("/agents/:id/forget", post(forget))
         .with_state(jobs)
         .layer(axum::middleware::from_fn_with_state(gatekeeper, check));
     crate::http::serve("admin.listen", addr, app, limits, guard).await
@@ -182,19 +185,12 @@ fn error(status: StatusCode, message: String) -> Response {
 
 fn failed(e: JobsError) -> Response {
     let status = match &e {
-        JobsError::NotFound(_) => StatusCode::NOT_FOUND,
+        JobsError::NotFound(_) | JobsError::NoAgent(_) => StatusCode::NOT_FOUND,
+        JobsError::Off => StatusCode::SERVICE_UNAVAILABLE,
         JobsError::Request(_) => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, e.to_string())
-}
-
-/// The answer when the job service is off.
-fn off() -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the job service is off: set jobs.signing_key in the server configuration (fleetbus keys generate)".into(),
-    )
 }
 
 /// Asks the job service and answers its result as JSON (`ok` on success).
@@ -204,7 +200,7 @@ async fn answer<T: serde::Serialize>(
     make: impl FnOnce(oneshot::Sender<Result<T, JobsError>>) -> JobRequest,
 ) -> Response {
     let Some(jobs) = jobs.as_deref() else {
-        return off();
+        return failed(JobsError::Request("the job service stopped".into()));
     };
     match jobs.ask(make).await {
         Ok(value) => (ok, Json(value)).into_response(),
@@ -249,6 +245,10 @@ struct AgentsQuery {
 
 async fn agents(State(jobs): State<Jobs>, Query(q): Query<AgentsQuery>) -> Response {
     answer(&jobs, StatusCode::OK, |tx| JobRequest::Agents(q.group, tx)).await
+}
+
+async fn forget(State(jobs): State<Jobs>, UrlPath(id): UrlPath<String>) -> Response {
+    answer(&jobs, StatusCode::OK, |tx| JobRequest::Forget(id, tx)).await
 }
 
 async fn cancel(State(jobs): State<Jobs>, UrlPath(id): UrlPath<String>) -> Response {

@@ -73,6 +73,12 @@ pub struct JobsSection {
     /// captured on the wire cannot be replayed later.
     #[serde(with = "humantime_serde")]
     pub command_ttl: Duration,
+    /// How long an execution may stay QUEUED after it was last sent to its agent: past it
+    /// the execution ends TIMED_OUT ("never started"), so a job for an agent that never
+    /// comes back still ends. Every reconnect of the agent sends it again and restarts
+    /// the clock.
+    #[serde(with = "humantime_serde")]
+    pub offline_expiry: Duration,
 }
 
 impl Default for JobsSection {
@@ -80,6 +86,7 @@ impl Default for JobsSection {
         JobsSection {
             signing_key: None,
             command_ttl: fleetbus_jobs::DEFAULT_COMMAND_TTL,
+            offline_expiry: fleetbus_jobs::DEFAULT_OFFLINE_EXPIRY,
         }
     }
 }
@@ -184,6 +191,9 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.broker.validate().map_err(|e| e.to_string())?;
         self.files.validate()?;
+        if self.jobs.offline_expiry < Duration::from_secs(1) {
+            return Err("jobs.offline_expiry must be at least 1s".into());
+        }
         if self.jobs.command_ttl < Duration::from_secs(10) {
             return Err("jobs.command_ttl must be at least 10s".into());
         }

@@ -623,6 +623,7 @@ impl FileService {
                     file_id: file_id.to_string(),
                     size: m.size,
                     sha256: m.sha256,
+                    sinks: Vec::new(),
                 };
             }
         }
@@ -635,10 +636,11 @@ impl FileService {
                 return refusal(file_id, e);
             }
         };
-        let done = FileReply::Complete {
+        let done = |sinks: &[String]| FileReply::Complete {
             file_id: file_id.to_string(),
             size: completed.manifest.size,
             sha256: completed.manifest.sha256.clone(),
+            sinks: sinks.to_vec(),
         };
         if let Some(d) = self
             .deliveries
@@ -646,7 +648,7 @@ impl FileService {
             .find(|d| d.agent == agent && d.file_id == file_id)
         {
             // announced before (the agent did not get our answer): wait for it again
-            return self.when_durable(d.index, done, file_id);
+            return self.when_durable(d.index, done(&d.sinks), file_id);
         }
         let message = FileCompleted {
             agent: agent.to_string(),
@@ -676,6 +678,7 @@ impl FileService {
                 }
                 self.counters.completed.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%agent, %file_id, name = %completed.manifest.name, size = completed.manifest.size, sinks = ?delivery.sinks, "file verified and routed");
+                let done = done(&delivery.sinks);
                 self.deliveries.push(delivery);
                 self.when_durable(index, done, file_id)
             }

@@ -1,12 +1,13 @@
-//! The job service inside `fleetbus serve`: its own thread (every step writes the SQLite
-//! ledger), fed with agents' presence and status messages by the engine's link consumer and
-//! with operators' requests by the admin endpoint.
+//! The job service and the agent registry inside `fleetbus serve`: their own thread (every
+//! step writes SQLite), fed with agents' presence and status messages by the engine's link
+//! consumer and with operators' requests by the admin endpoint. It always runs: without
+//! `jobs.signing_key` it keeps the registry and job requests answer that jobs are off.
 
 use std::path::Path;
 
 use std::time::Duration;
 
-use fleetbus_jobs::{JobReport, JobService, JobsError, KnownAgent, PushRequest};
+use fleetbus_jobs::{Forgotten, JobReport, JobService, JobsError, KnownAgent, PushRequest};
 use fleetbus_protocol::{JobStatus, Presence};
 use tokio::sync::{mpsc, oneshot};
 
@@ -27,6 +28,8 @@ pub enum Request {
         Option<String>,
         oneshot::Sender<Result<Vec<KnownAgent>, JobsError>>,
     ),
+    /// Forget an agent.
+    Forget(String, oneshot::Sender<Result<Forgotten, JobsError>>),
 }
 
 /// What the job service thread is fed.
@@ -73,11 +76,10 @@ const BATCH: usize = 2048;
 /// How often rollout and timeouts are checked.
 const TICK: Duration = Duration::from_millis(500);
 
-/// Loads the signing key and starts the service thread and its ticker.
+/// Loads the signing key (if any) and starts the service thread and its ticker.
 pub fn start(
     data_dir: &Path,
-    key_file: &Path,
-    command_ttl: std::time::Duration,
+    section: &crate::JobsSection,
     publish: fleetbus_jobs::Publish,
     announce: fleetbus_jobs::Announce,
 ) -> Result<
@@ -88,13 +90,20 @@ pub fn start(
     ),
     String,
 > {
-    let text = std::fs::read_to_string(key_file)
-        .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
-    let key = fleetbus_protocol::jobs::signing_key_from_hex(&text)
-        .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
+    let key = match &section.signing_key {
+        Some(key_file) => {
+            let text = std::fs::read_to_string(key_file)
+                .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
+            let key = fleetbus_protocol::jobs::signing_key_from_hex(&text)
+                .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
+            Some(key)
+        }
+        None => None,
+    };
     let mut service = JobService::open(data_dir, key, publish, announce)
         .map_err(|e| e.to_string())?
-        .with_command_ttl(command_ttl);
+        .with_command_ttl(section.command_ttl)
+        .with_offline_expiry(section.offline_expiry);
     let (tx, mut rx) = mpsc::channel::<JobInput>(4096);
     let span = tracing::info_span!("jobs");
     let thread = std::thread::Builder::new()
@@ -180,6 +189,9 @@ fn handle(service: &mut JobService, input: JobInput) {
                 }
                 Request::Agents(group, reply) => {
                     let _ = reply.send(service.agents(group.as_deref()));
+                }
+                Request::Forget(agent, reply) => {
+                    let _ = reply.send(service.forget(&agent));
                 }
             }
             Ok(())

@@ -100,7 +100,7 @@ impl Server {
     /// must already be resolved (see [`ServerConfig::resolve_paths`]).
     pub async fn start(config: &ServerConfig) -> Result<Server, ServerError> {
         config.validate().map_err(ServerError::Config)?;
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+        fleetbus_support::create_dir(&config.data_dir).map_err(|source| ServerError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
         })?;
@@ -164,30 +164,22 @@ impl Server {
                 what: "the file service",
                 source,
             })?;
-        let jobs = match &config.jobs.signing_key {
-            Some(key_file) => {
-                let job_link = link_tx.clone();
-                let publish: fleetbus_jobs::Publish = Arc::new(move |topic, payload| {
-                    let mut link = job_link.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = link.try_publish(topic, payload) {
-                        tracing::warn!(error = %e, "job message not published (sent again when its agent reconnects)");
-                    }
-                });
-                let event_engine = engine.clone();
-                let announce: fleetbus_jobs::Announce = Arc::new(move |topic, payload| {
-                    event_engine.dispatch(&topic, &payload);
-                });
-                let (handle, thread, ticker) = jobs::start(
-                    &config.data_dir,
-                    key_file,
-                    config.jobs.command_ttl,
-                    publish,
-                    announce,
-                )
-                .map_err(ServerError::Config)?;
-                Some((Arc::new(handle), thread, ticker))
-            }
-            None => None,
+        let jobs = {
+            let job_link = link_tx.clone();
+            let publish: fleetbus_jobs::Publish = Arc::new(move |topic, payload| {
+                let mut link = job_link.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = link.try_publish(topic, payload) {
+                    tracing::warn!(error = %e, "job message not published (sent again when its agent reconnects)");
+                }
+            });
+            let event_engine = engine.clone();
+            let announce: fleetbus_jobs::Announce = Arc::new(move |topic, payload| {
+                event_engine.dispatch(&topic, &payload);
+            });
+            let (handle, thread, ticker) =
+                jobs::start(&config.data_dir, &config.jobs, publish, announce)
+                    .map_err(ServerError::Config)?;
+            Some((Arc::new(handle), thread, ticker))
         };
         let enroller = match config.broker.security.enforce {
             true => {
@@ -252,7 +244,7 @@ impl Server {
                     guard.clone(),
                 )
                 .await?;
-                tracing::info!(addr = %bound, jobs = jobs.is_some(), "admin endpoint: /jobs");
+                tracing::info!(addr = %bound, jobs = config.jobs.signing_key.is_some(), "admin endpoint: /jobs, /agents");
                 Some((bound, task))
             }
             None => None,

@@ -54,10 +54,10 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Loads the agent configuration (file + FLEETBUS_* overrides); relative paths are
+/// Loads the agent configuration (file + FLEETBUS_AGENT__* overrides); relative paths are
 /// resolved against the configuration file's directory.
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<AgentConfig> {
-    let mut config: AgentConfig = fleetbus_config::load(path)?;
+    let mut config: AgentConfig = fleetbus_config::load(path, fleetbus_config::AGENT_ENV_PREFIX)?;
     config.state_dir = fleetbus_config::relative_to(path, &config.state_dir);
     if let Some(d) = &config.uploads.watch_dir {
         config.uploads.watch_dir = Some(fleetbus_config::relative_to(path, d));
@@ -195,11 +195,20 @@ async fn upload(
         Err(e) => return Err(e.into()),
     };
     match outcome {
-        UploadOutcome::Confirmed { manifest } => {
+        UploadOutcome::Confirmed { manifest, sinks } => {
             println!(
                 "uploaded {} ({} bytes, sha256 {}) as file {}",
                 manifest.name, manifest.size, manifest.sha256, manifest.file_id
             );
+            match sinks.is_empty() {
+                true => println!(
+                    "the server had it already: delivered by an earlier upload of the same file"
+                ),
+                false => println!(
+                    "verified by the server and routed to sink(s): {} (where each writes: the server's rules file)",
+                    sinks.join(", ")
+                ),
+            }
             Ok(ExitCode::SUCCESS)
         }
         UploadOutcome::Failed { manifest, reason } => {

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use fleetbus_broker::acl::Role;
 use fleetbus_broker::credentials::CredentialStore;
-use fleetbus_jobs::KnownAgent;
+use fleetbus_jobs::{Forgotten, KnownAgent};
 
 use super::admin_client::AdminEndpoint;
 
@@ -100,6 +100,14 @@ enum AgentsCommand {
     },
     /// Enrolled credentials: id, role, groups, enrolled, revoked.
     Credentials,
+    /// Forgets an agent the server knows (an id it no longer uses): it leaves `agents list`,
+    /// the targets of group jobs pushed from now on and of active jobs it has not started.
+    /// Its credential is untouched (`revoke` refuses it); if it connects again it is known
+    /// again.
+    Forget {
+        /// The agent id.
+        id: String,
+    },
 }
 
 /// Runs `fleetbus agents ...`.
@@ -135,22 +143,21 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
         }
         AgentsCommand::Credentials => {
             let all = args.data.store()?.list()?;
-            println!(
-                "{:<32} {:<9} {:<20} {:<26} revoked",
-                "id", "role", "groups", "enrolled"
-            );
-            for c in &all {
-                println!(
-                    "{:<32} {:<9} {:<20} {:<26} {}",
-                    c.id,
-                    c.role.as_str(),
-                    c.groups.join(","),
-                    c.enrolled_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-                    c.revoked_at
-                        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-                        .unwrap_or_else(|| "-".into())
-                );
-            }
+            let rows: Vec<[String; 5]> = all
+                .iter()
+                .map(|c| {
+                    [
+                        c.id.clone(),
+                        c.role.as_str().to_string(),
+                        c.groups.join(","),
+                        c.enrolled_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+                        c.revoked_at
+                            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                            .unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            super::job::print_table(["id", "role", "groups", "enrolled", "revoked"], &rows);
             Ok(ExitCode::SUCCESS)
         }
         AgentsCommand::List { group } => {
@@ -160,20 +167,34 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
                 None => "/agents".to_string(),
             };
             let agents: Vec<KnownAgent> = client.get(&path).await?;
-            println!("{:<32} {:<8} {:<24} groups", "agent", "online", "last seen");
-            for a in &agents {
-                println!(
-                    "{:<32} {:<8} {:<24} {}",
-                    a.agent,
-                    if a.online { "yes" } else { "no" },
-                    a.last_seen
-                        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    a.groups.join(",")
-                );
-            }
+            let rows: Vec<[String; 4]> = agents
+                .iter()
+                .map(|a| {
+                    [
+                        a.agent.clone(),
+                        if a.online { "yes" } else { "no" }.to_string(),
+                        a.last_seen
+                            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        a.groups.join(","),
+                    ]
+                })
+                .collect();
+            super::job::print_table(["agent", "online", "last seen", "groups"], &rows);
             let online = agents.iter().filter(|a| a.online).count();
             println!("{} agent(s), {online} online", agents.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        AgentsCommand::Forget { id } => {
+            let client = args.admin.client()?;
+            let forgotten: Forgotten = client
+                .post(&format!("/agents/{id}/forget"), &serde_json::json!({}))
+                .await?;
+            println!(
+                "forgot {}; removed from {} active job(s) it had not started",
+                forgotten.agent,
+                forgotten.removed_from.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -24,7 +24,8 @@ pub struct JobArgs {
 enum JobCommand {
     /// Push a job to one agent or to a group (as one task).
     Push(PushArgs),
-    /// Per-target table of a job: state, started, finished, exit code, output head.
+    /// Per-target table of a job: state, started, finished, exit code, output head. Exits
+    /// 1 when an execution failed, timed out, was rejected or cancelled.
     Status {
         /// The job id.
         id: String,
@@ -68,10 +69,25 @@ struct PushArgs {
     /// ...and at least this many finished.
     #[arg(long, default_value_t = 1)]
     abort_min_finished: u32,
-    /// Follow the job with a progress bar until every target finished; exit 1 if any failed.
+    /// Queue the job even if no known agent is a target (an agent never seen, a group with
+    /// no known member): it waits for targets that connect later, until the server's
+    /// `jobs.offline_expiry`.
+    #[arg(long)]
+    allow_empty: bool,
+    /// Follow the job with a progress bar until every target finished or the wait
+    /// deadline passed; exit 1 if any failed, 2 if some had not finished by the deadline.
     #[arg(long)]
     wait: bool,
+    /// How long --wait follows the job (default: --timeout plus one minute, plus the time a
+    /// --rate rollout needs to reach every target).
+    #[arg(long, value_parser = humantime::parse_duration, requires = "wait")]
+    wait_timeout: Option<Duration>,
 }
+
+/// `job push --wait` exit codes beyond 0 (every execution succeeded).
+const EXIT_FAILED: u8 = 1;
+/// Some executions had not finished when `--wait` stopped at its deadline.
+const EXIT_UNFINISHED: u8 = 2;
 
 fn parse_arg(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
@@ -87,24 +103,26 @@ pub async fn run(args: JobArgs) -> anyhow::Result<ExitCode> {
         JobCommand::Status { id } => {
             let report: JobReport = client.get(&format!("/jobs/{id}")).await?;
             print_report(&report);
-            Ok(ExitCode::SUCCESS)
+            Ok(match bad(&report) {
+                0 => ExitCode::SUCCESS,
+                _ => ExitCode::from(EXIT_FAILED),
+            })
         }
         JobCommand::List { limit } => {
             let list: Vec<JobReport> = client.get(&format!("/jobs?limit={limit}")).await?;
-            println!(
-                "{:<34} {:<20} {:<18} {:<9} counts",
-                "job", "operation", "target", "state"
-            );
-            for r in list {
-                println!(
-                    "{:<34} {:<20} {:<18} {:<9} {}",
-                    r.job.doc.id,
-                    r.job.doc.operation,
-                    r.job.doc.target.to_string(),
-                    format!("{:?}", r.job.state).to_lowercase(),
-                    counts(&r)
-                );
-            }
+            let rows: Vec<[String; 5]> = list
+                .iter()
+                .map(|r| {
+                    [
+                        r.job.doc.id.clone(),
+                        r.job.doc.operation.clone(),
+                        r.job.doc.target.to_string(),
+                        format!("{:?}", r.job.state).to_lowercase(),
+                        counts(r),
+                    ]
+                })
+                .collect();
+            print_table(["job", "operation", "target", "state", "counts"], &rows);
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::Cancel { id } => {
@@ -131,6 +149,7 @@ async fn push(client: &AdminClient, p: PushArgs) -> anyhow::Result<ExitCode> {
             abort_failure_pct: p.abort_failure_pct,
             abort_min_finished: p.abort_min_finished,
         },
+        allow_empty: p.allow_empty,
     };
     let report: JobReport = client.post("/jobs", &req).await?;
     let id = report.job.doc.id.clone();
@@ -142,6 +161,16 @@ async fn push(client: &AdminClient, p: PushArgs) -> anyhow::Result<ExitCode> {
     if !p.wait {
         return Ok(ExitCode::SUCCESS);
     }
+    let deadline = p.wait_timeout.unwrap_or_else(|| {
+        let rollout = match p.rate {
+            Some(rate) if rate > 0 => {
+                Duration::from_secs(60 * (report.total() as u64).div_ceil(rate as u64))
+            }
+            _ => Duration::ZERO,
+        };
+        p.timeout + Duration::from_secs(60) + rollout
+    });
+    let until = tokio::time::Instant::now() + deadline;
     let bar = indicatif::ProgressBar::new(report.total() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} finished  {msg}")
@@ -149,6 +178,7 @@ async fn push(client: &AdminClient, p: PushArgs) -> anyhow::Result<ExitCode> {
     );
     // counts only while following (a job may have thousands of targets); the full
     // per-target table once at the end
+    let mut in_time = true;
     loop {
         let r: JobReport = client.get(&format!("/jobs/{id}?executions=false")).await?;
         bar.set_length(r.total() as u64);
@@ -159,22 +189,92 @@ async fn push(client: &AdminClient, p: PushArgs) -> anyhow::Result<ExitCode> {
         {
             break;
         }
+        if tokio::time::Instant::now() >= until {
+            in_time = false;
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bar.finish();
     let report: JobReport = client.get(&format!("/jobs/{id}")).await?;
     print_report(&report);
-    let bad = report.failed()
+    if !in_time && report.finished() < report.total() || report.total() == 0 {
+        eprintln!(
+            "stopped waiting after {}: {} of {} execution(s) not finished (the job goes on: fleetbus job status {id})",
+            humantime::format_duration(deadline),
+            report.total() - report.finished(),
+            report.total()
+        );
+        return Ok(ExitCode::from(EXIT_UNFINISHED));
+    }
+    Ok(match bad(&report) {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_FAILED),
+    })
+}
+
+/// Executions that ended badly: failed, timed out, rejected or cancelled.
+fn bad(report: &JobReport) -> usize {
+    report.failed()
         + report
             .counts
             .get(&ExecutionState::Canceled)
             .copied()
-            .unwrap_or(0);
-    Ok(if bad > 0 {
-        ExitCode::FAILURE
+            .unwrap_or(0)
+}
+
+/// Prints rows under a header, each column as wide as its widest cell (ids of any length
+/// keep the columns straight); the last column is not padded.
+pub(crate) fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == N {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+/// The line of an execution's output worth a column: for one that ended badly the first
+/// line of its stderr (where the reason usually is), else the first line of its stdout,
+/// else the server's or agent's reason.
+fn output_head(e: &fleetbus_jobs::Execution) -> String {
+    let (stdout, stderr) = match e.output.split_once("[stderr]\n") {
+        Some((out, err)) => (out, err),
+        None => (e.output.as_str(), ""),
+    };
+    let first = |text: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with("[... "))
+            .map(str::to_string)
+    };
+    let failed = e.state.is_terminal() && e.state != ExecutionState::Succeeded;
+    let picked = if failed {
+        first(stderr).or_else(|| first(stdout))
     } else {
-        ExitCode::SUCCESS
-    })
+        first(stdout).or_else(|| first(stderr))
+    };
+    let text = picked.or_else(|| e.reason.clone()).unwrap_or_default();
+    let mut head: String = text.chars().take(100).collect();
+    if text.chars().count() > 100 {
+        head.push('…');
+    }
+    head
 }
 
 fn counts(r: &JobReport) -> String {
@@ -195,36 +295,71 @@ fn print_report(r: &JobReport) {
         r.job.state,
         counts(r)
     );
-    println!(
-        "{:<24} {:<12} {:<24} {:<24} {:>5}  output",
-        "agent", "state", "started", "finished", "exit"
-    );
     let ts = |t: Option<chrono::DateTime<chrono::Utc>>| {
         t.map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
             .unwrap_or_else(|| "-".into())
     };
-    for e in &r.executions {
-        let head: String = e
-            .reason
-            .clone()
-            .filter(|_| e.output.is_empty())
-            .unwrap_or_else(|| e.output.clone())
-            .lines()
-            .next()
-            .unwrap_or("")
-            .chars()
-            .take(60)
-            .collect();
-        println!(
-            "{:<24} {:<12} {:<24} {:<24} {:>5}  {}",
-            e.agent,
-            e.state.as_str(),
-            ts(e.started),
-            ts(e.finished),
-            e.exit_code
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "-".into()),
-            head
+    let rows: Vec<[String; 6]> = r
+        .executions
+        .iter()
+        .map(|e| {
+            [
+                e.agent.clone(),
+                e.state.as_str().to_string(),
+                ts(e.started),
+                ts(e.finished),
+                e.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                output_head(e),
+            ]
+        })
+        .collect();
+    print_table(
+        ["agent", "state", "started", "finished", "exit", "output"],
+        &rows,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn execution(
+        state: ExecutionState,
+        output: &str,
+        reason: Option<&str>,
+    ) -> fleetbus_jobs::Execution {
+        fleetbus_jobs::Execution {
+            agent: "a".into(),
+            state,
+            sent: None,
+            started: None,
+            finished: None,
+            exit_code: Some(1),
+            output: output.into(),
+            reason: reason.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn the_output_column_shows_the_useful_line() {
+        let failed = execution(
+            ExecutionState::Failed,
+            "\n[stderr]\nSystem has not been booted with systemd as init system (PID 1).\nFailed to connect to bus\n",
+            None,
         );
+        assert_eq!(
+            output_head(&failed),
+            "System has not been booted with systemd as init system (PID 1)."
+        );
+        let ok = execution(
+            ExecutionState::Succeeded,
+            "restarted\n[stderr]\nwarning: x\n",
+            None,
+        );
+        assert_eq!(output_head(&ok), "restarted");
+        let expired = execution(ExecutionState::TimedOut, "", Some("never started"));
+        assert_eq!(output_head(&expired), "never started");
     }
 }

@@ -10,9 +10,9 @@ use fleetbus_server::{Server, ServerConfig};
 /// How long a graceful stop may take.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Loads the server configuration (file + FLEETBUS_* overrides) with paths resolved.
+/// Loads the server configuration (file + FLEETBUS_SERVER__* overrides) with paths resolved.
 pub fn load_config(path: Option<&Path>) -> anyhow::Result<ServerConfig> {
-    let mut config: ServerConfig = fleetbus_config::load(path)?;
+    let mut config: ServerConfig = fleetbus_config::load(path, fleetbus_config::SERVER_ENV_PREFIX)?;
     config.resolve_paths(path);
     Ok(config)
 }

@@ -119,3 +119,38 @@ mod tests {
         assert!(!from.exists() && to.exists());
     }
 }
+
+/// Creates `dir` and its parents (like `create_dir_all`), with an error that says what is
+/// wrong when something that is not a directory is in the way ("exists and is not a
+/// directory" instead of the OS's bare "File exists").
+pub fn create_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(std::io::Error::new(
+            e.kind(),
+            "exists and is not a directory",
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(std::io::Error::new(
+            e.kind(),
+            "a part of the path is a file, not a directory",
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod create_dir_tests {
+    #[test]
+    fn a_file_in_the_way_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let err = super::create_dir(&file).unwrap_err().to_string();
+        assert_eq!(err, "exists and is not a directory");
+        let err = super::create_dir(&file.join("sub"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a file, not a directory"), "{err}");
+        super::create_dir(&dir.path().join("a/b")).unwrap();
+    }
+}

@@ -14,6 +14,6 @@ pub mod durable;
 pub mod lock;
 pub mod throttle;
 
-pub use durable::{replace_file, sync_dir};
+pub use durable::{create_dir, replace_file, sync_dir};
 pub use lock::{lock_dir, DirLock, LockError};
 pub use throttle::Throttle;

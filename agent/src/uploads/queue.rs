@@ -55,6 +55,9 @@ pub enum UploadOutcome {
     Confirmed {
         /// The file's manifest.
         manifest: Manifest,
+        /// The sinks the server routed it to (empty: the server did not say).
+        #[serde(default)]
+        sinks: Vec<String>,
     },
     /// The server refused it for good, or the file changed or vanished before it was sent.
     Failed {
@@ -149,12 +152,18 @@ impl UploadQueue {
             op,
             source,
         };
+        if path.is_dir() {
+            return Err(AgentError::NotUploadable {
+                path: path.to_path_buf(),
+                problem: "it is a directory: upload one file at a time (uploads.watch_dir sends every file put into a directory)".into(),
+            });
+        }
         let file = std::fs::File::open(path).map_err(|e| io("open", e))?;
         if !file.metadata().map_err(|e| io("stat", e))?.is_file() {
-            return Err(AgentError::Config(format!(
-                "{}: not a regular file",
-                path.display()
-            )));
+            return Err(AgentError::NotUploadable {
+                path: path.to_path_buf(),
+                problem: "not a regular file: only regular files can be uploaded".into(),
+            });
         }
         let name = path
             .file_name()

@@ -426,7 +426,12 @@ impl FileSender {
                     }
                 }
             }
-            FileReply::Complete { sha256, size, .. } => {
+            FileReply::Complete {
+                sha256,
+                size,
+                sinks,
+                ..
+            } => {
                 if sha256 != t.job.manifest.sha256 || size != t.job.manifest.size {
                     let reason = format!(
                         "the server confirmed {size} bytes with SHA-256 {sha256}, the file has {} bytes with {}",
@@ -434,13 +439,14 @@ impl FileSender {
                     );
                     return self.fail(reason);
                 }
-                tracing::info!(file = %t.job.path.display(), file_id = %t.job.manifest.file_id, "upload confirmed by the server");
+                tracing::info!(file = %t.job.path.display(), file_id = %t.job.manifest.file_id, ?sinks, "upload confirmed by the server");
                 let job = t.job.clone();
                 self.current = None;
                 self.queue.finish(
                     &job,
                     UploadOutcome::Confirmed {
                         manifest: job.manifest.clone(),
+                        sinks,
                     },
                 );
                 self.start_next(client);

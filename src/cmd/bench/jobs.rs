@@ -185,6 +185,7 @@ pub async fn run(args: &JobsBenchArgs) -> anyhow::Result<Figures> {
                 args: [("msg".to_string(), "hello".to_string())].into(),
                 timeout_secs: 60,
                 rollout: Rollout::default(),
+                allow_empty: false,
             },
         )
         .await?;
