@@ -205,40 +205,46 @@ fn count(r: &JobReport, s: ExecutionState) -> usize {
     r.counts.get(&s).copied().unwrap_or(0)
 }
 
+/// Waits until the agents the admin endpoint lists at `query` (`""` or `?group=G`) satisfy
+/// `cond`, as `fleetbus agents list` shows them.
+async fn wait_known(
+    server: &Server,
+    query: &str,
+    what: &str,
+    cond: impl Fn(&[fleetbus_jobs::KnownAgent]) -> bool,
+) {
+    let url = format!("{}/agents{query}", server.admin);
+    for _ in 0..200 {
+        let known: Option<Vec<fleetbus_jobs::KnownAgent>> = ureq::get(&url)
+            .header("Authorization", &server.operator)
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json().ok());
+        if known.is_some_and(|k| cond(&k)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server does not know {what}");
+}
+
 /// Waits until the server knows agent `id` online (pushing to an agent the server has never
 /// heard of is refused).
 async fn agent_known(server: &Server, id: &str) {
-    let url = format!("{}/agents", server.admin);
-    for _ in 0..200 {
-        let known: Option<Vec<fleetbus_jobs::KnownAgent>> = ureq::get(&url)
-            .header("Authorization", &server.operator)
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_json().ok());
-        if known.is_some_and(|k| k.iter().any(|a| a.agent == id && a.online)) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server does not know agent {id}");
+    wait_known(server, "", id, |k| {
+        k.iter().any(|a| a.agent == id && a.online)
+    })
+    .await
 }
 
-/// Waits until the server knows `n` members of `group` from their birth messages (the
-/// admin endpoint's agent list, as `fleetbus agents list --group` shows it).
+/// Waits until the server knows `n` members of `group` from their birth messages.
 async fn members_known(server: &Server, group: &str, n: usize) {
-    let url = format!("{}/agents?group={group}", server.admin);
-    for _ in 0..200 {
-        let known: Option<Vec<fleetbus_jobs::KnownAgent>> = ureq::get(&url)
-            .header("Authorization", &server.operator)
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_json().ok());
-        if known.is_some_and(|k| k.iter().filter(|a| a.online).count() >= n) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server does not know {n} members of {group}");
+    let query = format!("?group={group}");
+    let what = format!("{n} members of {group}");
+    wait_known(server, &query, &what, |k| {
+        k.iter().filter(|a| a.online).count() >= n
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,11 +143,7 @@ impl Ledger {
     /// Commits the transaction [`Ledger::begin`] started (rolls back if the commit fails,
     /// so the ledger is never left inside a transaction).
     pub fn commit(&mut self) -> Result<(), JobsError> {
-        if let Err(e) = self.db.execute_batch("COMMIT") {
-            let _ = self.db.execute_batch("ROLLBACK");
-            return Err(e.into());
-        }
-        Ok(())
+        commit_or_roll_back(&self.db)
     }
 
     /// Stores a new job with one QUEUED execution per target, in one transaction.
@@ -457,6 +453,16 @@ impl Ledger {
             })
             .collect())
     }
+}
+
+/// Commits the open transaction of `db`, rolling it back if the commit fails (so the
+/// connection is never left inside a transaction).
+pub(crate) fn commit_or_roll_back(db: &Connection) -> Result<(), JobsError> {
+    if let Err(e) = db.execute_batch("COMMIT") {
+        let _ = db.execute_batch("ROLLBACK");
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 const UPDATE_EXECUTION: &str =

@@ -59,11 +59,7 @@ impl Registry {
 
     /// Commits the transaction [`Registry::begin`] started (rolls back if that fails).
     pub fn commit(&mut self) -> Result<(), JobsError> {
-        if let Err(e) = self.db.execute_batch("COMMIT") {
-            let _ = self.db.execute_batch("ROLLBACK");
-            return Err(e.into());
-        }
-        Ok(())
+        crate::ledger::commit_or_roll_back(&self.db)
     }
 
     /// Remembers an agent's groups (from its birth message) and whether it is online. A
