@@ -237,3 +237,31 @@ fn first_day_mistakes_get_plain_messages() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("lisen"), "{}", stderr(&out));
 }
+
+/// `rules check` finds, before any message, a condition that could never match as meant.
+#[test]
+fn rules_check_finds_unknown_names_in_macros_and_type_mismatches() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    fs::write(
+        &rules,
+        "[sinks.out]\ntype = \"stdout\"\n\
+         [[rules]]\nname = \"hot\"\nfrom = [\"fleet/+/telemetry/metrics\"]\n\
+         where = 'record.metrics.exists(m, m.value > 90.0 && cpu > 1)'\nto = [\"out\"]\n\
+         [[rules]]\nname = \"severe\"\nfrom = [\"fleet/+/telemetry/events\"]\n\
+         where = 'record.event.severity >= \"high\"'\nto = [\"out\"]\n",
+    )
+    .unwrap();
+    let out = run(&["rules", "check", rules.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}:6:9", rules.display())) && err.contains("unknown variable `cpu`"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{}:11:9", rules.display()))
+            && err.contains("is a number and `\"high\"` a string"),
+        "{err}"
+    );
+}

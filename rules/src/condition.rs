@@ -18,6 +18,8 @@
 use cel::{Context, ExecutionError, Program, Value};
 use fleetbus_protocol::Message;
 
+use crate::filter::TopicFilter;
+
 /// Names of the variables a condition can use.
 pub const VARIABLES: [&str; 5] = ["topic", "segments", "agent", "stream", "record"];
 
@@ -29,29 +31,30 @@ pub struct Condition {
 }
 
 impl Condition {
-    /// Compiles `source`; syntax errors and unknown variables are reported.
+    /// Compiles `source` for a rule open to any topic; syntax errors and unknown
+    /// variables are reported (see [`Condition::compile_for`]).
     pub fn compile(source: &str) -> Result<Condition, String> {
+        Condition::compile_for(source, &[])
+    }
+
+    /// Compiles `source` for a rule listening to `from`. Reported: syntax errors, unknown
+    /// variables (inside macros too), and, where `from` says which kind of message
+    /// `record` is, fields that kind does not have and comparisons of a field with a
+    /// literal of another type, which would never match ([`crate::schema`]).
+    pub fn compile_for(source: &str, from: &[TopicFilter]) -> Result<Condition, String> {
         let program = Program::compile(source).map_err(|e| {
             // cel's message embeds its own "<input>:line:col" and a caret diagram
             e.to_string()
                 .replace("ERROR: <input>:", "expression position ")
         })?;
-        let condition = Condition {
+        let problems = crate::schema::check(program.expression(), from);
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        Ok(Condition {
             source: source.to_string(),
             program,
-        };
-        // evaluate once on a sample message to catch misspelled variable names
-        let sample = Message::decode("fleet/sample/telemetry/metrics", b"{}")
-            .map_err(|e| format!("internal: sample message: {e}"))?;
-        if let Err(ExecutionError::UndeclaredReference(name)) =
-            condition.evaluate_in(&context_for(&sample))
-        {
-            return Err(format!(
-                "unknown variable `{name}` (available: {})",
-                VARIABLES.join(", ")
-            ));
-        }
-        Ok(condition)
+        })
     }
 
     /// The expression as written.
@@ -128,6 +131,9 @@ mod tests {
         assert!(e.contains("Syntax error"), "{e}");
         let e = Condition::compile("recod.seq > 1").unwrap_err();
         assert!(e.contains("unknown variable `recod`"), "{e}");
+        let e =
+            Condition::compile("record.metrics.exists(m, m.value > 90.0 && cpu > 1)").unwrap_err();
+        assert!(e.contains("unknown variable `cpu`"), "{e}");
         // comprehension variables are fine
         assert!(Condition::compile("record.metrics.exists(m, m.value > 1.0)").is_ok());
     }

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod filter;
 pub mod router;
 pub mod ruleset;
+pub mod schema;
 pub mod standalone;
 
 pub use engine::{AckPublisher, Dispatched, Engine, EngineOptions, EngineStats};

@@ -185,7 +185,7 @@ impl RuleSet {
                 }
             }
             let condition = match &r.condition {
-                Some(src) => match Condition::compile(src.get_ref()) {
+                Some(src) => match Condition::compile_for(src.get_ref(), &from) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         problems.push(at(
