@@ -1,5 +1,5 @@
-//! Bad input on the command line: every error names the file, the line and the problem,
-//! and the command exits non-zero.
+//! The command line as a new user meets it: bad input gets an error naming the file, the
+//! line and the problem, and the command exits non-zero; the demo shows the product.
 
 mod common;
 
@@ -264,4 +264,25 @@ fn rules_check_finds_unknown_names_in_macros_and_type_mismatches() {
             && err.contains("is a number and `\"high\"` a string"),
         "{err}"
     );
+}
+
+/// The README's first command: the demo shows the product and says it worked.
+#[test]
+fn the_demo_shows_routing_a_verified_file_and_a_group_job() {
+    let out = Command::new(bin())
+        .args(["demo", "--duration", "3s"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", stderr(&out));
+    for expected in [
+        "complete, in order",
+        "sha256 matches the original",
+        "SUCCEEDED",
+        "--keep",
+        "demo ok",
+    ] {
+        assert!(stdout.contains(expected), "no `{expected}` in:\n{stdout}");
+    }
+    assert!(!stdout.contains("NOTHING ARRIVED"), "{stdout}");
 }
