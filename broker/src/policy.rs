@@ -122,6 +122,40 @@ impl PolicyProtocol {
     }
 
     /// Checks one PUBLISH topic or SUBSCRIBE filter of this connection.
+    /// A SUBSCRIBE filter: a malformed one (4.7.1), a `$` one (other than a shared
+    /// subscription, `$share/GROUP/...`) or one the policy refuses is marked
+    /// refused, so the router answers 0x80 for it in the SUBACK and subscribes nothing
+    /// (3.9.3); the others pass. An agent whose filter the policy refuses is disconnected
+    /// instead (a fleetbus agent never asks for one: it is misbehaving); other roles get the
+    /// protocol's answer. Every policy refusal is reported as a violation.
+    fn check_filter(&mut self, filter: &mut rumqttd::protocol::Filter) -> Result<(), Error> {
+        // a `$` filter (4.7.2: reserved for the server; fleetbus publishes nothing there)
+        // is refused for everyone without counting as a violation
+        let reserved = filter.path.starts_with('$') && !filter.path.starts_with("$share/");
+        if !valid_filter(&filter.path) || reserved {
+            refuse_filter(filter);
+            return Ok(());
+        }
+        if !self.guard.enforcing() {
+            return Ok(());
+        }
+        if self
+            .authorize(Action::Subscribe, filter.path.as_bytes())
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let is_agent = self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.admitted.role == Some(crate::acl::Role::Agent));
+        if is_agent {
+            return Err(Error::InvalidProtocol);
+        }
+        refuse_filter(filter);
+        Ok(())
+    }
+
     fn authorize(&mut self, action: Action, topic: &[u8]) -> Result<(), Error> {
         let Some(session) = &mut self.session else {
             // nothing before CONNECT is admitted
@@ -158,28 +192,58 @@ impl PolicyProtocol {
     }
 }
 
+/// Prefix a refused filter is given: the router refuses every `$` filter (other than
+/// `$share/`) with 0x80 in the SUBACK, and nothing is ever published under it.
+pub const REFUSED_FILTER_PREFIX: &str = "$refused/";
+
+fn refuse_filter(filter: &mut rumqttd::protocol::Filter) {
+    filter.path = format!("{REFUSED_FILTER_PREFIX}{}", filter.path);
+}
+
+/// A topic filter as MQTT 3.1.1 4.7.1 allows it: not empty, `#` only as the whole last
+/// level, `+` only as a whole level.
+fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i + 1 == levels.len(),
+        "+" => true,
+        other => !other.contains(['+', '#']),
+    })
+}
+
 impl Protocol for PolicyProtocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error> {
-        let packet = self.inner.read_mut(stream, max_size)?;
+        let mut packet = self.inner.read_mut(stream, max_size)?;
         if !self.gate.is_open() {
             // the broker is stopping: this connection ends here, unacknowledged
             return Err(Error::InvalidProtocol);
         }
-        if let Packet::Publish(publish, _) = &packet {
-            if publish.retain {
-                self.check_retain(&publish.topic, publish.payload.len())?;
-            }
-        }
-        if self.guard.enforcing() {
-            match &packet {
-                Packet::Publish(publish, _) => self.authorize(Action::Publish, &publish.topic)?,
-                Packet::Subscribe(subscribe, _) => {
-                    for filter in &subscribe.filters {
-                        self.authorize(Action::Subscribe, filter.path.as_bytes())?;
-                    }
+        match &mut packet {
+            // MQTT 3.1.1 3.1.0-2: a second CONNECT is a protocol violation
+            Packet::Connect(..) if self.session.is_some() => return Err(Error::InvalidProtocol),
+            Packet::Publish(publish, _) => {
+                // 3.3.2-2: a topic name has no wildcards (and is not empty, 4.7.3-1)
+                if publish.topic.is_empty()
+                    || publish.topic.iter().any(|b| matches!(b, b'+' | b'#'))
+                {
+                    return Err(Error::InvalidProtocol);
                 }
-                _ => {}
+                if publish.retain {
+                    self.check_retain(&publish.topic, publish.payload.len())?;
+                }
+                if self.guard.enforcing() {
+                    self.authorize(Action::Publish, &publish.topic)?;
+                }
             }
+            Packet::Subscribe(subscribe, _) => {
+                for filter in &mut subscribe.filters {
+                    self.check_filter(filter)?;
+                }
+            }
+            _ => {}
         }
         Ok(packet)
     }
@@ -534,5 +598,15 @@ mod tests {
             }
         }
         assert!(passed > 10, "the generator reached too few allowed cases");
+    }
+
+    #[test]
+    fn filters_are_checked_as_mqtt_3_1_1_writes_them() {
+        for good in ["#", "+", "a/+/b", "a/#", "+/+", "$share/g/a/#", "a//b"] {
+            assert!(super::valid_filter(good), "{good}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+", "#/a", "a/+b"] {
+            assert!(!super::valid_filter(bad), "{bad}");
+        }
     }
 }

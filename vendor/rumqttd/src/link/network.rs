@@ -1,8 +1,5 @@
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    time::timeout,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use std::{
     collections::VecDeque,
@@ -36,8 +33,14 @@ pub struct Network<P> {
     max_incoming_size: usize,
     /// Maximum connection buffer count. TODO: Change this to use bytes for deterministicness
     max_connection_buffer_len: usize,
-    /// Keep alive timeout
-    keepalive: Duration,
+    /// Keep alive timeout (fleetbus patch: None = off, the client's keep-alive 0)
+    keepalive: Option<Duration>,
+    /// fleetbus patch: when bytes last arrived from the client. The keep-alive deadline
+    /// counts from here, not from the start of each read: a read restarted because the
+    /// router had something to send no longer restarts the clock, so a client that stops
+    /// sending is dropped (and its will published) 1.5 x keep-alive after it went quiet,
+    /// however busy its subscriptions are.
+    last_heard: tokio::time::Instant,
     /// Protocol
     protocol: P,
 }
@@ -58,7 +61,8 @@ impl<P: Protocol> Network<P> {
             // Overwritten by keepalive value in connect packet, otherwise we
             // would wait indefinitely until we get a packet / network error
             // when we call read.
-            keepalive: Duration::MAX,
+            keepalive: None,
+            last_heard: tokio::time::Instant::now(),
             protocol,
         }
     }
@@ -68,9 +72,16 @@ impl<P: Protocol> Network<P> {
         &mut self.protocol
     }
 
+    /// fleetbus patch: keep-alive 0 turns the mechanism off (MQTT 3.1.1, 3.1.2.10); dead
+    /// peers are then found by TCP keep-alive (set on every accepted socket).
     pub fn set_keepalive(&mut self, keepalive: u16) {
-        let keepalive = Duration::from_secs(keepalive as u64);
-        self.keepalive = keepalive + keepalive.mul_f32(0.5);
+        self.keepalive = match keepalive {
+            0 => None,
+            secs => {
+                let keepalive = Duration::from_secs(secs as u64);
+                Some(keepalive + keepalive.mul_f32(0.5))
+            }
+        };
     }
 
     /// Reads more than 'required' bytes to frame a packet into self.read buffer
@@ -89,6 +100,7 @@ impl<P: Protocol> Network<P> {
                 return Err(error);
             }
 
+            self.last_heard = tokio::time::Instant::now();
             total_read += read;
             if total_read >= required {
                 return Ok(total_read);
@@ -111,7 +123,13 @@ impl<P: Protocol> Network<P> {
 
             // read more packets until a frame can be created. This function
             // blocks until a frame can be created. Use this in a select! branch
-            timeout(self.keepalive, self.read_bytes(required)).await??;
+            match self.keepalive {
+                Some(keepalive) => {
+                    let deadline = self.last_heard + keepalive;
+                    tokio::time::timeout_at(deadline, self.read_bytes(required)).await??
+                }
+                None => self.read_bytes(required).await?,
+            };
         }
     }
 

@@ -228,11 +228,9 @@ where
 
     handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
 
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
-    }
+    // fleetbus patch: upstream refused keep-alive 0 by closing the connection without a
+    // CONNACK. MQTT 3.1.1 (3.1.2.10) says 0 turns keep-alive off; such a connection is
+    // served, and a dead peer is found by TCP keep-alive instead.
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;

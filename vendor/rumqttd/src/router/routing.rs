@@ -671,10 +671,12 @@ impl Router {
                         let connection = self.connections.get_mut(id).unwrap();
 
                         if let Err(e) = validate_subscription(connection, f) {
+                            // fleetbus patch: a refused filter gets 0x80 in the SUBACK
+                            // (MQTT 3.1.1, 3.9.3) instead of a dropped connection, and the
+                            // others in the same SUBSCRIBE are still served
                             warn!(reason = ?e,"Subscription cannot be validated: {}", e);
-
-                            disconnect = true;
-                            break;
+                            return_codes.push(SubscribeReasonCode::Failure);
+                            continue;
                         }
 
                         let mut filter = f.path.clone();

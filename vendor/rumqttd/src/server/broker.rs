@@ -492,6 +492,16 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             if let Err(e) = stream.set_nodelay(true) {
                 warn!(error=?e, "cannot set TCP_NODELAY");
             }
+            // fleetbus patch: TCP keep-alive finds a dead peer (a host gone without a FIN)
+            // on a connection with MQTT keep-alive 0 in about 3 minutes, so it cannot hold
+            // its connection slot forever
+            let probes = socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(120))
+                .with_interval(Duration::from_secs(15))
+                .with_retries(4);
+            if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&probes) {
+                warn!(error=?e, "cannot set TCP keep-alive");
+            }
 
             let (network, tenant_id) = match self.tls_accept(stream).await {
                 Ok(o) => o,
