@@ -865,7 +865,10 @@ async fn agent_upload_says_where_the_file_went_and_refuses_a_directory() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("routed to sink(s): local"), "{stdout}");
+    assert!(
+        stdout.contains("landed at local: file received/cli-1/core.dump"),
+        "{stdout}"
+    );
     let landed = server.data().join("received/cli-1/core.dump");
     assert!(
         common::poll_until(Duration::from_secs(10), || fs::read(&landed)

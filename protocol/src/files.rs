@@ -230,11 +230,12 @@ pub enum FileReply {
         size: u64,
         /// The verified SHA-256.
         sha256: String,
-        /// The sinks the server's rules routed the file to (where it lands: see each
-        /// sink in the server's rules file). Empty when the server does not say (an
-        /// upload it delivered before).
+        /// Where the file lands, one entry per sink the server's rules routed it to:
+        /// `SINK: file PATH` (relative to the server's data directory), `SINK:
+        /// s3://BUCKET/KEY`... Empty when the server does not say (an upload it delivered
+        /// before).
         #[serde(default)]
-        sinks: Vec<String>,
+        landed: Vec<String>,
     },
     /// The upload was aborted and its spool space freed.
     Aborted {

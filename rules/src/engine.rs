@@ -154,6 +154,8 @@ struct Inner {
     router: Router,
     filters: Vec<String>,
     sink_names: Vec<String>,
+    /// Each sink's configuration (same order), to say where a completed file goes.
+    sink_configs: Vec<fleetbus_sinks::SinkConfig>,
     sink_stats: Vec<Arc<SinkStats>>,
     sink_limits: Vec<u64>,
     wal: Arc<Wal>,
@@ -267,6 +269,7 @@ impl Engine {
             router: Router::new(rules.rules),
             filters,
             sink_names: built.iter().map(|b| b.0.clone()).collect(),
+            sink_configs: built.iter().map(|b| b.1.clone()).collect(),
             sink_limits: built.iter().map(|b| b.1.buffer().max_bytes).collect(),
             sink_stats: stats.clone(),
             wal: wal.clone(),
@@ -349,6 +352,30 @@ impl Engine {
     /// the file service, which must know where its completion message went).
     pub fn dispatch_routed(&self, topic: &str, payload: &[u8]) -> Dispatched {
         self.inner.dispatch(topic, payload)
+    }
+
+    /// Where each of `sinks` puts the completed file that the completion message
+    /// (`topic`, `payload`) describes: `NAME: file PATH` (relative to the data directory),
+    /// `NAME: s3://BUCKET/KEY`... For an agent told where its upload landed.
+    pub fn file_destinations(&self, topic: &str, payload: &[u8], sinks: &[String]) -> Vec<String> {
+        let Ok(msg) = Message::decode(topic, payload) else {
+            return sinks.to_vec();
+        };
+        sinks
+            .iter()
+            .map(|name| {
+                let described = self
+                    .inner
+                    .sink_names
+                    .iter()
+                    .position(|n| n == name)
+                    .and_then(|i| self.inner.sink_configs[i].file_destination(&msg));
+                match described {
+                    Some(place) => format!("{name}: {place}"),
+                    None => name.clone(),
+                }
+            })
+            .collect()
     }
 
     /// Log index up to which entries are durable (fsynced).

@@ -260,6 +260,9 @@ struct Delivery {
     file_id: String,
     index: u64,
     sinks: Vec<String>,
+    /// Where each sink puts the file (told to the agent).
+    #[serde(default)]
+    landed: Vec<String>,
 }
 
 /// Most chunks reported lost for one gap: an agent never has more than its window in flight,
@@ -623,7 +626,7 @@ impl FileService {
                     file_id: file_id.to_string(),
                     size: m.size,
                     sha256: m.sha256,
-                    sinks: Vec::new(),
+                    landed: Vec::new(),
                 };
             }
         }
@@ -636,11 +639,11 @@ impl FileService {
                 return refusal(file_id, e);
             }
         };
-        let done = |sinks: &[String]| FileReply::Complete {
+        let done = |landed: &[String]| FileReply::Complete {
             file_id: file_id.to_string(),
             size: completed.manifest.size,
             sha256: completed.manifest.sha256.clone(),
-            sinks: sinks.to_vec(),
+            landed: landed.to_vec(),
         };
         if let Some(d) = self
             .deliveries
@@ -648,7 +651,7 @@ impl FileService {
             .find(|d| d.agent == agent && d.file_id == file_id)
         {
             // announced before (the agent did not get our answer): wait for it again
-            return self.when_durable(d.index, done(&d.sinks), file_id);
+            return self.when_durable(d.index, done(&d.landed), file_id);
         }
         let message = FileCompleted {
             agent: agent.to_string(),
@@ -664,11 +667,13 @@ impl FileService {
         let topic = files::file_topic(agent, file_id, FileAction::Complete);
         match self.engine.dispatch_routed(&topic, &payload) {
             Dispatched::Appended { index, sinks } => {
+                let landed = self.engine.file_destinations(&topic, &payload, &sinks);
                 let delivery = Delivery {
                     agent: agent.to_string(),
                     file_id: file_id.to_string(),
                     index,
                     sinks,
+                    landed,
                 };
                 let path = completed.path.with_file_name("delivery.json");
                 if let Err(e) = write_json(&path, &delivery) {
@@ -678,7 +683,7 @@ impl FileService {
                 }
                 self.counters.completed.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(%agent, %file_id, name = %completed.manifest.name, size = completed.manifest.size, sinks = ?delivery.sinks, "file verified and routed");
-                let done = done(&delivery.sinks);
+                let done = done(&delivery.landed);
                 self.deliveries.push(delivery);
                 self.when_durable(index, done, file_id)
             }

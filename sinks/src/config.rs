@@ -82,6 +82,23 @@ impl Default for BatchConfig {
 }
 
 impl SinkConfig {
+    /// Where this sink puts a completed file, in words an operator can follow: `file
+    /// PATH` (relative to the server's `data_dir`), `s3://BUCKET/KEY`, `stdout`. None when
+    /// the template does not parse (the rules file check reports that).
+    pub fn file_destination(&self, msg: &fleetbus_protocol::Message) -> Option<String> {
+        match self {
+            SinkConfig::File(c) => {
+                let path = crate::template::PathTemplate::parse(&c.path).ok()?;
+                Some(format!("file {}", path.render(msg)))
+            }
+            SinkConfig::S3(c) => {
+                let key = crate::template::PathTemplate::parse(&c.key).ok()?;
+                Some(format!("s3://{}/{}", c.bucket, key.render(msg)))
+            }
+            SinkConfig::Stdout(_) => Some("stdout".into()),
+        }
+    }
+
     /// The sink's type name as written in the file.
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -158,5 +175,29 @@ impl SinkConfig {
             SinkConfig::Stdout(_) => Box::new(StdoutSink),
             SinkConfig::S3(c) => Box::new(S3Sink::new(c, data_dir)?),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_completed_file_destination_is_named_per_sink_type() {
+        let sinks: std::collections::BTreeMap<String, SinkConfig> = toml::from_str(
+            "[file]\ntype = \"file\"\npath = \"received/{agent}/{file.name}\"\n\
+             [s3]\ntype = \"s3\"\nbucket = \"samples\"\nkey = \"{agent}/{file.sha256}\"\n\
+             [out]\ntype = \"stdout\"\n",
+        )
+        .unwrap();
+        let msg = fleetbus_protocol::Message::decode(
+            "fleet/web-1/files/f1/complete",
+            br#"{"agent":"web-1","kind":"file","file":{"file_id":"f1","name":"core.dump","size":3,"sha256":"abc","chunk_size":1024,"chunk_count":1},"spool":"web-1/f1/data","ts":"2026-12-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        let place = |name: &str| sinks[name].file_destination(&msg).unwrap();
+        assert_eq!(place("file"), "file received/web-1/core.dump");
+        assert_eq!(place("s3"), "s3://samples/web-1/abc");
+        assert_eq!(place("out"), "stdout");
     }
 }

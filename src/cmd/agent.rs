@@ -195,19 +195,18 @@ async fn upload(
         Err(e) => return Err(e.into()),
     };
     match outcome {
-        UploadOutcome::Confirmed { manifest, sinks } => {
+        UploadOutcome::Confirmed { manifest, landed } => {
             println!(
                 "uploaded {} ({} bytes, sha256 {}) as file {}",
                 manifest.name, manifest.size, manifest.sha256, manifest.file_id
             );
-            match sinks.is_empty() {
-                true => println!(
+            if landed.is_empty() {
+                println!(
                     "the server had it already: delivered by an earlier upload of the same file"
-                ),
-                false => println!(
-                    "verified by the server and routed to sink(s): {} (where each writes: the server's rules file)",
-                    sinks.join(", ")
-                ),
+                );
+            }
+            for place in &landed {
+                println!("landed at {place}");
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -291,13 +291,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .map(|b| hex::encode(Sha256::digest(&b)))
         .unwrap_or_default();
     match &upload {
-        UploadOutcome::Confirmed { sinks, .. } if landed_sha == sha => println!(
-            "{} -> {} (sink {}): {} bytes, sha256 matches the original",
-            original.display(),
-            landed.strip_prefix(&dir).unwrap_or(&landed).display(),
-            sinks.join(","),
-            bytes.len()
-        ),
+        UploadOutcome::Confirmed { landed: told, .. } if landed_sha == sha => {
+            println!(
+                "{} ({} bytes) -> {}: sha256 matches the original",
+                job.manifest.name,
+                bytes.len(),
+                landed.strip_prefix(&dir).unwrap_or(&landed).display()
+            );
+            println!("the server told the agent where: {}", told.join(", "));
+        }
         other => {
             ok = false;
             println!(

@@ -55,9 +55,10 @@ pub enum UploadOutcome {
     Confirmed {
         /// The file's manifest.
         manifest: Manifest,
-        /// The sinks the server routed it to (empty: the server did not say).
+        /// Where the server's sinks put it (`SINK: file PATH`, `SINK: s3://BUCKET/KEY`;
+        /// empty: the server did not say).
         #[serde(default)]
-        sinks: Vec<String>,
+        landed: Vec<String>,
     },
     /// The server refused it for good, or the file changed or vanished before it was sent.
     Failed {

@@ -429,7 +429,7 @@ impl FileSender {
             FileReply::Complete {
                 sha256,
                 size,
-                sinks,
+                landed,
                 ..
             } => {
                 if sha256 != t.job.manifest.sha256 || size != t.job.manifest.size {
@@ -439,14 +439,14 @@ impl FileSender {
                     );
                     return self.fail(reason);
                 }
-                tracing::info!(file = %t.job.path.display(), file_id = %t.job.manifest.file_id, ?sinks, "upload confirmed by the server");
+                tracing::info!(file = %t.job.path.display(), file_id = %t.job.manifest.file_id, ?landed, "upload confirmed by the server");
                 let job = t.job.clone();
                 self.current = None;
                 self.queue.finish(
                     &job,
                     UploadOutcome::Confirmed {
                         manifest: job.manifest.clone(),
-                        sinks,
+                        landed,
                     },
                 );
                 self.start_next(client);
