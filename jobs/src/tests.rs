@@ -385,3 +385,31 @@ fn without_a_signing_key_the_registry_works_and_jobs_are_off() {
     svc.forget("w1").unwrap();
     assert!(svc.agents(None).unwrap().is_empty());
 }
+
+#[test]
+fn agents_an_older_ledger_kept_move_to_the_registry_once() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = rusqlite::Connection::open(dir.path().join("jobs.sqlite")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE agents (agent TEXT PRIMARY KEY, groups TEXT NOT NULL,
+                 online INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL);
+             INSERT INTO agents VALUES ('old-1', '[\"web\"]', 0, 1700000000000);",
+        )
+        .unwrap();
+    }
+    let (svc, _, _) = service(dir.path());
+    let known = svc.agents(Some("web")).unwrap();
+    assert_eq!(known.len(), 1);
+    assert_eq!(known[0].agent, "old-1");
+    drop(svc);
+    let db = rusqlite::Connection::open(dir.path().join("jobs.sqlite")).unwrap();
+    let left: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'agents'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0, "the old table is gone");
+}
