@@ -940,4 +940,25 @@ async fn the_agent_registry_works_without_a_signing_key() {
     assert!(err.contains("the job service is off"), "{err}");
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+
+    // an operator's tool holding an idle keep-alive connection does not hold up a stop
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        idle,
+        "GET /agents HTTP/1.1\r\nHost: 127.0.0.1:{admin_port}\r\nAuthorization: {}\r\n\r\n",
+        server.operator
+    )
+    .unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let mut server = server;
+    let stopping = std::time::Instant::now();
+    server.proc.terminate();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "stopping took {:?} with an idle admin connection open",
+        stopping.elapsed()
+    );
 }

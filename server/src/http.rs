@@ -55,7 +55,12 @@ async fn accept_loop(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
+    // the connections belong to this loop: when it is aborted (the server stops), they end
+    // with it instead of holding what their handlers hold (the job service) until an idle
+    // keep-alive connection times out
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -84,7 +89,7 @@ async fn accept_loop(
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let guard = guard.clone();
         let lifetime = limits.connection_lifetime;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             match tokio::time::timeout(lifetime, connection).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

@@ -223,8 +223,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         done??;
     }
     let stats = server.stats();
-    // its idle keep-alive connection would hold the job service open until it times out
-    drop(client);
     server.shutdown(Duration::from_secs(10)).await;
 
     let mut ok = true;
