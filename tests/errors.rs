@@ -236,6 +236,18 @@ fn first_day_mistakes_get_plain_messages() {
         .unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("lisen"), "{}", stderr(&out));
+    // ...and so does one in the older unscoped form, instead of being ignored
+    let out = Command::new(bin())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("FLEETBUS_BROKER__LISTEN", "0.0.0.0:1883")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("FLEETBUS_BROKER__LISTEN is not read"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// `rules check` finds, before any message, a condition that could never match as meant.

@@ -128,6 +128,14 @@ pub fn load<T: DeserializeOwned + Default>(
     env_prefix: &str,
 ) -> Result<T, ConfigError> {
     let env = Env::prefixed(env_prefix).split("__");
+    if let Some(stray) = unscoped_override(std::env::vars().map(|(k, _)| k)) {
+        return Err(ConfigError::invalid(
+            path.unwrap_or(Path::new("<defaults>")),
+            format!(
+                "environment variable {stray} is not read: configuration overrides name their program, {SERVER_ENV_PREFIX}KEY__SUBKEY for `serve` and {AGENT_ENV_PREFIX}KEY__SUBKEY for `agent`"
+            ),
+        ));
+    }
     let (figment, shown) = match path {
         Some(path) => {
             let text = read(path)?;
@@ -145,6 +153,15 @@ pub fn load<T: DeserializeOwned + Default>(
             format!("{e} (from environment overrides {env_prefix}*)"),
         )
     })
+}
+
+/// The first variable that looks like a configuration override (`FLEETBUS_…__…`) but names
+/// neither program: an override in the older, unscoped form would otherwise be ignored
+/// without a word.
+fn unscoped_override(names: impl Iterator<Item = String>) -> Option<String> {
+    names
+        .filter(|n| n.starts_with("FLEETBUS_") && n.contains("__"))
+        .find(|n| !n.starts_with(SERVER_ENV_PREFIX) && !n.starts_with(AGENT_ENV_PREFIX))
 }
 
 #[cfg(test)]
@@ -177,7 +194,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "name = \"x\"\n[inner]\nprot = 1\n").unwrap();
-        let err = load::<Sample>(Some(&path), "FLEETBUS_T__")
+        let err = load::<Sample>(Some(&path), SERVER_ENV_PREFIX)
             .unwrap_err()
             .to_string();
         assert!(err.contains("c.toml:3:1"), "{err}");
@@ -187,7 +204,7 @@ mod tests {
     #[test]
     fn missing_file_names_the_file() {
         let err =
-            load::<Sample>(Some(Path::new("/nonexistent/x.toml")), "FLEETBUS_T__").unwrap_err();
+            load::<Sample>(Some(Path::new("/nonexistent/x.toml")), SERVER_ENV_PREFIX).unwrap_err();
         assert!(
             err.to_string().contains("/nonexistent/x.toml: cannot read"),
             "{err}"
@@ -201,24 +218,49 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "name = \"x\"\n[inner]\nport = 1\n").unwrap();
         figment::Jail::expect_with(|jail| {
-            jail.set_env("FLEETBUS_T__INNER__PORT", "7");
-            jail.set_env("FLEETBUS_T__ID", "from-env");
+            jail.set_env("FLEETBUS_SERVER__INNER__PORT", "7");
+            jail.set_env("FLEETBUS_SERVER__ID", "from-env");
             // another program's variables, and the test harness's, are not this one's
-            jail.set_env("FLEETBUS_OTHER__INNER__PROT", "1");
-            jail.set_env("FLEETBUS_INNER__PROT", "1");
+            jail.set_env("FLEETBUS_AGENT__INNER__PROT", "1");
             jail.set_env("FLEETBUS_TEST_REQUIRE", "1");
-            let s = load::<Sample>(Some(&path), "FLEETBUS_T__");
+            let s = load::<Sample>(Some(&path), SERVER_ENV_PREFIX);
             let s = s.unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(s.inner.port, 7);
             assert_eq!(s.id.as_deref(), Some("from-env"));
             assert_eq!(s.name, "x");
             // below a known key, a misspelled name is still an error
-            jail.set_env("FLEETBUS_T__INNER__PROT", "7");
-            let err = load::<Sample>(Some(&path), "FLEETBUS_T__")
+            jail.set_env("FLEETBUS_SERVER__INNER__PROT", "7");
+            let err = load::<Sample>(Some(&path), SERVER_ENV_PREFIX)
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("prot"), "{err}");
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod unscoped_tests {
+    #[test]
+    fn an_override_naming_no_program_is_found() {
+        let names = |v: &[&str]| {
+            v.iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert_eq!(
+            super::unscoped_override(names(&["FLEETBUS_BROKER__LISTEN", "PATH"])).as_deref(),
+            Some("FLEETBUS_BROKER__LISTEN")
+        );
+        assert_eq!(
+            super::unscoped_override(names(&[
+                "FLEETBUS_SERVER__BROKER__LISTEN",
+                "FLEETBUS_AGENT__SERVER",
+                "FLEETBUS_ADMIN_TOKEN_FILE",
+                "FLEETBUS_TEST_REQUIRE",
+            ])),
+            None
+        );
     }
 }
