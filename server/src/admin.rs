@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 use crate::jobs::{JobsHandle, Request as JobRequest};
 use crate::ServerError;
 
-type Jobs = Option<Arc<JobsHandle>>;
+type Jobs = Arc<JobsHandle>;
 
 /// Who may use the endpoint: the credential store and the host names requests may name.
 struct Gatekeeper {
@@ -199,9 +199,6 @@ async fn answer<T: serde::Serialize>(
     ok: StatusCode,
     make: impl FnOnce(oneshot::Sender<Result<T, JobsError>>) -> JobRequest,
 ) -> Response {
-    let Some(jobs) = jobs.as_deref() else {
-        return failed(JobsError::Request("the job service stopped".into()));
-    };
     match jobs.ask(make).await {
         Ok(value) => (ok, Json(value)).into_response(),
         Err(e) => failed(e),

@@ -179,7 +179,7 @@ impl Server {
             let (handle, thread, ticker) =
                 jobs::start(&config.data_dir, &config.jobs, publish, announce)
                     .map_err(ServerError::Config)?;
-            Some((Arc::new(handle), thread, ticker))
+            (Arc::new(handle), thread, ticker)
         };
         let enroller = match config.broker.security.enforce {
             true => {
@@ -197,7 +197,7 @@ impl Server {
             }
             false => None,
         };
-        let job_handle = jobs.as_ref().map(|j| j.0.clone());
+        let job_handle = jobs.0.clone();
         let consumer = tokio::spawn(
             consume(
                 link_rx,
@@ -263,7 +263,7 @@ impl Server {
             },
             metrics,
             admin,
-            jobs,
+            jobs: Some(jobs),
             security,
             addr,
             _engine_link: link_tx,
@@ -414,10 +414,7 @@ async fn report_stats(engine: Arc<Engine>, interval: Duration) {
 }
 
 /// Hands an agent's job status report to the job service (nothing else reads it).
-async fn forward_job_status(jobs: Option<&jobs::JobsHandle>, agent: &str, payload: &[u8]) {
-    let Some(jobs) = jobs else {
-        return;
-    };
+async fn forward_job_status(jobs: &jobs::JobsHandle, agent: &str, payload: &[u8]) {
     match fleetbus_protocol::message::decode_as::<fleetbus_protocol::JobStatus>(payload) {
         Ok(status) => {
             jobs.send(jobs::JobInput::Status(agent.to_string(), status))
@@ -529,7 +526,7 @@ struct Destinations {
     file_counters: Arc<FileCounters>,
     replies: files::ReplyPublisher,
     shed: files::ShedChunks,
-    jobs: Option<Arc<jobs::JobsHandle>>,
+    jobs: Arc<jobs::JobsHandle>,
     enroller: Option<security::EnrollQueue>,
     guard: Arc<fleetbus_broker::Guard>,
 }
@@ -576,7 +573,7 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                 match parsed {
                     Topic::AgentJobs { agent, rest } => {
                         if rest == "status" {
-                            forward_job_status(jobs.as_deref(), agent, &publish.payload).await;
+                            forward_job_status(&jobs, agent, &publish.payload).await;
                         }
                         // the server's own notify messages come back through `#`
                         continue;
@@ -591,10 +588,8 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                                 continue;
                             }
                             Ok(mut p) => {
-                                if let Some(jobs) = jobs.as_deref() {
-                                    enrolled_groups(&guard, agent, &mut p);
-                                    jobs.send(jobs::JobInput::Presence(p)).await
-                                }
+                                enrolled_groups(&guard, agent, &mut p);
+                                jobs.send(jobs::JobInput::Presence(p)).await
                             }
                             Err(e) => {
                                 tracing::debug!(%topic, error = %e, "unreadable presence message")
