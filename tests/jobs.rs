@@ -261,13 +261,25 @@ async fn a_group_job_reaches_twenty_agents_once_including_three_started_later() 
         ));
     }
     members_known(&server, "web", 17).await;
+    // three members connected once (the server knows them) and are offline at push time
+    let once: Vec<TestAgent> = (17..20)
+        .map(|i| TestAgent::start(dir.path(), &format!("web-{i:02}"), &["web"], &server))
+        .collect();
+    members_known(&server, "web", 20).await;
+    for a in once {
+        a.stop().await;
+    }
+    wait_known(&server, "?group=web", "20 members, 17 online", |k| {
+        k.len() == 20 && k.iter().filter(|a| a.online).count() == 17
+    })
+    .await;
     let id = server.push(
         JobTarget::Group("web".into()),
         "echo",
         &[("msg", "hello")],
         Rollout::default(),
     );
-    // three members were offline at push time: they get the job when they connect
+    // they get the job when they connect again (the job stays active until they report)
     for i in 17..20 {
         agents.push(TestAgent::start(
             dir.path(),
