@@ -157,7 +157,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
                     ]
                 })
                 .collect();
-            super::job::print_table(["id", "role", "groups", "enrolled", "revoked"], &rows);
+            super::table::print_table(["id", "role", "groups", "enrolled", "revoked"], &rows);
             Ok(ExitCode::SUCCESS)
         }
         AgentsCommand::List { group } => {
@@ -180,7 +180,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
                     ]
                 })
                 .collect();
-            super::job::print_table(["agent", "online", "last seen", "groups"], &rows);
+            super::table::print_table(["agent", "online", "last seen", "groups"], &rows);
             let online = agents.iter().filter(|a| a.online).count();
             println!("{} agent(s), {online} online", agents.len());
             Ok(ExitCode::SUCCESS)

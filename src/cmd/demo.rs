@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::admin_client::AdminClient;
-use super::job::print_table;
+use super::table::print_table;
 
 /// `fleetbus demo` options.
 #[derive(Debug, Args)]

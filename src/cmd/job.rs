@@ -10,6 +10,7 @@ use fleetbus_jobs::{JobReport, PushRequest, Rollout};
 use fleetbus_protocol::{ExecutionState, JobTarget};
 
 use super::admin_client::{AdminClient, AdminEndpoint};
+use super::table::print_table;
 
 /// `fleetbus job ...`
 #[derive(Debug, Args)]
@@ -221,32 +222,6 @@ fn bad(report: &JobReport) -> usize {
             .get(&ExecutionState::Canceled)
             .copied()
             .unwrap_or(0)
-}
-
-/// Prints rows under a header, each column as wide as its widest cell (ids of any length
-/// keep the columns straight); the last column is not padded.
-pub(crate) fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(|h| h.chars().count());
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == N {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        println!("{}", out.trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
 }
 
 /// The line of an execution's output worth a column: for one that ended badly the first

@@ -10,6 +10,7 @@ pub mod job;
 pub mod keys;
 pub mod rules;
 pub mod serve;
+pub mod table;
 
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
