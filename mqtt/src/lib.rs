@@ -2,7 +2,7 @@
 //! agent, `fleetbus rules run`, the benchmarks): broker URLs, connection options that avoid
 //! rumqttc's traps, and reconnect backoff with jitter.
 //!
-//! rumqttc traps handled here (see mission.md): its default maximum packet size is 10 KiB
+//! rumqttc traps handled here (each measured when the project began): its default maximum packet size is 10 KiB
 //! (we raise it to [`MAX_PACKET_BYTES`]); it has no backoff of its own ([`Backoff`]); and
 //! with `clean_session = true` it silently drops publishes pending at a disconnect, so
 //! callers must never rely on its queue: the agent keeps its own disk outbox and builds a

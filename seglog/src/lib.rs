@@ -1,5 +1,5 @@
 //! A segmented append-only log with a CRC-32 per record, for data that must survive a
-//! crash: the agent's outbox today, the server's write-ahead log next.
+//! crash: the agent's outbox and the server's write-ahead log (`fleetbus-wal`).
 //!
 //! On disk a log is a directory of segment files named by the index of their first record
 //! (`00000000000000000042.seg`). A segment starts with an 8-byte magic; each record is

@@ -1,4 +1,13 @@
-//! `fleetbus serve`: one process with the embedded broker, the rules engine and its sinks.
+//! `fleetbus serve`: one process with the embedded broker, the rules engine and its sinks,
+//! and the services around them:
+//!
+//! - [`files`]: the file service (reassembly in the spool, replies, completion messages,
+//!   delivery tracking, garbage collection);
+//! - [`jobs`]: the job service and the agent registry, on their own thread;
+//! - [`security`]: the broker's guard from `[broker.security]`, enrollment, broker events,
+//!   credential reload;
+//! - [`admin`] and [`metrics`]: the HTTP endpoints (over `http`, which bounds them);
+//! - `config`: the `[...]` sections of the server's configuration file.
 //!
 //! Start-up order matters: the router starts, the rules engine attaches to it as an
 //! in-process client subscribed to everything, and only then does the network listener
