@@ -1,5 +1,5 @@
-//! The rules engine: a TOML rules file compiled into a router that fans messages out to
-//! sinks.
+//! The rules language: a TOML rules file compiled into a router that says which sinks
+//! each message goes to.
 //!
 //! ```toml
 //! [sinks.archive]
@@ -13,19 +13,16 @@
 //! to = ["archive"]                      # one or more sinks (fan-out)
 //! ```
 //!
-//! [`RuleSet`] parses and validates a file (every problem with `file:line:col`),
-//! [`Engine`] runs it, [`run_standalone`] feeds it from any MQTT broker.
+//! [`RuleSet`] parses and validates a file (every problem with `file:line:col`); the
+//! [`router::Router`] decides which sinks a message goes to. No I/O here: the engine that
+//! runs a rule set (write-ahead log, acknowledgements, sink workers) is the pipeline's
+//! (`fleetbus-pipeline`).
 
 pub mod condition;
-pub mod engine;
 pub mod filter;
 pub mod router;
 pub mod ruleset;
 pub mod schema;
-pub mod standalone;
 
-pub use engine::{AckPublisher, Dispatched, Engine, EngineOptions, EngineStats};
 pub use filter::TopicFilter;
-pub use fleetbus_sinks::SinkStatsSnapshot;
 pub use ruleset::{RuleSet, RulesError, DEFAULT_RULES};
-pub use standalone::{run_standalone, AckChannel, StandaloneOptions};

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetbus_broker::BrokerConfig;
-use fleetbus_rules::EngineOptions;
+use fleetbus_pipeline::EngineOptions;
 use serde::{Deserialize, Serialize};
 
 /// Everything `fleetbus serve` is configured with.

@@ -21,11 +21,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use fleetbus_chunker::{ChunkError, Limits, Manifest, PutOutcome, Reassembler, Rejection};
+use fleetbus_pipeline::{Dispatched, Engine};
 use fleetbus_protocol::files::{self, parse_file_rest, FileAction};
 use fleetbus_protocol::{
     ChunkOutcome, FileChunk, FileCompleted, FileInit, FileManifest, FileReply, RefusalKind, Topic,
 };
-use fleetbus_rules::{Dispatched, Engine};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -954,7 +954,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    fleetbus_sinks::position::write_atomically(path, &bytes).map_err(std::io::Error::other)
+    fleetbus_sinks::write_atomically(path, &bytes).map_err(std::io::Error::other)
 }
 
 /// Deletes delivery notes older than `age` under `dir/{agent}/`.

@@ -32,8 +32,9 @@ pub use config::{
 };
 pub use files::{FileCounters, FilesSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
+use fleetbus_pipeline::{AckPublisher, Engine, EngineStats};
 use fleetbus_protocol::{files as file_topics, topics, Topic};
-use fleetbus_rules::{AckPublisher, Engine, EngineStats, RuleSet, RulesError};
+use fleetbus_rules::{RuleSet, RulesError};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 

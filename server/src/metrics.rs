@@ -11,7 +11,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use fleetbus_broker::{Guard, SecurityCounters};
-use fleetbus_rules::{Engine, EngineStats, SinkStatsSnapshot};
+use fleetbus_pipeline::{Engine, EngineStats, SinkStatsSnapshot};
 
 use crate::files::FileCounters;
 use tokio::task::JoinHandle;
@@ -152,9 +152,9 @@ mod tests {
     #[tokio::test]
     async fn an_address_in_use_is_an_error_naming_metrics_listen() {
         let dir = tempfile::tempdir().unwrap();
-        let acks: fleetbus_rules::AckPublisher = Arc::new(|_: &str, _: Vec<u8>| {});
+        let acks: fleetbus_pipeline::AckPublisher = Arc::new(|_: &str, _: Vec<u8>| {});
         let rules = fleetbus_rules::RuleSet::builtin().unwrap();
-        let options = fleetbus_rules::EngineOptions::default();
+        let options = fleetbus_pipeline::EngineOptions::default();
         let engine = Arc::new(
             Engine::start(rules, dir.path(), options, acks)
                 .await

@@ -13,9 +13,9 @@ use fleetbus_broker::acl::Policy;
 use fleetbus_broker::acl::Role;
 use fleetbus_broker::credentials::{CredentialError, CredentialStore, Credentials};
 use fleetbus_broker::{ClientDropper, EventSink, Guard, LimitsConfig, SecurityConfig};
+use fleetbus_pipeline::Engine;
 use fleetbus_protocol::enroll::{reply_topic, EnrollReply, EnrollRequest};
 use fleetbus_protocol::BrokerEvent;
-use fleetbus_rules::Engine;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 

@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::completion::completed_file;
-use crate::position::write_atomically;
 use crate::template::PathTemplate;
+use crate::write_atomically;
 use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, ErrorClass, Sink, SinkError};
 
 /// `type = "file"`

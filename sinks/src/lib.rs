@@ -1,5 +1,6 @@
-//! Storage sinks behind one [`Sink`] trait, and the worker that feeds each sink from the
-//! server's write-ahead log at the sink's own pace.
+//! Storage sinks behind one [`Sink`] trait: the destinations and their configuration. The
+//! worker that feeds each sink from the server's write-ahead log is the pipeline's
+//! (`fleetbus-pipeline`).
 //!
 //! | type | what it writes | delivery |
 //! |---|---|---|
@@ -10,25 +11,19 @@
 pub mod completion;
 pub mod config;
 pub mod file;
-pub mod inventory;
-pub mod position;
 pub mod s3;
 pub mod stdout;
-pub mod tail;
 pub mod template;
-pub mod worker;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
 pub use config::{BatchConfig, BufferConfig, SinkConfig};
 use fleetbus_protocol::Message;
 use fleetbus_wal::DeadLetter;
-pub use tail::{TailCache, TailEntry};
 pub use template::{PathTemplate, TemplateError};
-pub use worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
 
 /// A boxed future, as returned by [`Sink`] methods (keeps the trait object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -224,4 +219,13 @@ pub fn json_line(item: &Item, out: &mut Vec<u8>) -> Result<(), SinkError> {
     result.map_err(|e| SinkError::Encode(e.to_string()))?;
     out.push(b'\n');
     Ok(())
+}
+
+/// Replaces `path` with `bytes` durably (creating its directory if need be): never half
+/// written, and the new content survives a power loss ([`fleetbus_support::durable`]).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
+    }
+    fleetbus_support::replace_file(path, bytes).map_err(|e| SinkError::io(path, "save", e))
 }

@@ -18,9 +18,9 @@ use fleetbus_broker::acl::Role;
 use fleetbus_broker::credentials::CredentialStore;
 use fleetbus_jobs::{JobReport, KnownAgent, PushRequest, Rollout};
 use fleetbus_mqtt::BrokerUrl;
+use fleetbus_pipeline::inventory;
 use fleetbus_protocol::{ExecutionState, JobTarget};
 use fleetbus_server::{Server, ServerConfig};
-use fleetbus_sinks::inventory;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 

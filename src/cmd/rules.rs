@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 use fleetbus_mqtt::BrokerUrl;
-use fleetbus_rules::{
-    run_standalone, AckChannel, Engine, EngineOptions, RuleSet, StandaloneOptions,
-};
+use fleetbus_pipeline::{run_standalone, AckChannel, Engine, EngineOptions, StandaloneOptions};
+use fleetbus_rules::RuleSet;
 
 /// `fleetbus rules ...`
 #[derive(Debug, Subcommand)]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-pub use fleetbus_sinks::inventory::{scan, StreamSummary};
+pub use fleetbus_pipeline::inventory::{scan, StreamSummary};
 
 /// The binary under test.
 pub fn bin() -> &'static str {

@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::position::PositionFile;
 use crate::tail::TailCache;
-use crate::{Batch, BatchConfig, ErrorClass, Item, Sink, SinkError};
+use fleetbus_sinks::{Batch, BatchConfig, ErrorClass, Item, Sink, SinkError};
 
 /// How often the position is saved when it is not saved after every batch (exactly-once
 /// sinks, and while the worker only skips entries of other sinks).
@@ -172,7 +172,7 @@ pub struct WorkerSetup {
     /// Where given-up batches go.
     pub dead_letter: Option<String>,
     /// Where messages that can never be written go: `dead_letter`, else the built-in
-    /// dead-letter sink ([`crate::BUILTIN_DEAD_LETTERS`]).
+    /// dead-letter sink ([`fleetbus_sinks::BUILTIN_DEAD_LETTERS`]).
     pub rejected_to: String,
     /// The saved position.
     pub position: PositionFile,

@@ -17,21 +17,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::position::PositionFile;
+use crate::worker::WorkerSetup;
 use chrono::{TimeZone, Utc};
 use fleetbus_config::ConfigError;
 use fleetbus_protocol::{validate_id, Ack, Message, Topic};
-use fleetbus_sinks::position::PositionFile;
-use fleetbus_sinks::worker::WorkerSetup;
-use fleetbus_sinks::{
-    spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot, TailCache, TailEntry,
-    BUILTIN_DEAD_LETTERS,
-};
+use fleetbus_sinks::BUILTIN_DEAD_LETTERS;
+
+use crate::tail::{TailCache, TailEntry};
+use crate::worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
 use fleetbus_wal::{DeadLetter, Dedup, DedupLimits, RecordKey, Wal, WalEntry, WalOptions};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::router::Router;
-use crate::ruleset::{RuleSet, RulesError};
+use fleetbus_rules::router::Router;
+use fleetbus_rules::ruleset::{RuleSet, RulesError};
 
 /// Encoded bytes of the newest log entries kept decoded for the sink workers.
 const TAIL_CACHE_BYTES: u64 = 16 * 1024 * 1024;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::SinkError;
+use fleetbus_sinks::{write_atomically, SinkError};
 
 /// The file holding a sink's resume position.
 #[derive(Debug, Clone)]
@@ -34,15 +34,6 @@ impl PositionFile {
     pub fn save(&self, position: u64) -> Result<(), SinkError> {
         write_atomically(&self.path, position.to_string().as_bytes())
     }
-}
-
-/// Replaces `path` with `bytes` durably (creating its directory if need be): never half
-/// written, and the new content survives a power loss ([`fleetbus_support::durable`]).
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| SinkError::io(dir, "create directory", e))?;
-    }
-    fleetbus_support::replace_file(path, bytes).map_err(|e| SinkError::io(path, "save", e))
 }
 
 #[cfg(test)]

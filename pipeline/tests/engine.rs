@@ -5,8 +5,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleetbus_pipeline::{AckPublisher, Engine, EngineOptions, EngineStats};
 use fleetbus_protocol::Ack;
-use fleetbus_rules::{AckPublisher, Engine, EngineOptions, EngineStats, RuleSet};
+use fleetbus_rules::RuleSet;
 
 /// Every acknowledgement published, decoded: (agent, stream, seq).
 #[derive(Clone, Default)]
