@@ -68,7 +68,10 @@ fn bad_server_config_names_file_line_and_problem() {
     let cfg = dir.path().join("server.toml");
     fs::write(
         &cfg,
-        "data_dir = \"d\"\n[broker]\nlisen = \"127.0.0.1:1883\"\n",
+        format!(
+            "data_dir = \"d\"\n[broker]\nlisen = \"127.0.0.1:{}\"\n",
+            common::free_port()
+        ),
     )
     .unwrap();
     let out = run(&["serve", "--config", cfg.to_str().unwrap()]);

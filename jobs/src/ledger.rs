@@ -113,11 +113,9 @@ fn from_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
 impl Ledger {
     /// Opens (creating) the ledger at `path`.
     pub fn open(path: &Path) -> Result<Ledger, JobsError> {
-        let db = Connection::open(path).map_err(|e| JobsError::ledger(path, e))?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS jobs (
+        let db = open_db(
+            path,
+            "CREATE TABLE IF NOT EXISTS jobs (
                  id TEXT PRIMARY KEY, doc TEXT NOT NULL, rollout TEXT NOT NULL,
                  state TEXT NOT NULL, signed BLOB NOT NULL, created_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS executions (
@@ -127,8 +125,7 @@ impl Ledger {
                  PRIMARY KEY (job_id, agent));
              CREATE INDEX IF NOT EXISTS executions_by_agent ON executions (agent, state);
              CREATE INDEX IF NOT EXISTS executions_by_state ON executions (state, sent_ms);",
-        )
-        .map_err(|e| JobsError::ledger(path, e))?;
+        )?;
         Ok(Ledger { db })
     }
 
@@ -136,8 +133,7 @@ impl Ledger {
     /// one fsync for a batch of status reports instead of one each. Writes that make
     /// their own transaction (a job's insertion) nest inside it as savepoints.
     pub fn begin(&mut self) -> Result<(), JobsError> {
-        self.db.execute_batch("BEGIN IMMEDIATE")?;
-        Ok(())
+        begin(&self.db)
     }
 
     /// Commits the transaction [`Ledger::begin`] started (rolls back if the commit fails,
@@ -453,6 +449,22 @@ impl Ledger {
             })
             .collect())
     }
+}
+
+/// Opens (creating) the SQLite file at `path` in WAL mode with full fsync and applies
+/// `schema`: the ledger's and the registry's common ground.
+pub(crate) fn open_db(path: &Path, schema: &str) -> Result<Connection, JobsError> {
+    let db = Connection::open(path).map_err(|e| JobsError::ledger(path, e))?;
+    db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+        .and_then(|_| db.execute_batch(schema))
+        .map_err(|e| JobsError::ledger(path, e))?;
+    Ok(db)
+}
+
+/// Starts a transaction on `db` (immediate: it takes the write lock now).
+pub(crate) fn begin(db: &Connection) -> Result<(), JobsError> {
+    db.execute_batch("BEGIN IMMEDIATE")?;
+    Ok(())
 }
 
 /// Commits the open transaction of `db`, rolling it back if the commit fails (so the

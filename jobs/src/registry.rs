@@ -39,22 +39,18 @@ pub struct Registry {
 impl Registry {
     /// Opens (creating) the registry at `path`.
     pub fn open(path: &Path) -> Result<Registry, JobsError> {
-        let db = Connection::open(path).map_err(|e| JobsError::ledger(path, e))?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS agents (
+        let db = crate::ledger::open_db(
+            path,
+            "CREATE TABLE IF NOT EXISTS agents (
                  agent TEXT PRIMARY KEY, groups TEXT NOT NULL, online INTEGER NOT NULL,
                  last_seen_ms INTEGER NOT NULL);",
-        )
-        .map_err(|e| JobsError::ledger(path, e))?;
+        )?;
         Ok(Registry { db })
     }
 
     /// Starts a transaction grouping the writes until [`Registry::commit`].
     pub fn begin(&mut self) -> Result<(), JobsError> {
-        self.db.execute_batch("BEGIN IMMEDIATE")?;
-        Ok(())
+        crate::ledger::begin(&self.db)
     }
 
     /// Commits the transaction [`Registry::begin`] started (rolls back if that fails).
