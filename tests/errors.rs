@@ -88,6 +88,29 @@ fn bad_server_config_names_file_line_and_problem() {
         "{}",
         stderr(&out)
     );
+
+    // every problem at once, each where the file sets it; nothing clamped quietly
+    fs::write(
+        &cfg,
+        "[wal]\nsnapshot_interval = \"10ms\"\n[http]\nmax_connections = 0\n",
+    )
+    .unwrap();
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    let file = cfg.display();
+    assert!(
+        err.contains(&format!(
+            "{file}:2:1: wal.snapshot_interval: must be at least 100ms"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}:4:1: http.max_connections: must be at least 1"
+        )),
+        "{err}"
+    );
 }
 
 #[test]

@@ -113,7 +113,7 @@ impl TestAgent {
         config.connection.backoff_min = Duration::from_millis(100);
         config.connection.backoff_max = Duration::from_millis(500);
         adjust(&mut config);
-        let agent = Agent::open(config).unwrap();
+        let agent = Agent::open(fleetbus_agent::Valid::new(config).unwrap()).unwrap();
         let uploads = agent.uploads().clone();
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(async move {

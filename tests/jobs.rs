@@ -182,7 +182,7 @@ impl TestAgent {
                 Duration::from_secs(1),
             ),
         );
-        let agent = Agent::open(config).unwrap();
+        let agent = Agent::open(fleetbus_agent::Valid::new(config).unwrap()).unwrap();
         let jobs = agent.jobs().clone();
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(async move {
@@ -933,7 +933,7 @@ async fn the_agent_registry_works_without_a_signing_key() {
     };
     config.metrics.enabled = false;
     config.heartbeat.enabled = false;
-    let agent = Agent::open(config).unwrap();
+    let agent = Agent::open(fleetbus_agent::Valid::new(config).unwrap()).unwrap();
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(async move { agent.run(rx).await.unwrap() });
     let server = Server {

@@ -281,60 +281,87 @@ impl Default for UploadsConfig {
     }
 }
 
-impl AgentConfig {
-    /// Checks the values serde cannot: identifiers, intervals, sizes.
-    pub fn validate(&self) -> Result<(), String> {
+/// The values serde cannot check: identifiers, intervals, sizes.
+impl fleetbus_config::Check for AgentConfig {
+    fn check(&self, p: &mut fleetbus_config::Problems) {
         if let Some(id) = &self.id {
-            validate_id("id", id).map_err(|e| e.to_string())?;
-            if id == fleetbus_protocol::topics::GROUPS {
-                return Err("id `groups` is reserved".into());
+            if let Err(e) = validate_id("id", id) {
+                p.add("id", e.to_string());
             }
-        }
-        for g in &self.groups {
-            validate_id("group", g).map_err(|e| format!("groups: {e}"))?;
-        }
-        validate_id("connection.store", &self.connection.store).map_err(|e| e.to_string())?;
-        if self.metrics.interval < Duration::from_millis(100) {
-            return Err("metrics.interval must be at least 100ms".into());
-        }
-        if self.heartbeat.interval < Duration::from_millis(1) {
-            return Err("heartbeat.interval must be at least 1ms".into());
-        }
-        if self.outbox.max_bytes < 64 * 1024 {
-            return Err("outbox.max_bytes must be at least 64 KiB".into());
-        }
-        if self.outbox.segment_bytes < 4 * 1024 {
-            return Err("outbox.segment_bytes must be at least 4 KiB".into());
-        }
-        if self.connection.inflight == 0 {
-            return Err("connection.inflight must be at least 1".into());
-        }
-        let u = &self.uploads;
-        if u.chunk_size < 1024 || u.chunk_size > fleetbus_protocol::files::DEFAULT_CHUNK_SIZE {
-            return Err(format!(
-                "uploads.chunk_size must be between 1024 (the server's files.min_chunk_size) and {} (one chunk per 128 KiB publish)",
-                fleetbus_protocol::files::DEFAULT_CHUNK_SIZE
-            ));
-        }
-        if u.window == 0 || u.window > 1024 {
-            return Err("uploads.window must be between 1 and 1024 chunks".into());
-        }
-        if u.max_bytes_per_sec == Some(0) {
-            return Err(
-                "uploads.max_bytes_per_sec must be above 0 (leave it unset for no limit)".into(),
+            p.require(
+                id != fleetbus_protocol::topics::GROUPS,
+                "id",
+                "`groups` is reserved",
             );
         }
-        if u.poll_interval < Duration::from_millis(10) {
-            return Err("uploads.poll_interval must be at least 10ms".into());
+        for g in &self.groups {
+            if let Err(e) = validate_id("group", g) {
+                p.add("groups", e.to_string());
+            }
         }
-        if u.reply_timeout < Duration::from_millis(100) {
-            return Err("uploads.reply_timeout must be at least 100ms".into());
+        if let Err(e) = validate_id("connection.store", &self.connection.store) {
+            p.add("connection.store", e.to_string());
         }
-        if u.archive_dir.is_some() && u.watch_dir.is_none() {
-            return Err("uploads.archive_dir needs uploads.watch_dir".into());
-        }
-        self.jobs.validate()?;
-        Ok(())
+        p.require(
+            self.metrics.interval >= Duration::from_millis(100),
+            "metrics.interval",
+            "must be at least 100ms",
+        );
+        p.require(
+            self.heartbeat.interval >= Duration::from_millis(1),
+            "heartbeat.interval",
+            "must be at least 1ms",
+        );
+        p.require(
+            self.outbox.max_bytes >= 64 * 1024,
+            "outbox.max_bytes",
+            "must be at least 64 KiB",
+        );
+        p.require(
+            self.outbox.segment_bytes >= 4 * 1024,
+            "outbox.segment_bytes",
+            "must be at least 4 KiB",
+        );
+        p.require(
+            self.connection.inflight > 0,
+            "connection.inflight",
+            "must be at least 1",
+        );
+        p.section("uploads", |p| {
+            let u = &self.uploads;
+            let most = fleetbus_protocol::files::DEFAULT_CHUNK_SIZE;
+            p.require(
+                (1024..=most).contains(&u.chunk_size),
+                "chunk_size",
+                format!("must be between 1024 (the server's files.min_chunk_size) and {most} (one chunk per 128 KiB publish)"),
+            );
+            p.require(
+                (1..=1024).contains(&u.window),
+                "window",
+                "must be between 1 and 1024 chunks",
+            );
+            p.require(
+                u.max_bytes_per_sec != Some(0),
+                "max_bytes_per_sec",
+                "must be above 0 (leave it unset for no limit)",
+            );
+            p.require(
+                u.poll_interval >= Duration::from_millis(10),
+                "poll_interval",
+                "must be at least 10ms",
+            );
+            p.require(
+                u.reply_timeout >= Duration::from_millis(100),
+                "reply_timeout",
+                "must be at least 100ms",
+            );
+            p.require(
+                u.archive_dir.is_none() || u.watch_dir.is_some(),
+                "archive_dir",
+                "needs uploads.watch_dir",
+            );
+        });
+        p.section("jobs", |p| self.jobs.check(p));
     }
 }
 

@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use config::AgentConfig;
+pub use fleetbus_config::Valid;
 pub use outbox::{Outbox, OutboxItem, OutboxStats};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -92,10 +93,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Validates the configuration, creates `state_dir`, resolves the agent id and opens
+    /// Creates `state_dir` (the configuration's values were checked when it was made
+    /// [`Valid`]), resolves the agent id and opens
     /// the outbox (recovering whatever a crash left there).
-    pub fn open(config: AgentConfig) -> Result<Agent, AgentError> {
-        config.validate().map_err(AgentError::Config)?;
+    pub fn open(config: Valid<AgentConfig>) -> Result<Agent, AgentError> {
+        let config = config.into_inner();
         fleetbus_support::create_dir(&config.state_dir).map_err(|source| AgentError::Io {
             path: config.state_dir.clone(),
             op: "create state directory",

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fleetbus_config::{Check, Problems};
 use serde::{Deserialize, Serialize};
 
 /// Smallest payload limit accepted: a 128 KiB file chunk plus room for topic and headers.
@@ -139,86 +140,67 @@ impl Default for BrokerConfig {
     }
 }
 
-/// A broker setting that would make rumqttd misbehave.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("broker.{key}: {problem}")]
-pub struct ConfigProblem {
-    /// The offending key under `[broker]`.
-    pub key: &'static str,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-fn problem(key: &'static str, problem: impl Into<String>) -> ConfigProblem {
-    ConfigProblem {
-        key,
-        problem: problem.into(),
-    }
-}
-
-impl BrokerConfig {
-    /// Checks every value rumqttd would accept but misbehave with.
-    pub fn validate(&self) -> Result<(), ConfigProblem> {
+/// Refuses every value rumqttd would accept but misbehave with (keys relative to
+/// `[broker]`).
+impl Check for BrokerConfig {
+    fn check(&self, p: &mut Problems) {
         if self.max_connections == 0 {
-            return Err(problem(
+            p.add(
                 "max_connections",
                 "must be at least 1 (0 refuses every client)",
-            ));
+            );
         }
         if self.max_payload_bytes < MIN_PAYLOAD_BYTES {
-            return Err(problem(
+            p.add(
                 "max_payload_bytes",
                 format!(
                     "{} is below {MIN_PAYLOAD_BYTES} (a 128 KiB file chunk plus topic and headers)",
                     self.max_payload_bytes
                 ),
-            ));
+            );
         }
         if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
-            return Err(problem("max_inflight", "must be between 1 and 65535"));
+            p.add("max_inflight", "must be between 1 and 65535");
         }
         let timeout_ms = self.connect_timeout.as_millis();
         if timeout_ms == 0 || timeout_ms > u16::MAX as u128 {
-            return Err(problem("connect_timeout", "must be between 1ms and 65s"));
+            p.add("connect_timeout", "must be between 1ms and 65s");
         }
         if self.segment_bytes < self.max_payload_bytes.max(1024 * 1024) {
-            return Err(problem(
+            p.add(
                 "segment_bytes",
                 "must be at least 1 MiB and at least max_payload_bytes",
-            ));
+            );
         }
         if self.segment_count < 2 {
-            return Err(problem("segment_count", "must be at least 2"));
+            p.add("segment_count", "must be at least 2");
         }
         let limits = &self.limits;
         if limits.agent_slots(self.max_connections) >= self.max_connections {
-            return Err(problem(
+            p.add(
                 "limits.reserved_for_agents",
                 "must be below max_connections (other logins need a slot too)",
-            ));
+            );
         }
         if limits.bootstrap_lifetime < Duration::from_secs(1) {
-            return Err(problem("limits.bootstrap_lifetime", "must be at least 1s"));
+            p.add("limits.bootstrap_lifetime", "must be at least 1s");
         }
         if limits.connections_per_credential == 0 {
-            return Err(problem(
-                "limits.connections_per_credential",
-                "must be at least 1",
-            ));
+            p.add("limits.connections_per_credential", "must be at least 1");
         }
         let tls = &self.tls;
         let listening = tls.listen.is_some() || tls.websocket_listen.is_some();
         if listening && (tls.cert.is_none() || tls.key.is_none()) {
-            return Err(problem(
+            p.add(
                 "tls",
                 "tls.listen and tls.websocket_listen need tls.cert and tls.key",
-            ));
+            );
         }
         let addresses = [Some(self.listen), tls.listen, tls.websocket_listen];
         let security = &self.security;
         if !security.enforce && !security.allow_insecure {
             if let Some(open) = addresses.iter().flatten().find(|a| !a.ip().is_loopback()) {
-                return Err(problem(
+                p.add(
                     "security",
                     format!(
                         "{open} is reachable beyond this machine but security.enforce is off: \
@@ -226,20 +208,21 @@ impl BrokerConfig {
                          [broker.security] enforce = true (docs/security.md), listen on \
                          127.0.0.1, or say security.allow_insecure = true"
                     ),
-                ));
+                );
             }
         }
         let mut taken: Vec<SocketAddr> = addresses.into_iter().flatten().collect();
         taken.sort();
         if taken.windows(2).any(|w| w[0] == w[1]) {
-            return Err(problem(
+            p.add(
                 "tls",
                 "listen, tls.listen and tls.websocket_listen must be different addresses",
-            ));
+            );
         }
-        Ok(())
     }
+}
 
+impl BrokerConfig {
     pub(crate) fn router_config(&self) -> rumqttd::RouterConfig {
         rumqttd::RouterConfig {
             max_connections: self.max_connections,
@@ -275,9 +258,19 @@ impl BrokerConfig {
 mod tests {
     use super::*;
 
+    /// The first problem `c` has.
+    fn first_problem(c: &BrokerConfig) -> fleetbus_config::Problem {
+        fleetbus_config::problems_of(c).remove(0)
+    }
+
+    fn valid(c: &BrokerConfig) {
+        let problems = fleetbus_config::problems_of(c);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
     #[test]
     fn defaults_are_valid() {
-        BrokerConfig::default().validate().unwrap();
+        valid(&BrokerConfig::default());
     }
 
     #[test]
@@ -286,20 +279,20 @@ mod tests {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             ..Default::default()
         };
-        let e = c.validate().unwrap_err();
+        let e = first_problem(&c);
         assert_eq!(e.key, "security");
-        assert!(e.problem.contains("0.0.0.0:1883"), "{e}");
+        assert!(e.message.contains("0.0.0.0:1883"), "{e}");
         c.security.allow_insecure = true;
-        c.validate().unwrap();
+        valid(&c);
         c.security.allow_insecure = false;
         c.security.enforce = true;
-        c.validate().unwrap();
+        valid(&c);
         c.security.enforce = false;
         c.listen = SocketAddr::from(([127, 0, 0, 1], 1883));
         c.tls.websocket_listen = Some(SocketAddr::from(([10, 0, 0, 1], 443)));
         c.tls.cert = Some("c.pem".into());
         c.tls.key = Some("k.pem".into());
-        assert_eq!(c.validate().unwrap_err().key, "security");
+        assert_eq!(first_problem(&c).key, "security");
     }
 
     #[test]
@@ -308,12 +301,12 @@ mod tests {
             max_connections: 0,
             ..Default::default()
         };
-        assert_eq!(c.validate().unwrap_err().key, "max_connections");
+        assert_eq!(first_problem(&c).key, "max_connections");
         c.max_connections = 10;
         c.limits.reserved_for_agents = Some(10);
-        assert_eq!(c.validate().unwrap_err().key, "limits.reserved_for_agents");
+        assert_eq!(first_problem(&c).key, "limits.reserved_for_agents");
         c.limits.reserved_for_agents = None;
         c.max_payload_bytes = 128 * 1024;
-        assert_eq!(c.validate().unwrap_err().key, "max_payload_bytes");
+        assert_eq!(first_problem(&c).key, "max_payload_bytes");
     }
 }

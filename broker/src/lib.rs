@@ -21,7 +21,7 @@ use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use config::{BrokerConfig, ConfigProblem, LimitsConfig, SecurityConfig, TlsConfig};
+pub use config::{BrokerConfig, LimitsConfig, SecurityConfig, TlsConfig};
 pub use guard::{EventSink, Guard, SecurityCounters};
 pub use policy::{Gate, PolicyProtocol};
 pub use rumqttd::local::{LinkRx, LinkTx};
@@ -30,9 +30,10 @@ pub use rumqttd::Notification;
 /// Errors starting or using the embedded broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// The configuration was refused (see [`BrokerConfig::validate`]).
-    #[error("invalid broker configuration: {0}")]
-    Config(#[from] ConfigProblem),
+    /// The configuration was refused (see the [`fleetbus_config::Check`] of
+    /// [`BrokerConfig`]): every problem, at its key (`broker.max_connections`).
+    #[error("invalid broker configuration: {}", .0.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; "))]
+    Config(Vec<fleetbus_config::Problem>),
     /// The listen address cannot be bound (in use, not local, no permission).
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -99,7 +100,13 @@ impl EmbeddedBroker {
         config: BrokerConfig,
         guard: Arc<Guard>,
     ) -> Result<EmbeddedBroker, BrokerError> {
-        config.validate()?;
+        // a library guard for callers that start the broker alone; `serve` has checked
+        // the whole server configuration already
+        let mut problems = fleetbus_config::Problems::new();
+        problems.section("broker", |p| fleetbus_config::Check::check(&config, p));
+        if !problems.is_empty() {
+            return Err(BrokerError::Config(problems.into_vec()));
+        }
         let router_tx = rumqttd::Router::new(0, config.router_config()).spawn();
         let link_tx = router_tx.clone();
         let links: LinkFactory = Arc::new(move |client_id: &str| {

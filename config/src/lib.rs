@@ -1,6 +1,9 @@
 //! Loads fleetbus configuration files: TOML with environment overrides scoped to the
 //! program (`FLEETBUS_SERVER__…` for `serve`, `FLEETBUS_AGENT__…` for `agent`, via
-//! figment), unknown keys rejected, and every error naming `file:line:col` and the problem.
+//! figment), unknown keys rejected, values checked once ([`check`]), and every error naming
+//! `file:line:col` and the problem, all problems at once.
+
+pub mod check;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -8,6 +11,8 @@ use std::path::{Path, PathBuf};
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::de::DeserializeOwned;
+
+pub use check::{problems_of, Check, Invalid, Problem, Problems, Valid};
 
 /// Prefix of environment variables that override keys of the server's configuration
 /// (`fleetbus serve`). Nested keys are separated by a double underscore:
@@ -72,6 +77,72 @@ impl ConfigError {
     }
 }
 
+/// Every problem found in one configuration or rules file, each naming the file and, when
+/// known, the line and column.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct InvalidConfig {
+    /// The problems, in the order they were found.
+    pub problems: Vec<ConfigError>,
+}
+
+impl From<ConfigError> for InvalidConfig {
+    fn from(e: ConfigError) -> Self {
+        InvalidConfig { problems: vec![e] }
+    }
+}
+
+impl InvalidConfig {
+    /// Places each of `problems` in `text` (the contents of `path`, when the value came
+    /// from a file): at its key when the file sets it, else naming just the file (the
+    /// value came from a default or an environment override).
+    pub fn locate(path: &Path, text: Option<&str>, problems: Vec<Problem>) -> InvalidConfig {
+        let document = text.and_then(|t| toml::de::DeTable::parse(t).ok());
+        let problems = problems
+            .into_iter()
+            .map(|p| {
+                let span = document
+                    .as_ref()
+                    .and_then(|d| key_span_in(d.get_ref(), &p.key));
+                match (text, span) {
+                    (Some(text), Some(span)) => ConfigError::at(path, text, span, p.to_string()),
+                    _ => ConfigError::invalid(path, p.to_string()),
+                }
+            })
+            .collect();
+        InvalidConfig { problems }
+    }
+}
+
+/// Where the dotted `key` (`sinks.archive.batch.max_events`) is set in the TOML `text`:
+/// the span of its last key, if the text sets it.
+pub fn key_span(text: &str, key: &str) -> Option<Range<usize>> {
+    let document = toml::de::DeTable::parse(text).ok()?;
+    key_span_in(document.get_ref(), key)
+}
+
+/// Where the dotted `key` is set in `table`: the span of its last key. A name may itself
+/// contain dots (`[sinks."fleetbus.dead-letters"]`), so the longest name that matches wins.
+fn key_span_in(table: &toml::de::DeTable<'_>, key: &str) -> Option<Range<usize>> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut table = table;
+    let mut rest = &parts[..];
+    loop {
+        let (name, value, used) = (1..=rest.len()).rev().find_map(|n| {
+            let name = rest[..n].join(".");
+            table
+                .iter()
+                .find(|(k, _)| k.get_ref().as_ref() == name.as_str())
+                .map(|(k, v)| (k, v, n))
+        })?;
+        rest = &rest[used..];
+        if rest.is_empty() {
+            return Some(name.span());
+        }
+        table = value.get_ref().as_table()?;
+    }
+}
+
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
@@ -118,15 +189,35 @@ pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, Con
 /// environment overrides on top: every variable starting with `env_prefix`
 /// ([`SERVER_ENV_PREFIX`] or [`AGENT_ENV_PREFIX`]), nested keys separated by `__`. `T`
 /// must give every field a default and should use `#[serde(deny_unknown_fields)]`.
+/// `prepare` adjusts the value before it is checked (e.g. resolves relative paths against
+/// the file's directory); then [`Check::check`] runs and every problem is reported, each at
+/// its key's `line:col` when the file sets it.
 ///
-/// The file alone is checked first so that errors in it carry `line:col`; the environment
+/// The file alone is read first so that errors in it carry `line:col`; the environment
 /// is merged afterwards. Each program has its own prefix, so an agent and a server can
 /// share one environment, and so can unrelated variables such as
 /// `FLEETBUS_TEST_REQUIRE`. A misspelled name under the prefix is an error, as in a file.
-pub fn load<T: DeserializeOwned + Default>(
+pub fn load<T: DeserializeOwned + Default + Check>(
     path: Option<&Path>,
     env_prefix: &str,
-) -> Result<T, ConfigError> {
+    prepare: impl FnOnce(&mut T),
+) -> Result<Valid<T>, InvalidConfig> {
+    let (mut value, text) = load_unchecked::<T>(path, env_prefix)?;
+    prepare(&mut value);
+    Valid::new(value).map_err(|invalid| {
+        InvalidConfig::locate(
+            path.unwrap_or(Path::new("<defaults>")),
+            text.as_deref(),
+            invalid.0,
+        )
+    })
+}
+
+/// [`load`] without the check: the value and the file's text.
+fn load_unchecked<T: DeserializeOwned + Default>(
+    path: Option<&Path>,
+    env_prefix: &str,
+) -> Result<(T, Option<String>), ConfigError> {
     let env = Env::prefixed(env_prefix).split("__");
     if let Some(stray) = unscoped_override(std::env::vars().map(|(k, _)| k)) {
         return Err(ConfigError::invalid(
@@ -136,23 +227,25 @@ pub fn load<T: DeserializeOwned + Default>(
             ),
         ));
     }
-    let (figment, shown) = match path {
+    let (figment, shown, text) = match path {
         Some(path) => {
             let text = read(path)?;
             parse_toml::<T>(path, &text)?;
             (
                 Figment::from(Toml::string(&text)).merge(env),
                 path.to_path_buf(),
+                Some(text),
             )
         }
-        None => (Figment::new().merge(env), PathBuf::from("<defaults>")),
+        None => (Figment::new().merge(env), PathBuf::from("<defaults>"), None),
     };
-    figment.extract::<T>().map_err(|e| {
+    let value = figment.extract::<T>().map_err(|e| {
         ConfigError::invalid(
             &shown,
             format!("{e} (from environment overrides {env_prefix}*)"),
         )
-    })
+    })?;
+    Ok((value, text))
 }
 
 /// The first variable that looks like a configuration override (`FLEETBUS_…__…`) but names
@@ -183,6 +276,51 @@ mod tests {
         port: u16,
     }
 
+    impl Check for Sample {
+        fn check(&self, p: &mut Problems) {
+            p.section("inner", |p| {
+                p.require(self.inner.port != 9, "port", "must not be 9")
+            });
+            p.require(self.name != "bad", "name", "must not be `bad`");
+        }
+    }
+
+    #[test]
+    fn every_failed_check_is_placed_at_its_key_or_named_by_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "name = \"x\"\n\n[inner]\n  port = 9\n").unwrap();
+        let err =
+            load::<Sample>(Some(&path), SERVER_ENV_PREFIX, |s| s.name = "bad".into()).unwrap_err();
+        let shown: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+        let file = path.display().to_string();
+        assert_eq!(
+            shown,
+            [
+                format!("{file}:4:3: inner.port: must not be 9"),
+                // set by the file, so placed where the file sets it
+                format!("{file}:1:1: name: must not be `bad`"),
+            ]
+        );
+        std::fs::write(&path, "[inner]\nport = 9\n").unwrap();
+        let err = load::<Sample>(Some(&path), SERVER_ENV_PREFIX, |s| s.name = "bad".into())
+            .unwrap_err()
+            .to_string();
+        // a value the file does not set has no line to point at
+        assert!(
+            err.ends_with(&format!("{file}: name: must not be `bad`")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_key_path_finds_names_with_dots() {
+        let text = "[sinks.\"a.b\".batch]\nmax_events = 0\n";
+        let span = key_span(text, "sinks.a.b.batch.max_events").unwrap();
+        assert_eq!(span.start, "[sinks.\"a.b\".batch]\n".len());
+        assert!(key_span(text, "sinks.c").is_none());
+    }
+
     #[test]
     fn line_col_counts_from_one() {
         assert_eq!(line_col("ab\ncd", 0), (1, 1));
@@ -194,7 +332,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "name = \"x\"\n[inner]\nprot = 1\n").unwrap();
-        let err = load::<Sample>(Some(&path), SERVER_ENV_PREFIX)
+        let err = load::<Sample>(Some(&path), SERVER_ENV_PREFIX, |_| {})
             .unwrap_err()
             .to_string();
         assert!(err.contains("c.toml:3:1"), "{err}");
@@ -203,8 +341,12 @@ mod tests {
 
     #[test]
     fn missing_file_names_the_file() {
-        let err =
-            load::<Sample>(Some(Path::new("/nonexistent/x.toml")), SERVER_ENV_PREFIX).unwrap_err();
+        let err = load::<Sample>(
+            Some(Path::new("/nonexistent/x.toml")),
+            SERVER_ENV_PREFIX,
+            |_| {},
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("/nonexistent/x.toml: cannot read"),
             "{err}"
@@ -223,14 +365,14 @@ mod tests {
             // another program's variables, and the test harness's, are not this one's
             jail.set_env("FLEETBUS_AGENT__INNER__PROT", "1");
             jail.set_env("FLEETBUS_TEST_REQUIRE", "1");
-            let s = load::<Sample>(Some(&path), SERVER_ENV_PREFIX);
-            let s = s.unwrap_or_else(|e| panic!("{e}"));
+            let s = load::<Sample>(Some(&path), SERVER_ENV_PREFIX, |_| {});
+            let s = s.unwrap_or_else(|e| panic!("{e}")).into_inner();
             assert_eq!(s.inner.port, 7);
             assert_eq!(s.id.as_deref(), Some("from-env"));
             assert_eq!(s.name, "x");
             // below a known key, a misspelled name is still an error
             jail.set_env("FLEETBUS_SERVER__INNER__PROT", "7");
-            let err = load::<Sample>(Some(&path), SERVER_ENV_PREFIX)
+            let err = load::<Sample>(Some(&path), SERVER_ENV_PREFIX, |_| {})
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("prot"), "{err}");

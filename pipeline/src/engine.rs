@@ -206,8 +206,13 @@ impl Engine {
         // recover every sink and find where it resumes
         let mut built = Vec::new();
         for (name, config) in &rules.sinks {
+            let place = fleetbus_sinks::SinkPlace {
+                name,
+                data_dir,
+                state_dir: &state_dir,
+            };
             let mut sink = config
-                .build(name, data_dir, &state_dir)
+                .build(&place)
                 .map_err(|e| fail(format!("sink `{name}`: {e}")))?;
             let position = PositionFile::new(&state_dir, name);
             let saved = position
@@ -270,7 +275,7 @@ impl Engine {
             filters,
             sink_names: built.iter().map(|b| b.0.clone()).collect(),
             sink_configs: built.iter().map(|b| b.1.clone()).collect(),
-            sink_limits: built.iter().map(|b| b.1.buffer().max_bytes).collect(),
+            sink_limits: built.iter().map(|b| b.1.buffer.max_bytes).collect(),
             sink_stats: stats.clone(),
             wal: wal.clone(),
             tail: tail.clone(),
@@ -293,13 +298,14 @@ impl Engine {
             .zip(stats)
             .map(|((name, config, sink, position, start), stats)| {
                 let rejected_to = config
-                    .dead_letter()
+                    .dead_letter
+                    .as_deref()
                     .unwrap_or(BUILTIN_DEAD_LETTERS)
                     .to_string();
                 let setup = WorkerSetup {
                     name,
-                    batch: config.batch().clone(),
-                    dead_letter: config.dead_letter().map(str::to_string),
+                    batch: config.batch(),
+                    dead_letter: config.dead_letter.clone(),
                     rejected_to,
                     position,
                     start,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use fleetbus_config::{parse_toml, ConfigError};
+use fleetbus_config::{parse_toml, problems_of, ConfigError, InvalidConfig};
 use fleetbus_sinks::{builtin_dead_letters, SinkConfig, BUILTIN_DEAD_LETTERS};
 use serde::Deserialize;
 use toml::Spanned;
@@ -86,19 +86,8 @@ pub struct RuleSet {
     pub rules: Vec<Rule>,
 }
 
-/// Every problem found in a rules file.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n"))]
-pub struct RulesError {
-    /// The problems, each naming file, line and column.
-    pub problems: Vec<ConfigError>,
-}
-
-impl From<ConfigError> for RulesError {
-    fn from(e: ConfigError) -> Self {
-        RulesError { problems: vec![e] }
-    }
-}
+/// Every problem found in a rules file, each naming file, line and column.
+pub type RulesError = InvalidConfig;
 
 impl RuleSet {
     /// The sinks the file defines (without the built-in dead-letter sink).
@@ -134,13 +123,13 @@ impl RuleSet {
                     format!("sink name `{name}` is reserved for the built-in dead-letter sink"),
                 ));
             }
-            if let Err(e) = config.get_ref().validate() {
-                problems.push(at(config.span(), format!("sink `{name}`: {e}")));
+            for problem in problems_of(config.get_ref()) {
+                problems.push(at(config.span(), format!("sink `{name}`: {problem}")));
             }
             sinks.push((name.clone(), config.get_ref().clone()));
         }
         for (name, config) in &raw.sinks {
-            if let Some(target) = config.get_ref().dead_letter() {
+            if let Some(target) = &config.get_ref().dead_letter {
                 if target == name {
                     problems.push(at(
                         config.span(),
@@ -324,6 +313,60 @@ to = ["a", "nope"]
 
         let p = problems("[sinks.a]\ntype = \"carrier-pigeon\"\n");
         assert!(p[0].contains("carrier-pigeon"), "{}", p[0]);
+    }
+
+    #[test]
+    fn a_misspelt_sink_key_common_or_of_its_type_is_placed_in_the_file() {
+        let p =
+            problems("[sinks.a]\ntype = \"file\"\npath = \"x\"\n[sinks.a.batch]\nmax_evnts = 5\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("r.toml:5:1: "), "{}", p[0]);
+        assert!(p[0].contains("unknown field `max_evnts`"), "{}", p[0]);
+
+        let p = problems("\n[sinks.a]\ntype = \"s3\"\nbuckt = \"b\"\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("r.toml:2:"), "{}", p[0]);
+        assert!(p[0].contains("unknown field `buckt`"), "{}", p[0]);
+    }
+
+    #[test]
+    fn every_problem_of_a_sink_is_reported_at_once_with_its_key() {
+        let text = "[sinks.a]\ntype = \"s3\"\nbucket = \"\"\npart_size = 1\n\
+                    [sinks.a.buffer]\nmax_bytes = 1\n[sinks.a.batch]\nmax_attempts = 3\n";
+        let p = problems(text);
+        let expected = [
+            "r.toml:1:1: sink `a`: buffer.max_bytes: must be at least 1 MiB",
+            "r.toml:1:1: sink `a`: batch.max_attempts: needs a `dead_letter` sink",
+            "r.toml:1:1: sink `a`: bucket: is empty",
+            "r.toml:1:1: sink `a`: part_size: must be at least 5242880 bytes",
+        ];
+        assert_eq!(p.len(), expected.len(), "{p:#?}");
+        for (got, want) in p.iter().zip(expected) {
+            assert!(got.starts_with(want), "{got}\n  expected {want}");
+        }
+    }
+
+    #[test]
+    fn a_batch_key_replaces_only_its_own_default() {
+        let text = "[sinks.out]\ntype = \"stdout\"\n\
+                    [sinks.s3]\ntype = \"s3\"\nbucket = \"b\"\ndead_letter = \"out\"\n\
+                    [sinks.s3.batch]\nmax_attempts = 3\n\
+                    [sinks.plain]\ntype = \"file\"\npath = \"x\"\n";
+        let rules = RuleSet::parse(Path::new("r.toml"), text).unwrap();
+        let batch = |name: &str| {
+            rules
+                .sinks
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, c)| c.batch())
+                .unwrap()
+        };
+        // the S3 sink keeps its own defaults for the keys it does not set
+        let s3 = batch("s3");
+        assert_eq!(s3.max_attempts, 3);
+        assert_eq!(s3.max_events, 10_000);
+        assert_eq!(s3.max_age, std::time::Duration::from_secs(5));
+        assert_eq!(batch("plain").max_events, 1_000);
     }
 
     #[test]

@@ -65,8 +65,7 @@ pub async fn start(
     jobs: Jobs,
     guard: Arc<Guard>,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
-    let store =
-        CredentialStore::open_in(data_dir).map_err(|e| ServerError::Config(e.to_string()))?;
+    let store = CredentialStore::open_in(data_dir)?;
     let mut hosts = section.allowed_hosts.clone();
     hosts.push(addr.to_string());
     if addr.ip().is_loopback() {

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetbus_broker::BrokerConfig;
+use fleetbus_config::{Check, Problems};
 use fleetbus_pipeline::EngineOptions;
 use serde::{Deserialize, Serialize};
 
@@ -186,52 +187,82 @@ impl Default for ServerConfig {
     }
 }
 
-impl ServerConfig {
-    /// Checks what serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
-        self.broker.validate().map_err(|e| e.to_string())?;
-        self.files.validate()?;
-        if self.jobs.offline_expiry < Duration::from_secs(1) {
-            return Err("jobs.offline_expiry must be at least 1s".into());
-        }
-        if self.jobs.command_ttl < Duration::from_secs(10) {
-            return Err("jobs.command_ttl must be at least 10s".into());
-        }
-        if self.wal.commit_interval > Duration::from_secs(1) {
-            return Err("wal.commit_interval must be at most 1s (agents wait for it)".into());
-        }
-        if let Err(e) = fleetbus_protocol::validate_id("wal.store", &self.wal.store) {
-            return Err(e.to_string());
-        }
-        if self.wal.max_streams_per_agent == 0 {
-            return Err("wal.max_streams_per_agent must be at least 1".into());
-        }
-        if self.wal.dedup_idle < Duration::from_secs(3600) {
-            return Err("wal.dedup_idle must be at least 1h (agents re-send unacknowledged records for longer)".into());
-        }
-        if self.wal.segment_bytes < 1024 * 1024 {
-            return Err("wal.segment_bytes must be at least 1 MiB".into());
-        }
-        let http = &self.http;
-        if http.max_connections == 0 {
-            return Err("http.max_connections must be at least 1".into());
-        }
-        if http.header_timeout.is_zero() || http.connection_lifetime < http.header_timeout {
-            return Err(
-                "http.header_timeout must be above 0 and at most http.connection_lifetime".into(),
+/// Everything serde cannot check, every problem at its key path.
+impl Check for ServerConfig {
+    fn check(&self, p: &mut Problems) {
+        p.section("broker", |p| self.broker.check(p));
+        p.section("files", |p| self.files.check(p));
+        p.section("jobs", |p| {
+            let jobs = &self.jobs;
+            p.require(
+                jobs.offline_expiry >= Duration::from_secs(1),
+                "offline_expiry",
+                "must be at least 1s",
             );
-        }
-        if http.max_body_bytes < 1024 {
-            return Err("http.max_body_bytes must be at least 1024".into());
-        }
-        Ok(())
+            p.require(
+                jobs.command_ttl >= Duration::from_secs(10),
+                "command_ttl",
+                "must be at least 10s",
+            );
+        });
+        p.section("wal", |p| {
+            let wal = &self.wal;
+            p.require(
+                wal.commit_interval <= Duration::from_secs(1),
+                "commit_interval",
+                "must be at most 1s (agents wait for it)",
+            );
+            p.require(
+                wal.snapshot_interval >= Duration::from_millis(100),
+                "snapshot_interval",
+                "must be at least 100ms (each snapshot writes and fsyncs the de-duplication state)",
+            );
+            if let Err(e) = fleetbus_protocol::validate_id("wal.store", &wal.store) {
+                p.add("store", e.to_string());
+            }
+            p.require(
+                wal.max_streams_per_agent > 0,
+                "max_streams_per_agent",
+                "must be at least 1",
+            );
+            p.require(
+                wal.dedup_idle >= Duration::from_secs(3600),
+                "dedup_idle",
+                "must be at least 1h (agents re-send unacknowledged records for longer)",
+            );
+            p.require(
+                wal.segment_bytes >= 1024 * 1024,
+                "segment_bytes",
+                "must be at least 1 MiB",
+            );
+        });
+        p.section("http", |p| {
+            let http = &self.http;
+            p.require(
+                http.max_connections > 0,
+                "max_connections",
+                "must be at least 1",
+            );
+            p.require(
+                !http.header_timeout.is_zero() && http.header_timeout <= http.connection_lifetime,
+                "header_timeout",
+                "must be above 0 and at most http.connection_lifetime",
+            );
+            p.require(
+                http.max_body_bytes >= 1024,
+                "max_body_bytes",
+                "must be at least 1024",
+            );
+        });
     }
+}
 
+impl ServerConfig {
     /// The engine options these settings describe.
     pub fn engine_options(&self) -> EngineOptions {
         EngineOptions {
             commit_interval: self.wal.commit_interval,
-            snapshot_interval: self.wal.snapshot_interval.max(Duration::from_millis(100)),
+            snapshot_interval: self.wal.snapshot_interval,
             wal: fleetbus_wal::WalOptions {
                 segment_bytes: self.wal.segment_bytes,
             },
@@ -264,5 +295,40 @@ impl ServerConfig {
                 *file = Some(fleetbus_config::relative_to(config_file, f));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_once_and_nothing_is_clamped() {
+        let mut c = ServerConfig::default();
+        c.wal.snapshot_interval = Duration::from_millis(10);
+        c.wal.commit_interval = Duration::from_secs(2);
+        c.broker.max_inflight = 0;
+        c.files.ttl = Duration::ZERO;
+        c.http.max_body_bytes = 1;
+        let shown: Vec<String> = fleetbus_config::problems_of(&c)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        let keys: Vec<&str> = shown
+            .iter()
+            .map(|s| s.split(':').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "broker.max_inflight",
+                "files.ttl",
+                "wal.commit_interval",
+                "wal.snapshot_interval",
+                "http.max_body_bytes"
+            ],
+            "{shown:#?}"
+        );
+        assert!(fleetbus_config::problems_of(&ServerConfig::default()).is_empty());
     }
 }

@@ -75,34 +75,44 @@ impl Default for FilesSection {
     }
 }
 
-impl FilesSection {
-    /// Checks what serde cannot.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.max_chunk_size == 0 || self.max_chunk_size as usize > files::MAX_PUBLISH_BYTES {
-            return Err(format!(
-                "files.max_chunk_size must be between 1 and {}",
-                files::MAX_PUBLISH_BYTES
-            ));
-        }
-        if self.quota_per_agent < self.max_file_size.min(1 << 20) {
-            return Err("files.quota_per_agent must be at least 1 MiB".into());
-        }
-        if self.min_chunk_size == 0 || self.min_chunk_size > self.max_chunk_size {
-            return Err("files.min_chunk_size must be between 1 and files.max_chunk_size".into());
-        }
-        if self.max_chunks == 0 || self.max_chunks > 1 << 24 {
-            return Err("files.max_chunks must be between 1 and 16777216".into());
-        }
-        if self.max_uploads_per_agent == 0 {
-            return Err("files.max_uploads_per_agent must be at least 1".into());
-        }
-        if self.persist_every == 0 {
-            return Err("files.persist_every must be at least 1".into());
-        }
-        if self.ttl < Duration::from_secs(1) {
-            return Err("files.ttl must be at least 1s".into());
-        }
-        Ok(())
+/// What serde cannot check (keys relative to `[files]`).
+impl fleetbus_config::Check for FilesSection {
+    fn check(&self, p: &mut fleetbus_config::Problems) {
+        p.require(
+            self.max_chunk_size > 0 && self.max_chunk_size as usize <= files::MAX_PUBLISH_BYTES,
+            "max_chunk_size",
+            format!("must be between 1 and {}", files::MAX_PUBLISH_BYTES),
+        );
+        p.require(
+            self.quota_per_agent >= self.max_file_size.min(1 << 20),
+            "quota_per_agent",
+            "must be at least 1 MiB",
+        );
+        p.require(
+            self.min_chunk_size > 0 && self.min_chunk_size <= self.max_chunk_size,
+            "min_chunk_size",
+            "must be between 1 and files.max_chunk_size",
+        );
+        p.require(
+            self.max_chunks > 0 && self.max_chunks <= 1 << 24,
+            "max_chunks",
+            "must be between 1 and 16777216",
+        );
+        p.require(
+            self.max_uploads_per_agent > 0,
+            "max_uploads_per_agent",
+            "must be at least 1",
+        );
+        p.require(
+            self.persist_every > 0,
+            "persist_every",
+            "must be at least 1",
+        );
+        p.require(
+            self.ttl >= Duration::from_secs(1),
+            "ttl",
+            "must be at least 1s",
+        );
     }
 }
 

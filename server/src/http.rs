@@ -33,10 +33,10 @@ pub(crate) async fn serve(
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| ServerError::Config(format!("{key} {addr}: {e}")))?;
+        .map_err(|source| ServerError::Listen { key, addr, source })?;
     let bound = listener
         .local_addr()
-        .map_err(|e| ServerError::Config(format!("{key} {addr}: {e}")))?;
+        .map_err(|source| ServerError::Listen { key, addr, source })?;
     let app = app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes));
     let task = tokio::spawn(accept_loop(key, listener, app, limits, guard));
     Ok((bound, task))

@@ -88,20 +88,23 @@ pub fn start(
         std::thread::JoinHandle<()>,
         tokio::task::JoinHandle<()>,
     ),
-    String,
+    crate::ServerError,
 > {
+    use crate::ServerError;
     let key = match &section.signing_key {
         Some(key_file) => {
-            let text = std::fs::read_to_string(key_file)
-                .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
+            let unusable = |reason: String| ServerError::SigningKey {
+                path: key_file.clone(),
+                reason,
+            };
+            let text = std::fs::read_to_string(key_file).map_err(|e| unusable(e.to_string()))?;
             let key = fleetbus_protocol::jobs::signing_key_from_hex(&text)
-                .map_err(|e| format!("jobs.signing_key {}: {e}", key_file.display()))?;
+                .map_err(|e| unusable(e.to_string()))?;
             Some(key)
         }
         None => None,
     };
-    let mut service = JobService::open(data_dir, key, publish, announce)
-        .map_err(|e| e.to_string())?
+    let mut service = JobService::open(data_dir, key, publish, announce)?
         .with_command_ttl(section.command_ttl)
         .with_offline_expiry(section.offline_expiry);
     let (tx, mut rx) = mpsc::channel::<JobInput>(4096);
@@ -136,7 +139,10 @@ pub fn start(
                 }
             }
         })
-        .map_err(|e| format!("cannot start the job service thread: {e}"))?;
+        .map_err(|source| ServerError::Thread {
+            what: "the job service",
+            source,
+        })?;
     let ticker = crate::ticker::spawn(tx.clone(), TICK, || JobInput::Tick);
     Ok((JobsHandle { tx }, thread, ticker))
 }

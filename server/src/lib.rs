@@ -32,6 +32,7 @@ pub use config::{
 };
 pub use files::{FileCounters, FilesSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
+use fleetbus_config::Valid;
 use fleetbus_pipeline::{AckPublisher, Engine, EngineStats};
 use fleetbus_protocol::{files as file_topics, topics, Topic};
 use fleetbus_rules::{RuleSet, RulesError};
@@ -50,9 +51,33 @@ pub const ENGINE_CLIENT_ID: &str = "fleetbus-rules-engine";
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The configuration is invalid.
+    /// The job service's signing key is unusable.
+    #[error("jobs.signing_key {}: {reason}", path.display())]
+    SigningKey {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An HTTP endpoint cannot listen at its address.
+    #[error("{key} {addr}: {source}")]
+    Listen {
+        /// The configuration key of the address (`metrics.listen`, `admin.listen`).
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The broker's access policy file is unusable.
+    #[error("broker.security.policy: {0}")]
+    Policy(#[from] fleetbus_broker::acl::PolicyError),
+    /// The credential store cannot be opened or read.
     #[error("{0}")]
-    Config(String),
+    Credentials(#[from] fleetbus_broker::credentials::CredentialError),
+    /// The job ledger or agent registry cannot be opened.
+    #[error("{0}")]
+    Jobs(#[from] fleetbus_jobs::JobsError),
     /// The rules file is invalid.
     #[error("{0}")]
     Rules(#[from] RulesError),
@@ -107,9 +132,9 @@ pub struct Server {
 
 impl Server {
     /// Starts broker, rules engine and sinks as configured. Relative paths in `config`
-    /// must already be resolved (see [`ServerConfig::resolve_paths`]).
-    pub async fn start(config: &ServerConfig) -> Result<Server, ServerError> {
-        config.validate().map_err(ServerError::Config)?;
+    /// must already be resolved (see [`ServerConfig::resolve_paths`]); its values were
+    /// checked when it was made [`Valid`].
+    pub async fn start(config: &Valid<ServerConfig>) -> Result<Server, ServerError> {
         fleetbus_support::create_dir(&config.data_dir).map_err(|source| ServerError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
@@ -187,8 +212,7 @@ impl Server {
                 event_engine.dispatch(&topic, &payload);
             });
             let (handle, thread, ticker) =
-                jobs::start(&config.data_dir, &config.jobs, publish, announce)
-                    .map_err(ServerError::Config)?;
+                jobs::start(&config.data_dir, &config.jobs, publish, announce)?;
             (Arc::new(handle), thread, ticker)
         };
         let enroller = match config.broker.security.enforce {

@@ -46,17 +46,13 @@ impl Security {
         data_dir: &Path,
     ) -> Result<Security, ServerError> {
         let policy = match &config.policy {
-            Some(path) => Policy::load(path)
-                .map_err(|e| ServerError::Config(format!("broker.security.policy: {e}")))?,
+            Some(path) => Policy::load(path)?,
             None => Policy::default(),
         };
         let (store, credentials) = match config.enforce {
             true => {
-                let store = CredentialStore::open_in(data_dir)
-                    .map_err(|e| ServerError::Config(e.to_string()))?;
-                let credentials = store
-                    .snapshot()
-                    .map_err(|e| ServerError::Config(e.to_string()))?;
+                let store = CredentialStore::open_in(data_dir)?;
+                let credentials = store.snapshot()?;
                 tracing::info!(
                     enrolled = credentials.len(),
                     "broker security enforced: clients authenticate with their token, topic policy applied"
@@ -203,8 +199,7 @@ impl Enroller {
         guard: Arc<Guard>,
         publish: Publish,
     ) -> Result<Enroller, ServerError> {
-        let store =
-            CredentialStore::open_in(data_dir).map_err(|e| ServerError::Config(e.to_string()))?;
+        let store = CredentialStore::open_in(data_dir)?;
         let per_minute = guard.limits().enrollments_per_minute;
         Ok(Enroller {
             store: std::sync::Mutex::new(store),

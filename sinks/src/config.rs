@@ -3,23 +3,100 @@
 use std::path::Path;
 use std::time::Duration;
 
+use fleetbus_config::{Check, Problems};
+use fleetbus_protocol::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::file::{FileSink, FileSinkConfig};
-use crate::s3::{S3Sink, S3SinkConfig};
-use crate::stdout::{StdoutSink, StdoutSinkConfig};
+use crate::file::FileSinkConfig;
+use crate::s3::S3SinkConfig;
+use crate::stdout::StdoutSinkConfig;
 use crate::{Sink, SinkError};
 
-/// One sink's configuration, selected by its `type` key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum SinkConfig {
+/// One `[sinks.NAME]` table: the keys every sink has (`dead_letter`, `buffer`, `batch`),
+/// and beside them the keys of its `type`. A misspelt key of either kind is an error.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SinkConfig {
+    /// The sink its given-up batches go to (see `batch.max_attempts`).
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+    /// Backpressure settings.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// The batch keys the table sets; the others come from the type's defaults
+    /// ([`SinkType::default_batch`]). See [`SinkConfig::batch`].
+    #[serde(default)]
+    pub batch: BatchKeys,
+    /// The type and its own keys.
+    #[serde(flatten)]
+    pub kind: SinkKind,
+}
+
+/// What a sink type provides beyond its keys: its checks, its batch defaults, where it puts
+/// a completed file, and how it is built. A new sink type is a module with a config struct
+/// implementing this, and one line in [`sink_types!`](SinkKind).
+pub trait SinkType {
+    /// The batch settings for the keys a table leaves unset.
+    fn default_batch(&self) -> BatchConfig {
+        BatchConfig::default()
+    }
+
+    /// Records every problem with the type's own keys (relative to the sink's table).
+    fn check(&self, problems: &mut Problems);
+
+    /// Where this sink puts a completed file, in words an operator can follow (`file
+    /// PATH`, `s3://BUCKET/KEY`); None when a template does not parse.
+    fn file_destination(&self, msg: &Message) -> Option<String>;
+
+    /// Builds the sink (its configuration already checked).
+    fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError>;
+}
+
+/// Where a sink being built lives.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkPlace<'a> {
+    /// The sink's name (`[sinks.NAME]`).
+    pub name: &'a str,
+    /// The server's data directory: relative paths resolve here.
+    pub data_dir: &'a Path,
+    /// The sink's own state directory (e.g. batch markers).
+    pub state_dir: &'a Path,
+}
+
+/// Declares [`SinkKind`]: one line per sink type, `"type name" => Variant(ConfigType)`.
+macro_rules! sink_types {
+    ($($(#[doc = $doc:literal])* $name:literal => $variant:ident($config:ty),)*) => {
+        /// A sink's type, selected by its `type` key, with that type's own keys.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(tag = "type")]
+        pub enum SinkKind {
+            $($(#[doc = $doc])* #[serde(rename = $name)] $variant($config),)*
+        }
+
+        impl SinkKind {
+            /// The type's behaviour.
+            pub fn sink_type(&self) -> &dyn SinkType {
+                match self {
+                    $(SinkKind::$variant(c) => c,)*
+                }
+            }
+
+            /// The type's name as written in the file.
+            pub fn type_name(&self) -> &'static str {
+                match self {
+                    $(SinkKind::$variant(_) => $name,)*
+                }
+            }
+        }
+    };
+}
+
+sink_types! {
     /// `type = "file"`: JSON lines into templated paths under the server's data directory.
-    File(FileSinkConfig),
+    "file" => File(FileSinkConfig),
     /// `type = "stdout"`: JSON lines on standard output.
-    Stdout(StdoutSinkConfig),
+    "stdout" => Stdout(StdoutSinkConfig),
     /// `type = "s3"`: files and record batches into an S3 bucket.
-    S3(S3SinkConfig),
+    "s3" => S3(S3SinkConfig),
 }
 
 /// `buffer`: how much of the write-ahead log may wait for this sink.
@@ -81,100 +158,117 @@ impl Default for BatchConfig {
     }
 }
 
+/// The `batch` keys a sink's table sets: each one replaces the type's default for it
+/// (an S3 sink that sets only `max_attempts` keeps its 10,000 events per object).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchKeys {
+    /// See [`BatchConfig::max_events`].
+    pub max_events: Option<usize>,
+    /// See [`BatchConfig::max_bytes`].
+    pub max_bytes: Option<u64>,
+    /// See [`BatchConfig::max_age`].
+    #[serde(with = "humantime_serde")]
+    pub max_age: Option<Duration>,
+    /// See [`BatchConfig::max_attempts`].
+    pub max_attempts: Option<u32>,
+    /// See [`BatchConfig::max_retry_age`].
+    #[serde(with = "humantime_serde")]
+    pub max_retry_age: Option<Duration>,
+    /// See [`BatchConfig::retry_backoff`].
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Option<Duration>,
+    /// See [`BatchConfig::retry_backoff_max`].
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Option<Duration>,
+}
+
+impl BatchKeys {
+    /// `defaults` with the keys set here replacing theirs.
+    pub fn over(&self, defaults: BatchConfig) -> BatchConfig {
+        BatchConfig {
+            max_events: self.max_events.unwrap_or(defaults.max_events),
+            max_bytes: self.max_bytes.or(defaults.max_bytes),
+            max_age: self.max_age.unwrap_or(defaults.max_age),
+            max_attempts: self.max_attempts.unwrap_or(defaults.max_attempts),
+            max_retry_age: self.max_retry_age.or(defaults.max_retry_age),
+            retry_backoff: self.retry_backoff.unwrap_or(defaults.retry_backoff),
+            retry_backoff_max: self.retry_backoff_max.unwrap_or(defaults.retry_backoff_max),
+        }
+    }
+}
+
 impl SinkConfig {
-    /// Where this sink puts a completed file, in words an operator can follow: `file
-    /// PATH` (relative to the server's `data_dir`), `s3://BUCKET/KEY`, `stdout`. None when
-    /// the template does not parse (the rules file check reports that).
-    pub fn file_destination(&self, msg: &fleetbus_protocol::Message) -> Option<String> {
-        match self {
-            SinkConfig::File(c) => {
-                let path = crate::template::PathTemplate::parse(&c.path).ok()?;
-                Some(format!("file {}", path.render(msg)))
-            }
-            SinkConfig::S3(c) => {
-                let key = crate::template::PathTemplate::parse(&c.key).ok()?;
-                Some(format!("s3://{}/{}", c.bucket, key.render(msg)))
-            }
-            SinkConfig::Stdout(_) => Some("stdout".into()),
+    /// A sink of `kind` with every common key at its default.
+    pub fn new(kind: SinkKind) -> SinkConfig {
+        SinkConfig {
+            dead_letter: None,
+            buffer: BufferConfig::default(),
+            batch: BatchKeys::default(),
+            kind,
         }
     }
 
     /// The sink's type name as written in the file.
     pub fn type_name(&self) -> &'static str {
-        match self {
-            SinkConfig::File(_) => "file",
-            SinkConfig::Stdout(_) => "stdout",
-            SinkConfig::S3(_) => "s3",
-        }
+        self.kind.type_name()
     }
 
-    /// Its backpressure settings.
-    pub fn buffer(&self) -> &BufferConfig {
-        match self {
-            SinkConfig::File(c) => &c.buffer,
-            SinkConfig::Stdout(c) => &c.buffer,
-            SinkConfig::S3(c) => &c.buffer,
-        }
+    /// Its batch settings: the keys its table sets over its type's defaults.
+    pub fn batch(&self) -> BatchConfig {
+        self.batch.over(self.kind.sink_type().default_batch())
     }
 
-    /// Its batch settings.
-    pub fn batch(&self) -> &BatchConfig {
-        match self {
-            SinkConfig::File(c) => &c.batch,
-            SinkConfig::Stdout(c) => &c.batch,
-            SinkConfig::S3(c) => &c.batch,
-        }
+    /// Where this sink puts a completed file, in words an operator can follow: `file
+    /// PATH` (relative to the server's `data_dir`), `s3://BUCKET/KEY`, `stdout`. None when
+    /// the template does not parse (the rules file check reports that).
+    pub fn file_destination(&self, msg: &Message) -> Option<String> {
+        self.kind.sink_type().file_destination(msg)
     }
 
-    /// The sink its given-up batches go to.
-    pub fn dead_letter(&self) -> Option<&str> {
-        match self {
-            SinkConfig::File(c) => c.dead_letter.as_deref(),
-            SinkConfig::Stdout(c) => c.dead_letter.as_deref(),
-            SinkConfig::S3(c) => c.dead_letter.as_deref(),
-        }
+    /// Builds the sink. Its configuration was checked when the rules file was read
+    /// ([`Check`]); building does not check again.
+    pub fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
+        self.kind.sink_type().build(place)
     }
+}
 
-    /// Checks everything that can be checked without touching the outside world.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.buffer().max_bytes < 1024 * 1024 {
-            return Err("buffer.max_bytes must be at least 1 MiB".into());
+impl Check for SinkConfig {
+    fn check(&self, p: &mut Problems) {
+        p.require(
+            self.buffer.max_bytes >= 1024 * 1024,
+            "buffer.max_bytes",
+            "must be at least 1 MiB",
+        );
+        let batch = self.batch();
+        p.require(
+            batch.max_events > 0,
+            "batch.max_events",
+            "must be at least 1",
+        );
+        p.require(
+            batch.max_bytes != Some(0),
+            "batch.max_bytes",
+            "must be at least 1 (leave it unset for no limit)",
+        );
+        p.require(
+            batch.max_age <= Duration::from_secs(3600),
+            "batch.max_age",
+            "must be at most 1h",
+        );
+        if self.dead_letter.is_none() {
+            p.require(
+                batch.max_attempts == 0,
+                "batch.max_attempts",
+                "needs a `dead_letter` sink to give batches to (without one, batches are retried until written)",
+            );
+            p.require(
+                batch.max_retry_age.is_none(),
+                "batch.max_retry_age",
+                "needs a `dead_letter` sink to give batches to (without one, batches are retried until written)",
+            );
         }
-        if self.batch().max_events == 0 {
-            return Err("batch.max_events must be at least 1".into());
-        }
-        if self.batch().max_bytes == Some(0) {
-            return Err("batch.max_bytes must be at least 1 (leave it unset for no limit)".into());
-        }
-        if self.batch().max_age > Duration::from_secs(3600) {
-            return Err("batch.max_age must be at most 1h".into());
-        }
-        if self.dead_letter().is_none()
-            && (self.batch().max_attempts > 0 || self.batch().max_retry_age.is_some())
-        {
-            return Err("batch.max_attempts / batch.max_retry_age need a `dead_letter` sink to give batches to (without one, batches are retried until written)".into());
-        }
-        match self {
-            SinkConfig::File(c) => c.validate(),
-            SinkConfig::Stdout(_) => Ok(()),
-            SinkConfig::S3(c) => c.validate(),
-        }
-    }
-
-    /// Builds sink `name`. File paths resolve under `data_dir`; the sink keeps its own
-    /// state (batch markers) in `state_dir`.
-    pub fn build(
-        &self,
-        name: &str,
-        data_dir: &Path,
-        state_dir: &Path,
-    ) -> Result<Box<dyn Sink>, SinkError> {
-        self.validate().map_err(SinkError::Config)?;
-        Ok(match self {
-            SinkConfig::File(c) => Box::new(FileSink::new(name, c, data_dir, state_dir)?),
-            SinkConfig::Stdout(_) => Box::new(StdoutSink),
-            SinkConfig::S3(c) => Box::new(S3Sink::new(c, data_dir)?),
-        })
+        self.kind.sink_type().check(p);
     }
 }
 

@@ -25,7 +25,11 @@ use serde::{Deserialize, Serialize};
 use crate::completion::completed_file;
 use crate::template::PathTemplate;
 use crate::write_atomically;
-use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, ErrorClass, Sink, SinkError};
+use fleetbus_config::Problems;
+use fleetbus_protocol::Message;
+
+use crate::config::{SinkPlace, SinkType};
+use crate::{json_line, Batch, BoxFuture, ErrorClass, Sink, SinkError};
 
 /// `type = "file"`
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -33,26 +37,31 @@ use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, ErrorClass, 
 pub struct FileSinkConfig {
     /// Path template relative to the server's `data_dir` (see [`PathTemplate`]).
     pub path: String,
-    /// Sink that receives batches this sink gives up on (see `batch.max_attempts`).
-    #[serde(default)]
-    pub dead_letter: Option<String>,
     /// How a completed file reaches its path: a hard link to the verified spool file where
     /// the filesystem allows it (the default), or always a copy.
     #[serde(default)]
     pub completed_files: CompletedFiles,
-    /// Backpressure settings.
-    #[serde(default)]
-    pub buffer: BufferConfig,
-    /// Batch and retry settings.
-    #[serde(default)]
-    pub batch: BatchConfig,
 }
 
-impl FileSinkConfig {
-    /// Checks the template.
-    pub fn validate(&self) -> Result<(), String> {
-        PathTemplate::parse(&self.path).map_err(|e| format!("path: {e}"))?;
-        Ok(())
+impl SinkType for FileSinkConfig {
+    fn check(&self, p: &mut Problems) {
+        if let Err(e) = PathTemplate::parse(&self.path) {
+            p.add("path", e.to_string());
+        }
+    }
+
+    fn file_destination(&self, msg: &Message) -> Option<String> {
+        let path = PathTemplate::parse(&self.path).ok()?;
+        Some(format!("file {}", path.render(msg)))
+    }
+
+    fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
+        Ok(Box::new(FileSink::new(
+            place.name,
+            self,
+            place.data_dir,
+            place.state_dir,
+        )?))
     }
 }
 

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-pub use config::{BatchConfig, BufferConfig, SinkConfig};
+pub use config::{BatchConfig, BatchKeys, BufferConfig, SinkConfig, SinkKind, SinkPlace, SinkType};
 use fleetbus_protocol::Message;
 use fleetbus_wal::DeadLetter;
 pub use template::{PathTemplate, TemplateError};
@@ -188,13 +188,10 @@ pub const BUILTIN_DEAD_LETTERS: &str = "fleetbus.dead-letters";
 /// The configuration of [`BUILTIN_DEAD_LETTERS`]: one file a day, no part of the path taken
 /// from a message (so it cannot fail for a message's sake).
 pub fn builtin_dead_letters() -> SinkConfig {
-    SinkConfig::File(file::FileSinkConfig {
+    SinkConfig::new(SinkKind::File(file::FileSinkConfig {
         path: "dead-letters/%Y-%m-%d.jsonl".into(),
-        dead_letter: None,
         completed_files: file::CompletedFiles::default(),
-        buffer: BufferConfig::default(),
-        batch: BatchConfig::default(),
-    })
+    }))
 }
 
 /// The JSON line a sink writes for `item`: the message body, or for a dead letter an

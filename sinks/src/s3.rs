@@ -28,7 +28,11 @@ use tokio::io::AsyncReadExt;
 
 use crate::completion::{completed_file, CompletedFile};
 use crate::template::PathTemplate;
-use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, Item, Sink, SinkError};
+use fleetbus_config::Problems;
+use fleetbus_protocol::Message;
+
+use crate::config::{SinkPlace, SinkType};
+use crate::{json_line, Batch, BatchConfig, BoxFuture, Item, Sink, SinkError};
 
 /// Smallest multipart part S3 accepts (except the last).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
@@ -83,15 +87,6 @@ pub struct S3SinkConfig {
     /// Request checksums: `when_required` (default) or `when_supported`.
     #[serde(default)]
     pub checksums: Checksums,
-    /// Sink that receives batches this sink gives up on (see `batch.max_attempts`).
-    #[serde(default)]
-    pub dead_letter: Option<String>,
-    /// Backpressure settings.
-    #[serde(default)]
-    pub buffer: BufferConfig,
-    /// Batch and retry settings (records: `max_events`, `max_bytes`, `max_age` per object).
-    #[serde(default = "default_batch")]
-    pub batch: BatchConfig,
 }
 
 fn default_region() -> String {
@@ -119,33 +114,51 @@ fn default_batch() -> BatchConfig {
     }
 }
 
-impl S3SinkConfig {
-    /// Checks templates and sizes.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.bucket.trim().is_empty() {
-            return Err("bucket is empty".into());
+impl SinkType for S3SinkConfig {
+    /// Records: `max_events`, `max_bytes`, `max_age` per object.
+    fn default_batch(&self) -> BatchConfig {
+        default_batch()
+    }
+
+    fn check(&self, p: &mut Problems) {
+        p.require(!self.bucket.trim().is_empty(), "bucket", "is empty");
+        if let Err(e) = PathTemplate::parse(&self.key) {
+            p.add("key", e.to_string());
         }
-        PathTemplate::parse(&self.key).map_err(|e| format!("key: {e}"))?;
-        PathTemplate::parse(&self.records_key).map_err(|e| format!("records_key: {e}"))?;
-        if self.part_size < MIN_PART_SIZE {
-            return Err(format!(
-                "part_size must be at least {MIN_PART_SIZE} bytes (5 MiB, S3's smallest part)"
-            ));
+        if let Err(e) = PathTemplate::parse(&self.records_key) {
+            p.add("records_key", e.to_string());
         }
-        if self.part_size > 512 * 1024 * 1024 {
-            return Err("part_size must be at most 512 MiB (one part is held in memory)".into());
-        }
+        p.require(
+            self.part_size >= MIN_PART_SIZE,
+            "part_size",
+            format!("must be at least {MIN_PART_SIZE} bytes (5 MiB, S3's smallest part)"),
+        );
+        p.require(
+            self.part_size <= 512 * 1024 * 1024,
+            "part_size",
+            "must be at most 512 MiB (one part is held in memory)",
+        );
         if let Some(e) = &self.endpoint {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return Err(format!(
-                    "endpoint `{e}` must start with http:// or https://"
-                ));
-            }
+            p.require(
+                e.starts_with("http://") || e.starts_with("https://"),
+                "endpoint",
+                format!("`{e}` must start with http:// or https://"),
+            );
         }
-        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
-            return Err("access_key_id and secret_access_key go together".into());
-        }
-        Ok(())
+        p.require(
+            self.access_key_id.is_some() == self.secret_access_key.is_some(),
+            "access_key_id",
+            "access_key_id and secret_access_key go together",
+        );
+    }
+
+    fn file_destination(&self, msg: &Message) -> Option<String> {
+        let key = PathTemplate::parse(&self.key).ok()?;
+        Some(format!("s3://{}/{}", self.bucket, key.render(msg)))
+    }
+
+    fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
+        Ok(Box::new(S3Sink::new(self, place.data_dir)?))
     }
 }
 
@@ -165,7 +178,6 @@ pub struct S3Sink {
 impl S3Sink {
     /// Builds the client. Completed files are read from the spool under `data_dir`.
     pub fn new(config: &S3SinkConfig, data_dir: &Path) -> Result<S3Sink, SinkError> {
-        config.validate().map_err(SinkError::Config)?;
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let access = config
             .access_key_id

@@ -5,21 +5,27 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{json_line, Batch, BatchConfig, BoxFuture, BufferConfig, Sink, SinkError};
+use fleetbus_config::Problems;
+use fleetbus_protocol::Message;
 
-/// `type = "stdout"`
+use crate::config::{SinkPlace, SinkType};
+use crate::{json_line, Batch, BoxFuture, Sink, SinkError};
+
+/// `type = "stdout"`: no keys of its own.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StdoutSinkConfig {
-    /// Sink that receives batches this sink gives up on.
-    #[serde(default)]
-    pub dead_letter: Option<String>,
-    /// Backpressure settings.
-    #[serde(default)]
-    pub buffer: BufferConfig,
-    /// Batch and retry settings.
-    #[serde(default)]
-    pub batch: BatchConfig,
+pub struct StdoutSinkConfig {}
+
+impl SinkType for StdoutSinkConfig {
+    fn check(&self, _: &mut Problems) {}
+
+    fn file_destination(&self, _: &Message) -> Option<String> {
+        Some("stdout".into())
+    }
+
+    fn build(&self, _: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
+        Ok(Box::new(StdoutSink))
+    }
 }
 
 /// Writes each message as a JSON line on standard output.

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use fleetbus_agent::{AfterUpload, Agent, AgentConfig, AgentError, UploadOutcome, UploadQueue};
+use fleetbus_agent::{
+    AfterUpload, Agent, AgentConfig, AgentError, UploadOutcome, UploadQueue, Valid,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::watch;
 
@@ -54,10 +56,27 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Loads the agent configuration (file + FLEETBUS_AGENT__* overrides); relative paths are
-/// resolved against the configuration file's directory.
-pub fn load_config(path: Option<&Path>) -> anyhow::Result<AgentConfig> {
-    let mut config: AgentConfig = fleetbus_config::load(path, fleetbus_config::AGENT_ENV_PREFIX)?;
+/// Loads the agent configuration (file + FLEETBUS_AGENT__* overrides) and checks it;
+/// relative paths are resolved against the configuration file's directory.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Valid<AgentConfig>> {
+    load_config_with(path, |_| {})
+}
+
+/// [`load_config`] with `adjust` applied before the check (a command that needs less of
+/// the agent turns parts off).
+fn load_config_with(
+    path: Option<&Path>,
+    adjust: impl FnOnce(&mut AgentConfig),
+) -> anyhow::Result<Valid<AgentConfig>> {
+    let config = fleetbus_config::load(path, fleetbus_config::AGENT_ENV_PREFIX, |config| {
+        resolve_paths(config, path);
+        adjust(config);
+    })?;
+    Ok(config)
+}
+
+/// Makes the configuration's relative paths relative to its file's directory.
+fn resolve_paths(config: &mut AgentConfig, path: Option<&Path>) {
     config.state_dir = fleetbus_config::relative_to(path, &config.state_dir);
     if let Some(d) = &config.uploads.watch_dir {
         config.uploads.watch_dir = Some(fleetbus_config::relative_to(path, d));
@@ -80,7 +99,6 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<AgentConfig> {
             *file = Some(fleetbus_config::relative_to(path, f));
         }
     }
-    Ok(config)
 }
 
 /// Runs `fleetbus agent ...`.
@@ -119,12 +137,13 @@ async fn upload(
     file: &Path,
     meta: BTreeMap<String, String>,
 ) -> anyhow::Result<ExitCode> {
-    let mut config = load_config(config_path)?;
-    // only the upload: no collectors, no directory watching
-    config.metrics.enabled = false;
-    config.heartbeat.enabled = false;
-    config.uploads.watch_dir = None;
-    config.uploads.archive_dir = None;
+    let config = load_config_with(config_path, |config| {
+        // only the upload: no collectors, no directory watching
+        config.metrics.enabled = false;
+        config.heartbeat.enabled = false;
+        config.uploads.watch_dir = None;
+        config.uploads.archive_dir = None;
+    })?;
     let state_dir = config.state_dir.clone();
 
     let hashing = spinner(&format!("hashing {}", file.display()));

@@ -28,7 +28,11 @@ impl ServerData {
     pub(crate) fn store(&self) -> anyhow::Result<CredentialStore> {
         let data_dir = match &self.data_dir {
             Some(dir) => dir.clone(),
-            None => super::serve::load_config(self.config.as_deref())?.data_dir,
+            None => {
+                super::serve::load_config(self.config.as_deref())?
+                    .into_inner()
+                    .data_dir
+            }
         };
         CredentialStore::open_in(&data_dir).context("opening the credential store")
     }

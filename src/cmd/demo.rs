@@ -16,6 +16,7 @@ use fleetbus_agent::jobs::HandlerConfig;
 use fleetbus_agent::{AfterUpload, Agent, AgentConfig, UploadOutcome, UploadQueue};
 use fleetbus_broker::acl::Role;
 use fleetbus_broker::credentials::CredentialStore;
+use fleetbus_config::Valid;
 use fleetbus_jobs::{JobReport, KnownAgent, PushRequest, Rollout};
 use fleetbus_mqtt::BrokerUrl;
 use fleetbus_pipeline::inventory;
@@ -117,7 +118,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         false,
     )?;
 
-    let server = Server::start(&config).await?;
+    let server = Server::start(&Valid::new(config.clone())?).await?;
     println!(
         "server   mqtt://{} with rules {}",
         server.addr(),
@@ -147,7 +148,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             "kernel-version".into(),
             HandlerConfig::new(&["uname", "-sr"], &[], Duration::from_secs(10)),
         );
-        let agent = Agent::open(c)?;
+        let agent = Agent::open(Valid::new(c)?)?;
         println!(
             "agent    {name:<6} {} groups {}",
             agent.id(),

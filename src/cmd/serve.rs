@@ -5,15 +5,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use fleetbus_config::Valid;
 use fleetbus_server::{Server, ServerConfig};
 
 /// How long a graceful stop may take.
 const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Loads the server configuration (file + FLEETBUS_SERVER__* overrides) with paths resolved.
-pub fn load_config(path: Option<&Path>) -> anyhow::Result<ServerConfig> {
-    let mut config: ServerConfig = fleetbus_config::load(path, fleetbus_config::SERVER_ENV_PREFIX)?;
-    config.resolve_paths(path);
+/// Loads the server configuration (file + FLEETBUS_SERVER__* overrides) with paths resolved,
+/// and checks it: every problem at once, each at its `file:line:col`.
+pub fn load_config(path: Option<&Path>) -> anyhow::Result<Valid<ServerConfig>> {
+    let config = fleetbus_config::load(
+        path,
+        fleetbus_config::SERVER_ENV_PREFIX,
+        |c: &mut ServerConfig| c.resolve_paths(path),
+    )?;
     Ok(config)
 }
 

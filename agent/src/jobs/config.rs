@@ -80,47 +80,48 @@ impl HandlerConfig {
     }
 }
 
-impl JobsConfig {
-    /// Checks what serde cannot: patterns compile, commands are not empty, placeholders
-    /// name declared arguments.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.concurrency == 0 {
-            return Err("jobs.concurrency must be at least 1".into());
-        }
-        if self.public_key.is_some() && self.public_key_file.is_some() {
-            return Err("jobs: set public_key or public_key_file, not both".into());
-        }
+/// What serde cannot check: patterns compile, commands are not empty, placeholders name
+/// declared arguments (keys relative to `[jobs]`).
+impl fleetbus_config::Check for JobsConfig {
+    fn check(&self, p: &mut fleetbus_config::Problems) {
+        p.require(self.concurrency > 0, "concurrency", "must be at least 1");
+        p.require(
+            self.public_key.is_none() || self.public_key_file.is_none(),
+            "public_key",
+            "set public_key or public_key_file, not both",
+        );
         if let Some(k) = &self.public_key {
-            fleetbus_protocol::jobs::verifying_key_from_hex(k)
-                .map_err(|e| format!("jobs.public_key: {e}"))?;
+            if let Err(e) = fleetbus_protocol::jobs::verifying_key_from_hex(k) {
+                p.add("public_key", e.to_string());
+            }
         }
         for (name, h) in &self.handlers {
-            if crate::jobs::BUILTINS.contains(&name.as_str()) {
-                return Err(format!(
-                    "jobs.handlers.{name}: `{name}` is a built-in operation"
-                ));
-            }
-            if h.command.is_empty() {
-                return Err(format!("jobs.handlers.{name}.command is empty"));
-            }
-            for (arg, pattern) in &h.args {
-                regex::Regex::new(pattern)
-                    .map_err(|e| format!("jobs.handlers.{name}.args.{arg}: {e}"))?;
-            }
-            for part in &h.command {
-                for placeholder in placeholders(part) {
-                    if !h.args.contains_key(placeholder) {
-                        return Err(format!(
-                            "jobs.handlers.{name}.command uses {{{placeholder}}}, which is not in jobs.handlers.{name}.args"
-                        ));
+            p.section(&format!("handlers.{name}"), |p| {
+                p.require(
+                    !crate::jobs::BUILTINS.contains(&name.as_str()),
+                    "",
+                    format!("`{name}` is a built-in operation"),
+                );
+                p.require(!h.command.is_empty(), "command", "is empty");
+                for (arg, pattern) in &h.args {
+                    if let Err(e) = regex::Regex::new(pattern) {
+                        p.add(&format!("args.{arg}"), e.to_string());
                     }
                 }
-            }
-            if h.timeout.is_zero() {
-                return Err(format!("jobs.handlers.{name}.timeout must be above 0"));
-            }
+                for part in &h.command {
+                    for placeholder in placeholders(part) {
+                        p.require(
+                            h.args.contains_key(placeholder),
+                            "command",
+                            format!(
+                                "uses {{{placeholder}}}, which is not in jobs.handlers.{name}.args"
+                            ),
+                        );
+                    }
+                }
+                p.require(!h.timeout.is_zero(), "timeout", "must be above 0");
+            });
         }
-        Ok(())
     }
 }
 
@@ -146,6 +147,12 @@ mod tests {
         HandlerConfig::new(command, args, Duration::from_secs(5))
     }
 
+    /// Every problem `c` has, one per line.
+    fn problems(c: &JobsConfig) -> String {
+        let found = fleetbus_config::problems_of(c);
+        found.iter().map(|p| format!("{p}\n")).collect()
+    }
+
     #[test]
     fn handlers_are_checked() {
         let mut c = JobsConfig::default();
@@ -153,17 +160,17 @@ mod tests {
             "restart".into(),
             handler(&["systemctl", "restart", "{name}"], &[("name", "^[a-z]+$")]),
         );
-        c.validate().unwrap();
+        assert_eq!(problems(&c), "");
         c.handlers
             .insert("bad".into(), handler(&["x", "{missing}"], &[]));
-        assert!(c.validate().unwrap_err().contains("{missing}"));
+        assert!(problems(&c).contains("{missing}"));
         c.handlers.remove("bad");
         c.handlers
             .insert("re".into(), handler(&["x"], &[("a", "([")]));
-        assert!(c.validate().unwrap_err().contains("args.a"));
+        assert!(problems(&c).contains("args.a"));
         c.handlers.remove("re");
         c.handlers.insert("echo".into(), handler(&["x"], &[]));
-        assert!(c.validate().unwrap_err().contains("built-in"));
+        assert!(problems(&c).contains("built-in"));
     }
 
     #[test]

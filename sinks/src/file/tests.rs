@@ -8,10 +8,7 @@ use crate::Item;
 fn config(path: &str) -> FileSinkConfig {
     FileSinkConfig {
         path: path.into(),
-        dead_letter: None,
         completed_files: CompletedFiles::default(),
-        buffer: BufferConfig::default(),
-        batch: BatchConfig::default(),
     }
 }
 

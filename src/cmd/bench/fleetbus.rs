@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use fleetbus_agent::{Agent, AgentConfig, Outbox};
 use fleetbus_broker::acl::Role;
 use fleetbus_broker::credentials::CredentialStore;
+use fleetbus_config::Valid;
 use fleetbus_mqtt::BrokerUrl;
 use fleetbus_protocol::Record;
 use fleetbus_server::{Server, ServerConfig};
@@ -56,7 +57,7 @@ pub async fn measure(args: &IngestArgs, security: BenchSecurity) -> anyhow::Resu
         config.broker.tls.key = Some(cert.key);
         server_url = format!("mqtts://127.0.0.1:{tls_port}").parse()?;
     }
-    let server = Server::start(&config).await?;
+    let server = Server::start(&Valid::new(config.clone())?).await?;
 
     let pad = pad_for(args.payload);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -74,7 +75,7 @@ pub async fn measure(args: &IngestArgs, security: BenchSecurity) -> anyhow::Resu
         c.connection.inflight = args.inflight;
         c.connection.token = tokens.get(i).cloned().flatten();
         c.connection.ca_file = ca_file.clone();
-        let agent = Agent::open(c)?;
+        let agent = Agent::open(Valid::new(c)?)?;
         outboxes.push(agent.outbox().clone());
         agents.spawn(agent.run(stop_rx.clone()));
     }

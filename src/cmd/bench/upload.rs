@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleetbus_agent::{AfterUpload, Agent, AgentConfig, UploadOutcome, UploadQueue};
+use fleetbus_config::Valid;
 use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -145,7 +146,7 @@ async fn upload(
     if let Some(w) = window {
         config.uploads.window = w;
     }
-    let agent = Agent::open(config)?;
+    let agent = Agent::open(Valid::new(config)?)?;
     let uploads = agent.uploads().clone();
     let job = {
         let file = file.to_path_buf();
