@@ -95,3 +95,49 @@ fn invalid_config_is_refused_before_rumqttd_sees_it() {
     let err = EmbeddedBroker::start(c).err().unwrap();
     assert!(err.to_string().contains("broker.max_connections"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_mark_comes_after_every_message_stored_before_it() {
+    // a consumer that has not read anything yet, with a backlog on several topics and more
+    // than its outgoing buffer holds at once (the router pauses it as busy in between)
+    const TOPICS: usize = 5;
+    const EACH: usize = 800;
+    let broker = EmbeddedBroker::start(config(free_port().unwrap())).unwrap();
+    let (mut consumer_tx, mut consumer_rx) = broker.local_link("consumer").unwrap();
+    consumer_tx.subscribe("#").unwrap();
+    let (mut publisher, mut publisher_rx) = broker.local_link("publisher").unwrap();
+    // the publisher's own notifications (acks) must be read for it to go on
+    tokio::spawn(async move { while let Ok(Some(_)) = publisher_rx.next().await {} });
+    // let the subscription settle before the backlog
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 0..TOPICS * EACH {
+        let topic = format!("fleet/a/telemetry/s{}", i % TOPICS);
+        publisher.publish(topic, i.to_string()).unwrap();
+    }
+    consumer_tx.drain().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let drained = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match consumer_rx.next().await {
+                Ok(Some(Notification::Forward(f))) => {
+                    let n: usize = std::str::from_utf8(&f.publish.payload)
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    seen.insert(n);
+                }
+                Ok(Some(Notification::Unschedule)) => consumer_rx.wake().await.unwrap(),
+                Ok(Some(Notification::Drained)) => return,
+                Ok(_) => {}
+                Err(e) => panic!("consumer link lost: {e}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "no drain mark; {} messages seen",
+        seen.len()
+    );
+    assert_eq!(seen.len(), TOPICS * EACH, "messages before the drain mark");
+}

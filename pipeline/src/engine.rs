@@ -179,8 +179,9 @@ struct Inner {
 /// The rules engine with its log, committer and sink workers running.
 pub struct Engine {
     inner: Arc<Inner>,
-    sinks: Vec<SinkHandle>,
-    committer: Option<JoinHandle<()>>,
+    // taken by the one shutdown (the engine may be shared while the server stops)
+    sinks: Mutex<Vec<SinkHandle>>,
+    committer: Mutex<Option<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
 }
 
@@ -318,8 +319,8 @@ impl Engine {
         let committer = tokio::spawn(run_committer(inner.clone(), options, stop_rx));
         Ok(Engine {
             inner,
-            sinks,
-            committer: Some(committer),
+            sinks: Mutex::new(sinks),
+            committer: Mutex::new(Some(committer)),
             stop,
         })
     }
@@ -416,26 +417,44 @@ impl Engine {
             durable,
             rules: self.inner.router.stats(),
             sinks: self
-                .sinks
+                .inner
+                .sink_names
                 .iter()
-                .map(|s| (s.name().to_string(), s.stats().snapshot()))
+                .zip(&self.inner.sink_stats)
+                .map(|(name, stats)| (name.clone(), stats.snapshot()))
                 .collect(),
         }
     }
 
     /// Graceful stop: a last group commit (with its acknowledgements), then every sink
-    /// writes what is durable, within `deadline`. What a sink could not write stays in the
-    /// log for the next start.
-    pub async fn shutdown(mut self, deadline: Duration) {
+    /// writes what is durable, within `deadline`, then the de-duplication snapshot. What a
+    /// sink could not write stays in the log for the next start. Returns the names of the
+    /// sinks still writing at the deadline (left to finish or to the process's exit, never
+    /// aborted). Messages dispatched after this are appended but never acknowledged:
+    /// their agents send them again.
+    pub async fn shutdown(&self, deadline: Duration) -> Vec<String> {
         let started = Instant::now();
         let _ = self.stop.send(true);
-        if let Some(committer) = self.committer.take() {
-            let _ = tokio::time::timeout(deadline, committer).await;
+        let committer = self
+            .committer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(committer) = committer {
+            if tokio::time::timeout(deadline, committer).await.is_err() {
+                tracing::warn!("last group commit still running at the shutdown deadline");
+            }
         }
-        for sink in self.sinks.drain(..) {
-            sink.close(deadline.saturating_sub(started.elapsed())).await;
+        let sinks = std::mem::take(&mut *self.sinks.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut late = Vec::new();
+        for sink in sinks {
+            let name = sink.name().to_string();
+            if !sink.close(deadline.saturating_sub(started.elapsed())).await {
+                late.push(format!("sink {name}"));
+            }
         }
         save_snapshot(&self.inner);
+        late
     }
 }
 

@@ -57,13 +57,14 @@ struct Gatekeeper {
 
 /// Binds `addr` and serves the admin API (operators authenticated against the credential
 /// store in `data_dir`). Returns the bound address and the serving task.
-pub async fn start(
+pub(crate) async fn start(
     addr: SocketAddr,
     section: &crate::AdminSection,
     limits: crate::HttpSection,
     data_dir: &Path,
     jobs: Jobs,
     guard: Arc<Guard>,
+    stop: crate::shutdown::StopSignal,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let store = CredentialStore::open_in(data_dir)?;
     let mut hosts = section.allowed_hosts.clone();
@@ -86,7 +87,7 @@ pub async fn start(
         .route("/agents/:id/forget", post(forget))
         .with_state(jobs)
         .layer(axum::middleware::from_fn_with_state(gatekeeper, check));
-    crate::http::serve("admin.listen", addr, app, limits, guard).await
+    crate::http::serve("admin.listen", addr, app, limits, guard, stop).await
 }
 
 /// The three checks of the module documentation.

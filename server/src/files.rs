@@ -856,6 +856,7 @@ impl FileService {
 pub(crate) fn spawn(
     service: FileService,
     tick: Duration,
+    stop: crate::shutdown::StopSignal,
 ) -> std::io::Result<(
     mpsc::Sender<FileEvent>,
     std::thread::JoinHandle<()>,
@@ -866,7 +867,7 @@ pub(crate) fn spawn(
     let thread = std::thread::Builder::new()
         .name("fleetbus-files".into())
         .spawn(move || span.in_scope(|| service.run(rx)))?;
-    let ticker = crate::ticker::spawn(tx.clone(), tick, || FileEvent::Tick);
+    let ticker = crate::ticker::spawn(tx.clone(), tick, || FileEvent::Tick, stop);
     Ok((tx, thread, ticker))
 }
 

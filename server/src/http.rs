@@ -4,6 +4,10 @@
 //! at once), the time to send a request's headers (and to begin the next request on a
 //! kept-alive connection), a connection's whole life, the size of a request body.
 //!
+//! At the stop signal the endpoint stops accepting, closes idle kept-alive connections and
+//! lets requests in flight finish (each within its connection's lifetime); its task ends
+//! when the last connection has.
+//!
 //! A failed `accept` (out of file descriptors) pauses the loop
 //! ([`fleetbus_broker::accept`]) instead of spinning. Counters: the guard's
 //! `http_refused_connections`, `http_timed_out` and `accept_backoffs`.
@@ -20,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::shutdown::StopSignal;
 use crate::{HttpSection, ServerError};
 
 /// Binds `addr` (the configuration key `key` names it in errors) and serves `app` within
@@ -30,6 +35,7 @@ pub(crate) async fn serve(
     app: axum::Router,
     limits: HttpSection,
     guard: Arc<Guard>,
+    stop: StopSignal,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -38,7 +44,7 @@ pub(crate) async fn serve(
         .local_addr()
         .map_err(|source| ServerError::Listen { key, addr, source })?;
     let app = app.layer(axum::extract::DefaultBodyLimit::max(limits.max_body_bytes));
-    let task = tokio::spawn(accept_loop(key, listener, app, limits, guard));
+    let task = tokio::spawn(accept_loop(key, listener, app, limits, guard, stop));
     Ok((bound, task))
 }
 
@@ -48,6 +54,7 @@ async fn accept_loop(
     app: axum::Router,
     limits: HttpSection,
     guard: Arc<Guard>,
+    mut stop: StopSignal,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut backoff = AcceptBackoff::new(key);
@@ -55,13 +62,17 @@ async fn accept_loop(
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .keep_alive(true);
-    // the connections belong to this loop: when it is aborted (the server stops), they end
-    // with it instead of holding what their handlers hold (the job service) until an idle
-    // keep-alive connection times out
+    // the connections belong to this loop: at the stop signal each one finishes the request
+    // in flight and closes (an idle keep-alive connection at once), so none holds what its
+    // handlers hold (the job service) until it times out
     let mut connections = tokio::task::JoinSet::new();
     loop {
         while connections.try_join_next().is_some() {}
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.stopped() => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 backoff
@@ -89,8 +100,19 @@ async fn accept_loop(
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let guard = guard.clone();
         let lifetime = limits.connection_lifetime;
+        let mut stop = stop.clone();
         connections.spawn(async move {
-            match tokio::time::timeout(lifetime, connection).await {
+            let served = async move {
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    ended = connection.as_mut() => ended,
+                    _ = stop.stopped() => {
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
+            };
+            match tokio::time::timeout(lifetime, served).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     if e.is_timeout() {
@@ -112,4 +134,6 @@ async fn accept_loop(
             drop(slot);
         });
     }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }

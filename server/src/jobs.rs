@@ -77,11 +77,12 @@ const BATCH: usize = 2048;
 const TICK: Duration = Duration::from_millis(500);
 
 /// Loads the signing key (if any) and starts the service thread and its ticker.
-pub fn start(
+pub(crate) fn start(
     data_dir: &Path,
     section: &crate::JobsSection,
     publish: fleetbus_jobs::Publish,
     announce: fleetbus_jobs::Announce,
+    stop: crate::shutdown::StopSignal,
 ) -> Result<
     (
         JobsHandle,
@@ -143,7 +144,7 @@ pub fn start(
             what: "the job service",
             source,
         })?;
-    let ticker = crate::ticker::spawn(tx.clone(), TICK, || JobInput::Tick);
+    let ticker = crate::ticker::spawn(tx.clone(), TICK, || JobInput::Tick, stop);
     Ok((JobsHandle { tx }, thread, ticker))
 }
 

@@ -20,12 +20,13 @@ mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod security;
+mod shutdown;
 mod ticker;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use config::{
     AdminSection, HttpSection, JobsSection, MetricsSection, RulesSection, ServerConfig, WalSection,
@@ -124,8 +125,10 @@ pub struct Server {
     )>,
     security: security::SecurityTasks,
     addr: SocketAddr,
+    // the stop signal of the inputs and the housekeeping tasks
+    stopper: shutdown::Stopper,
     // the sending half of the engine's link (also used for acknowledgements)
-    _engine_link: Arc<Mutex<LinkTx>>,
+    engine_link: Arc<Mutex<LinkTx>>,
     // held while the server runs (and through shutdown)
     _data_lock: fleetbus_support::DirLock,
 }
@@ -135,6 +138,7 @@ impl Server {
     /// must already be resolved (see [`ServerConfig::resolve_paths`]); its values were
     /// checked when it was made [`Valid`].
     pub async fn start(config: &Valid<ServerConfig>) -> Result<Server, ServerError> {
+        let (stopper, stop) = shutdown::stop_signal();
         fleetbus_support::create_dir(&config.data_dir).map_err(|source| ServerError::DataDir {
             path: config.data_dir.display().to_string(),
             source,
@@ -194,11 +198,11 @@ impl Server {
             file_counters.clone(),
             shed.clone(),
         )?;
-        let (file_tx, file_thread, file_ticker) =
-            files::spawn(service, FILES_TICK).map_err(|source| ServerError::Thread {
-                what: "the file service",
-                source,
-            })?;
+        let (file_tx, file_thread, file_ticker) = files::spawn(service, FILES_TICK, stop.clone())
+            .map_err(|source| ServerError::Thread {
+            what: "the file service",
+            source,
+        })?;
         let jobs = {
             let job_link = link_tx.clone();
             let publish: fleetbus_jobs::Publish = Arc::new(move |topic, payload| {
@@ -211,8 +215,13 @@ impl Server {
             let announce: fleetbus_jobs::Announce = Arc::new(move |topic, payload| {
                 event_engine.dispatch(&topic, &payload);
             });
-            let (handle, thread, ticker) =
-                jobs::start(&config.data_dir, &config.jobs, publish, announce)?;
+            let (handle, thread, ticker) = jobs::start(
+                &config.data_dir,
+                &config.jobs,
+                publish,
+                announce,
+                stop.clone(),
+            )?;
             (Arc::new(handle), thread, ticker)
         };
         let enroller = match config.broker.security.enforce {
@@ -249,7 +258,7 @@ impl Server {
             .instrument(tracing::info_span!("rules_engine")),
         );
         let security = security.run(engine.clone(), broker.dropper())?;
-        let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL));
+        let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL, stop.clone()));
         let metrics = match config.metrics.listen {
             Some(at) => {
                 let (bound, task) = metrics::start(
@@ -258,6 +267,7 @@ impl Server {
                     engine.clone(),
                     file_counters.clone(),
                     guard.clone(),
+                    stop.clone(),
                 )
                 .await?;
                 tracing::info!(addr = %bound, "metrics endpoint: GET /metrics");
@@ -276,6 +286,7 @@ impl Server {
                     &config.data_dir,
                     job_handle,
                     guard.clone(),
+                    stop.clone(),
                 )
                 .await?;
                 tracing::info!(addr = %bound, jobs = config.jobs.signing_key.is_some(), "admin endpoint: /jobs, /agents");
@@ -300,7 +311,8 @@ impl Server {
             jobs: Some(jobs),
             security,
             addr,
-            _engine_link: link_tx,
+            stopper,
+            engine_link: link_tx,
             _data_lock: data_lock,
         })
     }
@@ -330,61 +342,68 @@ impl Server {
         &self.files.counters
     }
 
-    /// Graceful stop: refuse further traffic (agents keep unacknowledged records in their
-    /// outboxes), let what the broker already accepted reach the sinks, flush the sinks,
-    /// all within `deadline`.
+    /// Graceful stop within `deadline`, in data-flow order (see [`shutdown`]):
+    ///
+    /// 1. inputs close: the broker refuses further traffic (agents keep what was not
+    ///    acknowledged in their outboxes), the HTTP endpoints stop accepting and finish the
+    ///    requests in flight, the housekeeping tickers stop;
+    /// 2. the broker's router hands the engine's link everything it stored, ending with a
+    ///    drained mark, and the consumer ends there;
+    /// 3. the services it fed (file service, job service) empty their queues and end, and
+    ///    the broker events still queued go into the engine;
+    /// 4. the engine's last group commit (with its acknowledgements), the sinks write what
+    ///    is durable, the de-duplication snapshot.
+    ///
+    /// Nothing is aborted: whatever is still running at the deadline is named in the log,
+    /// and what it held is in the write-ahead log, the spool or an agent's outbox.
     pub async fn shutdown(mut self, deadline: Duration) {
-        let started = Instant::now();
+        use shutdown::Running;
+        let mut drain = shutdown::Drain::new(deadline);
+        // 1. inputs
         self.broker.stop();
-        // wait until the engine has seen everything the broker accepted: no new message
-        // for 200 ms
-        let mut last = self.engine.stats().received;
-        let mut quiet_since = Instant::now();
-        while started.elapsed() < deadline / 2 && quiet_since.elapsed() < Duration::from_millis(200)
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let now = self.engine.stats().received;
-            if now != last {
-                last = now;
-                quiet_since = Instant::now();
-            }
-        }
-        // both tasks hold the engine: wait until they are gone, so it can be shut down
-        self.security.stop().await;
-        self.consumer.abort();
-        self.reporter.abort();
-        let _ = self.consumer.await;
-        let _ = self.reporter.await;
-        // the file service ends once its feeders are gone; it holds the engine too
-        self.files.ticker.abort();
-        let _ = (&mut self.files.ticker).await;
-        if let Some(thread) = self.files.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
+        self.stopper.stop();
         if let Some((_, task)) = self.metrics.take() {
-            task.abort();
-            let _ = task.await;
+            drain.wait("metrics endpoint", Running::Task(task)).await;
         }
         if let Some((_, task)) = self.admin.take() {
-            task.abort();
-            let _ = task.await;
+            drain.wait("admin endpoint", Running::Task(task)).await;
+        }
+        drain
+            .wait("stats reporter", Running::Task(self.reporter))
+            .await;
+        // 2. what the router stored reaches the consumer, which ends at the drained mark
+        let asked = self
+            .engine_link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain();
+        if let Err(e) = asked {
+            // the link is gone, and with it the consumer
+            tracing::warn!(error = %e, "broker link lost before the drain");
+        }
+        drain
+            .wait("broker consumer", Running::Task(self.consumer))
+            .await;
+        // 3. the services: their queues close once the consumer and their tickers are gone
+        drain
+            .wait("file service ticker", Running::Task(self.files.ticker))
+            .await;
+        if let Some(thread) = self.files.thread.take() {
+            drain.wait("file service", Running::Thread(thread)).await;
         }
         if let Some((handle, thread, ticker)) = self.jobs.take() {
-            ticker.abort();
-            let _ = ticker.await;
+            drain
+                .wait("job service ticker", Running::Task(ticker))
+                .await;
             drop(handle);
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            drain.wait("job service", Running::Thread(thread)).await;
         }
-        let Ok(engine) = Arc::try_unwrap(self.engine) else {
-            tracing::error!(
-                "rules engine still in use at shutdown; the log keeps what the sinks did not write"
-            );
-            return;
-        };
-        engine
-            .shutdown(deadline.saturating_sub(started.elapsed()))
-            .await;
-        tracing::info!(took = ?started.elapsed(), "server stopped");
+        self.security.stop(&mut drain).await;
+        // 4. the engine: last commit, sinks, snapshot
+        for sink in self.engine.shutdown(drain.left()).await {
+            drain.late(sink);
+        }
+        drain.finish();
     }
 }
 
@@ -407,10 +426,13 @@ const STATS_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Logs the engine's and every sink's counters every `interval` while anything changes:
 /// per sink its lag in log entries, backlog bytes, retries and dead letters.
-async fn report_stats(engine: Arc<Engine>, interval: Duration) {
+async fn report_stats(engine: Arc<Engine>, interval: Duration, mut stop: shutdown::StopSignal) {
     let mut last = None;
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.stopped() => return,
+        }
         let stats = engine.stats();
         let key = (
             stats.received,
@@ -568,7 +590,7 @@ struct Destinations {
 /// Feeds every message the router forwards to the in-process link into the engine, except
 /// file transfer messages (to the file service), job status and presence (also to the job
 /// service) and enrollment messages (to the enroller, never to the engine: replies carry
-/// tokens).
+/// tokens). Ends at the router's drained mark (the server stops) or when the link is lost.
 async fn consume(mut rx: LinkRx, to: Destinations) {
     let Destinations {
         engine,
@@ -659,6 +681,10 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                 } else {
                     engine.dispatch_from_network(topic, &publish.payload);
                 }
+            }
+            Ok(Some(Notification::Drained)) => {
+                // the server stops: everything the broker stored has been handed on
+                return;
             }
             Ok(Some(Notification::Unschedule)) => {
                 // the router paused us because our buffer was full: ask for more

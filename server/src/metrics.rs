@@ -20,18 +20,19 @@ use crate::ServerError;
 
 /// Binds `addr` and serves `/metrics` from `engine` on the current runtime. Returns the
 /// bound address and the serving task.
-pub async fn start(
+pub(crate) async fn start(
     addr: SocketAddr,
     limits: crate::HttpSection,
     engine: Arc<Engine>,
     files: Arc<FileCounters>,
     guard: Arc<Guard>,
+    stop: crate::shutdown::StopSignal,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let guard_for_http = guard.clone();
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
         .with_state((engine, files, guard));
-    crate::http::serve("metrics.listen", addr, app, limits, guard_for_http).await
+    crate::http::serve("metrics.listen", addr, app, limits, guard_for_http, stop).await
 }
 
 async fn scrape(
@@ -168,6 +169,7 @@ mod tests {
             engine,
             Arc::default(),
             Arc::default(),
+            crate::shutdown::stop_signal().1,
         )
         .await
         .unwrap_err()

@@ -83,7 +83,8 @@ impl Security {
         engine: Arc<Engine>,
         dropper: ClientDropper,
     ) -> Result<SecurityTasks, ServerError> {
-        let forward = tokio::spawn(forward_events(self.events, engine));
+        let (drain, drained) = crate::shutdown::stop_signal();
+        let forward = tokio::spawn(forward_events(self.events, engine, drained));
         let watcher = match self.store {
             Some(store) => {
                 let (stop, stopped) = std_mpsc::channel();
@@ -99,7 +100,11 @@ impl Security {
             }
             None => None,
         };
-        Ok(SecurityTasks { forward, watcher })
+        Ok(SecurityTasks {
+            forward,
+            drain,
+            watcher,
+        })
     }
 }
 
@@ -351,29 +356,49 @@ fn reply_key(hex_key: &str) -> Result<crypto_box::PublicKey, String> {
 /// The event forwarder and the credential watcher of a running server.
 pub struct SecurityTasks {
     forward: JoinHandle<()>,
+    drain: crate::shutdown::Stopper,
     watcher: Option<(std_mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl SecurityTasks {
-    /// Stops both (the forwarder holds the engine).
-    pub async fn stop(self) {
-        self.forward.abort();
-        let _ = self.forward.await;
+    /// Stops both, the broker stopped: the forwarder hands the events still queued to the
+    /// engine and ends; the watcher ends.
+    pub(crate) async fn stop(self, drain: &mut crate::shutdown::Drain) {
+        use crate::shutdown::Running;
+        self.drain.stop();
+        drain
+            .wait("broker events into the engine", Running::Task(self.forward))
+            .await;
         if let Some((stop, thread)) = self.watcher {
             drop(stop);
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            drain
+                .wait("credential watcher", Running::Thread(thread))
+                .await;
         }
     }
 }
 
-async fn forward_events(mut events: mpsc::Receiver<BrokerEvent>, engine: Arc<Engine>) {
-    while let Some(event) = events.recv().await {
-        match event.encode() {
-            Ok(payload) => {
-                engine.dispatch(&event.topic(), &payload);
-            }
-            Err(e) => tracing::error!(error = %e, "broker event not encoded"),
+/// Hands every broker event to the engine until `stop`, then those already queued.
+async fn forward_events(
+    mut events: mpsc::Receiver<BrokerEvent>,
+    engine: Arc<Engine>,
+    mut stop: crate::shutdown::StopSignal,
+) {
+    let forward = |event: BrokerEvent| match event.encode() {
+        Ok(payload) => engine.dispatch(&event.topic(), &payload),
+        Err(e) => tracing::error!(error = %e, "broker event not encoded"),
+    };
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => forward(event),
+                None => return,
+            },
+            _ = stop.stopped() => break,
         }
+    }
+    while let Ok(event) = events.try_recv() {
+        forward(event);
     }
 }
 

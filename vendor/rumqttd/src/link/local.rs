@@ -178,6 +178,13 @@ impl LinkTx {
         Ok(())
     }
 
+    /// fleetbus patch: asks the router for a [`Notification::Drained`] on this link once
+    /// it has been sent every message stored so far (see [`Event::Drain`]).
+    pub fn drain(&self) -> Result<(), LinkError> {
+        self.router_tx.send((self.connection_id, Event::Drain))?;
+        Ok(())
+    }
+
     /// Send raw device data
     fn push(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {

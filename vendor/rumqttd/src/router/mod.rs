@@ -70,6 +70,10 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// fleetbus patch: the sending link asks to be told, by a [`Notification::Drained`] in
+    /// its own notifications, once it has been sent every message the router had stored
+    /// when this event was handled (how a server stops without losing what it accepted).
+    Drain,
 }
 
 /// Notification from router to connection
@@ -94,6 +98,9 @@ pub enum Notification {
     Shadow(ShadowReply),
     Unschedule,
     Disconnect(Disconnect, Option<DisconnectProperties>),
+    /// fleetbus patch: the answer to [`Event::Drain`]: every message stored before the
+    /// request came before this notification.
+    Drained,
 }
 
 type MaybePacket = Option<Packet>;

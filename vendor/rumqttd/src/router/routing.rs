@@ -102,6 +102,8 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// fleetbus patch: connections waiting for a `Notification::Drained`
+    drains: std::collections::HashSet<ConnectionId>,
 }
 
 impl Router {
@@ -143,6 +145,7 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            drains: Default::default(),
         }
     }
 
@@ -258,6 +261,7 @@ impl Router {
                 }
             }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
+            Event::Drain => self.handle_drain(id),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)
             }
@@ -419,7 +423,24 @@ impl Router {
         let _alert_id = self.alerts.insert(tx);
     }
 
+    /// fleetbus patch: a connection that has been sent everything stored (caught up on
+    /// every filter) is told so at once; otherwise when `consume` next finds it caught up.
+    fn handle_drain(&mut self, id: ConnectionId) {
+        let caught_up = self.scheduler.trackers.get(id).is_some_and(|t| {
+            t.status == super::scheduler::Status::Paused(super::scheduler::PauseReason::Caughtup)
+        });
+        if caught_up {
+            if let Some(outgoing) = self.obufs.get_mut(id) {
+                outgoing.push_notification(Notification::Drained);
+                outgoing.handle.try_send(()).ok();
+            }
+        } else if self.obufs.contains(id) {
+            self.drains.insert(id);
+        }
+    }
+
     fn handle_disconnection(&mut self, id: ConnectionId, reason: Option<DisconnectReasonCode>) {
+        self.drains.remove(&id);
         // Some clients can choose to send Disconnect packet before network disconnection.
         // This will lead to double Disconnect packets in router `events`
         let client_id = match &self.obufs.get(id) {
@@ -1052,6 +1073,11 @@ impl Router {
                         // if no requests is in skip list, that means
                         // we have nothing left to process, i.e. we caughtup
                         self.scheduler.pause(id, PauseReason::Caughtup);
+                        // fleetbus patch: answer a drain request
+                        if self.drains.remove(&id) {
+                            outgoing.push_notification(Notification::Drained);
+                            outgoing.handle.try_send(()).ok();
+                        }
                     }
                     // add back the skipped requests!
                     self.scheduler.trackv(id, skipped_requests);
