@@ -572,6 +572,7 @@ async fn an_agent_killed_mid_job_does_not_run_it_again() {
 /// every target SUCCEEDED.
 #[test]
 fn the_jobs_benchmark_runs_a_small_fleet_to_completion() {
+    // through `fleetbus bench`, which hands over to the `fleetbus-bench` binary beside it
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetbus"))
         .args(["bench", "jobs", "--agents", "30", "--deadline", "60s"])
         .output()

@@ -127,10 +127,11 @@ fn parse_proxy(text: &str) -> Result<(String, u16), TransportError> {
     Ok((host.trim_matches(['[', ']']).to_string(), port))
 }
 
-/// The crypto fleetbus uses for TLS, chosen explicitly (rustls refuses to guess when two
-/// providers are compiled in).
+/// The crypto fleetbus uses for TLS (agent connections and the broker's listeners): ring,
+/// chosen explicitly (rustls refuses to guess when two providers are compiled in, and the
+/// server's S3 SDK brings aws-lc-rs along).
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Reads every certificate in a PEM file.

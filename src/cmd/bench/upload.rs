@@ -195,16 +195,18 @@ async fn upload(
     })
 }
 
-/// Starts `fleetbus serve --config CONFIG` as a child process (killed when dropped, logging
-/// warnings only); answers it and its pid.
+/// Starts `fleetbus serve --config CONFIG` (the product binary, installed beside this one)
+/// as a child process (killed when dropped, logging warnings only); answers it and its pid.
 pub fn start_server(config: &Path) -> anyhow::Result<(tokio::process::Child, u32)> {
-    let server = tokio::process::Command::new(std::env::current_exe()?)
+    let me = std::env::current_exe()?;
+    let product = me.with_file_name("fleetbus");
+    let server = tokio::process::Command::new(&product)
         .args(["serve", "--config"])
         .arg(config)
         .env("RUST_LOG", "warn,rumqttd=off")
         .kill_on_drop(true)
         .spawn()
-        .context("starting the server")?;
+        .with_context(|| format!("starting the server {}", product.display()))?;
     let pid = server.id().unwrap_or(0);
     Ok((server, pid))
 }

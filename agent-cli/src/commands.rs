@@ -1,4 +1,5 @@
-//! `fleetbus agent` and `fleetbus agent upload`.
+//! The agent's commands: run (`fleetbus-agent`, `fleetbus agent`), `upload`,
+//! `reset-identity`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -107,7 +108,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         None => {
             let config = load_config(args.config.as_deref())?;
             let agent = Agent::open(config)?;
-            agent.run(super::shutdown_signal()).await?;
+            agent.run(crate::edge::shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Some(AgentCommand::ResetIdentity) => {
