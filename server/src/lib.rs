@@ -15,6 +15,7 @@
 
 pub mod admin;
 mod config;
+mod demux;
 pub mod files;
 mod http;
 pub mod jobs;
@@ -31,6 +32,7 @@ use std::time::Duration;
 pub use config::{
     AdminSection, HttpSection, JobsSection, MetricsSection, RulesSection, ServerConfig, WalSection,
 };
+use demux::Route;
 pub use files::{FileCounters, FilesSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
 use fleetbus_config::Valid;
@@ -39,9 +41,6 @@ use fleetbus_protocol::{files as file_topics, topics, Topic};
 use fleetbus_rules::{RuleSet, RulesError};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
-
-/// Topics of enrollment (`fleet/enroll/...`), kept away from the rules engine.
-const ENROLL_TOPICS: &str = "fleet/enroll/";
 
 /// The lock file in `data_dir` held by the process that uses it (`serve` or `rules run`).
 pub const DATA_DIR_LOCK: &str = "fleetbus.lock";
@@ -610,32 +609,22 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                     tracing::warn!("message with a non-UTF-8 topic skipped");
                     continue;
                 };
-                // enrollment requests and replies (new tokens) never reach the rules
-                if topic.starts_with(ENROLL_TOPICS) {
-                    if let (Some(enroller), Some(agent)) = (
-                        &enroller,
-                        fleetbus_protocol::enroll::requesting_agent(topic),
-                    ) {
-                        enroller.submit(agent, publish.payload.clone());
-                    }
-                    continue;
-                }
-                let parsed = Topic::parse(topic);
-                if parsed.server_only() {
-                    // a forged completion, job event or broker event: refused and counted
-                    engine.dispatch_from_network(topic, &publish.payload);
-                    continue;
-                }
-                match parsed {
-                    Topic::AgentJobs { agent, rest } => {
-                        if rest == "status" {
-                            forward_job_status(&jobs, agent, &publish.payload).await;
+                match demux::route(topic) {
+                    // enrollment requests and replies (new tokens) never reach the rules
+                    Route::Enrollment(agent) => {
+                        if let (Some(enroller), Some(agent)) = (&enroller, agent) {
+                            enroller.submit(agent, publish.payload.clone());
                         }
-                        // the server's own notify messages come back through `#`
-                        continue;
                     }
-                    Topic::GroupJobs { .. } => continue,
-                    Topic::Presence { agent } => {
+                    // a forged completion, job event or broker event: refused and counted
+                    Route::Forged | Route::Engine => {
+                        engine.dispatch_from_network(topic, &publish.payload);
+                    }
+                    Route::JobStatus(agent) => {
+                        forward_job_status(&jobs, agent, &publish.payload).await
+                    }
+                    Route::OwnJobTraffic => {}
+                    Route::Presence(agent) => {
                         match fleetbus_protocol::Presence::decode(&publish.payload) {
                             Ok(p) if p.agent != agent => {
                                 // the topic's agent is the only identity: a birth message
@@ -651,35 +640,28 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                                 tracing::debug!(%topic, error = %e, "unreadable presence message")
                             }
                         }
+                        engine.dispatch_from_network(topic, &publish.payload);
                     }
-                    _ => {}
-                }
-                if let Topic::Files { rest, .. } = parsed {
-                    let is_chunk = file_topics::parse_file_rest(rest)
-                        .is_some_and(|(_, action)| action == file_topics::FileAction::Chunk);
-                    let event = files::FileEvent::Message {
-                        topic: topic.to_string(),
-                        payload: publish.payload,
-                    };
-                    // never wait for the file service: telemetry shares this consumer. A
-                    // message it has no room for is shed and its agent told at once (a
-                    // chunk: lost, sent again; anything else: busy, asked again later)
-                    let sent = match files.try_send(event) {
-                        Err(tokio::sync::mpsc::error::TrySendError::Full(event)) => {
-                            match is_chunk {
+                    Route::File { chunk } => {
+                        let event = files::FileEvent::Message {
+                            topic: topic.to_string(),
+                            payload: publish.payload,
+                        };
+                        // never wait for the file service: telemetry shares this consumer.
+                        // A message it has no room for is shed and its agent told at once
+                        // (a chunk: lost, sent again; anything else: busy, asked again)
+                        match files.try_send(event) {
+                            Err(tokio::sync::mpsc::error::TrySendError::Full(event)) => match chunk
+                            {
                                 true => shed_chunk(event, &file_counters, &replies, &shed),
                                 false => shed_control(event, &file_counters, &replies),
+                            },
+                            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                                tracing::error!("file service stopped; file message dropped");
                             }
-                            Ok(())
+                            Ok(()) => {}
                         }
-                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Err(()),
-                        Ok(()) => Ok(()),
-                    };
-                    if sent.is_err() {
-                        tracing::error!("file service stopped; file message dropped");
                     }
-                } else {
-                    engine.dispatch_from_network(topic, &publish.payload);
                 }
             }
             Ok(Some(Notification::Drained)) => {
