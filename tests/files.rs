@@ -541,7 +541,7 @@ async fn pump(mut eventloop: EventLoop, tx: tokio::sync::mpsc::Sender<FileReply>
 }
 
 fn manifest_for(data: &[u8], name: &str, chunk_size: u32) -> FileManifest {
-    let m = fleetbus_chunker::Manifest::for_reader(data, name, chunk_size).unwrap();
+    let m = fleetbus_chunker::manifest_of(data, name, chunk_size).unwrap();
     FileManifest {
         file_id: m.file_id,
         name: m.name,

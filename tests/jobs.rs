@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{free_port, ServeProc};
-use fleetbus_agent::jobs::{HandlerConfig, JobRunner};
+use fleetbus_agent::job_runner::{HandlerConfig, JobRunner};
 use fleetbus_agent::{Agent, AgentConfig};
 use fleetbus_jobs::{JobReport, JobState, PushRequest, Rollout};
 use fleetbus_protocol::{ExecutionState, JobTarget};

@@ -33,7 +33,7 @@ pub struct AgentConfig {
     /// File uploads.
     pub uploads: UploadsConfig,
     /// Jobs: the signing key to trust and the allow-listed operations.
-    pub jobs: crate::jobs::JobsConfig,
+    pub jobs: crate::job_runner::JobsConfig,
 }
 
 impl Default for AgentConfig {
@@ -49,7 +49,7 @@ impl Default for AgentConfig {
             outbox: OutboxConfig::default(),
             connection: ConnectionConfig::default(),
             uploads: UploadsConfig::default(),
-            jobs: crate::jobs::JobsConfig::default(),
+            jobs: crate::job_runner::JobsConfig::default(),
         }
     }
 }

@@ -14,7 +14,7 @@ pub mod collectors;
 pub mod config;
 pub mod enroll;
 pub mod identity;
-pub mod jobs;
+pub mod job_runner;
 pub mod outbox;
 pub mod presence;
 pub mod publisher;
@@ -83,7 +83,7 @@ pub struct Agent {
     id: String,
     outbox: Arc<Outbox>,
     uploads: Arc<UploadQueue>,
-    jobs: jobs::JobRunner,
+    jobs: job_runner::JobRunner,
     job_reports: tokio::sync::mpsc::Receiver<fleetbus_protocol::JobStatus>,
     token: Option<String>,
     bootstrap: Option<enroll::Bootstrap>,
@@ -120,7 +120,7 @@ impl Agent {
         let uploads = UploadQueue::open(&config.state_dir, config.uploads.chunk_size)?;
         uploads.forget_older_than(config.uploads.remember);
         let (jobs, job_reports) =
-            jobs::JobRunner::open(&id, &config.groups, &config.jobs, &config.state_dir)?;
+            job_runner::JobRunner::open(&id, &config.groups, &config.jobs, &config.state_dir)?;
         Ok(Agent {
             config,
             id,
@@ -142,7 +142,7 @@ impl Agent {
     }
 
     /// The job runner (its counters and the recorded state of each job).
-    pub fn jobs(&self) -> &jobs::JobRunner {
+    pub fn jobs(&self) -> &job_runner::JobRunner {
         &self.jobs
     }
 

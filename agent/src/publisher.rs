@@ -51,7 +51,7 @@ pub struct Publisher {
     /// Upload tunables.
     pub uploads_config: UploadsConfig,
     /// Runs the jobs that arrive over the connection.
-    pub jobs: crate::jobs::JobRunner,
+    pub jobs: crate::job_runner::JobRunner,
     /// The runner's status reports, published while connected.
     pub job_reports: tokio::sync::Mutex<mpsc::Receiver<fleetbus_protocol::JobStatus>>,
 }

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ChunkError, Rejection};
-use crate::manifest::{sha256_hex, Manifest};
+use crate::manifest::sha256_hex;
+use fleetbus_protocol::FileManifest;
 
 /// Limits of the receiving side.
 #[derive(Debug, Clone, Copy)]
@@ -99,7 +100,7 @@ pub struct Completed {
     /// Whose file.
     pub owner: String,
     /// What it is.
-    pub manifest: Manifest,
+    pub manifest: FileManifest,
     /// Where its bytes are (stays until [`Reassembler::remove`]).
     pub path: PathBuf,
 }
@@ -122,7 +123,7 @@ struct HeldState {
 
 #[derive(Debug)]
 struct Upload {
-    manifest: Manifest,
+    manifest: FileManifest,
     dir: PathBuf,
     /// The spool file, open only while the upload is among the most recently used (see
     /// [`MAX_OPEN_FILES`]): an idle upload holds no file descriptor.
@@ -266,7 +267,7 @@ impl Upload {
     }
 
     fn data_path(&self) -> PathBuf {
-        self.dir.join("data")
+        self.dir.join(crate::spool::DATA_FILE)
     }
 
     /// fsyncs the data, then saves which chunks it holds.
@@ -326,9 +327,15 @@ impl Reassembler {
 
     /// Starts (or resumes) `owner`'s upload of the file `manifest` describes, and says
     /// which chunks are already held. Starting the same manifest again is harmless.
-    pub fn init(&mut self, owner: &str, manifest: Manifest) -> Result<UploadStatus, ChunkError> {
+    pub fn init(
+        &mut self,
+        owner: &str,
+        manifest: FileManifest,
+    ) -> Result<UploadStatus, ChunkError> {
         check_owner(owner)?;
-        manifest.validate(self.limits.max_chunk_size)?;
+        manifest
+            .validate(self.limits.max_chunk_size)
+            .map_err(|e| Rejection::Manifest(e.0))?;
         let key = (owner.to_string(), manifest.file_id.clone());
         if let Some(up) = self.uploads.get_mut(&key) {
             if up.manifest != manifest {
@@ -384,9 +391,9 @@ impl Reassembler {
             }
             .into());
         }
-        let dir = self.root.join(owner).join(&manifest.file_id);
+        let dir = crate::spool::upload_dir(&self.root, owner, &manifest.file_id);
         fs::create_dir_all(&dir).map_err(|e| ChunkError::io(&dir, "create directory", e))?;
-        let data_path = dir.join("data");
+        let data_path = dir.join(crate::spool::DATA_FILE);
         let data = OpenOptions::new()
             .create(true)
             .truncate(true)
@@ -600,7 +607,7 @@ impl Reassembler {
     }
 
     /// The manifest of an upload in progress or complete.
-    pub fn manifest(&self, owner: &str, file_id: &str) -> Option<&Manifest> {
+    pub fn manifest(&self, owner: &str, file_id: &str) -> Option<&FileManifest> {
         self.uploads
             .get(&(owner.to_string(), file_id.to_string()))
             .map(|up| &up.manifest)
@@ -632,7 +639,7 @@ fn check_owner(owner: &str) -> Result<(), Rejection> {
 /// limits, or by a hostile client before there were any) is removed instead: its state
 /// alone could take the memory of the whole server.
 fn load(dir: &Path, limits: &Limits) -> Result<Upload, ChunkError> {
-    let manifest: Manifest = read_json(&dir.join("manifest.json"))?;
+    let manifest: FileManifest = read_json(&dir.join("manifest.json"))?;
     if manifest.chunk_count > limits.max_chunk_count {
         fs::remove_dir_all(dir).map_err(|e| ChunkError::io(dir, "remove", e))?;
         return Err(ChunkError::State {
@@ -644,7 +651,7 @@ fn load(dir: &Path, limits: &Limits) -> Result<Upload, ChunkError> {
         });
     }
     let state: HeldState = read_json(&dir.join("held.json"))?;
-    let data_path = dir.join("data");
+    let data_path = dir.join(crate::spool::DATA_FILE);
     // no descriptor held: opened when the upload moves again
     std::fs::metadata(&data_path).map_err(|e| ChunkError::io(&data_path, "open", e))?;
     let words = (manifest.chunk_count as usize).div_ceil(64);

@@ -5,7 +5,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::ChunkError;
-use crate::manifest::{sha256_hex, Manifest, Sha256Hex};
+use crate::manifest::{sha256_hex, Sha256Hex};
+use fleetbus_protocol::FileManifest;
 
 /// One chunk of a file, ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,13 +26,13 @@ pub struct Chunk {
 pub struct Splitter {
     file: File,
     path: PathBuf,
-    manifest: Manifest,
+    manifest: FileManifest,
 }
 
 impl Splitter {
-    /// Opens `path`, whose manifest is `manifest` (see [`Manifest::for_reader`]). Fails if
+    /// Opens `path`, whose manifest is `manifest` (see [`manifest_of`](crate::manifest_of)). Fails if
     /// the file's size no longer matches it.
-    pub fn open(path: &Path, manifest: Manifest) -> Result<Splitter, ChunkError> {
+    pub fn open(path: &Path, manifest: FileManifest) -> Result<Splitter, ChunkError> {
         let file = File::open(path).map_err(|e| ChunkError::io(path, "open", e))?;
         let len = file
             .metadata()
@@ -55,7 +56,7 @@ impl Splitter {
     }
 
     /// The manifest.
-    pub fn manifest(&self) -> &Manifest {
+    pub fn manifest(&self) -> &FileManifest {
         &self.manifest
     }
 
@@ -82,6 +83,7 @@ impl Splitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest_of;
     use std::io::Write;
 
     #[test]
@@ -90,7 +92,7 @@ mod tests {
         let path = dir.path().join("f");
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         File::create(&path).unwrap().write_all(&data).unwrap();
-        let m = Manifest::for_reader(File::open(&path).unwrap(), "f", 4096).unwrap();
+        let m = manifest_of(File::open(&path).unwrap(), "f", 4096).unwrap();
         let s = Splitter::open(&path, m).unwrap();
         let mut joined = Vec::new();
         for i in 0..3 {
@@ -108,7 +110,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, b"hello").unwrap();
-        let m = Manifest::for_reader(File::open(&path).unwrap(), "f", 4).unwrap();
+        let m = manifest_of(File::open(&path).unwrap(), "f", 4).unwrap();
         std::fs::write(&path, b"hello world").unwrap();
         let e = Splitter::open(&path, m).unwrap_err().to_string();
         assert!(e.contains("file changed"), "{e}");

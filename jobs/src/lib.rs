@@ -2,8 +2,8 @@
 //! to one agent or to a whole group with one publish, rollout rate, abort threshold, job
 //! timeouts, cancel, and every state change handed on as a message rules can route.
 //!
-//! It does no I/O of its own beyond its ledger: the server gives it a [`Publish`] function
-//! (to the broker) and an [`Announce`] function (into the rules engine) and feeds it agents'
+//! It does no I/O of its own beyond its ledger: the server gives it a
+//! [`Publisher`](fleetbus_support::Publisher) (to the broker) and an [`Announce`] function (into the rules engine) and feeds it agents'
 //! presence and status messages.
 //!
 //! Delivery never depends on the broker's memory: an execution stays QUEUED in the ledger
@@ -69,8 +69,6 @@ impl JobsError {
     }
 }
 
-/// Publishes a payload on a broker topic (QoS 1).
-pub type Publish = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
 /// Hands a job state change to the rules engine (topic, JSON payload).
 pub type Announce = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
 
@@ -164,7 +162,7 @@ pub struct JobService {
     registry: Registry,
     /// None: the service only keeps the registry; job requests answer [`JobsError::Off`].
     key: Option<SigningKey>,
-    publish: Publish,
+    publish: fleetbus_support::Publisher,
     announce: Announce,
     /// Inside [`JobService::batch`]: jobs with an execution newly finished, checked for
     /// abort and completion once at the end of the batch instead of after every report.
@@ -191,7 +189,7 @@ impl JobService {
     pub fn open(
         data_dir: &Path,
         key: Option<SigningKey>,
-        publish: Publish,
+        publish: fleetbus_support::Publisher,
         announce: Announce,
     ) -> Result<JobService, JobsError> {
         let mut ledger = Ledger::open(&data_dir.join("jobs.sqlite"))?;
@@ -212,6 +210,14 @@ impl JobService {
             command_ttl: chrono::Duration::seconds(DEFAULT_COMMAND_TTL.as_secs() as i64),
             offline_expiry: chrono::Duration::seconds(DEFAULT_OFFLINE_EXPIRY.as_secs() as i64),
         })
+    }
+
+    /// Publishes a job or a cancel without waiting. Not published, it is not lost: the
+    /// execution stays QUEUED in the ledger and is sent again when its agent reconnects.
+    fn send(&self, topic: String, payload: Vec<u8>) {
+        if let Err(e) = self.publish.publish(topic, payload) {
+            tracing::warn!(error = %e, "job message not published (sent again when its agent reconnects)");
+        }
     }
 
     /// The same service ending executions still QUEUED `expiry` after they were last sent.
@@ -350,8 +356,8 @@ impl JobService {
         if job.rollout.max_per_minute.is_none() {
             let now = Utc::now();
             match &job.doc.target {
-                JobTarget::Group(g) => (self.publish)(group_notify(g), job.signed.clone()),
-                JobTarget::Agent(a) => (self.publish)(agent_notify(a), job.signed.clone()),
+                JobTarget::Group(g) => self.send(group_notify(g), job.signed.clone()),
+                JobTarget::Agent(a) => self.send(agent_notify(a), job.signed.clone()),
             }
             self.ledger.mark_sent(&job.doc.id, &targets, now)?;
         } else {
@@ -475,10 +481,10 @@ impl JobService {
             told.push(e.agent);
         }
         match &job.doc.target {
-            JobTarget::Group(g) => (self.publish)(group_notify(g), cancel),
+            JobTarget::Group(g) => self.send(group_notify(g), cancel),
             JobTarget::Agent(_) => {
                 for a in &told {
-                    (self.publish)(agent_notify(a), cancel.clone());
+                    self.send(agent_notify(a), cancel.clone());
                 }
             }
         }
@@ -519,7 +525,7 @@ impl JobService {
             if held_by_rollout {
                 continue;
             }
-            (self.publish)(agent_notify(&presence.agent), self.run_command(&job.doc)?);
+            self.send(agent_notify(&presence.agent), self.run_command(&job.doc)?);
             self.ledger
                 .mark_sent(&job_id, std::slice::from_ref(&presence.agent), Utc::now())?;
         }
@@ -710,7 +716,7 @@ impl JobService {
             .map(|e| e.agent.clone())
             .collect();
         for agent in &next {
-            (self.publish)(agent_notify(agent), self.run_command(&job.doc)?);
+            self.send(agent_notify(agent), self.run_command(&job.doc)?);
         }
         if !next.is_empty() {
             self.ledger.mark_sent(job_id, &next, now)?;

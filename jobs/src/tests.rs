@@ -12,7 +12,10 @@ fn service(dir: &Path) -> (JobService, Sent, Sent) {
     let svc = JobService::open(
         dir,
         Some(SigningKey::from_bytes(&[3u8; 32])),
-        Arc::new(move |t, p| s.lock().unwrap().push((t, p))),
+        fleetbus_support::Publisher::new(move |t, p| {
+            s.lock().unwrap().push((t, p));
+            Ok(())
+        }),
         Arc::new(move |t, p| e.lock().unwrap().push((t, p))),
     )
     .unwrap();
@@ -373,8 +376,13 @@ fn a_forgotten_agent_leaves_the_registry_and_the_jobs_it_never_started() {
 #[test]
 fn without_a_signing_key_the_registry_works_and_jobs_are_off() {
     let dir = tempfile::tempdir().unwrap();
-    let mut svc =
-        JobService::open(dir.path(), None, Arc::new(|_, _| {}), Arc::new(|_, _| {})).unwrap();
+    let mut svc = JobService::open(
+        dir.path(),
+        None,
+        fleetbus_support::Publisher::discard(),
+        Arc::new(|_, _| {}),
+    )
+    .unwrap();
     svc.on_presence(&online("w1", &["web"])).unwrap();
     assert_eq!(svc.agents(Some("web")).unwrap().len(), 1);
     assert!(matches!(

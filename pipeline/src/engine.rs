@@ -23,6 +23,7 @@ use chrono::{TimeZone, Utc};
 use fleetbus_config::ConfigError;
 use fleetbus_protocol::{validate_id, Ack, Message, Topic};
 use fleetbus_sinks::BUILTIN_DEAD_LETTERS;
+use fleetbus_support::Publisher;
 
 use crate::tail::{TailCache, TailEntry};
 use crate::worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
@@ -35,9 +36,6 @@ use fleetbus_rules::ruleset::{RuleSet, RulesError};
 
 /// Encoded bytes of the newest log entries kept decoded for the sink workers.
 const TAIL_CACHE_BYTES: u64 = 16 * 1024 * 1024;
-
-/// Publishes an acknowledgement payload to an agent (on `fleet/{agent}/acks`).
-pub type AckPublisher = Arc<dyn Fn(&str, Vec<u8>) + Send + Sync>;
 
 /// Tunables of the durable record path.
 #[derive(Debug, Clone)]
@@ -162,7 +160,8 @@ struct Inner {
     tail: Arc<TailCache>,
     state: Mutex<IngestState>,
     wake: Notify,
-    acks: AckPublisher,
+    /// Where acknowledgements go (on `fleet/{agent}/acks`).
+    publisher: Publisher,
     counters: Counters,
     dedup_path: PathBuf,
     /// The store name acknowledgements carry.
@@ -188,12 +187,12 @@ pub struct Engine {
 impl Engine {
     /// Opens the write-ahead log under `data_dir/wal` (replaying it), builds every sink of
     /// `rules` (file sinks write under `data_dir`) and starts the committer and the sink
-    /// workers on the current tokio runtime. Acknowledgements go out through `acks`.
+    /// workers on the current tokio runtime. Acknowledgements go out through `publisher` (on `fleet/{agent}/acks`).
     pub async fn start(
         rules: RuleSet,
         data_dir: &Path,
         options: EngineOptions,
-        acks: AckPublisher,
+        publisher: Publisher,
     ) -> Result<Engine, RulesError> {
         let wal_dir = data_dir.join("wal");
         let fail = |what: String| RulesError::from(ConfigError::invalid(&wal_dir, what));
@@ -285,7 +284,7 @@ impl Engine {
                 acks: HashMap::new(),
             }),
             wake: Notify::new(),
-            acks,
+            publisher,
             counters: Counters::default(),
             dedup_path,
             store: options.store.clone(),
@@ -634,7 +633,13 @@ impl Inner {
         for (agent, mut ack) in acks {
             ack.store.clone_from(&self.store);
             match ack.encode() {
-                Ok(payload) => (self.acks)(&agent, payload),
+                Ok(payload) => {
+                    let topic = fleetbus_protocol::topics::acks(&agent);
+                    if let Err(e) = self.publisher.publish(topic, payload) {
+                        // the agent sends the records again and is acknowledged then
+                        tracing::debug!(%agent, error = %e, "acknowledgement not published");
+                    }
+                }
                 Err(e) => tracing::error!(%agent, error = %e, "cannot encode an acknowledgement"),
             }
         }

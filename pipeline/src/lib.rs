@@ -19,7 +19,7 @@ pub mod standalone;
 pub mod tail;
 pub mod worker;
 
-pub use engine::{AckPublisher, Dispatched, Engine, EngineOptions, EngineStats};
+pub use engine::{Dispatched, Engine, EngineOptions, EngineStats};
 pub use standalone::{run_standalone, AckChannel, StandaloneOptions};
 pub use tail::{TailCache, TailEntry};
 pub use worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};

@@ -13,7 +13,8 @@ use fleetbus_mqtt::{Backoff, ClientTransport};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::watch;
 
-use crate::engine::{AckPublisher, Engine};
+use crate::engine::Engine;
+use fleetbus_support::{NotPublished, Publisher};
 
 /// The connection acknowledgements go out on, replaced at every reconnect.
 #[derive(Clone, Default)]
@@ -23,18 +24,16 @@ pub struct AckChannel {
 
 impl AckChannel {
     /// The publisher to give to [`Engine::start`].
-    pub fn publisher(&self) -> AckPublisher {
+    pub fn publisher(&self) -> Publisher {
         let client = self.client.clone();
-        Arc::new(move |agent: &str, payload: Vec<u8>| {
+        Publisher::new(move |topic, payload| {
             let guard = client.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = guard.as_ref() {
+            match guard.as_ref() {
                 // QoS 0: acknowledgements are idempotent; a lost one means a re-send
-                let _ = c.try_publish(
-                    fleetbus_protocol::topics::acks(agent),
-                    QoS::AtMostOnce,
-                    false,
-                    payload,
-                );
+                Some(c) => c
+                    .try_publish(topic, QoS::AtMostOnce, false, payload)
+                    .map_err(|e| NotPublished(e.to_string())),
+                None => Err(NotPublished("not connected".into())),
             }
         })
     }

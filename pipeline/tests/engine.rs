@@ -5,18 +5,21 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleetbus_pipeline::{AckPublisher, Engine, EngineOptions, EngineStats};
+use fleetbus_pipeline::{Engine, EngineOptions, EngineStats};
 use fleetbus_protocol::Ack;
 use fleetbus_rules::RuleSet;
+use fleetbus_support::Publisher;
 
 /// Every acknowledgement published, decoded: (agent, stream, seq).
 #[derive(Clone, Default)]
 struct AckLog(Arc<Mutex<Vec<(String, String, u64)>>>);
 
 impl AckLog {
-    fn publisher(&self) -> AckPublisher {
+    fn publisher(&self) -> Publisher {
         let log = self.0.clone();
-        Arc::new(move |agent: &str, payload: Vec<u8>| {
+        Publisher::new(move |topic, payload| {
+            // fleet/{agent}/acks
+            let agent = topic.split('/').nth(1).unwrap();
             let ack = Ack::decode(&payload).unwrap();
             let mut log = log.lock().unwrap();
             for (stream, sa) in ack.streams {
@@ -26,6 +29,7 @@ impl AckLog {
                     }
                 }
             }
+            Ok(())
         })
     }
 

@@ -108,8 +108,9 @@ pub fn max_chunk_data(topic: &str) -> usize {
     MAX_PUBLISH_BYTES.saturating_sub(packet + CHUNK_ENVELOPE_BYTES)
 }
 
-/// What a file is: sent in [`FileInit`] before its chunks. The same fields as the
-/// chunker's manifest (the wire form of it).
+/// What a file is: sent in [`FileInit`] before its chunks, kept by the server's spool
+/// beside the file. The chunker computes it (`fleetbus_chunker::manifest_of`) and checks
+/// chunks against it; this is its one type.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileManifest {
     /// The upload's id (derived from content, name and chunk size by the sender).
@@ -130,6 +131,78 @@ pub struct FileManifest {
     /// User metadata (`--meta key=value`).
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
+}
+
+/// Why a manifest does not agree with itself (the field and the problem).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadManifest(pub String);
+
+impl FileManifest {
+    /// Where chunk `index` starts.
+    pub fn offset_of(&self, index: u32) -> u64 {
+        index as u64 * self.chunk_size as u64
+    }
+
+    /// How long chunk `index` is (`None` past the end).
+    pub fn len_of(&self, index: u32) -> Option<u64> {
+        (index < self.chunk_count).then(|| {
+            let start = self.offset_of(index);
+            (self.size - start).min(self.chunk_size as u64)
+        })
+    }
+
+    /// Checks that the manifest agrees with itself: a usable id and name, a chunk count
+    /// that matches size and chunk size, a hash that looks like a SHA-256.
+    pub fn validate(&self, max_chunk_size: u32) -> Result<(), BadManifest> {
+        let bad = |why: String| Err(BadManifest(why));
+        if self.file_id.is_empty()
+            || self.file_id.len() > 64
+            || !self
+                .file_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return bad(format!(
+                "file_id {:?} must be 1-64 characters of [A-Za-z0-9_-]",
+                self.file_id
+            ));
+        }
+        if self.name.is_empty()
+            || self.name.len() > 255
+            || self.name.contains(['/', '\\', '\0'])
+            || self.name == "."
+            || self.name == ".."
+        {
+            return bad(format!(
+                "name {:?} must be a plain file name (1-255 bytes, no path separators)",
+                self.name
+            ));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad(format!("sha256 {:?} is not 64 hex characters", self.sha256));
+        }
+        if self.chunk_size == 0 || self.chunk_size > max_chunk_size {
+            return bad(format!(
+                "chunk_size {} must be between 1 and {max_chunk_size}",
+                self.chunk_size
+            ));
+        }
+        let expected = chunk_count(self.size, self.chunk_size);
+        if self.chunk_count != expected {
+            return bad(format!(
+                "chunk_count {} disagrees with size {} / chunk_size {} (expected {expected})",
+                self.chunk_count, self.size, self.chunk_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `ceil(size / chunk_size)`, saturating (a manifest that needs more chunks than a u32 holds
+/// fails validation).
+pub fn chunk_count(size: u64, chunk_size: u32) -> u32 {
+    u32::try_from(size.div_ceil(chunk_size.max(1) as u64)).unwrap_or(u32::MAX)
 }
 
 /// `init`: announces an upload.

@@ -43,7 +43,7 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::jobs::{JobsHandle, Request as JobRequest};
+use crate::job_service::{JobsHandle, Request as JobRequest};
 use crate::ServerError;
 
 type Jobs = Arc<JobsHandle>;

@@ -23,7 +23,7 @@ pub struct ServerConfig {
     /// The metrics endpoint.
     pub metrics: MetricsSection,
     /// File uploads: limits and retention.
-    pub files: crate::files::FilesSection,
+    pub files: crate::file_service::FilesSection,
     /// Jobs: the signing key.
     pub jobs: JobsSection,
     /// The admin endpoint (jobs API for `fleetbus job ...`).
@@ -179,7 +179,7 @@ impl Default for ServerConfig {
             rules: RulesSection::default(),
             wal: WalSection::default(),
             metrics: MetricsSection::default(),
-            files: crate::files::FilesSection::default(),
+            files: crate::file_service::FilesSection::default(),
             jobs: JobsSection::default(),
             admin: AdminSection::default(),
             http: HttpSection::default(),

@@ -1,9 +1,10 @@
 //! `fleetbus serve`: one process with the embedded broker, the rules engine and its sinks,
 //! and the services around them:
 //!
-//! - [`files`]: the file service (reassembly in the spool, replies, completion messages,
+//! - [`file_service`]: the file service (reassembly in the spool, replies, completion messages,
 //!   delivery tracking, garbage collection);
-//! - [`jobs`]: the job service and the agent registry, on their own thread;
+//! - [`job_service`]: the job service and the agent registry, on their own thread (the
+//!   presence checks: a birth message speaks only for its agent, with its credential's groups);
 //! - [`security`]: the broker's guard from `[broker.security]`, enrollment, broker events,
 //!   credential reload;
 //! - [`admin`] and [`metrics`]: the HTTP endpoints (over `http`, which bounds them);
@@ -16,16 +17,15 @@
 pub mod admin;
 mod config;
 mod demux;
-pub mod files;
+pub mod file_service;
 mod http;
-pub mod jobs;
+pub mod job_service;
 pub mod metrics;
 pub mod security;
 mod shutdown;
 mod ticker;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,11 +33,10 @@ pub use config::{
     AdminSection, HttpSection, JobsSection, MetricsSection, RulesSection, ServerConfig, WalSection,
 };
 use demux::Route;
-pub use files::{FileCounters, FilesSection};
+pub use file_service::{FileCounters, FilesSection};
 use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification};
 use fleetbus_config::Valid;
-use fleetbus_pipeline::{AckPublisher, Engine, EngineStats};
-use fleetbus_protocol::{files as file_topics, topics, Topic};
+use fleetbus_pipeline::{Engine, EngineStats};
 use fleetbus_rules::{RuleSet, RulesError};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
@@ -118,7 +117,7 @@ pub struct Server {
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
     admin: Option<(SocketAddr, JoinHandle<()>)>,
     jobs: Option<(
-        Arc<jobs::JobsHandle>,
+        Arc<job_service::JobsHandle>,
         std::thread::JoinHandle<()>,
         JoinHandle<()>,
     )>,
@@ -170,54 +169,42 @@ impl Server {
             reason: e.to_string(),
         })?;
         let link_tx = Arc::new(Mutex::new(link_tx));
-        let ack_link = link_tx.clone();
-        let acks: AckPublisher = Arc::new(move |agent: &str, payload: Vec<u8>| {
-            let mut link = ack_link.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = link.try_publish(topics::acks(agent), payload) {
-                tracing::debug!(%agent, error = %e, "acknowledgement queued behind a busy router");
-            }
-        });
-        let engine =
-            Arc::new(Engine::start(rules, &config.data_dir, config.engine_options(), acks).await?);
-        let reply_link = link_tx.clone();
-        let replies: files::ReplyPublisher = Arc::new(move |agent: &str, payload: Vec<u8>| {
-            let mut link = reply_link.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = link.try_publish(file_topics::file_replies(agent), payload) {
-                tracing::debug!(%agent, error = %e, "file reply dropped behind a busy router (the agent asks again)");
-            }
-        });
+        let publisher = broker_publisher(link_tx.clone());
+        let engine = Arc::new(
+            Engine::start(
+                rules,
+                &config.data_dir,
+                config.engine_options(),
+                publisher.clone(),
+            )
+            .await?,
+        );
         let file_counters = Arc::new(FileCounters::default());
-        let shed_replies = replies.clone();
-        let shed = files::ShedChunks::default();
-        let service = files::FileService::open(
+        let shed = file_service::ShedChunks::default();
+        let service = file_service::FileService::open(
             &config.data_dir,
             config.files.clone(),
             engine.clone(),
-            replies,
+            publisher.clone(),
             file_counters.clone(),
             shed.clone(),
         )?;
-        let (file_tx, file_thread, file_ticker) = files::spawn(service, FILES_TICK, stop.clone())
-            .map_err(|source| ServerError::Thread {
-            what: "the file service",
-            source,
-        })?;
-        let jobs = {
-            let job_link = link_tx.clone();
-            let publish: fleetbus_jobs::Publish = Arc::new(move |topic, payload| {
-                let mut link = job_link.lock().unwrap_or_else(|p| p.into_inner());
-                if let Err(e) = link.try_publish(topic, payload) {
-                    tracing::warn!(error = %e, "job message not published (sent again when its agent reconnects)");
+        let (file_tx, file_thread, file_ticker) =
+            file_service::spawn(service, FILES_TICK, stop.clone()).map_err(|source| {
+                ServerError::Thread {
+                    what: "the file service",
+                    source,
                 }
-            });
+            })?;
+        let jobs = {
             let event_engine = engine.clone();
             let announce: fleetbus_jobs::Announce = Arc::new(move |topic, payload| {
                 event_engine.dispatch(&topic, &payload);
             });
-            let (handle, thread, ticker) = jobs::start(
+            let (handle, thread, ticker) = job_service::start(
                 &config.data_dir,
                 &config.jobs,
-                publish,
+                publisher.clone(),
                 announce,
                 stop.clone(),
             )?;
@@ -225,14 +212,8 @@ impl Server {
         };
         let enroller = match config.broker.security.enforce {
             true => {
-                let enroll_link = link_tx.clone();
-                let publish: security::Publish = Arc::new(move |topic, payload| {
-                    let mut link = enroll_link.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = link.try_publish(topic, payload) {
-                        tracing::warn!(error = %e, "enrollment reply not published (the agent asks again)");
-                    }
-                });
-                let enroller = security::Enroller::open(&config.data_dir, guard.clone(), publish)?;
+                let enroller =
+                    security::Enroller::open(&config.data_dir, guard.clone(), publisher.clone())?;
                 // the thread ends when the consumer (the queue's only holder) is gone
                 let (queue, _thread) = enroller.spawn()?;
                 Some(queue)
@@ -245,10 +226,12 @@ impl Server {
                 link_rx,
                 Destinations {
                     engine: engine.clone(),
-                    files: file_tx,
-                    file_counters: file_counters.clone(),
-                    replies: shed_replies,
-                    shed,
+                    files: file_service::FileQueue {
+                        tx: file_tx,
+                        counters: file_counters.clone(),
+                        publisher,
+                        shed,
+                    },
                     jobs: job_handle.clone(),
                     enroller,
                     guard: guard.clone(),
@@ -416,10 +399,6 @@ struct FileServiceHandle {
 /// How often the file service frees delivered files and collects idle uploads.
 const FILES_TICK: Duration = Duration::from_secs(1);
 
-/// Most shed chunks remembered as reported (beyond, a chunk may be reported lost twice and
-/// sent once more than needed).
-const MAX_SHED_REMEMBERED: usize = 65_536;
-
 /// How often the engine's counters are logged.
 const STATS_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -468,120 +447,23 @@ async fn report_stats(engine: Arc<Engine>, interval: Duration, mut stop: shutdow
     }
 }
 
-/// Hands an agent's job status report to the job service (nothing else reads it).
-async fn forward_job_status(jobs: &jobs::JobsHandle, agent: &str, payload: &[u8]) {
-    match fleetbus_protocol::message::decode_as::<fleetbus_protocol::JobStatus>(payload) {
-        Ok(status) => {
-            jobs.send(jobs::JobInput::Status(agent.to_string(), status))
-                .await
-        }
-        Err(e) => tracing::warn!(%agent, error = %e, "unreadable job status ignored"),
-    }
-}
-
-/// Drops a chunk the file service has no room for and tells its agent at once that it was
-/// lost, so it is sent again.
-fn shed_chunk(
-    event: files::FileEvent,
-    counters: &FileCounters,
-    replies: &files::ReplyPublisher,
-    shed: &files::ShedChunks,
-) {
-    counters.chunks_shed.fetch_add(1, Ordering::Relaxed);
-    let files::FileEvent::Message { topic, payload } = event else {
-        return;
-    };
-    let Topic::Files { agent, rest } = Topic::parse(&topic) else {
-        return;
-    };
-    let Some((file_id, _)) = file_topics::parse_file_rest(rest) else {
-        return;
-    };
-    // an undecodable chunk is dropped silently: the file service would only refuse it
-    let Ok(chunk) = rmp_serde::from_slice::<fleetbus_protocol::FileChunk<'_>>(&payload) else {
-        return;
-    };
-    let reply = fleetbus_protocol::FileReply::Chunk {
-        file_id: file_id.to_string(),
-        index: chunk.index,
-        outcome: fleetbus_protocol::ChunkOutcome::Lost,
-        reason: Some("the server is busy: chunk shed unread".into()),
-    };
-    if let Ok(bytes) = file_topics::encode(&reply) {
-        let mut reported = shed.lock().unwrap_or_else(|p| p.into_inner());
-        if reported.len() < MAX_SHED_REMEMBERED {
-            reported.insert((agent.to_string(), file_id.to_string(), chunk.index));
-        }
-        drop(reported);
-        replies(agent, bytes);
-    }
-}
-
-/// Drops a file control message (init, status, finish, abort) the file service has no room
-/// for and tells its agent the server is busy: it asks again after its backoff.
-fn shed_control(event: files::FileEvent, counters: &FileCounters, replies: &files::ReplyPublisher) {
-    counters.control_shed.fetch_add(1, Ordering::Relaxed);
-    let files::FileEvent::Message { topic, .. } = event else {
-        return;
-    };
-    let Topic::Files { agent, rest } = Topic::parse(&topic) else {
-        return;
-    };
-    let Some((file_id, _)) = file_topics::parse_file_rest(rest) else {
-        return;
-    };
-    let reply = fleetbus_protocol::FileReply::Failed {
-        file_id: file_id.to_string(),
-        kind: fleetbus_protocol::RefusalKind::Busy,
-        reason: "the server's file service is busy: ask again later".into(),
-    };
-    if let Ok(bytes) = file_topics::encode(&reply) {
-        replies(agent, bytes);
-    }
-}
-
-/// With security enforced, an agent's groups are those of its credential, not those its
-/// birth message claims (a rogue agent must not count as a member of another group).
-fn enrolled_groups(
-    guard: &fleetbus_broker::Guard,
-    agent: &str,
-    presence: &mut fleetbus_protocol::Presence,
-) {
-    if presence.status != fleetbus_protocol::PresenceStatus::Online {
-        return;
-    }
-    let Some(groups) = guard.agent_groups(agent) else {
-        return;
-    };
-    if presence.groups != groups {
-        tracing::warn!(agent, claimed = ?presence.groups, enrolled = ?groups, "birth message claims other groups than the agent's credential: the credential's count");
-        presence.groups = groups;
-    }
-}
-
-/// A presence message on `agent`'s topic naming `claimed`: refused (not routed, not given
-/// to the job service), logged and reported as a violation.
-fn refuse_presence(guard: &fleetbus_broker::Guard, agent: &str, topic: &str, claimed: &str) {
-    let reason = format!("presence message names agent `{claimed}`, not the topic's `{agent}`");
-    tracing::warn!(agent, topic, %reason, "presence message refused");
-    guard.report(fleetbus_protocol::BrokerEvent::Violation {
-        client_id: agent.to_string(),
-        peer: String::new(),
-        action: "publish".into(),
-        topic: topic.to_string(),
-        reason,
-        ts: chrono::Utc::now(),
-    });
+/// The one publish handle every service gets: a message published on the engine's
+/// in-process link without waiting (a full router queue refuses it; the caller says what
+/// that costs).
+fn broker_publisher(link: Arc<Mutex<LinkTx>>) -> fleetbus_support::Publisher {
+    fleetbus_support::Publisher::new(move |topic, payload| {
+        let mut link = link.lock().unwrap_or_else(|p| p.into_inner());
+        link.try_publish(topic, payload)
+            .map(|_| ())
+            .map_err(|e| fleetbus_support::NotPublished(e.to_string()))
+    })
 }
 
 /// Where the messages the engine's link receives go besides the rules engine.
 struct Destinations {
     engine: Arc<Engine>,
-    files: tokio::sync::mpsc::Sender<files::FileEvent>,
-    file_counters: Arc<FileCounters>,
-    replies: files::ReplyPublisher,
-    shed: files::ShedChunks,
-    jobs: Arc<jobs::JobsHandle>,
+    files: file_service::FileQueue,
+    jobs: Arc<job_service::JobsHandle>,
     enroller: Option<security::EnrollQueue>,
     guard: Arc<fleetbus_broker::Guard>,
 }
@@ -594,9 +476,6 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
     let Destinations {
         engine,
         files,
-        file_counters,
-        replies,
-        shed,
         jobs,
         enroller,
         guard,
@@ -620,48 +499,14 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                     Route::Forged | Route::Engine => {
                         engine.dispatch_from_network(topic, &publish.payload);
                     }
-                    Route::JobStatus(agent) => {
-                        forward_job_status(&jobs, agent, &publish.payload).await
-                    }
+                    Route::JobStatus(agent) => jobs.status(agent, &publish.payload).await,
                     Route::OwnJobTraffic => {}
                     Route::Presence(agent) => {
-                        match fleetbus_protocol::Presence::decode(&publish.payload) {
-                            Ok(p) if p.agent != agent => {
-                                // the topic's agent is the only identity: a birth message
-                                // naming another agent would move it between groups
-                                refuse_presence(&guard, agent, topic, &p.agent);
-                                continue;
-                            }
-                            Ok(mut p) => {
-                                enrolled_groups(&guard, agent, &mut p);
-                                jobs.send(jobs::JobInput::Presence(p)).await
-                            }
-                            Err(e) => {
-                                tracing::debug!(%topic, error = %e, "unreadable presence message")
-                            }
-                        }
-                        engine.dispatch_from_network(topic, &publish.payload);
-                    }
-                    Route::File { chunk } => {
-                        let event = files::FileEvent::Message {
-                            topic: topic.to_string(),
-                            payload: publish.payload,
-                        };
-                        // never wait for the file service: telemetry shares this consumer.
-                        // A message it has no room for is shed and its agent told at once
-                        // (a chunk: lost, sent again; anything else: busy, asked again)
-                        match files.try_send(event) {
-                            Err(tokio::sync::mpsc::error::TrySendError::Full(event)) => match chunk
-                            {
-                                true => shed_chunk(event, &file_counters, &replies, &shed),
-                                false => shed_control(event, &file_counters, &replies),
-                            },
-                            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                                tracing::error!("file service stopped; file message dropped");
-                            }
-                            Ok(()) => {}
+                        if jobs.presence(&guard, agent, topic, &publish.payload).await {
+                            engine.dispatch_from_network(topic, &publish.payload);
                         }
                     }
+                    Route::File { chunk } => files.offer(topic, publish.payload, chunk),
                 }
             }
             Ok(Some(Notification::Drained)) => {
@@ -681,57 +526,5 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                 return;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use fleetbus_broker::acl::{Policy, Role};
-    use fleetbus_broker::credentials::CredentialStore;
-    use fleetbus_broker::{Gate, Guard, PolicyProtocol};
-    use fleetbus_protocol::{Presence, PresenceStatus};
-    use rumqttd::protocol::{Connect, Login, Packet, Protocol};
-
-    use super::enrolled_groups;
-
-    #[test]
-    fn a_birth_message_cannot_claim_groups_its_credential_lacks() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = CredentialStore::open_in(dir.path()).unwrap();
-        let token = store
-            .enroll("web-01", Role::Agent, &["web".into()], false)
-            .unwrap();
-        let guard = Arc::new(Guard::new(
-            true,
-            Policy::default(),
-            store.snapshot().unwrap(),
-            None,
-        ));
-        let mut birth = Presence::offline("web-01", chrono::Utc::now());
-        birth.status = PresenceStatus::Online;
-        birth.groups = vec!["web".into(), "db".into()];
-        // not connected: nothing to go by
-        enrolled_groups(&guard, "web-01", &mut birth);
-        assert_eq!(birth.groups, ["web", "db"]);
-        let mut connection = PolicyProtocol::new(Arc::new(Gate::default()), guard.clone());
-        let connect = Packet::Connect(
-            Connect {
-                keep_alive: 30,
-                client_id: "web-01".into(),
-                clean_session: true,
-            },
-            None,
-            None,
-            None,
-            Some(Login {
-                username: "web-01".into(),
-                password: token,
-            }),
-        );
-        connection.admit(&connect).unwrap();
-        enrolled_groups(&guard, "web-01", &mut birth);
-        assert_eq!(birth.groups, ["web"]);
     }
 }

@@ -13,7 +13,7 @@ use axum::routing::get;
 use fleetbus_broker::{Guard, SecurityCounters};
 use fleetbus_pipeline::{Engine, EngineStats, SinkStatsSnapshot};
 
-use crate::files::FileCounters;
+use crate::file_service::FileCounters;
 use tokio::task::JoinHandle;
 
 use crate::ServerError;
@@ -153,7 +153,7 @@ mod tests {
     #[tokio::test]
     async fn an_address_in_use_is_an_error_naming_metrics_listen() {
         let dir = tempfile::tempdir().unwrap();
-        let acks: fleetbus_pipeline::AckPublisher = Arc::new(|_: &str, _: Vec<u8>| {});
+        let acks = fleetbus_support::Publisher::discard();
         let rules = fleetbus_rules::RuleSet::builtin().unwrap();
         let options = fleetbus_pipeline::EngineOptions::default();
         let engine = Arc::new(

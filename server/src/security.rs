@@ -108,9 +108,6 @@ impl Security {
     }
 }
 
-/// Publishes a message through the broker (topic, payload).
-pub type Publish = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
-
 /// Enrolls agents that ask on `fleet/enroll/{agent}/request` over a connection the broker
 /// admitted with a bootstrap credential: the agent gets a credential of its own (role
 /// agent, the bootstrap credential's groups), its token comes back on
@@ -123,7 +120,7 @@ pub type Publish = Arc<dyn Fn(String, Vec<u8>) + Send + Sync>;
 pub struct Enroller {
     store: std::sync::Mutex<CredentialStore>,
     guard: Arc<Guard>,
-    publish: Publish,
+    publish: fleetbus_support::Publisher,
     rate: std::sync::Mutex<RateLimits>,
 }
 
@@ -202,7 +199,7 @@ impl Enroller {
     pub fn open(
         data_dir: &Path,
         guard: Arc<Guard>,
-        publish: Publish,
+        publish: fleetbus_support::Publisher,
     ) -> Result<Enroller, ServerError> {
         let store = CredentialStore::open_in(data_dir)?;
         let per_minute = guard.limits().enrollments_per_minute;
@@ -277,7 +274,11 @@ impl Enroller {
             },
         };
         match serde_json::to_vec(&reply) {
-            Ok(bytes) => (self.publish)(reply_topic(agent), bytes),
+            Ok(bytes) => {
+                if let Err(e) = self.publish.publish(reply_topic(agent), bytes) {
+                    tracing::warn!(error = %e, "enrollment reply not published (the agent asks again)");
+                }
+            }
             Err(e) => tracing::error!(agent, error = %e, "enrollment reply not encoded"),
         }
     }

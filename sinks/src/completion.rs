@@ -1,16 +1,14 @@
 //! File completions as sinks see them: the message the server's file service publishes on
 //! `fleet/{agent}/files/{file_id}/complete` once a file is verified, and where its bytes
-//! are (the spool, under the server's data directory).
+//! are (the spool, under the server's data directory: its layout is the chunker's,
+//! [`fleetbus_chunker::spool`]).
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use fleetbus_protocol::files::{parse_file_rest, FileAction};
 use fleetbus_protocol::{FileCompleted, Message, Topic};
 
 use crate::SinkError;
-
-/// The spool directory, relative to the server's `data_dir`.
-pub const SPOOL_DIR: &str = "files/spool";
 
 /// A verified file a sink is asked to store.
 #[derive(Debug, Clone)]
@@ -45,18 +43,13 @@ fn resolve(data_dir: &Path, msg: &Message) -> Result<CompletedFile, SinkError> {
     let completed: FileCompleted = serde_json::from_value(msg.body.clone()).map_err(|e| {
         SinkError::Encode(format!("{}: not a file completion message: {e}", msg.topic))
     })?;
-    let relative = Path::new(&completed.spool);
-    if relative.as_os_str().is_empty()
-        || !relative
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)))
-    {
+    let spool = fleetbus_chunker::spool::spool_dir(data_dir);
+    let Some(path) = fleetbus_chunker::spool::resolve(&spool, &completed.spool) else {
         return Err(SinkError::Encode(format!(
             "{}: spool path `{}` is not inside the spool directory",
             msg.topic, completed.spool
         )));
-    }
-    let path = data_dir.join(SPOOL_DIR).join(relative);
+    };
     match std::fs::metadata(&path) {
         Ok(m) if m.len() == completed.file.size => Ok(CompletedFile { completed, path }),
         Ok(m) => Err(SinkError::Encode(format!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use fleetbus_agent::jobs::HandlerConfig;
+use fleetbus_agent::job_runner::HandlerConfig;
 use fleetbus_agent::{AfterUpload, Agent, AgentConfig, UploadOutcome, UploadQueue};
 use fleetbus_broker::acl::Role;
 use fleetbus_broker::credentials::CredentialStore;

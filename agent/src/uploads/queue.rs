@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use fleetbus_chunker::Manifest;
+use fleetbus_protocol::FileManifest;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
@@ -40,7 +40,7 @@ pub struct UploadJob {
     /// The file.
     pub path: PathBuf,
     /// What it is (computed when it was queued).
-    pub manifest: Manifest,
+    pub manifest: FileManifest,
     /// What to do with it once confirmed.
     pub after: AfterUpload,
     /// When it was queued (ms since the epoch): jobs go in this order.
@@ -54,7 +54,7 @@ pub enum UploadOutcome {
     /// The server verified the file (size and SHA-256) and routed it.
     Confirmed {
         /// The file's manifest.
-        manifest: Manifest,
+        manifest: FileManifest,
         /// Where the server's sinks put it (`SINK: file PATH`, `SINK: s3://BUCKET/KEY`;
         /// empty: the server did not say).
         #[serde(default)]
@@ -63,7 +63,7 @@ pub enum UploadOutcome {
     /// The server refused it for good, or the file changed or vanished before it was sent.
     Failed {
         /// The file's manifest.
-        manifest: Manifest,
+        manifest: FileManifest,
         /// Why.
         reason: String,
     },
@@ -170,8 +170,9 @@ impl UploadQueue {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "file".into());
-        let mut manifest = Manifest::for_reader(std::io::BufReader::new(file), &name, chunk_size)
-            .map_err(|e| io("read", e))?;
+        let mut manifest =
+            fleetbus_chunker::manifest_of(std::io::BufReader::new(file), &name, chunk_size)
+                .map_err(|e| io("read", e))?;
         manifest.meta = meta;
         manifest.content_type = content_type(&name).map(str::to_string);
         Ok(UploadJob {

@@ -18,9 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleetbus_chunker::{Manifest, Splitter};
+use fleetbus_chunker::Splitter;
 use fleetbus_protocol::files::{self, FileAction};
-use fleetbus_protocol::{ChunkOutcome, FileChunk, FileInit, FileManifest, FileReply, RefusalKind};
+use fleetbus_protocol::{ChunkOutcome, FileChunk, FileInit, FileReply, RefusalKind};
 use rumqttc::{AsyncClient, ClientError, QoS, Request};
 use tokio::sync::mpsc;
 
@@ -173,7 +173,7 @@ impl FileSender {
             return;
         };
         let init = FileInit {
-            manifest: to_wire(&t.job.manifest),
+            manifest: t.job.manifest.clone(),
         };
         let sent = match files::encode(&init) {
             Ok(p) => self.publish(client, FileAction::Init, p),
@@ -582,20 +582,6 @@ fn spawn_reader(
         }
     });
     rx
-}
-
-/// The wire form of a manifest.
-pub(crate) fn to_wire(m: &Manifest) -> FileManifest {
-    FileManifest {
-        file_id: m.file_id.clone(),
-        name: m.name.clone(),
-        size: m.size,
-        sha256: m.sha256.clone(),
-        chunk_size: m.chunk_size,
-        chunk_count: m.chunk_count,
-        content_type: m.content_type.clone(),
-        meta: m.meta.clone(),
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 use super::*;
+use crate::manifest_of;
 use crate::split::Splitter;
 use rand::RngCore;
 use std::io::Write;
@@ -21,7 +22,7 @@ fn random_file(dir: &Path, name: &str, size: usize) -> Splitter {
     rand::rng().fill_bytes(&mut data);
     let path = dir.join(name);
     File::create(&path).unwrap().write_all(&data).unwrap();
-    let m = Manifest::for_reader(File::open(&path).unwrap(), name, 4096).unwrap();
+    let m = manifest_of(File::open(&path).unwrap(), name, 4096).unwrap();
     Splitter::open(&path, m).unwrap()
 }
 
@@ -258,8 +259,8 @@ fn the_same_file_again_is_the_same_upload_and_a_different_manifest_conflicts() {
 }
 
 /// A manifest of `size` bytes in `chunk_size`-byte chunks (content never sent).
-fn lying_manifest(name: &str, size: u64, chunk_size: u32) -> Manifest {
-    let mut m = Manifest::for_reader(&b"x"[..], name, chunk_size).unwrap();
+fn lying_manifest(name: &str, size: u64, chunk_size: u32) -> FileManifest {
+    let mut m = manifest_of(&b"x"[..], name, chunk_size).unwrap();
     m.size = size;
     m.chunk_size = chunk_size;
     m.chunk_count = size.div_ceil(chunk_size as u64) as u32;

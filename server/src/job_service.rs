@@ -1,12 +1,15 @@
 //! The job service and the agent registry inside `fleetbus serve`: their own thread (every
 //! step writes SQLite), fed with agents' presence and status messages by the engine's link
-//! consumer and with operators' requests by the admin endpoint. It always runs: without
+//! consumer (checked here first: a birth message speaks only for its own agent, and with
+//! security enforced its groups are its credential's) and with operators' requests by the
+//! admin endpoint. It always runs: without
 //! `jobs.signing_key` it keeps the registry and job requests answer that jobs are off.
 
 use std::path::Path;
 
 use std::time::Duration;
 
+use fleetbus_broker::Guard;
 use fleetbus_jobs::{Forgotten, JobReport, JobService, JobsError, KnownAgent, PushRequest};
 use fleetbus_protocol::{JobStatus, Presence};
 use tokio::sync::{mpsc, oneshot};
@@ -58,6 +61,34 @@ impl JobsHandle {
         }
     }
 
+    /// Hands an agent's job status report to the service (nothing else reads it).
+    pub async fn status(&self, agent: &str, payload: &[u8]) {
+        match fleetbus_protocol::message::decode_as::<JobStatus>(payload) {
+            Ok(status) => self.send(JobInput::Status(agent.to_string(), status)).await,
+            Err(e) => tracing::warn!(%agent, error = %e, "unreadable job status ignored"),
+        }
+    }
+
+    /// Hands a presence message published on `agent`'s `topic` to the service, with the
+    /// groups of the agent's credential when security is enforced. False when it is
+    /// refused (it names another agent): it must not reach the rules either.
+    pub async fn presence(&self, guard: &Guard, agent: &str, topic: &str, payload: &[u8]) -> bool {
+        match Presence::decode(payload) {
+            Ok(p) if p.agent != agent => {
+                // the topic's agent is the only identity: a birth message naming another
+                // agent would move it between groups
+                refuse_presence(guard, agent, topic, &p.agent);
+                return false;
+            }
+            Ok(mut p) => {
+                enrolled_groups(guard, agent, &mut p);
+                self.send(JobInput::Presence(p)).await
+            }
+            Err(e) => tracing::debug!(%topic, error = %e, "unreadable presence message"),
+        }
+        true
+    }
+
     /// Asks the service and waits for the answer.
     pub async fn ask<T>(
         &self,
@@ -80,7 +111,7 @@ const TICK: Duration = Duration::from_millis(500);
 pub(crate) fn start(
     data_dir: &Path,
     section: &crate::JobsSection,
-    publish: fleetbus_jobs::Publish,
+    publish: fleetbus_support::Publisher,
     announce: fleetbus_jobs::Announce,
     stop: crate::shutdown::StopSignal,
 ) -> Result<
@@ -206,5 +237,87 @@ fn handle(service: &mut JobService, input: JobInput) {
     };
     if let Err(e) = result {
         tracing::error!(error = %e, "job service");
+    }
+}
+
+/// With security enforced, an agent's groups are those of its credential, not those its
+/// birth message claims (a rogue agent must not count as a member of another group).
+fn enrolled_groups(guard: &Guard, agent: &str, presence: &mut Presence) {
+    if presence.status != fleetbus_protocol::PresenceStatus::Online {
+        return;
+    }
+    let Some(groups) = guard.agent_groups(agent) else {
+        return;
+    };
+    if presence.groups != groups {
+        tracing::warn!(agent, claimed = ?presence.groups, enrolled = ?groups, "birth message claims other groups than the agent's credential: the credential's count");
+        presence.groups = groups;
+    }
+}
+
+/// A presence message on `agent`'s topic naming `claimed`: refused (not routed, not given
+/// to the job service), logged and reported as a violation.
+fn refuse_presence(guard: &Guard, agent: &str, topic: &str, claimed: &str) {
+    let reason = format!("presence message names agent `{claimed}`, not the topic's `{agent}`");
+    tracing::warn!(agent, topic, %reason, "presence message refused");
+    guard.report(fleetbus_protocol::BrokerEvent::Violation {
+        client_id: agent.to_string(),
+        peer: String::new(),
+        action: "publish".into(),
+        topic: topic.to_string(),
+        reason,
+        ts: chrono::Utc::now(),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use fleetbus_broker::acl::{Policy, Role};
+    use fleetbus_broker::credentials::CredentialStore;
+    use fleetbus_broker::{Gate, Guard, PolicyProtocol};
+    use fleetbus_protocol::{Presence, PresenceStatus};
+    use rumqttd::protocol::{Connect, Login, Packet, Protocol};
+
+    use super::enrolled_groups;
+
+    #[test]
+    fn a_birth_message_cannot_claim_groups_its_credential_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CredentialStore::open_in(dir.path()).unwrap();
+        let token = store
+            .enroll("web-01", Role::Agent, &["web".into()], false)
+            .unwrap();
+        let guard = Arc::new(Guard::new(
+            true,
+            Policy::default(),
+            store.snapshot().unwrap(),
+            None,
+        ));
+        let mut birth = Presence::offline("web-01", chrono::Utc::now());
+        birth.status = PresenceStatus::Online;
+        birth.groups = vec!["web".into(), "db".into()];
+        // not connected: nothing to go by
+        enrolled_groups(&guard, "web-01", &mut birth);
+        assert_eq!(birth.groups, ["web", "db"]);
+        let mut connection = PolicyProtocol::new(Arc::new(Gate::default()), guard.clone());
+        let connect = Packet::Connect(
+            Connect {
+                keep_alive: 30,
+                client_id: "web-01".into(),
+                clean_session: true,
+            },
+            None,
+            None,
+            None,
+            Some(Login {
+                username: "web-01".into(),
+                password: token,
+            }),
+        );
+        connection.admit(&connect).unwrap();
+        enrolled_groups(&guard, "web-01", &mut birth);
+        assert_eq!(birth.groups, ["web"]);
     }
 }

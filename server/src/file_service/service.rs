@@ -1,279 +1,26 @@
-//! The file service: receives chunked uploads (`fleet/{agent}/files/{file_id}/...`),
-//! reassembles and verifies them in the spool, publishes a completion message through the
-//! rules engine (rules route it like any other message), answers the agent on
-//! `fleet/{agent}/replies/files`, and removes a file from the spool once every sink its
-//! completion went to has written it.
-//!
-//! It runs on a thread of its own (every step is blocking disk I/O) fed by a bounded
-//! channel, so a slow disk slows the uploads, never telemetry.
-//!
-//! On disk, under `data_dir/files/`:
-//! - `spool/{agent}/{file_id}/`: the chunker's upload state, plus `delivery.json` (the log
-//!   index of the completion message and the sinks it went to) once verified;
-//! - `delivered/{agent}/{file_id}`: a note that the file was delivered, kept for
-//!   `files.remember`, so uploading the same file again is answered "complete" at once.
+//! The file service itself: one thread, fed by [`super::queue`], that answers every file
+//! message, reassembles and verifies uploads in the spool, hands a verified file's
+//! completion to the rules engine and frees the spool once its sinks have written it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use fleetbus_chunker::{ChunkError, Limits, Manifest, PutOutcome, Reassembler, Rejection};
+use fleetbus_chunker::{spool, ChunkError, Limits, PutOutcome, Reassembler, Rejection};
 use fleetbus_pipeline::{Dispatched, Engine};
 use fleetbus_protocol::files::{self, parse_file_rest, FileAction};
 use fleetbus_protocol::{
     ChunkOutcome, FileChunk, FileCompleted, FileInit, FileManifest, FileReply, RefusalKind, Topic,
 };
-use serde::{Deserialize, Serialize};
+use fleetbus_support::Publisher;
 use tokio::sync::mpsc;
 
-/// `[files]`: limits and retention of the file service.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FilesSection {
-    /// Largest file accepted, in bytes.
-    pub max_file_size: u64,
-    /// Most spool bytes one agent's uploads may occupy (unfinished and not yet delivered).
-    pub quota_per_agent: u64,
-    /// Largest chunk accepted, in bytes (a chunk message must fit 128 KiB).
-    pub max_chunk_size: u32,
-    /// Smallest chunk accepted, in bytes (a file smaller than it is one chunk).
-    pub min_chunk_size: u32,
-    /// Most chunks one file may have: the server keeps a bit per chunk, and every chunk
-    /// is a message, a write and a reply.
-    pub max_chunks: u32,
-    /// Most unfinished uploads one agent may have in the spool at once.
-    pub max_uploads_per_agent: usize,
-    /// An upload with no activity for this long is removed from the spool (counted as
-    /// garbage collected); so is a verified file no rule routes.
-    #[serde(with = "humantime_serde")]
-    pub ttl: Duration,
-    /// How long a delivered file is remembered, so uploading it again is answered at once.
-    #[serde(with = "humantime_serde")]
-    pub remember: Duration,
-    /// The spool is fsynced and the list of held chunks saved every this many chunks (and
-    /// before every status answer): a server crash costs at most this many chunks sent
-    /// again.
-    pub persist_every: u32,
-}
-
-impl Default for FilesSection {
-    fn default() -> Self {
-        FilesSection {
-            max_file_size: 4 << 30,
-            quota_per_agent: 8 << 30,
-            max_chunk_size: 128 * 1024,
-            min_chunk_size: 1024,
-            max_chunks: 1 << 20,
-            max_uploads_per_agent: 64,
-            ttl: Duration::from_secs(24 * 3600),
-            remember: Duration::from_secs(7 * 24 * 3600),
-            persist_every: 512,
-        }
-    }
-}
-
-/// What serde cannot check (keys relative to `[files]`).
-impl fleetbus_config::Check for FilesSection {
-    fn check(&self, p: &mut fleetbus_config::Problems) {
-        p.require(
-            self.max_chunk_size > 0 && self.max_chunk_size as usize <= files::MAX_PUBLISH_BYTES,
-            "max_chunk_size",
-            format!("must be between 1 and {}", files::MAX_PUBLISH_BYTES),
-        );
-        p.require(
-            self.quota_per_agent >= self.max_file_size.min(1 << 20),
-            "quota_per_agent",
-            "must be at least 1 MiB",
-        );
-        p.require(
-            self.min_chunk_size > 0 && self.min_chunk_size <= self.max_chunk_size,
-            "min_chunk_size",
-            "must be between 1 and files.max_chunk_size",
-        );
-        p.require(
-            self.max_chunks > 0 && self.max_chunks <= 1 << 24,
-            "max_chunks",
-            "must be between 1 and 16777216",
-        );
-        p.require(
-            self.max_uploads_per_agent > 0,
-            "max_uploads_per_agent",
-            "must be at least 1",
-        );
-        p.require(
-            self.persist_every > 0,
-            "persist_every",
-            "must be at least 1",
-        );
-        p.require(
-            self.ttl >= Duration::from_secs(1),
-            "ttl",
-            "must be at least 1s",
-        );
-    }
-}
-
-/// The file service's counters (also on the metrics endpoint).
-#[derive(Debug, Default)]
-pub struct FileCounters {
-    /// Uploads started (an `init` for a file not in the spool).
-    pub started: AtomicU64,
-    /// Chunks written to the spool.
-    pub chunks_stored: AtomicU64,
-    /// Chunks already held (sent again after a reconnect or a lost reply).
-    pub chunks_duplicate: AtomicU64,
-    /// Chunks refused (hash, offset, length, unknown upload).
-    pub chunks_rejected: AtomicU64,
-    /// Chunks shed unread because the file service's queue was full (the agent is told
-    /// they were lost when a later chunk arrives, and sends them again).
-    pub chunks_shed: AtomicU64,
-    /// Chunks reported lost to their agent (a later chunk of the upload arrived first).
-    pub chunks_lost: AtomicU64,
-    /// Control messages (init, status, finish, abort) shed because the file service's
-    /// queue was full (the agent is answered `busy` and asks again).
-    pub control_shed: AtomicU64,
-    /// Bytes written to the spool.
-    pub bytes_stored: AtomicU64,
-    /// Files verified and handed to the rules engine.
-    pub completed: AtomicU64,
-    /// Files every target sink has written (their spool space freed).
-    pub delivered: AtomicU64,
-    /// Uploads refused: quota, size or manifest.
-    pub refused: AtomicU64,
-    /// Uploads aborted by their agent.
-    pub aborted: AtomicU64,
-    /// Uploads removed for inactivity (`files.ttl`).
-    pub collected: AtomicU64,
-    /// Spool bytes freed by abort and garbage collection.
-    pub freed_bytes: AtomicU64,
-    /// Messages that could not be decoded or are not allowed from agents.
-    pub malformed: AtomicU64,
-}
-
-impl FileCounters {
-    /// (metric suffix, help, value) of every counter.
-    pub fn samples(&self) -> Vec<(&'static str, &'static str, u64)> {
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            (
-                "uploads_started_total",
-                "Uploads started.",
-                l(&self.started),
-            ),
-            (
-                "chunks_stored_total",
-                "File chunks written to the spool.",
-                l(&self.chunks_stored),
-            ),
-            (
-                "chunks_duplicate_total",
-                "File chunks received again and already held.",
-                l(&self.chunks_duplicate),
-            ),
-            (
-                "chunks_rejected_total",
-                "File chunks refused (hash, offset, length, unknown upload).",
-                l(&self.chunks_rejected),
-            ),
-            (
-                "chunks_shed_total",
-                "File chunks dropped unread because the file service was behind (sent again).",
-                l(&self.chunks_shed),
-            ),
-            (
-                "chunks_lost_total",
-                "File chunks reported lost to their agent (a later chunk arrived first).",
-                l(&self.chunks_lost),
-            ),
-            (
-                "control_shed_total",
-                "File control messages (init, status, finish, abort) shed because the file service was behind (the agent is told busy and asks again).",
-                l(&self.control_shed),
-            ),
-            (
-                "bytes_stored_total",
-                "File bytes written to the spool.",
-                l(&self.bytes_stored),
-            ),
-            (
-                "completed_total",
-                "Files verified and handed to the rules engine.",
-                l(&self.completed),
-            ),
-            (
-                "delivered_total",
-                "Files written by every sink they were routed to.",
-                l(&self.delivered),
-            ),
-            (
-                "refused_total",
-                "Uploads refused (quota, size, manifest).",
-                l(&self.refused),
-            ),
-            (
-                "aborted_total",
-                "Uploads aborted by their agent.",
-                l(&self.aborted),
-            ),
-            (
-                "collected_total",
-                "Idle uploads removed after files.ttl.",
-                l(&self.collected),
-            ),
-            (
-                "freed_bytes_total",
-                "Spool bytes freed by abort and garbage collection.",
-                l(&self.freed_bytes),
-            ),
-            (
-                "malformed_total",
-                "File messages that could not be decoded or are not allowed.",
-                l(&self.malformed),
-            ),
-        ]
-    }
-}
-
-/// Messages queued for the file service (chunks are at most 128 KiB: 8 MiB).
-pub(crate) const QUEUE_CAPACITY: usize = 64;
-
-/// Chunks shed unread by the engine's consumer whose agent was already told they were lost
-/// (agent, file id, index): the file service does not report them a second time.
-pub(crate) type ShedChunks =
-    Arc<std::sync::Mutex<std::collections::HashSet<(String, String, u32)>>>;
-
-/// Publishes a reply payload to an agent (on `fleet/{agent}/replies/files`).
-pub type ReplyPublisher = Arc<dyn Fn(&str, Vec<u8>) + Send + Sync>;
-
-/// What the service thread is fed.
-pub(crate) enum FileEvent {
-    /// A message published on a file topic.
-    Message {
-        /// Its topic.
-        topic: String,
-        /// Its payload.
-        payload: Bytes,
-    },
-    /// Time for housekeeping (deliveries, garbage collection).
-    Tick,
-}
-
-/// A verified file whose completion message went to sinks that may not have written it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Delivery {
-    #[serde(skip)]
-    agent: String,
-    #[serde(skip)]
-    file_id: String,
-    index: u64,
-    sinks: Vec<String>,
-    /// Where each sink puts the file (told to the agent).
-    #[serde(default)]
-    landed: Vec<String>,
-}
+use super::delivery::{forget_older_than, write_json, Delivery, DELIVERY_FILE};
+use super::queue::{reply_to, FileEvent, ShedChunks};
+use super::replies::{chunk_reply, complete_status, failed, refusal};
+use super::{FileCounters, FilesSection};
 
 /// Most chunks reported lost for one gap: an agent never has more than its window in flight,
 /// so a wider gap means it skipped chunks on purpose (held ones) or the state is stale.
@@ -287,7 +34,7 @@ pub(crate) struct FileService {
     reassembler: Reassembler,
     root: PathBuf,
     engine: Arc<Engine>,
-    reply: ReplyPublisher,
+    publisher: Publisher,
     config: FilesSection,
     counters: Arc<FileCounters>,
     deliveries: Vec<Delivery>,
@@ -310,12 +57,12 @@ impl FileService {
         data_dir: &Path,
         config: FilesSection,
         engine: Arc<Engine>,
-        reply: ReplyPublisher,
+        publisher: Publisher,
         counters: Arc<FileCounters>,
         shed: ShedChunks,
     ) -> Result<FileService, ChunkError> {
         let root = data_dir.join("files");
-        let spool = data_dir.join(fleetbus_sinks::completion::SPOOL_DIR);
+        let spool = spool::spool_dir(data_dir);
         let limits = Limits {
             max_file_size: config.max_file_size,
             quota_per_owner: config.quota_per_agent,
@@ -334,7 +81,7 @@ impl FileService {
             if !complete {
                 continue;
             }
-            let path = spool.join(&agent).join(&file_id).join("delivery.json");
+            let path = spool::upload_dir(&spool, &agent, &file_id).join(DELIVERY_FILE);
             match std::fs::read(&path) {
                 Ok(bytes) => match serde_json::from_slice::<Delivery>(&bytes) {
                     Ok(d) => deliveries.push(Delivery {
@@ -363,7 +110,7 @@ impl FileService {
             reassembler,
             root,
             engine,
-            reply,
+            publisher,
             config,
             counters,
             deliveries,
@@ -423,10 +170,7 @@ impl FileService {
     }
 
     fn send(&self, agent: &str, reply: &FileReply) {
-        match files::encode(reply) {
-            Ok(bytes) => (self.reply)(agent, bytes),
-            Err(e) => tracing::error!(%agent, error = %e, "cannot encode a file reply"),
-        }
+        reply_to(&self.publisher, agent, reply);
     }
 
     fn malformed(&self, agent: &str, file_id: &str, reason: String) {
@@ -481,7 +225,7 @@ impl FileService {
             }
         }
         let existed = self.reassembler.manifest(agent, file_id).is_some();
-        match self.reassembler.init(agent, from_wire(init.manifest)) {
+        match self.reassembler.init(agent, init.manifest) {
             Ok(status) => {
                 if !existed {
                     self.counters.started.fetch_add(1, Ordering::Relaxed);
@@ -666,8 +410,8 @@ impl FileService {
         let message = FileCompleted {
             agent: agent.to_string(),
             kind: "file".into(),
-            file: to_wire(&completed.manifest),
-            spool: format!("{agent}/{file_id}/data"),
+            file: completed.manifest.clone(),
+            spool: spool::relative_data_path(agent, file_id),
             ts: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         };
         let payload = match serde_json::to_vec(&message) {
@@ -685,7 +429,7 @@ impl FileService {
                     sinks,
                     landed,
                 };
-                let path = completed.path.with_file_name("delivery.json");
+                let path = completed.path.with_file_name(DELIVERY_FILE);
                 if let Err(e) = write_json(&path, &delivery) {
                     // the completion is in the log; without the record the file would be
                     // announced again after a restart (sinks overwrite: no harm)
@@ -827,7 +571,7 @@ impl FileService {
     }
 
     fn delivered_done(&mut self, d: &Delivery) {
-        let manifest = self.reassembler.manifest(&d.agent, &d.file_id).map(to_wire);
+        let manifest = self.reassembler.manifest(&d.agent, &d.file_id).cloned();
         if let Some(m) = manifest {
             let path = self.tombstone(&d.agent, &d.file_id);
             if let Err(e) = write_json(&path, &m) {
@@ -841,151 +585,6 @@ impl FileService {
             }
             Err(e) => {
                 tracing::error!(agent = %d.agent, file_id = %d.file_id, error = %e, "cannot free the spool of a delivered file")
-            }
-        }
-    }
-}
-
-/// Starts the file service thread and its housekeeping ticker; returns the channel that
-/// feeds it and the thread.
-///
-/// The queue holds at most [`QUEUE_CAPACITY`] messages; chunks arriving while it is full
-/// are shed (see [`FileCounters::chunks_shed`]), which bounds the memory pinned by a
-/// file service that is behind.
-#[allow(clippy::type_complexity)]
-pub(crate) fn spawn(
-    service: FileService,
-    tick: Duration,
-    stop: crate::shutdown::StopSignal,
-) -> std::io::Result<(
-    mpsc::Sender<FileEvent>,
-    std::thread::JoinHandle<()>,
-    tokio::task::JoinHandle<()>,
-)> {
-    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-    let span = tracing::info_span!("files");
-    let thread = std::thread::Builder::new()
-        .name("fleetbus-files".into())
-        .spawn(move || span.in_scope(|| service.run(rx)))?;
-    let ticker = crate::ticker::spawn(tx.clone(), tick, || FileEvent::Tick, stop);
-    Ok((tx, thread, ticker))
-}
-
-fn failed(file_id: &str, kind: RefusalKind, reason: String) -> FileReply {
-    FileReply::Failed {
-        file_id: file_id.to_string(),
-        kind,
-        reason,
-    }
-}
-
-fn chunk_reply(
-    file_id: &str,
-    index: u32,
-    outcome: ChunkOutcome,
-    reason: Option<String>,
-) -> FileReply {
-    FileReply::Chunk {
-        file_id: file_id.to_string(),
-        index,
-        outcome,
-        reason,
-    }
-}
-
-fn complete_status(m: &FileManifest) -> FileReply {
-    FileReply::Status {
-        file_id: m.file_id.clone(),
-        chunk_count: m.chunk_count,
-        held: if m.chunk_count > 0 {
-            vec![(0, m.chunk_count - 1)]
-        } else {
-            Vec::new()
-        },
-        complete: true,
-    }
-}
-
-/// The reply for a chunker error: what the agent should do about it.
-fn refusal(file_id: &str, e: ChunkError) -> FileReply {
-    let kind = match &e {
-        ChunkError::Rejected(r) => match r {
-            Rejection::UnknownUpload { .. } => RefusalKind::UnknownUpload,
-            Rejection::QuotaExceeded { .. } | Rejection::TooManyUploads { .. } => {
-                RefusalKind::Quota
-            }
-            Rejection::Incomplete { .. } => RefusalKind::Incomplete,
-            Rejection::FileHash { .. } => RefusalKind::FileHash,
-            Rejection::IndexOutOfRange { .. }
-            | Rejection::Offset { .. }
-            | Rejection::Length { .. }
-            | Rejection::ChunkHash { .. } => RefusalKind::BadChunk,
-            Rejection::Manifest(_)
-            | Rejection::Owner(_)
-            | Rejection::TooLarge { .. }
-            | Rejection::ManifestConflict(_) => RefusalKind::BadManifest,
-        },
-        ChunkError::Io { .. } | ChunkError::State { .. } => RefusalKind::Busy,
-    };
-    failed(file_id, kind, e.to_string())
-}
-
-/// The chunker's manifest from its wire form.
-fn from_wire(m: FileManifest) -> Manifest {
-    Manifest {
-        file_id: m.file_id,
-        name: m.name,
-        size: m.size,
-        sha256: m.sha256,
-        chunk_size: m.chunk_size,
-        chunk_count: m.chunk_count,
-        content_type: m.content_type,
-        meta: m.meta,
-    }
-}
-
-/// The wire form of the chunker's manifest.
-fn to_wire(m: &Manifest) -> FileManifest {
-    FileManifest {
-        file_id: m.file_id.clone(),
-        name: m.name.clone(),
-        size: m.size,
-        sha256: m.sha256.clone(),
-        chunk_size: m.chunk_size,
-        chunk_count: m.chunk_count,
-        content_type: m.content_type.clone(),
-        meta: m.meta.clone(),
-    }
-}
-
-/// Writes `value` as JSON to `path` (creating its directory), via a temporary file and a
-/// rename so it is never half written.
-fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
-    fleetbus_sinks::write_atomically(path, &bytes).map_err(std::io::Error::other)
-}
-
-/// Deletes delivery notes older than `age` under `dir/{agent}/`.
-fn forget_older_than(dir: &Path, age: Duration) {
-    let Ok(agents) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for agent in agents.flatten() {
-        let Ok(notes) = std::fs::read_dir(agent.path()) else {
-            continue;
-        };
-        for note in notes.flatten() {
-            let old = note
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|e| e >= age);
-            if old {
-                let _ = std::fs::remove_file(note.path());
             }
         }
     }

@@ -98,7 +98,7 @@ impl fleetbus_config::Check for JobsConfig {
         for (name, h) in &self.handlers {
             p.section(&format!("handlers.{name}"), |p| {
                 p.require(
-                    !crate::jobs::BUILTINS.contains(&name.as_str()),
+                    !crate::job_runner::BUILTINS.contains(&name.as_str()),
                     "",
                     format!("`{name}` is a built-in operation"),
                 );
