@@ -402,6 +402,7 @@ impl Worker {
             match message {
                 Ok(message) => {
                     pending.batch.items.push(Item {
+                        index,
                         message,
                         dead_letter: entry.dead_letter.clone(),
                     });

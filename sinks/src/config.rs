@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::file::FileSinkConfig;
 use crate::s3::S3SinkConfig;
+use crate::sqlite::SqliteSinkConfig;
 use crate::stdout::StdoutSinkConfig;
 use crate::{Sink, SinkError};
 
@@ -97,6 +98,8 @@ sink_types! {
     "stdout" => Stdout(StdoutSinkConfig),
     /// `type = "s3"`: files and record batches into an S3 bucket.
     "s3" => S3(S3SinkConfig),
+    /// `type = "sqlite"`: one row per message in an SQLite table.
+    "sqlite" => Sqlite(SqliteSinkConfig),
 }
 
 /// `buffer`: how much of the write-ahead log may wait for this sink.

@@ -6,12 +6,14 @@
 //! |---|---|---|
 //! | `file` | JSON lines into files named by a path template (`{agent}`, `{stream}`, `{topic.N}`, strftime) | exactly once (batches are made idempotent) |
 //! | `stdout` | JSON lines on standard output | at least once |
+//! | `sqlite` | one row per message (key columns, the message as JSON) in an SQLite table | exactly once (a unique record key, and the log position committed with each batch) |
 //! | `s3` | files streamed from the spool (multipart); records batched into JSON-lines objects with deterministic keys | exactly once per key (a retry overwrites) |
 
 pub mod completion;
 pub mod config;
 pub mod file;
 pub mod s3;
+pub mod sqlite;
 pub mod stdout;
 pub mod template;
 
@@ -31,6 +33,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// One message handed to a sink.
 #[derive(Debug, Clone)]
 pub struct Item {
+    /// Its write-ahead log index: increases along a sink's batches, and is the same when a
+    /// batch is written again after a failure or a restart.
+    pub index: u64,
     /// The message.
     pub message: Arc<Message>,
     /// Set when the message is a dead letter from another sink.
@@ -93,6 +98,10 @@ pub enum SinkError {
     /// A remote service (S3, HTTP...) refused or failed the request.
     #[error("{0}")]
     Remote(String),
+    /// The destination refused these messages for good (a row that breaks the table's
+    /// constraints or types, an HTTP 4xx): writing them again cannot help.
+    #[error("{0}")]
+    Refused(String),
     /// The task doing the sink's blocking I/O failed (panicked or was cancelled).
     #[error("sink I/O task failed: {0}")]
     Task(String),
@@ -138,7 +147,9 @@ impl SinkError {
                     false => ErrorClass::Retryable,
                 }
             }
-            SinkError::Encode(_) | SinkError::Rejected { .. } => ErrorClass::Permanent,
+            SinkError::Encode(_) | SinkError::Refused(_) | SinkError::Rejected { .. } => {
+                ErrorClass::Permanent
+            }
             SinkError::Config(_) | SinkError::Remote(_) | SinkError::Task(_) => {
                 ErrorClass::Retryable
             }

@@ -13,10 +13,12 @@ fn config(path: &str) -> FileSinkConfig {
 }
 
 fn batch(first: u64, seqs: std::ops::Range<u64>) -> Batch {
+    let seqs_start = seqs.start;
     let items = seqs
         .map(|i| {
             let agent = ["a", "b", "c"][(i % 3) as usize];
             Item {
+                index: first + i - seqs_start,
                 message: Arc::new(
                     Message::decode(
                         &format!("fleet/{agent}/telemetry/m"),

@@ -1,0 +1,154 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use fleetbus_protocol::Message;
+
+use super::*;
+use crate::ErrorClass;
+
+fn sink(dir: &Path, create_table: bool) -> Box<dyn Sink> {
+    let config = SqliteSinkConfig {
+        path: "db/fleet.sqlite".into(),
+        table: "messages".into(),
+        create_table,
+        busy_timeout: Duration::from_secs(1),
+    };
+    config
+        .build(&SinkPlace {
+            name: "db",
+            data_dir: dir,
+            state_dir: dir,
+        })
+        .unwrap()
+}
+
+/// Records `seqs` of agent `a` (log index = seq + 100), and after them one job event.
+fn batch(seqs: std::ops::Range<u64>) -> Batch {
+    let mut items: Vec<Item> = seqs
+        .clone()
+        .map(|i| Item {
+            index: 100 + i,
+            message: Arc::new(
+                Message::decode(
+                    "fleet/a/telemetry/metrics",
+                    format!(r#"{{"seq":{i},"epoch":7,"ts":"2026-12-01T00:00:00Z"}}"#).as_bytes(),
+                )
+                .unwrap(),
+            ),
+            dead_letter: None,
+        })
+        .collect();
+    items.push(Item {
+        index: 100 + seqs.end,
+        message: Arc::new(
+            Message::decode("fleet/a/jobs/event", br#"{"job":"j1","state":"SUCCEEDED"}"#).unwrap(),
+        ),
+        dead_letter: None,
+    });
+    Batch {
+        first: 100 + seqs.start,
+        next: 100 + seqs.end + 1,
+        items,
+    }
+}
+
+fn rows(dir: &Path) -> Vec<(Option<String>, Option<i64>, Option<i64>, String)> {
+    let conn = Connection::open(dir.join("db/fleet.sqlite")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT agent, epoch, seq, topic FROM messages ORDER BY rowid")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_written_again_is_in_the_table_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = sink(dir.path(), true);
+    assert!(s.exactly_once());
+    s.write(&batch(1..6)).await.unwrap();
+    // the worker retries a batch whose answer it did not see, and replays after a crash
+    s.write(&batch(1..6)).await.unwrap();
+    let mut again = sink(dir.path(), true);
+    again.write(&batch(1..6)).await.unwrap();
+    let got = rows(dir.path());
+    assert_eq!(got.len(), 6, "{got:?}");
+    let seqs: Vec<i64> = got.iter().filter_map(|r| r.2).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5], "records in order, once");
+    assert_eq!(got[0].0.as_deref(), Some("a"));
+    assert_eq!(got[0].1, Some(7));
+    assert_eq!(
+        got[5].3, "fleet/a/jobs/event",
+        "the keyless event once as well"
+    );
+}
+
+#[tokio::test]
+async fn after_a_crash_the_sink_resumes_after_the_last_batch_the_database_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = sink(dir.path(), true);
+    assert_eq!(s.recover(3).await.unwrap(), 3, "nothing written yet");
+    s.write(&batch(1..6)).await.unwrap();
+    drop(s);
+    // the worker saved position 101 before the crash; the database holds entries up to 106
+    let mut s = sink(dir.path(), true);
+    assert_eq!(s.recover(101).await.unwrap(), 107);
+    assert_eq!(s.recover(200).await.unwrap(), 200);
+}
+
+#[tokio::test]
+async fn a_row_the_table_refuses_is_named_and_nothing_of_its_batch_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("db")).unwrap();
+    Connection::open(dir.path().join("db/fleet.sqlite"))
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE messages (agent TEXT, stream TEXT, epoch INTEGER, \
+             seq INTEGER CHECK (seq <> 4), ts TEXT, topic TEXT NOT NULL, received TEXT NOT NULL, \
+             message TEXT NOT NULL, UNIQUE (agent, stream, epoch, seq))",
+        )
+        .unwrap();
+    let mut s = sink(dir.path(), false);
+    let mut b = batch(1..8);
+    let e = s.write(&b).await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Permanent);
+    assert_eq!(e.rejected_items(), Some(&[3][..]), "{e}");
+    assert!(e.to_string().contains("CHECK constraint failed"), "{e}");
+    assert!(rows(dir.path()).is_empty(), "the batch was rolled back");
+    // what the worker does next: the refused row to the dead letter, the rest again
+    b.items.remove(3);
+    s.write(&b).await.unwrap();
+    let seqs: Vec<i64> = rows(dir.path()).iter().filter_map(|r| r.2).collect();
+    assert_eq!(seqs, [1, 2, 3, 5, 6, 7]);
+}
+
+#[tokio::test]
+async fn a_missing_table_is_retried_until_an_operator_creates_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = sink(dir.path(), false);
+    let e = s.write(&batch(1..3)).await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable);
+    assert!(e.to_string().contains("no such table: messages"), "{e}");
+    assert!(e.to_string().contains("fleet.sqlite"), "{e}");
+    Connection::open(dir.path().join("db/fleet.sqlite"))
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE messages (agent TEXT, stream TEXT, epoch INTEGER, seq INTEGER, \
+             ts TEXT, topic TEXT NOT NULL, received TEXT NOT NULL, message TEXT NOT NULL)",
+        )
+        .unwrap();
+    s.write(&batch(1..3)).await.unwrap();
+    assert_eq!(rows(dir.path()).len(), 3);
+}
+
+#[test]
+fn a_table_name_must_be_a_plain_identifier() {
+    for good in ["messages", "_t", "fleet_2026"] {
+        assert!(plain_identifier(good), "{good}");
+    }
+    for bad in ["", "1t", "a-b", "a;drop table x", "t\"", &"x".repeat(64)] {
+        assert!(!plain_identifier(bad), "{bad}");
+    }
+}
