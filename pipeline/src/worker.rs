@@ -477,7 +477,11 @@ impl Worker {
             {
                 break Delivery::DeadLettered;
             }
-            let wait = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
+            let mut wait = delay.mul_f64(rand::rng().random_range(0.5..=1.0));
+            if let SinkError::RetryAfter { wait: asked, .. } = &error {
+                // the destination said when; our backoff only ever adds to it
+                wait = wait.max(*asked);
+            }
             tracing::warn!(error = %error, attempts, retry_in = ?wait, "sink write failed; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}

@@ -8,6 +8,7 @@ use fleetbus_protocol::Message;
 use serde::{Deserialize, Serialize};
 
 use crate::file::FileSinkConfig;
+use crate::http::HttpSinkConfig;
 use crate::s3::S3SinkConfig;
 use crate::sqlite::SqliteSinkConfig;
 use crate::stdout::StdoutSinkConfig;
@@ -98,6 +99,8 @@ sink_types! {
     "stdout" => Stdout(StdoutSinkConfig),
     /// `type = "s3"`: files and record batches into an S3 bucket.
     "s3" => S3(S3SinkConfig),
+    /// `type = "http"`: one request per batch to a webhook.
+    "http" => Http(HttpSinkConfig),
     /// `type = "sqlite"`: one row per message in an SQLite table.
     "sqlite" => Sqlite(SqliteSinkConfig),
 }

@@ -7,11 +7,13 @@
 //! | `file` | JSON lines into files named by a path template (`{agent}`, `{stream}`, `{topic.N}`, strftime) | exactly once (batches are made idempotent) |
 //! | `stdout` | JSON lines on standard output | at least once |
 //! | `sqlite` | one row per message (key columns, the message as JSON) in an SQLite table | exactly once (a unique record key, and the log position committed with each batch) |
+//! | `http` | one request per batch (JSON array or NDJSON) with an `Idempotency-Key` | at least once (exactly once with a receiver that honours the key) |
 //! | `s3` | files streamed from the spool (multipart); records batched into JSON-lines objects with deterministic keys | exactly once per key (a retry overwrites) |
 
 pub mod completion;
 pub mod config;
 pub mod file;
+pub mod http;
 pub mod s3;
 pub mod sqlite;
 pub mod stdout;
@@ -102,6 +104,15 @@ pub enum SinkError {
     /// constraints or types, an HTTP 4xx): writing them again cannot help.
     #[error("{0}")]
     Refused(String),
+    /// The destination asks to be left alone for `wait` (HTTP 429 or 503 with
+    /// `Retry-After`): retried, not sooner.
+    #[error("{reason}")]
+    RetryAfter {
+        /// How long to wait at least.
+        wait: std::time::Duration,
+        /// What the destination said.
+        reason: String,
+    },
     /// The task doing the sink's blocking I/O failed (panicked or was cancelled).
     #[error("sink I/O task failed: {0}")]
     Task(String),
@@ -150,9 +161,10 @@ impl SinkError {
             SinkError::Encode(_) | SinkError::Refused(_) | SinkError::Rejected { .. } => {
                 ErrorClass::Permanent
             }
-            SinkError::Config(_) | SinkError::Remote(_) | SinkError::Task(_) => {
-                ErrorClass::Retryable
-            }
+            SinkError::Config(_)
+            | SinkError::Remote(_)
+            | SinkError::RetryAfter { .. }
+            | SinkError::Task(_) => ErrorClass::Retryable,
         }
     }
 

@@ -1,0 +1,154 @@
+//! The HTTP sink behind the engine, against a real HTTP server in the test: a receiver that
+//! hangs, fails, throttles and refuses one message. Hung and failed requests are retried, a
+//! `Retry-After` is honoured, the refused message goes to the dead letter with the
+//! receiver's answer, and every other record arrives once, in order.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fleetbus_pipeline::{Engine, EngineOptions, EngineStats};
+use fleetbus_rules::RuleSet;
+use fleetbus_support::Publisher;
+
+#[derive(Default)]
+struct Receiver {
+    /// Every request: when it came and its `Idempotency-Key`.
+    requests: Vec<(Instant, Option<String>)>,
+    /// The records of accepted requests, in order.
+    stored: Vec<u64>,
+}
+
+async fn receive(
+    State(rx): State<Arc<Mutex<Receiver>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let n = {
+        let mut rx = rx.lock().unwrap();
+        let key = headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        rx.requests.push((Instant::now(), key));
+        rx.requests.len()
+    };
+    match n {
+        // hangs past the sink's timeout
+        1 => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            StatusCode::OK.into_response()
+        }
+        2 | 3 => (StatusCode::INTERNAL_SERVER_ERROR, "database down").into_response(),
+        4 => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "slow down",
+        )
+            .into_response(),
+        _ => {
+            let records: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap();
+            let seqs: Vec<u64> = records.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+            if seqs.contains(&13) {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    "seq 13: field `value` is not a number",
+                )
+                    .into_response();
+            }
+            rx.lock().unwrap().stored.extend(seqs);
+            StatusCode::NO_CONTENT.into_response()
+        }
+    }
+}
+
+async fn wait_for(engine: &Engine, what: &str, cond: impl Fn(&EngineStats) -> bool) {
+    let started = Instant::now();
+    while !cond(&engine.stats()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}: {:#?}",
+            engine.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_hangs_fails_throttles_and_refuses_gets_every_other_record_once() {
+    let receiver = Arc::new(Mutex::new(Receiver::default()));
+    let app = axum::Router::new()
+        .route("/ingest", axum::routing::post(receive))
+        .with_state(receiver.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let rules = format!(
+        r#"
+[sinks.hook]
+type = "http"
+url = "http://{addr}/ingest"
+timeout = "300ms"
+dead_letter = "dlq"
+batch.max_events = 5
+batch.retry_backoff = "10ms"
+batch.retry_backoff_max = "20ms"
+
+[sinks.dlq]
+type = "file"
+path = "dead/{{agent}}.jsonl"
+
+[[rules]]
+name = "all"
+from = ["fleet/+/telemetry/#"]
+to = ["hook"]
+"#
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let set = RuleSet::parse(Path::new("rules.toml"), &rules).unwrap();
+    let engine = Engine::start(
+        set,
+        dir.path(),
+        EngineOptions::default(),
+        Publisher::discard(),
+    )
+    .await
+    .unwrap();
+    for seq in 1..=40u64 {
+        let record = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#);
+        engine.dispatch("fleet/a1/telemetry/app", record.as_bytes());
+    }
+    wait_for(&engine, "the receiver and the dead letter", |s| {
+        s.written("hook") == 39 && s.written("dlq") == 1
+    })
+    .await;
+    engine.shutdown(Duration::from_secs(5)).await;
+    server.abort();
+
+    let rx = receiver.lock().unwrap();
+    let expected: Vec<u64> = (1..=40).filter(|&s| s != 13).collect();
+    assert_eq!(rx.stored, expected, "every other record once, in order");
+    // the throttled request's successor waited for Retry-After (the backoff is 10-20 ms)
+    let waited = rx.requests[4].0 - rx.requests[3].0;
+    assert!(waited >= Duration::from_millis(950), "{waited:?}");
+    // a batch sent again carries the same key
+    assert!(rx
+        .requests
+        .iter()
+        .all(|(_, k)| k.as_ref().is_some_and(|k| k.len() == 32)));
+    assert_eq!(
+        rx.requests[0].1, rx.requests[4].1,
+        "the first batch, sent again"
+    );
+    let dead = std::fs::read_to_string(dir.path().join("dead/a1.jsonl")).unwrap();
+    let dead: serde_json::Value = serde_json::from_str(dead.trim()).unwrap();
+    assert_eq!(dead["record"]["seq"], 13);
+    let error = dead["dead_letter"]["error"].as_str().unwrap();
+    assert!(error.contains("400 Bad Request"), "{error}");
+    assert!(error.contains("is not a number"), "{error}");
+}

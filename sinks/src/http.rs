@@ -1,0 +1,408 @@
+//! The HTTP sink: a webhook. Each batch is one request, its body a JSON array or NDJSON of
+//! the batch's messages.
+//!
+//! - 2xx: written.
+//! - 408, 429 and 5xx, a timeout or a connection that fails: retried with the sink's
+//!   backoff, and never sooner than a `Retry-After` the receiver sent (seconds or an HTTP
+//!   date, at most [`MAX_RETRY_AFTER`]).
+//! - Any other 4xx: the receiver refuses the batch for good. The worker then sends its
+//!   messages one at a time and moves those still refused to the dead letter.
+//!
+//! Every request carries an `Idempotency-Key`: a hash of the batch's messages' identities
+//! (a record's agent, stream, epoch and seq; another message's log index), the same when
+//! the batch is sent again, so a receiver can drop a batch it already has (at-least-once
+//! from the sink, exactly-once with such a receiver).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleetbus_config::Problems;
+use fleetbus_protocol::{Message, Topic};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{BatchConfig, SinkPlace, SinkType};
+use crate::{Batch, BoxFuture, Item, Sink, SinkError};
+
+/// The longest `Retry-After` honoured (a longer one is cut to it).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// `type = "http"`: each batch is one request to a URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkConfig {
+    /// Where batches go (`http://` or `https://`).
+    pub url: String,
+    /// `POST` or `PUT`.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// `json` (one JSON array per batch) or `ndjson` (one JSON line per message).
+    #[serde(default)]
+    pub format: BodyFormat,
+    /// Headers of every request; a value may come from the environment (`{ env = "NAME"
+    /// }`) or a file (`{ file = "/path" }`, its content trimmed), so secrets stay out of
+    /// the rules file.
+    #[serde(default)]
+    pub headers: BTreeMap<String, HeaderSource>,
+    /// How long one request may take, connecting included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// CA certificates (PEM) that sign the receiver's certificate, instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// How a batch is laid out in the request body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyFormat {
+    /// `[msg, msg, ...]`, `Content-Type: application/json`.
+    #[default]
+    Json,
+    /// One message per line, `Content-Type: application/x-ndjson`.
+    Ndjson,
+}
+
+/// Where a header's value comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged, deny_unknown_fields)]
+pub enum HeaderSource {
+    /// Written in the rules file.
+    Value(String),
+    /// An environment variable of the server.
+    Env {
+        /// Its name.
+        env: String,
+    },
+    /// A file's content (trimmed).
+    File {
+        /// Its path.
+        file: PathBuf,
+    },
+}
+
+fn default_method() -> String {
+    "POST".into()
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl HeaderSource {
+    /// The value, read now.
+    fn resolve(&self) -> Result<String, String> {
+        match self {
+            HeaderSource::Value(v) => Ok(v.clone()),
+            HeaderSource::Env { env } => {
+                std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))
+            }
+            HeaderSource::File { file } => std::fs::read_to_string(file)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("{}: {e}", file.display())),
+        }
+    }
+}
+
+impl SinkType for HttpSinkConfig {
+    fn default_batch(&self) -> BatchConfig {
+        BatchConfig {
+            max_events: 500,
+            max_bytes: Some(1024 * 1024),
+            max_age: Duration::from_secs(1),
+            ..BatchConfig::default()
+        }
+    }
+
+    fn check(&self, p: &mut Problems) {
+        match reqwest::Url::parse(&self.url) {
+            Ok(u) => p.require(
+                matches!(u.scheme(), "http" | "https"),
+                "url",
+                format!("`{}` must start with http:// or https://", self.url),
+            ),
+            Err(e) => p.add("url", format!("`{}`: {e}", self.url)),
+        }
+        p.require(
+            matches!(self.method.as_str(), "POST" | "PUT"),
+            "method",
+            format!("`{}` must be POST or PUT", self.method),
+        );
+        p.require(
+            self.timeout >= Duration::from_millis(100) && self.timeout <= Duration::from_secs(300),
+            "timeout",
+            "must be between 100ms and 300s",
+        );
+        for (name, source) in &self.headers {
+            let key = format!("headers.{name}");
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                p.add(&key, "is not a valid header name");
+            }
+            match source.resolve() {
+                Ok(v) if reqwest::header::HeaderValue::from_str(&v).is_err() => {
+                    p.add(&key, "the value is not a valid header value")
+                }
+                Ok(_) => {}
+                Err(e) => p.add(&key, e),
+            }
+        }
+        if let Some(ca) = &self.ca_file {
+            if let Err(e) = fleetbus_mqtt::read_certificates("ca_file", ca) {
+                p.add("ca_file", e.to_string());
+            }
+        }
+    }
+
+    fn file_destination(&self, _: &Message) -> Option<String> {
+        Some(format!("{} {}", self.method, self.url))
+    }
+
+    fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
+        let config_error = |e: String| SinkError::Config(format!("sink `{}`: {e}", place.name));
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, source) in &self.headers {
+            let value = source.resolve().map_err(&config_error)?;
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| config_error(e.to_string()))?;
+            let mut value = reqwest::header::HeaderValue::from_str(&value)
+                .map_err(|e| config_error(e.to_string()))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls_config(self.ca_file.as_deref()).map_err(&config_error)?)
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout)
+            .default_headers(headers)
+            .pool_max_idle_per_host(2)
+            .build()
+            .map_err(|e| config_error(e.to_string()))?;
+        let method = match self.method.as_str() {
+            "PUT" => reqwest::Method::PUT,
+            _ => reqwest::Method::POST,
+        };
+        Ok(Box::new(HttpSink {
+            client,
+            method,
+            url: self.url.clone(),
+            format: self.format,
+        }))
+    }
+}
+
+/// rustls with fleetbus's crypto provider, trusting `ca_file` or else the system's CAs.
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in
+                fleetbus_mqtt::read_certificates("ca_file", path).map_err(|e| e.to_string())?
+            {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(fleetbus_mqtt::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Sends each batch as one request (see the module documentation).
+pub struct HttpSink {
+    client: reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    format: BodyFormat,
+}
+
+/// The identity of a message within its sink: a record's key, else its log index.
+fn identity(item: &Item, out: &mut Vec<u8>) {
+    let msg = &item.message;
+    match Topic::parse(&msg.topic) {
+        Topic::Telemetry { agent, stream } if msg.body.get("seq").is_some() => {
+            let n = |k: &str| msg.body.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            out.extend_from_slice(
+                format!("{agent}\0{stream}\0{}\0{}\n", n("epoch"), n("seq")).as_bytes(),
+            );
+        }
+        _ => out.extend_from_slice(format!("#{}\n", item.index).as_bytes()),
+    }
+    if let Some(dl) = &item.dead_letter {
+        out.extend_from_slice(format!("dead letter of {}\n", dl.sink).as_bytes());
+    }
+}
+
+/// The `Idempotency-Key` of a batch: 32 hex characters of SHA-256 over its messages'
+/// identities, in order.
+pub fn idempotency_key(batch: &Batch) -> String {
+    let mut ids = Vec::new();
+    for item in &batch.items {
+        identity(item, &mut ids);
+    }
+    hex::encode(&Sha256::digest(&ids)[..16])
+}
+
+/// The body of a batch in `format`.
+fn body(batch: &Batch, format: BodyFormat) -> Result<Vec<u8>, SinkError> {
+    let mut lines = Vec::new();
+    for item in &batch.items {
+        crate::json_line(item, &mut lines)?;
+    }
+    Ok(match format {
+        BodyFormat::Ndjson => lines,
+        BodyFormat::Json => {
+            let mut out = Vec::with_capacity(lines.len() + 2);
+            out.push(b'[');
+            for (n, line) in lines
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .enumerate()
+            {
+                if n > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(line);
+            }
+            out.push(b']');
+            out
+        }
+    })
+}
+
+/// How long a `Retry-After` header asks to wait (seconds or an HTTP date), at most
+/// [`MAX_RETRY_AFTER`].
+pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - now)
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+impl Sink for HttpSink {
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let content_type = match self.format {
+                BodyFormat::Json => "application/json",
+                BodyFormat::Ndjson => "application/x-ndjson",
+            };
+            let response = self
+                .client
+                .request(self.method.clone(), &self.url)
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .header("Idempotency-Key", idempotency_key(batch))
+                .body(body(batch, self.format)?)
+                .send()
+                .await
+                .map_err(|e| {
+                    SinkError::Remote(format!("{} {}: {}", self.method, self.url, error_chain(&e)))
+                })?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(());
+            }
+            let wait = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| retry_after(v, chrono::Utc::now()));
+            // the start of the receiver's answer says why (bounded: a receiver may send a lot)
+            let text = response.text().await.unwrap_or_default();
+            let said: String = text.chars().take(300).collect();
+            let reason = format!("{} {}: {status} {}", self.method, self.url, said.trim());
+            let retryable = status.is_server_error()
+                || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || status == reqwest::StatusCode::REQUEST_TIMEOUT;
+            Err(match (retryable, wait) {
+                (true, Some(wait)) => SinkError::RetryAfter {
+                    wait,
+                    reason: format!("{reason} (Retry-After {}s)", wait.as_secs()),
+                },
+                (true, None) => SinkError::Remote(reason),
+                (false, _) => SinkError::Refused(reason),
+            })
+        })
+    }
+}
+
+/// An error with its sources (reqwest's top-level text alone says little: "error sending
+/// request").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_problem_is_reported_at_its_key_and_no_secret_is_needed_in_the_file() {
+        let config: HttpSinkConfig = toml::from_str(
+            r#"
+url = "ftp://example.com/x"
+method = "GET"
+timeout = "1ms"
+headers = { Authorization = { env = "FLEETBUS_TEST_NEVER_SET_4711" }, "bad header" = "x", X-Key = { file = "/nonexistent/key" } }
+"#,
+        )
+        .unwrap();
+        let mut problems = Problems::new();
+        config.check(&mut problems);
+        let shown: Vec<String> = problems.into_vec().iter().map(|p| p.to_string()).collect();
+        let expected = [
+            "url: `ftp://example.com/x` must start with http:// or https://",
+            "method: `GET` must be POST or PUT",
+            "timeout: must be between 100ms and 300s",
+            "headers.Authorization: environment variable FLEETBUS_TEST_NEVER_SET_4711 is not set",
+            "headers.X-Key: /nonexistent/key:",
+            "headers.bad header: is not a valid header name",
+        ];
+        assert_eq!(shown.len(), expected.len(), "{shown:#?}");
+        for (got, want) in shown.iter().zip(expected) {
+            assert!(got.starts_with(want), "{got}\n  expected {want}");
+        }
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date_and_is_bounded() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(retry_after("3", now), Some(Duration::from_secs(3)));
+        assert_eq!(
+            retry_after("Tue, 01 Dec 2026 10:00:07 GMT", now),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_after("Tue, 01 Dec 2026 09:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("86400", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after("soon", now), None);
+    }
+}
