@@ -52,7 +52,10 @@ fn batch(seqs: std::ops::Range<u64>) -> Batch {
     }
 }
 
-fn rows(dir: &Path) -> Vec<(Option<String>, Option<i64>, Option<i64>, String)> {
+/// agent, epoch, seq, topic of a stored row.
+type StoredRow = (Option<String>, Option<i64>, Option<i64>, String);
+
+fn rows(dir: &Path) -> Vec<StoredRow> {
     let conn = Connection::open(dir.join("db/fleet.sqlite")).unwrap();
     let mut stmt = conn
         .prepare("SELECT agent, epoch, seq, topic FROM messages ORDER BY rowid")
