@@ -10,16 +10,6 @@ use std::time::Duration;
 use common::*;
 use rand::Rng;
 
-fn heartbeat_agent(id: &str, interval_ms: u64, limit: u64) -> AgentOpts {
-    AgentOpts {
-        id: Some(id.to_string()),
-        heartbeat_ms: interval_ms,
-        limit,
-        metrics: false,
-        ..AgentOpts::default()
-    }
-}
-
 fn exactly(data: &Path, agent: &str, n: u64) -> bool {
     summary(data, agent, "heartbeat")
         .is_some_and(|s| s.records == n && s.first_seq == 1 && s.last_seq == n && s.is_contiguous())

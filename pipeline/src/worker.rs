@@ -547,9 +547,11 @@ impl Worker {
     async fn try_one_by_one(&mut self, p: &Pending) -> Result<(Vec<usize>, Vec<usize>), SinkError> {
         let (mut bad, mut written) = (Vec::new(), Vec::new());
         for (n, item) in p.batch.items.iter().enumerate() {
+            // its own entry alone: a sink that commits a batch's end with its rows must not
+            // record the whole batch as done when only this message is
             let single = Batch {
-                first: p.batch.first,
-                next: p.batch.next,
+                first: item.index,
+                next: item.index + 1,
                 items: vec![item.clone()],
             };
             match self.sink.write(&single).await {

@@ -1,11 +1,14 @@
 //! The durable record path with real files: write-ahead log, group commit and
 //! acknowledgements, de-duplication, dead letters, backpressure, replay after a restart.
 
+mod common;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleetbus_pipeline::{Engine, EngineOptions, EngineStats};
+use common::wait_for;
+use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_protocol::Ack;
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
@@ -52,18 +55,6 @@ fn record(seq: u64) -> Vec<u8> {
     format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#).into_bytes()
 }
 
-async fn wait_for(engine: &Engine, what: &str, cond: impl Fn(&EngineStats) -> bool) {
-    let started = Instant::now();
-    while !cond(&engine.stats()) {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}: {:#?}",
-            engine.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -108,9 +99,12 @@ async fn a_failing_sink_hands_its_batches_to_the_dead_letter_sink_and_others_go_
     for seq in 1..=500 {
         engine.dispatch("fleet/a1/telemetry/app", &record(seq));
     }
-    wait_for(&engine, "good and dead-letter sinks", |s| {
-        s.written("good") == 500 && s.written("dlq") == 500
-    })
+    wait_for(
+        &engine,
+        Duration::from_secs(10),
+        "good and dead-letter sinks",
+        |s| s.written("good") == 500 && s.written("dlq") == 500,
+    )
     .await;
     let stats = engine.stats();
     let broken = &stats.sinks.iter().find(|(n, _)| n == "broken").unwrap().1;
@@ -165,7 +159,7 @@ async fn duplicates_are_acknowledged_but_stored_once() {
     for seq in [1, 2, 3, 2, 3, 4, 1] {
         engine.dispatch("fleet/a1/telemetry/app", &record(seq));
     }
-    wait_for(&engine, "four records", |s| {
+    wait_for(&engine, Duration::from_secs(10), "four records", |s| {
         s.written("out") == 4 && s.duplicates == 3
     })
     .await;
@@ -192,7 +186,10 @@ async fn records_filling_hundreds_of_gaps_are_stored_not_taken_for_duplicates() 
     for seq in (2..=1200).step_by(2) {
         engine.dispatch("fleet/a1/telemetry/app", &record(seq));
     }
-    wait_for(&engine, "all 1200 records", |s| s.written("out") == 1200).await;
+    wait_for(&engine, Duration::from_secs(10), "all 1200 records", |s| {
+        s.written("out") == 1200
+    })
+    .await;
     assert_eq!(engine.stats().duplicates, 0);
     assert_eq!(acks.seqs(), (1..=1200).collect::<Vec<_>>());
     engine.shutdown(Duration::from_secs(5)).await;
@@ -227,10 +224,16 @@ async fn the_log_keeps_what_a_sink_could_not_write_across_a_restart() {
     std::fs::remove_file(&blocker).unwrap();
     let acks2 = AckLog::default();
     let engine = start(ONE_SINK, dir.path(), &acks2).await;
-    wait_for(&engine, "replayed records", |s| s.written("out") == 50).await;
+    wait_for(&engine, Duration::from_secs(10), "replayed records", |s| {
+        s.written("out") == 50
+    })
+    .await;
     // the de-duplication state survived too: a re-sent record is not stored again
     engine.dispatch("fleet/a1/telemetry/app", &record(7));
-    wait_for(&engine, "duplicate", |s| s.duplicates == 1).await;
+    wait_for(&engine, Duration::from_secs(10), "duplicate", |s| {
+        s.duplicates == 1
+    })
+    .await;
     engine.shutdown(Duration::from_secs(5)).await;
     let seqs: Vec<u64> = lines(&dir.path().join("out/a1.jsonl"))
         .iter()

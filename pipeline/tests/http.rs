@@ -3,6 +3,8 @@
 //! `Retry-After` is honoured, the refused message goes to the dead letter with the
 //! receiver's answer, and every other record arrives once, in order.
 
+mod common;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,7 +13,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use fleetbus_pipeline::{Engine, EngineOptions, EngineStats};
+use common::wait_for;
+use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
 
@@ -66,18 +69,6 @@ async fn receive(
     }
 }
 
-async fn wait_for(engine: &Engine, what: &str, cond: impl Fn(&EngineStats) -> bool) {
-    let started = Instant::now();
-    while !cond(&engine.stats()) {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}: {:#?}",
-            engine.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_that_hangs_fails_throttles_and_refuses_gets_every_other_record_once() {
     let receiver = Arc::new(Mutex::new(Receiver::default()));
@@ -123,9 +114,12 @@ to = ["hook"]
         let record = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#);
         engine.dispatch("fleet/a1/telemetry/app", record.as_bytes());
     }
-    wait_for(&engine, "the receiver and the dead letter", |s| {
-        s.written("hook") == 39 && s.written("dlq") == 1
-    })
+    wait_for(
+        &engine,
+        Duration::from_secs(30),
+        "the receiver and the dead letter",
+        |s| s.written("hook") == 39 && s.written("dlq") == 1,
+    )
     .await;
     engine.shutdown(Duration::from_secs(5)).await;
     server.abort();

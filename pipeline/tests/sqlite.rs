@@ -2,11 +2,14 @@
 //! exactly once, a row the table refuses dead-lettered with the database's error while the
 //! rows around it are written, and no row twice when the log is read again after a crash.
 
+mod common;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fleetbus_pipeline::{Engine, EngineOptions, EngineStats};
+use common::wait_for;
+use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
 
@@ -44,18 +47,6 @@ async fn start(dir: &Path, acked: &Arc<Mutex<usize>>) -> Engine {
         .unwrap()
 }
 
-async fn wait_for(engine: &Engine, what: &str, cond: impl Fn(&EngineStats) -> bool) {
-    let started = Instant::now();
-    while !cond(&engine.stats()) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}: {:#?}",
-            engine.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn seqs(dir: &Path) -> Vec<u64> {
     let conn = rusqlite::Connection::open(dir.join("fleet.sqlite")).unwrap();
     let mut stmt = conn
@@ -80,9 +71,12 @@ async fn rows_arrive_once_in_order_and_a_refused_row_goes_to_the_dead_letter() {
         let record = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#);
         engine.dispatch("fleet/a1/telemetry/app", record.as_bytes());
     }
-    wait_for(&engine, "the table and the dead letter", |s| {
-        s.written("db") == 499 && s.written("dlq") == 1
-    })
+    wait_for(
+        &engine,
+        Duration::from_secs(20),
+        "the table and the dead letter",
+        |s| s.written("db") == 499 && s.written("dlq") == 1,
+    )
     .await;
     engine.shutdown(Duration::from_secs(5)).await;
     let expected: Vec<u64> = (1..=500).filter(|&s| s != 250).collect();

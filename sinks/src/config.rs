@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::file::FileSinkConfig;
 use crate::http::HttpSinkConfig;
+use crate::postgres::PostgresSinkConfig;
 use crate::s3::S3SinkConfig;
 use crate::sqlite::SqliteSinkConfig;
 use crate::stdout::StdoutSinkConfig;
@@ -103,6 +104,8 @@ sink_types! {
     "http" => Http(HttpSinkConfig),
     /// `type = "sqlite"`: one row per message in an SQLite table.
     "sqlite" => Sqlite(SqliteSinkConfig),
+    /// `type = "postgres"`: one row per message in a PostgreSQL table.
+    "postgres" => Postgres(PostgresSinkConfig),
 }
 
 /// `buffer`: how much of the write-ahead log may wait for this sink.

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::{BatchConfig, SinkPlace, SinkType};
+use crate::secret::Secret;
 use crate::{Batch, BoxFuture, Item, Sink, SinkError};
 
 /// The longest `Retry-After` honoured (a longer one is cut to it).
@@ -66,20 +67,12 @@ pub enum BodyFormat {
 
 /// Where a header's value comes from.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(untagged, deny_unknown_fields)]
+#[serde(untagged)]
 pub enum HeaderSource {
     /// Written in the rules file.
     Value(String),
-    /// An environment variable of the server.
-    Env {
-        /// Its name.
-        env: String,
-    },
-    /// A file's content (trimmed).
-    File {
-        /// Its path.
-        file: PathBuf,
-    },
+    /// An environment variable or a file ([`Secret`]).
+    Secret(Secret),
 }
 
 fn default_method() -> String {
@@ -95,12 +88,7 @@ impl HeaderSource {
     fn resolve(&self) -> Result<String, String> {
         match self {
             HeaderSource::Value(v) => Ok(v.clone()),
-            HeaderSource::Env { env } => {
-                std::env::var(env).map_err(|_| format!("environment variable {env} is not set"))
-            }
-            HeaderSource::File { file } => std::fs::read_to_string(file)
-                .map(|s| s.trim().to_string())
-                .map_err(|e| format!("{}: {e}", file.display())),
+            HeaderSource::Secret(secret) => secret.resolve(),
         }
     }
 }
@@ -147,11 +135,7 @@ impl SinkType for HttpSinkConfig {
                 Err(e) => p.add(&key, e),
             }
         }
-        if let Some(ca) = &self.ca_file {
-            if let Err(e) = fleetbus_mqtt::read_certificates("ca_file", ca) {
-                p.add("ca_file", e.to_string());
-            }
-        }
+        crate::tls::check_ca_file(self.ca_file.as_deref(), p);
     }
 
     fn file_destination(&self, _: &Message) -> Option<String> {
@@ -171,7 +155,9 @@ impl SinkType for HttpSinkConfig {
             headers.insert(name, value);
         }
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls_config(self.ca_file.as_deref()).map_err(&config_error)?)
+            .use_preconfigured_tls(
+                crate::tls::client_config(self.ca_file.as_deref()).map_err(&config_error)?,
+            )
             .timeout(self.timeout)
             .connect_timeout(self.timeout)
             .default_headers(headers)
@@ -189,34 +175,6 @@ impl SinkType for HttpSinkConfig {
             format: self.format,
         }))
     }
-}
-
-/// rustls with fleetbus's crypto provider, trusting `ca_file` or else the system's CAs.
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for cert in
-                fleetbus_mqtt::read_certificates("ca_file", path).map_err(|e| e.to_string())?
-            {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    Ok(
-        rustls::ClientConfig::builder_with_provider(fleetbus_mqtt::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
 }
 
 /// Sends each batch as one request (see the module documentation).

@@ -7,6 +7,7 @@
 //! | `file` | JSON lines into files named by a path template (`{agent}`, `{stream}`, `{topic.N}`, strftime) | exactly once (batches are made idempotent) |
 //! | `stdout` | JSON lines on standard output | at least once |
 //! | `sqlite` | one row per message (key columns, the message as JSON) in an SQLite table | exactly once (a unique record key, and the log position committed with each batch) |
+//! | `postgres` | one row per message (key columns, the message as `jsonb`) in a PostgreSQL table, one `unnest` insert per batch | exactly once (as `sqlite`) |
 //! | `http` | one request per batch (JSON array or NDJSON) with an `Idempotency-Key` | at least once (exactly once with a receiver that honours the key) |
 //! | `s3` | files streamed from the spool (multipart); records batched into JSON-lines objects with deterministic keys | exactly once per key (a retry overwrites) |
 
@@ -14,10 +15,14 @@ pub mod completion;
 pub mod config;
 pub mod file;
 pub mod http;
+pub mod postgres;
+pub mod row;
 pub mod s3;
+pub mod secret;
 pub mod sqlite;
 pub mod stdout;
 pub mod template;
+pub mod tls;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -25,12 +25,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetbus_config::Problems;
-use fleetbus_protocol::{Message, Topic};
+use fleetbus_protocol::Message;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{SinkPlace, SinkType};
-use crate::{Batch, BoxFuture, Item, Sink, SinkError};
+use crate::row::{plain_identifier, Row, POSITIONS};
+use crate::{Batch, BoxFuture, Sink, SinkError};
 
 /// `type = "sqlite"`: rows in a table of an SQLite database file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,11 +41,11 @@ pub struct SqliteSinkConfig {
     /// `data_dir`.
     pub path: PathBuf,
     /// The table the rows go to.
-    #[serde(default = "default_table")]
+    #[serde(default = "crate::row::default_table")]
     pub table: String,
     /// Create the table (and its unique key) when it is missing. Off, a missing table is
     /// an error the sink retries until an operator creates it.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::row::default_create_table")]
     pub create_table: bool,
     /// How long a write waits for another connection's lock on the database before the
     /// batch is retried.
@@ -52,26 +53,8 @@ pub struct SqliteSinkConfig {
     pub busy_timeout: Duration,
 }
 
-fn default_table() -> String {
-    "messages".into()
-}
-
-fn yes() -> bool {
-    true
-}
-
 fn default_busy_timeout() -> Duration {
     Duration::from_secs(5)
-}
-
-/// True when `name` can be used as an SQL identifier unquoted and unescaped.
-pub fn plain_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && name.len() <= 63
 }
 
 impl SinkType for SqliteSinkConfig {
@@ -123,71 +106,6 @@ pub struct SqliteSink {
     /// Opened at the first use and again after an error that may have broken it.
     connection: Arc<Mutex<Option<Connection>>>,
 }
-
-/// One message as the columns of its row.
-struct Row {
-    agent: Option<String>,
-    stream: Option<String>,
-    epoch: Option<i64>,
-    seq: Option<i64>,
-    ts: Option<String>,
-    topic: String,
-    received: String,
-    message: String,
-}
-
-impl Row {
-    /// The row of `item`: key columns for records, the message (or the dead letter around
-    /// it) as JSON.
-    fn of(item: &Item) -> Result<Row, SinkError> {
-        let msg = &item.message;
-        let mut json = Vec::new();
-        crate::json_line(item, &mut json)?;
-        json.pop(); // the newline
-        let message = String::from_utf8(json).map_err(|e| SinkError::Encode(e.to_string()))?;
-        let (mut agent, mut stream, mut epoch, mut seq, mut ts) = (None, None, None, None, None);
-        if let Topic::Telemetry {
-            agent: a,
-            stream: s,
-        } = Topic::parse(&msg.topic)
-        {
-            agent = Some(a.to_string());
-            stream = Some(s.to_string());
-            // an epoch is a random u64: stored as the signed integer with the same bits
-            // (0 for agents that do not send one), so the unique key always has it
-            epoch = Some(msg.body.get("epoch").and_then(|e| e.as_u64()).unwrap_or(0) as i64);
-            seq = match msg.body.get("seq").and_then(|s| s.as_u64()) {
-                Some(n) => Some(i64::try_from(n).map_err(|_| {
-                    SinkError::Encode(format!(
-                        "{}: seq {n} does not fit SQLite's INTEGER",
-                        msg.topic
-                    ))
-                })?),
-                None => None,
-            };
-            ts = msg
-                .body
-                .get("ts")
-                .and_then(|t| t.as_str())
-                .map(str::to_string);
-        }
-        Ok(Row {
-            agent,
-            stream,
-            epoch,
-            seq,
-            ts,
-            topic: msg.topic.clone(),
-            received: msg
-                .received
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            message,
-        })
-    }
-}
-
-/// The table of positions, one row per sink and table.
-const POSITIONS: &str = "fleetbus_sink_positions";
 
 /// Whether a database error can never be fixed by writing the row again: the row breaks a
 /// constraint or a type the table declares, or is too big.
@@ -316,7 +234,8 @@ fn insert(
                 row.seq,
                 row.ts,
                 row.topic,
-                row.received,
+                row.received
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 row.message
             ]);
             match inserted {

@@ -3,9 +3,20 @@
 //! - [`S3Server`]: a real S3-protocol server (s3s-fs: files on disk, SigV4 checked);
 //! - [`CutProxy`]: a TCP proxy whose connections can be cut on demand;
 //! - [`ConnectProxy`]: an HTTP CONNECT proxy;
-//! - [`tls::TestCa`]: a throw-away CA issuing server and client certificates.
+//! - [`tls::TestCa`]: a throw-away CA issuing server and client certificates;
+//! - [`postgres::Postgres`]: a real PostgreSQL server (a child process, not in-process).
 
+pub mod postgres;
 pub mod tls;
+
+/// A test's server program is missing: fails under `FLEETBUS_TEST_REQUIRE=1` (CI installs
+/// it), else says `skipped: WHAT not installed` (the caller then returns).
+pub fn skip_or_fail(what: &str) {
+    if std::env::var("FLEETBUS_TEST_REQUIRE").is_ok_and(|v| v == "1") {
+        panic!("{what} not installed (FLEETBUS_TEST_REQUIRE=1)");
+    }
+    eprintln!("skipped: {what} not installed");
+}
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -78,14 +78,7 @@ pub fn serve_with_nofile(config: &Path, log: &Path, nofile: u32) -> Option<Proc>
     })
 }
 
-/// A test's server program is missing: fails under `FLEETBUS_TEST_REQUIRE=1` (CI installs
-/// it), else says `skipped: WHAT not installed` (the caller then returns).
-pub fn skip_or_fail(what: &str) {
-    if std::env::var("FLEETBUS_TEST_REQUIRE").is_ok_and(|v| v == "1") {
-        panic!("{what} not installed (FLEETBUS_TEST_REQUIRE=1)");
-    }
-    eprintln!("skipped: {what} not installed");
-}
+pub use fleetbus_testkit::skip_or_fail;
 
 /// A child process that is SIGKILLed when dropped (so a failing test leaves nothing behind).
 pub struct Proc {
@@ -236,6 +229,17 @@ impl Default for AgentOpts {
             port: None,
             ack_timeout_ms: 2000,
         }
+    }
+}
+
+/// An agent with a fixed id sending only heartbeats, every `interval_ms`, `limit` of them.
+pub fn heartbeat_agent(id: &str, interval_ms: u64, limit: u64) -> AgentOpts {
+    AgentOpts {
+        id: Some(id.to_string()),
+        heartbeat_ms: interval_ms,
+        limit,
+        metrics: false,
+        ..AgentOpts::default()
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use fleetbus_protocol::Message;
 
 use super::*;
-use crate::ErrorClass;
+use crate::{ErrorClass, Item};
 
 fn sink(dir: &Path, create_table: bool) -> Box<dyn Sink> {
     let config = SqliteSinkConfig {

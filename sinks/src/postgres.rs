@@ -1,0 +1,500 @@
+//! The PostgreSQL sink: one row per message in a PostgreSQL table, in the default layout of
+//! [`crate::row`] with `ts` and `received` as `timestamptz` and the message as `jsonb`:
+//!
+//! ```sql
+//! CREATE TABLE messages (agent text, stream text, epoch bigint, seq bigint,
+//!     ts timestamptz, topic text NOT NULL, received timestamptz NOT NULL,
+//!     message jsonb NOT NULL, UNIQUE (agent, stream, epoch, seq))
+//! ```
+//!
+//! **Exactly once**, as in the SQLite sink: the unique record key with `ON CONFLICT DO
+//! NOTHING` (a replayed or retried batch never duplicates a record), and the log position
+//! after each batch committed in the same transaction in `fleetbus_sink_positions`, so a
+//! write skips the entries the database already holds (this also covers messages without a
+//! record key).
+//!
+//! **Batched**: a batch is one `INSERT ... SELECT * FROM unnest($1, ..., $8)` with one
+//! array per column: one prepared statement (cached per connection) and one round trip
+//! for the whole batch, whatever its size.
+//!
+//! **Errors classified** by SQLSTATE:
+//! - a row the table refuses (class 22 data exception, 23 integrity constraint violation,
+//!   54 program limit exceeded) is permanent: the worker then writes the batch's messages
+//!   one at a time and moves those still refused to the dead letter with the database's
+//!   error;
+//! - everything else (a lost connection, a serialization failure or deadlock, a full disk,
+//!   a server shutting down, a missing table or permission an operator can fix) is
+//!   retried with the sink's backoff.
+//!
+//! **Connections**: a pool (deadpool) of at most `pool_size`; batches are written one at
+//! a time in log order (the positions require it), so one connection does the writing and
+//! the pool replaces it when it breaks. A connection that failed or timed out is closed,
+//! never reused. TLS per `sslmode` in the URL, with rustls checking the server's
+//! certificate against `ca_file` or the system's CAs; the password comes from the
+//! environment or a file, never from the rules file.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use fleetbus_config::Problems;
+use fleetbus_protocol::Message;
+use serde::{Deserialize, Serialize};
+use tokio_postgres::error::SqlState;
+
+use crate::config::{SinkPlace, SinkType};
+use crate::row::{plain_identifier, Row, POSITIONS};
+use crate::secret::Secret;
+use crate::{Batch, BoxFuture, Sink, SinkError};
+
+/// `type = "postgres"`: rows in a PostgreSQL table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSinkConfig {
+    /// The server and database: a URL (`postgres://USER@HOST:PORT/DB?sslmode=require`) or
+    /// libpq's `key=value` form. Without a password: that is `password`.
+    pub url: String,
+    /// The password: `{ env = "NAME" }` or `{ file = "/path" }`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// The table the rows go to.
+    #[serde(default = "crate::row::default_table")]
+    pub table: String,
+    /// Create the table (and its unique key) when it is missing. Off, a missing table is
+    /// an error the sink retries until an operator creates it.
+    #[serde(default = "crate::row::default_create_table")]
+    pub create_table: bool,
+    /// CA certificates (PEM) that sign the server's certificate, instead of the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Most connections the sink holds open.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    /// How long connecting, or writing one batch, may take before it is abandoned (the
+    /// connection closed) and retried.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_pool_size() -> usize {
+    2
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl PostgresSinkConfig {
+    /// The connection settings: the URL with the password added.
+    fn connection(&self) -> Result<tokio_postgres::Config, String> {
+        let mut config: tokio_postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e| format!("`{}`: {e}", self.url))?;
+        if config.get_password().is_some() {
+            return Err(
+                "holds a password: give it as `password = { env = \"NAME\" }` or `{ file = \"/path\" }`, never in the rules file"
+                    .into(),
+            );
+        }
+        if config.get_hosts().is_empty() {
+            return Err(format!("`{}` names no host", self.url));
+        }
+        if let Some(secret) = &self.password {
+            config.password(secret.resolve()?);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("fleetbus");
+        }
+        config
+            .connect_timeout(self.timeout)
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(60));
+        Ok(config)
+    }
+
+    /// The URL without what could be secret, for messages.
+    fn place(&self) -> String {
+        match self.url.parse::<tokio_postgres::Config>() {
+            Ok(c) => {
+                let host = match c.get_hosts().first() {
+                    Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                    Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                    None => String::new(),
+                };
+                let port = c.get_ports().first().copied().unwrap_or(5432);
+                format!(
+                    "{host}:{port}/{}",
+                    c.get_dbname().unwrap_or(c.get_user().unwrap_or(""))
+                )
+            }
+            Err(_) => "(unparsable url)".into(),
+        }
+    }
+}
+
+impl SinkType for PostgresSinkConfig {
+    fn check(&self, p: &mut Problems) {
+        if let Err(e) = self.connection() {
+            // a missing password secret is reported at its own key
+            match &self.password {
+                Some(secret) if secret.resolve().is_err() => {
+                    p.add("password", e);
+                }
+                _ => p.add("url", e),
+            }
+        }
+        p.require(
+            plain_identifier(&self.table),
+            "table",
+            format!(
+                "`{}` must be 1-63 characters of [A-Za-z0-9_], not starting with a digit",
+                self.table
+            ),
+        );
+        p.require(
+            (1..=16).contains(&self.pool_size),
+            "pool_size",
+            "must be between 1 and 16",
+        );
+        p.require(
+            self.timeout >= Duration::from_secs(1) && self.timeout <= Duration::from_secs(300),
+            "timeout",
+            "must be between 1s and 300s",
+        );
+        crate::tls::check_ca_file(self.ca_file.as_deref(), p);
+    }
+
+    fn file_destination(&self, _: &Message) -> Option<String> {
+        Some(format!("postgres {} table {}", self.place(), self.table))
+    }
+
+    fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
+        let config_error = |e: String| SinkError::Config(format!("sink `{}`: {e}", place.name));
+        let connection = self.connection().map_err(&config_error)?;
+        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+            crate::tls::client_config(self.ca_file.as_deref()).map_err(&config_error)?,
+        );
+        let manager = Manager::from_config(
+            connection,
+            tls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(self.timeout))
+            .create_timeout(Some(self.timeout))
+            .recycle_timeout(Some(self.timeout))
+            .build()
+            .map_err(|e| config_error(e.to_string()))?;
+        Ok(Box::new(PostgresSink {
+            inner: Arc::new(Inner {
+                name: place.name.to_string(),
+                place: self.place(),
+                config: self.clone(),
+                pool,
+                tables_ready: AtomicBool::new(false),
+            }),
+        }))
+    }
+}
+
+/// Writes batches into a PostgreSQL table (see the module documentation).
+pub struct PostgresSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    /// host:port/database, for messages.
+    place: String,
+    config: PostgresSinkConfig,
+    pool: Pool,
+    /// The positions table (and the sink's table, with `create_table`) exist.
+    tables_ready: AtomicBool,
+}
+
+/// A batch's rows as one array per column (the parameters of the `unnest` insert).
+#[derive(Default)]
+struct Columns {
+    agent: Vec<Option<String>>,
+    stream: Vec<Option<String>>,
+    epoch: Vec<Option<i64>>,
+    seq: Vec<Option<i64>>,
+    ts: Vec<Option<DateTime<Utc>>>,
+    topic: Vec<String>,
+    received: Vec<DateTime<Utc>>,
+    message: Vec<String>,
+}
+
+impl Columns {
+    fn push(&mut self, row: Row) {
+        // a `ts` that is not RFC 3339 stays in the message; the column is NULL
+        let ts = row
+            .ts
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&Utc));
+        self.agent.push(row.agent);
+        self.stream.push(row.stream);
+        self.epoch.push(row.epoch);
+        self.seq.push(row.seq);
+        self.ts.push(ts);
+        self.topic.push(row.topic);
+        self.received.push(row.received);
+        self.message.push(row.message);
+    }
+}
+
+/// Whether an SQLSTATE says the row itself can never be written: class 22 (data
+/// exception: a value out of range, an invalid text, `\u0000` in JSON), 23 (integrity
+/// constraint violation) or 54 (program limit exceeded: a value too big).
+fn refuses_the_row(code: &SqlState) -> bool {
+    let code = code.code();
+    code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
+}
+
+/// A database error with what PostgreSQL said (severity, SQLSTATE, message, detail,
+/// constraint), not only tokio-postgres's "db error".
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(" ({detail})"));
+            }
+            if let Some(c) = db.constraint() {
+                text.push_str(&format!(" [constraint {c}]"));
+            }
+            text
+        }
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
+impl Inner {
+    fn remote(&self, what: &str, e: impl std::fmt::Display) -> SinkError {
+        SinkError::Remote(format!("postgres {}: {what}: {e}", self.place))
+    }
+
+    /// A connection from the pool (made if need be).
+    async fn connection(&self) -> Result<deadpool_postgres::Object, SinkError> {
+        self.pool.get().await.map_err(|e| {
+            let text = match &e {
+                deadpool_postgres::PoolError::Backend(e) => describe(e),
+                other => other.to_string(),
+            };
+            self.remote("connect", text)
+        })
+    }
+
+    /// Creates the positions table and, with `create_table`, the sink's table, once.
+    async fn ensure_tables(&self, client: &deadpool_postgres::Object) -> Result<(), SinkError> {
+        if self.tables_ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut sql = format!(
+            "CREATE TABLE IF NOT EXISTS {POSITIONS} (sink text NOT NULL, tbl text NOT NULL, \
+             next bigint NOT NULL, PRIMARY KEY (sink, tbl));"
+        );
+        if self.config.create_table {
+            sql.push_str(&format!(
+                "CREATE TABLE IF NOT EXISTS {} (agent text, stream text, epoch bigint, \
+                 seq bigint, ts timestamptz, topic text NOT NULL, \
+                 received timestamptz NOT NULL, message jsonb NOT NULL, \
+                 UNIQUE (agent, stream, epoch, seq));",
+                self.config.table
+            ));
+        }
+        // two sinks creating the same table at once: one of them fails; retried
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| self.remote("create tables", describe(&e)))?;
+        self.tables_ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Inserts the rows and the position `next` in one transaction. Rows of log entries
+    /// the database already holds (before its stored position) are skipped.
+    async fn insert(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        rows: Vec<(u64, Row)>,
+        next: u64,
+    ) -> Result<(), SinkError> {
+        self.ensure_tables(client).await?;
+        let table = &self.config.table;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| self.remote("begin", describe(&e)))?;
+        let done: i64 = tx
+            .query_opt(
+                &format!("SELECT next FROM {POSITIONS} WHERE sink = $1 AND tbl = $2 FOR UPDATE"),
+                &[&self.name, table],
+            )
+            .await
+            .map_err(|e| self.remote("read the position", describe(&e)))?
+            .map_or(0, |r| r.get(0));
+        let mut columns = Columns::default();
+        for (index, row) in rows {
+            if (index as i64) >= done {
+                columns.push(row);
+            }
+        }
+        if !columns.topic.is_empty() {
+            let insert = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO {table} (agent, stream, epoch, seq, ts, topic, received, message) \
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], \
+                     $5::timestamptz[], $6::text[], $7::timestamptz[], $8::text[]::jsonb[]) \
+                     ON CONFLICT DO NOTHING"
+                ))
+                .await
+                .map_err(|e| self.remote(&format!("insert into {table}"), describe(&e)))?;
+            let c = &columns;
+            tx.execute(
+                &insert,
+                &[
+                    &c.agent,
+                    &c.stream,
+                    &c.epoch,
+                    &c.seq,
+                    &c.ts,
+                    &c.topic,
+                    &c.received,
+                    &c.message,
+                ],
+            )
+            .await
+            .map_err(|e| {
+                let text = format!(
+                    "postgres {}: insert into {table}: {}",
+                    self.place,
+                    describe(&e)
+                );
+                match e.code() {
+                    Some(code) if refuses_the_row(code) => SinkError::Refused(text),
+                    _ => SinkError::Remote(text),
+                }
+            })?;
+        }
+        let next = i64::try_from(next).map_err(|e| self.remote("position", e))?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {POSITIONS} (sink, tbl, next) VALUES ($1, $2, $3) \
+                 ON CONFLICT (sink, tbl) DO UPDATE SET next = GREATEST({POSITIONS}.next, excluded.next)"
+            ),
+            &[&self.name, table, &next],
+        )
+        .await
+        .map_err(|e| self.remote("save the position", describe(&e)))?;
+        tx.commit()
+            .await
+            .map_err(|e| self.remote("commit", describe(&e)))
+    }
+
+    /// Writes a batch within the timeout. A connection that failed or timed out is
+    /// closed (taken out of the pool), never reused.
+    async fn write(&self, rows: Vec<(u64, Row)>, next: u64) -> Result<(), SinkError> {
+        let timeout = self.config.timeout;
+        let mut client = tokio::time::timeout(timeout, self.connection())
+            .await
+            .map_err(|_| self.remote("connect", format!("no connection within {timeout:?}")))??;
+        let result = tokio::time::timeout(timeout, self.insert(&mut client, rows, next)).await;
+        let result = result.unwrap_or_else(|_| {
+            Err(self.remote(
+                "write",
+                format!("the batch was not committed within {timeout:?}"),
+            ))
+        });
+        if matches!(&result, Err(e) if e.class() == crate::ErrorClass::Retryable) {
+            // unknown state (a broken connection, a statement still running): drop it
+            drop(deadpool_postgres::Object::take(client));
+            self.tables_ready.store(false, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// The start-up check: connects and makes the tables, and says in the log whether
+    /// the database is reachable. Never fails the start; the writes retry.
+    async fn probe(&self) {
+        let checked = tokio::time::timeout(self.config.timeout, async {
+            let client = self.connection().await?;
+            self.ensure_tables(&client).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(self.remote("connect", "timed out")));
+        match checked {
+            Ok(()) => tracing::info!(
+                sink = %self.name,
+                database = %self.place,
+                table = %self.config.table,
+                "postgres sink: connected"
+            ),
+            Err(e) => tracing::warn!(
+                sink = %self.name,
+                error = %e,
+                "postgres sink: database not reachable at start; its messages wait in the log and every write retries"
+            ),
+        }
+    }
+}
+
+impl Sink for PostgresSink {
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let mut rows = Vec::with_capacity(batch.items.len());
+            let mut unencodable = Vec::new();
+            let mut first_error = None;
+            for (n, item) in batch.items.iter().enumerate() {
+                match Row::of(item) {
+                    Ok(row) => rows.push((item.index, row)),
+                    Err(e) => {
+                        unencodable.push(n);
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(error) = first_error {
+                return Err(SinkError::Rejected {
+                    items: unencodable,
+                    error: Box::new(error),
+                });
+            }
+            self.inner.write(rows, batch.next).await
+        })
+    }
+
+    fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
+        // resuming from the saved position is right even when the database holds more:
+        // each write skips what it already has. So the start waits for nothing; the
+        // reachability check runs beside it
+        let inner = self.inner.clone();
+        tokio::spawn(async move { inner.probe().await });
+        Box::pin(async move { Ok(saved) })
+    }
+
+    fn exactly_once(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests;

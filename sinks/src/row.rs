@@ -1,0 +1,111 @@
+//! The default table layout of the SQL sinks (SQLite, PostgreSQL): one row per message, its
+//! key columns taken from the topic and the record, and the message itself as JSON.
+//!
+//! | column | from |
+//! |---|---|
+//! | `agent`, `stream` | a telemetry topic `fleet/AGENT/telemetry/STREAM` (else NULL) |
+//! | `epoch` | the record's `epoch` (0 when it has none), a u64 stored with the same bits as a signed 64-bit integer |
+//! | `seq` | the record's `seq` |
+//! | `ts` | the record's `ts` |
+//! | `topic`, `received` | the message's topic and when the server received it |
+//! | `message` | the record (or the dead letter around it) as JSON |
+//!
+//! `UNIQUE (agent, stream, epoch, seq)` makes a record's row exactly once.
+
+use chrono::{DateTime, Utc};
+use fleetbus_protocol::Topic;
+
+use crate::{Item, SinkError};
+
+/// The table of positions both SQL sinks keep beside their rows, one row per sink and
+/// table: the log index after the last batch committed.
+pub const POSITIONS: &str = "fleetbus_sink_positions";
+
+/// One message as the columns of its row.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// The agent of a telemetry topic.
+    pub agent: Option<String>,
+    /// The stream of a telemetry topic.
+    pub stream: Option<String>,
+    /// The record's epoch (0 without one) for telemetry.
+    pub epoch: Option<i64>,
+    /// The record's sequence number.
+    pub seq: Option<i64>,
+    /// The record's own timestamp, as it wrote it.
+    pub ts: Option<String>,
+    /// The message's topic.
+    pub topic: String,
+    /// When the server received it.
+    pub received: DateTime<Utc>,
+    /// The record (or its dead-letter envelope) as JSON.
+    pub message: String,
+}
+
+impl Row {
+    /// The row of `item`. An error (permanent) when its `seq` does not fit a signed 64-bit
+    /// column or it cannot be encoded.
+    pub fn of(item: &Item) -> Result<Row, SinkError> {
+        let msg = &item.message;
+        let mut json = Vec::new();
+        crate::json_line(item, &mut json)?;
+        json.pop(); // the newline
+        let message = String::from_utf8(json).map_err(|e| SinkError::Encode(e.to_string()))?;
+        let (mut agent, mut stream, mut epoch, mut seq, mut ts) = (None, None, None, None, None);
+        if let Topic::Telemetry {
+            agent: a,
+            stream: s,
+        } = Topic::parse(&msg.topic)
+        {
+            agent = Some(a.to_string());
+            stream = Some(s.to_string());
+            // an epoch is a random u64: stored as the signed integer with the same bits
+            // (0 for agents that do not send one), so the unique key always has it
+            epoch = Some(msg.body.get("epoch").and_then(|e| e.as_u64()).unwrap_or(0) as i64);
+            seq = match msg.body.get("seq").and_then(|s| s.as_u64()) {
+                Some(n) => Some(i64::try_from(n).map_err(|_| {
+                    SinkError::Encode(format!(
+                        "{}: seq {n} does not fit a signed 64-bit column",
+                        msg.topic
+                    ))
+                })?),
+                None => None,
+            };
+            ts = msg
+                .body
+                .get("ts")
+                .and_then(|t| t.as_str())
+                .map(str::to_string);
+        }
+        Ok(Row {
+            agent,
+            stream,
+            epoch,
+            seq,
+            ts,
+            topic: msg.topic.clone(),
+            received: msg.received,
+            message,
+        })
+    }
+}
+
+/// The table of the SQL sinks when the rules file names none.
+pub fn default_table() -> String {
+    "messages".into()
+}
+
+/// `create_table`'s default: on.
+pub fn default_create_table() -> bool {
+    true
+}
+
+/// True when `name` can be used as an SQL identifier unquoted and unescaped.
+pub fn plain_identifier(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 63
+}

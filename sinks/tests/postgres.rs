@@ -1,0 +1,224 @@
+//! The PostgreSQL sink against a real PostgreSQL (Debian's package, a cluster the test makes
+//! in a temp directory): the default layout made and filled, a record already in the table
+//! not written twice, a row the database refuses named by its SQLSTATE, and a missing table
+//! or a wrong password reported as errors to retry, not as messages to drop.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use fleetbus_protocol::Message;
+use fleetbus_sinks::{Batch, ErrorClass, Item, Sink, SinkConfig, SinkPlace};
+use fleetbus_testkit::postgres::{Postgres, PG_PASSWORD};
+
+fn sink(dir: &Path, pg: &Postgres, extra: &str) -> Box<dyn Sink> {
+    let pw = dir.join("pg-password");
+    std::fs::write(&pw, format!("{PG_PASSWORD}\n")).unwrap();
+    let config: SinkConfig = toml::from_str(&format!(
+        "type = \"postgres\"\nurl = \"{}\"\npassword = {{ file = \"{}\" }}\ntimeout = \"5s\"\n{extra}",
+        pg.url(),
+        pw.display()
+    ))
+    .unwrap();
+    config
+        .build(&SinkPlace {
+            name: "pg",
+            data_dir: dir,
+            state_dir: dir,
+        })
+        .unwrap()
+}
+
+/// Records of agent `a1` with the given (log index, seq, text).
+fn batch(records: &[(u64, u64, &str)]) -> Batch {
+    let items = records
+        .iter()
+        .map(|&(index, seq, text)| {
+            let body = serde_json::json!({"seq": seq, "epoch": 3, "ts": "2026-12-01T10:00:00.5Z", "text": text});
+            Item {
+                index,
+                message: Arc::new(
+                    Message::decode("fleet/a1/telemetry/app", body.to_string().as_bytes())
+                        .unwrap(),
+                ),
+                dead_letter: None,
+            }
+        })
+        .collect::<Vec<_>>();
+    Batch {
+        first: items.first().map_or(0, |i| i.index),
+        next: items.last().map_or(0, |i| i.index + 1),
+        items,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_land_once_with_their_key_columns_and_refusals_are_told_apart_from_outages() {
+    let Some(pg) = Postgres::start().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let client = pg.client().await.unwrap();
+
+    // the default layout, made by the sink
+    let mut s = sink(dir.path(), &pg, "");
+    s.write(&batch(&[(10, 1, "a"), (11, 2, "b"), (12, 3, "c")]))
+        .await
+        .unwrap();
+    let rows = client
+        .query(
+            "SELECT agent, stream, epoch, seq, ts = '2026-12-01T10:00:00.5Z'::timestamptz, \
+             message->>'text', pg_typeof(message)::text FROM messages ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, i64, i64, bool, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [1, 2, 3]
+            .iter()
+            .zip(["a", "b", "c"])
+            .map(|(&seq, t)| (
+                "a1".into(),
+                "app".into(),
+                3,
+                seq,
+                true,
+                t.into(),
+                "jsonb".into()
+            ))
+            .collect::<Vec<_>>()
+    );
+
+    // the same records again at later log positions (a replay the positions cannot
+    // see): the unique key keeps one row each; the new one is written
+    s.write(&batch(&[(20, 2, "b"), (21, 3, "c"), (22, 4, "d")]))
+        .await
+        .unwrap();
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM messages", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 4);
+
+    // a batch the database already holds (an earlier position): skipped as a whole
+    s.write(&batch(&[(11, 99, "never")])).await.unwrap();
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM messages WHERE seq = 99", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        count, 0,
+        "entries before the stored position are not written"
+    );
+
+    // jsonb cannot hold \u0000: the database refuses the row for good
+    let e = s
+        .write(&batch(&[(30, 5, "nul \u{0} inside")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert!(e.to_string().contains("22P05"), "{e}");
+
+    // a table the operator has not made: retried, with PostgreSQL's words
+    let mut missing = sink(
+        dir.path(),
+        &pg,
+        "table = \"not_made\"\ncreate_table = false\n",
+    );
+    let e = missing.write(&batch(&[(40, 6, "x")])).await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
+    assert!(e.to_string().contains("42P01"), "{e}");
+    assert!(e.to_string().contains("not_made"), "{e}");
+
+    // a wrong password: retried, and said
+    std::fs::write(dir.path().join("wrong"), "nope").unwrap();
+    let config: SinkConfig = toml::from_str(&format!(
+        "type = \"postgres\"\nurl = \"{}\"\npassword = {{ file = \"{}\" }}\n",
+        pg.url(),
+        dir.path().join("wrong").display()
+    ))
+    .unwrap();
+    let mut wrong = config
+        .build(&SinkPlace {
+            name: "wrong",
+            data_dir: dir.path(),
+            state_dir: dir.path(),
+        })
+        .unwrap();
+    let e = wrong.write(&batch(&[(50, 7, "x")])).await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
+    assert!(
+        e.to_string().contains("password authentication failed"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_server_is_trusted_only_through_the_ca_file() {
+    let Some(mut pg) = Postgres::start().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = fleetbus_testkit::tls::TestCa::new("pg-test-ca").unwrap();
+    let ca_file = ca.write_ca(dir.path(), "ca").unwrap();
+    let server = ca.issue(dir.path(), "pg", &["127.0.0.1"]).unwrap();
+    pg.enable_tls(&server.cert, &server.key).unwrap();
+    let pw = dir.path().join("pg-password");
+    std::fs::write(&pw, PG_PASSWORD).unwrap();
+    let tls_sink = |name: &str, ca: Option<&Path>| {
+        let ca = ca.map_or(String::new(), |c| {
+            format!("ca_file = \"{}\"\n", c.display())
+        });
+        let config: SinkConfig = toml::from_str(&format!(
+            "type = \"postgres\"\nurl = \"{}?sslmode=require\"\npassword = {{ file = \"{}\" }}\ntimeout = \"5s\"\n{ca}",
+            pg.url(),
+            pw.display()
+        ))
+        .unwrap();
+        config
+            .build(&SinkPlace {
+                name,
+                data_dir: dir.path(),
+                state_dir: dir.path(),
+            })
+            .unwrap()
+    };
+    // the system's CAs do not know the test CA: refused, and retried
+    let e = tls_sink("untrusted", None)
+        .write(&batch(&[(1, 1, "x")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
+    assert!(e.to_string().contains("certificate"), "{e}");
+    // with the CA: written, over TLS (the sink's session stays open for the look below)
+    let mut trusted = tls_sink("trusted", Some(&ca_file));
+    trusted.write(&batch(&[(1, 1, "x")])).await.unwrap();
+    let client = pg.client().await.unwrap();
+    let ssl: bool = client
+        .query_one(
+            "SELECT bool_or(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'fleetbus'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the sink's session is encrypted");
+    drop(trusted);
+}
