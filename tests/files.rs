@@ -5,13 +5,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, ServeProc};
+use common::{free_port, metric, scrape, ServeProc};
 use fleetbus_agent::config::UploadsConfig;
 use fleetbus_agent::{AfterUpload, Agent, AgentConfig, UploadOutcome, UploadQueue};
 use fleetbus_protocol::files::{self as wire, FileAction};
@@ -70,23 +69,6 @@ impl Server {
     fn metric(&self, name: &str) -> u64 {
         metric(&scrape(self.metrics_port), name)
     }
-}
-
-fn scrape(port: u16) -> String {
-    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ =
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    let mut body = String::new();
-    let _ = conn.read_to_string(&mut body);
-    body
-}
-
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// An in-process agent.

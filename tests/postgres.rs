@@ -82,7 +82,9 @@ fn postgres_and_the_server_killed_twice_while_5_agents_stream_lose_and_duplicate
     };
     let fx = Fixture::new();
     let rules = rules(fx.path(), &pg, false);
-    let mut server = fx.serve(Some(&rules), "server");
+    let metrics_port = free_port();
+    let metrics = format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
+    let mut server = fx.serve_with(Some(&rules), "server", &metrics);
     let names: Vec<String> = (1..=5).map(|i| format!("d{i}")).collect();
     let _agents: Vec<Proc> = names
         .iter()
@@ -96,7 +98,7 @@ fn postgres_and_the_server_killed_twice_while_5_agents_stream_lose_and_duplicate
         server.kill();
         std::thread::sleep(Duration::from_millis(rng.random_range(100..800)));
         pg.restart().unwrap();
-        server = fx.serve(Some(&rules), &format!("server-{round}"));
+        server = fx.serve_with(Some(&rules), &format!("server-{round}"), &metrics);
     }
     let want = exactly(&names, 4000);
     let mut seen = None;
@@ -127,7 +129,12 @@ fn postgres_stopped_for_30_s_delays_only_its_own_sink_and_loses_nothing() {
         return;
     };
     let fx = Fixture::new();
-    let _server = fx.serve(Some(&rules(fx.path(), &pg, true)), "server");
+    let metrics_port = free_port();
+    let _server = fx.serve_with(
+        Some(&rules(fx.path(), &pg, true)),
+        "server",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n"),
+    );
     let mut agent = fx.agent_with("un", &heartbeat_agent("un", 10, 4000));
     let names = vec!["un".to_string()];
     let count = || {
@@ -162,4 +169,40 @@ fn postgres_stopped_for_30_s_delays_only_its_own_sink_and_loses_nothing() {
     assert!(summary(&fx.data, "un", "heartbeat")
         .is_some_and(|s| s.records == 4000 && s.is_contiguous()));
     agent.terminate(Duration::from_secs(10));
+}
+
+/// Destinations that cannot be reached when the server starts (nothing listens on their
+/// ports): the server starts anyway, says so for each sink, and keeps their messages.
+#[test]
+fn unreachable_destinations_at_start_are_logged_and_do_not_stop_the_server() {
+    let fx = Fixture::new();
+    let (pg_port, http_port) = (free_port(), free_port());
+    std::fs::write(fx.path().join("pw"), "x").unwrap();
+    let rules = format!(
+        r#"
+[sinks.pg]
+type = "postgres"
+url = "postgres://fleet@127.0.0.1:{pg_port}/fleet"
+password = {{ file = "{}" }}
+
+[sinks.hook]
+type = "http"
+url = "http://127.0.0.1:{http_port}/ingest"
+
+[[rules]]
+name = "all"
+from = ["fleet/+/telemetry/#"]
+to = ["pg", "hook"]
+"#,
+        fx.path().join("pw").display()
+    );
+    let server = fx.serve(Some(&rules), "server");
+    fx.wait_listening();
+    wait_until(Duration::from_secs(20), "both warnings", || {
+        let log = server.log_text();
+        log.contains("postgres sink: database not reachable at start")
+            && log.contains("http sink: receiver not reachable at start")
+    });
+    let log = server.log_text();
+    assert!(log.contains(&format!("127.0.0.1:{pg_port}")), "{log}");
 }

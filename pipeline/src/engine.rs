@@ -250,7 +250,7 @@ impl Engine {
             }
             for (b, st) in built.iter().zip(&stats) {
                 if index >= b.4 && entry.goes_to(&b.0) {
-                    st.pending_bytes.fetch_add(size, Ordering::Relaxed);
+                    st.routed(size);
                 }
             }
         })
@@ -557,9 +557,7 @@ impl Inner {
             match self.wal.append(&entry) {
                 Ok((index, size)) => {
                     for &t in &targets {
-                        self.sink_stats[t]
-                            .pending_bytes
-                            .fetch_add(size, Ordering::Relaxed);
+                        self.sink_stats[t].routed(size);
                     }
                     self.tail.insert(TailEntry {
                         index,
@@ -658,9 +656,7 @@ impl DeadLetters for Inner {
             let _state = self.lock();
             for entry in &entries {
                 let (_, size) = self.wal.append(entry).map_err(|e| e.to_string())?;
-                self.sink_stats[t]
-                    .pending_bytes
-                    .fetch_add(size, Ordering::Relaxed);
+                self.sink_stats[t].routed(size);
             }
         }
         self.wake.notify_one();

@@ -7,6 +7,7 @@
 //! Without a dead-letter sink a batch is retried until it is written. After every written
 //! batch the resume position is saved.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,7 +61,15 @@ pub trait DeadLetters: Send + Sync {
 
 /// Live counters of one sink.
 #[derive(Debug, Default)]
+///
+/// The message counters balance: every message routed to the sink since the start
+/// (`routed`, which includes the backlog found in the log at start) is `written`,
+/// `dead_lettered`, `dropped`, `undecodable` or still `pending`.
 pub struct SinkStats {
+    /// Messages routed to the sink since the start, the log's backlog for it included.
+    pub routed: AtomicU64,
+    /// Of those, messages not yet written, dead-lettered, dropped or skipped.
+    pub pending: AtomicU64,
     /// Messages written.
     pub written: AtomicU64,
     /// Failed write attempts.
@@ -83,6 +92,10 @@ pub struct SinkStats {
 /// A copy of a sink's counters at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SinkStatsSnapshot {
+    /// See [`SinkStats::routed`].
+    pub routed: u64,
+    /// See [`SinkStats::pending`].
+    pub pending: u64,
     /// See [`SinkStats::written`].
     pub written: u64,
     /// See [`SinkStats::failed_attempts`].
@@ -107,6 +120,8 @@ impl SinkStats {
     /// Reads every counter.
     pub fn snapshot(&self) -> SinkStatsSnapshot {
         SinkStatsSnapshot {
+            routed: self.routed.load(Ordering::Relaxed),
+            pending: self.pending.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
             failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
@@ -121,6 +136,24 @@ impl SinkStats {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
         }
+    }
+
+    /// A log entry of `size` bytes routed to the sink.
+    pub fn routed(&self, size: u64) {
+        self.routed.fetch_add(1, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.pending_bytes.fetch_add(size, Ordering::Relaxed);
+    }
+
+    /// `n` pending messages came to their end, counted in `outcome` (one of `written`,
+    /// `dead_lettered`, `dropped`, `undecodable`).
+    fn settled(&self, outcome: &AtomicU64, n: u64) {
+        // pending first: whoever sees the outcome counted sees it no longer pending
+        self.pending.fetch_sub(
+            n.min(self.pending.load(Ordering::Relaxed)),
+            Ordering::SeqCst,
+        );
+        outcome.fetch_add(n, Ordering::SeqCst);
     }
 
     fn set_error(&self, e: String) {
@@ -204,6 +237,7 @@ pub fn spawn_sink(
         dead_letters,
         save_errors: fleetbus_support::Throttle::new(Duration::from_secs(10)),
         rejections: fleetbus_support::Throttle::new(Duration::from_secs(10)),
+        ahead: VecDeque::new(),
     };
     let task = tokio::spawn(worker.run(stop_rx).instrument(span));
     SinkHandle {
@@ -224,6 +258,18 @@ struct Worker {
     save_errors: fleetbus_support::Throttle,
     /// Bounds the log lines of messages set apart as impossible to write.
     rejections: fleetbus_support::Throttle,
+    /// Log entries read ahead of the cursor, in order (see [`Worker::read_ahead`]).
+    ahead: VecDeque<Ahead>,
+}
+
+/// A log entry read ahead of the batch being formed.
+struct Ahead {
+    index: u64,
+    entry: Arc<WalEntry>,
+    size: u64,
+    /// Not decoded yet (None), decoded, or undecodable (`Some(None)`: counted and logged
+    /// once, skipped).
+    message: Option<Option<Arc<Message>>>,
 }
 
 /// A batch with what the worker needs beyond what the sink sees.
@@ -361,26 +407,17 @@ impl Worker {
     /// The next batch from `cursor`: up to `max_events` items of this sink, or `None` when
     /// the durable log is exhausted. Entries come from the shared tail cache when it holds
     /// them (already decoded), else from the log on disk.
-    fn next_batch(&self, cursor: u64) -> Result<Option<Pending>, fleetbus_wal::WalError> {
+    fn next_batch(&mut self, cursor: u64) -> Result<Option<Pending>, fleetbus_wal::WalError> {
         let scan = self.setup.batch.max_events * 4;
-        let mut entries: Vec<_> = self
-            .tail
-            .run(cursor, self.wal.durable(), scan)
-            .into_iter()
-            .map(|t| (t.index, t.entry, t.size, Some(t.message)))
-            .collect();
-        if entries.is_empty() {
-            entries = self
-                .wal
-                .read_durable(cursor, scan)?
-                .into_iter()
-                .map(|(index, entry, size)| (index, Arc::new(entry), size, None))
-                .collect();
-        }
-        let Some(last) = entries.last().map(|e| e.0) else {
+        self.read_ahead(cursor, scan)?;
+        let scanned = self.ahead.len().min(scan);
+        let Some(last) = scanned
+            .checked_sub(1)
+            .and_then(|n| self.ahead.get(n))
+            .map(|a| a.index)
+        else {
             return Ok(None);
         };
-        let scanned = entries.len();
         let mut pending = Pending {
             batch: Batch {
                 first: cursor,
@@ -391,44 +428,88 @@ impl Worker {
             bytes: 0,
             hit_end_of_scan: scanned >= scan,
         };
-        for (index, entry, size, decoded) in entries {
-            if !entry.goes_to(&self.setup.name) {
+        let stats = &self.setup.stats;
+        for ahead in self.ahead.iter_mut().take(scan) {
+            if !ahead.entry.goes_to(&self.setup.name) {
                 continue;
             }
-            let message = match decoded {
-                Some(m) => Ok(m),
-                None => decode_entry(&entry).map(Arc::new),
+            let message = ahead.message.get_or_insert_with(|| {
+                match decode_entry(&ahead.entry) {
+                    Ok(m) => Some(Arc::new(m)),
+                    Err(e) => {
+                        // counted once: the entry stays read ahead until the cursor passes it
+                        stats.settled(&stats.undecodable, 1);
+                        stats.pending_bytes.fetch_sub(
+                            ahead.size.min(stats.pending_bytes.load(Ordering::Relaxed)),
+                            Ordering::Relaxed,
+                        );
+                        tracing::error!(index = ahead.index, topic = %ahead.entry.topic, error = %e, "log entry cannot be decoded; skipped");
+                        None
+                    }
+                }
+            });
+            let Some(message) = message else {
+                continue;
             };
-            match message {
-                Ok(message) => {
-                    pending.batch.items.push(Item {
-                        index,
-                        message,
-                        dead_letter: entry.dead_letter.clone(),
-                    });
-                    pending.entries.push(entry);
-                    pending.bytes += size;
-                }
-                Err(e) => {
-                    self.setup.stats.undecodable.fetch_add(1, Ordering::Relaxed);
-                    self.setup.stats.pending_bytes.fetch_sub(
-                        size.min(self.setup.stats.pending_bytes.load(Ordering::Relaxed)),
-                        Ordering::Relaxed,
-                    );
-                    tracing::error!(index, topic = %entry.topic, error = %e, "log entry cannot be decoded; skipped");
-                }
-            }
+            pending.batch.items.push(Item {
+                index: ahead.index,
+                message: message.clone(),
+                dead_letter: ahead.entry.dead_letter.clone(),
+            });
+            pending.entries.push(ahead.entry.clone());
+            pending.bytes += ahead.size;
             let full_bytes = self
                 .setup
                 .batch
                 .max_bytes
                 .is_some_and(|max| pending.bytes >= max);
             if pending.batch.items.len() >= self.setup.batch.max_events || full_bytes {
-                pending.batch.next = index + 1;
+                pending.batch.next = ahead.index + 1;
                 break;
             }
         }
         Ok(Some(pending))
+    }
+
+    /// Keeps up to `scan` durable log entries from `cursor` on read ahead: the entries
+    /// before `cursor` are dropped, and more are read (from the shared tail cache when it
+    /// holds them, already decoded, else from the log on disk) after the last one held.
+    /// A batch takes at most `max_events` of them; the rest wait for the next batch
+    /// instead of being read and decoded again.
+    fn read_ahead(&mut self, cursor: u64, scan: usize) -> Result<(), fleetbus_wal::WalError> {
+        while self.ahead.front().is_some_and(|a| a.index < cursor) {
+            self.ahead.pop_front();
+        }
+        if self.ahead.len() >= scan {
+            return Ok(());
+        }
+        let from = self.ahead.back().map_or(cursor, |a| a.index + 1);
+        let durable = self.wal.durable();
+        if from >= durable {
+            return Ok(());
+        }
+        let want = scan - self.ahead.len();
+        let cached = self.tail.run(from, durable, want);
+        if cached.is_empty() {
+            for (index, entry, size) in self.wal.read_durable(from, want)? {
+                self.ahead.push_back(Ahead {
+                    index,
+                    entry: Arc::new(entry),
+                    size,
+                    message: None,
+                });
+            }
+        } else {
+            for t in cached {
+                self.ahead.push_back(Ahead {
+                    index: t.index,
+                    entry: t.entry,
+                    size: t.size,
+                    message: Some(Some(t.message)),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Writes a batch, retrying, or hands it to the dead-letter sink. Messages that can
@@ -447,9 +528,7 @@ impl Worker {
             }
             let error = match self.sink.write(&p.batch).await {
                 Ok(()) => {
-                    stats
-                        .written
-                        .fetch_add(p.batch.items.len() as u64, Ordering::Relaxed);
+                    stats.settled(&stats.written, p.batch.items.len() as u64);
                     break match rejected_any {
                         true => Delivery::DeadLettered,
                         false => Delivery::Written,
@@ -521,10 +600,8 @@ impl Worker {
         if !bad.is_empty() {
             self.reject(p, &bad, &error)?;
         }
-        self.setup
-            .stats
-            .written
-            .fetch_add(written.len() as u64, Ordering::Relaxed);
+        let stats = &self.setup.stats;
+        stats.settled(&stats.written, written.len() as u64);
         let mut gone = bad;
         gone.extend(written);
         let keep = |n: &usize| !gone.contains(n);
@@ -575,7 +652,7 @@ impl Worker {
             for &n in bad {
                 tracing::error!(topic = %p.entries[n].topic, error = %error, "a dead letter cannot be written anywhere: dropped");
             }
-            stats.dropped.fetch_add(bad.len() as u64, Ordering::Relaxed);
+            stats.settled(&stats.dropped, bad.len() as u64);
             return Ok(());
         }
         let info = DeadLetter {
@@ -596,9 +673,7 @@ impl Worker {
         stats
             .rejected
             .fetch_add(bad.len() as u64, Ordering::Relaxed);
-        stats
-            .dead_lettered
-            .fetch_add(bad.len() as u64, Ordering::Relaxed);
+        stats.settled(&stats.dead_lettered, bad.len() as u64);
         if let Some(left_out) = self.rejections.admit() {
             tracing::error!(error = %error, messages = bad.len(), dead_letter = %target, similar_errors_not_logged = left_out, "messages that can never be written moved to the dead-letter sink");
         }
@@ -631,10 +706,8 @@ impl Worker {
             .collect();
         match self.dead_letters.append(target, entries) {
             Ok(()) => {
-                self.setup
-                    .stats
-                    .dead_lettered
-                    .fetch_add(p.entries.len() as u64, Ordering::Relaxed);
+                let stats = &self.setup.stats;
+                stats.settled(&stats.dead_lettered, p.entries.len() as u64);
                 tracing::error!(error = %error, attempts, messages = p.entries.len(), dead_letter = %target, "sink gave up a batch: sent to the dead-letter sink");
                 true
             }

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::wait_for;
+use common::{assert_balanced, wait_for};
 use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
@@ -82,6 +82,9 @@ async fn rows_arrive_once_a_refused_row_is_dead_lettered_and_a_replay_writes_not
         |s| s.written("db") == 499 && s.written("dlq") == 1,
     )
     .await;
+    let stats = engine.stats();
+    assert_eq!(assert_balanced(&stats, "db"), (500, 499, 1));
+    assert_eq!(assert_balanced(&stats, "dlq"), (1, 1, 0));
     engine.shutdown(Duration::from_secs(5)).await;
     let expected: Vec<i64> = (1..=500).filter(|&s| s != 250).collect();
     assert_eq!(

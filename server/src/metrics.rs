@@ -92,7 +92,9 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
     }
     let durable = s.durable;
     type SinkField = Box<dyn Fn(&SinkStatsSnapshot) -> u64>;
-    let sinks: [(&str, &str, &str, SinkField); 8] = [
+    let sinks: [(&str, &str, &str, SinkField); 10] = [
+        ("fleetbus_sink_routed_total", "counter", "Messages routed to the sink since the start (the log's backlog for it at start included): written + dead-lettered + dropped + undecodable + pending.", Box::new(|st| st.routed)),
+        ("fleetbus_sink_pending_messages", "gauge", "Messages routed to the sink and not yet written, dead-lettered or dropped.", Box::new(|st| st.pending)),
         ("fleetbus_sink_written_total", "counter", "Messages the sink wrote.", Box::new(|st| st.written)),
         ("fleetbus_sink_failed_attempts_total", "counter", "Failed write attempts (each is retried, or the batch goes to the dead-letter sink).", Box::new(|st| st.failed_attempts)),
         ("fleetbus_sink_dead_lettered_total", "counter", "Messages the sink gave up and handed to its dead-letter sink.", Box::new(|st| st.dead_lettered)),

@@ -12,6 +12,9 @@
 //! (a record's agent, stream, epoch and seq; another message's log index), the same when
 //! the batch is sent again, so a receiver can drop a batch it already has (at-least-once
 //! from the sink, exactly-once with such a receiver).
+//!
+//! At start one `HEAD` request, beside the server's start, says in the log whether the
+//! receiver can be reached.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -169,6 +172,7 @@ impl SinkType for HttpSinkConfig {
             _ => reqwest::Method::POST,
         };
         Ok(Box::new(HttpSink {
+            name: place.name.to_string(),
             client,
             method,
             url: self.url.clone(),
@@ -179,6 +183,7 @@ impl SinkType for HttpSinkConfig {
 
 /// Sends each batch as one request (see the module documentation).
 pub struct HttpSink {
+    name: String,
     client: reqwest::Client,
     method: reqwest::Method,
     url: String,
@@ -214,29 +219,23 @@ pub fn idempotency_key(batch: &Batch) -> String {
 
 /// The body of a batch in `format`.
 fn body(batch: &Batch, format: BodyFormat) -> Result<Vec<u8>, SinkError> {
-    let mut lines = Vec::new();
-    for item in &batch.items {
-        crate::json_line(item, &mut lines)?;
+    let mut out = Vec::new();
+    if format == BodyFormat::Json {
+        out.push(b'[');
     }
-    Ok(match format {
-        BodyFormat::Ndjson => lines,
-        BodyFormat::Json => {
-            let mut out = Vec::with_capacity(lines.len() + 2);
-            out.push(b'[');
-            for (n, line) in lines
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .enumerate()
-            {
-                if n > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(line);
-            }
-            out.push(b']');
-            out
+    for (n, item) in batch.items.iter().enumerate() {
+        if format == BodyFormat::Json && n > 0 {
+            out.push(b',');
         }
-    })
+        crate::json_line(item, &mut out)?;
+        if format == BodyFormat::Json {
+            out.pop(); // the line's newline
+        }
+    }
+    if format == BodyFormat::Json {
+        out.push(b']');
+    }
+    Ok(out)
 }
 
 /// How long a `Retry-After` header asks to wait (seconds or an HTTP date), at most
@@ -255,7 +254,33 @@ pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Du
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
+impl HttpSink {
+    /// The start-up check: can the receiver be reached at all? Any HTTP answer (even 404
+    /// or 405 to a HEAD) says yes; a refused connection, a TLS failure or a timeout is a
+    /// warning. Never fails the start: the writes retry.
+    async fn probe(client: reqwest::Client, url: String, name: String) {
+        match client.head(&url).send().await {
+            Ok(response) => {
+                tracing::info!(sink = %name, url = %url, status = %response.status(), "http sink: receiver reachable")
+            }
+            Err(e) => {
+                tracing::warn!(sink = %name, url = %url, error = %error_chain(&e), "http sink: receiver not reachable at start; its messages wait in the log and every write retries")
+            }
+        }
+    }
+}
+
 impl Sink for HttpSink {
+    fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
+        // beside the start, not before it
+        tokio::spawn(Self::probe(
+            self.client.clone(),
+            self.url.clone(),
+            self.name.clone(),
+        ));
+        Box::pin(async move { Ok(saved) })
+    }
+
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let content_type = match self.format {

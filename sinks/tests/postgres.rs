@@ -127,6 +127,44 @@ async fn rows_land_once_with_their_key_columns_and_refusals_are_told_apart_from_
         "entries before the stored position are not written"
     );
 
+    // an operator's table with other column types (`ts` and `received` as text, the
+    // message as json): inserted with casts instead of copied, duplicates skipped alike
+    client
+        .batch_execute(
+            "CREATE TABLE typed (agent text, stream text, epoch bigint, seq bigint, ts text, \
+             topic text, received text, message json, note text DEFAULT 'kept', \
+             UNIQUE (agent, stream, epoch, seq))",
+        )
+        .await
+        .unwrap();
+    let mut typed = sink(dir.path(), &pg, "table = \"typed\"\ncreate_table = false\n");
+    typed
+        .write(&batch(&[(10, 1, "a"), (11, 2, "b")]))
+        .await
+        .unwrap();
+    typed
+        .write(&batch(&[(20, 2, "b"), (21, 3, "c")]))
+        .await
+        .unwrap();
+    let rows = client
+        .query(
+            "SELECT seq, ts, message->>'text', note FROM typed ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i64, String, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(
+        got.iter()
+            .map(|r| (r.0, r.2.as_str(), r.3.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "a", "kept"), (2, "b", "kept"), (3, "c", "kept")]
+    );
+    assert!(got[0].1.starts_with("2026-12-01"), "{got:?}");
+
     // jsonb cannot hold \u0000: the database refuses the row for good
     let e = s
         .write(&batch(&[(30, 5, "nul \u{0} inside")]))

@@ -12,6 +12,7 @@
 mod fleetbus;
 mod jobs;
 mod relay;
+mod sink;
 mod upload;
 mod wal;
 
@@ -43,6 +44,19 @@ pub enum BenchCommand {
     /// Thousands of simulated agents in one group, one job: time from the push until the
     /// ledger shows every target SUCCEEDED, and the server's memory per connected agent.
     Jobs(jobs::JobsBenchArgs),
+    /// Records per second from the write-ahead log into one destination, beside the
+    /// destination's own ceiling (psql COPY, a plain HTTP client, plain rusqlite).
+    Sink {
+        /// The destination.
+        #[arg(long, value_enum)]
+        sink: sink::SinkKind,
+        /// Records to write.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        /// Bytes per record.
+        #[arg(long, default_value_t = 200)]
+        payload: usize,
+    },
     /// Appends per second to the log under the outbox and the WAL, by fsync group size,
     /// beside two embedded stores.
     Wal {
@@ -164,6 +178,36 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 println!(
                     "bench process (agent, s3s-fs) peak memory: {:.1} MiB",
                     kib as f64 / 1024.0
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        BenchCommand::Sink {
+            sink,
+            records,
+            payload,
+        } => {
+            let rows = sink::run(sink, records, payload).await?;
+            println!(
+                "{:<70} {:>9} {:>8} {:>11} {:>12}",
+                "path", "records", "seconds", "records/s", "peak MiB"
+            );
+            for r in &rows {
+                println!(
+                    "{:<70} {:>9} {:>8.2} {:>11.0} {:>12}",
+                    r.what,
+                    r.records,
+                    r.elapsed.as_secs_f64(),
+                    r.records as f64 / r.elapsed.as_secs_f64(),
+                    r.peak_kib
+                        .map(|k| format!("{:.1}", k as f64 / 1024.0))
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+            if let [ours, ceiling, ..] = rows.as_slice() {
+                println!(
+                    "fleetbus / ceiling: {:.0} %",
+                    100.0 * ceiling.elapsed.as_secs_f64() / ours.elapsed.as_secs_f64()
                 );
             }
             return Ok(ExitCode::SUCCESS);

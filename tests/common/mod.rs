@@ -335,6 +335,19 @@ impl Fixture {
         )
     }
 
+    /// [`Fixture::serve`] with `extra` appended to the server's configuration (tables such
+    /// as `[metrics]`).
+    pub fn serve_with(&self, rules: Option<&str>, log: &str, extra: &str) -> Proc {
+        let cfg = server_config(self.path(), self.port, rules);
+        let mut text = fs::read_to_string(&cfg).unwrap();
+        text.push_str(extra);
+        fs::write(&cfg, text).unwrap();
+        Proc::start(
+            &["serve", "--config", cfg.to_str().unwrap()],
+            &self.path().join(format!("{log}.log")),
+        )
+    }
+
     /// Starts `fleetbus agent` `name` (see [`agent_config`]), logging to `NAME.log`.
     pub fn agent(&self, name: &str, id: Option<&str>, heartbeat_ms: u64) -> Proc {
         let cfg = agent_config(self.path(), name, self.port, id, heartbeat_ms);
@@ -537,4 +550,26 @@ pub async fn first_connect_outcome(
             Err(_) => panic!("no answer to CONNECT"),
         }
     }
+}
+
+/// `GET /metrics` of a server's metrics endpoint on `port`: the whole answer (empty when
+/// it does not answer).
+pub fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ =
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    let _ = conn.read_to_string(&mut body);
+    body
+}
+
+/// The value of the metric line that starts with `name` (labels included, e.g.
+/// `fleetbus_sink_written_total{sink="pg"}`) in a scrape; 0 when absent.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
 }

@@ -1,0 +1,322 @@
+//! `fleetbus bench sink`: records per second from the server's write-ahead log into one
+//! destination, beside that destination's own ceiling measured in the same run.
+//!
+//! 1. The log is filled first: the records are dispatched into an engine whose sink of the
+//!    same name points at a receiver that is not there, so they wait in the log.
+//! 2. The engine starts again with the real sink, and the clock runs from the moment its
+//!    workers begin (after the start's replay of the log) until the sink has written every
+//!    record: log → destination, nothing else.
+//! 3. The ceiling of the same rows or bytes without fleetbus: `psql \copy` of the same rows
+//!    (PostgreSQL), a plain HTTP client posting the same bodies (HTTP), one prepared
+//!    statement in one transaction per batch (SQLite).
+//!
+//! The peak resident memory of this process during step 2 (the destination's own memory
+//! is not in it, but for the HTTP receiver, which runs here).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fleetbus_pipeline::{Engine, EngineOptions};
+use fleetbus_rules::RuleSet;
+use fleetbus_support::Publisher;
+use fleetbus_testkit::postgres::{Postgres, PG_PASSWORD};
+
+/// The destinations `bench sink` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkKind {
+    /// A PostgreSQL cluster made for the run (Debian's package, as the tests use).
+    Postgres,
+    /// An SQLite file in a temp directory.
+    Sqlite,
+    /// A webhook receiver in this process.
+    Http,
+}
+
+/// One row of the result table.
+pub struct SinkFigure {
+    /// What was measured.
+    pub what: String,
+    /// Records written.
+    pub records: u64,
+    /// Time taken.
+    pub elapsed: Duration,
+    /// Peak resident memory of this process meanwhile, in KiB (fleetbus rows only).
+    pub peak_kib: Option<u64>,
+}
+
+/// The bench's record: about `payload` bytes of JSON, as an agent's metrics record.
+fn record(seq: u64, payload: usize) -> String {
+    let head = format!(
+        r#"{{"seq":{seq},"epoch":1,"ts":"2026-12-01T10:00:00.000Z","host":"web-01","value":{}.5,"pad":""#,
+        seq % 1000
+    );
+    let pad = payload.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+const AGENTS: u64 = 4;
+
+fn topic(seq: u64) -> String {
+    format!("fleet/bench-{}/telemetry/metrics", seq % AGENTS)
+}
+
+/// Runs the bench for `sink` with `records` records of `payload` bytes.
+pub async fn run(sink: SinkKind, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+    let dir = tempfile::Builder::new()
+        .prefix("fleetbus-bench-sink-")
+        .tempdir()?;
+    match sink {
+        SinkKind::Postgres => postgres(dir.path(), records, payload).await,
+        SinkKind::Sqlite => sqlite(dir.path(), records, payload).await,
+        SinkKind::Http => http(dir.path(), records, payload).await,
+    }
+}
+
+/// Fills the log with `records` records routed to sink `db` (pointing nowhere), then
+/// starts the engine with `sink_table` as `db` and times it until all are written.
+async fn log_to_sink(
+    dir: &Path,
+    sink_table: &str,
+    records: u64,
+    payload: usize,
+) -> anyhow::Result<SinkFigure> {
+    let nowhere = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let rules = |sink: &str| {
+        format!(
+            "[sinks.db]\n{sink}\n\n[[rules]]\nname = \"all\"\nfrom = [\"fleet/+/telemetry/#\"]\nto = [\"db\"]\n"
+        )
+    };
+    let parse = |text: String| {
+        RuleSet::parse(Path::new("bench-rules.toml"), &text).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    // 1. fill the log; nothing listens at `nowhere` (its port was free and is closed again)
+    let fill = parse(rules(&format!(
+        "type = \"http\"\nurl = \"http://{nowhere}/\"\nbatch.retry_backoff = \"10s\""
+    )))?;
+    let engine = Engine::start(fill, dir, EngineOptions::default(), Publisher::discard())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for seq in 1..=records {
+        engine.dispatch(&topic(seq), record(seq, payload).as_bytes());
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while engine.durable() < records {
+        anyhow::ensure!(Instant::now() < deadline, "log not filled within 10 min");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.shutdown(Duration::from_millis(100)).await;
+    drop(engine);
+    tracing::info!(records, "log filled; now log → sink");
+
+    // 2. log → destination
+    // the clock starts when the engine has replayed its log (the start's cost, the same
+    // for every sink) and its workers begin
+    reset_peak_memory();
+    let engine = Engine::start(
+        parse(rules(sink_table))?,
+        dir,
+        EngineOptions::default(),
+        Publisher::discard(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    loop {
+        let stats = engine.stats();
+        if stats.written("db") >= records {
+            break;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("not written within 10 min: {stats:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    let peak_kib = super::upload::peak_kib(std::process::id());
+    engine.shutdown(Duration::from_secs(10)).await;
+    Ok(SinkFigure {
+        what: String::new(),
+        records,
+        elapsed,
+        peak_kib,
+    })
+}
+
+/// Resets this process's peak resident memory (VmHWM) to its current size (Linux).
+fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+async fn postgres(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+    let pg = tokio::task::spawn_blocking(Postgres::start)
+        .await??
+        .context("PostgreSQL is not installed (Debian: apt-get install postgresql)")?;
+    let pw = dir.join("pg-password");
+    std::fs::write(&pw, PG_PASSWORD)?;
+    let sink = format!(
+        "type = \"postgres\"\nurl = \"{}\"\npassword = {{ file = \"{}\" }}\ntable = \"bench\"",
+        pg.url(),
+        pw.display()
+    );
+    let mut ours = log_to_sink(dir, &sink, records, payload).await?;
+    ours.what = "fleetbus log → postgres sink (binary COPY per batch of 1000)".into();
+
+    // the ceiling: the same rows by psql's COPY into a table of the same layout
+    let client = pg.client().await?;
+    let rows: i64 = client
+        .query_one("SELECT count(*) FROM bench", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        rows as u64 == records,
+        "the table holds {rows} rows, not {records}"
+    );
+    client
+        .batch_execute("CREATE TABLE copied (LIKE bench INCLUDING ALL)")
+        .await?;
+    let csv = dir.join("rows.csv");
+    let out = std::process::Command::new(pg.bin().join("psql"))
+        .arg(pg.url_with_password())
+        .args(["-X", "-q", "-c"])
+        .arg(format!("\\copy bench TO '{}' CSV", csv.display()))
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "psql copy out: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started = Instant::now();
+    let out = std::process::Command::new(pg.bin().join("psql"))
+        .arg(pg.url_with_password())
+        .args(["-X", "-q", "-c"])
+        .arg(format!("\\copy copied FROM '{}' CSV", csv.display()))
+        .output()?;
+    let elapsed = started.elapsed();
+    anyhow::ensure!(
+        out.status.success(),
+        "psql copy in: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(vec![
+        ours,
+        SinkFigure {
+            what: "psql \\copy of the same rows (same table layout and unique key)".into(),
+            records,
+            elapsed,
+            peak_kib: None,
+        },
+    ])
+}
+
+async fn sqlite(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+    let sink = "type = \"sqlite\"\npath = \"bench.sqlite\"\ntable = \"bench\"";
+    let mut ours = log_to_sink(dir, sink, records, payload).await?;
+    ours.what = "fleetbus log → sqlite sink (a transaction per batch of 1000)".into();
+    // the ceiling: the same rows, one prepared insert, a transaction per 1000
+    let path = dir.join("plain.sqlite");
+    let elapsed = tokio::task::spawn_blocking(move || -> anyhow::Result<Duration> {
+        let mut conn = rusqlite::Connection::open(&path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(
+            "CREATE TABLE bench (agent TEXT, stream TEXT, epoch INTEGER, seq INTEGER, ts TEXT, \
+             topic TEXT NOT NULL, received TEXT NOT NULL, message TEXT NOT NULL, \
+             UNIQUE (agent, stream, epoch, seq))",
+        )?;
+        let started = Instant::now();
+        let mut seq = 1;
+        while seq <= records {
+            let tx = conn.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO bench VALUES (?1, 'metrics', 1, ?2, '2026-12-01T10:00:00.000Z', ?3, \
+                     '2026-12-01T10:00:00.000Z', ?4) ON CONFLICT DO NOTHING",
+                )?;
+                for s in seq..(seq + 1000).min(records + 1) {
+                    stmt.execute(rusqlite::params![
+                        format!("bench-{}", s % AGENTS),
+                        s as i64,
+                        topic(s),
+                        record(s, payload)
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            seq += 1000;
+        }
+        Ok(started.elapsed())
+    })
+    .await??;
+    Ok(vec![
+        ours,
+        SinkFigure {
+            what: "rusqlite: the same rows, prepared insert, a transaction per 1000".into(),
+            records,
+            elapsed,
+            peak_kib: None,
+        },
+    ])
+}
+
+async fn http(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    // the receiver takes every body (and counts its bytes), as fast as it can
+    let app = axum::Router::new().route(
+        "/ingest",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(body.len() as u64, Ordering::Relaxed);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let sink = format!("type = \"http\"\nurl = \"http://{addr}/ingest\"");
+    let mut ours = log_to_sink(dir, &sink, records, payload).await?;
+    ours.what = "fleetbus log → http sink (JSON array per batch of 500)".into();
+
+    // the ceiling: one client posting the same bodies, one request at a time
+    let bodies: Vec<Vec<u8>> = (1..=records)
+        .collect::<Vec<_>>()
+        .chunks(500)
+        .map(|seqs| {
+            let items: Vec<String> = seqs.iter().map(|&s| record(s, payload)).collect();
+            format!("[{}]", items.join(",")).into_bytes()
+        })
+        .collect();
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            fleetbus_sinks::tls::client_config(None).map_err(|e| anyhow::anyhow!(e))?,
+        )
+        .build()?;
+    let url = format!("http://{addr}/ingest");
+    let started = Instant::now();
+    for body in bodies {
+        let status = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?
+            .status();
+        anyhow::ensure!(status.is_success(), "plain client: {status}");
+    }
+    let elapsed = started.elapsed();
+    server.abort();
+    Ok(vec![
+        ours,
+        SinkFigure {
+            what: "plain reqwest client posting the same bodies".into(),
+            records,
+            elapsed,
+            peak_kib: None,
+        },
+    ])
+}
