@@ -90,21 +90,28 @@ impl SinkType for SqliteSinkConfig {
     fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
         let path = place.data_dir.join(&self.path);
         Ok(Box::new(SqliteSink {
-            name: place.name.to_string(),
-            path,
-            config: self.clone(),
-            connection: Arc::new(Mutex::new(None)),
+            inner: Arc::new(Inner {
+                name: place.name.to_string(),
+                path,
+                config: self.clone(),
+                connection: Mutex::new(None),
+            }),
         }))
     }
 }
 
 /// Writes batches into an SQLite table (see the module documentation).
 pub struct SqliteSink {
+    inner: Arc<Inner>,
+}
+
+/// What the sink's blocking calls share.
+struct Inner {
     name: String,
     path: PathBuf,
     config: SqliteSinkConfig,
     /// Opened at the first use and again after an error that may have broken it.
-    connection: Arc<Mutex<Option<Connection>>>,
+    connection: Mutex<Option<Connection>>,
 }
 
 /// Whether a database error can never be fixed by writing the row again: the row breaks a
@@ -116,7 +123,7 @@ fn refuses_the_row(e: &rusqlite::Error) -> bool {
     )
 }
 
-impl SqliteSink {
+impl Inner {
     fn remote(&self, what: &str, e: impl std::fmt::Display) -> SinkError {
         SinkError::Remote(format!("sqlite {}: {what}: {e}", self.path.display()))
     }
@@ -149,22 +156,18 @@ impl SqliteSink {
         }
         Ok(conn)
     }
+}
 
+impl SqliteSink {
     /// Runs `f` with the open connection on the blocking pool. A connection that failed
     /// with a retryable error is closed, so the next attempt opens it afresh.
     async fn with_connection<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&SqliteSink, &mut Connection) -> Result<T, SinkError> + Send + 'static,
+        f: impl FnOnce(&Inner, &mut Connection) -> Result<T, SinkError> + Send + 'static,
     ) -> Result<T, SinkError> {
-        let shared = self.connection.clone();
-        let me = SqliteSink {
-            name: self.name.clone(),
-            path: self.path.clone(),
-            config: self.config.clone(),
-            connection: shared.clone(),
-        };
+        let me = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = shared.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = me.connection.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
                 *guard = Some(me.open()?);
             }
@@ -186,7 +189,7 @@ impl SqliteSink {
 /// rolls the whole batch back and is named (with the others it refuses), so the worker
 /// dead-letters exactly those and writes the rest again.
 fn insert(
-    sink: &SqliteSink,
+    sink: &Inner,
     conn: &mut Connection,
     rows: &[(u64, Result<Row, SinkError>)],
     next: u64,
@@ -304,7 +307,7 @@ impl Sink for SqliteSink {
                 Err(e) => {
                     // unreachable now: start from the saved position; each write skips
                     // the entries the database already holds
-                    tracing::warn!(sink = %self.name, error = %e, "sqlite sink: database not reachable at start; retrying with every write");
+                    tracing::warn!(sink = %self.inner.name, error = %e, "sqlite sink: database not reachable at start; retrying with every write");
                     Ok(saved)
                 }
             }
