@@ -13,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::wait_for;
+use common::{dispatch_records, the_dead_letter, wait_for};
 use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
@@ -110,10 +110,7 @@ to = ["hook"]
     )
     .await
     .unwrap();
-    for seq in 1..=40u64 {
-        let record = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#);
-        engine.dispatch("fleet/a1/telemetry/app", record.as_bytes());
-    }
+    dispatch_records(&engine, 1..=40);
     wait_for(
         &engine,
         Duration::from_secs(30),
@@ -139,10 +136,7 @@ to = ["hook"]
         rx.requests[0].1, rx.requests[4].1,
         "the first batch, sent again"
     );
-    let dead = std::fs::read_to_string(dir.path().join("dead/a1.jsonl")).unwrap();
-    let dead: serde_json::Value = serde_json::from_str(dead.trim()).unwrap();
-    assert_eq!(dead["record"]["seq"], 13);
-    let error = dead["dead_letter"]["error"].as_str().unwrap();
+    let error = the_dead_letter(dir.path(), 13, "hook");
     assert!(error.contains("400 Bad Request"), "{error}");
     assert!(error.contains("is not a number"), "{error}");
 }

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{assert_balanced, wait_for};
+use common::{assert_balanced, dispatch_records, the_dead_letter, wait_for};
 use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
@@ -71,10 +71,7 @@ async fn rows_arrive_once_a_refused_row_is_dead_lettered_and_a_replay_writes_not
     client.batch_execute(TABLE).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let engine = start(dir.path(), &pg).await;
-    for seq in 1..=500u64 {
-        let record = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#);
-        engine.dispatch("fleet/a1/telemetry/app", record.as_bytes());
-    }
+    dispatch_records(&engine, 1..=500);
     wait_for(
         &engine,
         Duration::from_secs(30),
@@ -92,11 +89,7 @@ async fn rows_arrive_once_a_refused_row_is_dead_lettered_and_a_replay_writes_not
         expected,
         "once each, the rows around 250 written"
     );
-    let dead = std::fs::read_to_string(dir.path().join("dead/a1.jsonl")).unwrap();
-    let dead: serde_json::Value = serde_json::from_str(dead.trim()).unwrap();
-    assert_eq!(dead["record"]["seq"], 250);
-    assert_eq!(dead["dead_letter"]["sink"], "db");
-    let error = dead["dead_letter"]["error"].as_str().unwrap();
+    let error = the_dead_letter(dir.path(), 250, "db");
     assert!(error.contains("23514"), "{error}");
     assert!(error.contains("messages_seq_check"), "{error}");
 

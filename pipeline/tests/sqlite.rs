@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{assert_balanced, wait_for};
+use common::{assert_balanced, dispatch_records, the_dead_letter, wait_for};
 use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
@@ -67,10 +67,7 @@ async fn rows_arrive_once_in_order_and_a_refused_row_goes_to_the_dead_letter() {
         .unwrap();
     let acked = Arc::default();
     let engine = start(dir.path(), &acked).await;
-    for seq in 1..=500u64 {
-        let record = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#);
-        engine.dispatch("fleet/a1/telemetry/app", record.as_bytes());
-    }
+    dispatch_records(&engine, 1..=500);
     wait_for(
         &engine,
         Duration::from_secs(20),
@@ -88,11 +85,7 @@ async fn rows_arrive_once_in_order_and_a_refused_row_goes_to_the_dead_letter() {
         expected,
         "in order, once, the rows around 250 written"
     );
-    let dead = std::fs::read_to_string(dir.path().join("dead/a1.jsonl")).unwrap();
-    let dead: serde_json::Value = serde_json::from_str(dead.trim()).unwrap();
-    assert_eq!(dead["record"]["seq"], 250);
-    assert_eq!(dead["dead_letter"]["sink"], "db");
-    let error = dead["dead_letter"]["error"].as_str().unwrap();
+    let error = the_dead_letter(dir.path(), 250, "db");
     assert!(error.contains("CHECK constraint failed"), "{error}");
 
     // a crash before the worker saved its position: the log is read again from the start

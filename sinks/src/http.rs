@@ -264,7 +264,7 @@ impl HttpSink {
                 tracing::info!(sink = %name, url = %url, status = %response.status(), "http sink: receiver reachable")
             }
             Err(e) => {
-                tracing::warn!(sink = %name, url = %url, error = %error_chain(&e), "http sink: receiver not reachable at start; its messages wait in the log and every write retries")
+                tracing::warn!(sink = %name, url = %url, error = %crate::error_chain(&e), "http sink: receiver not reachable at start; its messages wait in the log and every write retries")
             }
         }
     }
@@ -296,7 +296,12 @@ impl Sink for HttpSink {
                 .send()
                 .await
                 .map_err(|e| {
-                    SinkError::Remote(format!("{} {}: {}", self.method, self.url, error_chain(&e)))
+                    SinkError::Remote(format!(
+                        "{} {}: {}",
+                        self.method,
+                        self.url,
+                        crate::error_chain(&e)
+                    ))
                 })?;
             let status = response.status();
             if status.is_success() {
@@ -324,19 +329,6 @@ impl Sink for HttpSink {
             })
         })
     }
-}
-
-/// An error with its sources (reqwest's top-level text alone says little: "error sending
-/// request").
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ use serde::{Deserialize, Serialize};
 use tokio_postgres::error::SqlState;
 
 use crate::config::{SinkPlace, SinkType};
-use crate::row::{plain_identifier, Row, POSITIONS};
+use crate::row::{check_table, Row, POSITIONS};
 use crate::secret::Secret;
 use crate::{Batch, BoxFuture, Sink, SinkError};
 
@@ -151,14 +151,7 @@ impl SinkType for PostgresSinkConfig {
                 _ => p.add("url", e),
             }
         }
-        p.require(
-            plain_identifier(&self.table),
-            "table",
-            format!(
-                "`{}` must be 1-63 characters of [A-Za-z0-9_], not starting with a digit",
-                self.table
-            ),
-        );
+        check_table(&self.table, p);
         p.require(
             (1..=16).contains(&self.pool_size),
             "pool_size",
@@ -344,16 +337,7 @@ fn describe(e: &tokio_postgres::Error) -> String {
             }
             text
         }
-        None => {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(e);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        }
+        None => crate::error_chain(e),
     }
 }
 

@@ -100,6 +100,15 @@ pub fn default_create_table() -> bool {
     true
 }
 
+/// Records a problem at `table` when the name cannot be used as a plain SQL identifier.
+pub fn check_table(table: &str, p: &mut fleetbus_config::Problems) {
+    p.require(
+        plain_identifier(table),
+        "table",
+        format!("`{table}` must be 1-63 characters of [A-Za-z0-9_], not starting with a digit"),
+    );
+}
+
 /// True when `name` can be used as an SQL identifier unquoted and unescaped.
 pub fn plain_identifier(name: &str) -> bool {
     let mut chars = name.chars();

@@ -30,7 +30,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{SinkPlace, SinkType};
-use crate::row::{plain_identifier, Row, POSITIONS};
+use crate::row::{check_table, Row, POSITIONS};
 use crate::{Batch, BoxFuture, Sink, SinkError};
 
 /// `type = "sqlite"`: rows in a table of an SQLite database file.
@@ -64,14 +64,7 @@ impl SinkType for SqliteSinkConfig {
             "path",
             "is empty: name the database file",
         );
-        p.require(
-            plain_identifier(&self.table),
-            "table",
-            format!(
-                "`{}` must be 1-63 characters of [A-Za-z0-9_], not starting with a digit",
-                self.table
-            ),
-        );
+        check_table(&self.table, p);
         p.require(
             self.busy_timeout <= Duration::from_secs(60),
             "busy_timeout",

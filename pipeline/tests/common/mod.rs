@@ -44,3 +44,21 @@ pub fn assert_balanced(stats: &EngineStats, name: &str) -> (u64, u64, u64) {
     );
     (s.routed, s.written, s.dead_lettered)
 }
+
+/// Dispatches records `seqs` of agent `a1` on stream `app` (epoch 7).
+pub fn dispatch_records(engine: &Engine, seqs: std::ops::RangeInclusive<u64>) {
+    for seq in seqs {
+        let record = format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#);
+        engine.dispatch("fleet/a1/telemetry/app", record.as_bytes());
+    }
+}
+
+/// The one dead letter of agent `a1` in the file sink at `dir/dead/a1.jsonl`: asserts it
+/// holds record `seq`, given up by sink `sink`; returns the error it carries.
+pub fn the_dead_letter(dir: &std::path::Path, seq: u64, sink: &str) -> String {
+    let dead = std::fs::read_to_string(dir.join("dead/a1.jsonl")).unwrap();
+    let dead: serde_json::Value = serde_json::from_str(dead.trim()).unwrap();
+    assert_eq!(dead["record"]["seq"], seq);
+    assert_eq!(dead["dead_letter"]["sink"], sink);
+    dead["dead_letter"]["error"].as_str().unwrap().to_string()
+}

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use fleetbus_protocol::Message;
 
 use super::*;
+use crate::row::plain_identifier;
 use crate::{ErrorClass, Item};
 
 fn sink(dir: &Path, create_table: bool) -> Box<dyn Sink> {
