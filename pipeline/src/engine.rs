@@ -187,7 +187,8 @@ pub struct Engine {
 impl Engine {
     /// Opens the write-ahead log under `data_dir/wal` (replaying it), builds every sink of
     /// `rules` (file sinks write under `data_dir`) and starts the committer and the sink
-    /// workers on the current tokio runtime. Acknowledgements go out through `publisher` (on `fleet/{agent}/acks`).
+    /// workers on the current tokio runtime. Acknowledgements go out through `publisher` (on
+    /// `fleet/{agent}/acks`), and `mqtt` sinks without a `url` republish through it.
     pub async fn start(
         rules: RuleSet,
         data_dir: &Path,
@@ -210,6 +211,7 @@ impl Engine {
                 name,
                 data_dir,
                 state_dir: &state_dir,
+                broker: &publisher,
             };
             let mut sink = config
                 .build(&place)

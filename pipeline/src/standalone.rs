@@ -26,12 +26,12 @@ impl AckChannel {
     /// The publisher to give to [`Engine::start`].
     pub fn publisher(&self) -> Publisher {
         let client = self.client.clone();
-        Publisher::new(move |topic, payload| {
+        Publisher::with_retain(move |topic, payload, retain| {
             let guard = client.lock().unwrap_or_else(|p| p.into_inner());
             match guard.as_ref() {
                 // QoS 0: acknowledgements are idempotent; a lost one means a re-send
                 Some(c) => c
-                    .try_publish(topic, QoS::AtMostOnce, false, payload)
+                    .try_publish(topic, QoS::AtMostOnce, retain, payload)
                     .map_err(|e| NotPublished(e.to_string())),
                 None => Err(NotPublished("not connected".into())),
             }

@@ -56,6 +56,22 @@ impl TopicFilter {
         &self.source
     }
 
+    /// True when some topic matches both this filter and `other` (a filter too, wildcards
+    /// allowed): `alerts/+/disk` and `alerts/web-1/#` overlap, `alerts/+` and `jobs/#` do
+    /// not.
+    pub fn overlaps(&self, other: &TopicFilter) -> bool {
+        let mut mine = self.levels.iter();
+        let mut theirs = other.levels.iter();
+        loop {
+            match (mine.next(), theirs.next()) {
+                (Some(Level::Rest), _) | (_, Some(Level::Rest)) | (None, None) => return true,
+                (Some(Level::One), Some(_)) | (Some(_), Some(Level::One)) => {}
+                (Some(Level::Exact(a)), Some(Level::Exact(b))) if a == b => {}
+                _ => return false,
+            }
+        }
+    }
+
     /// True when `topic` matches. Topics starting with `$` are not matched by a filter
     /// that starts with a wildcard.
     pub fn matches(&self, topic: &str) -> bool {
@@ -101,6 +117,26 @@ mod tests {
         assert!(!m("#", "$SYS/x"));
         assert!(m("$SYS/#", "$SYS/x"));
         assert!(m("a//b", "a//b"));
+    }
+
+    #[test]
+    fn filters_overlap_when_one_topic_can_match_both() {
+        let o = |a: &str, b: &str| {
+            let (a, b) = (
+                TopicFilter::parse(a).unwrap(),
+                TopicFilter::parse(b).unwrap(),
+            );
+            assert_eq!(a.overlaps(&b), b.overlaps(&a), "not symmetric");
+            a.overlaps(&b)
+        };
+        assert!(o("alerts/+/disk", "alerts/web-1/#"));
+        assert!(o("alerts/#", "alerts"));
+        assert!(o("#", "x/y"));
+        assert!(o("a/+/c", "a/b/c"));
+        assert!(!o("alerts/+", "jobs/#"));
+        assert!(!o("a/+", "a/b/c"));
+        assert!(!o("a/b", "a/c"));
+        assert!(!o("a", "a/b"));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use fleetbus_config::{parse_toml, problems_of, ConfigError, InvalidConfig};
-use fleetbus_sinks::{builtin_dead_letters, SinkConfig, BUILTIN_DEAD_LETTERS};
+use fleetbus_sinks::{builtin_dead_letters, SinkConfig, SinkKind, BUILTIN_DEAD_LETTERS};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -149,6 +149,7 @@ impl RuleSet {
 
         let mut names = HashSet::new();
         let mut rules = Vec::new();
+        let mut rule_spans = Vec::new();
         for raw_rule in &raw.rules {
             let r = raw_rule.get_ref();
             let name = r.name.get_ref().trim().to_string();
@@ -215,6 +216,7 @@ impl RuleSet {
                 }
             }
             if r.enabled {
+                rule_spans.push(r.name.span());
                 rules.push(Rule {
                     name,
                     description: r.description.clone(),
@@ -223,6 +225,15 @@ impl RuleSet {
                     to,
                 });
             }
+        }
+        for (rule, way_round) in republishing_loops(&sinks, &rules) {
+            problems.push(at(
+                rule_spans[rule].clone(),
+                format!(
+                    "rule `{}`: its messages can come back to it through the server's own broker: {way_round}",
+                    rules[rule].name
+                ),
+            ));
         }
         if problems.is_empty() {
             Ok(RuleSet { sinks, rules })
@@ -243,6 +254,104 @@ impl RuleSet {
     }
 }
 
+/// Every rule whose messages can come back to it through sinks that republish into the
+/// server's own broker (`mqtt` sinks without `url`; a sink's dead letters count as its
+/// messages), with the way round in words. Such a loop would republish without end.
+fn republishing_loops(sinks: &[(String, SinkConfig)], rules: &[Rule]) -> Vec<(usize, String)> {
+    let republished: Vec<Option<TopicFilter>> = sinks
+        .iter()
+        .map(|(_, config)| match &config.kind {
+            SinkKind::Mqtt(m) => m
+                .republished_filter()
+                .and_then(|f| TopicFilter::parse(&f).ok()),
+            _ => None,
+        })
+        .collect();
+    // the sinks a rule's messages reach: its own, and their dead-letter sinks in turn
+    let reached = |rule: &Rule| {
+        let mut out: Vec<usize> = rule.to.clone();
+        let mut n = 0;
+        while n < out.len() {
+            let next = sinks[out[n]]
+                .1
+                .dead_letter
+                .as_deref()
+                .and_then(|dl| sinks.iter().position(|(name, _)| name == dl));
+            if let Some(next) = next.filter(|s| !out.contains(s)) {
+                out.push(next);
+            }
+            n += 1;
+        }
+        out
+    };
+    // rule -> (the sink, the rule that takes what it republishes)
+    let edges: Vec<Vec<(usize, usize)>> = rules
+        .iter()
+        .map(|rule| {
+            let mut out = Vec::new();
+            for sink in reached(rule) {
+                let Some(filter) = &republished[sink] else {
+                    continue;
+                };
+                for (j, other) in rules.iter().enumerate() {
+                    if other.from.iter().any(|f| f.overlaps(filter)) {
+                        out.push((sink, j));
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    let mut loops = Vec::new();
+    for start in 0..rules.len() {
+        // breadth first from `start`, remembering how each rule was reached
+        let mut came_from: Vec<Option<(usize, usize)>> = vec![None; rules.len()];
+        let mut queue = std::collections::VecDeque::from([start]);
+        let mut back = None;
+        while let Some(i) = queue.pop_front() {
+            for &(sink, j) in &edges[i] {
+                if j == start {
+                    back = Some((i, sink));
+                    break;
+                }
+                if came_from[j].is_none() {
+                    came_from[j] = Some((i, sink));
+                    queue.push_back(j);
+                }
+            }
+            if back.is_some() {
+                break;
+            }
+        }
+        let Some((mut at, mut sink)) = back else {
+            continue;
+        };
+        let mut steps = Vec::new();
+        let mut to = start;
+        loop {
+            let filter = republished[sink].as_ref().map(|f| f.as_str()).unwrap_or("");
+            let taken = rules[to]
+                .from
+                .iter()
+                .find(|f| republished[sink].as_ref().is_some_and(|r| f.overlaps(r)))
+                .map(|f| f.as_str())
+                .unwrap_or("");
+            steps.push(format!(
+                "rule `{}` → sink `{}` republishes on `{filter}` → rule `{}` takes `{taken}`",
+                rules[at].name, sinks[sink].0, rules[to].name
+            ));
+            if at == start {
+                break;
+            }
+            to = at;
+            (at, sink) = came_from[at].unwrap_or((start, sink));
+        }
+        steps.reverse();
+        loops.push((start, steps.join("; ")));
+    }
+    loops
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +370,56 @@ mod tests {
         assert_eq!(
             rs.filters(),
             vec!["fleet/+/telemetry/#", "fleet/+/files/+/complete"]
+        );
+    }
+
+    #[test]
+    fn a_rule_that_can_republish_into_its_own_from_is_refused() {
+        let sinks = r#"[sinks.alerts]
+type = "mqtt"
+topic = "alerts/{agent}/{stream}"
+
+[sinks.bridge]
+type = "mqtt"
+topic = "alerts/{agent}"
+url = "mqtt://central.example:1883"
+
+[sinks.flaky]
+type = "http"
+url = "http://127.0.0.1:9/hook"
+dead_letter = "alerts"
+"#;
+        // republishing fleet traffic elsewhere, and bridging, are fine
+        let fine = format!(
+            "{sinks}[[rules]]\nname = \"up\"\nfrom = [\"fleet/+/telemetry/#\"]\nto = [\"alerts\"]\n\
+             [[rules]]\nname = \"out\"\nfrom = [\"alerts/#\"]\nto = [\"bridge\"]\n"
+        );
+        assert!(problems(&fine).is_empty(), "{:#?}", problems(&fine));
+        // directly
+        let direct = format!(
+            "{sinks}[[rules]]\nname = \"echo\"\nfrom = [\"alerts/+/heartbeat\"]\nto = [\"alerts\"]\n"
+        );
+        let p = problems(&direct);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].ends_with(
+                "rule `echo`: its messages can come back to it through the server's own broker: \
+                 rule `echo` → sink `alerts` republishes on `alerts/+/+` → rule `echo` takes `alerts/+/heartbeat`"
+            ),
+            "{}",
+            p[0]
+        );
+        // through another rule and a sink's dead letters
+        let round = format!(
+            "{sinks}[[rules]]\nname = \"one\"\nfrom = [\"alerts/#\"]\nto = [\"flaky\"]\n\
+             [[rules]]\nname = \"two\"\nfrom = [\"x/y\"]\nto = [\"bridge\"]\n"
+        );
+        let p = problems(&round);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].contains("rule `one` → sink `alerts` republishes on `alerts/+/+` → rule `one` takes `alerts/#`"),
+            "{}",
+            p[0]
         );
     }
 

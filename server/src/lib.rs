@@ -451,9 +451,9 @@ async fn report_stats(engine: Arc<Engine>, interval: Duration, mut stop: shutdow
 /// in-process link without waiting (a full router queue refuses it; the caller says what
 /// that costs).
 fn broker_publisher(link: Arc<Mutex<LinkTx>>) -> fleetbus_support::Publisher {
-    fleetbus_support::Publisher::new(move |topic, payload| {
+    fleetbus_support::Publisher::with_retain(move |topic, payload, retain| {
         let mut link = link.lock().unwrap_or_else(|p| p.into_inner());
-        link.try_publish(topic, payload)
+        link.try_publish_with_retain(topic, payload, retain)
             .map(|_| ())
             .map_err(|e| fleetbus_support::NotPublished(e.to_string()))
     })

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::file::FileSinkConfig;
 use crate::http::HttpSinkConfig;
+use crate::mqtt::MqttSinkConfig;
 use crate::postgres::PostgresSinkConfig;
 use crate::s3::S3SinkConfig;
 use crate::sqlite::SqliteSinkConfig;
@@ -63,6 +64,9 @@ pub struct SinkPlace<'a> {
     pub data_dir: &'a Path,
     /// The sink's own state directory (e.g. batch markers).
     pub state_dir: &'a Path,
+    /// The broker the server (or `fleetbus rules run`) is attached to: where an `mqtt`
+    /// sink without `url` republishes.
+    pub broker: &'a fleetbus_support::Publisher,
 }
 
 /// Declares [`SinkKind`]: one line per sink type, `"type name" => Variant(ConfigType)`.
@@ -106,6 +110,8 @@ sink_types! {
     "sqlite" => Sqlite(SqliteSinkConfig),
     /// `type = "postgres"`: one row per message in a PostgreSQL table.
     "postgres" => Postgres(PostgresSinkConfig),
+    /// `type = "mqtt"`: republish on a templated topic, into the server's broker or another.
+    "mqtt" => Mqtt(MqttSinkConfig),
 }
 
 /// `buffer`: how much of the write-ahead log may wait for this sink.

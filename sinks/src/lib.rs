@@ -8,6 +8,7 @@
 //! | `stdout` | JSON lines on standard output | at least once |
 //! | `sqlite` | one row per message (key columns, the message as JSON) in an SQLite table | exactly once (a unique record key, and the log position committed with each batch) |
 //! | `postgres` | one row per message (key columns, the message as `jsonb`) in a PostgreSQL table, one `unnest` insert per batch | exactly once (as `sqlite`) |
+//! | `mqtt` | each message republished on a templated topic, into the server's own broker or another one | at least once |
 //! | `http` | one request per batch (JSON array or NDJSON) with an `Idempotency-Key` | at least once (exactly once with a receiver that honours the key) |
 //! | `s3` | files streamed from the spool (multipart); records batched into JSON-lines objects with deterministic keys | exactly once per key (a retry overwrites) |
 
@@ -15,6 +16,7 @@ pub mod completion;
 pub mod config;
 pub mod file;
 pub mod http;
+pub mod mqtt;
 pub mod postgres;
 pub mod row;
 pub mod s3;

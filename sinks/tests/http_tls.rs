@@ -66,6 +66,7 @@ fn sink(toml_text: &str, dir: &Path) -> Box<dyn fleetbus_sinks::Sink> {
             name: "hook",
             data_dir: dir,
             state_dir: dir,
+            broker: &fleetbus_support::Publisher::discard(),
         })
         .unwrap()
 }

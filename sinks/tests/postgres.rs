@@ -24,6 +24,7 @@ fn sink(dir: &Path, pg: &Postgres, extra: &str) -> Box<dyn Sink> {
             name: "pg",
             data_dir: dir,
             state_dir: dir,
+            broker: &fleetbus_support::Publisher::discard(),
         })
         .unwrap()
 }
@@ -197,6 +198,7 @@ async fn rows_land_once_with_their_key_columns_and_refusals_are_told_apart_from_
             name: "wrong",
             data_dir: dir.path(),
             state_dir: dir.path(),
+            broker: &fleetbus_support::Publisher::discard(),
         })
         .unwrap();
     let e = wrong.write(&batch(&[(50, 7, "x")])).await.unwrap_err();
@@ -234,6 +236,7 @@ async fn over_tls_the_server_is_trusted_only_through_the_ca_file() {
                 name,
                 data_dir: dir.path(),
                 state_dir: dir.path(),
+                broker: &fleetbus_support::Publisher::discard(),
             })
             .unwrap()
     };

@@ -17,13 +17,29 @@ pub struct NotPublished(pub String);
 /// Publishes a payload on a topic without waiting. Cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
-    send: Arc<dyn Fn(String, Vec<u8>) -> Result<(), NotPublished> + Send + Sync>,
+    send: Arc<SendFn>,
 }
 
+/// What a [`Publisher`] calls: topic, payload, and whether the broker keeps the message as
+/// the topic's retained one.
+type SendFn = dyn Fn(String, Vec<u8>, bool) -> Result<(), NotPublished> + Send + Sync;
+
 impl Publisher {
-    /// A publisher that calls `send(topic, payload)`.
+    /// A publisher that calls `send(topic, payload)`, for a destination without retained
+    /// messages (tests, a pipeline without a broker): [`Publisher::publish_retained`]
+    /// hands the message on as an ordinary one.
     pub fn new(
         send: impl Fn(String, Vec<u8>) -> Result<(), NotPublished> + Send + Sync + 'static,
+    ) -> Publisher {
+        Publisher {
+            send: Arc::new(move |topic, payload, _retain| send(topic, payload)),
+        }
+    }
+
+    /// A publisher that calls `send(topic, payload, retain)`: a broker, which keeps the
+    /// last message published with `retain` on a topic for later subscribers.
+    pub fn with_retain(
+        send: impl Fn(String, Vec<u8>, bool) -> Result<(), NotPublished> + Send + Sync + 'static,
     ) -> Publisher {
         Publisher {
             send: Arc::new(send),
@@ -37,7 +53,18 @@ impl Publisher {
 
     /// Hands `payload` on for `topic`.
     pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), NotPublished> {
-        (self.send)(topic, payload)
+        (self.send)(topic, payload, false)
+    }
+
+    /// Hands `payload` on for `topic`, as the topic's retained message when `retain` (see
+    /// [`Publisher::with_retain`]).
+    pub fn publish_retained(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), NotPublished> {
+        (self.send)(topic, payload, retain)
     }
 }
 

@@ -61,6 +61,11 @@ impl Mosquitto {
         Some(broker)
     }
 
+    /// Its process id (to stop and continue it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What Mosquitto has logged so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()

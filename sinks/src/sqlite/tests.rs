@@ -19,6 +19,7 @@ fn sink(dir: &Path, create_table: bool) -> Box<dyn Sink> {
             name: "db",
             data_dir: dir,
             state_dir: dir,
+            broker: &fleetbus_support::Publisher::discard(),
         })
         .unwrap()
 }

@@ -272,6 +272,29 @@ impl LinkTx {
         Ok(len)
     }
 
+    /// fleetbus patch: [`LinkTx::try_publish`] with the retain flag set as asked (the MQTT
+    /// sink republishes retained messages through the server's in-process link)
+    pub fn try_publish_with_retain<S, V>(
+        &mut self,
+        topic: S,
+        payload: V,
+        retain: bool,
+    ) -> Result<usize, LinkError>
+    where
+        S: Into<Bytes>,
+        V: Into<Bytes>,
+    {
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain,
+            topic: topic.into(),
+            pkid: 0,
+            payload: payload.into(),
+        };
+        self.try_push(Packet::Publish(publish, None))
+    }
+
     /// Sends a MQTT Subscribe to the eventloop
     pub fn subscribe<S: Into<String>>(&mut self, filter: S) -> Result<usize, LinkError> {
         let filters = vec![Filter {
