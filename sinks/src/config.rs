@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::file::FileSinkConfig;
 use crate::http::HttpSinkConfig;
+use crate::influxdb::InfluxSinkConfig;
 use crate::mqtt::MqttSinkConfig;
 use crate::postgres::PostgresSinkConfig;
 use crate::s3::S3SinkConfig;
@@ -112,6 +113,8 @@ sink_types! {
     "postgres" => Postgres(PostgresSinkConfig),
     /// `type = "mqtt"`: republish on a templated topic, into the server's broker or another.
     "mqtt" => Mqtt(MqttSinkConfig),
+    /// `type = "influxdb"`: one point per metric, InfluxDB line protocol.
+    "influxdb" => Influxdb(InfluxSinkConfig),
 }
 
 /// `buffer`: how much of the write-ahead log may wait for this sink.

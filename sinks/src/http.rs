@@ -107,24 +107,13 @@ impl SinkType for HttpSinkConfig {
     }
 
     fn check(&self, p: &mut Problems) {
-        match reqwest::Url::parse(&self.url) {
-            Ok(u) => p.require(
-                matches!(u.scheme(), "http" | "https"),
-                "url",
-                format!("`{}` must start with http:// or https://", self.url),
-            ),
-            Err(e) => p.add("url", format!("`{}`: {e}", self.url)),
-        }
+        check_url(&self.url, p);
         p.require(
             matches!(self.method.as_str(), "POST" | "PUT"),
             "method",
             format!("`{}` must be POST or PUT", self.method),
         );
-        p.require(
-            self.timeout >= Duration::from_millis(100) && self.timeout <= Duration::from_secs(300),
-            "timeout",
-            "must be between 100ms and 300s",
-        );
+        check_timeout(self.timeout, p);
         for (name, source) in &self.headers {
             let key = format!("headers.{name}");
             if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
@@ -157,16 +146,8 @@ impl SinkType for HttpSinkConfig {
             value.set_sensitive(true);
             headers.insert(name, value);
         }
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(
-                crate::tls::client_config(self.ca_file.as_deref()).map_err(&config_error)?,
-            )
-            .timeout(self.timeout)
-            .connect_timeout(self.timeout)
-            .default_headers(headers)
-            .pool_max_idle_per_host(2)
-            .build()
-            .map_err(|e| config_error(e.to_string()))?;
+        let client =
+            client(self.ca_file.as_deref(), self.timeout, headers).map_err(&config_error)?;
         let method = match self.method.as_str() {
             "PUT" => reqwest::Method::PUT,
             _ => reqwest::Method::POST,
@@ -238,6 +219,72 @@ fn body(batch: &Batch, format: BodyFormat) -> Result<Vec<u8>, SinkError> {
     Ok(out)
 }
 
+/// Records a problem at `url` unless it is an `http://` or `https://` URL.
+pub(crate) fn check_url(url: &str, p: &mut Problems) {
+    match reqwest::Url::parse(url) {
+        Ok(u) => p.require(
+            matches!(u.scheme(), "http" | "https"),
+            "url",
+            format!("`{url}` must start with http:// or https://"),
+        ),
+        Err(e) => p.add("url", format!("`{url}`: {e}")),
+    }
+}
+
+/// Records a problem at `timeout` unless it is between 100 ms and 300 s.
+pub(crate) fn check_timeout(timeout: Duration, p: &mut Problems) {
+    p.require(
+        timeout >= Duration::from_millis(100) && timeout <= Duration::from_secs(300),
+        "timeout",
+        "must be between 100ms and 300s",
+    );
+}
+
+/// An HTTP client for a sink: TLS trusting `ca_file` or else the system's CAs, `timeout`
+/// for connecting and for each request, `headers` on every request.
+pub(crate) fn client(
+    ca_file: Option<&std::path::Path>,
+    timeout: Duration,
+    headers: reqwest::header::HeaderMap,
+) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(crate::tls::client_config(ca_file)?)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .default_headers(headers)
+        .pool_max_idle_per_host(2)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// The error for an answer that is not a 2xx to `what` (`POST URL`): retried when
+/// `retryable(status)`, not before a `Retry-After` the receiver sent; else refused for
+/// good. Its text has the status and the start of the receiver's answer.
+pub(crate) async fn answer_error(
+    response: reqwest::Response,
+    what: &str,
+    retryable: impl Fn(reqwest::StatusCode) -> bool,
+) -> SinkError {
+    let status = response.status();
+    let wait = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry_after(v, chrono::Utc::now()));
+    // the start of the receiver's answer says why (bounded: a receiver may send a lot)
+    let text = response.text().await.unwrap_or_default();
+    let said: String = text.chars().take(300).collect();
+    let reason = format!("{what}: {status} {}", said.trim());
+    match (retryable(status), wait) {
+        (true, Some(wait)) => SinkError::RetryAfter {
+            wait,
+            reason: format!("{reason} (Retry-After {}s)", wait.as_secs()),
+        },
+        (true, None) => SinkError::Remote(reason),
+        (false, _) => SinkError::Refused(reason),
+    }
+}
+
 /// How long a `Retry-After` header asks to wait (seconds or an HTTP date), at most
 /// [`MAX_RETRY_AFTER`].
 pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
@@ -303,30 +350,16 @@ impl Sink for HttpSink {
                         crate::error_chain(&e)
                     ))
                 })?;
-            let status = response.status();
-            if status.is_success() {
+            if response.status().is_success() {
                 return Ok(());
             }
-            let wait = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| retry_after(v, chrono::Utc::now()));
-            // the start of the receiver's answer says why (bounded: a receiver may send a lot)
-            let text = response.text().await.unwrap_or_default();
-            let said: String = text.chars().take(300).collect();
-            let reason = format!("{} {}: {status} {}", self.method, self.url, said.trim());
-            let retryable = status.is_server_error()
-                || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                || status == reqwest::StatusCode::REQUEST_TIMEOUT;
-            Err(match (retryable, wait) {
-                (true, Some(wait)) => SinkError::RetryAfter {
-                    wait,
-                    reason: format!("{reason} (Retry-After {}s)", wait.as_secs()),
-                },
-                (true, None) => SinkError::Remote(reason),
-                (false, _) => SinkError::Refused(reason),
+            let what = format!("{} {}", self.method, self.url);
+            Err(answer_error(response, &what, |status| {
+                status.is_server_error()
+                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                    || status == reqwest::StatusCode::REQUEST_TIMEOUT
             })
+            .await)
         })
     }
 }

@@ -162,11 +162,7 @@ impl SinkType for MqttSinkConfig {
     fn check(&self, p: &mut Problems) {
         self.check_topic(p);
         p.require(self.qos <= 1, "qos", "must be 0 or 1");
-        p.require(
-            self.timeout >= Duration::from_millis(100) && self.timeout <= Duration::from_secs(300),
-            "timeout",
-            "must be between 100ms and 300s",
-        );
+        crate::http::check_timeout(self.timeout, p);
         match self.broker_url() {
             None => {
                 for (key, set) in [
@@ -319,6 +315,14 @@ enum Seen {
     Failed(String),
 }
 
+impl Connection {
+    /// True when its event loop has reported a failure or ended (it reports nothing else
+    /// between batches).
+    fn has_failed(&self) -> bool {
+        self.events.is_closed() || !self.events.is_empty()
+    }
+}
+
 impl Drop for Connection {
     fn drop(&mut self) {
         self.task.abort();
@@ -393,7 +397,10 @@ impl OtherBroker {
         messages: Vec<(String, Vec<u8>)>,
         retain: bool,
     ) -> Result<(), String> {
-        let mut connection = match self.connection.take() {
+        // a connection the broker closed while idle is replaced at once, not after a
+        // failed attempt (between batches its event loop reports nothing else)
+        let alive = self.connection.take().filter(|c| !c.has_failed());
+        let mut connection = match alive {
             Some(c) => c,
             None => self.settings.connect().await?,
         };

@@ -4,8 +4,10 @@
 //! - [`CutProxy`]: a TCP proxy whose connections can be cut on demand;
 //! - [`ConnectProxy`]: an HTTP CONNECT proxy;
 //! - [`tls::TestCa`]: a throw-away CA issuing server and client certificates;
-//! - [`postgres::Postgres`]: a real PostgreSQL server (a child process, not in-process).
+//! - [`postgres::Postgres`]: a real PostgreSQL server (a child process, not in-process);
+//! - [`influxdb::Influxd`]: a real InfluxDB 1.x server (a child process too).
 
+pub mod influxdb;
 pub mod postgres;
 pub mod tls;
 

@@ -8,7 +8,8 @@
 //!    record: log → destination, nothing else.
 //! 3. The ceiling of the same rows or bytes without fleetbus: `psql \copy` of the same rows
 //!    (PostgreSQL), a plain HTTP client posting the same bodies (HTTP), one prepared
-//!    statement in one transaction per batch (SQLite).
+//!    statement in one transaction per batch (SQLite), a plain HTTP client posting the
+//!    same line protocol to `/write` (InfluxDB).
 //!
 //! The peak resident memory of this process during step 2 (the destination's own memory
 //! is not in it, but for the HTTP receiver, which runs here).
@@ -20,6 +21,7 @@ use anyhow::Context;
 use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
+use fleetbus_testkit::influxdb::Influxd;
 use fleetbus_testkit::postgres::{Postgres, PG_PASSWORD};
 
 /// The destinations `bench sink` measures.
@@ -31,6 +33,8 @@ pub enum SinkKind {
     Sqlite,
     /// A webhook receiver in this process.
     Http,
+    /// An InfluxDB 1.x server made for the run (Debian's package, as the tests use).
+    Influxdb,
 }
 
 /// One row of the result table.
@@ -45,10 +49,16 @@ pub struct SinkFigure {
     pub peak_kib: Option<u64>,
 }
 
-/// The bench's record: about `payload` bytes of JSON, as an agent's metrics record.
+/// The bench's record: about `payload` bytes of JSON, as an agent's metrics record (one
+/// metric; a millisecond apart from the one before, so that each is its own point in a
+/// time-series database).
 fn record(seq: u64, payload: usize) -> String {
+    let ts = chrono::DateTime::UNIX_EPOCH
+        + chrono::Duration::seconds(1_796_119_200)
+        + chrono::Duration::milliseconds(seq as i64);
     let head = format!(
-        r#"{{"seq":{seq},"epoch":1,"ts":"2026-12-01T10:00:00.000Z","host":"web-01","value":{}.5,"pad":""#,
+        r#"{{"seq":{seq},"epoch":1,"ts":"{}","host":"web-01","metrics":[{{"name":"cpu.usage","value":{}.5,"labels":{{"cpu":"total"}}}}],"pad":""#,
+        ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         seq % 1000
     );
     let pad = payload.saturating_sub(head.len() + 2);
@@ -70,6 +80,7 @@ pub async fn run(sink: SinkKind, records: u64, payload: usize) -> anyhow::Result
         SinkKind::Postgres => postgres(dir.path(), records, payload).await,
         SinkKind::Sqlite => sqlite(dir.path(), records, payload).await,
         SinkKind::Http => http(dir.path(), records, payload).await,
+        SinkKind::Influxdb => influxdb(dir.path(), records, payload).await,
     }
 }
 
@@ -306,6 +317,66 @@ async fn http(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<Si
         ours,
         SinkFigure {
             what: "plain reqwest client posting the same bodies".into(),
+            records,
+            elapsed,
+            peak_kib: None,
+        },
+    ])
+}
+
+async fn influxdb(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+    let influx = tokio::task::spawn_blocking(Influxd::start)
+        .await??
+        .context("InfluxDB is not installed (Debian: apt-get install influxdb)")?;
+    let sink = format!(
+        "type = \"influxdb\"\nurl = \"{}\"\ndatabase = \"bench\"\ncreate_database = true",
+        influx.url()
+    );
+    let mut ours = log_to_sink(dir, &sink, records, payload).await?;
+    ours.what = "fleetbus log → influxdb sink (line protocol, 1000 points per request)".into();
+
+    // the ceiling: the same points, 1000 per request, into a database of their own
+    let measurement =
+        fleetbus_sinks::influxdb::Measurement::parse("{metric}").map_err(|e| anyhow::anyhow!(e))?;
+    let mut bodies = Vec::new();
+    let mut body = String::new();
+    for seq in 1..=records {
+        let message =
+            fleetbus_protocol::Message::decode(&topic(seq), record(seq, payload).as_bytes())?;
+        let item = fleetbus_sinks::Item {
+            index: seq,
+            message: std::sync::Arc::new(message),
+            dead_letter: None,
+        };
+        fleetbus_sinks::influxdb::points(&item, &measurement, &mut body)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        if seq % 1000 == 0 || seq == records {
+            bodies.push(std::mem::take(&mut body));
+        }
+    }
+    let client = reqwest::Client::builder()
+        .use_preconfigured_tls(
+            fleetbus_sinks::tls::client_config(None).map_err(|e| anyhow::anyhow!(e))?,
+        )
+        .build()?;
+    let query = format!("{}/query", influx.url());
+    client
+        .post(&query)
+        .query(&[("q", "CREATE DATABASE ceiling")])
+        .send()
+        .await?
+        .error_for_status()?;
+    let url = format!("{}/write?db=ceiling&precision=ns", influx.url());
+    let started = Instant::now();
+    for body in bodies {
+        let status = client.post(&url).body(body).send().await?.status();
+        anyhow::ensure!(status.is_success(), "plain client: {status}");
+    }
+    let elapsed = started.elapsed();
+    Ok(vec![
+        ours,
+        SinkFigure {
+            what: "plain reqwest client posting the same points to /write".into(),
             records,
             elapsed,
             peak_kib: None,

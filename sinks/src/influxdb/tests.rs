@@ -1,0 +1,121 @@
+use std::sync::Arc;
+
+use super::*;
+
+fn item(topic: &str, body: &str) -> Item {
+    Item {
+        index: 1,
+        message: Arc::new(Message::decode(topic, body.as_bytes()).unwrap()),
+        dead_letter: None,
+    }
+}
+
+fn lines(template: &str, item: &Item) -> Result<String, String> {
+    let mut out = String::new();
+    points(item, &Measurement::parse(template).unwrap(), &mut out).map(|_| out)
+}
+
+#[test]
+fn each_metric_is_one_point_with_its_tags_fields_and_nanosecond_time() {
+    let record = item(
+        "fleet/web-01/telemetry/metrics",
+        r#"{"seq":3,"ts":"2026-12-01T10:00:00.123456789Z","tags":{"role":"web server","n":1},
+            "metrics":[
+              {"name":"cpu.usage","value":3.5,"warn":80,"crit":90,"min":0,"max":100,"labels":{"cpu":"total"}},
+              {"name":"disk.used","value":91,"labels":{"mount":"/var, /tmp","role":"db=x"}}]}"#,
+    );
+    assert_eq!(
+        lines("{metric}", &record).unwrap(),
+        "cpu.usage,agent=web-01,cpu=total,role=web\\ server,stream=metrics value=3.5,warn=80,crit=90,min=0,max=100 1796119200123456789\n\
+         disk.used,agent=web-01,mount=/var\\,\\ /tmp,role=db\\=x,stream=metrics value=91 1796119200123456789\n"
+    );
+    assert_eq!(
+        lines("fleet {stream}.{metric}", &record)
+            .unwrap()
+            .split(',')
+            .next(),
+        Some("fleet\\ metrics.cpu.usage")
+    );
+}
+
+#[test]
+fn a_message_without_points_says_why() {
+    let no_metrics = item(
+        "fleet/web-01/telemetry/heartbeat",
+        r#"{"seq":1,"ts":"2026-12-01T10:00:00Z"}"#,
+    );
+    assert!(lines("{metric}", &no_metrics)
+        .unwrap_err()
+        .contains("only metric records become points"));
+    let no_value = item(
+        "fleet/web-01/telemetry/metrics",
+        r#"{"seq":1,"metrics":[{"name":"a","value":1},{"name":"b","value":"high"}]}"#,
+    );
+    let mut out = String::from("before\n");
+    let e = points(
+        &no_value,
+        &Measurement::parse("{metric}").unwrap(),
+        &mut out,
+    )
+    .unwrap_err();
+    assert_eq!(e, "metric 1 (`b`) has no numeric `value`");
+    assert_eq!(
+        out, "before\n",
+        "a refused message leaves no half of its points"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_its_key() {
+    let problems = |text: &str| {
+        let config: InfluxSinkConfig = toml::from_str(text).unwrap();
+        let mut p = Problems::new();
+        config.check(&mut p);
+        p.into_vec()
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        problems("url = \"ftp://x\"\ndatabase = \"d\"\nbucket = \"b\"\nmeasurement = \"{metric}_{nope}\"\n"),
+        [
+            "url: `ftp://x` must start with http:// or https://",
+            "database: set `database` (InfluxDB 1.x, `/write`) or `org` and `bucket` (2.x, `/api/v2/write`), not both",
+            "org: is needed with `bucket`",
+            "measurement: `{metric}_{nope}`: unknown placeholder `{nope}` (known: {metric}, {agent}, {stream}, {seq}, {epoch}, {topic.N}, {file.name}, {file.sha256}, {file.id}, {file.size}, {file.meta.KEY})",
+        ]
+    );
+    assert_eq!(
+        problems("url = \"http://x\"\nbucket = \"b\"\norg = \"o\"\ncreate_database = true\nusername = \"u\"\n"),
+        [
+            "create_database: is for InfluxDB 1.x (`database`), not `bucket`",
+            "username: is for InfluxDB 1.x (`database`), not `bucket`",
+        ]
+    );
+    assert_eq!(
+        problems("url = \"http://x\"\ndatabase = \"d\"\ntoken = { env = \"FLEETBUS_TEST_NEVER_SET_4711\" }\n"),
+        [
+            "token: is for InfluxDB 2.x (`bucket`), not `database`",
+            "token: environment variable FLEETBUS_TEST_NEVER_SET_4711 is not set",
+        ]
+    );
+}
+
+#[test]
+fn the_write_url_keeps_a_path_prefix_and_names_database_or_bucket() {
+    let url = |text: &str| {
+        toml::from_str::<InfluxSinkConfig>(text)
+            .unwrap()
+            .write_url()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        url("url = \"http://h:8086\"\ndatabase = \"fleet\"\nretention_policy = \"30d\"\n"),
+        "http://h:8086/write?db=fleet&precision=ns&rp=30d"
+    );
+    assert_eq!(
+        url("url = \"https://h/influx/\"\norg = \"ops\"\nbucket = \"fleet metrics\"\n"),
+        "https://h/influx/api/v2/write?org=ops&bucket=fleet+metrics&precision=ns"
+    );
+}
