@@ -285,6 +285,26 @@ pub(crate) async fn answer_error(
     }
 }
 
+/// The start-up check of a sink that speaks HTTP: sends `request` once and logs whether
+/// `what` (`http sink: receiver`) answered. Any answer (a 404 or 405 included) says it can
+/// be reached; a refused connection, a TLS failure or a timeout is a warning. Never fails
+/// the start: the writes retry.
+pub(crate) async fn probe(request: reqwest::RequestBuilder, what: &str, sink: String) {
+    let url = request
+        .try_clone()
+        .and_then(|r| r.build().ok())
+        .map(|r| r.url().to_string())
+        .unwrap_or_default();
+    match request.send().await {
+        Ok(response) => {
+            tracing::info!(%sink, %url, status = %response.status(), "{what} reachable")
+        }
+        Err(e) => {
+            tracing::warn!(%sink, %url, error = %crate::error_chain(&e), "{what} not reachable at start; its messages wait in the log and every write retries")
+        }
+    }
+}
+
 /// How long a `Retry-After` header asks to wait (seconds or an HTTP date), at most
 /// [`MAX_RETRY_AFTER`].
 pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
@@ -301,28 +321,12 @@ pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Du
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
-impl HttpSink {
-    /// The start-up check: can the receiver be reached at all? Any HTTP answer (even 404
-    /// or 405 to a HEAD) says yes; a refused connection, a TLS failure or a timeout is a
-    /// warning. Never fails the start: the writes retry.
-    async fn probe(client: reqwest::Client, url: String, name: String) {
-        match client.head(&url).send().await {
-            Ok(response) => {
-                tracing::info!(sink = %name, url = %url, status = %response.status(), "http sink: receiver reachable")
-            }
-            Err(e) => {
-                tracing::warn!(sink = %name, url = %url, error = %crate::error_chain(&e), "http sink: receiver not reachable at start; its messages wait in the log and every write retries")
-            }
-        }
-    }
-}
-
 impl Sink for HttpSink {
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
         // beside the start, not before it
-        tokio::spawn(Self::probe(
-            self.client.clone(),
-            self.url.clone(),
+        tokio::spawn(probe(
+            self.client.head(&self.url),
+            "http sink: receiver",
             self.name.clone(),
         ));
         Box::pin(async move { Ok(saved) })

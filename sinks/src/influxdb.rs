@@ -391,19 +391,6 @@ pub fn points(item: &Item, measurement: &Measurement, out: &mut String) -> Resul
 }
 
 impl InfluxSink {
-    /// The start-up check: `GET /ping`. Any answer says the server is there; a refused
-    /// connection, a TLS failure or a timeout is a warning. Never fails the start.
-    async fn probe(client: reqwest::Client, url: reqwest::Url, name: String) {
-        match client.get(url.clone()).send().await {
-            Ok(response) => {
-                tracing::info!(sink = %name, %url, status = %response.status(), "influxdb sink: server reachable")
-            }
-            Err(e) => {
-                tracing::warn!(sink = %name, %url, error = %crate::error_chain(&e), "influxdb sink: server not reachable at start; its messages wait in the log and every write retries")
-            }
-        }
-    }
-
     /// `POST url` with `body`; the error classes of the module documentation.
     async fn post(&self, url: &reqwest::Url, body: String) -> Result<(), SinkError> {
         let what = format!(
@@ -443,10 +430,10 @@ impl InfluxSink {
 
 impl Sink for InfluxSink {
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
-        // beside the start, not before it
-        tokio::spawn(Self::probe(
-            self.client.clone(),
-            self.ping_url.clone(),
+        // beside the start, not before it: `GET /ping`
+        tokio::spawn(crate::http::probe(
+            self.client.get(self.ping_url.clone()),
+            "influxdb sink: server",
             self.name.clone(),
         ));
         Box::pin(async move { Ok(saved) })
@@ -455,15 +442,18 @@ impl Sink for InfluxSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let mut body = String::new();
+            // the messages without points that share the first one's reason: each dead
+            // letter carries its own reason (others come back with theirs on the retry)
             let mut none = Vec::new();
-            let mut why = String::new();
+            let mut why: Option<String> = None;
             for (n, item) in batch.items.iter().enumerate() {
                 if let Err(e) = points(item, &self.measurement, &mut body) {
-                    none.push(n);
-                    why = e;
+                    if why.get_or_insert_with(|| e.clone()) == &e {
+                        none.push(n);
+                    }
                 }
             }
-            if !none.is_empty() {
+            if let Some(why) = why {
                 return Err(SinkError::Refused(why).for_items(none));
             }
             if let Some(create) = self.create.clone() {

@@ -119,3 +119,45 @@ fn the_write_url_keeps_a_path_prefix_and_names_database_or_bucket() {
         "https://h/influx/api/v2/write?org=ops&bucket=fleet+metrics&precision=ns"
     );
 }
+
+#[tokio::test]
+async fn each_message_without_points_goes_with_its_own_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config: InfluxSinkConfig =
+        toml::from_str("url = \"http://127.0.0.1:9\"\ndatabase = \"d\"\n").unwrap();
+    let mut sink = config
+        .build(&SinkPlace {
+            name: "influx",
+            data_dir: dir.path(),
+            state_dir: dir.path(),
+            broker: &fleetbus_support::Publisher::discard(),
+        })
+        .unwrap();
+    let items = vec![
+        item(
+            "fleet/a/telemetry/metrics",
+            r#"{"seq":1,"metrics":[{"name":"a","value":"high"}]}"#,
+        ),
+        item("fleet/a/telemetry/heartbeat", r#"{"seq":2}"#),
+        item(
+            "fleet/a/telemetry/metrics",
+            r#"{"seq":3,"metrics":[{"name":"a","value":"low"}]}"#,
+        ),
+    ];
+    let batch = Batch {
+        first: 1,
+        next: 4,
+        items,
+    };
+    let e = sink.write(&batch).await.unwrap_err();
+    assert_eq!(e.rejected_items(), Some(&[0, 2][..]), "{e}");
+    assert_eq!(e.to_string(), "metric 0 (`a`) has no numeric `value`");
+    let rest = Batch {
+        first: 2,
+        next: 3,
+        items: vec![batch.items[1].clone()],
+    };
+    let e = sink.write(&rest).await.unwrap_err();
+    assert_eq!(e.rejected_items(), Some(&[0][..]), "{e}");
+    assert!(e.to_string().contains("only metric records"), "{e}");
+}
