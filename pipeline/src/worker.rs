@@ -6,6 +6,10 @@
 //! `batch.max_retry_age` hands the batch to the sink's `dead_letter` sink (with the error).
 //! Without a dead-letter sink a batch is retried until it is written. After every written
 //! batch the resume position is saved.
+//!
+//! One write is in flight at a time, in log order. While it is, the next batch's entries
+//! are read and decoded (and, for a sink that writes JSON, rendered) on a blocking thread,
+//! so the destination and the log work at once instead of taking turns.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -270,6 +274,8 @@ struct Ahead {
     /// Not decoded yet (None), decoded, or undecodable (`Some(None)`: counted and logged
     /// once, skipped).
     message: Option<Option<Arc<Message>>>,
+    /// The message body as JSON, when rendered ahead ([`Item::json`]).
+    json: Option<Arc<str>>,
 }
 
 /// A batch with what the worker needs beyond what the sink sees.
@@ -317,7 +323,10 @@ impl Worker {
                         continue;
                     }
                     let next = p.batch.next;
-                    match self.deliver(p, &mut stop).await {
+                    let prefetch = self.prefetch(next);
+                    let delivery = self.deliver(p, &mut stop).await;
+                    self.join_prefetch(prefetch).await;
+                    match delivery {
                         // stopped while retrying: resume from the saved position next time
                         Delivery::Stopped => return,
                         Delivery::Written if !save_every_batch => cursor = next,
@@ -408,8 +417,8 @@ impl Worker {
     /// the durable log is exhausted. Entries come from the shared tail cache when it holds
     /// them (already decoded), else from the log on disk.
     fn next_batch(&mut self, cursor: u64) -> Result<Option<Pending>, fleetbus_wal::WalError> {
-        let scan = self.setup.batch.max_events * 4;
-        self.read_ahead(cursor, scan)?;
+        let scan = self.scan();
+        read_ahead(&mut self.ahead, &self.wal, &self.tail, cursor, scan)?;
         let scanned = self.ahead.len().min(scan);
         let Some(last) = scanned
             .checked_sub(1)
@@ -428,33 +437,19 @@ impl Worker {
             bytes: 0,
             hit_end_of_scan: scanned >= scan,
         };
-        let stats = &self.setup.stats;
+        let stats = &*self.setup.stats;
         for ahead in self.ahead.iter_mut().take(scan) {
             if !ahead.entry.goes_to(&self.setup.name) {
                 continue;
             }
-            let message = ahead.message.get_or_insert_with(|| {
-                match decode_entry(&ahead.entry) {
-                    Ok(m) => Some(Arc::new(m)),
-                    Err(e) => {
-                        // counted once: the entry stays read ahead until the cursor passes it
-                        stats.settled(&stats.undecodable, 1);
-                        stats.pending_bytes.fetch_sub(
-                            ahead.size.min(stats.pending_bytes.load(Ordering::Relaxed)),
-                            Ordering::Relaxed,
-                        );
-                        tracing::error!(index = ahead.index, topic = %ahead.entry.topic, error = %e, "log entry cannot be decoded; skipped");
-                        None
-                    }
-                }
-            });
-            let Some(message) = message else {
+            let Some(message) = ahead.decoded(stats) else {
                 continue;
             };
             pending.batch.items.push(Item {
                 index: ahead.index,
                 message: message.clone(),
                 dead_letter: ahead.entry.dead_letter.clone(),
+                json: ahead.json.clone(),
             });
             pending.entries.push(ahead.entry.clone());
             pending.bytes += ahead.size;
@@ -471,45 +466,48 @@ impl Worker {
         Ok(Some(pending))
     }
 
-    /// Keeps up to `scan` durable log entries from `cursor` on read ahead: the entries
-    /// before `cursor` are dropped, and more are read (from the shared tail cache when it
-    /// holds them, already decoded, else from the log on disk) after the last one held.
-    /// A batch takes at most `max_events` of them; the rest wait for the next batch
-    /// instead of being read and decoded again.
-    fn read_ahead(&mut self, cursor: u64, scan: usize) -> Result<(), fleetbus_wal::WalError> {
-        while self.ahead.front().is_some_and(|a| a.index < cursor) {
-            self.ahead.pop_front();
+    /// How many log entries one batch looks through at most: a batch takes up to
+    /// `max_events` of them (the others belong to other sinks or wait for the next batch).
+    fn scan(&self) -> usize {
+        self.setup.batch.max_events * 4
+    }
+
+    /// Starts reading and decoding the entries after `next` on a blocking thread, while
+    /// the batch before them is written: the sink and its destination then work at the
+    /// same time as the log is read, instead of taking turns. `None` when the durable log
+    /// holds nothing after `next` (nothing to do; the worker reads as before).
+    fn prefetch(&mut self, next: u64) -> Option<JoinHandle<VecDeque<Ahead>>> {
+        if self.wal.durable() <= next {
+            return None;
         }
-        if self.ahead.len() >= scan {
-            return Ok(());
-        }
-        let from = self.ahead.back().map_or(cursor, |a| a.index + 1);
-        let durable = self.wal.durable();
-        if from >= durable {
-            return Ok(());
-        }
-        let want = scan - self.ahead.len();
-        let cached = self.tail.run(from, durable, want);
-        if cached.is_empty() {
-            for (index, entry, size) in self.wal.read_durable(from, want)? {
-                self.ahead.push_back(Ahead {
-                    index,
-                    entry: Arc::new(entry),
-                    size,
-                    message: None,
-                });
+        let job = Prefetch {
+            ahead: std::mem::take(&mut self.ahead),
+            wal: self.wal.clone(),
+            tail: self.tail.clone(),
+            name: self.setup.name.clone(),
+            stats: self.setup.stats.clone(),
+            cursor: next,
+            scan: self.scan(),
+            render_json: self.sink.writes_json(),
+            max_events: self.setup.batch.max_events,
+        };
+        let span = tracing::Span::current();
+        Some(tokio::task::spawn_blocking(move || {
+            span.in_scope(|| job.run())
+        }))
+    }
+
+    /// Takes back what [`Worker::prefetch`] read. A prefetch that failed (panicked) is
+    /// logged, and the worker reads again from the log.
+    async fn join_prefetch(&mut self, prefetch: Option<JoinHandle<VecDeque<Ahead>>>) {
+        if let Some(handle) = prefetch {
+            match handle.await {
+                Ok(ahead) => self.ahead = ahead,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the log ahead failed; reading again")
+                }
             }
-        } else {
-            for t in cached {
-                self.ahead.push_back(Ahead {
-                    index: t.index,
-                    entry: t.entry,
-                    size: t.size,
-                    message: Some(Some(t.message)),
-                });
-            }
         }
-        Ok(())
     }
 
     /// Writes a batch, retrying, or hands it to the dead-letter sink. Messages that can
@@ -716,6 +714,129 @@ impl Worker {
                 false
             }
         }
+    }
+}
+
+/// Keeps up to `scan` durable log entries from `cursor` on read ahead in `ahead`: the
+/// entries before `cursor` are dropped, and more are read (from the shared tail cache when
+/// it holds them, already decoded, else from the log on disk) after the last one held. A
+/// batch takes at most `max_events` of them; the rest wait for the next batch instead of
+/// being read and decoded again.
+fn read_ahead(
+    ahead: &mut VecDeque<Ahead>,
+    wal: &Wal,
+    tail: &TailCache,
+    cursor: u64,
+    scan: usize,
+) -> Result<(), fleetbus_wal::WalError> {
+    while ahead.front().is_some_and(|a| a.index < cursor) {
+        ahead.pop_front();
+    }
+    if ahead.len() >= scan {
+        return Ok(());
+    }
+    let from = ahead.back().map_or(cursor, |a| a.index + 1);
+    let durable = wal.durable();
+    if from >= durable {
+        return Ok(());
+    }
+    let want = scan - ahead.len();
+    let cached = tail.run(from, durable, want);
+    if cached.is_empty() {
+        for (index, entry, size) in wal.read_durable(from, want)? {
+            ahead.push_back(Ahead {
+                index,
+                entry: Arc::new(entry),
+                size,
+                message: None,
+                json: None,
+            });
+        }
+    } else {
+        for t in cached {
+            ahead.push_back(Ahead {
+                index: t.index,
+                entry: t.entry,
+                size: t.size,
+                message: Some(Some(t.message)),
+                json: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What [`Worker::prefetch`] reads with: everything it needs, owned, so it can run on a
+/// blocking thread while the worker's task waits for a write.
+struct Prefetch {
+    ahead: VecDeque<Ahead>,
+    wal: Arc<Wal>,
+    tail: Arc<TailCache>,
+    name: String,
+    stats: Arc<SinkStats>,
+    cursor: u64,
+    scan: usize,
+    /// Render each message's JSON too ([`Sink::writes_json`]).
+    render_json: bool,
+    /// Decode no more than the next batch holds (`max_events`): decoded messages take
+    /// several times the memory of the entries read ahead.
+    max_events: usize,
+}
+
+impl Prefetch {
+    /// Reads the entries from `cursor` on (see [`read_ahead`]), decodes the ones routed to
+    /// the sink and, for a sink that writes JSON, renders their bodies. A read error is
+    /// left for the worker's own read to meet and report.
+    fn run(mut self) -> VecDeque<Ahead> {
+        if read_ahead(
+            &mut self.ahead,
+            &self.wal,
+            &self.tail,
+            self.cursor,
+            self.scan,
+        )
+        .is_ok()
+        {
+            let ours = self.ahead.iter_mut().take(self.scan);
+            for ahead in ours
+                .filter(|a| a.entry.goes_to(&self.name))
+                .take(self.max_events)
+            {
+                let message = ahead.decoded(&self.stats);
+                if let (true, Some(m), None, None) = (
+                    self.render_json,
+                    message,
+                    &ahead.json,
+                    &ahead.entry.dead_letter,
+                ) {
+                    // a body that cannot be rendered is left to the sink to report
+                    ahead.json = serde_json::to_string(&m.body).ok().map(Arc::from);
+                }
+            }
+        }
+        self.ahead
+    }
+}
+
+impl Ahead {
+    /// The entry's message, decoded on first use. An entry that cannot be decoded is
+    /// counted and logged once (it stays read ahead until the cursor passes it) and yields
+    /// `None` from then on.
+    fn decoded(&mut self, stats: &SinkStats) -> Option<Arc<Message>> {
+        self.message
+            .get_or_insert_with(|| match decode_entry(&self.entry) {
+                Ok(m) => Some(Arc::new(m)),
+                Err(e) => {
+                    stats.settled(&stats.undecodable, 1);
+                    stats.pending_bytes.fetch_sub(
+                        self.size.min(stats.pending_bytes.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
+                    tracing::error!(index = self.index, topic = %self.entry.topic, error = %e, "log entry cannot be decoded; skipped");
+                    None
+                }
+            })
+            .clone()
     }
 }
 

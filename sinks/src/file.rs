@@ -359,6 +359,10 @@ fn roll_back(marker: &Marker) -> Result<(), SinkError> {
 }
 
 impl Sink for FileSink {
+    fn writes_json(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let Rendered { files, copies } = self.render(batch)?;

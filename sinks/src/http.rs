@@ -322,6 +322,10 @@ pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Du
 }
 
 impl Sink for HttpSink {
+    fn writes_json(&self) -> bool {
+        true
+    }
+
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
         // beside the start, not before it
         tokio::spawn(probe(

@@ -51,6 +51,10 @@ pub struct Item {
     pub message: Arc<Message>,
     /// Set when the message is a dead letter from another sink.
     pub dead_letter: Option<DeadLetter>,
+    /// The message body as JSON text, rendered ahead of the write by the worker for a sink
+    /// that writes JSON ([`Sink::writes_json`]), on another thread while the batch before
+    /// is written. `None`: [`json_line`] renders it when needed.
+    pub json: Option<Arc<str>>,
 }
 
 /// The messages of WAL entries `first..next` that go to one sink, in WAL order.
@@ -83,6 +87,12 @@ pub trait Sink: Send {
 
     /// True when [`Sink::write`] is idempotent per batch (exactly-once delivery).
     fn exactly_once(&self) -> bool {
+        false
+    }
+
+    /// True when the sink writes each message's body as JSON ([`json_line`]): the worker
+    /// then renders it ahead ([`Item::json`]), off the task that waits for the write.
+    fn writes_json(&self) -> bool {
         false
     }
 }
@@ -229,9 +239,13 @@ pub fn builtin_dead_letters() -> SinkConfig {
 /// The JSON line a sink writes for `item`: the message body, or for a dead letter an
 /// envelope `{"dead_letter": {...}, "topic": ..., "record": body}`.
 pub fn json_line(item: &Item, out: &mut Vec<u8>) -> Result<(), SinkError> {
-    let result = match &item.dead_letter {
-        None => serde_json::to_writer(&mut *out, &item.message.body),
-        Some(dl) => serde_json::to_writer(
+    let result = match (&item.dead_letter, &item.json) {
+        (None, Some(json)) => {
+            out.extend_from_slice(json.as_bytes());
+            Ok(())
+        }
+        (None, None) => serde_json::to_writer(&mut *out, &item.message.body),
+        (Some(dl), _) => serde_json::to_writer(
             &mut *out,
             &serde_json::json!({
                 "dead_letter": {

@@ -480,6 +480,10 @@ impl MqttSink {
 }
 
 impl Sink for MqttSink {
+    fn writes_json(&self) -> bool {
+        true
+    }
+
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
         if let Target::Other(other) = &self.target {
             // beside the start, not before it

@@ -52,6 +52,7 @@ use tokio_postgres::error::SqlState;
 use crate::config::{SinkPlace, SinkType};
 use crate::row::{check_table, Row, POSITIONS};
 use crate::secret::Secret;
+use crate::BatchConfig;
 use crate::{Batch, BoxFuture, Sink, SinkError};
 
 /// `type = "postgres"`: rows in a PostgreSQL table.
@@ -141,6 +142,15 @@ impl PostgresSinkConfig {
 }
 
 impl SinkType for PostgresSinkConfig {
+    /// 5,000 rows per transaction: each batch costs a few round trips and a commit, and at
+    /// 1,000 those kept the sink under 70 % of `COPY`'s rate (docs/benchmarks.md).
+    fn default_batch(&self) -> BatchConfig {
+        BatchConfig {
+            max_events: 5_000,
+            ..BatchConfig::default()
+        }
+    }
+
     fn check(&self, p: &mut Problems) {
         if let Err(e) = self.connection() {
             // a missing password secret is reported at its own key
@@ -323,6 +333,17 @@ fn refuses_the_row(code: &SqlState) -> bool {
     code.starts_with("22") || code.starts_with("23") || code.starts_with("54")
 }
 
+/// The row (0-based) a failed `COPY` stopped at, from the error's context: its line
+/// `COPY table, line N, column c` (in the binary format a "line" is a row; other context
+/// lines, such as the JSON parser's, have lines of their own).
+fn copied_row(e: &tokio_postgres::Error) -> Option<usize> {
+    let context = e.as_db_error()?.where_()?;
+    let copy = context.lines().find(|l| l.starts_with("COPY "))?;
+    let rest = &copy[copy.find(", line ")? + ", line ".len()..];
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse::<usize>().ok()?.checked_sub(1)
+}
+
 /// A database error with what PostgreSQL said (severity, SQLSTATE, message, detail,
 /// constraint), not only tokio-postgres's "db error".
 fn describe(e: &tokio_postgres::Error) -> String {
@@ -334,6 +355,9 @@ fn describe(e: &tokio_postgres::Error) -> String {
             }
             if let Some(c) = db.constraint() {
                 text.push_str(&format!(" [constraint {c}]"));
+            }
+            if let Some(w) = db.where_() {
+                text.push_str(&format!(" [{w}]"));
             }
             text
         }
@@ -355,7 +379,7 @@ const LAYOUT: [(&str, &str); 8] = [
 
 /// The rows by one `unnest` insert (a prepared statement per connection).
 async fn insert_rows(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Object,
     table: &str,
     c: &Columns,
     how: Insert,
@@ -379,18 +403,33 @@ async fn insert_rows(
 }
 
 /// The rows by `COPY ... FROM STDIN BINARY` (the table's columns have the layout's types).
+///
+/// The whole batch is encoded first and handed to the connection as one message:
+/// tokio-postgres's `BinaryCopyInWriter` hands over every 4 KiB, and each hand-over waits
+/// for the connection's task to take it, so a batch of 1,000 rows took about a hundred
+/// switches between the two tasks while the database waited (measured: docs/benchmarks.md).
 async fn copy_rows(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Object,
     table: &str,
-    c: &Columns,
+    data: bytes::Bytes,
 ) -> Result<(), tokio_postgres::Error> {
-    use tokio_postgres::types::Type;
+    use futures_util::SinkExt;
     let sink = tx
         .copy_in(&format!(
             "COPY {table} (agent, stream, epoch, seq, ts, topic, received, message) \
              FROM STDIN BINARY"
         ))
         .await?;
+    tokio::pin!(sink);
+    sink.send(data).await?;
+    sink.as_mut().finish().await.map(|_| ())
+}
+
+/// The rows in PostgreSQL's binary `COPY` format: the header, each row as its field count
+/// and each field as a length (-1 for NULL) and its binary value, then the trailer.
+fn binary_copy(c: &Columns) -> Result<bytes::Bytes, Box<dyn std::error::Error + Sync + Send>> {
+    use bytes::BufMut;
+    use tokio_postgres::types::{IsNull, ToSql, Type};
     let types = [
         Type::TEXT,
         Type::TEXT,
@@ -401,24 +440,35 @@ async fn copy_rows(
         Type::TIMESTAMPTZ,
         Type::JSONB,
     ];
-    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, &types);
-    tokio::pin!(writer);
+    let size: usize = c.message.iter().map(|m| m.len() + 128).sum();
+    let mut buf = bytes::BytesMut::with_capacity(size + 32);
+    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.put_i32(0); // flags
+    buf.put_i32(0); // header extension length
     for n in 0..c.topic.len() {
-        writer
-            .as_mut()
-            .write(&[
-                &c.agent[n],
-                &c.stream[n],
-                &c.epoch[n],
-                &c.seq[n],
-                &c.ts[n],
-                &c.topic[n],
-                &c.received[n],
-                &JsonbText(&c.message[n]),
-            ])
-            .await?;
+        let fields: [&(dyn ToSql + Sync); 8] = [
+            &c.agent[n],
+            &c.stream[n],
+            &c.epoch[n],
+            &c.seq[n],
+            &c.ts[n],
+            &c.topic[n],
+            &c.received[n],
+            &JsonbText(&c.message[n]),
+        ];
+        buf.put_i16(fields.len() as i16);
+        for (value, ty) in fields.iter().zip(&types) {
+            let at = buf.len();
+            buf.put_i32(0);
+            let len = match value.to_sql_checked(ty, &mut buf)? {
+                IsNull::Yes => -1,
+                IsNull::No => i32::try_from(buf.len() - at - 4)?,
+            };
+            buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        }
     }
-    writer.as_mut().finish().await.map(|_| ())
+    buf.put_i16(-1);
+    Ok(buf.freeze())
 }
 
 /// JSON text sent as `jsonb` in binary form: the format's version (1), then the text.
@@ -509,7 +559,8 @@ impl Inner {
     /// the database already holds (before its stored position) are skipped. A plain insert
     /// that meets a row already in the table (SQLSTATE 23505: a record stored twice in the
     /// log, or a row the operator put there) fails as [`InsertError::Exists`], and the
-    /// caller inserts again with `ON CONFLICT DO NOTHING`.
+    /// caller inserts again with `ON CONFLICT DO NOTHING`. A failed transaction is rolled
+    /// back before the connection is used again.
     async fn insert(
         &self,
         client: &mut deadpool_postgres::Object,
@@ -518,25 +569,54 @@ impl Inner {
         how: Insert,
     ) -> Result<(), InsertError> {
         self.ensure_tables(client).await?;
+        let result = self.insert_in_transaction(client, rows, next, how).await;
+        if result.is_err() {
+            // outside a transaction this only warns; a connection that cannot even roll
+            // back is broken, and a retryable error has `write` drop it
+            if let Err(e) = client.batch_execute("ROLLBACK").await {
+                return Err(self.remote("roll back", describe(&e)).into());
+            }
+        }
+        result
+    }
+
+    /// The transaction of [`Inner::insert`], in three round trips: `BEGIN` with the
+    /// locked read of the stored position, the rows, and the new position with `COMMIT`
+    /// (statements sent together: tokio-postgres pipelines requests polled at once).
+    async fn insert_in_transaction(
+        &self,
+        client: &deadpool_postgres::Object,
+        rows: &Columns,
+        next: u64,
+        how: Insert,
+    ) -> Result<(), InsertError> {
         let table = &self.config.table;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| self.remote("begin", describe(&e)))?;
-        let done: i64 = tx
-            .query_opt(
-                &format!("SELECT next FROM {POSITIONS} WHERE sink = $1 AND tbl = $2 FOR UPDATE"),
-                &[&self.name, table],
-            )
-            .await
+        let next = i64::try_from(next).map_err(|e| self.remote("position", e))?;
+        let read = format!("SELECT next FROM {POSITIONS} WHERE sink = $1 AND tbl = $2 FOR UPDATE");
+        let save = format!(
+            "INSERT INTO {POSITIONS} (sink, tbl, next) VALUES ($1, $2, $3) \
+             ON CONFLICT (sink, tbl) DO UPDATE SET next = GREATEST({POSITIONS}.next, excluded.next)"
+        );
+        let (read, save) =
+            tokio::try_join!(client.prepare_cached(&read), client.prepare_cached(&save))
+                .map_err(|e| self.remote("prepare", describe(&e)))?;
+        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.name, table];
+        let (begun, done) =
+            tokio::join!(client.batch_execute("BEGIN"), client.query_opt(&read, &key),);
+        begun.map_err(|e| self.remote("begin", describe(&e)))?;
+        let done: i64 = done
             .map_err(|e| self.remote("read the position", describe(&e)))?
             .map_or(0, |r| r.get(0));
         let columns = rows.starting_at(done.max(0) as u64);
         if !columns.topic.is_empty() {
             let inserted = match how {
-                Insert::Copy => copy_rows(&tx, table, &columns).await,
+                Insert::Copy => {
+                    let data = binary_copy(&columns)
+                        .map_err(|e| SinkError::Encode(format!("postgres {}: {e}", self.place)))?;
+                    copy_rows(client, table, data).await
+                }
                 Insert::Plain | Insert::SkipExisting => {
-                    insert_rows(&tx, table, &columns, how).await
+                    insert_rows(client, table, &columns, how).await
                 }
             };
             if let Err(e) = inserted {
@@ -548,26 +628,33 @@ impl Inner {
                     self.place,
                     describe(&e)
                 );
-                return Err(match e.code() {
+                let refused = match e.code() {
                     Some(code) if refuses_the_row(code) => SinkError::Refused(text),
-                    _ => SinkError::Remote(text),
+                    _ => return Err(SinkError::Remote(text).into()),
+                };
+                // COPY names the row it stopped at: only that one goes to the dead letter
+                // (else the worker tries each row of the batch alone to find it)
+                let at = copied_row(&e)
+                    .and_then(|n| columns.index.get(n))
+                    .and_then(|i| rows.index.iter().position(|j| j == i));
+                return Err(match (how, at) {
+                    (Insert::Copy, Some(at)) => SinkError::Rejected {
+                        items: vec![at],
+                        error: Box::new(refused),
+                    },
+                    _ => refused,
                 }
                 .into());
             }
         }
-        let next = i64::try_from(next).map_err(|e| self.remote("position", e))?;
-        tx.execute(
-            &format!(
-                "INSERT INTO {POSITIONS} (sink, tbl, next) VALUES ($1, $2, $3) \
-                 ON CONFLICT (sink, tbl) DO UPDATE SET next = GREATEST({POSITIONS}.next, excluded.next)"
-            ),
-            &[&self.name, table, &next],
-        )
-        .await
-        .map_err(|e| self.remote("save the position", describe(&e)))?;
-        tx.commit()
-            .await
-            .map_err(|e| self.remote("commit", describe(&e)).into())
+        // a failed position update turns the COMMIT into a rollback: nothing is kept
+        let position: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&self.name, table, &next];
+        let (saved, committed) = tokio::join!(
+            client.execute(&save, &position),
+            client.batch_execute("COMMIT"),
+        );
+        saved.map_err(|e| self.remote("save the position", describe(&e)))?;
+        committed.map_err(|e| self.remote("commit", describe(&e)).into())
     }
 
     /// The plain insert, and when a row was already there, the insert that skips it.
@@ -643,6 +730,10 @@ impl Inner {
 }
 
 impl Sink for PostgresSink {
+    fn writes_json(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let mut rows = Columns::default();

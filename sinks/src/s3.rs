@@ -392,6 +392,10 @@ impl S3Sink {
 }
 
 impl Sink for S3Sink {
+    fn writes_json(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let mut records = Vec::new();

@@ -269,6 +269,10 @@ fn insert(
 }
 
 impl Sink for SqliteSink {
+    fn writes_json(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let rows: Vec<(u64, Result<Row, SinkError>)> = batch

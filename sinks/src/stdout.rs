@@ -33,6 +33,10 @@ impl SinkType for StdoutSinkConfig {
 pub struct StdoutSink;
 
 impl Sink for StdoutSink {
+    fn writes_json(&self) -> bool {
+        true
+    }
+
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let mut buf = Vec::new();

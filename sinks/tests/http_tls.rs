@@ -80,6 +80,7 @@ fn batch() -> Batch {
             index: 1,
             message: Arc::new(message),
             dead_letter: None,
+            json: None,
         }],
     }
 }

@@ -68,6 +68,7 @@ async fn points_go_to_the_bucket_with_the_token_and_answers_are_classified() {
             index: 1,
             message: Arc::new(message),
             dead_letter: None,
+            json: None,
         }],
     };
     sink.write(&batch).await.unwrap();

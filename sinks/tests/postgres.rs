@@ -42,6 +42,7 @@ fn batch(records: &[(u64, u64, &str)]) -> Batch {
                         .unwrap(),
                 ),
                 dead_letter: None,
+                json: None,
             }
         })
         .collect::<Vec<_>>();
@@ -172,6 +173,17 @@ async fn rows_land_once_with_their_key_columns_and_refusals_are_told_apart_from_
         .await
         .unwrap_err();
     assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert!(e.to_string().contains("22P05"), "{e}");
+    // in a batch, COPY names the refused row: only it is set apart, not the batch
+    let e = s
+        .write(&batch(&[
+            (31, 6, "ok"),
+            (32, 7, "nul \u{0}"),
+            (33, 8, "ok"),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.rejected_items(), Some(&[1][..]), "{e}");
     assert!(e.to_string().contains("22P05"), "{e}");
 
     // a table the operator has not made: retried, with PostgreSQL's words

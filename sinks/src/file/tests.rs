@@ -27,6 +27,7 @@ fn batch(first: u64, seqs: std::ops::Range<u64>) -> Batch {
                     .unwrap(),
                 ),
                 dead_letter: None,
+                json: None,
             }
         })
         .collect::<Vec<_>>();

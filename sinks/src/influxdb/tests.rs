@@ -7,6 +7,7 @@ fn item(topic: &str, body: &str) -> Item {
         index: 1,
         message: Arc::new(Message::decode(topic, body.as_bytes()).unwrap()),
         dead_letter: None,
+        json: None,
     }
 }
 

@@ -35,6 +35,7 @@ fn batch(sizes: &[usize]) -> Batch {
                 .unwrap(),
             ),
             dead_letter: None,
+            json: None,
         })
         .collect();
     Batch {

@@ -38,6 +38,7 @@ fn batch(seqs: std::ops::Range<u64>) -> Batch {
                 .unwrap(),
             ),
             dead_letter: None,
+            json: None,
         })
         .collect();
     items.push(Item {
@@ -46,6 +47,7 @@ fn batch(seqs: std::ops::Range<u64>) -> Batch {
             Message::decode("fleet/a/jobs/event", br#"{"job":"j1","state":"SUCCEEDED"}"#).unwrap(),
         ),
         dead_letter: None,
+        json: None,
     });
     Batch {
         first: 100 + seqs.start,

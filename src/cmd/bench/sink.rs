@@ -171,7 +171,7 @@ async fn postgres(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Ve
         pw.display()
     );
     let mut ours = log_to_sink(dir, &sink, records, payload).await?;
-    ours.what = "fleetbus log → postgres sink (binary COPY per batch of 1000)".into();
+    ours.what = "fleetbus log → postgres sink (binary COPY per batch of 5000)".into();
 
     // the ceiling: the same rows by psql's COPY into a table of the same layout
     let client = pg.client().await?;
@@ -347,6 +347,7 @@ async fn influxdb(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Ve
             index: seq,
             message: std::sync::Arc::new(message),
             dead_letter: None,
+            json: None,
         };
         fleetbus_sinks::influxdb::points(&item, &measurement, &mut body)
             .map_err(|e| anyhow::anyhow!(e))?;
