@@ -425,6 +425,17 @@ async fn copy_rows(
     sink.as_mut().finish().await.map(|_| ())
 }
 
+/// The sink's binary `COPY` data for `items` (the default layout's eight columns, in
+/// order): what one batch sends. Public for `fleetbus-bench pg-drivers`, which hands the
+/// same bytes to both drivers.
+pub fn copy_data(items: &[crate::Item]) -> Result<bytes::Bytes, SinkError> {
+    let mut rows = Columns::default();
+    for item in items {
+        rows.push(item.index, Row::of(item)?);
+    }
+    binary_copy(&rows).map_err(|e| SinkError::Encode(e.to_string()))
+}
+
 /// The rows in PostgreSQL's binary `COPY` format: the header, each row as its field count
 /// and each field as a length (-1 for NULL) and its binary value, then the trailer.
 fn binary_copy(c: &Columns) -> Result<bytes::Bytes, Box<dyn std::error::Error + Sync + Send>> {

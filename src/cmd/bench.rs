@@ -9,6 +9,8 @@
 //!
 //! All targets run side by side in one invocation, so the figures are comparable.
 
+#[cfg(feature = "bench-sqlx")]
+mod drivers;
 mod fleetbus;
 mod jobs;
 mod relay;
@@ -56,6 +58,20 @@ pub enum BenchCommand {
         /// Bytes per record.
         #[arg(long, default_value_t = 200)]
         payload: usize,
+    },
+    /// The PostgreSQL sink's statements (binary COPY, unnest insert) by tokio-postgres and
+    /// by sqlx, side by side (built with `--features bench-sqlx`).
+    #[cfg(feature = "bench-sqlx")]
+    PgDrivers {
+        /// Rows to write per run.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 5_000)]
+        batch: usize,
+        /// Rounds (each runs all four, one after the other).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// Appends per second to the log under the outbox and the WAL, by fsync group size,
     /// beside two embedded stores.
@@ -208,6 +224,27 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 println!(
                     "fleetbus / ceiling: {:.0} %",
                     100.0 * ceiling.elapsed.as_secs_f64() / ours.elapsed.as_secs_f64()
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        #[cfg(feature = "bench-sqlx")]
+        BenchCommand::PgDrivers {
+            records,
+            batch,
+            rounds,
+        } => {
+            println!(
+                "{:<32} {:>9} {:>8} {:>11}",
+                "driver, statement", "rows", "seconds", "rows/s"
+            );
+            for f in drivers::run(records, batch, rounds).await? {
+                println!(
+                    "{:<32} {:>9} {:>8.2} {:>11.0}",
+                    f.what,
+                    f.records,
+                    f.elapsed.as_secs_f64(),
+                    f.records as f64 / f.elapsed.as_secs_f64()
                 );
             }
             return Ok(ExitCode::SUCCESS);

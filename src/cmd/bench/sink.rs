@@ -52,7 +52,7 @@ pub struct SinkFigure {
 /// The bench's record: about `payload` bytes of JSON, as an agent's metrics record (one
 /// metric; a millisecond apart from the one before, so that each is its own point in a
 /// time-series database).
-fn record(seq: u64, payload: usize) -> String {
+pub(super) fn record(seq: u64, payload: usize) -> String {
     let ts = chrono::DateTime::UNIX_EPOCH
         + chrono::Duration::seconds(1_796_119_200)
         + chrono::Duration::milliseconds(seq as i64);
@@ -67,7 +67,8 @@ fn record(seq: u64, payload: usize) -> String {
 
 const AGENTS: u64 = 4;
 
-fn topic(seq: u64) -> String {
+/// The topic of record `seq` (one of [`AGENTS`] agents).
+pub(super) fn topic(seq: u64) -> String {
     format!("fleet/bench-{}/telemetry/metrics", seq % AGENTS)
 }
 
