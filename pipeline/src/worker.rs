@@ -490,6 +490,7 @@ impl Worker {
             scan: self.scan(),
             render_json: self.sink.writes_json(),
             max_events: self.setup.batch.max_events,
+            max_bytes: self.setup.batch.max_bytes,
         };
         let span = tracing::Span::current();
         Some(tokio::task::spawn_blocking(move || {
@@ -778,9 +779,11 @@ struct Prefetch {
     scan: usize,
     /// Render each message's JSON too ([`Sink::writes_json`]).
     render_json: bool,
-    /// Decode no more than the next batch holds (`max_events`): decoded messages take
-    /// several times the memory of the entries read ahead.
+    /// Decode no more than the next batch holds (`max_events`, `max_bytes`): decoded
+    /// messages take several times the memory of the entries read ahead.
     max_events: usize,
+    /// See `max_events`.
+    max_bytes: Option<u64>,
 }
 
 impl Prefetch {
@@ -798,10 +801,15 @@ impl Prefetch {
         .is_ok()
         {
             let ours = self.ahead.iter_mut().take(self.scan);
+            let mut bytes = 0;
             for ahead in ours
                 .filter(|a| a.entry.goes_to(&self.name))
                 .take(self.max_events)
             {
+                if self.max_bytes.is_some_and(|max| bytes >= max) {
+                    break;
+                }
+                bytes += ahead.size;
                 let message = ahead.decoded(&self.stats);
                 if let (true, Some(m), None, None) = (
                     self.render_json,

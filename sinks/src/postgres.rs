@@ -143,10 +143,12 @@ impl PostgresSinkConfig {
 
 impl SinkType for PostgresSinkConfig {
     /// 5,000 rows per transaction: each batch costs a few round trips and a commit, and at
-    /// 1,000 those kept the sink under 70 % of `COPY`'s rate (docs/benchmarks.md).
+    /// 1,000 those kept the sink under 70 % of `COPY`'s rate (docs/benchmarks.md). At most
+    /// 8 MiB of log entries, so that large messages do not make a batch of gigabytes.
     fn default_batch(&self) -> BatchConfig {
         BatchConfig {
             max_events: 5_000,
+            max_bytes: Some(8 * 1024 * 1024),
             ..BatchConfig::default()
         }
     }
