@@ -124,7 +124,14 @@ impl RuleSet {
                 ));
             }
             for problem in problems_of(config.get_ref()) {
-                problems.push(at(config.span(), format!("sink `{name}`: {problem}")));
+                // at its key when the file sets it; a key left out is placed at the table
+                let key = format!("sinks.{name}.{}", problem.key);
+                let span = match problem.key.is_empty() {
+                    true => None,
+                    false => fleetbus_config::key_span(text, &key),
+                };
+                let span = span.unwrap_or_else(|| config.span());
+                problems.push(at(span, format!("sink `{name}`: {problem}")));
             }
             sinks.push((name.clone(), config.get_ref().clone()));
         }
@@ -468,7 +475,14 @@ to = ["a", "nope"]
         assert!(p[0].contains("unknown field `pth`"), "{}", p[0]);
 
         let p = problems("[sinks.a]\ntype = \"file\"\npath = \"/abs/{agent}\"\n");
-        assert!(p[0].starts_with("r.toml:1:1: sink `a`: path:"), "{}", p[0]);
+        assert!(p[0].starts_with("r.toml:3:1: sink `a`: path:"), "{}", p[0]);
+        // a required key left out is placed at its table
+        let p = problems("\n[sinks.a]\ntype = \"s3\"\n");
+        assert!(
+            p[0].starts_with("r.toml:2:1: missing field `bucket`"),
+            "{}",
+            p[0]
+        );
 
         let p = problems("[sinks.a]\ntype = \"carrier-pigeon\"\n");
         assert!(p[0].contains("carrier-pigeon"), "{}", p[0]);
@@ -493,11 +507,12 @@ to = ["a", "nope"]
         let text = "[sinks.a]\ntype = \"s3\"\nbucket = \"\"\npart_size = 1\n\
                     [sinks.a.buffer]\nmax_bytes = 1\n[sinks.a.batch]\nmax_attempts = 3\n";
         let p = problems(text);
+        // each at the line of its key
         let expected = [
-            "r.toml:1:1: sink `a`: buffer.max_bytes: must be at least 1 MiB",
-            "r.toml:1:1: sink `a`: batch.max_attempts: needs a `dead_letter` sink",
-            "r.toml:1:1: sink `a`: bucket: is empty",
-            "r.toml:1:1: sink `a`: part_size: must be at least 5242880 bytes",
+            "r.toml:6:1: sink `a`: buffer.max_bytes: must be at least 1 MiB",
+            "r.toml:8:1: sink `a`: batch.max_attempts: needs a `dead_letter` sink",
+            "r.toml:3:1: sink `a`: bucket: is empty",
+            "r.toml:4:1: sink `a`: part_size: must be at least 5242880 bytes",
         ];
         assert_eq!(p.len(), expected.len(), "{p:#?}");
         for (got, want) in p.iter().zip(expected) {
