@@ -233,22 +233,46 @@ struct Inner {
     copy_fits: AtomicBool,
 }
 
-/// A batch's rows as one array per column (the parameters of the `unnest` insert).
-#[derive(Default, Clone)]
-struct Columns {
+/// A batch's rows as one array per column: the parameters of the `unnest` insert, and
+/// what [`Columns::copy_data`] encodes. Public for `fleetbus-bench pg-drivers`, which hands
+/// the same rows to both drivers.
+#[derive(Debug, Default, Clone)]
+pub struct Columns {
     /// The log index of each row (not a column: which rows the database already holds).
-    index: Vec<u64>,
-    agent: Vec<Option<String>>,
-    stream: Vec<Option<String>>,
-    epoch: Vec<Option<i64>>,
-    seq: Vec<Option<i64>>,
-    ts: Vec<Option<DateTime<Utc>>>,
-    topic: Vec<String>,
-    received: Vec<DateTime<Utc>>,
-    message: Vec<String>,
+    pub index: Vec<u64>,
+    /// The `agent` column.
+    pub agent: Vec<Option<String>>,
+    /// The `stream` column.
+    pub stream: Vec<Option<String>>,
+    /// The `epoch` column.
+    pub epoch: Vec<Option<i64>>,
+    /// The `seq` column.
+    pub seq: Vec<Option<i64>>,
+    /// The `ts` column.
+    pub ts: Vec<Option<DateTime<Utc>>>,
+    /// The `topic` column.
+    pub topic: Vec<String>,
+    /// The `received` column.
+    pub received: Vec<DateTime<Utc>>,
+    /// The `message` column (JSON text).
+    pub message: Vec<String>,
 }
 
 impl Columns {
+    /// The rows of `items`; an error (permanent) for an item that cannot be a row.
+    pub fn of(items: &[crate::Item]) -> Result<Columns, SinkError> {
+        let mut rows = Columns::default();
+        for item in items {
+            rows.push(item.index, Row::of(item)?);
+        }
+        Ok(rows)
+    }
+
+    /// The rows in PostgreSQL's binary `COPY` format: what one batch sends.
+    pub fn copy_data(&self) -> Result<bytes::Bytes, SinkError> {
+        binary_copy(self).map_err(|e| SinkError::Encode(e.to_string()))
+    }
+
     fn push(&mut self, index: u64, row: Row) {
         // a `ts` that is not RFC 3339 stays in the message; the column is NULL
         let ts = row
@@ -425,17 +449,6 @@ async fn copy_rows(
     tokio::pin!(sink);
     sink.send(data).await?;
     sink.as_mut().finish().await.map(|_| ())
-}
-
-/// The sink's binary `COPY` data for `items` (the default layout's eight columns, in
-/// order): what one batch sends. Public for `fleetbus-bench pg-drivers`, which hands the
-/// same bytes to both drivers.
-pub fn copy_data(items: &[crate::Item]) -> Result<bytes::Bytes, SinkError> {
-    let mut rows = Columns::default();
-    for item in items {
-        rows.push(item.index, Row::of(item)?);
-    }
-    binary_copy(&rows).map_err(|e| SinkError::Encode(e.to_string()))
 }
 
 /// The rows in PostgreSQL's binary `COPY` format: the header, each row as its field count

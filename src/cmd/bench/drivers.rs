@@ -9,8 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use fleetbus_sinks::row::Row;
+use fleetbus_sinks::postgres::Columns;
 use fleetbus_sinks::Item;
 use fleetbus_testkit::postgres::Postgres;
 use futures_util::SinkExt;
@@ -31,14 +30,7 @@ pub struct DriverFigure {
 /// One batch's rows, as `COPY` data and as one array per column.
 struct BatchRows {
     copy: bytes::Bytes,
-    agent: Vec<Option<String>>,
-    stream: Vec<Option<String>>,
-    epoch: Vec<Option<i64>>,
-    seq: Vec<Option<i64>>,
-    ts: Vec<Option<DateTime<Utc>>>,
-    topic: Vec<String>,
-    received: Vec<DateTime<Utc>>,
-    message: Vec<String>,
+    rows: Columns,
     next: i64,
 }
 
@@ -68,36 +60,12 @@ fn batches(records: u64, batch: usize, payload: usize) -> anyhow::Result<Vec<Bat
     }
     let mut out = Vec::new();
     for chunk in items.chunks(batch.max(1)) {
-        let mut b = BatchRows {
-            copy: fleetbus_sinks::postgres::copy_data(chunk)?,
-            agent: Vec::new(),
-            stream: Vec::new(),
-            epoch: Vec::new(),
-            seq: Vec::new(),
-            ts: Vec::new(),
-            topic: Vec::new(),
-            received: Vec::new(),
-            message: Vec::new(),
-            next: 0,
-        };
-        for item in chunk {
-            let row = Row::of(item)?;
-            b.agent.push(row.agent);
-            b.stream.push(row.stream);
-            b.epoch.push(row.epoch);
-            b.seq.push(row.seq);
-            b.ts.push(
-                row.ts
-                    .as_deref()
-                    .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                    .map(|t| t.with_timezone(&Utc)),
-            );
-            b.topic.push(row.topic);
-            b.received.push(row.received);
-            b.message.push(row.message);
-            b.next = item.index as i64 + 1;
-        }
-        out.push(b);
+        let rows = Columns::of(chunk)?;
+        out.push(BatchRows {
+            copy: rows.copy_data()?,
+            next: rows.index.last().map_or(0, |&i| i as i64 + 1),
+            rows,
+        });
     }
     Ok(out)
 }
@@ -183,14 +151,14 @@ async fn tokio_postgres_unnest(
         c.execute(
             &insert,
             &[
-                &b.agent as &(dyn tokio_postgres::types::ToSql + Sync),
-                &b.stream,
-                &b.epoch,
-                &b.seq,
-                &b.ts,
-                &b.topic,
-                &b.received,
-                &b.message,
+                &b.rows.agent as &(dyn tokio_postgres::types::ToSql + Sync),
+                &b.rows.stream,
+                &b.rows.epoch,
+                &b.rows.seq,
+                &b.rows.ts,
+                &b.rows.topic,
+                &b.rows.received,
+                &b.rows.message,
             ],
         )
         .await?;
@@ -204,14 +172,14 @@ async fn sqlx_unnest(c: &mut sqlx::PgConnection, batches: &[BatchRows]) -> anyho
     for b in batches {
         sqlx::raw_sql("BEGIN").execute(&mut *c).await?;
         sqlx::query(UNNEST)
-            .bind(&b.agent)
-            .bind(&b.stream)
-            .bind(&b.epoch)
-            .bind(&b.seq)
-            .bind(&b.ts)
-            .bind(&b.topic)
-            .bind(&b.received)
-            .bind(&b.message)
+            .bind(&b.rows.agent)
+            .bind(&b.rows.stream)
+            .bind(&b.rows.epoch)
+            .bind(&b.rows.seq)
+            .bind(&b.rows.ts)
+            .bind(&b.rows.topic)
+            .bind(&b.rows.received)
+            .bind(&b.rows.message)
             .execute(&mut *c)
             .await?;
         sqlx::query(POSITION).bind(b.next).execute(&mut *c).await?;
