@@ -52,9 +52,15 @@ to = ["db"]
         .unwrap()
 }
 
+/// The rows' `seq`; a row whose `message` is not its own record (the JSON rendered ahead
+/// of the write for another message) shows as -1.
 async fn seqs(client: &tokio_postgres::Client) -> Vec<i64> {
     client
-        .query("SELECT seq FROM messages ORDER BY seq", &[])
+        .query(
+            "SELECT CASE WHEN (message->>'seq')::bigint = seq AND message->>'agent' = agent \
+             THEN seq ELSE -1 END FROM messages ORDER BY seq",
+            &[],
+        )
         .await
         .unwrap()
         .iter()

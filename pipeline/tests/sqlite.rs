@@ -47,14 +47,20 @@ async fn start(dir: &Path, acked: &Arc<Mutex<usize>>) -> Engine {
         .unwrap()
 }
 
+/// The rows' `seq`, in the order they were written; a row whose `message` is not its own
+/// record (the JSON rendered ahead of the write for another message) would show as -1.
 fn seqs(dir: &Path) -> Vec<u64> {
     let conn = rusqlite::Connection::open(dir.join("fleet.sqlite")).unwrap();
     let mut stmt = conn
-        .prepare("SELECT seq FROM messages ORDER BY rowid")
+        .prepare(
+            "SELECT CASE WHEN json_extract(message, '$.seq') = seq \
+             AND json_extract(message, '$.agent') = agent THEN seq ELSE -1 END \
+             FROM messages ORDER BY rowid",
+        )
         .unwrap();
     stmt.query_map([], |r| r.get::<_, i64>(0))
         .unwrap()
-        .map(|r| r.unwrap() as u64)
+        .map(|r| u64::try_from(r.unwrap()).unwrap_or(u64::MAX))
         .collect()
 }
 
