@@ -16,7 +16,6 @@
 //! counted per rule and logged at debug level.
 
 use cel::{Context, ExecutionError, Program, Value};
-use fleetbus_protocol::Message;
 
 use crate::filter::TopicFilter;
 
@@ -75,22 +74,14 @@ impl Condition {
     }
 }
 
-/// The evaluation context for `msg` (built once per message, shared by every rule).
-pub fn context_for(msg: &Message) -> Context<'static, 'static> {
-    let mut ctx = Context::default();
-    ctx.add_variable_from_value("topic", msg.topic.as_str());
-    let segments: Vec<Value> = msg.segments().map(Value::from).collect();
-    ctx.add_variable_from_value("segments", Value::List(segments.into()));
-    ctx.add_variable_from_value("agent", msg.agent().unwrap_or(""));
-    ctx.add_variable_from_value("stream", msg.stream().unwrap_or(""));
-    let record = cel::to_value(&msg.body).unwrap_or(Value::Null);
-    ctx.add_variable_from_value("record", record);
-    ctx
-}
+/// The evaluation context for `msg` (built once per message, shared by every rule): the
+/// variables above, the same that a SQL sink's computed columns see.
+pub use fleetbus_sinks::columns::context_for;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetbus_protocol::Message;
 
     fn eval(expr: &str, topic: &str, body: &str) -> Result<bool, ExecutionError> {
         let c = Condition::compile(expr).unwrap();

@@ -133,6 +133,20 @@ impl RuleSet {
                 let span = span.unwrap_or_else(|| config.span());
                 problems.push(at(span, format!("sink `{name}`: {problem}")));
             }
+            // computed columns: the variables a `where` may use, checked the same way
+            for (column, source) in config.get_ref().computed_columns().into_iter().flatten() {
+                let Ok(program) = cel::Program::compile(source) else {
+                    continue; // reported by the sink's own check
+                };
+                for problem in crate::schema::check(program.expression(), &[]) {
+                    let key = format!("sinks.{name}.columns.{column}");
+                    let span = fleetbus_config::key_span(text, &key).unwrap_or(config.span());
+                    problems.push(at(
+                        span,
+                        format!("sink `{name}`: columns.{column}: {problem}"),
+                    ));
+                }
+            }
             sinks.push((name.clone(), config.get_ref().clone()));
         }
         for (name, config) in &raw.sinks {
@@ -518,6 +532,30 @@ to = ["a", "nope"]
         for (got, want) in p.iter().zip(expected) {
             assert!(got.starts_with(want), "{got}\n  expected {want}");
         }
+    }
+
+    #[test]
+    fn computed_columns_are_checked_like_conditions_at_their_keys() {
+        let text = "[sinks.db]\ntype = \"sqlite\"\npath = \"x.db\"\n\
+                    [sinks.db.columns]\nhost = \"record.host\"\nload = \"recod.load\"\n\
+                    seq = \"record.seq\"\nbad = \"record.seq >\"\n";
+        let p = problems(text);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(
+            p.iter()
+                .any(|t| t.starts_with("r.toml:6:1: sink `db`: columns.load: ")
+                    && t.contains("unknown variable `recod`")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter().any(|t| t.starts_with("r.toml:7:1: sink `db`: columns.seq: `seq` is a key column")),
+            "{p:#?}"
+        );
+        assert!(
+            p.iter()
+                .any(|t| t.starts_with("r.toml:8:1: sink `db`: columns.bad: ")),
+            "{p:#?}"
+        );
     }
 
     #[test]

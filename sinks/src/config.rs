@@ -54,6 +54,12 @@ pub trait SinkType {
 
     /// Builds the sink (its configuration already checked).
     fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError>;
+
+    /// Its computed columns (name → CEL expression), for a type that has them
+    /// ([`crate::columns`]): `rules check` checks their variables as it does `where`'s.
+    fn computed_columns(&self) -> Option<&std::collections::BTreeMap<String, String>> {
+        None
+    }
 }
 
 /// Where a sink being built lives.
@@ -230,6 +236,11 @@ impl SinkConfig {
     /// The sink's type name as written in the file.
     pub fn type_name(&self) -> &'static str {
         self.kind.type_name()
+    }
+
+    /// Its computed columns (see [`SinkType::computed_columns`]).
+    pub fn computed_columns(&self) -> Option<&std::collections::BTreeMap<String, String>> {
+        self.kind.sink_type().computed_columns()
     }
 
     /// Its batch settings: the keys its table sets over its type's defaults.

@@ -6,13 +6,14 @@
 //! |---|---|---|
 //! | `file` | JSON lines into files named by a path template (`{agent}`, `{stream}`, `{topic.N}`, strftime) | exactly once (batches are made idempotent) |
 //! | `stdout` | JSON lines on standard output | at least once |
-//! | `sqlite` | one row per message (key columns, the message as JSON) in an SQLite table | exactly once (a unique record key, and the log position committed with each batch) |
-//! | `postgres` | one row per message (key columns, the message as `jsonb`) in a PostgreSQL table, a binary `COPY` per batch | exactly once (as `sqlite`) |
+//! | `sqlite` | one row per message (key columns, the message as JSON or computed columns) in an SQLite table | exactly once (a unique record key, and the log position committed with each batch) |
+//! | `postgres` | one row per message (key columns, the message as `jsonb` or computed columns) in a PostgreSQL table, a binary `COPY` per batch | exactly once (as `sqlite`) |
 //! | `mqtt` | each message republished on a templated topic, into the server's own broker or another one | at least once |
 //! | `http` | one request per batch (JSON array or NDJSON) with an `Idempotency-Key` | at least once (exactly once with a receiver that honours the key) |
 //! | `influxdb` | one point per metric of a record, in line protocol, one request per batch (InfluxDB 1.x `/write` or 2.x `/api/v2/write`) | exactly once (a point written again replaces itself) |
 //! | `s3` | files streamed from the spool (multipart); records batched into JSON-lines objects with deterministic keys | exactly once per key (a retry overwrites) |
 
+pub mod columns;
 pub mod completion;
 pub mod config;
 pub mod file;

@@ -7,6 +7,10 @@
 //!     message jsonb NOT NULL, UNIQUE (agent, stream, epoch, seq))
 //! ```
 //!
+//! With `columns` ([`crate::columns`]) the `message` column gives way to computed ones,
+//! each value sent as text and cast to its column's type (`jsonb` when the sink makes the
+//! table).
+//!
 //! **Exactly once**, as in the SQLite sink: the unique record key with `ON CONFLICT DO
 //! NOTHING` (a replayed or retried batch never duplicates a record), and the log position
 //! after each batch committed in the same transaction in `fleetbus_sink_positions`, so a
@@ -15,7 +19,7 @@
 //!
 //! **Batched**: a batch is one `COPY ... FROM STDIN BINARY` when the table's columns have
 //! the default layout's types (the fast path: no text to parse, no casts), else one
-//! `INSERT ... SELECT * FROM unnest($1, ..., $8)` with one array per column (a prepared
+//! `INSERT ... SELECT ... FROM unnest($1, ..., $N)` with one array per column (a prepared
 //! statement cached per connection, PostgreSQL casting each value to the table's types).
 //! Either is a plain insert first: when it meets a row already in the table (SQLSTATE
 //! 23505), the batch is inserted again with `ON CONFLICT DO NOTHING`, so the usual case
@@ -23,12 +27,15 @@
 //!
 //! **Errors classified** by SQLSTATE:
 //! - a row the table refuses (class 22 data exception, 23 integrity constraint violation,
-//!   54 program limit exceeded) is permanent: the worker then writes the batch's messages
-//!   one at a time and moves those still refused to the dead letter with the database's
-//!   error;
+//!   54 program limit exceeded) is permanent: `COPY` names the row, and only it goes to the
+//!   dead letter; after an insert the worker writes the batch's messages one at a time and
+//!   moves those still refused there, with the database's error;
 //! - everything else (a lost connection, a serialization failure or deadlock, a full disk,
 //!   a server shutting down, a missing table or permission an operator can fix) is
 //!   retried with the sink's backoff.
+//!
+//! **Round trips**: three per batch (`BEGIN` with the locked read of the position; the
+//! rows, as one hand-over of the whole `COPY` data; the position with `COMMIT`).
 //!
 //! **Connections**: a pool (deadpool) of at most `pool_size`; batches are written one at
 //! a time in log order (the positions require it), so one connection does the writing and
@@ -37,9 +44,10 @@
 //! certificate against `ca_file` or the system's CAs; the password comes from the
 //! environment or a file, never from the rules file.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -49,6 +57,7 @@ use fleetbus_protocol::Message;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::error::SqlState;
 
+use crate::columns::{Cell, Computed};
 use crate::config::{SinkPlace, SinkType};
 use crate::row::{check_table, Row, POSITIONS};
 use crate::secret::Secret;
@@ -82,6 +91,10 @@ pub struct PostgresSinkConfig {
     /// connection closed) and retried.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Computed columns (name → CEL expression) instead of the `message` column: a typed
+    /// layout ([`crate::columns`]). Each value is cast to its column's type.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
 }
 
 fn default_pool_size() -> usize {
@@ -175,10 +188,15 @@ impl SinkType for PostgresSinkConfig {
             "must be between 1s and 300s",
         );
         crate::tls::check_ca_file(self.ca_file.as_deref(), p);
+        crate::columns::check(&self.columns, p);
     }
 
     fn file_destination(&self, _: &Message) -> Option<String> {
         Some(format!("postgres {} table {}", self.place(), self.table))
+    }
+
+    fn computed_columns(&self) -> Option<&BTreeMap<String, String>> {
+        Some(&self.columns)
     }
 
     fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
@@ -206,6 +224,9 @@ impl SinkType for PostgresSinkConfig {
             inner: Arc::new(Inner {
                 name: place.name.to_string(),
                 place: self.place(),
+                computed: Computed::compile(&self.columns)
+                    .map_err(|e| config_error(e.to_string()))?,
+                computed_types: Mutex::new(Vec::new()),
                 config: self.clone(),
                 pool,
                 tables_ready: AtomicBool::new(false),
@@ -231,6 +252,10 @@ struct Inner {
     /// The table's columns have the default layout's types, so batches can be copied in
     /// binary (else they are inserted, and PostgreSQL casts).
     copy_fits: AtomicBool,
+    /// The computed columns, if the layout has them.
+    computed: Option<Arc<Computed>>,
+    /// Their types in the table (`format_type`), in their order, read with the table.
+    computed_types: Mutex<Vec<String>>,
 }
 
 /// A batch's rows as one array per column: the parameters of the `unnest` insert, and
@@ -256,6 +281,8 @@ pub struct Columns {
     pub received: Vec<DateTime<Utc>>,
     /// The `message` column (JSON text).
     pub message: Vec<String>,
+    /// Each row's computed cells (none in the default layout).
+    pub computed: Vec<Vec<Cell>>,
 }
 
 impl Columns {
@@ -289,6 +316,7 @@ impl Columns {
         self.topic.push(row.topic);
         self.received.push(row.received);
         self.message.push(row.message);
+        self.computed.push(row.computed);
     }
 
     /// The rows of log entries from `done` on (all of them, but after a crash).
@@ -307,6 +335,7 @@ impl Columns {
         rest.topic.drain(..skip);
         rest.received.drain(..skip);
         rest.message.drain(..skip);
+        rest.computed.drain(..skip);
         std::borrow::Cow::Owned(rest)
     }
 }
@@ -324,15 +353,39 @@ enum Insert {
 }
 
 impl Insert {
-    fn sql(self, table: &str) -> String {
+    /// The `unnest` insert into `table`: the key columns and the message, or with
+    /// `computed` (names and the table's types) those columns, each sent as text and cast.
+    fn sql(self, table: &str, computed: Option<(&Computed, &[String])>) -> String {
+        let conflict = match self {
+            Insert::Copy | Insert::Plain => "",
+            Insert::SkipExisting => " ON CONFLICT DO NOTHING",
+        };
+        let keys = "$1::text[], $2::text[], $3::int8[], $4::int8[], $5::timestamptz[], \
+                    $6::text[], $7::timestamptz[]";
+        let Some((computed, types)) = computed else {
+            return format!(
+                "INSERT INTO {table} (agent, stream, epoch, seq, ts, topic, received, message) \
+                 SELECT * FROM unnest({keys}, $8::text[]::jsonb[]){conflict}"
+            );
+        };
+        let names: Vec<&str> = computed.names().collect();
+        let arrays: Vec<String> = (0..names.len())
+            .map(|n| format!("${}::text[]", n + 8))
+            .collect();
+        let aliases: Vec<String> = (0..names.len()).map(|n| format!("x{n}")).collect();
+        let casts: Vec<String> = aliases
+            .iter()
+            .zip(types)
+            .map(|(a, ty)| format!("u.{a}::{ty}"))
+            .collect();
         format!(
-            "INSERT INTO {table} (agent, stream, epoch, seq, ts, topic, received, message) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], \
-             $5::timestamptz[], $6::text[], $7::timestamptz[], $8::text[]::jsonb[]){}",
-            match self {
-                Insert::Copy | Insert::Plain => "",
-                Insert::SkipExisting => " ON CONFLICT DO NOTHING",
-            }
+            "INSERT INTO {table} (agent, stream, epoch, seq, ts, topic, received, {}) \
+             SELECT u.k1, u.k2, u.k3, u.k4, u.k5, u.k6, u.k7, {} \
+             FROM unnest({keys}, {}) AS u(k1, k2, k3, k4, k5, k6, k7, {}){conflict}",
+            names.join(", "),
+            casts.join(", "),
+            arrays.join(", "),
+            aliases.join(", ")
         )
     }
 }
@@ -409,23 +462,44 @@ async fn insert_rows(
     table: &str,
     c: &Columns,
     how: Insert,
+    computed: Option<(&Computed, &[String])>,
 ) -> Result<(), tokio_postgres::Error> {
-    let insert = tx.prepare_cached(&how.sql(table)).await?;
-    tx.execute(
-        &insert,
-        &[
-            &c.agent,
-            &c.stream,
-            &c.epoch,
-            &c.seq,
-            &c.ts,
-            &c.topic,
-            &c.received,
-            &c.message,
-        ],
-    )
-    .await
-    .map(|_| ())
+    use tokio_postgres::types::ToSql;
+    let insert = tx.prepare_cached(&how.sql(table, computed)).await?;
+    // a computed column's values as text for PostgreSQL to cast: JSON for json columns
+    let cells: Vec<Vec<Option<String>>> = match computed {
+        Some((_, types)) => types
+            .iter()
+            .enumerate()
+            .map(|(n, ty)| {
+                let json = ty == "jsonb" || ty == "json";
+                c.computed
+                    .iter()
+                    .map(|row| {
+                        row.get(n).and_then(|cell| match json {
+                            true => cell.to_json(),
+                            false => cell.to_text(),
+                        })
+                    })
+                    .collect()
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &c.agent,
+        &c.stream,
+        &c.epoch,
+        &c.seq,
+        &c.ts,
+        &c.topic,
+        &c.received,
+    ];
+    match computed {
+        Some(_) => params.extend(cells.iter().map(|v| v as &(dyn ToSql + Sync))),
+        None => params.push(&c.message),
+    }
+    tx.execute(&insert, &params).await.map(|_| ())
 }
 
 /// The rows by `COPY ... FROM STDIN BINARY` (the table's columns have the layout's types).
@@ -551,10 +625,20 @@ impl Inner {
              next bigint NOT NULL, PRIMARY KEY (sink, tbl));"
         );
         if self.config.create_table {
+            // computed columns are made `jsonb` (any value fits); an operator who wants
+            // other types makes the table, and each value is cast to its column's type
+            let payload = match &self.computed {
+                Some(c) => c
+                    .names()
+                    .map(|n| format!("{n} jsonb"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                None => "message jsonb NOT NULL".to_string(),
+            };
             sql.push_str(&format!(
                 "CREATE TABLE IF NOT EXISTS {} (agent text, stream text, epoch bigint, \
                  seq bigint, ts timestamptz, topic text NOT NULL, \
-                 received timestamptz NOT NULL, message jsonb NOT NULL, \
+                 received timestamptz NOT NULL, {payload}, \
                  UNIQUE (agent, stream, epoch, seq));",
                 self.config.table
             ));
@@ -576,7 +660,29 @@ impl Inner {
         let fits = LAYOUT
             .iter()
             .all(|(name, ty)| types.iter().any(|(n, t)| n == name && t == ty));
-        self.copy_fits.store(fits, Ordering::Relaxed);
+        self.copy_fits
+            .store(fits && self.computed.is_none(), Ordering::Relaxed);
+        if let Some(computed) = &self.computed {
+            let mut found = Vec::new();
+            for name in computed.names() {
+                match types.iter().find(|(n, _)| n == name) {
+                    Some((_, ty)) => found.push(ty.clone()),
+                    None => {
+                        return Err(self.remote(
+                            "read the table's columns",
+                            format!(
+                                "table {} has no column `{name}` (a computed column; add it)",
+                                self.config.table
+                            ),
+                        ))
+                    }
+                }
+            }
+            *self
+                .computed_types
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = found;
+        }
         self.tables_ready.store(true, Ordering::Relaxed);
         Ok(())
     }
@@ -642,7 +748,13 @@ impl Inner {
                     copy_rows(client, table, data).await
                 }
                 Insert::Plain | Insert::SkipExisting => {
-                    insert_rows(client, table, &columns, how).await
+                    let types = self
+                        .computed_types
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    let computed = self.computed.as_deref().map(|c| (c, types.as_slice()));
+                    insert_rows(client, table, &columns, how, computed).await
                 }
             };
             if let Err(e) = inserted {
@@ -766,7 +878,7 @@ impl Sink for PostgresSink {
             let mut unencodable = Vec::new();
             let mut first_error = None;
             for (n, item) in batch.items.iter().enumerate() {
-                match Row::of(item) {
+                match Row::with(item, self.inner.computed.as_deref()) {
                     Ok(row) => rows.push(item.index, row),
                     Err(e) => {
                         unencodable.push(n);

@@ -10,6 +10,8 @@
 //! | `topic`, `received` | the message's topic and when the server received it |
 //! | `message` | the record (or the dead letter around it) as JSON |
 //!
+//! A sink with `columns` has computed columns instead of `message` ([`crate::columns`]).
+//!
 //! `UNIQUE (agent, stream, epoch, seq)` makes a record's row exactly once.
 
 use chrono::{DateTime, Utc};
@@ -40,9 +42,25 @@ pub struct Row {
     pub received: DateTime<Utc>,
     /// The record (or its dead-letter envelope) as JSON.
     pub message: String,
+    /// The values of the sink's computed columns, in their order (none in the default
+    /// layout; see [`crate::columns`]).
+    pub computed: Vec<crate::columns::Cell>,
 }
 
 impl Row {
+    /// The row of `item` with the values of `computed` columns, if the sink has any. An
+    /// error (permanent) when a computed column's expression fails for it.
+    pub fn with(
+        item: &Item,
+        computed: Option<&crate::columns::Computed>,
+    ) -> Result<Row, SinkError> {
+        let mut row = Row::of(item)?;
+        if let Some(c) = computed {
+            row.computed = c.cells(&item.message)?;
+        }
+        Ok(row)
+    }
+
     /// The row of `item`. An error (permanent) when its `seq` does not fit a signed 64-bit
     /// column or it cannot be encoded.
     pub fn of(item: &Item) -> Result<Row, SinkError> {
@@ -86,6 +104,7 @@ impl Row {
             topic: msg.topic.clone(),
             received: msg.received,
             message,
+            computed: Vec::new(),
         })
     }
 }

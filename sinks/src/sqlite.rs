@@ -9,6 +9,9 @@
 //!     UNIQUE (agent, stream, epoch, seq))
 //! ```
 //!
+//! With `columns` ([`crate::columns`]) the `message` column gives way to computed ones,
+//! each value bound with its own type.
+//!
 //! Exactly once, twice over: a record's (agent, stream, epoch, seq) is unique and inserted
 //! with `ON CONFLICT DO NOTHING`, so a replayed or retried batch never duplicates it; and
 //! each batch commits, in the same transaction as its rows, the log position after it in
@@ -20,6 +23,7 @@
 //! survives a power loss: the sink's saved position is never ahead of the database). Its
 //! blocking calls run on tokio's blocking pool.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +33,7 @@ use fleetbus_protocol::Message;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use crate::columns::{Cell, Computed};
 use crate::config::{SinkPlace, SinkType};
 use crate::row::{check_table, Row, POSITIONS};
 use crate::{Batch, BoxFuture, Sink, SinkError};
@@ -51,6 +56,10 @@ pub struct SqliteSinkConfig {
     /// batch is retried.
     #[serde(default = "default_busy_timeout", with = "humantime_serde")]
     pub busy_timeout: Duration,
+    /// Computed columns (name → CEL expression) instead of the `message` column: a typed
+    /// layout ([`crate::columns`]).
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
 }
 
 fn default_busy_timeout() -> Duration {
@@ -70,6 +79,7 @@ impl SinkType for SqliteSinkConfig {
             "busy_timeout",
             "must be at most 60s (the sink's writes wait this long on a locked database)",
         );
+        crate::columns::check(&self.columns, p);
     }
 
     fn file_destination(&self, _: &Message) -> Option<String> {
@@ -80,12 +90,17 @@ impl SinkType for SqliteSinkConfig {
         ))
     }
 
+    fn computed_columns(&self) -> Option<&BTreeMap<String, String>> {
+        Some(&self.columns)
+    }
+
     fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
         let path = place.data_dir.join(&self.path);
         Ok(Box::new(SqliteSink {
             inner: Arc::new(Inner {
                 name: place.name.to_string(),
                 path,
+                computed: Computed::compile(&self.columns)?,
                 config: self.clone(),
                 connection: Mutex::new(None),
             }),
@@ -103,6 +118,8 @@ struct Inner {
     name: String,
     path: PathBuf,
     config: SqliteSinkConfig,
+    /// The computed columns, if the layout has them.
+    computed: Option<Arc<Computed>>,
     /// Opened at the first use and again after an error that may have broken it.
     connection: Mutex<Option<Connection>>,
 }
@@ -140,10 +157,15 @@ impl Inner {
         .map_err(|e| self.remote("create the positions table", e))?;
         if self.config.create_table {
             let t = &self.config.table;
+            // computed columns without a declared type: each value keeps its own
+            let payload = match &self.computed {
+                Some(c) => c.names().collect::<Vec<_>>().join(", "),
+                None => "message TEXT NOT NULL".to_string(),
+            };
             conn.execute_batch(&format!(
                 "CREATE TABLE IF NOT EXISTS {t} (agent TEXT, stream TEXT, epoch INTEGER, \
                  seq INTEGER, ts TEXT, topic TEXT NOT NULL, received TEXT NOT NULL, \
-                 message TEXT NOT NULL, UNIQUE (agent, stream, epoch, seq))"
+                 {payload}, UNIQUE (agent, stream, epoch, seq))"
             ))
             .map_err(|e| self.remote(&format!("create table {t}"), e))?;
         }
@@ -205,10 +227,18 @@ fn insert(
     let mut refused = Vec::new();
     let mut first_refusal = None;
     {
+        let (payload, values) = match &sink.computed {
+            Some(c) => {
+                let names: Vec<&str> = c.names().collect();
+                let marks: Vec<String> = (0..c.len()).map(|n| format!("?{}", n + 8)).collect();
+                (names.join(", "), marks.join(", "))
+            }
+            None => ("message".to_string(), "?8".to_string()),
+        };
         let mut stmt = tx
             .prepare_cached(&format!(
-                "INSERT INTO {table} (agent, stream, epoch, seq, ts, topic, received, message) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING"
+                "INSERT INTO {table} (agent, stream, epoch, seq, ts, topic, received, {payload}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {values}) ON CONFLICT DO NOTHING"
             ))
             .map_err(|e| sink.remote(&format!("insert into {table}"), e))?;
         for (n, (index, row)) in rows.iter().enumerate() {
@@ -223,17 +253,10 @@ fn insert(
                     continue;
                 }
             };
-            let inserted = stmt.execute(params![
-                row.agent,
-                row.stream,
-                row.epoch,
-                row.seq,
-                row.ts,
-                row.topic,
-                row.received
-                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                row.message
-            ]);
+            let inserted = stmt.execute(rusqlite::params_from_iter(values_of(
+                row,
+                sink.computed.is_some(),
+            )));
             match inserted {
                 Ok(_) => {}
                 Err(e) if refuses_the_row(&e) => {
@@ -268,6 +291,38 @@ fn insert(
     tx.commit().map_err(|e| sink.remote("commit", e))
 }
 
+/// The parameters of `row`'s insert: the key columns, then the message or the computed
+/// columns.
+fn values_of(row: &Row, computed: bool) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value;
+    let text = |s: &Option<String>| s.clone().map_or(Value::Null, Value::Text);
+    let int = |n: Option<i64>| n.map_or(Value::Null, Value::Integer);
+    let mut values = vec![
+        text(&row.agent),
+        text(&row.stream),
+        int(row.epoch),
+        int(row.seq),
+        text(&row.ts),
+        Value::Text(row.topic.clone()),
+        Value::Text(
+            row.received
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+    ];
+    if !computed {
+        values.push(Value::Text(row.message.clone()));
+        return values;
+    }
+    values.extend(row.computed.iter().map(|cell| match cell {
+        Cell::Null => Value::Null,
+        Cell::Bool(b) => Value::Integer(i64::from(*b)),
+        Cell::Int(n) => Value::Integer(*n),
+        Cell::Float(x) => Value::Real(*x),
+        Cell::Text(s) | Cell::Json(s) => Value::Text(s.clone()),
+    }));
+    values
+}
+
 impl Sink for SqliteSink {
     fn writes_json(&self) -> bool {
         true
@@ -275,10 +330,11 @@ impl Sink for SqliteSink {
 
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
+            let computed = self.inner.computed.as_deref();
             let rows: Vec<(u64, Result<Row, SinkError>)> = batch
                 .items
                 .iter()
-                .map(|item| (item.index, Row::of(item)))
+                .map(|item| (item.index, Row::with(item, computed)))
                 .collect();
             let next = batch.next;
             self.with_connection(move |sink, conn| insert(sink, conn, &rows, next))

@@ -1,7 +1,8 @@
 //! The PostgreSQL sink against a real PostgreSQL (Debian's package, a cluster the test makes
 //! in a temp directory): the default layout made and filled, a record already in the table
 //! not written twice, a row the database refuses named by its SQLSTATE, and a missing table
-//! or a wrong password reported as errors to retry, not as messages to drop.
+//! or a wrong password reported as errors to retry, not as messages to drop; computed
+//! columns cast to the table's types.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -274,4 +275,153 @@ async fn over_tls_the_server_is_trusted_only_through_the_ca_file() {
         .get(0);
     assert!(ssl, "the sink's session is encrypted");
     drop(trusted);
+}
+
+/// Metric records of agent `web-1` with the given (log index, JSON body).
+fn metric_batch(records: &[(u64, &str)]) -> Batch {
+    let items = records
+        .iter()
+        .map(|&(index, body)| Item {
+            index,
+            message: Arc::new(
+                Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap(),
+            ),
+            dead_letter: None,
+            json: None,
+        })
+        .collect::<Vec<_>>();
+    Batch {
+        first: items.first().map_or(0, |i| i.index),
+        next: items.last().map_or(0, |i| i.index + 1),
+        items,
+    }
+}
+
+/// seq, agent, host, usage, hot, labels->>'cpu', the type of usage.
+type TypedRow = (i64, String, String, f64, bool, Option<String>, String);
+
+const COLUMNS: &str = "columns = { host = \"record.host\", usage = \"record.metrics[0].value\", \
+     hot = \"record.metrics[0].value > 90.0\", labels = \"record.metrics[0].labels\" }\n";
+const GOOD: &str =
+    r#"{"seq":1,"host":"h1","metrics":[{"name":"cpu","value":97.5,"labels":{"cpu":"0"}}]}"#;
+const BARE: &str = r#"{"seq":2,"host":"h1"}"#;
+const COOL: &str = r#"{"seq":3,"host":"h2","metrics":[{"name":"cpu","value":5,"labels":{}}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computed_columns_are_cast_to_the_tables_types_and_a_failing_expression_is_refused() {
+    let Some(pg) = Postgres::start().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let client = pg.client().await.unwrap();
+
+    // the operator's typed table
+    client
+        .batch_execute(
+            "CREATE TABLE cpu (agent text, stream text, epoch bigint, seq bigint, ts timestamptz, \
+             topic text, received timestamptz, host text, usage double precision, hot boolean, \
+             labels jsonb, UNIQUE (agent, stream, epoch, seq))",
+        )
+        .await
+        .unwrap();
+    let mut s = sink(
+        dir.path(),
+        &pg,
+        &format!("table = \"cpu\"\ncreate_table = false\n{COLUMNS}"),
+    );
+    // the record without metrics cannot be a row: named, with the column that failed
+    let e = s
+        .write(&metric_batch(&[(1, GOOD), (2, BARE), (3, COOL)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.rejected_items(), Some(&[1][..]), "{e}");
+    assert!(
+        e.to_string().contains("column hot: No such key: metrics"),
+        "{e}"
+    );
+    s.write(&metric_batch(&[(1, GOOD), (3, COOL)]))
+        .await
+        .unwrap();
+    let rows = client
+        .query(
+            "SELECT seq, agent, host, usage, hot, labels->>'cpu', pg_typeof(usage)::text \
+             FROM cpu ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<TypedRow> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                1,
+                "web-1".into(),
+                "h1".into(),
+                97.5,
+                true,
+                Some("0".into()),
+                "double precision".into()
+            ),
+            (
+                3,
+                "web-1".into(),
+                "h2".into(),
+                5.0,
+                false,
+                None,
+                "double precision".into()
+            ),
+        ]
+    );
+
+    // a value the column's type cannot take: refused by the database, for good
+    let mut wrong = sink(
+        dir.path(),
+        &pg,
+        "table = \"cpu\"\ncreate_table = false\ncolumns = { usage = \"record.host\" }\n",
+    );
+    let e = wrong.write(&metric_batch(&[(10, GOOD)])).await.unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Permanent, "{e}");
+    assert!(e.to_string().contains("22P02"), "{e}");
+
+    // a computed column the table lacks: retried until an operator adds it
+    let mut lacking = sink(
+        dir.path(),
+        &pg,
+        "table = \"cpu\"\ncreate_table = false\ncolumns = { load = \"record.seq\" }\n",
+    );
+    let e = lacking
+        .write(&metric_batch(&[(20, GOOD)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
+    assert!(e.to_string().contains("no column `load`"), "{e}");
+
+    // a table the sink makes: its computed columns are jsonb, and hold any value
+    let mut made = sink(dir.path(), &pg, &format!("table = \"made\"\n{COLUMNS}"));
+    made.write(&metric_batch(&[(1, GOOD)])).await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT host::text, usage::text, hot::text, labels::text, pg_typeof(usage)::text \
+             FROM made",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<String> = (0..5).map(|n| row.get(n)).collect();
+    assert_eq!(got, ["\"h1\"", "97.5", "true", r#"{"cpu": "0"}"#, "jsonb"]);
 }

@@ -13,6 +13,7 @@ fn sink(dir: &Path, create_table: bool) -> Box<dyn Sink> {
         table: "messages".into(),
         create_table,
         busy_timeout: Duration::from_secs(1),
+        columns: BTreeMap::new(),
     };
     config
         .build(&SinkPlace {
@@ -157,5 +158,101 @@ fn a_table_name_must_be_a_plain_identifier() {
     }
     for bad in ["", "1t", "a-b", "a;drop table x", "t\"", &"x".repeat(64)] {
         assert!(!plain_identifier(bad), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn computed_columns_hold_their_expressions_values_and_a_failing_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config: SqliteSinkConfig = toml::from_str(
+        r#"
+path = "typed.sqlite"
+table = "cpu"
+columns = { host = "record.host", usage = "record.metrics[0].value", hot = "record.metrics[0].value > 90.0", labels = "record.metrics[0].labels" }
+"#,
+    )
+    .unwrap();
+    assert!(fleetbus_config::problems_of(&Checked(&config)).is_empty());
+    let mut sink = config
+        .build(&SinkPlace {
+            name: "typed",
+            data_dir: dir.path(),
+            state_dir: dir.path(),
+            broker: &fleetbus_support::Publisher::discard(),
+        })
+        .unwrap();
+    let item = |index: u64, body: &str| Item {
+        index,
+        message: Arc::new(
+            Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap(),
+        ),
+        dead_letter: None,
+        json: None,
+    };
+    let good =
+        r#"{"seq":1,"host":"h1","metrics":[{"name":"cpu","value":97.5,"labels":{"cpu":"0"}}]}"#;
+    let bare = r#"{"seq":2,"host":"h1"}"#;
+    let cool = r#"{"seq":3,"host":"h2","metrics":[{"name":"cpu","value":5,"labels":{}}]}"#;
+    let batch = Batch {
+        first: 1,
+        next: 4,
+        items: vec![item(1, good), item(2, bare), item(3, cool)],
+    };
+    // the record without metrics cannot be a row: named, with the column that failed
+    let e = sink.write(&batch).await.unwrap_err();
+    assert_eq!(e.rejected_items(), Some(&[1][..]), "{e}");
+    assert!(
+        e.to_string().contains("column hot: No such key: metrics"),
+        "{e}"
+    );
+    let rest = Batch {
+        first: 1,
+        next: 4,
+        items: vec![item(1, good), item(3, cool)],
+    };
+    sink.write(&rest).await.unwrap();
+
+    let conn = rusqlite::Connection::open(dir.path().join("typed.sqlite")).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT seq, host, usage, typeof(usage), hot, labels FROM cpu ORDER BY seq")
+        .unwrap();
+    let got: Vec<(i64, String, f64, String, i64, String)> = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                1,
+                "h1".into(),
+                97.5,
+                "real".into(),
+                1,
+                r#"{"cpu":"0"}"#.into()
+            ),
+            (3, "h2".into(), 5.0, "integer".into(), 0, "{}".into()),
+        ]
+    );
+    // no `message` column in this layout
+    assert!(conn.prepare("SELECT message FROM cpu").is_err());
+}
+
+/// A sink type's checks, for `problems_of`.
+struct Checked<'a>(&'a SqliteSinkConfig);
+
+impl fleetbus_config::Check for Checked<'_> {
+    fn check(&self, p: &mut Problems) {
+        self.0.check(p);
     }
 }
