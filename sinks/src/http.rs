@@ -1,5 +1,6 @@
 //! The HTTP sink: a webhook. Each batch is one request, its body a JSON array or NDJSON of
-//! the batch's messages.
+//! the batch's messages; with a templated URL (placeholders in its path or query), one
+//! request per URL the batch's messages render.
 //!
 //! - 2xx: written.
 //! - 408, 429 and 5xx, a timeout or a connection that fails: retried with the sink's
@@ -27,6 +28,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{BatchConfig, SinkPlace, SinkType};
 use crate::secret::Secret;
+use crate::template::PathTemplate;
 use crate::{Batch, BoxFuture, Item, Sink, SinkError};
 
 /// The longest `Retry-After` honoured (a longer one is cut to it).
@@ -36,7 +38,9 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSinkConfig {
-    /// Where batches go (`http://` or `https://`).
+    /// Where batches go (`http://` or `https://`). With `{...}` placeholders in its path or
+    /// query it is a template (as for file paths), and a batch goes out as one request per
+    /// URL its messages render.
     pub url: String,
     /// `POST` or `PUT`.
     #[serde(default = "default_method")]
@@ -108,6 +112,9 @@ impl SinkType for HttpSinkConfig {
 
     fn check(&self, p: &mut Problems) {
         check_url(&self.url, p);
+        if let Err(e) = url_template(&self.url) {
+            p.add("url", e);
+        }
         p.require(
             matches!(self.method.as_str(), "POST" | "PUT"),
             "method",
@@ -130,8 +137,12 @@ impl SinkType for HttpSinkConfig {
         crate::tls::check_ca_file(self.ca_file.as_deref(), p);
     }
 
-    fn file_destination(&self, _: &Message) -> Option<String> {
-        Some(format!("{} {}", self.method, self.url))
+    fn file_destination(&self, msg: &Message) -> Option<String> {
+        let url = match url_template(&self.url).ok()? {
+            Some(t) => t.render(msg),
+            None => self.url.clone(),
+        };
+        Some(format!("{} {url}", self.method))
     }
 
     fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
@@ -157,6 +168,7 @@ impl SinkType for HttpSinkConfig {
             client,
             method,
             url: self.url.clone(),
+            template: url_template(&self.url).map_err(&config_error)?,
             format: self.format,
         }))
     }
@@ -168,7 +180,31 @@ pub struct HttpSink {
     client: reqwest::Client,
     method: reqwest::Method,
     url: String,
+    /// The URL as a template, when it has placeholders.
+    template: Option<PathTemplate>,
     format: BodyFormat,
+}
+
+/// `url` as a template when it has `{...}` placeholders (None: a plain URL, `%` and all).
+/// Placeholders may stand only after the host, so a message can choose a path or a query
+/// value but never where the request goes; in a template `%` starts a time field (`%Y`),
+/// `%%` is a literal `%`.
+fn url_template(url: &str) -> Result<Option<PathTemplate>, String> {
+    if !url.contains('{') {
+        return Ok(None);
+    }
+    let after_scheme = url.find("://").map_or(0, |n| n + 3);
+    let authority_end = url[after_scheme..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |n| after_scheme + n);
+    if url[..authority_end].contains('{') {
+        return Err(format!(
+            "`{url}`: placeholders may stand only in the path and query, not in the scheme or host"
+        ));
+    }
+    PathTemplate::parse(url)
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// The identity of a message within its sink: a record's key, else its log index.
@@ -321,15 +357,52 @@ pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Du
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
+impl HttpSink {
+    /// Sends `batch` as one request to `url`.
+    async fn send(&self, url: &str, batch: &Batch) -> Result<(), SinkError> {
+        let content_type = match self.format {
+            BodyFormat::Json => "application/json",
+            BodyFormat::Ndjson => "application/x-ndjson",
+        };
+        let response = self
+            .client
+            .request(self.method.clone(), url)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .header("Idempotency-Key", idempotency_key(batch))
+            .body(body(batch, self.format)?)
+            .send()
+            .await
+            .map_err(|e| {
+                SinkError::Remote(format!("{} {url}: {}", self.method, crate::error_chain(&e)))
+            })?;
+        if response.status().is_success() {
+            return Ok(());
+        }
+        let what = format!("{} {url}", self.method);
+        Err(answer_error(response, &what, |status| {
+            status.is_server_error()
+                || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                || status == reqwest::StatusCode::REQUEST_TIMEOUT
+        })
+        .await)
+    }
+}
+
 impl Sink for HttpSink {
     fn writes_json(&self) -> bool {
         true
     }
 
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
-        // beside the start, not before it
+        // beside the start, not before it; a templated URL's server is asked at its root
+        let url = match &self.template {
+            Some(_) => reqwest::Url::parse(&self.url)
+                .map(|u| u.origin().ascii_serialization() + "/")
+                .unwrap_or_else(|_| self.url.clone()),
+            None => self.url.clone(),
+        };
         tokio::spawn(probe(
-            self.client.head(&self.url),
+            self.client.head(url),
             "http sink: receiver",
             self.name.clone(),
         ));
@@ -338,36 +411,29 @@ impl Sink for HttpSink {
 
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            let content_type = match self.format {
-                BodyFormat::Json => "application/json",
-                BodyFormat::Ndjson => "application/x-ndjson",
+            let Some(template) = &self.template else {
+                return self.send(&self.url, batch).await;
             };
-            let response = self
-                .client
-                .request(self.method.clone(), &self.url)
-                .header(reqwest::header::CONTENT_TYPE, content_type)
-                .header("Idempotency-Key", idempotency_key(batch))
-                .body(body(batch, self.format)?)
-                .send()
-                .await
-                .map_err(|e| {
-                    SinkError::Remote(format!(
-                        "{} {}: {}",
-                        self.method,
-                        self.url,
-                        crate::error_chain(&e)
-                    ))
-                })?;
-            if response.status().is_success() {
-                return Ok(());
+            // one request per URL, in the order each URL first appears
+            let mut groups: Vec<(String, Batch)> = Vec::new();
+            for item in &batch.items {
+                let url = template.render(&item.message);
+                match groups.iter_mut().find(|(u, _)| *u == url) {
+                    Some((_, group)) => group.items.push(item.clone()),
+                    None => groups.push((
+                        url,
+                        Batch {
+                            first: batch.first,
+                            next: batch.next,
+                            items: vec![item.clone()],
+                        },
+                    )),
+                }
             }
-            let what = format!("{} {}", self.method, self.url);
-            Err(answer_error(response, &what, |status| {
-                status.is_server_error()
-                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-                    || status == reqwest::StatusCode::REQUEST_TIMEOUT
-            })
-            .await)
+            for (url, group) in &groups {
+                self.send(url, group).await?;
+            }
+            Ok(())
         })
     }
 }
