@@ -34,8 +34,9 @@
 //!   a server shutting down, a missing table or permission an operator can fix) is
 //!   retried with the sink's backoff.
 //!
-//! **Round trips**: three per batch (`BEGIN` with the locked read of the position; the
-//! rows, as one hand-over of the whole `COPY` data; the position with `COMMIT`).
+//! **Round trips**: four per batch by `COPY` (`BEGIN` with the locked read of the
+//! position; `COPY`'s start; the whole `COPY` data in one hand-over; the position with
+//! `COMMIT`), three by an insert.
 //!
 //! **Connections**: a pool (deadpool) of at most `pool_size`; batches are written one at
 //! a time in log order (the positions require it), so one connection does the writing and
@@ -702,19 +703,28 @@ impl Inner {
     ) -> Result<(), InsertError> {
         self.ensure_tables(client).await?;
         let result = self.insert_in_transaction(client, rows, next, how).await;
-        if result.is_err() {
+        if let Err(failed) = &result {
             // outside a transaction this only warns; a connection that cannot even roll
-            // back is broken, and a retryable error has `write` drop it
+            // back is broken: the batch is retried (a retryable error has `write` drop the
+            // connection), saying what failed first
             if let Err(e) = client.batch_execute("ROLLBACK").await {
-                return Err(self.remote("roll back", describe(&e)).into());
+                let first = match failed {
+                    InsertError::Exists => "a row already in the table".to_string(),
+                    InsertError::Sink(e) => e.to_string(),
+                };
+                return Err(self
+                    .remote("roll back", format!("{} (after: {first})", describe(&e)))
+                    .into());
             }
         }
         result
     }
 
-    /// The transaction of [`Inner::insert`], in three round trips: `BEGIN` with the
-    /// locked read of the stored position, the rows, and the new position with `COMMIT`
-    /// (statements sent together: tokio-postgres pipelines requests polled at once).
+    /// The transaction of [`Inner::insert`], in four round trips by `COPY` (three by an
+    /// insert): `BEGIN` with the locked read of the stored position, the rows (`COPY`'s
+    /// start, then its data), and the new position with `COMMIT` (statements sent
+    /// together: tokio-postgres pipelines requests polled at once; both position
+    /// statements are prepared once per connection).
     async fn insert_in_transaction(
         &self,
         client: &deadpool_postgres::Object,
