@@ -289,7 +289,8 @@ pub fn topic_cache_resets() -> u64 {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (for tests and the demo: rumqttd
-/// cannot listen on port 0 and report the port it got).
+/// cannot listen on port 0 and report the port it got); never the same twice in one
+/// process ([`fleetbus_support::free_port`]).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(StdTcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    fleetbus_support::free_port()
 }

@@ -3,7 +3,7 @@
 //! free loopback ports, nothing else listening, killed on drop.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,10 +24,6 @@ pub struct Influxd {
     child: Child,
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 impl Influxd {
     /// Starts `influxd` in a temp directory. None (after [`crate::skip_or_fail`]) when
     /// InfluxDB is not installed; an error (with its log) when it does not answer
@@ -41,8 +37,8 @@ impl Influxd {
             .prefix("fleetbus-influx")
             .tempdir()?;
         let d = dir.path().display();
-        let port = free_port()?;
-        let rpc = free_port()?;
+        let port = fleetbus_support::free_port()?;
+        let rpc = fleetbus_support::free_port()?;
         let config = dir.path().join("influxdb.conf");
         std::fs::write(
             &config,

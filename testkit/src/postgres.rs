@@ -11,7 +11,6 @@
 //! cluster belongs to the package's `postgres` account (else `nobody`) and the server
 //! runs as that user.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -100,7 +99,7 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = fleetbus_support::free_port()?;
         let mut pg = Postgres {
             bin,
             dir,
