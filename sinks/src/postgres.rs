@@ -879,7 +879,8 @@ impl Inner {
 
 impl Sink for PostgresSink {
     fn writes_json(&self) -> bool {
-        true
+        // computed columns replace the message's JSON
+        self.inner.computed.is_none()
     }
 
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {

@@ -54,21 +54,29 @@ impl Row {
         item: &Item,
         computed: Option<&crate::columns::Computed>,
     ) -> Result<Row, SinkError> {
-        let mut row = Row::of(item)?;
-        if let Some(c) = computed {
-            row.computed = c.cells(&item.message)?;
+        match computed {
+            // the computed columns replace `message`: its JSON is not rendered
+            Some(c) => Ok(Row {
+                computed: c.cells(&item.message)?,
+                ..Row::keys(item, String::new())?
+            }),
+            None => Row::of(item),
         }
-        Ok(row)
     }
 
     /// The row of `item`. An error (permanent) when its `seq` does not fit a signed 64-bit
     /// column or it cannot be encoded.
     pub fn of(item: &Item) -> Result<Row, SinkError> {
-        let msg = &item.message;
         let mut json = Vec::new();
         crate::json_line(item, &mut json)?;
         json.pop(); // the newline
         let message = String::from_utf8(json).map_err(|e| SinkError::Encode(e.to_string()))?;
+        Row::keys(item, message)
+    }
+
+    /// The key columns of `item`, with `message` as given.
+    fn keys(item: &Item, message: String) -> Result<Row, SinkError> {
+        let msg = &item.message;
         let (mut agent, mut stream, mut epoch, mut seq, mut ts) = (None, None, None, None, None);
         if let Topic::Telemetry {
             agent: a,

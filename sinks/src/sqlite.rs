@@ -325,7 +325,8 @@ fn values_of(row: &Row, computed: bool) -> Vec<rusqlite::types::Value> {
 
 impl Sink for SqliteSink {
     fn writes_json(&self) -> bool {
-        true
+        // computed columns replace the message's JSON
+        self.inner.computed.is_none()
     }
 
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
