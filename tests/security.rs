@@ -1,6 +1,7 @@
 //! End to end: a `fleetbus serve` process with `[broker.security] enforce = true`,
 //! credentials made with `fleetbus agents enroll/revoke`, raw MQTT clients (rumqttc) and a
-//! real agent process. Broker events are routed by a rule into a file sink and read back.
+//! real agent process. Broker events are routed by a rule into a file sink and read back;
+//! metric points into a real InfluxDB.
 
 mod common;
 
@@ -11,6 +12,7 @@ use common::secured::{
     connect, connect_result, disconnected, options, received, refused_with, Secured,
 };
 use common::{poll_until, Proc};
+use fleetbus_testkit::influxdb::Influxd;
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, Packet, QoS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,4 +342,57 @@ async fn a_running_agent_picks_up_a_replaced_token_without_a_restart() {
         agent.log_text()
     );
     agent.kill();
+}
+
+/// The `groups` tag of an agent's InfluxDB points is its credential's groups, whatever its
+/// birth message claims: a rogue agent cannot file its metrics under another group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_points_carry_the_credentials_groups_not_those_the_birth_message_claims() {
+    let Some(influx) = Influxd::start().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rules = format!(
+        "[sinks.influx]\ntype = \"influxdb\"\nurl = \"{}\"\ndatabase = \"fleet\"\n\
+         create_database = true\n\
+         [[rules]]\nname = \"metrics\"\nfrom = [\"fleet/+/telemetry/metrics\"]\nto = [\"influx\"]\n",
+        influx.url()
+    );
+    let server = Secured::start_with_rules(dir.path(), true, "", &rules);
+    let token = server.enroll("web-01", &["--groups", "web,linux"]);
+    let (client, mut events) = connect(server.port, "web-01", &token).await;
+    let birth =
+        r#"{"agent":"web-01","status":"online","ts":"2026-12-01T10:00:00Z","groups":["admin"]}"#;
+    client
+        .publish("fleet/web-01/presence", QoS::AtLeastOnce, false, birth)
+        .await
+        .unwrap();
+    let metric = r#"{"seq":1,"epoch":1,"ts":"2026-12-01T10:00:01Z","metrics":[{"name":"load.1","value":0.5}]}"#;
+    client
+        .publish(
+            "fleet/web-01/telemetry/metrics",
+            QoS::AtLeastOnce,
+            false,
+            metric,
+        )
+        .await
+        .unwrap();
+    let _ = received(&mut events, Duration::from_millis(500)).await;
+
+    let mut points = serde_json::Value::Null;
+    let arrived = poll_until(Duration::from_secs(15), || {
+        let Ok(answer) = influx.query(Some("fleet"), r#"SELECT "value", "groups" FROM "load.1""#)
+        else {
+            return false;
+        };
+        points = serde_json::from_str::<serde_json::Value>(&answer).unwrap_or_default()["results"]
+            [0]["series"][0]["values"]
+            .clone();
+        points.is_array()
+    });
+    assert!(arrived, "no point arrived\n{}", server.proc.log());
+    assert_eq!(
+        points,
+        serde_json::json!([["2026-12-01T10:00:01Z", 0.5, "linux,web"]])
+    );
 }

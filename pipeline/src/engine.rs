@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::groups::AgentGroups;
 use crate::position::PositionFile;
 use crate::worker::WorkerSetup;
 use chrono::{TimeZone, Utc};
@@ -173,6 +174,10 @@ struct Inner {
     log_errors: fleetbus_support::Throttle,
     /// Index of the built-in dead-letter sink.
     dead_letters_sink: usize,
+    /// Each agent's groups, stamped onto its messages.
+    groups: AgentGroups,
+    /// Bounds the log lines of agents left out of a full groups table.
+    groups_full: fleetbus_support::Throttle,
 }
 
 /// The rules engine with its log, committer and sink workers running.
@@ -293,6 +298,8 @@ impl Engine {
             last_snapshot: Mutex::new((snapshot_upto, Instant::now())),
             log_errors: fleetbus_support::Throttle::new(Duration::from_secs(10)),
             dead_letters_sink,
+            groups: AgentGroups::default(),
+            groups_full: fleetbus_support::Throttle::new(Duration::from_secs(60)),
         });
         let dead_letters: Arc<dyn DeadLetters> = inner.clone();
         let sinks = built
@@ -354,6 +361,17 @@ impl Engine {
             return Dispatched::Forged;
         }
         self.inner.dispatch(topic, payload)
+    }
+
+    /// Records `groups` as `agent`'s: its messages accepted from now on carry them
+    /// ([`WalEntry::groups`]). The caller says which groups count: the credential's when
+    /// security is enforced, else those of the agent's birth message.
+    pub fn set_agent_groups(&self, agent: &str, groups: &[String]) {
+        if !self.inner.groups.set(agent, groups) {
+            if let Some(left_out) = self.inner.groups_full.admit() {
+                tracing::warn!(%agent, max_agents = crate::groups::MAX_AGENTS, similar_not_logged = left_out, "groups table full: this agent's messages carry no groups");
+            }
+        }
     }
 
     /// Ingests one message and says what became of it (for server-side producers such as
@@ -516,6 +534,10 @@ impl Inner {
             }
         };
 
+        let groups = parsed
+            .agent()
+            .map(|agent| self.groups.of(agent))
+            .unwrap_or_default();
         let mut state = self.lock();
         if let Some(k) = &key {
             if state.dedup.is_duplicate(k) {
@@ -555,6 +577,7 @@ impl Inner {
                 sinks: sinks.clone(),
                 key: key.clone(),
                 dead_letter,
+                groups,
             };
             match self.wal.append(&entry) {
                 Ok((index, size)) => {

@@ -4,6 +4,7 @@
 //!   end-to-end acknowledgements, the de-duplication snapshot, sink start-up;
 //! - [`worker`]: one task per sink, reading the log at the sink's own pace, batching,
 //!   retrying, dead letters, saving its position ([`position`]);
+//! - [`groups`]: each agent's groups, stamped onto its messages at ingest;
 //! - [`tail`]: the newest log entries kept in memory, so a sink that keeps up never reads
 //!   the disk;
 //! - [`standalone`]: the engine fed from any MQTT broker (`fleetbus rules run`);
@@ -13,6 +14,7 @@
 //! The rules language it runs is `fleetbus-rules`; the destinations are `fleetbus-sinks`.
 
 pub mod engine;
+pub mod groups;
 pub mod inventory;
 pub mod position;
 pub mod standalone;

@@ -133,6 +133,7 @@ mod tests {
                 sinks: vec![],
                 key: None,
                 dead_letter: None,
+                groups: Vec::new(),
             }),
             size,
             message: Arc::new(message),

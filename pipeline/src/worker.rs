@@ -450,6 +450,7 @@ impl Worker {
                 message: message.clone(),
                 dead_letter: ahead.entry.dead_letter.clone(),
                 json: ahead.json.clone(),
+                groups: ahead.entry.groups.clone(),
             });
             pending.entries.push(ahead.entry.clone());
             pending.bytes += ahead.size;
@@ -857,6 +858,7 @@ fn dead_letter_entry(entry: &WalEntry, target: &str, info: &DeadLetter) -> WalEn
         sinks: vec![target.to_string()],
         key: None,
         dead_letter: Some(info.clone()),
+        groups: entry.groups.clone(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The InfluxDB sink behind the engine, against a real InfluxDB 1.x (Debian's package,
 //! started by the test): every metric one point with its tags and nanosecond time; a point
 //! the database refuses (a field type conflict) and a record without metrics go to the
-//! dead letter with the reason while the records around them are written; and the whole
+//! dead letter with the reason while the records around them are written; each point
+//! tagged with the groups its agent had when the record was accepted; and the whole
 //! log written again changes nothing.
 
 mod common;
@@ -59,12 +60,13 @@ fn record(seq: u64) -> String {
     )
 }
 
-/// (time, agent, cpu, role, stream, value) of every `cpu.usage` point, in time order.
+/// (time, value, agent, cpu, groups, role, stream) of every `cpu.usage` point, in time
+/// order.
 fn cpu_points(influx: &Influxd) -> Vec<serde_json::Value> {
     let answer = influx
         .query(
             Some("fleet"),
-            r#"SELECT "value", "agent", "cpu", "role", "stream" FROM "cpu.usage""#,
+            r#"SELECT "value", "agent", "cpu", "groups", "role", "stream" FROM "cpu.usage""#,
         )
         .unwrap();
     let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
@@ -89,7 +91,12 @@ async fn points_arrive_refused_ones_are_dead_lettered_and_a_replay_changes_nothi
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let engine = start(dir.path(), &influx).await;
+    // the agent's groups when each record is accepted: its records carry them
+    engine.set_agent_groups("a1", &["web".into(), "linux".into()]);
     for seq in 1..=100 {
+        if seq == 71 {
+            engine.set_agent_groups("a1", &["db".into()]);
+        }
         engine.dispatch("fleet/a1/telemetry/metrics", record(seq).as_bytes());
     }
     wait_for(
@@ -111,6 +118,7 @@ async fn points_arrive_refused_ones_are_dead_lettered_and_a_replay_changes_nothi
                 seq,
                 "a1",
                 "total",
+                if seq <= 70 { "linux,web" } else { "db" },
                 "web",
                 "metrics"
             ])
@@ -138,7 +146,8 @@ async fn points_arrive_refused_ones_are_dead_lettered_and_a_replay_changes_nothi
     engine.shutdown(Duration::from_secs(5)).await;
     drop(engine);
 
-    // the whole log again, from its first entry: every point replaces itself
+    // the whole log again, from its first entry: every point replaces itself, with the
+    // groups it was accepted with (this engine knows none)
     std::fs::remove_file(dir.path().join("wal/sinks/influx.pos")).unwrap();
     let engine = start(dir.path(), &influx).await;
     wait_for(&engine, Duration::from_secs(30), "the replay", |s| {

@@ -70,23 +70,31 @@ impl JobsHandle {
     }
 
     /// Hands a presence message published on `agent`'s `topic` to the service, with the
-    /// groups of the agent's credential when security is enforced. False when it is
-    /// refused (it names another agent): it must not reach the rules either.
-    pub async fn presence(&self, guard: &Guard, agent: &str, topic: &str, payload: &[u8]) -> bool {
+    /// groups of the agent's credential when security is enforced.
+    pub async fn presence(
+        &self,
+        guard: &Guard,
+        agent: &str,
+        topic: &str,
+        payload: &[u8],
+    ) -> PresenceVerdict {
         match Presence::decode(payload) {
             Ok(p) if p.agent != agent => {
                 // the topic's agent is the only identity: a birth message naming another
                 // agent would move it between groups
                 refuse_presence(guard, agent, topic, &p.agent);
-                return false;
+                return PresenceVerdict::Refused;
             }
             Ok(mut p) => {
                 enrolled_groups(guard, agent, &mut p);
-                self.send(JobInput::Presence(p)).await
+                let groups = (p.status == fleetbus_protocol::PresenceStatus::Online)
+                    .then(|| p.groups.clone());
+                self.send(JobInput::Presence(p)).await;
+                return PresenceVerdict::Routed { groups };
             }
             Err(e) => tracing::debug!(%topic, error = %e, "unreadable presence message"),
         }
-        true
+        PresenceVerdict::Routed { groups: None }
     }
 
     /// Asks the service and waits for the answer.
@@ -99,6 +107,19 @@ impl JobsHandle {
         rx.await
             .map_err(|_| JobsError::Request("the job service stopped".into()))?
     }
+}
+
+/// What becomes of a presence message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PresenceVerdict {
+    /// It names another agent than its topic's: refused, it must not reach the rules either.
+    Refused,
+    /// It goes on to the rules. `groups`: the agent's groups from now on, when it is a birth
+    /// message (the credential's when security is enforced).
+    Routed {
+        /// The groups that count, for a birth message.
+        groups: Option<Vec<String>>,
+    },
 }
 
 /// Most presence and status messages applied in one ledger transaction.

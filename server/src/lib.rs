@@ -38,6 +38,7 @@ use fleetbus_broker::{BrokerError, EmbeddedBroker, LinkRx, LinkTx, Notification}
 use fleetbus_config::Valid;
 use fleetbus_pipeline::{Engine, EngineStats};
 use fleetbus_rules::{RuleSet, RulesError};
+use job_service::PresenceVerdict;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
@@ -502,8 +503,15 @@ async fn consume(mut rx: LinkRx, to: Destinations) {
                     Route::JobStatus(agent) => jobs.status(agent, &publish.payload).await,
                     Route::OwnJobTraffic => {}
                     Route::Presence(agent) => {
-                        if jobs.presence(&guard, agent, topic, &publish.payload).await {
-                            engine.dispatch_from_network(topic, &publish.payload);
+                        match jobs.presence(&guard, agent, topic, &publish.payload).await {
+                            PresenceVerdict::Refused => {}
+                            PresenceVerdict::Routed { groups } => {
+                                if let Some(groups) = groups {
+                                    // before its records: they carry these groups
+                                    engine.set_agent_groups(agent, &groups);
+                                }
+                                engine.dispatch_from_network(topic, &publish.payload);
+                            }
                         }
                     }
                     Route::File { chunk } => files.offer(topic, publish.payload, chunk),

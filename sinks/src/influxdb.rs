@@ -10,9 +10,10 @@
 //!
 //! - the measurement from a template (`{metric}` the metric's name, and the path
 //!   placeholders: `{agent}`, `{stream}`, `{topic.N}`, ...);
-//! - tags: `agent`, `stream`, the string values of the record's `tags` object, and the
-//!   metric's `labels` (a later one of the same name wins: labels over record tags over
-//!   agent and stream);
+//! - tags: `agent`, `stream`, `groups` (the agent's groups when the server accepted the
+//!   record, sorted and joined by commas: `groups=linux\,web`), the string values of the
+//!   record's `tags` object, and the metric's `labels` (a later one of the same name wins:
+//!   labels over agent, stream and groups over record tags);
 //! - fields: `value`, and `warn`, `crit`, `min`, `max` when the metric has them;
 //! - the record's `ts` in nanoseconds (else the time the server received it).
 //!
@@ -347,6 +348,9 @@ pub fn points(item: &Item, measurement: &Measurement, out: &mut String) -> Resul
     if let Some(stream) = msg.stream() {
         base.insert("stream", stream);
     }
+    // one tag for all of them: a group name is an id, so a comma only separates
+    let groups = item.groups.join(",");
+    base.insert("groups", &groups);
     let start = out.len();
     for (n, metric) in metrics.iter().enumerate() {
         let name = metric.get("name").and_then(|v| v.as_str()).unwrap_or("");

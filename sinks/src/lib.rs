@@ -56,6 +56,9 @@ pub struct Item {
     /// that writes JSON ([`Sink::writes_json`]), on another thread while the batch before
     /// is written. `None`: [`json_line`] renders it when needed.
     pub json: Option<Arc<str>>,
+    /// The groups its agent belonged to when the message was accepted (sorted; empty when
+    /// none were known).
+    pub groups: Vec<String>,
 }
 
 /// The messages of WAL entries `first..next` that go to one sink, in WAL order.

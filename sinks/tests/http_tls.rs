@@ -81,6 +81,7 @@ fn batch() -> Batch {
             message: Arc::new(message),
             dead_letter: None,
             json: None,
+            groups: Vec::new(),
         }],
     }
 }

@@ -40,6 +40,7 @@ fn item(index: u64, agent: &str, seq: u64) -> Item {
         ),
         dead_letter: None,
         json: None,
+        groups: Vec::new(),
     }
 }
 

@@ -69,6 +69,7 @@ async fn points_go_to_the_bucket_with_the_token_and_answers_are_classified() {
             message: Arc::new(message),
             dead_letter: None,
             json: None,
+            groups: Vec::new(),
         }],
     };
     sink.write(&batch).await.unwrap();

@@ -44,6 +44,7 @@ fn batch(records: &[(u64, u64, &str)]) -> Batch {
                 ),
                 dead_letter: None,
                 json: None,
+                groups: Vec::new(),
             }
         })
         .collect::<Vec<_>>();
@@ -288,6 +289,7 @@ fn metric_batch(records: &[(u64, &str)]) -> Batch {
             ),
             dead_letter: None,
             json: None,
+            groups: Vec::new(),
         })
         .collect::<Vec<_>>();
     Batch {

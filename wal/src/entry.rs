@@ -46,6 +46,11 @@ pub struct WalEntry {
     pub key: Option<RecordKey>,
     /// Set when this entry is a dead letter for the sinks named in `sinks`.
     pub dead_letter: Option<DeadLetter>,
+    /// The groups its agent belonged to when it was accepted (sorted; empty when the
+    /// server knew none). Last, and left out when empty, so that entries written before
+    /// it existed decode (as no groups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 impl WalEntry {
@@ -63,5 +68,45 @@ impl WalEntry {
     /// True when the entry goes to sink `name`.
     pub fn goes_to(&self, name: &str) -> bool {
         self.sinks.iter().any(|s| s == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(groups: &[&str]) -> WalEntry {
+        WalEntry {
+            topic: "fleet/web-01/telemetry/metrics".into(),
+            payload: b"{}".to_vec(),
+            received_ms: 7,
+            sinks: vec!["influx".into()],
+            key: None,
+            dead_letter: None,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn an_entry_without_groups_is_encoded_as_before_groups_existed() {
+        // the layout of the logs written before: six positional fields
+        let old = rmp_serde::to_vec(&(
+            "fleet/web-01/telemetry/metrics",
+            serde_bytes::Bytes::new(b"{}"),
+            7i64,
+            vec!["influx"],
+            None::<RecordKey>,
+            None::<DeadLetter>,
+        ))
+        .unwrap();
+        let new = entry(&[]).encode().unwrap();
+        assert_eq!(new, old);
+        assert_eq!(WalEntry::decode(&old).unwrap(), entry(&[]));
+    }
+
+    #[test]
+    fn groups_survive_the_log() {
+        let e = entry(&["linux", "web"]);
+        assert_eq!(WalEntry::decode(&e.encode().unwrap()).unwrap(), e);
     }
 }

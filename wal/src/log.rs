@@ -212,6 +212,7 @@ mod tests {
             sinks: vec!["archive".into()],
             key: None,
             dead_letter: None,
+            groups: Vec::new(),
         }
     }
 

@@ -28,6 +28,7 @@ fn batch(first: u64, seqs: std::ops::Range<u64>) -> Batch {
                 ),
                 dead_letter: None,
                 json: None,
+                groups: Vec::new(),
             }
         })
         .collect::<Vec<_>>();

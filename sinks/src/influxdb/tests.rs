@@ -8,6 +8,7 @@ fn item(topic: &str, body: &str) -> Item {
         message: Arc::new(Message::decode(topic, body.as_bytes()).unwrap()),
         dead_letter: None,
         json: None,
+        groups: Vec::new(),
     }
 }
 
@@ -18,7 +19,7 @@ fn lines(template: &str, item: &Item) -> Result<String, String> {
 
 #[test]
 fn each_metric_is_one_point_with_its_tags_fields_and_nanosecond_time() {
-    let record = item(
+    let mut record = item(
         "fleet/web-01/telemetry/metrics",
         r#"{"seq":3,"ts":"2026-12-01T10:00:00.123456789Z","tags":{"role":"web server","n":1},
             "metrics":[
@@ -30,6 +31,24 @@ fn each_metric_is_one_point_with_its_tags_fields_and_nanosecond_time() {
         "cpu.usage,agent=web-01,cpu=total,role=web\\ server,stream=metrics value=3.5,warn=80,crit=90,min=0,max=100 1796119200123456789\n\
          disk.used,agent=web-01,mount=/var\\,\\ /tmp,role=db\\=x,stream=metrics value=91 1796119200123456789\n"
     );
+    // the agent's groups when the server accepted it: one tag, over a record's own
+    record.groups = vec!["linux".into(), "web".into()];
+    let with_groups = lines("{metric}", &record).unwrap();
+    assert!(
+        with_groups.starts_with("cpu.usage,agent=web-01,cpu=total,groups=linux\\,web,role=web\\ server,stream=metrics value=3.5"),
+        "{with_groups}"
+    );
+    let claims = item(
+        "fleet/web-01/telemetry/metrics",
+        r#"{"seq":4,"tags":{"groups":"admin"},"metrics":[{"name":"load","value":1}]}"#,
+    );
+    let claims = Item {
+        groups: vec!["web".into()],
+        ..claims
+    };
+    assert!(lines("{metric}", &claims)
+        .unwrap()
+        .starts_with("load,agent=web-01,groups=web,stream=metrics value=1 "));
     assert_eq!(
         lines("fleet {stream}.{metric}", &record)
             .unwrap()

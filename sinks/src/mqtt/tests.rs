@@ -36,6 +36,7 @@ fn batch(sizes: &[usize]) -> Batch {
             ),
             dead_letter: None,
             json: None,
+            groups: Vec::new(),
         })
         .collect();
     Batch {

@@ -40,6 +40,7 @@ fn batch(seqs: std::ops::Range<u64>) -> Batch {
             ),
             dead_letter: None,
             json: None,
+            groups: Vec::new(),
         })
         .collect();
     items.push(Item {
@@ -49,6 +50,7 @@ fn batch(seqs: std::ops::Range<u64>) -> Batch {
         ),
         dead_letter: None,
         json: None,
+        groups: Vec::new(),
     });
     Batch {
         first: 100 + seqs.start,
@@ -188,6 +190,7 @@ columns = { host = "record.host", usage = "record.metrics[0].value", hot = "reco
         ),
         dead_letter: None,
         json: None,
+        groups: Vec::new(),
     };
     let good =
         r#"{"seq":1,"host":"h1","metrics":[{"name":"cpu","value":97.5,"labels":{"cpu":"0"}}]}"#;

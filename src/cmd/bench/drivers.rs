@@ -56,6 +56,7 @@ fn batches(records: u64, batch: usize, payload: usize) -> anyhow::Result<Vec<Bat
             message: std::sync::Arc::new(message),
             dead_letter: None,
             json: None,
+            groups: Vec::new(),
         });
     }
     let mut out = Vec::new();

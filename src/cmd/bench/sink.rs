@@ -349,6 +349,7 @@ async fn influxdb(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Ve
             message: std::sync::Arc::new(message),
             dead_letter: None,
             json: None,
+            groups: Vec::new(),
         };
         fleetbus_sinks::influxdb::points(&item, &measurement, &mut body)
             .map_err(|e| anyhow::anyhow!(e))?;
