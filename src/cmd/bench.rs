@@ -220,11 +220,15 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
                         .unwrap_or_else(|| "-".into())
                 );
             }
-            if let [ours, ceiling, ..] = rows.as_slice() {
-                println!(
-                    "fleetbus / ceiling: {:.0} %",
-                    100.0 * ceiling.elapsed.as_secs_f64() / ours.elapsed.as_secs_f64()
-                );
+            // the rows come in pairs: fleetbus, then its ceiling
+            for pair in rows.chunks(2) {
+                if let [ours, ceiling] = pair {
+                    println!(
+                        "fleetbus / ceiling: {:.0} % ({})",
+                        100.0 * ceiling.elapsed.as_secs_f64() / ours.elapsed.as_secs_f64(),
+                        ours.what
+                    );
+                }
             }
             return Ok(ExitCode::SUCCESS);
         }

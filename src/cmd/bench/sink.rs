@@ -7,7 +7,8 @@
 //!    workers begin (after the start's replay of the log) until the sink has written every
 //!    record: log → destination, nothing else.
 //! 3. The ceiling of the same rows or bytes without fleetbus: `psql \copy` of the same rows
-//!    (PostgreSQL), a plain HTTP client posting the same bodies (HTTP), one prepared
+//!    (PostgreSQL), a plain HTTP client posting the same bodies (HTTP: to a receiver that
+//!    parses them, then to one that discards them; two pairs of rows), one prepared
 //!    statement in one transaction per batch (SQLite), a plain HTTP client posting the
 //!    same line protocol to `/write` (InfluxDB).
 //!
@@ -271,58 +272,90 @@ async fn sqlite(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<
     ])
 }
 
+/// The two receivers of the HTTP bench: `/discard` takes a body and does nothing with it
+/// (the literal ceiling: loopback and HTTP alone); `/parse` parses it as a JSON array, as
+/// any receiver that does something with what it gets must (a destination's own work, as
+/// PostgreSQL parses `COPY` rows and InfluxDB line protocol), and refuses what is not one.
+fn http_receiver() -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/discard",
+            axum::routing::post(|_body: axum::body::Bytes| async {
+                axum::http::StatusCode::NO_CONTENT
+            }),
+        )
+        .route(
+            "/parse",
+            axum::routing::post(|body: axum::body::Bytes| async move {
+                match serde_json::from_slice::<Vec<serde_json::Value>>(&body) {
+                    Ok(records) if !records.is_empty() => axum::http::StatusCode::NO_CONTENT,
+                    _ => axum::http::StatusCode::BAD_REQUEST,
+                }
+            }),
+        )
+}
+
+/// The bytes the HTTP sink posts for the bench's records: each record's JSON as the sink
+/// renders it (agent and stream from the topic), 500 to a JSON array.
+fn http_bodies(records: u64, payload: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut bodies = Vec::new();
+    for seqs in (1..=records).collect::<Vec<_>>().chunks(500) {
+        let mut items = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let message =
+                fleetbus_protocol::Message::decode(&topic(seq), record(seq, payload).as_bytes())?;
+            items.push(serde_json::to_string(&message.body)?);
+        }
+        bodies.push(format!("[{}]", items.join(",")).into_bytes());
+    }
+    Ok(bodies)
+}
+
 async fn http(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
-    // the receiver takes every body, as fast as it can
-    let app = axum::Router::new().route(
-        "/ingest",
-        axum::routing::post(|_body: axum::body::Bytes| async {
-            axum::http::StatusCode::NO_CONTENT
-        }),
-    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    let sink = format!("type = \"http\"\nurl = \"http://{addr}/ingest\"");
-    let mut ours = log_to_sink(dir, &sink, records, payload).await?;
-    ours.what = "fleetbus log → http sink (JSON array per batch of 500)".into();
-
-    // the ceiling: one client posting the same bodies, one request at a time
-    let bodies: Vec<Vec<u8>> = (1..=records)
-        .collect::<Vec<_>>()
-        .chunks(500)
-        .map(|seqs| {
-            let items: Vec<String> = seqs.iter().map(|&s| record(s, payload)).collect();
-            format!("[{}]", items.join(",")).into_bytes()
-        })
-        .collect();
+    let server = tokio::spawn(async move { axum::serve(listener, http_receiver()).await });
     let client = reqwest::Client::builder()
         .use_preconfigured_tls(
             fleetbus_sinks::tls::client_config(None).map_err(|e| anyhow::anyhow!(e))?,
         )
         .build()?;
-    let url = format!("http://{addr}/ingest");
-    let started = Instant::now();
-    for body in bodies {
-        let status = client
-            .post(&url)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?
-            .status();
-        anyhow::ensure!(status.is_success(), "plain client: {status}");
-    }
-    let elapsed = started.elapsed();
-    server.abort();
-    Ok(vec![
-        ours,
-        SinkFigure {
-            what: "plain reqwest client posting the same bodies".into(),
+    let mut rows = Vec::new();
+    for (receiver, what) in [
+        ("parse", "a receiver that parses each body"),
+        ("discard", "a receiver that discards each body"),
+    ] {
+        let dir = dir.join(receiver);
+        let sink = format!("type = \"http\"\nurl = \"http://{addr}/{receiver}\"");
+        let mut ours = log_to_sink(&dir, &sink, records, payload).await?;
+        ours.what = format!("fleetbus log → http sink, {what}");
+
+        // the ceiling: one client posting the same bytes, one request at a time (made
+        // after fleetbus's run, so that its peak memory holds none of them)
+        let bodies = http_bodies(records, payload)?;
+        let url = format!("http://{addr}/{receiver}");
+        let started = Instant::now();
+        for body in bodies {
+            let status = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?
+                .status();
+            anyhow::ensure!(status.is_success(), "plain client: {status}");
+        }
+        let elapsed = started.elapsed();
+        rows.push(ours);
+        rows.push(SinkFigure {
+            what: format!("plain reqwest client posting the same bytes, {what}"),
             records,
             elapsed,
             peak_kib: None,
-        },
-    ])
+        });
+    }
+    server.abort();
+    Ok(rows)
 }
 
 async fn influxdb(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
