@@ -1,6 +1,8 @@
 //! The SQLite sink behind the engine, against a real database file: rows in order and
-//! exactly once, a row the table refuses dead-lettered with the database's error while the
-//! rows around it are written, and no row twice when the log is read again after a crash.
+//! exactly once (in batches of 50, the next one read ahead while one is written, so each
+//! row's `message` must be its own record), a row the table refuses dead-lettered with the
+//! database's error while the rows around it are written, and no row twice when the log
+//! is read again after a crash.
 
 mod common;
 
@@ -19,6 +21,8 @@ type = "sqlite"
 path = "fleet.sqlite"
 create_table = false
 dead_letter = "dlq"
+# ten batches: each next one is read and rendered ahead while one is written
+batch.max_events = 50
 
 [sinks.dlq]
 type = "file"
