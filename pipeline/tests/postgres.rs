@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{assert_balanced, dispatch_records, the_dead_letter, wait_for};
+use common::{the_dead_letter, write_500_one_refused};
 use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
@@ -77,18 +77,7 @@ async fn rows_arrive_once_a_refused_row_is_dead_lettered_and_a_replay_writes_not
     client.batch_execute(TABLE).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let engine = start(dir.path(), &pg).await;
-    dispatch_records(&engine, 1..=500);
-    wait_for(
-        &engine,
-        Duration::from_secs(30),
-        "the table and the dead letter",
-        |s| s.written("db") == 499 && s.written("dlq") == 1,
-    )
-    .await;
-    let stats = engine.stats();
-    assert_eq!(assert_balanced(&stats, "db"), (500, 499, 1));
-    assert_eq!(assert_balanced(&stats, "dlq"), (1, 1, 0));
-    engine.shutdown(Duration::from_secs(5)).await;
+    write_500_one_refused(&engine, Duration::from_secs(30)).await;
     let expected: Vec<i64> = (1..=500).filter(|&s| s != 250).collect();
     assert_eq!(
         seqs(&client).await,

@@ -45,6 +45,21 @@ pub fn assert_balanced(stats: &EngineStats, name: &str) -> (u64, u64, u64) {
     (s.routed, s.written, s.dead_lettered)
 }
 
+/// The SQL sinks' shared run: records 1 to 500 of `a1`, one of which the table refuses.
+/// Waits (up to `within`) until sink `db` wrote 499 and sink `dlq` took the refused one,
+/// checks that both balance, and stops the engine.
+pub async fn write_500_one_refused(engine: &Engine, within: Duration) {
+    dispatch_records(engine, 1..=500);
+    wait_for(engine, within, "the table and the dead letter", |s| {
+        s.written("db") == 499 && s.written("dlq") == 1
+    })
+    .await;
+    let stats = engine.stats();
+    assert_eq!(assert_balanced(&stats, "db"), (500, 499, 1));
+    assert_eq!(assert_balanced(&stats, "dlq"), (1, 1, 0));
+    engine.shutdown(Duration::from_secs(5)).await;
+}
+
 /// Dispatches records `seqs` of agent `a1` on stream `app` (epoch 7).
 pub fn dispatch_records(engine: &Engine, seqs: std::ops::RangeInclusive<u64>) {
     for seq in seqs {
