@@ -133,12 +133,14 @@ impl RuleSet {
                 let span = span.unwrap_or_else(|| config.span());
                 problems.push(at(span, format!("sink `{name}`: {problem}")));
             }
-            // computed columns: the variables a `where` may use, checked the same way
+            // computed columns: the variables a `where` may use and `dead_letter`, checked
+            // the same way
             for (column, source) in config.get_ref().computed_columns().into_iter().flatten() {
                 let Ok(program) = cel::Program::compile(source) else {
                     continue; // reported by the sink's own check
                 };
-                for problem in crate::schema::check(program.expression(), &[]) {
+                let more = fleetbus_sinks::columns::COLUMN_VARIABLES;
+                for problem in crate::schema::check_with(program.expression(), &[], &more) {
                     let key = format!("sinks.{name}.columns.{column}");
                     let span = fleetbus_config::key_span(text, &key).unwrap_or(config.span());
                     problems.push(at(
@@ -538,13 +540,16 @@ to = ["a", "nope"]
     fn computed_columns_are_checked_like_conditions_at_their_keys() {
         let text = "[sinks.db]\ntype = \"sqlite\"\npath = \"x.db\"\n\
                     [sinks.db.columns]\nhost = \"record.host\"\nload = \"recod.load\"\n\
-                    seq = \"record.seq\"\nbad = \"record.seq >\"\n";
+                    seq = \"record.seq\"\nbad = \"record.seq >\"\n\
+                    why = \"dead_letter == null ? '' : dead_letter.error\"\n";
         let p = problems(text);
+        // `dead_letter` is a computed column's variable
         assert_eq!(p.len(), 3, "{p:#?}");
         assert!(
             p.iter()
                 .any(|t| t.starts_with("r.toml:6:1: sink `db`: columns.load: ")
-                    && t.contains("unknown variable `recod`")),
+                    && t.contains("unknown variable `recod`")
+                    && t.contains("record, dead_letter)")),
             "{p:#?}"
         );
         assert!(

@@ -234,9 +234,15 @@ const TYPE_NAMES: [&str; 12] = [
 /// Checks `expr` (a compiled condition) for a rule listening to `from`: every problem, or
 /// none.
 pub fn check(expr: &IdedExpr, from: &[TopicFilter]) -> Vec<String> {
+    check_with(expr, from, &[])
+}
+
+/// [`check`], where the variables `more` (of any type) exist too: a computed column's
+/// `dead_letter`.
+pub fn check_with(expr: &IdedExpr, from: &[TopicFilter], more: &[&str]) -> Vec<String> {
     let mut checker = Checker {
         record: record_type(from),
-        scope: Vec::new(),
+        scope: more.iter().map(|v| (v.to_string(), Type::Any)).collect(),
         problems: Vec::new(),
     };
     checker.walk(expr);
@@ -509,6 +515,14 @@ mod tests {
             TELEMETRY,
         );
         assert!(p[0].contains("unknown variable `m`"), "{p:?}");
+    }
+
+    #[test]
+    fn dead_letter_is_a_computed_columns_variable_not_a_conditions() {
+        let program = cel::Program::compile("dead_letter == null").unwrap();
+        let p = check(program.expression(), &[]);
+        assert!(p[0].contains("unknown variable `dead_letter`"), "{p:?}");
+        assert!(check_with(program.expression(), &[], &["dead_letter"]).is_empty());
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! message, one column per entry: the value of its expression for the message.
 //!
 //! The expressions are CEL, with the variables of a rule's `where` (`topic`, `segments`,
-//! `agent`, `stream`, `record`; [`context_for`]). A message for which an expression fails
-//! (a field it does not have: guard with `has()`) cannot be a row: it goes to the sink's
-//! dead letter with the error, and the rows around it are written.
+//! `agent`, `stream`, `record`; [`context_for`]) and `dead_letter`: `null`, or for a dead
+//! letter from another sink a map of `sink`, `error`, `attempts` and `failed_at_ms`, so a
+//! dead-letter table keeps why ([`COLUMN_VARIABLES`]). A message for which an expression
+//! fails (a field it does not have: guard with `has()`) cannot be a row: it goes to the
+//! sink's dead letter with the error, and the rows around it are written.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,7 +18,10 @@ use fleetbus_config::Problems;
 use fleetbus_protocol::Message;
 
 use crate::row::plain_identifier;
-use crate::SinkError;
+use crate::{Item, SinkError};
+
+/// The variables a computed column has beyond those of a rule's `where`.
+pub const COLUMN_VARIABLES: [&str; 1] = ["dead_letter"];
 
 /// The columns every row has whatever its layout: a computed column cannot be one of them.
 pub const KEY_COLUMNS: [&str; 7] = ["agent", "stream", "epoch", "seq", "ts", "topic", "received"];
@@ -135,10 +140,22 @@ impl Computed {
         self.columns.is_empty()
     }
 
-    /// The cells of `msg`, one per column in order. An expression that fails is a
+    /// The cells of `item`, one per column in order. An expression that fails is a
     /// permanent error naming the column: the message cannot be a row.
-    pub fn cells(&self, msg: &Message) -> Result<Vec<Cell>, SinkError> {
-        let ctx = context_for(msg);
+    pub fn cells(&self, item: &Item) -> Result<Vec<Cell>, SinkError> {
+        let msg = &*item.message;
+        let mut ctx = context_for(msg);
+        let dead_letter = match &item.dead_letter {
+            Some(dl) => cel::to_value(serde_json::json!({
+                "sink": dl.sink,
+                "error": dl.error,
+                "attempts": dl.attempts,
+                "failed_at_ms": dl.failed_at_ms,
+            }))
+            .unwrap_or(Value::Null),
+            None => Value::Null,
+        };
+        ctx.add_variable_from_value(COLUMN_VARIABLES[0], dead_letter);
         self.columns
             .iter()
             .map(|(name, program)| {
@@ -228,8 +245,47 @@ mod tests {
             .map(|(n, e)| (n.to_string(), e.to_string()))
             .collect();
         let computed = Computed::compile(&map).unwrap().unwrap();
+        computed.cells(&item(body, None))
+    }
+
+    fn item(body: &str, dead_letter: Option<fleetbus_wal::DeadLetter>) -> Item {
         let msg = Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap();
-        computed.cells(&msg)
+        Item {
+            index: 1,
+            message: Arc::new(msg),
+            dead_letter,
+            json: None,
+            groups: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_says_why_to_its_columns() {
+        let map = [
+            ("why", "dead_letter == null ? 'written' : dead_letter.error"),
+            ("given_up_by", "dead_letter == null ? '' : dead_letter.sink"),
+        ]
+        .iter()
+        .map(|(n, e)| (n.to_string(), e.to_string()))
+        .collect();
+        let computed = Computed::compile(&map).unwrap().unwrap();
+        let dead = fleetbus_wal::DeadLetter {
+            sink: "pg".into(),
+            error: "23514: check violated".into(),
+            attempts: 3,
+            failed_at_ms: 1,
+        };
+        assert_eq!(
+            computed.cells(&item(r#"{"seq":1}"#, Some(dead))).unwrap(),
+            vec![
+                Cell::Text("pg".into()),
+                Cell::Text("23514: check violated".into())
+            ]
+        );
+        assert_eq!(
+            computed.cells(&item(r#"{"seq":1}"#, None)).unwrap(),
+            vec![Cell::Text(String::new()), Cell::Text("written".into())]
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl Row {
         match computed {
             // the computed columns replace `message`: its JSON is not rendered
             Some(c) => Ok(Row {
-                computed: c.cells(&item.message)?,
+                computed: c.cells(item)?,
                 ..Row::keys(item, String::new())?
             }),
             None => Row::of(item),
