@@ -251,11 +251,8 @@ mod tests {
     fn item(body: &str, dead_letter: Option<fleetbus_wal::DeadLetter>) -> Item {
         let msg = Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap();
         Item {
-            index: 1,
-            message: Arc::new(msg),
             dead_letter,
-            json: None,
-            groups: Vec::new(),
+            ..Item::new(1, msg)
         }
     }
 

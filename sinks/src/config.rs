@@ -76,6 +76,24 @@ pub struct SinkPlace<'a> {
     pub broker: &'a fleetbus_support::Publisher,
 }
 
+impl<'a> SinkPlace<'a> {
+    /// Sink `name` with its data and its state in `dir`, and no broker (an `mqtt` sink
+    /// without `url` has nowhere to publish): a sink used on its own, as the tests and the
+    /// benchmarks use one.
+    pub fn in_dir(name: &'a str, dir: &'a Path) -> SinkPlace<'a> {
+        SinkPlace {
+            name,
+            data_dir: dir,
+            state_dir: dir,
+            broker: &NO_BROKER,
+        }
+    }
+}
+
+/// The broker of [`SinkPlace::in_dir`]: publishes nothing.
+static NO_BROKER: std::sync::LazyLock<fleetbus_support::Publisher> =
+    std::sync::LazyLock::new(fleetbus_support::Publisher::discard);
+
 /// Declares [`SinkKind`]: one line per sink type, `"type name" => Variant(ConfigType)`.
 macro_rules! sink_types {
     ($($(#[doc = $doc:literal])* $name:literal => $variant:ident($config:ty),)*) => {

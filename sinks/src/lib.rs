@@ -61,6 +61,20 @@ pub struct Item {
     pub groups: Vec<String>,
 }
 
+impl Item {
+    /// The item at log index `index` of `message`: not a dead letter, its JSON not
+    /// rendered ahead, its agent's groups unknown.
+    pub fn new(index: u64, message: Message) -> Item {
+        Item {
+            index,
+            message: Arc::new(message),
+            dead_letter: None,
+            json: None,
+            groups: Vec::new(),
+        }
+    }
+}
+
 /// The messages of WAL entries `first..next` that go to one sink, in WAL order.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {

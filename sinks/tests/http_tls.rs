@@ -61,14 +61,7 @@ async fn https_receiver(cert: &Path, key: &Path) -> (u16, Bodies) {
 
 fn sink(toml_text: &str, dir: &Path) -> Box<dyn fleetbus_sinks::Sink> {
     let config: SinkConfig = toml::from_str(toml_text).unwrap();
-    config
-        .build(&SinkPlace {
-            name: "hook",
-            data_dir: dir,
-            state_dir: dir,
-            broker: &fleetbus_support::Publisher::discard(),
-        })
-        .unwrap()
+    config.build(&SinkPlace::in_dir("hook", dir)).unwrap()
 }
 
 fn batch() -> Batch {
@@ -76,13 +69,7 @@ fn batch() -> Batch {
     Batch {
         first: 1,
         next: 2,
-        items: vec![Item {
-            index: 1,
-            message: Arc::new(message),
-            dead_letter: None,
-            json: None,
-            groups: Vec::new(),
-        }],
+        items: vec![Item::new(1, message)],
     }
 }
 

@@ -33,15 +33,10 @@ async fn receive(
 
 fn item(index: u64, agent: &str, seq: u64) -> Item {
     let body = format!(r#"{{"seq":{seq},"epoch":1}}"#);
-    Item {
+    Item::new(
         index,
-        message: Arc::new(
-            Message::decode(&format!("fleet/{agent}/telemetry/m"), body.as_bytes()).unwrap(),
-        ),
-        dead_letter: None,
-        json: None,
-        groups: Vec::new(),
-    }
+        Message::decode(&format!("fleet/{agent}/telemetry/m"), body.as_bytes()).unwrap(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,12 +55,7 @@ async fn a_batch_goes_out_as_one_request_per_rendered_url() {
     ))
     .unwrap();
     let mut sink = config
-        .build(&SinkPlace {
-            name: "hook",
-            data_dir: dir.path(),
-            state_dir: dir.path(),
-            broker: &fleetbus_support::Publisher::discard(),
-        })
+        .build(&SinkPlace::in_dir("hook", dir.path()))
         .unwrap();
     let batch = Batch {
         first: 1,

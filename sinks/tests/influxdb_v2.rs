@@ -49,12 +49,7 @@ async fn points_go_to_the_bucket_with_the_token_and_answers_are_classified() {
     ))
     .unwrap();
     let mut sink = config
-        .build(&SinkPlace {
-            name: "influx",
-            data_dir: dir.path(),
-            state_dir: dir.path(),
-            broker: &fleetbus_support::Publisher::discard(),
-        })
+        .build(&SinkPlace::in_dir("influx", dir.path()))
         .unwrap();
     let message = Message::decode(
         "fleet/web-01/telemetry/metrics",
@@ -64,13 +59,7 @@ async fn points_go_to_the_bucket_with_the_token_and_answers_are_classified() {
     let batch = Batch {
         first: 1,
         next: 2,
-        items: vec![Item {
-            index: 1,
-            message: Arc::new(message),
-            dead_letter: None,
-            json: None,
-            groups: Vec::new(),
-        }],
+        items: vec![Item::new(1, message)],
     };
     sink.write(&batch).await.unwrap();
     assert_eq!(

@@ -5,11 +5,37 @@
 //! columns cast to the table's types.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use fleetbus_protocol::Message;
 use fleetbus_sinks::{Batch, ErrorClass, Item, Sink, SinkConfig, SinkPlace};
 use fleetbus_testkit::postgres::{Postgres, PG_PASSWORD};
+use tokio_postgres::types::FromSql;
+
+/// Each of `rows` as a tuple of its first seven columns.
+fn seven_columns<A, B, C, D, E, F, G>(rows: &[tokio_postgres::Row]) -> Vec<(A, B, C, D, E, F, G)>
+where
+    A: for<'a> FromSql<'a>,
+    B: for<'a> FromSql<'a>,
+    C: for<'a> FromSql<'a>,
+    D: for<'a> FromSql<'a>,
+    E: for<'a> FromSql<'a>,
+    F: for<'a> FromSql<'a>,
+    G: for<'a> FromSql<'a>,
+{
+    rows.iter()
+        .map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect()
+}
 
 fn sink(dir: &Path, pg: &Postgres, extra: &str) -> Box<dyn Sink> {
     let pw = dir.join("pg-password");
@@ -20,14 +46,7 @@ fn sink(dir: &Path, pg: &Postgres, extra: &str) -> Box<dyn Sink> {
         pw.display()
     ))
     .unwrap();
-    config
-        .build(&SinkPlace {
-            name: "pg",
-            data_dir: dir,
-            state_dir: dir,
-            broker: &fleetbus_support::Publisher::discard(),
-        })
-        .unwrap()
+    config.build(&SinkPlace::in_dir("pg", dir)).unwrap()
 }
 
 /// Records of agent `a1` with the given (log index, seq, text).
@@ -36,16 +55,10 @@ fn batch(records: &[(u64, u64, &str)]) -> Batch {
         .iter()
         .map(|&(index, seq, text)| {
             let body = serde_json::json!({"seq": seq, "epoch": 3, "ts": "2026-12-01T10:00:00.5Z", "text": text});
-            Item {
-                index,
-                message: Arc::new(
+            Item::new(index,
                     Message::decode("fleet/a1/telemetry/app", body.to_string().as_bytes())
                         .unwrap(),
-                ),
-                dead_letter: None,
-                json: None,
-                groups: Vec::new(),
-            }
+                )
         })
         .collect::<Vec<_>>();
     Batch {
@@ -76,20 +89,7 @@ async fn rows_land_once_with_their_key_columns_and_refusals_are_told_apart_from_
         )
         .await
         .unwrap();
-    let got: Vec<(String, String, i64, i64, bool, String, String)> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                r.get(1),
-                r.get(2),
-                r.get(3),
-                r.get(4),
-                r.get(5),
-                r.get(6),
-            )
-        })
-        .collect();
+    let got: Vec<(String, String, i64, i64, bool, String, String)> = seven_columns(&rows);
     assert_eq!(
         got,
         [1, 2, 3]
@@ -208,12 +208,7 @@ async fn rows_land_once_with_their_key_columns_and_refusals_are_told_apart_from_
     ))
     .unwrap();
     let mut wrong = config
-        .build(&SinkPlace {
-            name: "wrong",
-            data_dir: dir.path(),
-            state_dir: dir.path(),
-            broker: &fleetbus_support::Publisher::discard(),
-        })
+        .build(&SinkPlace::in_dir("wrong", dir.path()))
         .unwrap();
     let e = wrong.write(&batch(&[(50, 7, "x")])).await.unwrap_err();
     assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
@@ -245,14 +240,7 @@ async fn over_tls_the_server_is_trusted_only_through_the_ca_file() {
             pw.display()
         ))
         .unwrap();
-        config
-            .build(&SinkPlace {
-                name,
-                data_dir: dir.path(),
-                state_dir: dir.path(),
-                broker: &fleetbus_support::Publisher::discard(),
-            })
-            .unwrap()
+        config.build(&SinkPlace::in_dir(name, dir.path())).unwrap()
     };
     // the system's CAs do not know the test CA: refused, and retried
     let e = tls_sink("untrusted", None)
@@ -282,14 +270,11 @@ async fn over_tls_the_server_is_trusted_only_through_the_ca_file() {
 fn metric_batch(records: &[(u64, &str)]) -> Batch {
     let items = records
         .iter()
-        .map(|&(index, body)| Item {
-            index,
-            message: Arc::new(
+        .map(|&(index, body)| {
+            Item::new(
+                index,
                 Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap(),
-            ),
-            dead_letter: None,
-            json: None,
-            groups: Vec::new(),
+            )
         })
         .collect::<Vec<_>>();
     Batch {
@@ -352,20 +337,7 @@ async fn computed_columns_are_cast_to_the_tables_types_and_a_failing_expression_
         )
         .await
         .unwrap();
-    let got: Vec<TypedRow> = rows
-        .iter()
-        .map(|r| {
-            (
-                r.get(0),
-                r.get(1),
-                r.get(2),
-                r.get(3),
-                r.get(4),
-                r.get(5),
-                r.get(6),
-            )
-        })
-        .collect();
+    let got: Vec<TypedRow> = seven_columns(&rows);
     assert_eq!(
         got,
         vec![

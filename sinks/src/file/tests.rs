@@ -1,5 +1,3 @@
-use std::sync::Arc;
-
 use fleetbus_protocol::Message;
 
 use super::*;
@@ -17,19 +15,14 @@ fn batch(first: u64, seqs: std::ops::Range<u64>) -> Batch {
     let items = seqs
         .map(|i| {
             let agent = ["a", "b", "c"][(i % 3) as usize];
-            Item {
-                index: first + i - seqs_start,
-                message: Arc::new(
-                    Message::decode(
-                        &format!("fleet/{agent}/telemetry/m"),
-                        format!(r#"{{"seq":{i}}}"#).as_bytes(),
-                    )
-                    .unwrap(),
-                ),
-                dead_letter: None,
-                json: None,
-                groups: Vec::new(),
-            }
+            Item::new(
+                first + i - seqs_start,
+                Message::decode(
+                    &format!("fleet/{agent}/telemetry/m"),
+                    format!(r#"{{"seq":{i}}}"#).as_bytes(),
+                )
+                .unwrap(),
+            )
         })
         .collect::<Vec<_>>();
     Batch {

@@ -1,15 +1,7 @@
-use std::sync::Arc;
-
 use super::*;
 
 fn item(topic: &str, body: &str) -> Item {
-    Item {
-        index: 1,
-        message: Arc::new(Message::decode(topic, body.as_bytes()).unwrap()),
-        dead_letter: None,
-        json: None,
-        groups: Vec::new(),
-    }
+    Item::new(1, Message::decode(topic, body.as_bytes()).unwrap())
 }
 
 fn lines(template: &str, item: &Item) -> Result<String, String> {
@@ -146,12 +138,7 @@ async fn each_message_without_points_goes_with_its_own_reason() {
     let config: InfluxSinkConfig =
         toml::from_str("url = \"http://127.0.0.1:9\"\ndatabase = \"d\"\n").unwrap();
     let mut sink = config
-        .build(&SinkPlace {
-            name: "influx",
-            data_dir: dir.path(),
-            state_dir: dir.path(),
-            broker: &fleetbus_support::Publisher::discard(),
-        })
+        .build(&SinkPlace::in_dir("influx", dir.path()))
         .unwrap();
     let items = vec![
         item(

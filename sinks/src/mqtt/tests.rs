@@ -21,9 +21,9 @@ fn batch(sizes: &[usize]) -> Batch {
     let items = sizes
         .iter()
         .enumerate()
-        .map(|(n, size)| Item {
-            index: 10 + n as u64,
-            message: Arc::new(
+        .map(|(n, size)| {
+            Item::new(
+                10 + n as u64,
                 Message::decode(
                     "fleet/web-1/telemetry/heartbeat",
                     format!(
@@ -33,10 +33,7 @@ fn batch(sizes: &[usize]) -> Batch {
                     .as_bytes(),
                 )
                 .unwrap(),
-            ),
-            dead_letter: None,
-            json: None,
-            groups: Vec::new(),
+            )
         })
         .collect();
     Batch {

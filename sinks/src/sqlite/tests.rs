@@ -1,5 +1,4 @@
 use std::path::Path;
-use std::sync::Arc;
 
 use fleetbus_protocol::Message;
 
@@ -15,43 +14,28 @@ fn sink(dir: &Path, create_table: bool) -> Box<dyn Sink> {
         busy_timeout: Duration::from_secs(1),
         columns: BTreeMap::new(),
     };
-    config
-        .build(&SinkPlace {
-            name: "db",
-            data_dir: dir,
-            state_dir: dir,
-            broker: &fleetbus_support::Publisher::discard(),
-        })
-        .unwrap()
+    config.build(&SinkPlace::in_dir("db", dir)).unwrap()
 }
 
 /// Records `seqs` of agent `a` (log index = seq + 100), and after them one job event.
 fn batch(seqs: std::ops::Range<u64>) -> Batch {
     let mut items: Vec<Item> = seqs
         .clone()
-        .map(|i| Item {
-            index: 100 + i,
-            message: Arc::new(
+        .map(|i| {
+            Item::new(
+                100 + i,
                 Message::decode(
                     "fleet/a/telemetry/metrics",
                     format!(r#"{{"seq":{i},"epoch":7,"ts":"2026-12-01T00:00:00Z"}}"#).as_bytes(),
                 )
                 .unwrap(),
-            ),
-            dead_letter: None,
-            json: None,
-            groups: Vec::new(),
+            )
         })
         .collect();
-    items.push(Item {
-        index: 100 + seqs.end,
-        message: Arc::new(
-            Message::decode("fleet/a/jobs/event", br#"{"job":"j1","state":"SUCCEEDED"}"#).unwrap(),
-        ),
-        dead_letter: None,
-        json: None,
-        groups: Vec::new(),
-    });
+    items.push(Item::new(
+        100 + seqs.end,
+        Message::decode("fleet/a/jobs/event", br#"{"job":"j1","state":"SUCCEEDED"}"#).unwrap(),
+    ));
     Batch {
         first: 100 + seqs.start,
         next: 100 + seqs.end + 1,
@@ -176,21 +160,13 @@ columns = { host = "record.host", usage = "record.metrics[0].value", hot = "reco
     .unwrap();
     assert!(fleetbus_config::problems_of(&Checked(&config)).is_empty());
     let mut sink = config
-        .build(&SinkPlace {
-            name: "typed",
-            data_dir: dir.path(),
-            state_dir: dir.path(),
-            broker: &fleetbus_support::Publisher::discard(),
-        })
+        .build(&SinkPlace::in_dir("typed", dir.path()))
         .unwrap();
-    let item = |index: u64, body: &str| Item {
-        index,
-        message: Arc::new(
+    let item = |index: u64, body: &str| {
+        Item::new(
+            index,
             Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap(),
-        ),
-        dead_letter: None,
-        json: None,
-        groups: Vec::new(),
+        )
     };
     let good =
         r#"{"seq":1,"host":"h1","metrics":[{"name":"cpu","value":97.5,"labels":{"cpu":"0"}}]}"#;

@@ -51,13 +51,7 @@ fn batches(records: u64, batch: usize, payload: usize) -> anyhow::Result<Vec<Bat
     for seq in 1..=records {
         let message =
             fleetbus_protocol::Message::decode(&topic(seq), record(seq, payload).as_bytes())?;
-        items.push(Item {
-            index: seq,
-            message: std::sync::Arc::new(message),
-            dead_letter: None,
-            json: None,
-            groups: Vec::new(),
-        });
+        items.push(Item::new(seq, message));
     }
     let mut out = Vec::new();
     for chunk in items.chunks(batch.max(1)) {

@@ -377,13 +377,7 @@ async fn influxdb(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Ve
     for seq in 1..=records {
         let message =
             fleetbus_protocol::Message::decode(&topic(seq), record(seq, payload).as_bytes())?;
-        let item = fleetbus_sinks::Item {
-            index: seq,
-            message: std::sync::Arc::new(message),
-            dead_letter: None,
-            json: None,
-            groups: Vec::new(),
-        };
+        let item = fleetbus_sinks::Item::new(seq, message);
         fleetbus_sinks::influxdb::points(&item, &measurement, &mut body)
             .map_err(|e| anyhow::anyhow!(e))?;
         if seq % 1000 == 0 || seq == records {
