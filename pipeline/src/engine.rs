@@ -495,15 +495,7 @@ impl Inner {
                 return Dispatched::Undecodable;
             }
         };
-        let key = match (parsed, msg.seq()) {
-            (Topic::Telemetry { agent, stream }, Some(seq)) => Some(RecordKey {
-                agent: agent.to_string(),
-                stream: stream.to_string(),
-                epoch: msg.epoch(),
-                seq,
-            }),
-            _ => None,
-        };
+        let key = fleetbus_sinks::record_key(&msg);
         let msg_received_ms = msg.received.timestamp_millis();
         let mut targets = Vec::new();
         // names that reach paths and keys must be ids: a message with another name is

@@ -4,19 +4,21 @@
 //! It reads only durable entries, groups the ones routed to its sink into batches, retries
 //! a failed batch with exponential backoff and jitter, and after `batch.max_attempts` or
 //! `batch.max_retry_age` hands the batch to the sink's `dead_letter` sink (with the error).
-//! Without a dead-letter sink a batch is retried until it is written. After every written
-//! batch the resume position is saved.
+//! Without a dead-letter sink a batch is retried until it is written. After a written
+//! batch the resume position is saved: at once when the log holds nothing more for the
+//! sink, and every [`BUSY_SAVE_INTERVAL`] while batches follow each other (an exactly-once
+//! sink records its batches itself: its position is saved every [`SAVE_INTERVAL`]).
 //!
 //! One write is in flight at a time, in log order. While it is, the next batch's entries
-//! are read and decoded (and, for a sink that writes JSON, rendered) on a blocking thread,
-//! so the destination and the log work at once instead of taking turns.
+//! are read and made ready (decoded, and for a sink that writes JSON rendered) on a
+//! blocking thread, so the destination and the log work at once instead of taking turns.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{TimeZone, Utc};
+use chrono::Utc;
 use fleetbus_protocol::Message;
 use fleetbus_wal::{DeadLetter, Wal, WalEntry};
 use rand::Rng;
@@ -28,9 +30,15 @@ use crate::position::PositionFile;
 use crate::tail::TailCache;
 use fleetbus_sinks::{Batch, BatchConfig, ErrorClass, Item, Sink, SinkError};
 
-/// How often the position is saved when it is not saved after every batch (exactly-once
-/// sinks, and while the worker only skips entries of other sinks).
+/// How often the position of an exactly-once sink is saved (and of any sink while the
+/// worker only skips entries of other sinks).
 const SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often the position of an at-least-once sink is saved while its batches follow each
+/// other: a crash then sends again at most the batches written in this time and the one in
+/// flight. Saving (two fsyncs) after every batch of a webhook took a third of its
+/// throughput (docs/benchmarks.md).
+const BUSY_SAVE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How often a lingering batch (see `batch.max_age`) is looked at again.
 const LINGER_STEP: Duration = Duration::from_millis(50);
@@ -275,13 +283,12 @@ struct Ahead {
     /// once, skipped).
     message: Option<Option<Arc<Message>>>,
     /// The message body as JSON, when rendered ahead ([`Item::json`]).
-    json: Option<Arc<str>>,
+    json: Option<Arc<[u8]>>,
 }
 
 /// A batch with what the worker needs beyond what the sink sees.
 struct Pending {
     batch: Batch,
-    entries: Vec<Arc<WalEntry>>,
     bytes: u64,
     /// The scan stopped at its entry limit with more of the log possibly unread (the batch
     /// is as full as one read makes it).
@@ -299,7 +306,10 @@ impl Worker {
         };
         // an exactly-once sink records each batch's end itself (and `recover` returns it):
         // its position file only needs saving now and then
-        let save_every_batch = !self.sink.exactly_once();
+        let (save_when_idle, save_interval) = match self.sink.exactly_once() {
+            true => (false, SAVE_INTERVAL),
+            false => (true, BUSY_SAVE_INTERVAL),
+        };
         loop {
             let stopping = *stop.borrow();
             let pending = match self.next_batch(cursor) {
@@ -329,8 +339,9 @@ impl Worker {
                     match delivery {
                         // stopped while retrying: resume from the saved position next time
                         Delivery::Stopped => return,
-                        Delivery::Written if !save_every_batch => cursor = next,
-                        Delivery::Written | Delivery::DeadLettered => {
+                        // saved below when due
+                        Delivery::Written => cursor = next,
+                        Delivery::DeadLettered => {
                             cursor = next;
                             self.save(cursor, &mut saved).await;
                         }
@@ -338,8 +349,8 @@ impl Worker {
                 }
                 Some(p) => cursor = p.batch.next,
                 None => {
-                    let due = saved.when.elapsed() >= SAVE_INTERVAL;
-                    if cursor != saved.at && (stopping || save_every_batch || due) {
+                    let due = saved.when.elapsed() >= save_interval;
+                    if cursor != saved.at && (stopping || save_when_idle || due) {
                         if stopping {
                             saved.retry_at = None; // one last attempt before the stop
                         }
@@ -349,7 +360,7 @@ impl Worker {
                         return;
                     }
                     let wait = if cursor != saved.at {
-                        SAVE_INTERVAL.saturating_sub(saved.when.elapsed())
+                        save_interval.saturating_sub(saved.when.elapsed())
                     } else {
                         Duration::MAX
                     };
@@ -361,7 +372,7 @@ impl Worker {
                     continue;
                 }
             }
-            if cursor != saved.at && saved.when.elapsed() >= SAVE_INTERVAL {
+            if cursor != saved.at && saved.when.elapsed() >= save_interval {
                 self.save(cursor, &mut saved).await;
             }
         }
@@ -378,7 +389,7 @@ impl Worker {
         {
             return None;
         }
-        let oldest = p.batch.items.first()?.message.received;
+        let oldest = p.batch.items.first()?.received();
         let age = (Utc::now() - oldest).to_std().unwrap_or_default();
         b.max_age.checked_sub(age).filter(|d| !d.is_zero())
     }
@@ -433,26 +444,24 @@ impl Worker {
                 next: last + 1,
                 items: Vec::new(),
             },
-            entries: Vec::new(),
             bytes: 0,
             hit_end_of_scan: scanned >= scan,
         };
         let stats = &*self.setup.stats;
+        let (needs_message, render_json) = (self.sink.needs_message(), self.sink.writes_json());
         for ahead in self.ahead.iter_mut().take(scan) {
-            if !ahead.entry.goes_to(&self.setup.name) {
+            if !ahead.entry.goes_to(&self.setup.name)
+                || !ahead.ready(needs_message, render_json, stats)
+            {
                 continue;
             }
-            let Some(message) = ahead.decoded(stats) else {
-                continue;
+            let message = match &ahead.message {
+                Some(Some(m)) => Some(m.clone()),
+                _ => None,
             };
-            pending.batch.items.push(Item {
-                index: ahead.index,
-                message: message.clone(),
-                dead_letter: ahead.entry.dead_letter.clone(),
-                json: ahead.json.clone(),
-                groups: ahead.entry.groups.clone(),
-            });
-            pending.entries.push(ahead.entry.clone());
+            let mut item = Item::from_entry(ahead.index, ahead.entry.clone(), message);
+            item.json = ahead.json.clone();
+            pending.batch.items.push(item);
             pending.bytes += ahead.size;
             let full_bytes = self
                 .setup
@@ -490,6 +499,7 @@ impl Worker {
             cursor: next,
             scan: self.scan(),
             render_json: self.sink.writes_json(),
+            needs_message: self.sink.needs_message(),
             max_events: self.setup.batch.max_events,
             max_bytes: self.setup.batch.max_bytes,
         };
@@ -610,11 +620,6 @@ impl Worker {
             n += 1;
             keep(&(n - 1))
         });
-        let mut n = 0;
-        p.entries.retain(|_| {
-            n += 1;
-            keep(&(n - 1))
-        });
         Ok(())
     }
 
@@ -650,7 +655,7 @@ impl Worker {
         let target = self.setup.rejected_to.as_str();
         if target == self.setup.name {
             for &n in bad {
-                tracing::error!(topic = %p.entries[n].topic, error = %error, "a dead letter cannot be written anywhere: dropped");
+                tracing::error!(topic = %p.batch.items[n].entry.topic, error = %error, "a dead letter cannot be written anywhere: dropped");
             }
             stats.settled(&stats.dropped, bad.len() as u64);
             return Ok(());
@@ -663,7 +668,7 @@ impl Worker {
         };
         let entries = bad
             .iter()
-            .map(|&n| dead_letter_entry(&p.entries[n], target, &info))
+            .map(|&n| dead_letter_entry(&p.batch.items[n].entry, target, &info))
             .collect();
         self.dead_letters.append(target, entries).map_err(|e| {
             SinkError::Remote(format!(
@@ -700,15 +705,16 @@ impl Worker {
             failed_at_ms: Utc::now().timestamp_millis(),
         };
         let entries = p
-            .entries
+            .batch
+            .items
             .iter()
-            .map(|e| dead_letter_entry(e, target, &info))
+            .map(|item| dead_letter_entry(&item.entry, target, &info))
             .collect();
         match self.dead_letters.append(target, entries) {
             Ok(()) => {
                 let stats = &self.setup.stats;
-                stats.settled(&stats.dead_lettered, p.entries.len() as u64);
-                tracing::error!(error = %error, attempts, messages = p.entries.len(), dead_letter = %target, "sink gave up a batch: sent to the dead-letter sink");
+                stats.settled(&stats.dead_lettered, p.batch.items.len() as u64);
+                tracing::error!(error = %error, attempts, messages = p.batch.items.len(), dead_letter = %target, "sink gave up a batch: sent to the dead-letter sink");
                 true
             }
             Err(e) => {
@@ -778,8 +784,10 @@ struct Prefetch {
     stats: Arc<SinkStats>,
     cursor: u64,
     scan: usize,
-    /// Render each message's JSON too ([`Sink::writes_json`]).
+    /// Render each message's JSON ([`Sink::writes_json`]).
     render_json: bool,
+    /// Decode each message ([`Sink::needs_message`]).
+    needs_message: bool,
     /// Decode no more than the next batch holds (`max_events`, `max_bytes`): decoded
     /// messages take several times the memory of the entries read ahead.
     max_events: usize,
@@ -811,16 +819,7 @@ impl Prefetch {
                     break;
                 }
                 bytes += ahead.size;
-                let message = ahead.decoded(&self.stats);
-                if let (true, Some(m), None, None) = (
-                    self.render_json,
-                    message,
-                    &ahead.json,
-                    &ahead.entry.dead_letter,
-                ) {
-                    // a body that cannot be rendered is left to the sink to report
-                    ahead.json = serde_json::to_string(&m.body).ok().map(Arc::from);
-                }
+                ahead.ready(self.needs_message, self.render_json, &self.stats);
             }
         }
         self.ahead
@@ -828,12 +827,31 @@ impl Prefetch {
 }
 
 impl Ahead {
+    /// Prepares the entry for the sink: renders its body's JSON (once) for a sink that
+    /// writes JSON, and decodes its message (once) for a sink that reads it or when the
+    /// JSON cannot be rendered. False when the entry cannot be used (it cannot be
+    /// decoded: see [`Ahead::decoded`]).
+    fn ready(&mut self, needs_message: bool, render_json: bool, stats: &SinkStats) -> bool {
+        if render_json && self.json.is_none() && self.entry.dead_letter.is_none() {
+            let mut out = Vec::with_capacity(self.entry.payload.len() + 64);
+            let entry = &self.entry;
+            if fleetbus_protocol::write_json_body(&entry.topic, &entry.payload, &mut out).is_ok() {
+                self.json = Some(Arc::from(out));
+            }
+        }
+        let rendered = self.json.is_some() || self.entry.dead_letter.is_some();
+        if needs_message || !render_json || !rendered {
+            return self.decoded(stats).is_some();
+        }
+        true
+    }
+
     /// The entry's message, decoded on first use. An entry that cannot be decoded is
     /// counted and logged once (it stays read ahead until the cursor passes it) and yields
     /// `None` from then on.
     fn decoded(&mut self, stats: &SinkStats) -> Option<Arc<Message>> {
         self.message
-            .get_or_insert_with(|| match decode_entry(&self.entry) {
+            .get_or_insert_with(|| match fleetbus_sinks::decode_entry(&self.entry) {
                 Ok(m) => Some(Arc::new(m)),
                 Err(e) => {
                     stats.settled(&stats.undecodable, 1);
@@ -860,13 +878,4 @@ fn dead_letter_entry(entry: &WalEntry, target: &str, info: &DeadLetter) -> WalEn
         dead_letter: Some(info.clone()),
         groups: entry.groups.clone(),
     }
-}
-
-/// Decodes the message of a log entry, with its `received` time from the entry.
-pub fn decode_entry(entry: &WalEntry) -> Result<Message, fleetbus_protocol::DecodeError> {
-    let mut message = Message::decode(&entry.topic, &entry.payload)?;
-    if let Some(t) = Utc.timestamp_millis_opt(entry.received_ms).single() {
-        message.received = t;
-    }
-    Ok(message)
 }

@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod files;
 pub mod ids;
 pub mod jobs;
+pub mod json_body;
 pub mod message;
 pub mod presence;
 pub mod record;
@@ -25,6 +26,7 @@ pub use ids::{validate_id, IdError};
 pub use jobs::{
     ExecutionState, JobCommand, JobDocument, JobEvent, JobStatus, JobTarget, SignedCommand,
 };
+pub use json_body::write_json_body;
 pub use message::{DecodeError, EncodeError, Message};
 pub use presence::{Presence, PresenceStatus};
 pub use record::{Event, Metric, Record, Resource, Severity};

@@ -143,9 +143,9 @@ impl Computed {
     /// The cells of `item`, one per column in order. An expression that fails is a
     /// permanent error naming the column: the message cannot be a row.
     pub fn cells(&self, item: &Item) -> Result<Vec<Cell>, SinkError> {
-        let msg = &*item.message;
+        let msg = item.message()?;
         let mut ctx = context_for(msg);
-        let dead_letter = match &item.dead_letter {
+        let dead_letter = match item.dead_letter() {
             Some(dl) => cel::to_value(serde_json::json!({
                 "sink": dl.sink,
                 "error": dl.error,
@@ -250,9 +250,9 @@ mod tests {
 
     fn item(body: &str, dead_letter: Option<fleetbus_wal::DeadLetter>) -> Item {
         let msg = Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap();
-        Item {
-            dead_letter,
-            ..Item::new(1, msg)
+        match dead_letter {
+            Some(dl) => Item::new(1, msg).with_dead_letter(dl),
+            None => Item::new(1, msg),
         }
     }
 

@@ -122,14 +122,21 @@ impl FileSink {
         let mut slot: HashMap<PathBuf, usize> = HashMap::new();
         let mut rejected: Vec<(usize, SinkError)> = Vec::new();
         for (n, item) in batch.items.iter().enumerate() {
-            let relative = self.template.render(&item.message);
+            let message = match item.message() {
+                Ok(m) => m,
+                Err(e) => {
+                    rejected.push((n, e));
+                    continue;
+                }
+            };
+            let relative = self.template.render(message);
             if let Err(e) = usable_path(&relative) {
                 rejected.push((n, e));
                 continue;
             }
             let path = self.base.join(relative);
-            if item.dead_letter.is_none() {
-                if let Some(file) = completed_file(&self.base, &item.message) {
+            if item.dead_letter().is_none() {
+                if let Some(file) = completed_file(&self.base, message) {
                     match file {
                         Ok(file) => rendered.copies.push((file.path, path, n)),
                         Err(e) => rejected.push((n, e)),

@@ -10,9 +10,13 @@
 //!   messages one at a time and moves those still refused to the dead letter.
 //!
 //! Every request carries an `Idempotency-Key`: a hash of the batch's messages' identities
-//! (a record's agent, stream, epoch and seq; another message's log index), the same when
-//! the batch is sent again, so a receiver can drop a batch it already has (at-least-once
-//! from the sink, exactly-once with such a receiver).
+//! (a record's agent, stream, epoch and seq; a dead letter's or another message's log
+//! index), the same when the batch is sent again, so a receiver can drop a batch it
+//! already has (at-least-once from the sink, exactly-once with such a receiver).
+//!
+//! The body is each message's JSON rendered straight from the payload in the log
+//! ([`fleetbus_protocol::write_json_body`]); without a URL template the sink never decodes
+//! a message ([`Sink::needs_message`]).
 //!
 //! At start one `HEAD` request, beside the server's start, says in the log whether the
 //! receiver can be reached.
@@ -22,7 +26,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fleetbus_config::Problems;
-use fleetbus_protocol::{Message, Topic};
+use fleetbus_protocol::Message;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -207,20 +211,19 @@ fn url_template(url: &str) -> Result<Option<PathTemplate>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The identity of a message within its sink: a record's key, else its log index.
+/// The identity of a message within its sink: a record's key as the server accepted it,
+/// else (a dead letter, a message that is not a sequenced record) its log index.
 fn identity(item: &Item, out: &mut Vec<u8>) {
-    let msg = &item.message;
-    match Topic::parse(&msg.topic) {
-        Topic::Telemetry { agent, stream } if msg.body.get("seq").is_some() => {
-            let n = |k: &str| msg.body.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-            out.extend_from_slice(
-                format!("{agent}\0{stream}\0{}\0{}\n", n("epoch"), n("seq")).as_bytes(),
-            );
+    use std::io::Write;
+    // writing into a Vec cannot fail
+    let _ = match &item.entry.key {
+        Some(k) if item.dead_letter().is_none() => {
+            writeln!(out, "{}\0{}\0{}\0{}", k.agent, k.stream, k.epoch, k.seq)
         }
-        _ => out.extend_from_slice(format!("#{}\n", item.index).as_bytes()),
-    }
-    if let Some(dl) = &item.dead_letter {
-        out.extend_from_slice(format!("dead letter of {}\n", dl.sink).as_bytes());
+        _ => writeln!(out, "#{}", item.index),
+    };
+    if let Some(dl) = item.dead_letter() {
+        let _ = writeln!(out, "dead letter of {}", dl.sink);
     }
 }
 
@@ -393,6 +396,12 @@ impl Sink for HttpSink {
         true
     }
 
+    /// Only a templated URL reads the message: the body is JSON rendered from the payload,
+    /// and the idempotency key comes from the log entry.
+    fn needs_message(&self) -> bool {
+        self.template.is_some()
+    }
+
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
         // beside the start, not before it; a templated URL's server is asked at its root
         let url = match &self.template {
@@ -417,7 +426,7 @@ impl Sink for HttpSink {
             // one request per URL, in the order each URL first appears
             let mut groups: Vec<(String, Batch)> = Vec::new();
             for item in &batch.items {
-                let url = template.render(&item.message);
+                let url = template.render(item.message()?);
                 match groups.iter_mut().find(|(u, _)| *u == url) {
                     Some((_, group)) => group.items.push(item.clone()),
                     None => groups.push((

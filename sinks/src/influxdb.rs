@@ -322,10 +322,10 @@ const KEY_SPECIAL: &[char] = &[',', '=', ' '];
 
 /// Appends the points of `item` (one line each) to `out`, or says why it has none.
 pub fn points(item: &Item, measurement: &Measurement, out: &mut String) -> Result<(), String> {
-    if item.dead_letter.is_some() {
+    if item.dead_letter().is_some() {
         return Err("a dead letter has no metrics to write as points".into());
     }
-    let msg = &item.message;
+    let msg = item.message().map_err(|e| e.to_string())?;
     let metrics = match msg.body.get("metrics").and_then(|m| m.as_array()) {
         Some(m) if !m.is_empty() => m,
         _ => return Err("no `metrics`: only metric records become points".into()),
@@ -349,7 +349,7 @@ pub fn points(item: &Item, measurement: &Measurement, out: &mut String) -> Resul
         base.insert("stream", stream);
     }
     // one tag for all of them: a group name is an id, so a comma only separates
-    let groups = item.groups.join(",");
+    let groups = item.groups().join(",");
     base.insert("groups", &groups);
     let start = out.len();
     for (n, metric) in metrics.iter().enumerate() {

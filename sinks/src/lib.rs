@@ -19,6 +19,7 @@ pub mod config;
 pub mod file;
 pub mod http;
 pub mod influxdb;
+pub mod item;
 pub mod mqtt;
 pub mod postgres;
 pub mod row;
@@ -32,48 +33,13 @@ pub mod tls;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 
 pub use config::{BatchConfig, BatchKeys, BufferConfig, SinkConfig, SinkKind, SinkPlace, SinkType};
-use fleetbus_protocol::Message;
-use fleetbus_wal::DeadLetter;
+pub use item::{decode_entry, record_key, Item};
 pub use template::{PathTemplate, TemplateError};
 
 /// A boxed future, as returned by [`Sink`] methods (keeps the trait object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// One message handed to a sink.
-#[derive(Debug, Clone)]
-pub struct Item {
-    /// Its write-ahead log index: increases along a sink's batches, and is the same when a
-    /// batch is written again after a failure or a restart.
-    pub index: u64,
-    /// The message.
-    pub message: Arc<Message>,
-    /// Set when the message is a dead letter from another sink.
-    pub dead_letter: Option<DeadLetter>,
-    /// The message body as JSON text, rendered ahead of the write by the worker for a sink
-    /// that writes JSON ([`Sink::writes_json`]), on another thread while the batch before
-    /// is written. `None`: [`json_line`] renders it when needed.
-    pub json: Option<Arc<str>>,
-    /// The groups its agent belonged to when the message was accepted (sorted; empty when
-    /// none were known).
-    pub groups: Vec<String>,
-}
-
-impl Item {
-    /// The item at log index `index` of `message`: not a dead letter, its JSON not
-    /// rendered ahead, its agent's groups unknown.
-    pub fn new(index: u64, message: Message) -> Item {
-        Item {
-            index,
-            message: Arc::new(message),
-            dead_letter: None,
-            json: None,
-            groups: Vec::new(),
-        }
-    }
-}
 
 /// The messages of WAL entries `first..next` that go to one sink, in WAL order.
 #[derive(Debug, Clone, Default)]
@@ -112,6 +78,14 @@ pub trait Sink: Send {
     /// then renders it ahead ([`Item::json`]), off the task that waits for the write.
     fn writes_json(&self) -> bool {
         false
+    }
+
+    /// True when the sink reads the decoded message ([`Item::message`]) of most items.
+    /// A sink that writes only each body's JSON and the log entry's fields says false:
+    /// the worker then never decodes its messages (the JSON is rendered straight from the
+    /// payload), and [`Item::message`] decodes one only when asked.
+    fn needs_message(&self) -> bool {
+        true
     }
 }
 
@@ -254,31 +228,52 @@ pub fn builtin_dead_letters() -> SinkConfig {
     }))
 }
 
-/// The JSON line a sink writes for `item`: the message body, or for a dead letter an
-/// envelope `{"dead_letter": {...}, "topic": ..., "record": body}`.
+/// The JSON line a sink writes for `item`: the message body
+/// ([`fleetbus_protocol::write_json_body`]), or for a dead letter an envelope
+/// `{"dead_letter": {...}, "record": body, "topic": ...}`. On an error `out` is left as it
+/// was.
 pub fn json_line(item: &Item, out: &mut Vec<u8>) -> Result<(), SinkError> {
-    let result = match (&item.dead_letter, &item.json) {
+    let start = out.len();
+    let result = match (item.dead_letter(), &item.json) {
         (None, Some(json)) => {
-            out.extend_from_slice(json.as_bytes());
+            out.extend_from_slice(json);
             Ok(())
         }
-        (None, None) => serde_json::to_writer(&mut *out, &item.message.body),
-        (Some(dl), _) => serde_json::to_writer(
-            &mut *out,
-            &serde_json::json!({
-                "dead_letter": {
-                    "sink": dl.sink,
-                    "error": dl.error,
-                    "attempts": dl.attempts,
-                    "failed_at_ms": dl.failed_at_ms,
-                },
-                "topic": item.message.topic,
-                "record": item.message.body,
-            }),
-        ),
+        (None, None) => item.write_json_body(out),
+        (Some(dl), _) => dead_letter_envelope(item, dl, out),
     };
-    result.map_err(|e| SinkError::Encode(e.to_string()))?;
-    out.push(b'\n');
+    match result {
+        Ok(()) => {
+            out.push(b'\n');
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(e)
+        }
+    }
+}
+
+/// The JSON of a dead letter: why (`dead_letter`), the body (`record`) and its `topic`.
+fn dead_letter_envelope(
+    item: &Item,
+    dl: &fleetbus_wal::DeadLetter,
+    out: &mut Vec<u8>,
+) -> Result<(), SinkError> {
+    let encode = |e: serde_json::Error| SinkError::Encode(e.to_string());
+    out.extend_from_slice(b"{\"dead_letter\":");
+    let why = serde_json::json!({
+        "sink": dl.sink,
+        "error": dl.error,
+        "attempts": dl.attempts,
+        "failed_at_ms": dl.failed_at_ms,
+    });
+    serde_json::to_writer(&mut *out, &why).map_err(encode)?;
+    out.extend_from_slice(b",\"record\":");
+    item.write_json_body(out)?;
+    out.extend_from_slice(b",\"topic\":");
+    serde_json::to_writer(&mut *out, &item.entry.topic).map_err(encode)?;
+    out.push(b'}');
     Ok(())
 }
 

@@ -460,7 +460,7 @@ impl MqttSink {
         let mut messages = Vec::with_capacity(batch.items.len());
         let mut too_large = Vec::new();
         for (n, item) in batch.items.iter().enumerate() {
-            let topic = self.topic.render(&item.message);
+            let topic = self.topic.render(item.message()?);
             let mut payload = Vec::new();
             crate::json_line(item, &mut payload)?;
             payload.pop(); // the line's newline

@@ -76,7 +76,7 @@ impl Row {
 
     /// The key columns of `item`, with `message` as given.
     fn keys(item: &Item, message: String) -> Result<Row, SinkError> {
-        let msg = &item.message;
+        let msg = item.message()?;
         let (mut agent, mut stream, mut epoch, mut seq, mut ts) = (None, None, None, None, None);
         if let Topic::Telemetry {
             agent: a,

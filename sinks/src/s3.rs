@@ -372,7 +372,7 @@ impl S3Sink {
     fn record_objects(&self, items: &[&Item]) -> Result<Vec<(String, Vec<u8>)>, SinkError> {
         let mut objects: Vec<(RecordGroup, String, Vec<u8>)> = Vec::new();
         for item in items {
-            let m = &item.message;
+            let m = item.message()?;
             let group = (
                 m.agent().map(str::to_string),
                 m.stream().map(str::to_string),
@@ -400,10 +400,11 @@ impl Sink for S3Sink {
         Box::pin(async move {
             let mut records = Vec::new();
             for item in &batch.items {
-                if item.dead_letter.is_none() {
-                    if let Some(file) = completed_file(&self.data_dir, &item.message) {
+                if item.dead_letter().is_none() {
+                    let message = item.message()?;
+                    if let Some(file) = completed_file(&self.data_dir, message) {
                         let file = file?;
-                        let key = self.key.render(&item.message);
+                        let key = self.key.render(message);
                         self.put_file(&file, &key).await?;
                         continue;
                     }

@@ -55,9 +55,12 @@ pub enum BenchCommand {
         /// Records to write.
         #[arg(long, default_value_t = 200_000)]
         records: u64,
-        /// Bytes per record.
+        /// Bytes per record (as JSON).
         #[arg(long, default_value_t = 200)]
         payload: usize,
+        /// How the records are published.
+        #[arg(long, value_enum, default_value_t = sink::Encoding::Msgpack)]
+        encoding: sink::Encoding,
     },
     /// The PostgreSQL sink's statements (binary COPY, unnest insert) by tokio-postgres and
     /// by sqlx, side by side (built with `--features bench-sqlx`).
@@ -202,8 +205,9 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
             sink,
             records,
             payload,
+            encoding,
         } => {
-            let rows = sink::run(sink, records, payload).await?;
+            let rows = sink::run(sink, records, payload, encoding).await?;
             println!(
                 "{:<70} {:>9} {:>8} {:>11} {:>12}",
                 "path", "records", "seconds", "records/s", "peak MiB"

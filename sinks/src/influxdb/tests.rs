@@ -11,7 +11,7 @@ fn lines(template: &str, item: &Item) -> Result<String, String> {
 
 #[test]
 fn each_metric_is_one_point_with_its_tags_fields_and_nanosecond_time() {
-    let mut record = item(
+    let record = item(
         "fleet/web-01/telemetry/metrics",
         r#"{"seq":3,"ts":"2026-12-01T10:00:00.123456789Z","tags":{"role":"web server","n":1},
             "metrics":[
@@ -24,7 +24,7 @@ fn each_metric_is_one_point_with_its_tags_fields_and_nanosecond_time() {
          disk.used,agent=web-01,mount=/var\\,\\ /tmp,role=db\\=x,stream=metrics value=91 1796119200123456789\n"
     );
     // the agent's groups when the server accepted it: one tag, over a record's own
-    record.groups = vec!["linux".into(), "web".into()];
+    let record = record.with_groups(vec!["linux".into(), "web".into()]);
     let with_groups = lines("{metric}", &record).unwrap();
     assert!(
         with_groups.starts_with("cpu.usage,agent=web-01,cpu=total,groups=linux\\,web,role=web\\ server,stream=metrics value=3.5"),
@@ -34,10 +34,7 @@ fn each_metric_is_one_point_with_its_tags_fields_and_nanosecond_time() {
         "fleet/web-01/telemetry/metrics",
         r#"{"seq":4,"tags":{"groups":"admin"},"metrics":[{"name":"load","value":1}]}"#,
     );
-    let claims = Item {
-        groups: vec!["web".into()],
-        ..claims
-    };
+    let claims = claims.with_groups(vec!["web".into()]);
     assert!(lines("{metric}", &claims)
         .unwrap()
         .starts_with("load,agent=web-01,groups=web,stream=metrics value=1 "));

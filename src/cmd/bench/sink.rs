@@ -66,6 +66,27 @@ pub(super) fn record(seq: u64, payload: usize) -> String {
     format!("{head}{}\"}}", "x".repeat(pad))
 }
 
+/// How the bench's records are published.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Encoding {
+    /// MessagePack, as fleetbus agents publish them.
+    Msgpack,
+    /// JSON, as a third-party publisher may.
+    Json,
+}
+
+/// Record `seq` as published in `encoding` (its JSON [`record`], or the same fields in
+/// MessagePack).
+fn published(seq: u64, payload: usize, encoding: Encoding) -> anyhow::Result<Vec<u8>> {
+    let json = record(seq, payload);
+    Ok(match encoding {
+        Encoding::Json => json.into_bytes(),
+        Encoding::Msgpack => {
+            rmp_serde::to_vec_named(&serde_json::from_str::<serde_json::Value>(&json)?)?
+        }
+    })
+}
+
 const AGENTS: u64 = 4;
 
 /// The topic of record `seq` (one of [`AGENTS`] agents).
@@ -73,16 +94,22 @@ pub(super) fn topic(seq: u64) -> String {
     format!("fleet/bench-{}/telemetry/metrics", seq % AGENTS)
 }
 
-/// Runs the bench for `sink` with `records` records of `payload` bytes.
-pub async fn run(sink: SinkKind, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+/// Runs the bench for `sink` with `records` records of `payload` bytes (as JSON),
+/// published in `encoding`.
+pub async fn run(
+    sink: SinkKind,
+    records: u64,
+    payload: usize,
+    encoding: Encoding,
+) -> anyhow::Result<Vec<SinkFigure>> {
     let dir = tempfile::Builder::new()
         .prefix("fleetbus-bench-sink-")
         .tempdir()?;
     match sink {
-        SinkKind::Postgres => postgres(dir.path(), records, payload).await,
-        SinkKind::Sqlite => sqlite(dir.path(), records, payload).await,
-        SinkKind::Http => http(dir.path(), records, payload).await,
-        SinkKind::Influxdb => influxdb(dir.path(), records, payload).await,
+        SinkKind::Postgres => postgres(dir.path(), records, payload, encoding).await,
+        SinkKind::Sqlite => sqlite(dir.path(), records, payload, encoding).await,
+        SinkKind::Http => http(dir.path(), records, payload, encoding).await,
+        SinkKind::Influxdb => influxdb(dir.path(), records, payload, encoding).await,
     }
 }
 
@@ -93,6 +120,7 @@ async fn log_to_sink(
     sink_table: &str,
     records: u64,
     payload: usize,
+    encoding: Encoding,
 ) -> anyhow::Result<SinkFigure> {
     let nowhere = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let rules = |sink: &str| {
@@ -111,7 +139,7 @@ async fn log_to_sink(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     for seq in 1..=records {
-        engine.dispatch(&topic(seq), record(seq, payload).as_bytes());
+        engine.dispatch(&topic(seq), &published(seq, payload, encoding)?);
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     while engine.durable() < records {
@@ -161,7 +189,12 @@ fn reset_peak_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-async fn postgres(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+async fn postgres(
+    dir: &Path,
+    records: u64,
+    payload: usize,
+    encoding: Encoding,
+) -> anyhow::Result<Vec<SinkFigure>> {
     let pg = tokio::task::spawn_blocking(Postgres::start)
         .await??
         .context("PostgreSQL is not installed (Debian: apt-get install postgresql)")?;
@@ -172,7 +205,7 @@ async fn postgres(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Ve
         pg.url(),
         pw.display()
     );
-    let mut ours = log_to_sink(dir, &sink, records, payload).await?;
+    let mut ours = log_to_sink(dir, &sink, records, payload, encoding).await?;
     ours.what = "fleetbus log → postgres sink (binary COPY per batch of 5000)".into();
 
     // the ceiling: the same rows by psql's COPY into a table of the same layout
@@ -222,9 +255,14 @@ async fn postgres(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Ve
     ])
 }
 
-async fn sqlite(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+async fn sqlite(
+    dir: &Path,
+    records: u64,
+    payload: usize,
+    encoding: Encoding,
+) -> anyhow::Result<Vec<SinkFigure>> {
     let sink = "type = \"sqlite\"\npath = \"bench.sqlite\"\ntable = \"bench\"";
-    let mut ours = log_to_sink(dir, sink, records, payload).await?;
+    let mut ours = log_to_sink(dir, sink, records, payload, encoding).await?;
     ours.what = "fleetbus log → sqlite sink (a transaction per batch of 1000)".into();
     // the ceiling: the same rows, one prepared insert, a transaction per 1000
     let path = dir.join("plain.sqlite");
@@ -297,21 +335,29 @@ fn http_receiver() -> axum::Router {
 
 /// The bytes the HTTP sink posts for the bench's records: each record's JSON as the sink
 /// renders it (agent and stream from the topic), 500 to a JSON array.
-fn http_bodies(records: u64, payload: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+fn http_bodies(records: u64, payload: usize, encoding: Encoding) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut bodies = Vec::new();
     for seqs in (1..=records).collect::<Vec<_>>().chunks(500) {
-        let mut items = Vec::with_capacity(seqs.len());
+        let mut body = b"[".to_vec();
         for &seq in seqs {
-            let message =
-                fleetbus_protocol::Message::decode(&topic(seq), record(seq, payload).as_bytes())?;
-            items.push(serde_json::to_string(&message.body)?);
+            if body.len() > 1 {
+                body.push(b',');
+            }
+            let published = published(seq, payload, encoding)?;
+            fleetbus_protocol::write_json_body(&topic(seq), &published, &mut body)?;
         }
-        bodies.push(format!("[{}]", items.join(",")).into_bytes());
+        body.push(b']');
+        bodies.push(body);
     }
     Ok(bodies)
 }
 
-async fn http(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+async fn http(
+    dir: &Path,
+    records: u64,
+    payload: usize,
+    encoding: Encoding,
+) -> anyhow::Result<Vec<SinkFigure>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(async move { axum::serve(listener, http_receiver()).await });
@@ -327,12 +373,12 @@ async fn http(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<Si
     ] {
         let dir = dir.join(receiver);
         let sink = format!("type = \"http\"\nurl = \"http://{addr}/{receiver}\"");
-        let mut ours = log_to_sink(&dir, &sink, records, payload).await?;
+        let mut ours = log_to_sink(&dir, &sink, records, payload, encoding).await?;
         ours.what = format!("fleetbus log → http sink, {what}");
 
         // the ceiling: one client posting the same bytes, one request at a time (made
         // after fleetbus's run, so that its peak memory holds none of them)
-        let bodies = http_bodies(records, payload)?;
+        let bodies = http_bodies(records, payload, encoding)?;
         let url = format!("http://{addr}/{receiver}");
         let started = Instant::now();
         for body in bodies {
@@ -358,7 +404,12 @@ async fn http(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<Si
     Ok(rows)
 }
 
-async fn influxdb(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Vec<SinkFigure>> {
+async fn influxdb(
+    dir: &Path,
+    records: u64,
+    payload: usize,
+    encoding: Encoding,
+) -> anyhow::Result<Vec<SinkFigure>> {
     let influx = tokio::task::spawn_blocking(Influxd::start)
         .await??
         .context("InfluxDB is not installed (Debian: apt-get install influxdb)")?;
@@ -366,7 +417,7 @@ async fn influxdb(dir: &Path, records: u64, payload: usize) -> anyhow::Result<Ve
         "type = \"influxdb\"\nurl = \"{}\"\ndatabase = \"bench\"\ncreate_database = true",
         influx.url()
     );
-    let mut ours = log_to_sink(dir, &sink, records, payload).await?;
+    let mut ours = log_to_sink(dir, &sink, records, payload, encoding).await?;
     ours.what = "fleetbus log → influxdb sink (line protocol, 1000 points per request)".into();
 
     // the ceiling: the same points, 1000 per request, into a database of their own
