@@ -305,7 +305,8 @@ impl Worker {
             retry_at: None,
         };
         // an exactly-once sink records each batch's end itself (and `recover` returns it):
-        // its position file only needs saving now and then
+        // its position file only needs saving now and then; another sink's is saved when
+        // it has caught up, and while busy every BUSY_SAVE_INTERVAL
         let (save_when_idle, save_interval) = match self.sink.exactly_once() {
             true => (false, SAVE_INTERVAL),
             false => (true, BUSY_SAVE_INTERVAL),
@@ -337,8 +338,14 @@ impl Worker {
                     let delivery = self.deliver(p, &mut stop).await;
                     self.join_prefetch(prefetch).await;
                     match delivery {
-                        // stopped while retrying: resume from the saved position next time
-                        Delivery::Stopped => return,
+                        // stopped while retrying: resume after the last batch written
+                        Delivery::Stopped => {
+                            if cursor != saved.at {
+                                saved.retry_at = None; // one last attempt before the stop
+                                self.save(cursor, &mut saved).await;
+                            }
+                            return;
+                        }
                         // saved below when due
                         Delivery::Written => cursor = next,
                         Delivery::DeadLettered => {

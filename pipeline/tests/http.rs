@@ -154,8 +154,13 @@ async fn keep_body(State(bodies): State<Bodies>, body: Bytes) -> StatusCode {
 
 /// Runs an engine over `dir` whose sink `hook` posts everything to `url` in batches of 3,
 /// dispatches `messages` (topic, payload), and stops it once `hook` has written
-/// `written` messages.
-async fn post_through_engine(url: &str, dir: &Path, messages: &[(&str, Vec<u8>)], written: u64) {
+/// `written` messages. Returns the log's end.
+async fn post_through_engine(
+    url: &str,
+    dir: &Path,
+    messages: &[(&str, Vec<u8>)],
+    written: u64,
+) -> u64 {
     let rules = format!(
         "[sinks.hook]\ntype = \"http\"\nurl = \"{url}\"\nbatch.max_events = 3\n\n\
          [[rules]]\nname = \"all\"\nfrom = [\"fleet/+/telemetry/#\"]\nto = [\"hook\"]\n"
@@ -171,7 +176,9 @@ async fn post_through_engine(url: &str, dir: &Path, messages: &[(&str, Vec<u8>)]
         s.written("hook") == written
     })
     .await;
+    let end = engine.durable();
     engine.shutdown(Duration::from_secs(5)).await;
+    end
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,12 +212,15 @@ async fn the_body_is_the_record_as_published_whether_read_from_memory_or_from_di
     published.push(("fleet/web-02/telemetry/app", third_party.to_vec()));
 
     let dir = tempfile::tempdir().unwrap();
-    post_through_engine(&url, dir.path(), &published, 5).await;
+    let end = post_through_engine(&url, dir.path(), &published, 5).await;
     let live: Vec<String> = std::mem::take(&mut *bodies.lock().unwrap());
+    // saved after the last batch: a restart would send nothing again
+    let position = dir.path().join("wal/sinks/hook.pos");
+    assert_eq!(std::fs::read_to_string(&position).unwrap(), end.to_string());
 
     // forget the sink's position: a new engine reads the whole log from disk and sends it
     // again
-    std::fs::remove_file(dir.path().join("wal/sinks/hook.pos")).unwrap();
+    std::fs::remove_file(&position).unwrap();
     post_through_engine(&url, dir.path(), &[], 5).await;
     server.abort();
     let replayed: Vec<String> = std::mem::take(&mut *bodies.lock().unwrap());
