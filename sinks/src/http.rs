@@ -213,24 +213,36 @@ fn url_template(url: &str) -> Result<Option<PathTemplate>, String> {
 
 /// The identity of a message within its sink: a record's key as the server accepted it,
 /// else (a dead letter, a message that is not a sequenced record) its log index.
+/// Written piece by piece (`agent\0stream\0epoch\0seq\n`, or `#index\n`): `writeln!`
+/// took 45-60 µs per batch of 500 against 15 µs so (a scratch measurement), on the way
+/// between one request and the next.
 fn identity(item: &Item, out: &mut Vec<u8>) {
-    use std::io::Write;
-    // writing into a Vec cannot fail
-    let _ = match &item.entry.key {
+    let mut number = itoa::Buffer::new();
+    match &item.entry.key {
         Some(k) if item.dead_letter().is_none() => {
-            writeln!(out, "{}\0{}\0{}\0{}", k.agent, k.stream, k.epoch, k.seq)
+            for part in [k.agent.as_str(), k.stream.as_str(), number.format(k.epoch)] {
+                out.extend_from_slice(part.as_bytes());
+                out.push(0);
+            }
+            out.extend_from_slice(number.format(k.seq).as_bytes());
         }
-        _ => writeln!(out, "#{}", item.index),
-    };
+        _ => {
+            out.push(b'#');
+            out.extend_from_slice(number.format(item.index).as_bytes());
+        }
+    }
+    out.push(b'\n');
     if let Some(dl) = item.dead_letter() {
-        let _ = writeln!(out, "dead letter of {}", dl.sink);
+        out.extend_from_slice(b"dead letter of ");
+        out.extend_from_slice(dl.sink.as_bytes());
+        out.push(b'\n');
     }
 }
 
 /// The `Idempotency-Key` of a batch: 32 hex characters of SHA-256 over its messages'
 /// identities, in order.
 pub fn idempotency_key(batch: &Batch) -> String {
-    let mut ids = Vec::new();
+    let mut ids = Vec::with_capacity(batch.items.len() * 48);
     for item in &batch.items {
         identity(item, &mut ids);
     }
@@ -239,7 +251,11 @@ pub fn idempotency_key(batch: &Batch) -> String {
 
 /// The body of a batch in `format`.
 fn body(batch: &Batch, format: BodyFormat) -> Result<Vec<u8>, SinkError> {
-    let mut out = Vec::new();
+    // the size of the JSON rendered ahead (a guess for the rest): one allocation
+    let size: usize = (batch.items.iter())
+        .map(|item| item.json.as_ref().map_or(256, |json| json.len()) + 1)
+        .sum();
+    let mut out = Vec::with_capacity(size + 2);
     if format == BodyFormat::Json {
         out.push(b'[');
     }
@@ -495,5 +511,43 @@ headers = { Authorization = { env = "FLEETBUS_TEST_NEVER_SET_4711" }, "bad heade
         );
         assert_eq!(retry_after("86400", now), Some(MAX_RETRY_AFTER));
         assert_eq!(retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn the_idempotency_key_hashes_each_messages_identity_in_order() {
+        let message = |topic: &str, body: &str| Message::decode(topic, body.as_bytes()).unwrap();
+        let record = Item::new(
+            3,
+            message("fleet/a1/telemetry/app", r#"{"seq":12,"epoch":7}"#),
+        );
+        let other = Item::new(4, message("ingest/x", r#"{"seq":1}"#));
+        let dead = Item::new(9, message("fleet/a1/telemetry/app", r#"{"seq":13}"#))
+            .with_dead_letter(fleetbus_wal::DeadLetter {
+                sink: "pg".into(),
+                error: "refused".into(),
+                attempts: 1,
+                failed_at_ms: 0,
+            });
+        let batch = |items: Vec<Item>| Batch {
+            first: 0,
+            next: 10,
+            items,
+        };
+        let key = idempotency_key(&batch(vec![record.clone(), other.clone(), dead.clone()]));
+        let ids = "a1\x00app\x007\x0012\n#4\n#9\ndead letter of pg\n";
+        assert_eq!(key, hex::encode(&Sha256::digest(ids.as_bytes())[..16]));
+        // the same messages give the same key; another order or another message does not
+        assert_eq!(
+            key,
+            idempotency_key(&batch(vec![record.clone(), other.clone(), dead]))
+        );
+        assert_ne!(
+            key,
+            idempotency_key(&batch(vec![other.clone(), record.clone()]))
+        );
+        assert_ne!(
+            idempotency_key(&batch(vec![record])),
+            idempotency_key(&batch(vec![other]))
+        );
     }
 }
