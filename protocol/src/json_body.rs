@@ -13,7 +13,7 @@
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::ser::{SerializeMap, Serializer};
 
-use crate::message::{is_json, DecodeError};
+use crate::message::{is_json, DecodeError, MAX_DEPTH};
 use crate::topics::Topic;
 
 /// Appends the JSON text of the body of `payload`, published on `topic`, to `out` (see the
@@ -47,6 +47,7 @@ fn write(topic: &str, payload: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeErr
         de.end()?;
     } else {
         let mut de = rmp_serde::Deserializer::from_read_ref(payload);
+        de.set_max_depth(MAX_DEPTH);
         let msgpack_map = matches!(first, 0x80..=0x8f | 0xde | 0xdf);
         match identity.filter(|_| msgpack_map) {
             Some((agent, stream)) => with_identity(&mut de, agent, stream, out)?,
@@ -224,6 +225,28 @@ mod tests {
             same_as_decode("fleet/a/telemetry/s", &packed),
             r#"[1,"two"]"#
         );
+    }
+
+    #[test]
+    fn a_payload_nested_deeper_than_json_allows_is_refused_in_either_encoding() {
+        let packed = |depth: usize| {
+            let mut p = vec![0x81, 0xa1, b'k']; // {"k": [[[...1...]]]}
+            p.extend(std::iter::repeat_n(0x91u8, depth));
+            p.push(0x01);
+            p
+        };
+        let json = |depth: usize| format!("{{\"k\":{}1{}}}", "[".repeat(depth), "]".repeat(depth));
+        for depth in [100, 126] {
+            same_as_decode("fleet/a/telemetry/s", &packed(depth));
+            same_as_decode("fleet/a/telemetry/s", json(depth).as_bytes());
+        }
+        // far below what a thread's stack holds, even in a debug build
+        for depth in [128, 1000, 100_000] {
+            for payload in [packed(depth), json(depth).into_bytes()] {
+                assert!(Message::decode("fleet/a/telemetry/s", &payload).is_err());
+                assert!(render("fleet/a/telemetry/s", &payload).is_err());
+            }
+        }
     }
 
     #[test]

@@ -36,7 +36,13 @@ pub fn is_json(payload: &[u8]) -> bool {
         .is_some_and(|b| *b == b'{' || *b == b'[')
 }
 
-/// Decodes a MessagePack or JSON payload into `T`.
+/// How deeply a payload's values may nest: serde_json's own limit, which MessagePack gets
+/// too (rmp-serde would allow 1,024, and a payload nested that deep overflowed a debug
+/// build's 2 MiB thread stack: one hostile message must not crash the server).
+pub const MAX_DEPTH: usize = 128;
+
+/// Decodes a MessagePack or JSON payload into `T`. Values nested deeper than [`MAX_DEPTH`]
+/// are refused.
 pub fn decode_as<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
     if payload.is_empty() {
         return Err(DecodeError::Empty);
@@ -44,7 +50,9 @@ pub fn decode_as<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> 
     if is_json(payload) {
         Ok(serde_json::from_slice(payload)?)
     } else {
-        Ok(rmp_serde::from_slice(payload)?)
+        let mut de = rmp_serde::Deserializer::from_read_ref(payload);
+        de.set_max_depth(MAX_DEPTH);
+        Ok(T::deserialize(&mut de)?)
     }
 }
 
