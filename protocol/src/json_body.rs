@@ -250,6 +250,15 @@ mod tests {
     }
 
     #[test]
+    fn a_deep_value_in_a_field_a_typed_message_ignores_is_refused_too() {
+        let mut packed = vec![0x81, 0xa1, b'x']; // {"x": [[[...]]]}, no field of a chunk
+        packed.extend(std::iter::repeat_n(0x91u8, 5000));
+        packed.push(0x01);
+        let chunk = crate::message::from_msgpack::<crate::FileChunk<'_>>(&packed);
+        assert!(chunk.unwrap_err().to_string().contains("depth"));
+    }
+
+    #[test]
     fn what_decode_refuses_is_an_error_and_writes_nothing() {
         for payload in [
             &b""[..],

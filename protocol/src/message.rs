@@ -2,7 +2,7 @@
 //! whatever the publisher's encoding (MessagePack from agents, JSON from third parties).
 
 use chrono::{DateTime, Utc};
-use serde::de::DeserializeOwned;
+use serde::de::{Deserialize, DeserializeOwned};
 use serde_json::Value;
 
 use crate::topics::Topic;
@@ -50,10 +50,18 @@ pub fn decode_as<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> 
     if is_json(payload) {
         Ok(serde_json::from_slice(payload)?)
     } else {
-        let mut de = rmp_serde::Deserializer::from_read_ref(payload);
-        de.set_max_depth(MAX_DEPTH);
-        Ok(T::deserialize(&mut de)?)
+        Ok(from_msgpack(payload)?)
     }
+}
+
+/// Decodes MessagePack into `T`, borrowing from `payload` where `T` does (a file chunk's
+/// data). Values nested deeper than [`MAX_DEPTH`] are refused, also in fields `T` ignores.
+pub fn from_msgpack<'a, T: Deserialize<'a>>(
+    payload: &'a [u8],
+) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(payload);
+    de.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut de)
 }
 
 /// One message as the rules engine and sinks see it.

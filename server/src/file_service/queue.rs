@@ -112,7 +112,9 @@ impl FileQueue {
             return;
         };
         // an undecodable chunk is dropped silently: the file service would only refuse it
-        let Ok(chunk) = rmp_serde::from_slice::<fleetbus_protocol::FileChunk<'_>>(payload) else {
+        let Ok(chunk) =
+            fleetbus_protocol::message::from_msgpack::<fleetbus_protocol::FileChunk<'_>>(payload)
+        else {
             return;
         };
         let reply = fleetbus_protocol::FileReply::Chunk {

@@ -249,7 +249,7 @@ impl FileService {
     }
 
     fn chunk(&mut self, agent: &str, file_id: &str, payload: &[u8]) -> FileReply {
-        let chunk: FileChunk<'_> = match rmp_serde::from_slice(payload) {
+        let chunk: FileChunk<'_> = match fleetbus_protocol::message::from_msgpack(payload) {
             Ok(c) => c,
             Err(e) => {
                 self.counters
