@@ -146,13 +146,8 @@ impl Computed {
         let msg = item.message()?;
         let mut ctx = context_for(msg);
         let dead_letter = match item.dead_letter() {
-            Some(dl) => cel::to_value(serde_json::json!({
-                "sink": dl.sink,
-                "error": dl.error,
-                "attempts": dl.attempts,
-                "failed_at_ms": dl.failed_at_ms,
-            }))
-            .unwrap_or(Value::Null),
+            // its fields: sink, error, attempts, failed_at_ms
+            Some(dl) => cel::to_value(dl).unwrap_or(Value::Null),
             None => Value::Null,
         };
         ctx.add_variable_from_value(COLUMN_VARIABLES[0], dead_letter);

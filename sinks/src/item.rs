@@ -92,9 +92,11 @@ impl Item {
         &self.entry.groups
     }
 
-    /// When the server received it.
+    /// When the server received it (the Unix epoch for a time out of range).
     pub fn received(&self) -> DateTime<Utc> {
-        received(&self.entry)
+        Utc.timestamp_millis_opt(self.entry.received_ms)
+            .single()
+            .unwrap_or_default()
     }
 
     /// Appends the message body as JSON ([`fleetbus_protocol::write_json_body`]).
@@ -102,13 +104,6 @@ impl Item {
         fleetbus_protocol::write_json_body(&self.entry.topic, &self.entry.payload, out)
             .map_err(|e| SinkError::Encode(format!("{}: {e}", self.entry.topic)))
     }
-}
-
-/// When the server received `entry` (the Unix epoch for a time out of range).
-fn received(entry: &WalEntry) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(entry.received_ms)
-        .single()
-        .unwrap_or_default()
 }
 
 /// Decodes the message of a log entry, with its `received` time from the entry.

@@ -262,13 +262,7 @@ fn dead_letter_envelope(
 ) -> Result<(), SinkError> {
     let encode = |e: serde_json::Error| SinkError::Encode(e.to_string());
     out.extend_from_slice(b"{\"dead_letter\":");
-    let why = serde_json::json!({
-        "sink": dl.sink,
-        "error": dl.error,
-        "attempts": dl.attempts,
-        "failed_at_ms": dl.failed_at_ms,
-    });
-    serde_json::to_writer(&mut *out, &why).map_err(encode)?;
+    serde_json::to_writer(&mut *out, dl).map_err(encode)?;
     out.extend_from_slice(b",\"record\":");
     item.write_json_body(out)?;
     out.extend_from_slice(b",\"topic\":");
