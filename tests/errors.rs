@@ -59,7 +59,7 @@ fn good_rules_file_passes_the_check() {
     let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/rules.toml");
     let out = run(&["rules", "check", rules]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (5 rules, 4 sinks)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (6 rules, 5 sinks, 2 tests passed)"));
 }
 
 #[test]
@@ -323,4 +323,55 @@ fn the_demo_shows_routing_a_verified_file_and_a_group_job() {
         assert!(stdout.contains(expected), "no `{expected}` in:\n{stdout}");
     }
     assert!(!stdout.contains("NOTHING ARRIVED"), "{stdout}");
+}
+
+#[test]
+fn rules_test_runs_the_files_tests_and_a_failure_exits_1_with_what_each_sink_got() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/rules.toml");
+    // a file of tests alone, against the example's rules: one passes, one fails
+    let tests = dir.path().join("more.toml");
+    fs::write(
+        &tests,
+        r#"[[tests]]
+name = "heartbeats are archived"
+input = { topic = "fleet/a/telemetry/heartbeat", record = { seq = 1 } }
+expect = [{ sink = "archive", count = 1 }]
+
+[[tests]]
+name = "hot cpu goes nowhere (wrong on purpose)"
+input = { topic = "fleet/a/telemetry/metrics", record = { seq = 1, metrics = [{ name = "cpu.usage", value = 99.0 }] } }
+expect = [{ sink = "archive", count = 1 }]
+"#,
+    )
+    .unwrap();
+    let out = run(&["rules", "test", rules, tests.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("ok    heartbeats are archived"), "{stdout}");
+    assert!(stdout.contains("3 passed, 1 failed"), "{stdout}");
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "FAIL  hot cpu goes nowhere (wrong on purpose) ({}:7:8)",
+            tests.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("sink `alerts`: expected nothing, got 1:"), "{err}");
+    assert!(err.contains("sink `console`: expected nothing, got 1:"), "{err}");
+
+    // a test naming a sink the rules do not have is a problem of the test file
+    fs::write(
+        &tests,
+        "[[tests]]\nname = \"t\"\ninput = { topic = \"x\", json = \"{}\" }\nexpect = [{ sink = \"nope\" }]\n",
+    )
+    .unwrap();
+    let out = run(&["rules", "test", rules, tests.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!("{}:4:20: test `t`: unknown sink `nope`", tests.display())),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -28,11 +28,13 @@ use fleetbus_support::Publisher;
 
 use crate::tail::{TailCache, TailEntry};
 use crate::worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
-use fleetbus_wal::{DeadLetter, Dedup, DedupLimits, RecordKey, Wal, WalEntry, WalOptions};
+use fleetbus_wal::{
+    DeadLetter, Dedup, DedupLimits, Produced, RecordKey, Wal, WalEntry, WalOptions,
+};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use fleetbus_rules::router::Router;
+use fleetbus_rules::router::{encode_made, Made, Router, Routing, RuleStatsSnapshot};
 use fleetbus_rules::ruleset::{RuleSet, RulesError};
 
 /// Encoded bytes of the newest log entries kept decoded for the sink workers.
@@ -127,8 +129,8 @@ pub struct EngineStats {
     pub refused: u64,
     /// Log index up to which entries are durable.
     pub durable: u64,
-    /// (rule, matched, condition errors) per rule.
-    pub rules: Vec<(String, u64, u64)>,
+    /// Every rule's counters.
+    pub rules: Vec<RuleStatsSnapshot>,
     /// Counters per sink (its lag in log entries is `durable − position`).
     pub sinks: Vec<(String, SinkStatsSnapshot)>,
 }
@@ -496,8 +498,12 @@ impl Inner {
             }
         };
         let key = fleetbus_sinks::record_key(&msg);
-        let msg_received_ms = msg.received.timestamp_millis();
-        let mut targets = Vec::new();
+        // the log keeps milliseconds: so does the message sinks see
+        let received_ms = msg.received.timestamp_millis();
+        if let Some(t) = Utc.timestamp_millis_opt(received_ms).single() {
+            msg.received = t;
+        }
+        let mut routing = Routing::default();
         // names that reach paths and keys must be ids: a message with another name is
         // kept, with the reason, in the built-in dead-letter sink instead of being routed
         let invalid = match parsed {
@@ -512,18 +518,23 @@ impl Inner {
                 if n.is_power_of_two() {
                     tracing::warn!(%topic, error = %e, invalid_names_total = n, "message with an unusable name kept in the dead-letter sink");
                 }
-                targets.push(self.dead_letters_sink);
                 Some(DeadLetter {
                     sink: "ingest".into(),
                     error: e.to_string(),
                     attempts: 0,
-                    failed_at_ms: msg.received.timestamp_millis(),
+                    failed_at_ms: received_ms,
                 })
             }
             None => {
-                self.router.route(&msg, &mut targets);
+                // filters, conditions and transforms, outside the lock: nothing here
+                // changes a rule's state until `settle`
+                self.router.route(&msg, &mut routing);
                 None
             }
+        };
+        let targets = match dead_letter {
+            Some(_) => vec![self.dead_letters_sink],
+            None => routing.targets(&self.router),
         };
 
         let groups = parsed
@@ -549,57 +560,145 @@ impl Inner {
             }
             return Dispatched::Refused;
         }
-        let outcome = if targets.is_empty() {
+        // new and accepted: now the stateful operations decide
+        let entries = match dead_letter {
+            Some(dl) => vec![WalEntry {
+                dead_letter: Some(dl),
+                ..self.entry(topic, payload.to_vec(), received_ms, &targets, &groups)
+            }],
+            None => {
+                self.router.settle(&mut routing, received_ms);
+                self.entries_of(topic, payload, received_ms, &routing, &groups)
+            }
+        };
+        let outcome = if entries.is_empty() {
             self.counters.unrouted.fetch_add(1, Ordering::Relaxed);
             Dispatched::Unrouted
         } else {
-            // the log keeps milliseconds: so does the message sinks see
-            let received_ms = msg.received.timestamp_millis();
-            if let Some(t) = Utc.timestamp_millis_opt(received_ms).single() {
-                msg.received = t;
+            let last = entries.len() - 1;
+            let mut appended = None;
+            let mut all_sinks: Vec<String> = Vec::new();
+            for (n, mut entry) in entries.into_iter().enumerate() {
+                // only the last entry of an input says it was accepted: a crash between
+                // two appends leaves a record its agent sends again, never half of it
+                // known as a duplicate
+                if n == last {
+                    entry.key = key.clone();
+                }
+                let message = match &entry.produced {
+                    None => Some(msg.clone()),
+                    Some(_) => fleetbus_sinks::decode_entry(&entry).ok(),
+                };
+                match self.wal.append(&entry) {
+                    Ok((index, size)) => {
+                        for name in &entry.sinks {
+                            if let Some(t) = self.sink_names.iter().position(|s| s == name) {
+                                self.sink_stats[t].routed(size);
+                            }
+                            if !all_sinks.contains(name) {
+                                all_sinks.push(name.clone());
+                            }
+                        }
+                        if let Some(message) = message {
+                            self.tail.insert(TailEntry {
+                                index,
+                                entry: Arc::new(entry),
+                                size,
+                                message: Arc::new(message),
+                            });
+                        }
+                        appended = Some(index);
+                    }
+                    Err(e) => {
+                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                        if let Some(left_out) = self.log_errors.admit() {
+                            tracing::error!(error = %e, similar_errors_not_logged = left_out, "cannot append to the write-ahead log: record not accepted (the agent keeps it)");
+                        }
+                        return Dispatched::Refused;
+                    }
+                }
             }
-            let sinks: Vec<String> = targets
-                .iter()
-                .map(|&t| self.sink_names[t].clone())
-                .collect();
-            let entry = WalEntry {
-                topic: topic.to_string(),
-                payload: payload.to_vec(),
-                received_ms,
-                sinks: sinks.clone(),
-                key: key.clone(),
-                dead_letter,
-                groups,
-            };
-            match self.wal.append(&entry) {
-                Ok((index, size)) => {
-                    for &t in &targets {
-                        self.sink_stats[t].routed(size);
-                    }
-                    self.tail.insert(TailEntry {
-                        index,
-                        entry: Arc::new(entry),
-                        size,
-                        message: Arc::new(msg),
-                    });
-                    Dispatched::Appended { index, sinks }
-                }
-                Err(e) => {
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    if let Some(left_out) = self.log_errors.admit() {
-                        tracing::error!(error = %e, similar_errors_not_logged = left_out, "cannot append to the write-ahead log: record not accepted (the agent keeps it)");
-                    }
-                    return Dispatched::Refused;
-                }
+            match appended {
+                Some(index) => Dispatched::Appended {
+                    index,
+                    sinks: all_sinks,
+                },
+                None => Dispatched::Unrouted,
             }
         };
         if let Some(k) = &key {
-            state.dedup.record(k, msg_received_ms);
+            state.dedup.record(k, received_ms);
             add_ack(&mut state.acks, k);
         }
         drop(state);
         self.wake.notify_one();
         outcome
+    }
+
+    /// A log entry of `payload` for `sinks` (not a dead letter, without a key).
+    fn entry(
+        &self,
+        topic: &str,
+        payload: Vec<u8>,
+        received_ms: i64,
+        sinks: &[usize],
+        groups: &[String],
+    ) -> WalEntry {
+        WalEntry {
+            topic: topic.to_string(),
+            payload,
+            received_ms,
+            sinks: sinks.iter().map(|&t| self.sink_names[t].clone()).collect(),
+            key: None,
+            dead_letter: None,
+            groups: groups.to_vec(),
+            produced: None,
+        }
+    }
+
+    /// The log entries of a settled routing, in order: each transform failure (the
+    /// message as published, a dead letter for the rule's `on_error` sink), each message
+    /// a rule made, then the message as published for the sinks that take it so.
+    fn entries_of(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        received_ms: i64,
+        routing: &Routing,
+        groups: &[String],
+    ) -> Vec<WalEntry> {
+        let mut out = Vec::with_capacity(routing.produced.len() + 1);
+        for made in &routing.produced {
+            let rule = &self.router.rules()[made.rule].name;
+            out.push(match &made.made {
+                Made::Failed(error) => WalEntry {
+                    dead_letter: Some(DeadLetter {
+                        sink: format!("rule:{rule}"),
+                        error: error.clone(),
+                        attempts: 0,
+                        failed_at_ms: received_ms,
+                    }),
+                    ..self.entry(topic, payload.to_vec(), received_ms, &made.sinks, groups)
+                },
+                Made::Message(body) => WalEntry {
+                    produced: Some(Produced {
+                        rule: rule.clone(),
+                        part: made.part,
+                    }),
+                    ..self.entry(topic, encode_made(body), received_ms, &made.sinks, groups)
+                },
+            });
+        }
+        if !routing.direct.is_empty() {
+            out.push(self.entry(
+                topic,
+                payload.to_vec(),
+                received_ms,
+                &routing.direct,
+                groups,
+            ));
+        }
+        out
     }
 
     fn lock(&self) -> MutexGuard<'_, IngestState> {

@@ -134,6 +134,7 @@ mod tests {
                 key: None,
                 dead_letter: None,
                 groups: Vec::new(),
+                produced: None,
             }),
             size,
             message: Arc::new(message),

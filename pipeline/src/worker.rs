@@ -884,5 +884,6 @@ fn dead_letter_entry(entry: &WalEntry, target: &str, info: &DeadLetter) -> WalEn
         key: None,
         dead_letter: Some(info.clone()),
         groups: entry.groups.clone(),
+        produced: entry.produced.clone(),
     }
 }

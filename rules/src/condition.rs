@@ -41,12 +41,22 @@ impl Condition {
     /// `record` is, fields that kind does not have and comparisons of a field with a
     /// literal of another type, which would never match ([`crate::schema`]).
     pub fn compile_for(source: &str, from: &[TopicFilter]) -> Result<Condition, String> {
+        Condition::compile_with(source, from, &[])
+    }
+
+    /// [`Condition::compile_for`], where the variables `more` exist too (a `foreach`
+    /// rule's `item` and `index`).
+    pub fn compile_with(
+        source: &str,
+        from: &[TopicFilter],
+        more: &[&str],
+    ) -> Result<Condition, String> {
         let program = Program::compile(source).map_err(|e| {
             // cel's message embeds its own "<input>:line:col" and a caret diagram
             e.to_string()
                 .replace("ERROR: <input>:", "expression position ")
         })?;
-        let problems = crate::schema::check(program.expression(), from);
+        let problems = crate::schema::check_with(program.expression(), from, more);
         if !problems.is_empty() {
             return Err(problems.join("; "));
         }

@@ -21,8 +21,11 @@
 pub mod condition;
 pub mod filter;
 pub mod router;
+pub mod rule_tests;
 pub mod ruleset;
 pub mod schema;
+pub mod stateful;
+pub mod transform;
 
 pub use filter::TopicFilter;
 pub use ruleset::{RuleSet, RulesError, DEFAULT_RULES};

@@ -1,79 +1,461 @@
-//! The compiled router: which sinks a message goes to.
+//! The compiled router: which sinks a message goes to, and what the rules' transforms make
+//! of it.
+//!
+//! Routing is two steps, so that nothing a message does to a rule's state happens unless
+//! the message is accepted:
+//!
+//! 1. [`Router::route`] (no state, any thread): for each rule whose topic filters match,
+//!    `foreach`, `where`, the stateful operations' keys and the transforms, into a
+//!    [`Routing`]. [`Routing::targets`] then says every sink the message could reach (what
+//!    the engine checks backpressure against).
+//! 2. [`Router::settle`], once the message is known to be new and accepted: the stateful
+//!    operations (`dedupe`, then `throttle`) decide, the counters move, and the routing
+//!    says which sinks take the message as published ([`Routing::direct`]) and which
+//!    messages the rules made ([`Routing::produced`]).
+//!
+//! A rule without `foreach` and transforms passes the message on as published: every such
+//! rule's sinks share one copy. Each message a rule makes goes to that rule's sinks, and a
+//! message a transform fails for goes, as published and with the error, to the rule's
+//! `on_error` sink.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
+use cel::{Context, Value as CelValue};
 use fleetbus_protocol::Message;
+use serde_json::Value;
 
 use crate::condition::context_for;
 use crate::ruleset::Rule;
+use crate::stateful::{GateState, Verdict};
 
 /// Counters of one rule.
 #[derive(Debug, Default)]
 pub struct RuleStats {
-    /// Messages the rule matched (filter and condition).
-    pub matched: AtomicU64,
-    /// Messages whose condition could not be evaluated.
-    pub condition_errors: AtomicU64,
+    seen: AtomicU64,
+    matched: AtomicU64,
+    filtered: AtomicU64,
+    condition_errors: AtomicU64,
+    throttled: AtomicU64,
+    deduplicated: AtomicU64,
+    untracked: AtomicU64,
+    errors: AtomicU64,
+    produced: AtomicU64,
 }
 
-/// Rules compiled for routing.
+/// A copy of one rule's counters. Under `foreach` the counts after `seen` are of elements
+/// (a `foreach` that fails counts one). They balance: `matched` = `throttled` +
+/// `deduplicated` + `errors` + `produced`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleStatsSnapshot {
+    /// The rule's name.
+    pub rule: String,
+    /// Messages its topic filters matched.
+    pub seen: u64,
+    /// Messages (elements) its `where` let through (all, without one), and failures of
+    /// `foreach` itself.
+    pub matched: u64,
+    /// Messages (elements) its `where` turned away.
+    pub filtered: u64,
+    /// Messages (elements) whose `where` could not be evaluated (turned away too).
+    pub condition_errors: u64,
+    /// Held back by `throttle`.
+    pub throttled: u64,
+    /// Held back by `dedupe`.
+    pub deduplicated: u64,
+    /// Let through by a stateful operation whose table of keys was full.
+    pub untracked: u64,
+    /// Transforms that failed: the message went to the rule's `on_error` sink.
+    pub errors: u64,
+    /// Messages the rule sent to its sinks (as published, or made by its transforms).
+    pub produced: u64,
+}
+
+/// What a rule made of a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Made {
+    /// A new message (its body).
+    Message(Value),
+    /// The transforms failed, with this error: the message as published goes to the
+    /// rule's `on_error` sink.
+    Failed(String),
+}
+
+/// One message a rule made, or a failure, with where it goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// The rule (its index in the router).
+    pub rule: usize,
+    /// Which of the rule's messages for this input (under `foreach`, the element's index).
+    pub part: u32,
+    /// The message, or the error.
+    pub made: Made,
+    /// The sinks it goes to (the rule's `to`, or its `on_error`).
+    pub sinks: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Unit {
+    rule: usize,
+    part: u32,
+    /// One key per gate of the rule, in order.
+    keys: Vec<String>,
+    /// `None`: the message as published.
+    made: Option<Made>,
+}
+
+/// What the rules do with one message: filled by [`Router::route`], decided by
+/// [`Router::settle`]. Reused from message to message.
+#[derive(Debug, Default)]
+pub struct Routing {
+    units: Vec<Unit>,
+    seen: Vec<usize>,
+    filtered: Vec<usize>,
+    condition_errors: Vec<usize>,
+    /// After [`Router::settle`]: the sinks that take the message as published.
+    pub direct: Vec<usize>,
+    /// After [`Router::settle`]: the messages the rules made, and the failures.
+    pub produced: Vec<Output>,
+}
+
+impl Routing {
+    /// Every sink the message could reach (before the stateful operations decide): a
+    /// sink once.
+    pub fn targets(&self, rules: &Router) -> Vec<usize> {
+        let mut out = Vec::new();
+        for unit in &self.units {
+            let rule = &rules.rules[unit.rule];
+            let sinks = match unit.made {
+                Some(Made::Failed(_)) => std::slice::from_ref(&rule.on_error),
+                _ => &rule.to[..],
+            };
+            for &s in sinks {
+                if !out.contains(&s) {
+                    out.push(s);
+                }
+            }
+        }
+        out
+    }
+
+    /// True when no rule wants the message.
+    pub fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.units.clear();
+        self.seen.clear();
+        self.filtered.clear();
+        self.condition_errors.clear();
+        self.direct.clear();
+        self.produced.clear();
+    }
+}
+
+/// Rules compiled for routing, with their counters and the state of their stateful
+/// operations.
 #[derive(Debug)]
 pub struct Router {
     rules: Vec<Rule>,
     stats: Vec<RuleStats>,
+    /// Per rule, per gate.
+    state: Mutex<Vec<Vec<GateState>>>,
 }
 
 impl Router {
     /// A router over `rules`.
     pub fn new(rules: Vec<Rule>) -> Router {
         let stats = rules.iter().map(|_| RuleStats::default()).collect();
-        Router { rules, stats }
+        let state = rules
+            .iter()
+            .map(|r| r.gates.iter().map(|_| GateState::default()).collect())
+            .collect();
+        Router {
+            rules,
+            stats,
+            state: Mutex::new(state),
+        }
     }
 
-    /// Fills `sinks` with the index of every sink `msg` goes to. A message matched by
-    /// several rules naming the same sink goes to that sink once.
-    pub fn route(&self, msg: &Message, sinks: &mut Vec<usize>) {
-        sinks.clear();
-        // the CEL context is built lazily, once per message, only if a condition needs it
-        let mut ctx = None;
-        for (rule, stats) in self.rules.iter().zip(&self.stats) {
+    /// The rules, in order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Step 1: what every rule would do with `msg` (see the module documentation).
+    pub fn route(&self, msg: &Message, routing: &mut Routing) {
+        routing.clear();
+        // the CEL context is built lazily, once per message, only if an expression needs it
+        let mut ctx: Option<Context<'static, 'static>> = None;
+        for (index, rule) in self.rules.iter().enumerate() {
             if !rule.from.iter().any(|f| f.matches(&msg.topic)) {
                 continue;
             }
-            if let Some(cond) = &rule.condition {
-                let ctx = ctx.get_or_insert_with(|| context_for(msg));
-                match cond.evaluate_in(ctx) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(e) => {
-                        stats.condition_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(rule = %rule.name, topic = %msg.topic, error = %e, "condition could not be evaluated: no match");
-                        continue;
-                    }
-                }
+            routing.seen.push(index);
+            if rule.foreach.is_none()
+                && rule.condition.is_none()
+                && rule.gates.is_empty()
+                && rule.transforms.is_empty()
+            {
+                routing.units.push(Unit {
+                    rule: index,
+                    part: 0,
+                    keys: Vec::new(),
+                    made: None,
+                });
+                continue;
             }
-            stats.matched.fetch_add(1, Ordering::Relaxed);
-            for &s in &rule.to {
-                if !sinks.contains(&s) {
-                    sinks.push(s);
-                }
+            let ctx = ctx.get_or_insert_with(|| context_for(msg));
+            match &rule.foreach {
+                None => self.one(index, rule, Base::Published(&msg.body), 0, ctx, routing),
+                Some(list) => match list.evaluate(ctx) {
+                    Ok(CelValue::List(items)) => {
+                        for (i, item) in items.iter().enumerate() {
+                            let part = u32::try_from(i).unwrap_or(u32::MAX);
+                            let mut inner = ctx.new_inner_scope();
+                            inner.add_variable_from_value("item", item.clone());
+                            inner.add_variable_from_value("index", i as i64);
+                            let base = match fleetbus_sinks::columns::to_json(item) {
+                                Ok(v) => Base::Element(crate::transform::element_base(&v)),
+                                Err(e) => {
+                                    routing.units.push(failed(
+                                        index,
+                                        part,
+                                        format!("foreach element {i}: {e}"),
+                                    ));
+                                    continue;
+                                }
+                            };
+                            self.one(index, rule, base, part, &inner, routing);
+                        }
+                    }
+                    Ok(other) => routing.units.push(failed(
+                        index,
+                        0,
+                        format!(
+                            "foreach: `{}` is a {:?}, not a list",
+                            list.source(),
+                            other.type_of()
+                        ),
+                    )),
+                    Err(e) => routing
+                        .units
+                        .push(failed(index, 0, format!("foreach: {e}"))),
+                },
             }
         }
     }
 
-    /// (rule name, matched, condition errors) for every rule.
-    pub fn stats(&self) -> Vec<(String, u64, u64)> {
+    /// One message (or `foreach` element) of a rule: `where`, the gates' keys, the
+    /// transforms.
+    fn one(
+        &self,
+        index: usize,
+        rule: &Rule,
+        base: Base,
+        part: u32,
+        ctx: &Context,
+        routing: &mut Routing,
+    ) {
+        if let Some(cond) = &rule.condition {
+            match cond.evaluate_in(ctx) {
+                Ok(true) => {}
+                Ok(false) => {
+                    routing.filtered.push(index);
+                    return;
+                }
+                Err(e) => {
+                    routing.condition_errors.push(index);
+                    tracing::debug!(rule = %rule.name, error = %e, "condition could not be evaluated: no match");
+                    return;
+                }
+            }
+        }
+        let mut keys = Vec::with_capacity(rule.gates.len());
+        for gate in &rule.gates {
+            match &gate.key {
+                None => keys.push(String::new()),
+                Some(k) => match k.evaluate_key(ctx) {
+                    Ok(key) => keys.push(key),
+                    Err(e) => {
+                        routing.units.push(failed(
+                            index,
+                            part,
+                            format!("key `{}`: {e}", k.source()),
+                        ));
+                        return;
+                    }
+                },
+            }
+        }
+        let base = match base {
+            Base::Published(_) if rule.transforms.is_empty() => None,
+            // copied only for a rule that changes it
+            Base::Published(body) => Some(body.clone()),
+            Base::Element(element) => Some(element),
+        };
+        let made = base.map(|base| match rule.transforms.apply(base, ctx) {
+            Ok(body) => Made::Message(body),
+            Err(e) => Made::Failed(e),
+        });
+        routing.units.push(Unit {
+            rule: index,
+            part,
+            keys,
+            made,
+        });
+    }
+
+    /// Step 2: the stateful operations decide (with the time the message was received),
+    /// the counters move, and [`Routing::direct`] and [`Routing::produced`] are filled.
+    pub fn settle(&self, routing: &mut Routing, now_ms: i64) {
+        for &r in &routing.seen {
+            self.stats[r].seen.fetch_add(1, Ordering::Relaxed);
+        }
+        for &r in &routing.filtered {
+            self.stats[r].filtered.fetch_add(1, Ordering::Relaxed);
+        }
+        for &r in &routing.condition_errors {
+            self.stats[r]
+                .condition_errors
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let any_gate = routing.units.iter().any(|u| !u.keys.is_empty());
+        let mut state = any_gate.then(|| self.state.lock().unwrap_or_else(|p| p.into_inner()));
+        for unit in routing.units.drain(..) {
+            let rule = &self.rules[unit.rule];
+            let stats = &self.stats[unit.rule];
+            stats.matched.fetch_add(1, Ordering::Relaxed);
+            if let Some(Made::Failed(error)) = unit.made {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(rule = %rule.name, %error, "transform failed: the message goes to the rule's on_error sink");
+                routing.produced.push(Output {
+                    rule: unit.rule,
+                    part: unit.part,
+                    made: Made::Failed(error),
+                    sinks: vec![rule.on_error],
+                });
+                continue;
+            }
+            let mut held = false;
+            if let Some(state) = state.as_mut() {
+                for (g, (gate, key)) in rule.gates.iter().zip(&unit.keys).enumerate() {
+                    match state[unit.rule][g].admit(gate, key, now_ms) {
+                        Verdict::Pass => {}
+                        Verdict::Untracked => {
+                            stats.untracked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Verdict::Held => {
+                            let counter = match gate.kind {
+                                crate::stateful::GateKind::Throttle(_) => &stats.throttled,
+                                crate::stateful::GateKind::Dedupe(_) => &stats.deduplicated,
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            held = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if held {
+                continue;
+            }
+            stats.produced.fetch_add(1, Ordering::Relaxed);
+            match unit.made {
+                None => {
+                    for &s in &rule.to {
+                        if !routing.direct.contains(&s) {
+                            routing.direct.push(s);
+                        }
+                    }
+                }
+                Some(made) => routing.produced.push(Output {
+                    rule: unit.rule,
+                    part: unit.part,
+                    made,
+                    sinks: rule.to.clone(),
+                }),
+            }
+        }
+    }
+
+    /// Steps 1 and 2 at once, for a message known to be accepted (tests, tools).
+    pub fn route_and_settle(&self, msg: &Message, routing: &mut Routing) {
+        self.route(msg, routing);
+        self.settle(routing, msg.received.timestamp_millis());
+    }
+
+    /// Back to the start: counters at zero, the stateful operations' state empty (before
+    /// and after each `[[tests]]` run).
+    pub fn reset(&self) {
+        for s in &self.stats {
+            for c in [
+                &s.seen,
+                &s.matched,
+                &s.filtered,
+                &s.condition_errors,
+                &s.throttled,
+                &s.deduplicated,
+                &s.untracked,
+                &s.errors,
+                &s.produced,
+            ] {
+                c.store(0, Ordering::Relaxed);
+            }
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for gates in state.iter_mut() {
+            for g in gates.iter_mut() {
+                *g = GateState::default();
+            }
+        }
+    }
+
+    /// Every rule's counters.
+    pub fn stats(&self) -> Vec<RuleStatsSnapshot> {
         self.rules
             .iter()
             .zip(&self.stats)
             .map(|(r, s)| {
-                (
-                    r.name.clone(),
-                    s.matched.load(Ordering::Relaxed),
-                    s.condition_errors.load(Ordering::Relaxed),
-                )
+                let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+                RuleStatsSnapshot {
+                    rule: r.name.clone(),
+                    seen: get(&s.seen),
+                    matched: get(&s.matched),
+                    filtered: get(&s.filtered),
+                    condition_errors: get(&s.condition_errors),
+                    throttled: get(&s.throttled),
+                    deduplicated: get(&s.deduplicated),
+                    untracked: get(&s.untracked),
+                    errors: get(&s.errors),
+                    produced: get(&s.produced),
+                }
             })
             .collect()
+    }
+}
+
+/// The payload a message a rule made is stored and sent as: its body as JSON.
+pub fn encode_made(body: &Value) -> Vec<u8> {
+    // a `Value` always serializes (its keys are strings)
+    serde_json::to_vec(body).unwrap_or_default()
+}
+
+/// What a rule's transforms start from.
+enum Base<'a> {
+    /// The message as published (passed on as it is when the rule has no transforms).
+    Published(&'a Value),
+    /// A `foreach` element (always a new message).
+    Element(Value),
+}
+
+fn failed(rule: usize, part: u32, error: String) -> Unit {
+    Unit {
+        rule,
+        part,
+        keys: Vec::new(),
+        made: Some(Made::Failed(error)),
     }
 }
 
@@ -82,6 +464,14 @@ mod tests {
     use super::*;
     use crate::RuleSet;
     use std::path::Path;
+
+    struct Names(Vec<String>);
+
+    fn sink_names(set: &Names, sinks: &[usize]) -> Vec<String> {
+        let mut v: Vec<String> = sinks.iter().map(|&i| set.0[i].clone()).collect();
+        v.sort();
+        v
+    }
 
     #[test]
     fn fan_out_conditions_and_dedup() {
@@ -100,34 +490,50 @@ from = ["fleet/+/telemetry/metrics"]
 where = 'record.metrics.exists(m, m.name == "cpu.usage" && m.value > 90.0)'
 to = ["alerts", "archive"]
 "#;
-        let set = RuleSet::parse(Path::new("r.toml"), text).unwrap();
-        let names: Vec<String> = set.sinks.iter().map(|(n, _)| n.clone()).collect();
-        let router = Router::new(set.rules);
-        let mut out = Vec::new();
+        let RuleSet { sinks, rules, .. } = RuleSet::parse(Path::new("r.toml"), text).unwrap();
+        let set = Names(sinks.into_iter().map(|(n, _)| n).collect());
+        let router = Router::new(rules);
+        let mut out = Routing::default();
         let hot = Message::decode(
             "fleet/a/telemetry/metrics",
             br#"{"metrics":[{"name":"cpu.usage","value":95.0}]}"#,
         )
         .unwrap();
-        router.route(&hot, &mut out);
-        let mut got: Vec<&str> = out.iter().map(|&i| names[i].as_str()).collect();
-        got.sort();
-        assert_eq!(got, ["alerts", "archive"], "archive once, alerts once");
+        router.route_and_settle(&hot, &mut out);
+        assert_eq!(
+            sink_names(&set, &out.direct),
+            ["alerts", "archive"],
+            "archive once, alerts once"
+        );
+        assert!(out.produced.is_empty());
         let cool = Message::decode(
             "fleet/a/telemetry/metrics",
             br#"{"metrics":[{"name":"cpu.usage","value":5.0}]}"#,
         )
         .unwrap();
-        router.route(&cool, &mut out);
-        assert_eq!(
-            out.iter().map(|&i| names[i].as_str()).collect::<Vec<_>>(),
-            ["archive"]
-        );
+        router.route_and_settle(&cool, &mut out);
+        assert_eq!(sink_names(&set, &out.direct), ["archive"]);
         let other = Message::decode("other/topic", b"{}").unwrap();
-        router.route(&other, &mut out);
-        assert!(out.is_empty());
+        router.route_and_settle(&other, &mut out);
+        assert!(out.direct.is_empty() && out.is_empty());
         let stats = router.stats();
-        assert_eq!(stats[0], ("all".to_string(), 2, 0));
-        assert_eq!(stats[1], ("hot".to_string(), 1, 0));
+        assert_eq!(
+            (
+                stats[0].rule.as_str(),
+                stats[0].seen,
+                stats[0].matched,
+                stats[0].produced
+            ),
+            ("all", 2, 2, 2)
+        );
+        assert_eq!(
+            (
+                stats[1].seen,
+                stats[1].matched,
+                stats[1].filtered,
+                stats[1].produced
+            ),
+            (2, 1, 1, 1)
+        );
     }
 }

@@ -11,6 +11,8 @@ use toml::Spanned;
 
 use crate::condition::Condition;
 use crate::filter::TopicFilter;
+use crate::stateful::{Gate, GateKind, Rate, DEFAULT_MAX_KEYS};
+use crate::transform::{Expression, FieldPath, Transforms, FOREACH_VARIABLES};
 
 /// The rules every `fleetbus serve` runs when its configuration names no rules file:
 /// archive every telemetry record in daily JSON-lines files per agent and stream.
@@ -41,6 +43,8 @@ struct RawFile {
     sinks: BTreeMap<String, Spanned<SinkConfig>>,
     #[serde(default)]
     rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    tests: Vec<Spanned<crate::rule_tests::RawTest>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +59,36 @@ struct RawRule {
     #[serde(rename = "where", default)]
     condition: Option<Spanned<String>>,
     to: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    foreach: Option<Spanned<String>>,
+    #[serde(default)]
+    set: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    rename: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    drop: Vec<Spanned<String>>,
+    #[serde(default)]
+    keep: Vec<Spanned<String>>,
+    #[serde(default)]
+    throttle: Option<Spanned<RawGate>>,
+    #[serde(default)]
+    dedupe: Option<Spanned<RawGate>>,
+    #[serde(default)]
+    on_error: Option<Spanned<String>>,
+}
+
+/// `throttle = { key, rate, max_keys }` or `dedupe = { key, window, max_keys }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    #[serde(default)]
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    rate: Option<Spanned<String>>,
+    #[serde(default)]
+    window: Option<Spanned<String>>,
+    #[serde(default)]
+    max_keys: Option<Spanned<usize>>,
 }
 
 fn yes() -> bool {
@@ -74,6 +108,23 @@ pub struct Rule {
     pub condition: Option<Condition>,
     /// Indexes into [`RuleSet::sinks`].
     pub to: Vec<usize>,
+    /// One message per element of this list.
+    pub foreach: Option<Expression>,
+    /// `set`, `rename`, `drop`, `keep`.
+    pub transforms: Transforms,
+    /// `dedupe`, then `throttle`, when set.
+    pub gates: Vec<Gate>,
+    /// Where a message goes when a transform fails for it (index into
+    /// [`RuleSet::sinks`]; the built-in dead-letter sink unless the rule names one).
+    pub on_error: usize,
+}
+
+impl Rule {
+    /// True when the rule makes new messages (`foreach` or a transform) rather than
+    /// passing them on as published.
+    pub fn makes_messages(&self) -> bool {
+        self.foreach.is_some() || !self.transforms.is_empty()
+    }
 }
 
 /// A validated rules file: sinks and the enabled rules.
@@ -84,6 +135,8 @@ pub struct RuleSet {
     pub sinks: Vec<(String, SinkConfig)>,
     /// Enabled rules in file order.
     pub rules: Vec<Rule>,
+    /// The file's `[[tests]]`.
+    pub tests: Vec<crate::rule_tests::RuleTest>,
 }
 
 /// Every problem found in a rules file, each naming file, line and column.
@@ -197,8 +250,13 @@ impl RuleSet {
                     )),
                 }
             }
+            // under `foreach`, expressions see the element too
+            let more: &[&str] = match r.foreach {
+                Some(_) => &FOREACH_VARIABLES,
+                None => &[],
+            };
             let condition = match &r.condition {
-                Some(src) => match Condition::compile_for(src.get_ref(), &from) {
+                Some(src) => match Condition::compile_with(src.get_ref(), &from, more) {
                     Ok(c) => Some(c),
                     Err(e) => {
                         problems.push(at(
@@ -238,6 +296,127 @@ impl RuleSet {
                     }
                 }
             }
+            let expression = |problems: &mut Vec<ConfigError>,
+                              key: &str,
+                              src: &Spanned<String>,
+                              more: &[&str]| {
+                match Expression::compile(src.get_ref(), &from, more) {
+                    Ok(e) => Some(e),
+                    Err(e) => {
+                        problems.push(at(
+                            src.span(),
+                            format!("rule `{name}`: bad `{key}` expression: {e}"),
+                        ));
+                        None
+                    }
+                }
+            };
+            let foreach = r
+                .foreach
+                .as_ref()
+                .and_then(|src| expression(&mut problems, "foreach", src, &[]));
+            let mut transforms = Transforms::default();
+            for (path, src) in &r.set {
+                let expr = expression(&mut problems, &format!("set.{path}"), src, more);
+                match (FieldPath::parse(path), expr) {
+                    (Ok(p), Some(e)) => transforms.set.push((p, e)),
+                    (Err(e), _) => {
+                        problems.push(at(src.span(), format!("rule `{name}`: set: {e}")))
+                    }
+                    _ => {}
+                }
+            }
+            let mut gates = Vec::new();
+            for (what, raw) in [("dedupe", &r.dedupe), ("throttle", &r.throttle)] {
+                let Some(raw) = raw else { continue };
+                let g = raw.get_ref();
+                let key = g
+                    .key
+                    .as_ref()
+                    .and_then(|src| expression(&mut problems, &format!("{what}.key"), src, more));
+                let kind = match (what, &g.rate, &g.window) {
+                    ("throttle", Some(rate), None) => Rate::parse(rate.get_ref())
+                        .map(GateKind::Throttle)
+                        .map_err(|e| (rate.span(), e)),
+                    ("dedupe", None, Some(window)) => humantime::parse_duration(window.get_ref())
+                        .map_err(|e| (window.span(), format!("`{}`: {e}", window.get_ref())))
+                        .and_then(|d| match d.as_millis() {
+                            0 => Err((window.span(), "the window must be above zero".to_string())),
+                            _ => Ok(GateKind::Dedupe(d)),
+                        }),
+                    ("throttle", _, _) => Err((
+                        raw.span(),
+                        "needs `rate` (e.g. \"10/1m\") and no `window`".into(),
+                    )),
+                    _ => Err((
+                        raw.span(),
+                        "needs `window` (e.g. \"10m\") and no `rate`".into(),
+                    )),
+                };
+                if what == "dedupe" && g.key.is_none() {
+                    problems.push(at(
+                        raw.span(),
+                        format!("rule `{name}`: dedupe: needs a `key`"),
+                    ));
+                }
+                let max_keys = match &g.max_keys {
+                    Some(m) if *m.get_ref() == 0 => {
+                        problems.push(at(
+                            m.span(),
+                            format!("rule `{name}`: {what}.max_keys: must be at least 1"),
+                        ));
+                        1
+                    }
+                    Some(m) => *m.get_ref(),
+                    None => DEFAULT_MAX_KEYS,
+                };
+                match kind {
+                    Ok(kind) if g.key.is_none() || key.is_some() => gates.push(Gate {
+                        kind,
+                        key,
+                        max_keys,
+                    }),
+                    Ok(_) => {}
+                    Err((span, e)) => {
+                        problems.push(at(span, format!("rule `{name}`: {what}: {e}")))
+                    }
+                }
+            }
+            for (old, new) in &r.rename {
+                match (FieldPath::parse(old), FieldPath::parse(new.get_ref())) {
+                    (Ok(a), Ok(b)) => transforms.rename.push((a, b)),
+                    (Err(e), _) | (_, Err(e)) => {
+                        problems.push(at(new.span(), format!("rule `{name}`: rename: {e}")))
+                    }
+                }
+            }
+            for (key, list) in [("drop", &r.drop), ("keep", &r.keep)] {
+                for path in list {
+                    match FieldPath::parse(path.get_ref()) {
+                        Ok(p) if key == "drop" => transforms.drop.push(p),
+                        Ok(p) => transforms.keep.push(p),
+                        Err(e) => {
+                            problems.push(at(path.span(), format!("rule `{name}`: {key}: {e}")))
+                        }
+                    }
+                }
+            }
+            let on_error = match &r.on_error {
+                None => sink_index(BUILTIN_DEAD_LETTERS).unwrap_or(0),
+                Some(s) => match sink_index(s.get_ref()) {
+                    Some(i) => i,
+                    None => {
+                        problems.push(at(
+                            s.span(),
+                            format!(
+                                "rule `{name}`: on_error names unknown sink `{}`",
+                                s.get_ref()
+                            ),
+                        ));
+                        0
+                    }
+                },
+            };
             if r.enabled {
                 rule_spans.push(r.name.span());
                 rules.push(Rule {
@@ -246,6 +425,10 @@ impl RuleSet {
                     from,
                     condition,
                     to,
+                    foreach,
+                    transforms,
+                    gates,
+                    on_error,
                 });
             }
         }
@@ -258,8 +441,14 @@ impl RuleSet {
                 ),
             ));
         }
+        let names: Vec<&str> = sinks.iter().map(|(n, _)| n.as_str()).collect();
+        let tests = crate::rule_tests::compile(&raw.tests, &names, path, text, &mut problems);
         if problems.is_empty() {
-            Ok(RuleSet { sinks, rules })
+            Ok(RuleSet {
+                sinks,
+                rules,
+                tests,
+            })
         } else {
             Err(RulesError { problems })
         }
@@ -293,6 +482,9 @@ fn republishing_loops(sinks: &[(String, SinkConfig)], rules: &[Rule]) -> Vec<(us
     // the sinks a rule's messages reach: its own, and their dead-letter sinks in turn
     let reached = |rule: &Rule| {
         let mut out: Vec<usize> = rule.to.clone();
+        if !out.contains(&rule.on_error) {
+            out.push(rule.on_error);
+        }
         let mut n = 0;
         while n < out.len() {
             let next = sinks[out[n]]

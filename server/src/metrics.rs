@@ -12,6 +12,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use fleetbus_broker::{Guard, SecurityCounters};
 use fleetbus_pipeline::{Engine, EngineStats, SinkStatsSnapshot};
+use fleetbus_rules::router::RuleStatsSnapshot;
 
 use crate::file_service::FileCounters;
 use tokio::task::JoinHandle;
@@ -69,24 +70,59 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
     for (name, kind, help, value) in engine {
         family(name, kind, help, &[(String::new(), value)]);
     }
-    type RuleField = fn(&(String, u64, u64)) -> u64;
-    let rules: [(&str, &str, RuleField); 2] = [
+    type RuleField = fn(&RuleStatsSnapshot) -> u64;
+    let rules: [(&str, &str, RuleField); 9] = [
+        (
+            "fleetbus_rule_seen_total",
+            "Messages each rule's topic filters matched.",
+            |r| r.seen,
+        ),
         (
             "fleetbus_rule_matched_total",
-            "Messages each rule matched.",
-            |r| r.1,
+            "Messages (under foreach: elements) each rule's `where` let through.",
+            |r| r.matched,
+        ),
+        (
+            "fleetbus_rule_filtered_total",
+            "Messages (elements) each rule's `where` turned away.",
+            |r| r.filtered,
         ),
         (
             "fleetbus_rule_condition_errors_total",
-            "Messages whose condition could not be evaluated, per rule.",
-            |r| r.2,
+            "Messages (elements) whose `where` could not be evaluated, per rule (turned away).",
+            |r| r.condition_errors,
+        ),
+        (
+            "fleetbus_rule_throttled_total",
+            "Messages each rule's throttle held back.",
+            |r| r.throttled,
+        ),
+        (
+            "fleetbus_rule_deduplicated_total",
+            "Messages each rule's dedupe held back.",
+            |r| r.deduplicated,
+        ),
+        (
+            "fleetbus_rule_untracked_total",
+            "Messages a rule's throttle or dedupe let through because its table of keys was full.",
+            |r| r.untracked,
+        ),
+        (
+            "fleetbus_rule_errors_total",
+            "Messages a rule's transforms failed for (sent to its on_error sink with the error).",
+            |r| r.errors,
+        ),
+        (
+            "fleetbus_rule_produced_total",
+            "Messages each rule sent to its sinks (as published, or made by its transforms).",
+            |r| r.produced,
         ),
     ];
     for (name, help, field) in rules {
         let samples: Vec<(String, u64)> = s
             .rules
             .iter()
-            .map(|r| (format!("{{rule=\"{}\"}}", escape(&r.0)), field(r)))
+            .map(|r| (format!("{{rule=\"{}\"}}", escape(&r.rule)), field(r)))
             .collect();
         family(name, "counter", help, &samples);
     }
@@ -184,7 +220,13 @@ mod tests {
         let stats = EngineStats {
             received: 10,
             durable: 9,
-            rules: vec![("archive".into(), 7, 1)],
+            rules: vec![RuleStatsSnapshot {
+                rule: "archive".into(),
+                matched: 7,
+                throttled: 2,
+                errors: 1,
+                ..Default::default()
+            }],
             sinks: vec![(
                 "files\"x".into(),
                 SinkStatsSnapshot {
@@ -209,6 +251,8 @@ mod tests {
         assert!(text.contains("fleetbus_files_aborted_total 3\n"));
         assert!(text.contains("fleetbus_messages_received_total 10\n"));
         assert!(text.contains("fleetbus_rule_matched_total{rule=\"archive\"} 7\n"));
+        assert!(text.contains("fleetbus_rule_throttled_total{rule=\"archive\"} 2\n"));
+        assert!(text.contains("fleetbus_rule_errors_total{rule=\"archive\"} 1\n"));
         assert!(text.contains("fleetbus_sink_written_total{sink=\"files\\\"x\"} 5\n"));
         assert!(text.contains("fleetbus_sink_lag_entries{sink=\"files\\\"x\"} 5\n"));
         assert!(text.contains("fleetbus_sink_dead_lettered_total{sink=\"files\\\"x\"} 2\n"));

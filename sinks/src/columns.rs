@@ -194,17 +194,17 @@ fn cell(value: &Value) -> Result<Cell, String> {
         Value::Bytes(b) => Cell::Text(String::from_utf8_lossy(b).into_owned()),
         Value::Timestamp(t) => Cell::Text(t.to_rfc3339()),
         Value::Duration(d) => Cell::Text(format!("{}s", d.num_milliseconds() as f64 / 1000.0)),
-        Value::List(_) | Value::Map(_) => Cell::Json(json(value)?.to_string()),
+        Value::List(_) | Value::Map(_) => Cell::Json(to_json(value)?.to_string()),
         other => return Err(format!("a {:?} cannot be a column value", other.type_of())),
     })
 }
 
-/// A CEL value as JSON (for a map or list cell).
-fn json(value: &Value) -> Result<serde_json::Value, String> {
+/// A CEL value as JSON (a map or list cell, a value a rule's transform sets).
+pub fn to_json(value: &Value) -> Result<serde_json::Value, String> {
     use cel::objects::Key;
     Ok(match value {
         Value::List(items) => {
-            serde_json::Value::Array(items.iter().map(json).collect::<Result<_, _>>()?)
+            serde_json::Value::Array(items.iter().map(to_json).collect::<Result<_, _>>()?)
         }
         Value::Map(map) => {
             let mut out = serde_json::Map::new();
@@ -215,7 +215,7 @@ fn json(value: &Value) -> Result<serde_json::Value, String> {
                     Key::Uint(n) => n.to_string(),
                     Key::Bool(b) => b.to_string(),
                 };
-                out.insert(k, json(v)?);
+                out.insert(k, to_json(v)?);
             }
             serde_json::Value::Object(out)
         }

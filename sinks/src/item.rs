@@ -54,6 +54,7 @@ impl Item {
             key: record_key(&message),
             dead_letter: None,
             groups: Vec::new(),
+            produced: None,
         };
         Item::from_entry(index, Arc::new(entry), Some(Arc::new(message)))
     }

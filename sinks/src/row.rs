@@ -4,15 +4,18 @@
 //! | column | from |
 //! |---|---|
 //! | `agent`, `stream` | a telemetry topic `fleet/AGENT/telemetry/STREAM` (else NULL) |
-//! | `epoch` | the record's `epoch` (0 when it has none), a u64 stored with the same bits as a signed 64-bit integer |
-//! | `seq` | the record's `seq` |
+//! | `epoch` | the record's `epoch` (0 when it has none), a u64 stored with the same bits as a signed 64-bit integer; NULL for a message a rule made |
+//! | `seq` | the record's `seq`; NULL for a message a rule made |
 //! | `ts` | the record's `ts` |
 //! | `topic`, `received` | the message's topic and when the server received it |
 //! | `message` | the record (or the dead letter around it) as JSON |
 //!
 //! A sink with `columns` has computed columns instead of `message` ([`crate::columns`]).
 //!
-//! `UNIQUE (agent, stream, epoch, seq)` makes a record's row exactly once.
+//! `UNIQUE (agent, stream, epoch, seq)` makes a record's row exactly once. A message a
+//! rule's transforms made (`foreach` makes several of one record) is not the record: its
+//! `epoch` and `seq` are NULL, so that it never collides with the record or its siblings,
+//! and its row is exactly once by the position each batch commits with its rows.
 
 use chrono::{DateTime, Utc};
 use fleetbus_protocol::Topic;
@@ -85,6 +88,13 @@ impl Row {
         {
             agent = Some(a.to_string());
             stream = Some(s.to_string());
+            ts = msg
+                .body
+                .get("ts")
+                .and_then(|t| t.as_str())
+                .map(str::to_string);
+        }
+        if agent.is_some() && item.entry.produced.is_none() {
             // an epoch is a random u64: stored as the signed integer with the same bits
             // (0 for agents that do not send one), so the unique key always has it
             epoch = Some(msg.body.get("epoch").and_then(|e| e.as_u64()).unwrap_or(0) as i64);
@@ -97,11 +107,6 @@ impl Row {
                 })?),
                 None => None,
             };
-            ts = msg
-                .body
-                .get("ts")
-                .and_then(|t| t.as_str())
-                .map(str::to_string);
         }
         Ok(Row {
             agent,

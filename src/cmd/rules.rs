@@ -1,4 +1,4 @@
-//! `fleetbus rules check` and `fleetbus rules run`
+//! `fleetbus rules check`, `fleetbus rules test` and `fleetbus rules run`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,15 +7,25 @@ use anyhow::Context;
 use clap::Subcommand;
 use fleetbus_mqtt::BrokerUrl;
 use fleetbus_pipeline::{run_standalone, AckChannel, Engine, EngineOptions, StandaloneOptions};
-use fleetbus_rules::RuleSet;
+use fleetbus_rules::router::Router;
+use fleetbus_rules::{rule_tests, RuleSet};
 
 /// `fleetbus rules ...`
 #[derive(Debug, Subcommand)]
 pub enum RulesCommand {
-    /// Validate a rules file: every problem is printed as file:line:col; exit 1 if any.
+    /// Validate a rules file: every problem is printed as file:line:col, and its
+    /// `[[tests]]` are run; exit 1 if any problem or failure.
     Check {
         /// The rules file.
         file: PathBuf,
+    },
+    /// Run the `[[tests]]` of a rules file and of any test files through its rules; exit
+    /// 1 with the differences of each failing test.
+    Test {
+        /// The rules file.
+        file: PathBuf,
+        /// Files of `[[tests]]` alone, run against the rules file.
+        tests: Vec<PathBuf>,
     },
     /// Run the rules engine on its own against any MQTT broker.
     Run {
@@ -56,11 +66,19 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
     match command {
         RulesCommand::Check { file } => match RuleSet::load(&file) {
             Ok(set) => {
+                let (rules, sinks) = (set.rules.len(), set.own_sinks().count());
+                let (passed, failed) = run_tests(set, Vec::new(), false);
+                if failed > 0 {
+                    eprintln!(
+                        "{}: {failed} of {} tests failed",
+                        file.display(),
+                        passed + failed
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
                 println!(
-                    "{}: ok ({} rules, {} sinks)",
-                    file.display(),
-                    set.rules.len(),
-                    set.own_sinks().count()
+                    "{}: ok ({rules} rules, {sinks} sinks, {passed} tests passed)",
+                    file.display()
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -71,6 +89,41 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        RulesCommand::Test { file, tests } => {
+            let set = match RuleSet::load(&file) {
+                Ok(set) => set,
+                Err(e) => {
+                    for p in &e.problems {
+                        eprintln!("{p}");
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let names: Vec<String> = set.sinks.iter().map(|(n, _)| n.clone()).collect();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let mut more = Vec::new();
+            let mut bad = false;
+            for path in &tests {
+                match rule_tests::load(path, &names) {
+                    Ok(t) => more.extend(t),
+                    Err(e) => {
+                        bad = true;
+                        for p in &e.problems {
+                            eprintln!("{p}");
+                        }
+                    }
+                }
+            }
+            if bad {
+                return Ok(ExitCode::FAILURE);
+            }
+            let (passed, failed) = run_tests(set, more, true);
+            println!("{passed} passed, {failed} failed");
+            Ok(match failed {
+                0 => ExitCode::SUCCESS,
+                _ => ExitCode::FAILURE,
+            })
+        }
         RulesCommand::Run {
             broker,
             rules,
@@ -120,4 +173,32 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs the tests of `set` and `more` through its rules, printing each failure with its
+/// differences (and each pass when `verbose`): (passed, failed).
+fn run_tests(set: RuleSet, more: Vec<rule_tests::RuleTest>, verbose: bool) -> (usize, usize) {
+    let names: Vec<String> = set.sinks.iter().map(|(n, _)| n.clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let RuleSet { rules, tests, .. } = set;
+    let router = Router::new(rules);
+    let (mut passed, mut failed) = (0, 0);
+    for test in tests.iter().chain(&more) {
+        match rule_tests::run(&router, &names, test) {
+            Ok(()) => {
+                passed += 1;
+                if verbose {
+                    println!("ok    {}", test.name);
+                }
+            }
+            Err(diff) => {
+                failed += 1;
+                eprintln!("FAIL  {} ({})", test.name, test.place);
+                for line in diff.lines() {
+                    eprintln!("      {line}");
+                }
+            }
+        }
+    }
+    (passed, failed)
 }

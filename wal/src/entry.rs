@@ -30,8 +30,23 @@ pub struct DeadLetter {
     pub failed_at_ms: i64,
 }
 
-/// One accepted message, as stored in the WAL.
+/// Where a message a rule made came from: the rule, and which of the messages it made of
+/// one input this is (0, 1, ... in order; a `foreach` makes one per item).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Produced {
+    /// The rule's name.
+    pub rule: String,
+    /// Its place among the messages the rule made of one input.
+    pub part: u32,
+}
+
+/// One accepted message, as stored in the WAL.
+///
+/// One input can be several entries in a row (each message a rule's transforms made, and
+/// the input itself for the sinks that take it as published); only the last of them
+/// carries the input's [`WalEntry::key`], so that an input is known as accepted (a
+/// duplicate when sent again) only once all its entries are in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct WalEntry {
     /// The MQTT topic.
     pub topic: String,
@@ -49,8 +64,39 @@ pub struct WalEntry {
     /// The groups its agent belonged to when it was accepted (sorted; empty when the
     /// server knew none). Last, and left out when empty, so that entries written before
     /// it existed decode (as no groups).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub groups: Vec<String>,
+    /// Set when a rule's transforms made this message (its payload is the result, as
+    /// JSON). Last, and left out when `None`, as `groups`.
+    #[serde(default)]
+    pub produced: Option<Produced>,
+}
+
+impl Serialize for WalEntry {
+    /// Positional, with the trailing fields left out while they are empty, so that an
+    /// entry without them is encoded as before they existed (and older logs decode).
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let len = match (&self.produced, self.groups.is_empty()) {
+            (Some(_), _) => 8,
+            (None, false) => 7,
+            (None, true) => 6,
+        };
+        let mut t = serializer.serialize_tuple(len)?;
+        t.serialize_element(&self.topic)?;
+        t.serialize_element(serde_bytes::Bytes::new(&self.payload))?;
+        t.serialize_element(&self.received_ms)?;
+        t.serialize_element(&self.sinks)?;
+        t.serialize_element(&self.key)?;
+        t.serialize_element(&self.dead_letter)?;
+        if len > 6 {
+            t.serialize_element(&self.groups)?;
+        }
+        if let Some(p) = &self.produced {
+            t.serialize_element(p)?;
+        }
+        t.end()
+    }
 }
 
 impl WalEntry {
@@ -84,6 +130,7 @@ mod tests {
             key: None,
             dead_letter: None,
             groups: groups.iter().map(|g| g.to_string()).collect(),
+            produced: None,
         }
     }
 
@@ -108,5 +155,17 @@ mod tests {
     fn groups_survive_the_log() {
         let e = entry(&["linux", "web"]);
         assert_eq!(WalEntry::decode(&e.encode().unwrap()).unwrap(), e);
+    }
+
+    #[test]
+    fn a_produced_message_survives_the_log_with_or_without_groups() {
+        for groups in [&[][..], &["web"][..]] {
+            let mut e = entry(groups);
+            e.produced = Some(Produced {
+                rule: "points".into(),
+                part: 3,
+            });
+            assert_eq!(WalEntry::decode(&e.encode().unwrap()).unwrap(), e);
+        }
     }
 }

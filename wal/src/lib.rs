@@ -14,5 +14,5 @@ mod entry;
 mod log;
 
 pub use dedup::{Dedup, DedupLimits, RangeSet, StreamKey};
-pub use entry::{DeadLetter, RecordKey, WalEntry};
+pub use entry::{DeadLetter, Produced, RecordKey, WalEntry};
 pub use log::{Wal, WalError, WalOptions};

@@ -213,6 +213,7 @@ mod tests {
             key: None,
             dead_letter: None,
             groups: Vec::new(),
+            produced: None,
         }
     }
 
