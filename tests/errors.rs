@@ -358,8 +358,14 @@ expect = [{ sink = "archive", count = 1 }]
         )),
         "{err}"
     );
-    assert!(err.contains("sink `alerts`: expected nothing, got 1:"), "{err}");
-    assert!(err.contains("sink `console`: expected nothing, got 1:"), "{err}");
+    assert!(
+        err.contains("sink `alerts`: expected nothing, got 1:"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sink `console`: expected nothing, got 1:"),
+        "{err}"
+    );
 
     // a test naming a sink the rules do not have is a problem of the test file
     fs::write(
@@ -370,7 +376,10 @@ expect = [{ sink = "archive", count = 1 }]
     let out = run(&["rules", "test", rules, tests.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains(&format!("{}:4:20: test `t`: unknown sink `nope`", tests.display())),
+        stderr(&out).contains(&format!(
+            "{}:4:20: test `t`: unknown sink `nope`",
+            tests.display()
+        )),
         "{}",
         stderr(&out)
     );

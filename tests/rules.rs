@@ -211,3 +211,185 @@ fn presence_birth_and_last_will_are_routable() {
         statuses().iter().any(|s| s["status"] == "offline")
     });
 }
+
+const RELOAD_V1: &str = r#"
+[sinks.archive]
+type = "file"
+path = "archive/{agent}.jsonl"
+
+[[rules]]
+name = "heartbeats"
+from = ["fleet/+/telemetry/heartbeat"]
+to = ["archive"]
+"#;
+
+/// A `[metrics]` table on a free port, and the port.
+fn metrics_table() -> (String, u16) {
+    let port = free_port();
+    (format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"), port)
+}
+
+/// The value of the unlabelled metric `name` on the metrics endpoint at `port`.
+fn metric(port: u16, name: &str) -> u64 {
+    let text = ureq::get(&format!("http://127.0.0.1:{port}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+fn hangup(server: &Proc) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+}
+
+/// Five agents stream heartbeats while SIGHUP reloads the rules three times: a sink added,
+/// a broken file (refused: the rules in effect stay, the failure is counted in `/metrics`
+/// and explained by `GET /rules`), the sink removed. Every heartbeat is archived exactly
+/// once and in order throughout, and the added sink holds an unbroken run of them.
+#[test]
+fn sighup_reloads_the_rules_under_load_and_a_broken_file_changes_nothing() {
+    let fx = Fixture::new();
+    let (table, metrics_port) = metrics_table();
+    let token = fleetbus_with_data(&fx.data, &["agents", "enroll", "ops", "--role", "operator"]);
+    let server = fx.serve_with(Some(RELOAD_V1), "server", &table);
+    fx.wait_listening();
+    let agents: Vec<Proc> = (0..5)
+        .map(|n| {
+            let id = format!("r{n}");
+            fx.agent_with(&id, &heartbeat_agent(&id, 10, 300))
+        })
+        .collect();
+    let archived = |agent: &str| {
+        summary(&fx.data.join("archive"), agent, "heartbeat")
+            .map(|s| s.records)
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(20), "heartbeats archived", || {
+        (0..5).all(|n| archived(&format!("r{n}")) > 20)
+    });
+
+    // v2: a second sink for the same heartbeats
+    let v2 = format!(
+        "{RELOAD_V1}\n[sinks.second]\ntype = \"file\"\npath = \"second/{{agent}}.jsonl\"\n\
+         [[rules]]\nname = \"copy\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"second\"]\n"
+    );
+    std::fs::write(fx.path().join("rules.toml"), &v2).unwrap();
+    hangup(&server);
+    wait_until(Duration::from_secs(10), "generation 2", || {
+        metric(metrics_port, "fleetbus_rules_generation") == 2
+    });
+    let copied = || {
+        summary(&fx.data.join("second"), "r0", "heartbeat")
+            .map(|s| s.records)
+            .unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(10), "the new sink writing", || {
+        copied() > 5
+    });
+
+    // v3: broken; nothing changes, and the admin endpoint says why
+    std::fs::write(
+        fx.path().join("rules.toml"),
+        format!("{v2}\n[[rules]]\nname = \"x\"\nfrom = [\"fleet/#/bad\"]\nto = [\"second\"]\n"),
+    )
+    .unwrap();
+    hangup(&server);
+    wait_until(Duration::from_secs(10), "the refusal counted", || {
+        metric(metrics_port, "fleetbus_rules_reload_failures_total") == 1
+    });
+    assert_eq!(metric(metrics_port, "fleetbus_rules_generation"), 2);
+    let admin = std::fs::read_to_string(fx.path().join("server.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("listen = \"")
+                .map(|a| a.trim_end_matches('"').to_string())
+        })
+        .unwrap();
+    let status: serde_json::Value = ureq::get(&format!("http://{admin}/rules"))
+        .header("Authorization", &format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_json()
+        .unwrap();
+    assert_eq!(status["generation"], 2, "{status}");
+    assert_eq!(status["reload_failures"], 1, "{status}");
+    let error = status["last_error"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("rules.toml:") && error.contains("bad topic filter"),
+        "{error}"
+    );
+    let before = copied();
+    wait_until(
+        Duration::from_secs(10),
+        "the second sink still writing",
+        || copied() > before,
+    );
+
+    // v4: the second sink removed
+    std::fs::write(fx.path().join("rules.toml"), RELOAD_V1).unwrap();
+    hangup(&server);
+    wait_until(Duration::from_secs(10), "generation 3", || {
+        metric(metrics_port, "fleetbus_rules_generation") == 3
+    });
+
+    wait_until(Duration::from_secs(30), "every heartbeat archived", || {
+        (0..5).all(|n| archived(&format!("r{n}")) >= 300)
+    });
+    drop(agents);
+    for n in 0..5 {
+        let agent = format!("r{n}");
+        let s = summary(&fx.data.join("archive"), &agent, "heartbeat").unwrap();
+        assert!(
+            s.is_contiguous() && s.first_seq == 1 && s.last_seq == 300,
+            "{agent}: {s:?}"
+        );
+        let second = summary(&fx.data.join("second"), &agent, "heartbeat").unwrap();
+        assert!(
+            second.is_contiguous() && second.records > 5,
+            "{agent} in the removed sink: {second:?}"
+        );
+        assert!(
+            second.last_seq < 300,
+            "{agent}: the removed sink got nothing after the reload: {second:?}"
+        );
+    }
+    let log = server.log_text();
+    assert!(
+        log.contains("rules not reloaded") || log.contains("rules file not reloaded"),
+        "{log}"
+    );
+}
+
+/// With `[rules] watch = true` a change to the file takes effect without a signal.
+#[test]
+fn rules_watch_reloads_a_changed_file() {
+    let fx = Fixture::new();
+    let (table, metrics_port) = metrics_table();
+    // server_config ends with the [rules] table: `watch` joins it
+    let server = fx.serve_with(Some(RELOAD_V1), "server", &format!("watch = true\n{table}"));
+    fx.wait_listening();
+    let _agent = fx.agent_with("w", &heartbeat_agent("w", 20, 0));
+    std::fs::write(
+        fx.path().join("rules.toml"),
+        format!("{RELOAD_V1}\n[sinks.second]\ntype = \"file\"\npath = \"second/{{agent}}.jsonl\"\n[[rules]]\nname = \"copy\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"second\"]\n"),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "generation 2", || {
+        metric(metrics_port, "fleetbus_rules_generation") == 2
+    });
+    wait_until(Duration::from_secs(10), "the new sink writing", || {
+        summary(&fx.data.join("second"), "w", "heartbeat").is_some()
+    });
+    drop(server);
+}

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::groups::AgentGroups;
@@ -27,6 +27,7 @@ use fleetbus_sinks::BUILTIN_DEAD_LETTERS;
 use fleetbus_support::Publisher;
 
 use crate::tail::{TailCache, TailEntry};
+use crate::topology::Topology;
 use crate::worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
 use fleetbus_wal::{
     DeadLetter, Dedup, DedupLimits, Produced, RecordKey, Wal, WalEntry, WalOptions,
@@ -131,6 +132,10 @@ pub struct EngineStats {
     pub durable: u64,
     /// Every rule's counters.
     pub rules: Vec<RuleStatsSnapshot>,
+    /// The generation of the rules in effect (1 at start, one more per reload).
+    pub generation: u64,
+    /// Reloads: the last failure, and how many failed.
+    pub reloads: crate::reload::ReloadStatus,
     /// Counters per sink (its lag in log entries is `durable − position`).
     pub sinks: Vec<(String, SinkStatsSnapshot)>,
 }
@@ -151,20 +156,20 @@ struct IngestState {
     acks: HashMap<String, Ack>,
 }
 
-struct Inner {
-    router: Router,
-    filters: Vec<String>,
-    sink_names: Vec<String>,
-    /// Each sink's configuration (same order), to say where a completed file goes.
-    sink_configs: Vec<fleetbus_sinks::SinkConfig>,
-    sink_stats: Vec<Arc<SinkStats>>,
-    sink_limits: Vec<u64>,
-    wal: Arc<Wal>,
-    tail: Arc<TailCache>,
+pub(crate) struct Inner {
+    /// The rules and sinks messages are routed by now (swapped by a reload).
+    topology: RwLock<Arc<Topology>>,
+    /// The counters of sinks a reload removed that are still delivering what the log
+    /// routed to them (the log is kept for them).
+    pub(crate) draining: Mutex<Vec<(String, Arc<SinkStats>)>>,
+    /// Where the data lives (file sinks write under it; the log is in `wal/`).
+    pub(crate) data_dir: PathBuf,
+    pub(crate) wal: Arc<Wal>,
+    pub(crate) tail: Arc<TailCache>,
     state: Mutex<IngestState>,
-    wake: Notify,
+    pub(crate) wake: Notify,
     /// Where acknowledgements go (on `fleet/{agent}/acks`).
-    publisher: Publisher,
+    pub(crate) publisher: Publisher,
     counters: Counters,
     dedup_path: PathBuf,
     /// The store name acknowledgements carry.
@@ -174,8 +179,8 @@ struct Inner {
     /// Bounds the log lines of write-ahead log errors (a full disk fails every append and
     /// every commit).
     log_errors: fleetbus_support::Throttle,
-    /// Index of the built-in dead-letter sink.
-    dead_letters_sink: usize,
+    /// Reloads: the generation in effect, the last failure.
+    pub(crate) reloads: Mutex<crate::reload::ReloadStatus>,
     /// Each agent's groups, stamped onto its messages.
     groups: AgentGroups,
     /// Bounds the log lines of agents left out of a full groups table.
@@ -184,9 +189,12 @@ struct Inner {
 
 /// The rules engine with its log, committer and sink workers running.
 pub struct Engine {
-    inner: Arc<Inner>,
-    // taken by the one shutdown (the engine may be shared while the server stops)
-    sinks: Mutex<Vec<SinkHandle>>,
+    pub(crate) inner: Arc<Inner>,
+    // taken by the one shutdown (the engine may be shared while the server stops); a
+    // reload replaces the workers of the sinks it changes
+    pub(crate) sinks: Mutex<Vec<SinkHandle>>,
+    /// One reload at a time.
+    pub(crate) reloading: tokio::sync::Mutex<()>,
     committer: Mutex<Option<JoinHandle<()>>>,
     stop: watch::Sender<bool>,
 }
@@ -279,13 +287,20 @@ impl Engine {
             .position(|b| b.0 == BUILTIN_DEAD_LETTERS)
             .ok_or_else(|| fail("the built-in dead-letter sink is missing".into()))?;
         let tail = Arc::new(TailCache::new(TAIL_CACHE_BYTES));
-        let inner = Arc::new(Inner {
+        let topology = Topology {
+            generation: 1,
             router: Router::new(rules.rules),
             filters,
             sink_names: built.iter().map(|b| b.0.clone()).collect(),
             sink_configs: built.iter().map(|b| b.1.clone()).collect(),
             sink_limits: built.iter().map(|b| b.1.buffer.max_bytes).collect(),
             sink_stats: stats.clone(),
+            dead_letters_sink,
+        };
+        let inner = Arc::new(Inner {
+            topology: RwLock::new(Arc::new(topology)),
+            draining: Mutex::new(Vec::new()),
+            data_dir: data_dir.to_path_buf(),
             wal: wal.clone(),
             tail: tail.clone(),
             state: Mutex::new(IngestState {
@@ -299,7 +314,7 @@ impl Engine {
             store: options.store.clone(),
             last_snapshot: Mutex::new((snapshot_upto, Instant::now())),
             log_errors: fleetbus_support::Throttle::new(Duration::from_secs(10)),
-            dead_letters_sink,
+            reloads: Mutex::new(crate::reload::ReloadStatus::default()),
             groups: AgentGroups::default(),
             groups_full: fleetbus_support::Throttle::new(Duration::from_secs(60)),
         });
@@ -308,20 +323,7 @@ impl Engine {
             .into_iter()
             .zip(stats)
             .map(|((name, config, sink, position, start), stats)| {
-                let rejected_to = config
-                    .dead_letter
-                    .as_deref()
-                    .unwrap_or(BUILTIN_DEAD_LETTERS)
-                    .to_string();
-                let setup = WorkerSetup {
-                    name,
-                    batch: config.batch(),
-                    dead_letter: config.dead_letter.clone(),
-                    rejected_to,
-                    position,
-                    start,
-                    stats,
-                };
+                let setup = worker_setup(name, &config, position, start, stats);
                 spawn_sink(sink, setup, wal.clone(), tail.clone(), dead_letters.clone())
             })
             .collect();
@@ -330,14 +332,15 @@ impl Engine {
         Ok(Engine {
             inner,
             sinks: Mutex::new(sinks),
+            reloading: tokio::sync::Mutex::new(()),
             committer: Mutex::new(Some(committer)),
             stop,
         })
     }
 
-    /// The topic filters the engine must be subscribed to.
-    pub fn filters(&self) -> &[String] {
-        &self.inner.filters
+    /// The topic filters the engine must be subscribed to (those of the rules in effect).
+    pub fn filters(&self) -> Vec<String> {
+        self.inner.topology().filters.clone()
     }
 
     /// Ingests one published message (see the module documentation).
@@ -389,15 +392,13 @@ impl Engine {
         let Ok(msg) = Message::decode(topic, payload) else {
             return sinks.to_vec();
         };
+        let topology = self.inner.topology();
         sinks
             .iter()
             .map(|name| {
-                let described = self
-                    .inner
-                    .sink_names
-                    .iter()
-                    .position(|n| n == name)
-                    .and_then(|i| self.inner.sink_configs[i].file_destination(&msg));
+                let described = topology
+                    .index(name)
+                    .and_then(|i| topology.sink_configs[i].file_destination(&msg));
                 match described {
                     Some(place) => format!("{name}: {place}"),
                     None => name.clone(),
@@ -413,12 +414,21 @@ impl Engine {
 
     /// The saved resume position of sink `name`: log entries below it are written.
     pub fn sink_position(&self, name: &str) -> Option<u64> {
-        let i = self.inner.sink_names.iter().position(|n| n == name)?;
-        Some(self.inner.sink_stats[i].position.load(Ordering::Relaxed))
+        let topology = self.inner.topology();
+        match topology.index(name) {
+            Some(i) => Some(topology.sink_stats[i].position.load(Ordering::Relaxed)),
+            None => self
+                .inner
+                .draining()
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s.position.load(Ordering::Relaxed)),
+        }
     }
 
     /// Every counter.
     pub fn stats(&self) -> EngineStats {
+        let topology = self.inner.topology();
         let c = &self.inner.counters;
         let durable = self.inner.wal.durable();
         let (dedup_streams, dedup_forgotten) = {
@@ -436,14 +446,21 @@ impl Engine {
             duplicates: c.duplicates.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
             durable,
-            rules: self.inner.router.stats(),
-            sinks: self
-                .inner
+            rules: topology.router.stats(),
+            sinks: topology
                 .sink_names
                 .iter()
-                .zip(&self.inner.sink_stats)
+                .zip(&topology.sink_stats)
                 .map(|(name, stats)| (name.clone(), stats.snapshot()))
+                .chain(
+                    self.inner
+                        .draining()
+                        .iter()
+                        .map(|(name, stats)| (name.clone(), stats.snapshot())),
+                )
                 .collect(),
+            generation: topology.generation,
+            reloads: self.inner.reload_status(),
         }
     }
 
@@ -503,7 +520,6 @@ impl Inner {
         if let Some(t) = Utc.timestamp_millis_opt(received_ms).single() {
             msg.received = t;
         }
-        let mut routing = Routing::default();
         // names that reach paths and keys must be ids: a message with another name is
         // kept, with the reason, in the built-in dead-letter sink instead of being routed
         let invalid = match parsed {
@@ -512,36 +528,41 @@ impl Inner {
                 .err(),
             _ => None,
         };
-        let dead_letter = match invalid {
-            Some(e) => {
-                let n = self.counters.invalid_names.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(%topic, error = %e, invalid_names_total = n, "message with an unusable name kept in the dead-letter sink");
-                }
-                Some(DeadLetter {
-                    sink: "ingest".into(),
-                    error: e.to_string(),
-                    attempts: 0,
-                    failed_at_ms: received_ms,
-                })
+        let dead_letter = invalid.map(|e| {
+            let n = self.counters.invalid_names.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%topic, error = %e, invalid_names_total = n, "message with an unusable name kept in the dead-letter sink");
             }
-            None => {
-                // filters, conditions and transforms, outside the lock: nothing here
-                // changes a rule's state until `settle`
-                self.router.route(&msg, &mut routing);
-                None
+            DeadLetter {
+                sink: "ingest".into(),
+                error: e.to_string(),
+                attempts: 0,
+                failed_at_ms: received_ms,
             }
-        };
-        let targets = match dead_letter {
-            Some(_) => vec![self.dead_letters_sink],
-            None => routing.targets(&self.router),
-        };
-
+        });
         let groups = parsed
             .agent()
             .map(|agent| self.groups.of(agent))
             .unwrap_or_default();
-        let mut state = self.lock();
+        let mut routing = Routing::default();
+        // routed wholly by one generation of the rules: a reload that takes effect between
+        // the routing and the lock routes the message again
+        let (topology, targets, mut state) = loop {
+            let topology = self.topology();
+            let targets = match dead_letter {
+                Some(_) => vec![topology.dead_letters_sink],
+                None => {
+                    // filters, conditions and transforms, outside the lock: nothing here
+                    // changes a rule's state until `settle`
+                    topology.router.route(&msg, &mut routing);
+                    routing.targets(&topology.router)
+                }
+            };
+            let state = self.lock();
+            if self.topology().generation == topology.generation {
+                break (topology, targets, state);
+            }
+        };
         if let Some(k) = &key {
             if state.dedup.is_duplicate(k) {
                 self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -552,11 +573,11 @@ impl Inner {
             }
         }
         if let Some(&full) = targets.iter().find(|&&t| {
-            self.sink_stats[t].pending_bytes.load(Ordering::Relaxed) >= self.sink_limits[t]
+            topology.sink_stats[t].pending_bytes.load(Ordering::Relaxed) >= topology.sink_limits[t]
         }) {
             let n = self.counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
-                tracing::warn!(sink = %self.sink_names[full], refused_total = n, "sink backlog full: records for it are not accepted (agents keep them and retry)");
+                tracing::warn!(sink = %topology.sink_names[full], refused_total = n, "sink backlog full: records for it are not accepted (agents keep them and retry)");
             }
             return Dispatched::Refused;
         }
@@ -564,11 +585,18 @@ impl Inner {
         let entries = match dead_letter {
             Some(dl) => vec![WalEntry {
                 dead_letter: Some(dl),
-                ..self.entry(topic, payload.to_vec(), received_ms, &targets, &groups)
+                ..entry(
+                    &topology,
+                    topic,
+                    payload.to_vec(),
+                    received_ms,
+                    &targets,
+                    &groups,
+                )
             }],
             None => {
-                self.router.settle(&mut routing, received_ms);
-                self.entries_of(topic, payload, received_ms, &routing, &groups)
+                topology.router.settle(&mut routing, received_ms);
+                entries_of(&topology, topic, payload, received_ms, &routing, &groups)
             }
         };
         let outcome = if entries.is_empty() {
@@ -592,8 +620,8 @@ impl Inner {
                 match self.wal.append(&entry) {
                     Ok((index, size)) => {
                         for name in &entry.sinks {
-                            if let Some(t) = self.sink_names.iter().position(|s| s == name) {
-                                self.sink_stats[t].routed(size);
+                            if let Some(t) = topology.index(name) {
+                                topology.sink_stats[t].routed(size);
                             }
                             if !all_sinks.contains(name) {
                                 all_sinks.push(name.clone());
@@ -635,70 +663,33 @@ impl Inner {
         outcome
     }
 
-    /// A log entry of `payload` for `sinks` (not a dead letter, without a key).
-    fn entry(
-        &self,
-        topic: &str,
-        payload: Vec<u8>,
-        received_ms: i64,
-        sinks: &[usize],
-        groups: &[String],
-    ) -> WalEntry {
-        WalEntry {
-            topic: topic.to_string(),
-            payload,
-            received_ms,
-            sinks: sinks.iter().map(|&t| self.sink_names[t].clone()).collect(),
-            key: None,
-            dead_letter: None,
-            groups: groups.to_vec(),
-            produced: None,
-        }
+    /// The rules and sinks in effect.
+    pub(crate) fn topology(&self) -> Arc<Topology> {
+        self.topology
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
-    /// The log entries of a settled routing, in order: each transform failure (the
-    /// message as published, a dead letter for the rule's `on_error` sink), each message
-    /// a rule made, then the message as published for the sinks that take it so.
-    fn entries_of(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        received_ms: i64,
-        routing: &Routing,
-        groups: &[String],
-    ) -> Vec<WalEntry> {
-        let mut out = Vec::with_capacity(routing.produced.len() + 1);
-        for made in &routing.produced {
-            let rule = &self.router.rules()[made.rule].name;
-            out.push(match &made.made {
-                Made::Failed(error) => WalEntry {
-                    dead_letter: Some(DeadLetter {
-                        sink: format!("rule:{rule}"),
-                        error: error.clone(),
-                        attempts: 0,
-                        failed_at_ms: received_ms,
-                    }),
-                    ..self.entry(topic, payload.to_vec(), received_ms, &made.sinks, groups)
-                },
-                Made::Message(body) => WalEntry {
-                    produced: Some(Produced {
-                        rule: rule.clone(),
-                        part: made.part,
-                    }),
-                    ..self.entry(topic, encode_made(body), received_ms, &made.sinks, groups)
-                },
-            });
-        }
-        if !routing.direct.is_empty() {
-            out.push(self.entry(
-                topic,
-                payload.to_vec(),
-                received_ms,
-                &routing.direct,
-                groups,
-            ));
-        }
-        out
+    /// Swaps in `next` (under the ingest lock: at a message boundary), first moving the
+    /// state of the stateful operations whose rule and configuration it keeps.
+    pub(crate) fn switch(&self, next: Topology) -> Arc<Topology> {
+        let _state = self.lock();
+        let mut slot = self.topology.write().unwrap_or_else(|p| p.into_inner());
+        next.router.take_state_from(&slot.router);
+        std::mem::replace(&mut *slot, Arc::new(next))
+    }
+
+    /// The counters of the sinks a reload removed that are still delivering.
+    pub(crate) fn draining(&self) -> MutexGuard<'_, Vec<(String, Arc<SinkStats>)>> {
+        self.draining.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reload_status(&self) -> crate::reload::ReloadStatus {
+        self.reloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, IngestState> {
@@ -762,21 +753,137 @@ impl Inner {
 }
 
 impl DeadLetters for Inner {
-    fn append(&self, target: &str, entries: Vec<WalEntry>) -> Result<(), String> {
-        let t = self
-            .sink_names
-            .iter()
-            .position(|n| n == target)
-            .ok_or_else(|| format!("no sink named `{target}`"))?;
+    fn append(&self, target: &str, mut entries: Vec<WalEntry>) -> Result<(), String> {
         {
             let _state = self.lock();
+            let topology = self.topology();
+            // a dead-letter sink a reload removed: the built-in one takes its letters
+            let t = match topology.index(target) {
+                Some(t) => t,
+                None => {
+                    let t = topology.dead_letters_sink;
+                    tracing::warn!(sink = %target, "dead letters for a sink the rules no longer have go to the built-in dead-letter sink");
+                    for e in &mut entries {
+                        e.sinks = vec![topology.sink_names[t].clone()];
+                    }
+                    t
+                }
+            };
             for entry in &entries {
                 let (_, size) = self.wal.append(entry).map_err(|e| e.to_string())?;
-                self.sink_stats[t].routed(size);
+                topology.sink_stats[t].routed(size);
             }
         }
         self.wake.notify_one();
         Ok(())
+    }
+}
+
+/// A log entry of `payload` for `sinks` (not a dead letter, without a key).
+fn entry(
+    topology: &Topology,
+    topic: &str,
+    payload: Vec<u8>,
+    received_ms: i64,
+    sinks: &[usize],
+    groups: &[String],
+) -> WalEntry {
+    WalEntry {
+        topic: topic.to_string(),
+        payload,
+        received_ms,
+        sinks: sinks
+            .iter()
+            .map(|&t| topology.sink_names[t].clone())
+            .collect(),
+        key: None,
+        dead_letter: None,
+        groups: groups.to_vec(),
+        produced: None,
+    }
+}
+
+/// The log entries of a settled routing, in order: each transform failure (the
+/// message as published, a dead letter for the rule's `on_error` sink), each message
+/// a rule made, then the message as published for the sinks that take it so.
+fn entries_of(
+    topology: &Topology,
+    topic: &str,
+    payload: &[u8],
+    received_ms: i64,
+    routing: &Routing,
+    groups: &[String],
+) -> Vec<WalEntry> {
+    let mut out = Vec::with_capacity(routing.produced.len() + 1);
+    for made in &routing.produced {
+        let rule = &topology.router.rules()[made.rule].name;
+        out.push(match &made.made {
+            Made::Failed(error) => WalEntry {
+                dead_letter: Some(DeadLetter {
+                    sink: format!("rule:{rule}"),
+                    error: error.clone(),
+                    attempts: 0,
+                    failed_at_ms: received_ms,
+                }),
+                ..entry(
+                    topology,
+                    topic,
+                    payload.to_vec(),
+                    received_ms,
+                    &made.sinks,
+                    groups,
+                )
+            },
+            Made::Message(body) => WalEntry {
+                produced: Some(Produced {
+                    rule: rule.clone(),
+                    part: made.part,
+                }),
+                ..entry(
+                    topology,
+                    topic,
+                    encode_made(body),
+                    received_ms,
+                    &made.sinks,
+                    groups,
+                )
+            },
+        });
+    }
+    if !routing.direct.is_empty() {
+        out.push(entry(
+            topology,
+            topic,
+            payload.to_vec(),
+            received_ms,
+            &routing.direct,
+            groups,
+        ));
+    }
+    out
+}
+
+/// What the worker of sink `name` needs.
+pub(crate) fn worker_setup(
+    name: String,
+    config: &fleetbus_sinks::SinkConfig,
+    position: PositionFile,
+    start: u64,
+    stats: Arc<SinkStats>,
+) -> WorkerSetup {
+    let rejected_to = config
+        .dead_letter
+        .as_deref()
+        .unwrap_or(BUILTIN_DEAD_LETTERS)
+        .to_string();
+    WorkerSetup {
+        name,
+        batch: config.batch(),
+        dead_letter: config.dead_letter.clone(),
+        rejected_to,
+        position,
+        start,
+        stats,
     }
 }
 
@@ -854,9 +961,11 @@ fn save_snapshot(inner: &Inner) {
 /// Deletes log segments below both `saved` (the saved snapshot's position) and the slowest
 /// sink's position.
 fn truncate(inner: &Inner, saved: u64) {
-    let slowest = inner
+    let topology = inner.topology();
+    let slowest = topology
         .sink_stats
         .iter()
+        .chain(inner.draining().iter().map(|(_, s)| s))
         .map(|s| s.position.load(Ordering::Relaxed))
         .min()
         .unwrap_or(saved);

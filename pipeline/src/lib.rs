@@ -4,6 +4,8 @@
 //!   end-to-end acknowledgements, the de-duplication snapshot, sink start-up;
 //! - [`worker`]: one task per sink, reading the log at the sink's own pace, batching,
 //!   retrying, dead letters, saving its position ([`position`]);
+//! - [`reload`]: new rules put in effect without losing a message (the switch at a message
+//!   boundary, sinks kept, restarted, or drained);
 //! - [`groups`]: each agent's groups, stamped onto its messages at ingest;
 //! - [`tail`]: the newest log entries kept in memory, so a sink that keeps up never reads
 //!   the disk;
@@ -17,11 +19,14 @@ pub mod engine;
 pub mod groups;
 pub mod inventory;
 pub mod position;
+pub mod reload;
 pub mod standalone;
 pub mod tail;
+mod topology;
 pub mod worker;
 
 pub use engine::{Dispatched, Engine, EngineOptions, EngineStats};
+pub use reload::{ReloadReport, ReloadStatus};
 pub use standalone::{run_standalone, AckChannel, StandaloneOptions};
 pub use tail::{TailCache, TailEntry};
 pub use worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};

@@ -177,8 +177,21 @@ impl SinkStats {
 pub struct SinkHandle {
     name: String,
     stats: Arc<SinkStats>,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     task: JoinHandle<()>,
+}
+
+/// What a worker is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Go on.
+    Run,
+    /// Write what is durable in the log routed to the sink, then stop (a shutdown; a sink a
+    /// reload removed).
+    Close,
+    /// Stop after the batch being written, leaving the rest to the next worker of the sink
+    /// (a sink a reload changed).
+    Halt,
 }
 
 impl SinkHandle {
@@ -196,7 +209,26 @@ impl SinkHandle {
     /// `deadline`. Returns false if the deadline passed first (what was not written stays
     /// in the log for the next start).
     pub async fn close(mut self, deadline: Duration) -> bool {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Stop::Close);
+        self.wait(deadline).await
+    }
+
+    /// Asks the worker to stop once the batch it is writing is written (or, while it
+    /// retries one, at once), saving its position, and waits at most `deadline` for it.
+    /// Past the deadline the worker is aborted (as by a crash: the sink's recovery repeats
+    /// or undoes the write it was in) and false is returned; either way the worker has
+    /// ended when this returns, so another may take the sink over.
+    pub async fn halt(mut self, deadline: Duration) -> bool {
+        let _ = self.stop.send(Stop::Halt);
+        if self.wait(deadline).await {
+            return true;
+        }
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        false
+    }
+
+    async fn wait(&mut self, deadline: Duration) -> bool {
         match tokio::time::timeout(deadline, &mut self.task).await {
             Ok(_) => true,
             Err(_) => {
@@ -236,7 +268,7 @@ pub fn spawn_sink(
     tail: Arc<TailCache>,
     dead_letters: Arc<dyn DeadLetters>,
 ) -> SinkHandle {
-    let (stop, stop_rx) = watch::channel(false);
+    let (stop, stop_rx) = watch::channel(Stop::Run);
     let name = setup.name.clone();
     let stats = setup.stats.clone();
     stats.position.store(setup.start, Ordering::Relaxed);
@@ -296,7 +328,7 @@ struct Pending {
 }
 
 impl Worker {
-    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    async fn run(mut self, mut stop: watch::Receiver<Stop>) {
         let mut durable = self.wal.watch_durable();
         let mut cursor = self.setup.start;
         let mut saved = Saved {
@@ -312,7 +344,16 @@ impl Worker {
             false => (true, BUSY_SAVE_INTERVAL),
         };
         loop {
-            let stopping = *stop.borrow();
+            let mode = *stop.borrow();
+            if mode == Stop::Halt {
+                // the batch before is written: the next worker of this sink goes on from here
+                if cursor != saved.at {
+                    saved.retry_at = None; // one last attempt before the stop
+                    self.save(cursor, &mut saved).await;
+                }
+                return;
+            }
+            let stopping = mode != Stop::Run;
             let pending = match self.next_batch(cursor) {
                 Ok(p) => p,
                 Err(e) => {
@@ -532,7 +573,7 @@ impl Worker {
     /// Writes a batch, retrying, or hands it to the dead-letter sink. Messages that can
     /// never be written ([`ErrorClass::Permanent`]) leave the batch for the dead-letter
     /// sink at once, and the rest is written: one bad message never stalls the sink.
-    async fn deliver(&mut self, mut p: Pending, stop: &mut watch::Receiver<bool>) -> Delivery {
+    async fn deliver(&mut self, mut p: Pending, stop: &mut watch::Receiver<Stop>) -> Delivery {
         let stats = self.setup.stats.clone();
         let bytes = p.bytes;
         let mut attempts = 0u32;
@@ -583,7 +624,7 @@ impl Worker {
                 _ = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => {}
             }
-            if *stop.borrow() {
+            if *stop.borrow() != Stop::Run {
                 return Delivery::Stopped;
             }
             delay = (delay * 2).min(self.setup.batch.retry_backoff_max);

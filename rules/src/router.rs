@@ -43,6 +43,22 @@ pub struct RuleStats {
     produced: AtomicU64,
 }
 
+impl RuleStats {
+    fn counters(&self) -> [&AtomicU64; 9] {
+        [
+            &self.seen,
+            &self.matched,
+            &self.filtered,
+            &self.condition_errors,
+            &self.throttled,
+            &self.deduplicated,
+            &self.untracked,
+            &self.errors,
+            &self.produced,
+        ]
+    }
+}
+
 /// A copy of one rule's counters. Under `foreach` the counts after `seen` are of elements
 /// (a `foreach` that fails counts one). They balance: `matched` = `throttled` +
 /// `deduplicated` + `errors` + `produced`.
@@ -386,21 +402,41 @@ impl Router {
         self.settle(routing, msg.received.timestamp_millis());
     }
 
+    /// Carries over from `old` (the router a reload replaces) what belongs to the rules
+    /// both have by name: the counters, and the state of each stateful operation whose
+    /// configuration (kind, key, bound) is unchanged. Called while no message is routed.
+    pub fn take_state_from(&self, old: &Router) {
+        let mut old_state = old.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, rule) in self.rules.iter().enumerate() {
+            let Some(j) = old.rules.iter().position(|r| r.name == rule.name) else {
+                continue;
+            };
+            for (mine, theirs) in self.stats[i]
+                .counters()
+                .into_iter()
+                .zip(old.stats[j].counters())
+            {
+                mine.store(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            for (g, gate) in rule.gates.iter().enumerate() {
+                let print = gate.fingerprint();
+                if let Some(h) = old.rules[j]
+                    .gates
+                    .iter()
+                    .position(|o| o.fingerprint() == print)
+                {
+                    state[i][g] = std::mem::take(&mut old_state[j][h]);
+                }
+            }
+        }
+    }
+
     /// Back to the start: counters at zero, the stateful operations' state empty (before
     /// and after each `[[tests]]` run).
     pub fn reset(&self) {
         for s in &self.stats {
-            for c in [
-                &s.seen,
-                &s.matched,
-                &s.filtered,
-                &s.condition_errors,
-                &s.throttled,
-                &s.deduplicated,
-                &s.untracked,
-                &s.errors,
-                &s.produced,
-            ] {
+            for c in s.counters() {
                 c.store(0, Ordering::Relaxed);
             }
         }

@@ -405,3 +405,19 @@ fn listing(messages: &[(Message, Option<String>)]) -> String {
     }
     out
 }
+
+/// The outcome of one test: its name, where it is written, and `Ok` or the differences.
+pub type Outcome = (String, String, Result<(), String>);
+
+/// Runs the tests of `set` and then `more` through the set's rules, in order.
+pub fn run_set(set: crate::RuleSet, more: &[RuleTest]) -> Vec<Outcome> {
+    let names: Vec<String> = set.sinks.iter().map(|(n, _)| n.clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let crate::RuleSet { rules, tests, .. } = set;
+    let router = Router::new(rules);
+    tests
+        .iter()
+        .chain(more)
+        .map(|t| (t.name.clone(), t.place.clone(), run(&router, &names, t)))
+        .collect()
+}

@@ -8,6 +8,8 @@
 //! | `POST /jobs/{id}/cancel` | `{}` (JSON) | the job after cancelling (counts) |
 //! | `GET /agents?group=G` | | agents known from presence messages (one group's members) |
 //! | `POST /agents/{id}/forget` | `{}` (JSON) | what was forgotten: the agent, the jobs it was removed from |
+//! | `GET /rules` | | the rules file, the generation in effect, the last reload, refused reloads and the last refusal |
+//! | `POST /rules/reload` | `{}` (JSON) | what the reload changed (sinks added, changed, removed), or 422 and every problem (the rules in effect stay) |
 //!
 //! A request passes three checks before it reaches a handler ([`guard`]), in this order:
 //!
@@ -44,6 +46,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::job_service::{JobsHandle, Request as JobRequest};
+use crate::rules_reload::RulesReloader;
 use crate::ServerError;
 
 type Jobs = Arc<JobsHandle>;
@@ -55,6 +58,14 @@ struct Gatekeeper {
     guard: Arc<Guard>,
 }
 
+/// What the admin API works on.
+pub(crate) struct Services {
+    /// The job service (jobs, agents).
+    pub(crate) jobs: Jobs,
+    /// The rules file's reloads.
+    pub(crate) rules: Arc<RulesReloader>,
+}
+
 /// Binds `addr` and serves the admin API (operators authenticated against the credential
 /// store in `data_dir`). Returns the bound address and the serving task.
 pub(crate) async fn start(
@@ -62,7 +73,7 @@ pub(crate) async fn start(
     section: &crate::AdminSection,
     limits: crate::HttpSection,
     data_dir: &Path,
-    jobs: Jobs,
+    services: Services,
     guard: Arc<Guard>,
     stop: crate::shutdown::StopSignal,
 ) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
@@ -85,7 +96,13 @@ pub(crate) async fn start(
         .route("/jobs/:id/cancel", post(cancel))
         .route("/agents", get(agents))
         .route("/agents/:id/forget", post(forget))
-        .with_state(jobs)
+        .with_state(services.jobs)
+        .merge(
+            axum::Router::new()
+                .route("/rules", get(rules_status))
+                .route("/rules/reload", post(rules_reload))
+                .with_state(services.rules),
+        )
         .layer(axum::middleware::from_fn_with_state(gatekeeper, check));
     crate::http::serve("admin.listen", addr, app, limits, guard, stop).await
 }
@@ -250,4 +267,27 @@ async fn forget(State(jobs): State<Jobs>, UrlPath(id): UrlPath<String>) -> Respo
 
 async fn cancel(State(jobs): State<Jobs>, UrlPath(id): UrlPath<String>) -> Response {
     answer(&jobs, StatusCode::OK, |tx| JobRequest::Cancel(id, tx)).await
+}
+
+/// `GET /rules`
+async fn rules_status(State(rules): State<Arc<RulesReloader>>) -> Response {
+    Json(rules.status()).into_response()
+}
+
+/// `POST /rules/reload`
+async fn rules_reload(
+    State(rules): State<Arc<RulesReloader>>,
+    Json(_): Json<serde_json::Value>,
+) -> Response {
+    match rules.reload().await {
+        Ok(report) => Json(serde_json::json!({
+            "generation": report.generation,
+            "added": report.added,
+            "changed": report.changed,
+            "removed": report.removed,
+            "unchanged": report.unchanged,
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+    }
 }

@@ -169,6 +169,9 @@ impl Default for WalSection {
 pub struct RulesSection {
     /// The rules file. When unset, the built-in rules archive all telemetry to files.
     pub file: Option<PathBuf>,
+    /// Reload the file whenever its contents change (looked at every second), as SIGHUP
+    /// does.
+    pub watch: bool,
 }
 
 impl Default for ServerConfig {

@@ -8,6 +8,8 @@
 //! - [`security`]: the broker's guard from `[broker.security]`, enrollment, broker events,
 //!   credential reload;
 //! - [`admin`] and [`metrics`]: the HTTP endpoints (over `http`, which bounds them);
+//! - [`rules_reload`]: the rules file reloaded on SIGHUP, `POST /rules/reload` or a change
+//!   (`[rules] watch`);
 //! - `config`: the `[...]` sections of the server's configuration file.
 //!
 //! Start-up order matters: the router starts, the rules engine attaches to it as an
@@ -21,6 +23,7 @@ pub mod file_service;
 mod http;
 pub mod job_service;
 pub mod metrics;
+pub mod rules_reload;
 pub mod security;
 mod shutdown;
 mod ticker;
@@ -114,6 +117,8 @@ pub struct Server {
     engine: Arc<Engine>,
     consumer: JoinHandle<()>,
     reporter: JoinHandle<()>,
+    reloader: Arc<rules_reload::RulesReloader>,
+    watcher: Option<JoinHandle<()>>,
     files: FileServiceHandle,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
     admin: Option<(SocketAddr, JoinHandle<()>)>,
@@ -242,6 +247,14 @@ impl Server {
         );
         let security = security.run(engine.clone(), broker.dropper())?;
         let reporter = tokio::spawn(report_stats(engine.clone(), STATS_INTERVAL, stop.clone()));
+        let reloader = Arc::new(rules_reload::RulesReloader::new(
+            config.rules.file.clone(),
+            engine.clone(),
+        ));
+        let watcher = match config.rules.watch && config.rules.file.is_some() {
+            true => Some(tokio::spawn(reloader.clone().watch(stop.clone()))),
+            false => None,
+        };
         let metrics = match config.metrics.listen {
             Some(at) => {
                 let (bound, task) = metrics::start(
@@ -267,7 +280,10 @@ impl Server {
                     &config.admin,
                     config.http.clone(),
                     &config.data_dir,
-                    job_handle,
+                    admin::Services {
+                        jobs: job_handle,
+                        rules: reloader.clone(),
+                    },
                     guard.clone(),
                     stop.clone(),
                 )
@@ -284,6 +300,8 @@ impl Server {
             engine,
             consumer,
             reporter,
+            reloader,
+            watcher,
             files: FileServiceHandle {
                 counters: file_counters,
                 thread: Some(file_thread),
@@ -313,6 +331,17 @@ impl Server {
     /// The admin endpoint's address, when one is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.0)
+    }
+
+    /// Reloads the rules file (SIGHUP): read, checked and tested first; on an error the
+    /// rules in effect stay and the error is returned (and kept for `GET /rules`).
+    pub async fn reload(&self) -> Result<fleetbus_pipeline::ReloadReport, String> {
+        self.reloader.reload().await
+    }
+
+    /// The generation of the rules in effect and the last refused reload.
+    pub fn rules_status(&self) -> rules_reload::RulesStatus {
+        self.reloader.status()
     }
 
     /// The rules engine's counters.
@@ -354,6 +383,11 @@ impl Server {
         drain
             .wait("stats reporter", Running::Task(self.reporter))
             .await;
+        if let Some(watcher) = self.watcher.take() {
+            drain
+                .wait("rules file watcher", Running::Task(watcher))
+                .await;
+        }
         // 2. what the router stored reaches the consumer, which ends at the drained mark
         let asked = self
             .engine_link

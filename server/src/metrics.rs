@@ -66,6 +66,8 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
         ("fleetbus_duplicates_total", "counter", "Records recognised as already accepted (acknowledged again, not stored again).", s.duplicates),
         ("fleetbus_refused_total", "counter", "Records refused because a target sink's backlog was full (agents keep and resend them).", s.refused),
         ("fleetbus_wal_durable_index", "gauge", "Write-ahead log index up to which entries are on disk.", s.durable),
+        ("fleetbus_rules_generation", "gauge", "Generation of the rules in effect: 1 at start, one more per reload that took effect.", s.generation),
+        ("fleetbus_rules_reload_failures_total", "counter", "Reloads of the rules refused (the rules in effect stayed): see GET /rules for the last error.", s.reloads.failures),
     ];
     for (name, kind, help, value) in engine {
         family(name, kind, help, &[(String::new(), value)]);

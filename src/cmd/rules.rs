@@ -7,7 +7,6 @@ use anyhow::Context;
 use clap::Subcommand;
 use fleetbus_mqtt::BrokerUrl;
 use fleetbus_pipeline::{run_standalone, AckChannel, Engine, EngineOptions, StandaloneOptions};
-use fleetbus_rules::router::Router;
 use fleetbus_rules::{rule_tests, RuleSet};
 
 /// `fleetbus rules ...`
@@ -178,22 +177,18 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
 /// Runs the tests of `set` and `more` through its rules, printing each failure with its
 /// differences (and each pass when `verbose`): (passed, failed).
 fn run_tests(set: RuleSet, more: Vec<rule_tests::RuleTest>, verbose: bool) -> (usize, usize) {
-    let names: Vec<String> = set.sinks.iter().map(|(n, _)| n.clone()).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let RuleSet { rules, tests, .. } = set;
-    let router = Router::new(rules);
     let (mut passed, mut failed) = (0, 0);
-    for test in tests.iter().chain(&more) {
-        match rule_tests::run(&router, &names, test) {
+    for (name, place, outcome) in rule_tests::run_set(set, &more) {
+        match outcome {
             Ok(()) => {
                 passed += 1;
                 if verbose {
-                    println!("ok    {}", test.name);
+                    println!("ok    {name}");
                 }
             }
             Err(diff) => {
                 failed += 1;
-                eprintln!("FAIL  {} ({})", test.name, test.place);
+                eprintln!("FAIL  {name} ({place})");
                 for line in diff.lines() {
                     eprintln!("      {line}");
                 }

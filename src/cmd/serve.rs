@@ -22,7 +22,7 @@ pub fn load_config(path: Option<&Path>) -> anyhow::Result<Valid<ServerConfig>> {
     Ok(config)
 }
 
-/// Runs the server until Ctrl-C / SIGTERM.
+/// Runs the server until Ctrl-C / SIGTERM; SIGHUP reloads the rules file.
 pub async fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path)?;
     let server = Server::start(&config)
@@ -32,7 +32,18 @@ pub async fn run(config_path: Option<&Path>) -> anyhow::Result<ExitCode> {
             None => "cannot start the server".to_string(),
         })?;
     let mut shutdown = super::shutdown_signal();
-    super::stopped(&mut shutdown).await;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = super::stopped(&mut shutdown) => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: reloading the rules file");
+                // the outcome is logged, counted and kept for GET /rules
+                let _ = server.reload().await;
+            }
+        }
+    }
     server.shutdown(SHUTDOWN_DEADLINE).await;
     Ok(ExitCode::SUCCESS)
 }
