@@ -393,3 +393,142 @@ fn rules_watch_reloads_a_changed_file() {
     });
     drop(server);
 }
+
+/// `fleetbus rules tap` shows what the running engine does with a message (the rules that
+/// matched, what each made, the sinks) within a second of its publish.
+#[test]
+fn rules_tap_shows_a_message_within_a_second_of_its_publish() {
+    let fx = Fixture::new();
+    let rules = r#"
+[sinks.all]
+type = "file"
+path = "all/{agent}.jsonl"
+
+[sinks.points]
+type = "file"
+path = "points/{agent}.jsonl"
+
+[[rules]]
+name = "everything"
+from = ["fleet/+/telemetry/#"]
+to = ["all"]
+
+[[rules]]
+name = "points"
+from = ["fleet/+/telemetry/sensors"]
+foreach = "record.readings"
+where = "item > 1.0"
+set = { sent_ms = "record.sent_ms" }
+to = ["points"]
+"#;
+    let token = fleetbus_with_data(
+        &fx.data,
+        &[
+            "agents",
+            "enroll",
+            "ops",
+            "--role",
+            "operator",
+            "--out",
+            fx.path().join("ops.token").to_str().unwrap(),
+        ],
+    );
+    drop(token);
+    let _server = fx.serve(Some(rules), "server");
+    fx.wait_listening();
+    let admin = std::fs::read_to_string(fx.path().join("server.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("listen = \"")
+                .map(|a| a.trim_end_matches('"').to_string())
+        })
+        .unwrap();
+    let mut tap = std::process::Command::new(bin())
+        .args([
+            "rules",
+            "tap",
+            "fleet/+/telemetry/sensors",
+            "--json",
+            "--count",
+            "1",
+            "--admin",
+            &format!("http://{admin}"),
+            "--admin-token-file",
+            fx.path().join("ops.token").to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = tap.stdout.take().unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send((line, std::time::SystemTime::now()));
+        }
+    });
+
+    // publish until the view is open and shows one (it may open after the first ones)
+    let mut opts = MqttOptions::new("sensor", "127.0.0.1", fx.port);
+    opts.set_keep_alive(Duration::from_secs(5));
+    let (client, mut conn) = Client::new(opts, 100);
+    std::thread::spawn(move || for _ in conn.iter() {});
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let started = std::time::Instant::now();
+    let (line, read_at) = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the tap showed nothing"
+        );
+        let body = format!(r#"{{"sent_ms":{},"readings":[0.5,2.5,3.5]}}"#, now_ms());
+        client
+            .publish("fleet/s1/telemetry/sensors", QoS::AtLeastOnce, false, body)
+            .unwrap();
+        if let Ok(got) = lines_rx.recv_timeout(Duration::from_millis(200)) {
+            break got;
+        }
+    };
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let sent_ms = event["message"]["sent_ms"].as_u64().unwrap();
+    let read_ms = read_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        read_ms - sent_ms < 1_000,
+        "shown {} ms after its publish",
+        read_ms - sent_ms
+    );
+    assert_eq!(event["topic"], "fleet/s1/telemetry/sensors");
+    assert_eq!(event["outcome"], "appended");
+    let rules = event["rules"].as_array().unwrap();
+    let outcome = |rule: &str, part: u64| {
+        rules
+            .iter()
+            .find(|r| r["rule"] == rule && r["part"] == part)
+            .unwrap_or_else(|| panic!("no {rule}[{part}] in {event}"))
+            .clone()
+    };
+    assert_eq!(outcome("everything", 0)["outcome"], "sent");
+    assert_eq!(
+        outcome("everything", 0)["sinks"],
+        serde_json::json!(["all"])
+    );
+    assert_eq!(outcome("points", 0)["outcome"], "filtered");
+    let made = outcome("points", 1);
+    assert_eq!(made["outcome"], "sent");
+    assert_eq!(made["sinks"], serde_json::json!(["points"]));
+    assert_eq!(made["made"]["value"], 2.5);
+    assert_eq!(made["made"]["sent_ms"], sent_ms);
+    assert!(tap.wait().unwrap().success(), "--count 1 ends the view");
+}

@@ -27,6 +27,7 @@ use fleetbus_sinks::BUILTIN_DEAD_LETTERS;
 use fleetbus_support::Publisher;
 
 use crate::tail::{TailCache, TailEntry};
+use crate::tap::{Seen, TapHandle, Taps};
 use crate::topology::Topology;
 use crate::worker::{spawn_sink, DeadLetters, SinkHandle, SinkStats, SinkStatsSnapshot};
 use fleetbus_wal::{
@@ -170,6 +171,8 @@ pub(crate) struct Inner {
     pub(crate) wake: Notify,
     /// Where acknowledgements go (on `fleet/{agent}/acks`).
     pub(crate) publisher: Publisher,
+    /// The open live views (`fleetbus rules tap`).
+    taps: Arc<Taps>,
     counters: Counters,
     dedup_path: PathBuf,
     /// The store name acknowledgements carry.
@@ -315,6 +318,7 @@ impl Engine {
             last_snapshot: Mutex::new((snapshot_upto, Instant::now())),
             log_errors: fleetbus_support::Throttle::new(Duration::from_secs(10)),
             reloads: Mutex::new(crate::reload::ReloadStatus::default()),
+            taps: Arc::default(),
             groups: AgentGroups::default(),
             groups_full: fleetbus_support::Throttle::new(Duration::from_secs(60)),
         });
@@ -405,6 +409,29 @@ impl Engine {
                 }
             })
             .collect()
+    }
+
+    /// Opens a live view of what the engine does with the messages `filter` matches
+    /// (with `rule`: only that rule's part, on the topics it listens to); see
+    /// [`crate::tap`]. Closed when the handle is dropped.
+    pub fn tap(
+        &self,
+        filter: fleetbus_rules::TopicFilter,
+        rule: Option<String>,
+    ) -> Result<TapHandle, String> {
+        if let Some(name) = &rule {
+            if !self
+                .inner
+                .topology()
+                .router
+                .rules()
+                .iter()
+                .any(|r| &r.name == name)
+            {
+                return Err(format!("no rule named `{name}` in effect"));
+            }
+        }
+        self.inner.taps.open(filter, rule)
     }
 
     /// Log index up to which entries are durable (fsynced).
@@ -498,6 +525,30 @@ impl Engine {
 
 impl Inner {
     fn dispatch(&self, topic: &str, payload: &[u8]) -> Dispatched {
+        if !self.taps.wants(topic) {
+            return self.dispatch_seen(topic, payload, None);
+        }
+        let mut seen = Seen::default();
+        let outcome = self.dispatch_seen(topic, payload, Some(&mut seen));
+        let said = match outcome {
+            Dispatched::Appended { .. } => "appended",
+            Dispatched::Duplicate => "duplicate",
+            Dispatched::Unrouted => "unrouted",
+            Dispatched::Refused => "refused",
+            Dispatched::Undecodable => "undecodable",
+            Dispatched::Ignored | Dispatched::Forged => return outcome,
+        };
+        self.taps.offer(topic, said, seen);
+        outcome
+    }
+
+    /// [`Inner::dispatch`], telling `seen` (when a tap wants the message) what it did.
+    fn dispatch_seen(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        mut seen: Option<&mut Seen>,
+    ) -> Dispatched {
         let parsed = Topic::parse(topic);
         if matches!(parsed, Topic::Acks { .. } | Topic::Replies { .. }) {
             // our own acknowledgements and replies, seen through the catch-all subscription
@@ -545,6 +596,11 @@ impl Inner {
             .map(|agent| self.groups.of(agent))
             .unwrap_or_default();
         let mut routing = Routing::default();
+        if let Some(seen) = seen.as_deref_mut() {
+            seen.message = Some(msg.body.clone());
+            seen.received = Some(msg.received);
+            routing.trace = Some(Vec::new());
+        }
         // routed wholly by one generation of the rules: a reload that takes effect between
         // the routing and the lock routes the message again
         let (topology, targets, mut state) = loop {
@@ -563,12 +619,21 @@ impl Inner {
                 break (topology, targets, state);
             }
         };
+        if let Some(seen) = seen.as_deref_mut() {
+            seen.topology = Some(topology.clone());
+        }
+        let mut traced = |routing: &mut Routing| {
+            if let Some(seen) = seen.as_deref_mut() {
+                seen.trace = routing.trace.take().unwrap_or_default();
+            }
+        };
         if let Some(k) = &key {
             if state.dedup.is_duplicate(k) {
                 self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
                 add_ack(&mut state.acks, k);
                 drop(state);
                 self.wake.notify_one();
+                traced(&mut routing);
                 return Dispatched::Duplicate;
             }
         }
@@ -579,6 +644,7 @@ impl Inner {
             if n.is_power_of_two() {
                 tracing::warn!(sink = %topology.sink_names[full], refused_total = n, "sink backlog full: records for it are not accepted (agents keep them and retry)");
             }
+            traced(&mut routing);
             return Dispatched::Refused;
         }
         // new and accepted: now the stateful operations decide
@@ -596,6 +662,7 @@ impl Inner {
             }],
             None => {
                 topology.router.settle(&mut routing, received_ms);
+                traced(&mut routing);
                 entries_of(&topology, topic, payload, received_ms, &routing, &groups)
             }
         };

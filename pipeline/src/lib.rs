@@ -6,6 +6,7 @@
 //!   retrying, dead letters, saving its position ([`position`]);
 //! - [`reload`]: new rules put in effect without losing a message (the switch at a message
 //!   boundary, sinks kept, restarted, or drained);
+//! - [`tap`]: a bounded live view of what the engine does with some topics' messages;
 //! - [`groups`]: each agent's groups, stamped onto its messages at ingest;
 //! - [`tail`]: the newest log entries kept in memory, so a sink that keeps up never reads
 //!   the disk;
@@ -22,6 +23,7 @@ pub mod position;
 pub mod reload;
 pub mod standalone;
 pub mod tail;
+pub mod tap;
 mod topology;
 pub mod worker;
 

@@ -132,6 +132,37 @@ pub struct Routing {
     pub direct: Vec<usize>,
     /// After [`Router::settle`]: the messages the rules made, and the failures.
     pub produced: Vec<Output>,
+    /// When `Some` (set before [`Router::route`]), what each rule did, for a live view
+    /// (`fleetbus rules tap`); `None` costs nothing.
+    pub trace: Option<Vec<Traced>>,
+}
+
+/// What one rule did with a message (or a `foreach` element), for a live view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traced {
+    /// The rule (its index in the router).
+    pub rule: usize,
+    /// Which of its messages (under `foreach`, the element's index).
+    pub part: u32,
+    /// What happened.
+    pub what: TraceStep,
+}
+
+/// How a rule's handling of a message ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TraceStep {
+    /// Its `where` turned the message away.
+    Filtered,
+    /// Its `where` could not be evaluated (turned away), and why.
+    ConditionError(String),
+    /// Held back by its `throttle`.
+    Throttled,
+    /// Held back by its `dedupe`.
+    Deduplicated,
+    /// A transform failed: the message went to `on_error` (the sinks) with this error.
+    Failed(String, Vec<usize>),
+    /// Sent on to these sinks: as published (`None`) or the message the rule made.
+    Sent(Option<Value>, Vec<usize>),
 }
 
 impl Routing {
@@ -160,6 +191,9 @@ impl Routing {
     }
 
     fn clear(&mut self) {
+        if let Some(trace) = self.trace.as_mut() {
+            trace.clear();
+        }
         self.units.clear();
         self.seen.clear();
         self.filtered.clear();
@@ -279,10 +313,24 @@ impl Router {
                 Ok(true) => {}
                 Ok(false) => {
                     routing.filtered.push(index);
+                    if let Some(trace) = routing.trace.as_mut() {
+                        trace.push(Traced {
+                            rule: index,
+                            part,
+                            what: TraceStep::Filtered,
+                        });
+                    }
                     return;
                 }
                 Err(e) => {
                     routing.condition_errors.push(index);
+                    if let Some(trace) = routing.trace.as_mut() {
+                        trace.push(Traced {
+                            rule: index,
+                            part,
+                            what: TraceStep::ConditionError(e.to_string()),
+                        });
+                    }
                     tracing::debug!(rule = %rule.name, error = %e, "condition could not be evaluated: no match");
                     return;
                 }
@@ -345,6 +393,13 @@ impl Router {
             stats.matched.fetch_add(1, Ordering::Relaxed);
             if let Some(Made::Failed(error)) = unit.made {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(trace) = routing.trace.as_mut() {
+                    trace.push(Traced {
+                        rule: unit.rule,
+                        part: unit.part,
+                        what: TraceStep::Failed(error.clone(), vec![rule.on_error]),
+                    });
+                }
                 tracing::debug!(rule = %rule.name, %error, "transform failed: the message goes to the rule's on_error sink");
                 routing.produced.push(Output {
                     rule: unit.rule,
@@ -368,6 +423,20 @@ impl Router {
                                 crate::stateful::GateKind::Dedupe(_) => &stats.deduplicated,
                             };
                             counter.fetch_add(1, Ordering::Relaxed);
+                            if let Some(trace) = routing.trace.as_mut() {
+                                trace.push(Traced {
+                                    rule: unit.rule,
+                                    part: unit.part,
+                                    what: match gate.kind {
+                                        crate::stateful::GateKind::Throttle(_) => {
+                                            TraceStep::Throttled
+                                        }
+                                        crate::stateful::GateKind::Dedupe(_) => {
+                                            TraceStep::Deduplicated
+                                        }
+                                    },
+                                });
+                            }
                             held = true;
                             break;
                         }
@@ -378,6 +447,17 @@ impl Router {
                 continue;
             }
             stats.produced.fetch_add(1, Ordering::Relaxed);
+            if let Some(trace) = routing.trace.as_mut() {
+                let made = match &unit.made {
+                    Some(Made::Message(body)) => Some(body.clone()),
+                    _ => None,
+                };
+                trace.push(Traced {
+                    rule: unit.rule,
+                    part: unit.part,
+                    what: TraceStep::Sent(made, rule.to.clone()),
+                });
+            }
             match unit.made {
                 None => {
                     for &s in &rule.to {

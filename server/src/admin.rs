@@ -9,6 +9,7 @@
 //! | `GET /agents?group=G` | | agents known from presence messages (one group's members) |
 //! | `POST /agents/{id}/forget` | `{}` (JSON) | what was forgotten: the agent, the jobs it was removed from |
 //! | `GET /rules` | | the rules file, the generation in effect, the last reload, refused reloads and the last refusal |
+//! | `GET /rules/tap?filter=F&rule=R` | | a live stream (JSON lines, one per message on the topics filter `F` matches, sampled: [`fleetbus_pipeline::tap`]) of what the engine did with each: the rules that matched (`R`: only that one), what each made, the sinks; until the client goes, the connection's `http.connection_lifetime` or the server's stop |
 //! | `POST /rules/reload` | `{}` (JSON) | what the reload changed (sinks added, changed, removed), or 422 and every problem (the rules in effect stay) |
 //!
 //! A request passes three checks before it reaches a handler ([`guard`]), in this order:
@@ -62,8 +63,10 @@ struct Gatekeeper {
 pub(crate) struct Services {
     /// The job service (jobs, agents).
     pub(crate) jobs: Jobs,
-    /// The rules file's reloads.
+    /// The rules file's reloads, and the engine they reload (its live views).
     pub(crate) rules: Arc<RulesReloader>,
+    /// Ends the live views at the server's stop.
+    pub(crate) stop: crate::shutdown::StopSignal,
 }
 
 /// Binds `addr` and serves the admin API (operators authenticated against the credential
@@ -101,7 +104,12 @@ pub(crate) async fn start(
             axum::Router::new()
                 .route("/rules", get(rules_status))
                 .route("/rules/reload", post(rules_reload))
-                .with_state(services.rules),
+                .with_state(services.rules.clone()),
+        )
+        .merge(
+            axum::Router::new()
+                .route("/rules/tap", get(rules_tap))
+                .with_state((services.rules, services.stop)),
         )
         .layer(axum::middleware::from_fn_with_state(gatekeeper, check));
     crate::http::serve("admin.listen", addr, app, limits, guard, stop).await
@@ -290,4 +298,50 @@ async fn rules_reload(
         .into_response(),
         Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
     }
+}
+
+/// The query of `GET /rules/tap`.
+#[derive(Debug, Deserialize)]
+struct TapQuery {
+    /// An MQTT topic filter.
+    filter: String,
+    /// Only this rule's part.
+    rule: Option<String>,
+}
+
+/// `GET /rules/tap`: one JSON line per message shown, as the engine handles it.
+async fn rules_tap(
+    State((rules, stop)): State<(Arc<RulesReloader>, crate::shutdown::StopSignal)>,
+    Query(query): Query<TapQuery>,
+) -> Response {
+    let filter = match fleetbus_rules::TopicFilter::parse(&query.filter) {
+        Ok(f) => f,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("filter `{}`: {e}", query.filter),
+            )
+        }
+    };
+    let tap = match rules.engine().tap(filter, query.rule) {
+        Ok(tap) => tap,
+        Err(e) if e.contains("taps are open") => return error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let lines = futures_util::stream::unfold((tap, stop), |(mut tap, mut stop)| async move {
+        let event = tokio::select! {
+            event = tap.events.recv() => event?,
+            _ = stop.stopped() => return None,
+        };
+        let mut line = serde_json::to_vec(&event).ok()?;
+        line.push(b'\n');
+        Some((
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
+            (tap, stop),
+        ))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(axum::body::Body::from_stream(lines))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }

@@ -283,6 +283,7 @@ impl Server {
                     admin::Services {
                         jobs: job_handle,
                         rules: reloader.clone(),
+                        stop: stop.clone(),
                     },
                     guard.clone(),
                     stop.clone(),

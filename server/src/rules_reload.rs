@@ -146,6 +146,11 @@ impl RulesReloader {
         }
     }
 
+    /// The engine whose rules this reloads.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// The generation in effect and the last refusal.
     pub fn status(&self) -> RulesStatus {
         let stats = self.engine.stats();

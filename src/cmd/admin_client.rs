@@ -35,6 +35,11 @@ impl AdminEndpoint {
     /// A client for it, with the operator token from `--admin-token-file` or
     /// FLEETBUS_ADMIN_TOKEN (none: the endpoint answers 401 saying what is missing).
     pub fn client(&self) -> anyhow::Result<AdminClient> {
+        Ok(AdminClient::new(&self.url, self.token()?))
+    }
+
+    /// The operator token from `--admin-token-file` or FLEETBUS_ADMIN_TOKEN, if given.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
         let token = match &self.token_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
@@ -44,7 +49,7 @@ impl AdminEndpoint {
             ),
             None => std::env::var(TOKEN_ENV).ok().map(|t| t.trim().to_string()),
         };
-        Ok(AdminClient::new(&self.url, token.filter(|t| !t.is_empty())))
+        Ok(token.filter(|t| !t.is_empty()))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod rules;
 pub mod serve;
 pub mod table;
+pub mod tap;
 
 pub use fleetbus_agent_cli::edge::{init_logging, shutdown_signal, stopped};
 

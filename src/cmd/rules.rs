@@ -1,4 +1,4 @@
-//! `fleetbus rules check`, `fleetbus rules test` and `fleetbus rules run`
+//! `fleetbus rules check`, `test`, `tap` and `run`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +26,9 @@ pub enum RulesCommand {
         /// Files of `[[tests]]` alone, run against the rules file.
         tests: Vec<PathBuf>,
     },
+    /// Watch live what the server's rules do with the messages on some topics (through
+    /// the admin endpoint, with an operator token).
+    Tap(super::tap::TapArgs),
     /// Run the rules engine on its own against any MQTT broker.
     Run {
         /// The broker to subscribe to.
@@ -88,6 +91,10 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        RulesCommand::Tap(args) => {
+            super::tap::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         RulesCommand::Test { file, tests } => {
             let set = match RuleSet::load(&file) {
                 Ok(set) => set,
