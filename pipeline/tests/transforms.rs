@@ -29,7 +29,12 @@ path = "raw.sqlite"
 
 [sinks.dead]
 type = "file"
-path = "dead/{agent}.jsonl"
+path = "dead/{record.host | 'nohost'}/{agent}.jsonl"
+
+# named from the messages the rule made
+[sinks.by_metric]
+type = "file"
+path = "metrics/{record.name}/{record.mount | 'none'}.jsonl"
 
 [sinks.logs]
 type = "file"
@@ -41,7 +46,7 @@ from = ["fleet/+/telemetry/metrics"]
 foreach = "record.metrics"
 where = 'item.name.startsWith("disk.")'
 set = { mount = "item.labels.mount" }
-to = ["points"]
+to = ["points", "by_metric"]
 on_error = "dead"
 
 [[rules]]
@@ -115,13 +120,14 @@ async fn each_item_becomes_a_row_failures_go_to_on_error_and_throttles_count_onl
     }
     wait_for(&engine, Duration::from_secs(20), "every sink", |s| {
         s.written("points") == 199
+            && s.written("by_metric") == 199
             && s.written("raw") == 100
             && s.written("dead") == 1
             && s.written("logs") == 10
     })
     .await;
     let stats = engine.stats();
-    for sink in ["points", "raw", "dead", "logs"] {
+    for sink in ["points", "by_metric", "raw", "dead", "logs"] {
         assert_balanced(&stats, sink);
     }
     let rule = |name: &str| stats.rules.iter().find(|r| r.rule == name).unwrap().clone();
@@ -168,7 +174,16 @@ async fn each_item_becomes_a_row_failures_go_to_on_error_and_throttles_count_onl
     );
     assert_eq!(raw, (1..=100).map(|s| s.to_string()).collect::<Vec<_>>());
     // record 50 as published, with the reason
-    let dead = lines(&dir.path().join("dead/a1.jsonl"));
+    // files named by fields of the messages made (a `/` in a value made safe)
+    assert_eq!(
+        lines(&dir.path().join("metrics/disk.used/_.jsonl")).len(),
+        100
+    );
+    assert_eq!(
+        lines(&dir.path().join("metrics/disk.free/_var.jsonl")).len(),
+        99
+    );
+    let dead = lines(&dir.path().join("dead/h1/a1.jsonl"));
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["record"]["seq"], 50);
     assert_eq!(dead[0]["dead_letter"]["sink"], "rule:points");

@@ -1,13 +1,20 @@
-//! Path templates: `telemetry/{agent}/{stream}/%Y-%m-%d.jsonl`.
+//! Templates, the one engine of every name a sink takes from a message (file paths, S3
+//! keys, MQTT topics, HTTP URLs, InfluxDB measurements): `telemetry/{agent}/{stream}/%Y-%m-%d.jsonl`.
 //!
 //! - `{agent}`, `{stream}`: the message's agent and stream (`_` when it has none);
+//! - `{record.PATH}`: any field of the message, by path (`{record.event.class}`,
+//!   `{record.labels.mount}`; for a message a rule made, a field of that message): a
+//!   string as it is, a number or a boolean as written, anything else (a map, a list,
+//!   nothing there) `_`;
 //! - `{topic.N}`: segment N (0-based) of the topic;
 //! - `{seq}`, `{epoch}`: a record's sequence number (`t` + the time received in ms when it
 //!   has none) and outbox incarnation;
 //! - `{file.name}`, `{file.sha256}`, `{file.id}`, `{file.size}`, `{file.meta.KEY}`: the
 //!   file of a file completion message (`_` for other messages);
 //! - strftime fields (`%Y`, `%m`, `%d`, `%H`, ...) from the record's timestamp (its `ts`,
-//!   else the time the server received it), in UTC.
+//!   else the time the server received it), in UTC;
+//! - a fallback for any placeholder: `{record.tags.role | "unknown"}` (or `'unknown'`)
+//!   stands for the text in quotes when the value is missing or empty.
 //!
 //! Substituted values are made safe as one path component: anything outside
 //! `[A-Za-z0-9._-]` becomes `_`, and `.`/`..` become `_`, so a message can never steer a
@@ -15,6 +22,7 @@
 //! characters plus `~` and a hash of the whole ([`MAX_VALUE_BYTES`]), so one long file name
 //! cannot make a path the filesystem refuses.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::path::{Component, Path};
 
@@ -31,6 +39,12 @@ pub struct PathTemplate {
 #[derive(Debug, Clone)]
 enum Part {
     Text(Vec<Item<'static>>),
+    /// A value from the message, and what stands for it when it is missing or empty.
+    Value(Source, Option<String>),
+}
+
+#[derive(Debug, Clone)]
+enum Source {
     Agent,
     Stream,
     Seq,
@@ -119,35 +133,41 @@ impl PathTemplate {
                 Part::Text(items) => {
                     let _ = write!(out, "{}", ts.format_with_items(items.iter()));
                 }
-                Part::Agent => push_safe(&mut out, msg.agent()),
-                Part::Stream => push_safe(&mut out, msg.stream()),
-                Part::Seq => match msg.seq() {
-                    Some(seq) => {
-                        let _ = write!(out, "{seq}");
-                    }
-                    None => {
-                        let _ = write!(out, "t{}", msg.received.timestamp_millis());
-                    }
-                },
-                Part::Epoch => {
-                    let _ = write!(out, "{}", msg.epoch());
-                }
-                Part::TopicSegment(n) => push_safe(&mut out, msg.segments().nth(*n)),
-                Part::BodyField(path) => {
-                    let value = path
-                        .iter()
-                        .try_fold(&msg.body, |v, key| v.get(key.as_str()));
-                    match value {
-                        Some(serde_json::Value::String(s)) => push_safe(&mut out, Some(s)),
-                        Some(v @ serde_json::Value::Number(_)) => {
-                            push_safe(&mut out, Some(&v.to_string()))
-                        }
-                        _ => push_safe(&mut out, None),
-                    }
+                Part::Value(source, fallback) => {
+                    let value = source.value(msg).filter(|v| !v.is_empty());
+                    push_safe(&mut out, value.as_deref().or(fallback.as_deref()))
                 }
             }
         }
         out
+    }
+}
+
+impl Source {
+    /// The value in `msg`, if it has one.
+    fn value<'m>(&self, msg: &'m Message) -> Option<Cow<'m, str>> {
+        match self {
+            Source::Agent => msg.agent().map(Cow::Borrowed),
+            Source::Stream => msg.stream().map(Cow::Borrowed),
+            Source::Seq => Some(Cow::Owned(match msg.seq() {
+                Some(seq) => seq.to_string(),
+                None => format!("t{}", msg.received.timestamp_millis()),
+            })),
+            Source::Epoch => Some(Cow::Owned(msg.epoch().to_string())),
+            Source::TopicSegment(n) => msg.segments().nth(*n).map(Cow::Borrowed),
+            Source::BodyField(path) => {
+                let value = path
+                    .iter()
+                    .try_fold(&msg.body, |v, key| v.get(key.as_str()))?;
+                match value {
+                    serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
+                    v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
+                        Some(Cow::Owned(v.to_string()))
+                    }
+                    _ => None,
+                }
+            }
+        }
     }
 }
 
@@ -158,24 +178,59 @@ fn text(s: &str) -> Result<Part, String> {
     Ok(Part::Text(items))
 }
 
-fn placeholder(name: &str) -> Result<Part, String> {
+/// `NAME` or `NAME | "fallback"`.
+fn placeholder(text: &str) -> Result<Part, String> {
+    let (name, fallback) = match text.split_once('|') {
+        None => (text.trim(), None),
+        Some((name, fallback)) => {
+            let f = fallback.trim();
+            let quoted = f.len() >= 2
+                && ((f.starts_with('"') && f.ends_with('"'))
+                    || (f.starts_with('\'') && f.ends_with('\'')));
+            if !quoted {
+                return Err(format!(
+                    "the fallback of `{{{text}}}` must be quoted text: `{{{} | \"unknown\"}}`",
+                    name.trim()
+                ));
+            }
+            let text = &f[1..f.len() - 1];
+            if text.contains('/') {
+                return Err(format!(
+                    "the fallback of `{{{}}}` stands for one value: no `/` in it",
+                    name.trim()
+                ));
+            }
+            (name.trim(), Some(text.to_string()))
+        }
+    };
+    Ok(Part::Value(source(name)?, fallback))
+}
+
+fn source(name: &str) -> Result<Source, String> {
     match name {
-        "agent" => Ok(Part::Agent),
-        "stream" => Ok(Part::Stream),
-        "seq" => Ok(Part::Seq),
-        "epoch" => Ok(Part::Epoch),
-        "file.id" => Ok(Part::BodyField(vec!["file".into(), "file_id".into()])),
-        "file.name" | "file.sha256" | "file.size" | "file.content_type" => Ok(Part::BodyField(
+        "agent" => Ok(Source::Agent),
+        "stream" => Ok(Source::Stream),
+        "seq" => Ok(Source::Seq),
+        "epoch" => Ok(Source::Epoch),
+        "file.id" => Ok(Source::BodyField(vec!["file".into(), "file_id".into()])),
+        "file.name" | "file.sha256" | "file.size" | "file.content_type" => Ok(Source::BodyField(
             name.split('.').map(str::to_string).collect(),
         )),
         _ if name.starts_with("file.meta.") && name.len() > "file.meta.".len() => {
             let key = &name["file.meta.".len()..];
-            Ok(Part::BodyField(vec!["file".into(), "meta".into(), key.into()]))
+            Ok(Source::BodyField(vec!["file".into(), "meta".into(), key.into()]))
+        }
+        _ if name.starts_with("record.") => {
+            let path: Vec<String> = name["record.".len()..].split('.').map(str::to_string).collect();
+            match path.iter().any(String::is_empty) {
+                true => Err(format!("`{{{name}}}`: a field path is names separated by single dots")),
+                false => Ok(Source::BodyField(path)),
+            }
         }
         _ => match name.strip_prefix("topic.").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Part::TopicSegment(n)),
+            Some(Ok(n)) => Ok(Source::TopicSegment(n)),
             _ => Err(format!(
-                "unknown placeholder `{{{name}}}` (known: {{agent}}, {{stream}}, {{seq}}, {{epoch}}, {{topic.N}}, {{file.name}}, {{file.sha256}}, {{file.id}}, {{file.size}}, {{file.meta.KEY}})"
+                "unknown placeholder `{{{name}}}` (known: {{agent}}, {{stream}}, {{seq}}, {{epoch}}, {{topic.N}}, {{record.FIELD}}, {{file.name}}, {{file.sha256}}, {{file.id}}, {{file.size}}, {{file.meta.KEY}}; any with a fallback: {{record.FIELD | \"unknown\"}})"
             )),
         },
     }
@@ -284,6 +339,29 @@ mod tests {
     }
 
     #[test]
+    fn any_field_of_the_message_with_a_fallback() {
+        let t = PathTemplate::parse(
+            "events/{record.event.class}/{record.tags.role | \"unknown\"}/{record.n}-{record.ok}-{record.list}-{topic.7 | 'none'}.jsonl",
+        )
+        .unwrap();
+        let m = msg(
+            "fleet/a1/telemetry/events",
+            r#"{"event":{"class":"disk/full"},"n":3,"ok":true,"list":[1],"tags":{"role":""}}"#,
+        );
+        // a `/` in a value is made safe, an empty value takes the fallback
+        assert_eq!(t.render(&m), "events/disk_full/unknown/3-true-_-none.jsonl");
+        let m = msg(
+            "fleet/a1/telemetry/events",
+            r#"{"event":{"class":"cpu"},"tags":{"role":"web"}}"#,
+        );
+        assert_eq!(t.render(&m), "events/cpu/web/_-_-_-none.jsonl");
+        // a fallback is made safe as any value, and is one value
+        let t = PathTemplate::parse("{agent | '..'}").unwrap();
+        assert_eq!(t.render(&msg("other/topic", "{}")), "_");
+        assert!(PathTemplate::parse("{agent | 'a/b'}").is_err());
+    }
+
+    #[test]
     fn bad_templates_say_where() {
         let e = PathTemplate::parse("x/{agnt}.log").unwrap_err();
         assert_eq!(e.position, 3);
@@ -292,5 +370,9 @@ mod tests {
         assert!(PathTemplate::parse("a/../../x").is_err());
         assert!(PathTemplate::parse("a/{agent").is_err());
         assert!(PathTemplate::parse("a/%Q").is_err());
+        let e = PathTemplate::parse("x/{record.a | unknown}").unwrap_err();
+        assert!(e.problem.contains("must be quoted"), "{e}");
+        assert!(PathTemplate::parse("x/{record..a}").is_err());
+        assert!(PathTemplate::parse("x/{record.}").is_err());
     }
 }
