@@ -66,6 +66,16 @@ impl Condition {
         })
     }
 
+    /// What it reads of `record`.
+    pub fn record_use(&self) -> crate::record_use::RecordUse {
+        crate::record_use::RecordUse::of(self.program.expression())
+    }
+
+    /// True when it names the variable `name`.
+    pub fn names(&self, name: &str) -> bool {
+        crate::record_use::names(self.program.expression(), name)
+    }
+
     /// The expression as written.
     pub fn source(&self) -> &str {
         &self.source
@@ -96,7 +106,8 @@ mod tests {
     fn eval(expr: &str, topic: &str, body: &str) -> Result<bool, ExecutionError> {
         let c = Condition::compile(expr).unwrap();
         let m = Message::decode(topic, body.as_bytes()).unwrap();
-        c.evaluate_in(&context_for(&m))
+        let ctx = context_for(&m);
+        c.evaluate_in(&ctx)
     }
 
     #[test]

@@ -20,6 +20,8 @@
 
 pub mod condition;
 pub mod filter;
+pub mod filter_index;
+pub mod record_use;
 pub mod router;
 pub mod rule_tests;
 pub mod ruleset;

@@ -25,9 +25,11 @@ use cel::{Context, Value as CelValue};
 use fleetbus_protocol::Message;
 use serde_json::Value;
 
-use crate::condition::context_for;
+use crate::filter_index::FilterIndex;
+use crate::record_use::RecordUse;
 use crate::ruleset::Rule;
 use crate::stateful::{GateState, Verdict};
+use fleetbus_sinks::columns::context_with;
 
 /// Counters of one rule.
 #[derive(Debug, Default)]
@@ -125,6 +127,8 @@ struct Unit {
 #[derive(Debug, Default)]
 pub struct Routing {
     units: Vec<Unit>,
+    /// The rules whose filters may match (reused).
+    candidates: Vec<usize>,
     seen: Vec<usize>,
     filtered: Vec<usize>,
     condition_errors: Vec<usize>,
@@ -208,6 +212,12 @@ impl Routing {
 #[derive(Debug)]
 pub struct Router {
     rules: Vec<Rule>,
+    /// Which rules can match a topic ([`FilterIndex`]).
+    index: FilterIndex,
+    /// What the rules' expressions read of `record`: the context carries only that.
+    record_use: RecordUse,
+    /// Whether any expression reads `segments` (else the context has none).
+    segments: bool,
     stats: Vec<RuleStats>,
     /// Per rule, per gate.
     state: Mutex<Vec<Vec<GateState>>>,
@@ -221,8 +231,31 @@ impl Router {
             .iter()
             .map(|r| r.gates.iter().map(|_| GateState::default()).collect())
             .collect();
+        let index = FilterIndex::new(
+            rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (i, r.from.as_slice())),
+        );
+        let mut record_use = RecordUse::Nothing;
+        let mut segments = false;
+        for rule in &rules {
+            if let Some(c) = &rule.condition {
+                record_use.add(&c.record_use());
+                segments |= c.names("segments");
+            }
+            let keys = rule.gates.iter().filter_map(|g| g.key.as_ref());
+            let sets = rule.transforms.set.iter().map(|(_, e)| e);
+            for e in rule.foreach.iter().chain(keys).chain(sets) {
+                record_use.add(&e.record_use());
+                segments |= e.names("segments");
+            }
+        }
         Router {
             rules,
+            index,
+            record_use,
+            segments,
             stats,
             state: Mutex::new(state),
         }
@@ -237,8 +270,11 @@ impl Router {
     pub fn route(&self, msg: &Message, routing: &mut Routing) {
         routing.clear();
         // the CEL context is built lazily, once per message, only if an expression needs it
-        let mut ctx: Option<Context<'static, 'static>> = None;
-        for (index, rule) in self.rules.iter().enumerate() {
+        let mut ctx: Option<Context<'_, '_>> = None;
+        let mut candidates = std::mem::take(&mut routing.candidates);
+        self.index.candidates(&msg.topic, &mut candidates);
+        for &index in &candidates {
+            let rule = &self.rules[index];
             if !rule.from.iter().any(|f| f.matches(&msg.topic)) {
                 continue;
             }
@@ -256,7 +292,8 @@ impl Router {
                 });
                 continue;
             }
-            let ctx = ctx.get_or_insert_with(|| context_for(msg));
+            let ctx = ctx
+                .get_or_insert_with(|| context_with(msg, self.record_use.fields(), self.segments));
             match &rule.foreach {
                 None => self.one(index, rule, Base::Published(&msg.body), 0, ctx, routing),
                 Some(list) => match list.evaluate(ctx) {
@@ -295,6 +332,7 @@ impl Router {
                 },
             }
         }
+        routing.candidates = candidates;
     }
 
     /// One message (or `foreach` element) of a rule: `where`, the gates' keys, the

@@ -52,6 +52,16 @@ impl Expression {
         })
     }
 
+    /// What it reads of `record`.
+    pub fn record_use(&self) -> crate::record_use::RecordUse {
+        crate::record_use::RecordUse::of(self.program.expression())
+    }
+
+    /// True when it names the variable `name`.
+    pub fn names(&self, name: &str) -> bool {
+        crate::record_use::names(self.program.expression(), name)
+    }
+
     /// The expression as written.
     pub fn source(&self) -> &str {
         &self.source
@@ -248,15 +258,14 @@ mod tests {
         }
     }
 
-    fn context(body: &str) -> (Message, Context<'static, 'static>) {
-        let msg = Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap();
-        let ctx = crate::condition::context_for(&msg);
-        (msg, ctx)
+    fn message(body: &str) -> Message {
+        Message::decode("fleet/web-1/telemetry/metrics", body.as_bytes()).unwrap()
     }
 
     #[test]
     fn set_rename_drop_keep_apply_in_that_order() {
-        let (msg, ctx) = context(r#"{"host":"h1","load":{"one":0.5,"five":0.25},"junk":1}"#);
+        let msg = message(r#"{"host":"h1","load":{"one":0.5,"five":0.25},"junk":1}"#);
+        let ctx = crate::condition::context_for(&msg);
         let t = transforms(
             &[
                 ("labels.host", "record.host"),
@@ -287,7 +296,8 @@ mod tests {
 
     #[test]
     fn a_failing_transform_says_which_and_why() {
-        let (msg, ctx) = context(r#"{"host":"h1"}"#);
+        let msg = message(r#"{"host":"h1"}"#);
+        let ctx = crate::condition::context_for(&msg);
         let e = transforms(&[("x", "record.nothere")], &[], &[], &[])
             .apply(msg.body.clone(), &ctx)
             .unwrap_err();

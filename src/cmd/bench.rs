@@ -128,6 +128,12 @@ pub struct IngestArgs {
     /// mqtts:// with a throw-away CA).
     #[arg(long, value_enum, default_values_t = [BenchSecurity::Off])]
     pub security: Vec<BenchSecurity>,
+    /// Run fleetbus with a generated rules file of this many rules (topic filters over
+    /// many agents, conditions, transforms; one of them archives every record) instead of
+    /// the built-in rules; repeatable, one run each, side by side (`--rules 1 --rules
+    /// 1000`), and the routing cost per message of each printed after the table.
+    #[arg(long)]
+    pub rules: Vec<usize>,
 }
 
 /// How the fleetbus end-to-end bench secures its broker.
@@ -303,8 +309,14 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
     }
     drop(mosquitto);
     if !args.no_fleetbus {
+        let rule_counts: Vec<Option<usize>> = match args.rules.is_empty() {
+            true => vec![None],
+            false => args.rules.iter().map(|&n| Some(n.max(1))).collect(),
+        };
         for security in &args.security {
-            results.push(fleetbus::measure(&args, *security).await?);
+            for rules in &rule_counts {
+                results.push(fleetbus::measure(&args, *security, *rules).await?);
+            }
         }
     }
     println!();
@@ -340,6 +352,28 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 "fleetbus end to end / {}: {:.2}x",
                 first.target,
                 fb.rate() / first.rate()
+            );
+        }
+    }
+    if !args.rules.is_empty() {
+        let single = results
+            .iter()
+            .find(|r| r.target.contains(" 1 rules,"))
+            .map(Measurement::rate);
+        for r in results.iter().filter(|r| r.target.contains(" rules,")) {
+            if let Some(single) = single {
+                println!(
+                    "{}: {:.0} % of the single-rule rate",
+                    r.target,
+                    100.0 * r.rate() / single
+                );
+            }
+        }
+        for &n in &args.rules {
+            let cost = fleetbus::routing_cost(n.max(1), args.payload)?;
+            println!(
+                "routing one message through {n} rules (route and settle, one thread): {:.0} ns",
+                cost.as_nanos()
             );
         }
     }

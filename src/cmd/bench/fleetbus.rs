@@ -20,8 +20,13 @@ use super::{BenchSecurity, IngestArgs, Measurement};
 /// Stream the simulated agents write to.
 const STREAM: &str = "bench";
 
-/// Runs the end-to-end measurement.
-pub async fn measure(args: &IngestArgs, security: BenchSecurity) -> anyhow::Result<Measurement> {
+/// Runs the end-to-end measurement, with the built-in rules or a generated file of `rules`
+/// rules ([`rules_file`]).
+pub async fn measure(
+    args: &IngestArgs,
+    security: BenchSecurity,
+    rules: Option<usize>,
+) -> anyhow::Result<Measurement> {
     let tmp = tempfile::Builder::new()
         .prefix("fleetbus-bench-")
         .tempdir()?;
@@ -32,6 +37,11 @@ pub async fn measure(args: &IngestArgs, security: BenchSecurity) -> anyhow::Resu
     };
     config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     config.admin.listen = None; // not needed, and never a fixed port
+    if let Some(n) = rules {
+        let path = tmp.path().join("rules.toml");
+        std::fs::write(&path, rules_file(n))?;
+        config.rules.file = Some(path);
+    }
     let mut server_url = BrokerUrl::mqtt("127.0.0.1", port);
     let mut ca_file = None;
     let mut tokens = Vec::new();
@@ -123,7 +133,14 @@ pub async fn measure(args: &IngestArgs, security: BenchSecurity) -> anyhow::Resu
     for p in producers {
         sent += p.await.unwrap_or(0);
     }
-    let written = || -> u64 { server.stats().sinks.iter().map(|(_, s)| s.written).sum() };
+    // with generated rules, the archive takes every record once (other sinks take some)
+    let written = || -> u64 {
+        let stats = server.stats();
+        match rules {
+            Some(_) => stats.written("archive"),
+            None => stats.sinks.iter().map(|(_, s)| s.written).sum(),
+        }
+    };
     let mut seen = written();
     let mut last_change = Instant::now();
     while seen < sent && last_change.elapsed() < Duration::from_secs(5) {
@@ -140,8 +157,9 @@ pub async fn measure(args: &IngestArgs, security: BenchSecurity) -> anyhow::Resu
     server.shutdown(Duration::from_secs(10)).await;
     Ok(Measurement {
         target: format!(
-            "fleetbus end to end ({} agents, security {})",
+            "fleetbus end to end ({} agents,{} security {})",
             args.clients,
+            rules.map(|n| format!(" {n} rules,")).unwrap_or_default(),
             match security {
                 BenchSecurity::Off => "off",
                 BenchSecurity::Enforce => "enforce",
@@ -160,4 +178,65 @@ fn pad_for(payload: usize) -> String {
     r.fields.insert("pad".into(), String::new().into());
     let base = r.encode().map(|b| b.len()).unwrap_or(0);
     "x".repeat(payload.saturating_sub(base))
+}
+
+/// A rules file of `n` rules for `bench ingest --rules N`: rule 1 archives every record;
+/// the others, in turn, (a) sample the records of one agent (`bench-K`, of 250 names, so a
+/// handful match each simulated agent) with a condition and a transform, (b) look for an
+/// alert field in one agent's records, (c) take a stream nobody sends, (d) explode the
+/// readings of a third-party site's sensors. Most rules name agents or sites other than
+/// a given message's, as in a fleet with many.
+pub fn rules_file(n: usize) -> String {
+    let mut text = String::from(
+        "[sinks.archive]\ntype = \"file\"\npath = \"bench/{agent}.jsonl\"\n\
+         [sinks.sampled]\ntype = \"file\"\npath = \"sampled/{agent}.jsonl\"\n\
+         [sinks.other]\ntype = \"file\"\npath = \"other/{agent}.jsonl\"\n\
+         [[rules]]\nname = \"archive\"\nfrom = [\"fleet/+/telemetry/#\"]\nto = [\"archive\"]\n",
+    );
+    for k in 1..n {
+        let agent = format!("bench-{}", k % 250);
+        let rule = match k % 4 {
+            0 => format!(
+                "from = [\"fleet/{agent}/telemetry/#\"]\nwhere = 'record.seq % 1000u == 7u'\n\
+                 set = {{ rule = \"'r{k}'\", seq = \"record.seq\" }}\nkeep = [\"rule\", \"seq\"]\nto = [\"sampled\"]\n"
+            ),
+            1 => format!(
+                "from = [\"fleet/{agent}/telemetry/{STREAM}\"]\n\
+                 where = 'has(record.fields.alert) && record.fields.alert == \"r{k}\"'\nto = [\"other\"]\n"
+            ),
+            2 => format!("from = [\"fleet/+/telemetry/stream-{k}\"]\nto = [\"other\"]\n"),
+            _ => format!(
+                "from = [\"site-{k}/+/sensors/#\"]\nforeach = \"record.readings\"\n\
+                 set = {{ site = \"'{k}'\" }}\nto = [\"other\"]\n"
+            ),
+        };
+        text.push_str(&format!("[[rules]]\nname = \"r{k}\"\n{rule}"));
+    }
+    text
+}
+
+/// How long routing one bench record (of about `payload` bytes) through [`rules_file`]`(n)`
+/// takes on one thread: `route` and `settle`, averaged over many.
+pub fn routing_cost(n: usize, payload: usize) -> anyhow::Result<Duration> {
+    use fleetbus_rules::router::{Router, Routing};
+    let set =
+        fleetbus_rules::RuleSet::parse(std::path::Path::new("bench-rules.toml"), &rules_file(n))?;
+    let router = Router::new(set.rules);
+    let pad = pad_for(payload);
+    let mut messages = Vec::new();
+    for i in 0..4u64 {
+        let mut r = Record::new(format!("bench-{i}"), STREAM, 1_000 + i, chrono::Utc::now());
+        r.fields.insert("pad".into(), pad.clone().into());
+        let topic = format!("fleet/bench-{i}/telemetry/{STREAM}");
+        messages.push(fleetbus_protocol::Message::decode(&topic, &r.encode()?)?);
+    }
+    let mut routing = Routing::default();
+    let rounds = 50_000u32;
+    let started = Instant::now();
+    for round in 0..rounds {
+        let msg = &messages[round as usize % messages.len()];
+        router.route(msg, &mut routing);
+        router.settle(&mut routing, 0);
+    }
+    Ok(started.elapsed() / rounds)
 }
