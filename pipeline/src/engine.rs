@@ -9,6 +9,8 @@
 //!   → wake the sink workers (they read only durable entries)
 //!   → every `snapshot_interval`: save the de-duplication state, truncate the log below
 //!     the slowest sink
+//! windows (every second)
+//!   close the rules' `aggregate` windows that are over: append their roll-ups
 //! ```
 
 use std::collections::HashMap;
@@ -332,6 +334,7 @@ impl Engine {
             })
             .collect();
         let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(run_windows(inner.clone(), stop_rx.clone()));
         let committer = tokio::spawn(run_committer(inner.clone(), options, stop_rx));
         Ok(Engine {
             inner,
@@ -499,6 +502,9 @@ impl Engine {
     /// their agents send them again.
     pub async fn shutdown(&self, deadline: Duration) -> Vec<String> {
         let started = Instant::now();
+        // open `aggregate` windows close early, their roll-ups marked partial, before the
+        // last commit
+        self.inner.close_windows(true);
         let _ = self.stop.send(true);
         let committer = self
             .committer
@@ -730,6 +736,65 @@ impl Inner {
         outcome
     }
 
+    /// Appends the roll-ups of the `aggregate` windows that are over (with `all`, of every
+    /// open window, marked partial) for their rules' sinks.
+    fn close_windows(&self, all: bool) {
+        if !self.topology().router.aggregates() {
+            return;
+        }
+        let state = self.lock();
+        let topology = self.topology();
+        let now_ms = Utc::now().timestamp_millis();
+        for out in topology.router.close_windows(now_ms, all) {
+            let (Made::Message(body), Some(topic)) = (&out.made, &out.topic) else {
+                continue;
+            };
+            let groups = Topic::parse(topic)
+                .agent()
+                .map(|agent| self.groups.of(agent))
+                .unwrap_or_default();
+            let entry = WalEntry {
+                produced: Some(Produced {
+                    rule: topology.router.rules()[out.rule].name.clone(),
+                    part: out.part,
+                }),
+                ..entry(
+                    &topology,
+                    topic,
+                    encode_made(body),
+                    now_ms,
+                    &out.sinks,
+                    &groups,
+                )
+            };
+            let message = fleetbus_sinks::decode_entry(&entry).ok();
+            match self.wal.append(&entry) {
+                Ok((index, size)) => {
+                    for name in &entry.sinks {
+                        if let Some(t) = topology.index(name) {
+                            topology.sink_stats[t].routed(size);
+                        }
+                    }
+                    if let Some(message) = message {
+                        self.tail.insert(TailEntry {
+                            index,
+                            entry: Arc::new(entry),
+                            size,
+                            message: Arc::new(message),
+                        });
+                    }
+                }
+                Err(e) => {
+                    if let Some(left_out) = self.log_errors.admit() {
+                        tracing::error!(error = %e, similar_errors_not_logged = left_out, "cannot append an aggregate roll-up to the write-ahead log: it is lost");
+                    }
+                }
+            }
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
     /// The rules and sinks in effect.
     pub(crate) fn topology(&self) -> Arc<Topology> {
         self.topology
@@ -908,7 +973,8 @@ fn entries_of(
                 }),
                 ..entry(
                     topology,
-                    topic,
+                    // a roll-up is on its window's own topic
+                    made.topic.as_deref().unwrap_or(topic),
                     encode_made(body),
                     received_ms,
                     &made.sinks,
@@ -1038,6 +1104,19 @@ fn truncate(inner: &Inner, saved: u64) {
         .unwrap_or(saved);
     if let Err(e) = inner.wal.truncate_before(slowest.min(saved)) {
         tracing::error!(error = %e, "cannot truncate the write-ahead log");
+    }
+}
+
+/// Closes the `aggregate` windows that are over, every second, until `stop`.
+async fn run_windows(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.changed() => return,
+        }
+        let inner = inner.clone();
+        // blocking disk writes (the appends) off the async workers
+        let _ = tokio::task::spawn_blocking(move || inner.close_windows(false)).await;
     }
 }
 

@@ -52,7 +52,8 @@ pub struct RuleEvent {
     pub rule: String,
     /// Under `foreach`, the element's index.
     pub part: u32,
-    /// `sent`, `filtered`, `condition-error`, `throttled`, `deduplicated` or `failed`.
+    /// `sent`, `filtered`, `condition-error`, `throttled`, `deduplicated`, `aggregated`
+    /// (with the roll-up of a window it closed, if any) or `failed`.
     pub outcome: &'static str,
     /// The error of `condition-error` and `failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -224,6 +225,10 @@ fn rule_events(seen: &Seen, only: Option<usize>) -> Vec<RuleEvent> {
                 TraceStep::Deduplicated => ("deduplicated", None, None, Vec::new()),
                 TraceStep::Failed(e, sinks) => ("failed", Some(e.clone()), None, names(sinks)),
                 TraceStep::Sent(made, sinks) => ("sent", None, made.clone(), names(sinks)),
+                TraceStep::Aggregated(None, _) => ("aggregated", None, None, Vec::new()),
+                TraceStep::Aggregated(Some(rollup), sinks) => {
+                    ("aggregated", None, Some(rollup.clone()), names(sinks))
+                }
             };
             RuleEvent {
                 rule: topology

@@ -222,3 +222,95 @@ async fn each_item_becomes_a_row_failures_go_to_on_error_and_throttles_count_onl
         ["100"]
     );
 }
+
+const ROLLUP_RULES: &str = r#"
+[sinks.rollups]
+type = "sqlite"
+path = "rollups.sqlite"
+table = "rollups"
+columns = { key = "record.key", n = "record.count", total = "record.sum", top = "record.max", partial = "has(record.partial)" }
+
+[sinks.alerts]
+type = "file"
+path = "alerts/{agent}.jsonl"
+
+[[rules]]
+name = "cpu-per-second"
+from = ["fleet/+/telemetry/cpu"]
+aggregate = { key = "agent", value = "record.value", window = "1s" }
+to = ["rollups"]
+
+[[rules]]
+name = "one-alert-per-rule"
+from = ["fleet/+/telemetry/events"]
+dedupe = { key = "record.rule", window = "1h" }
+to = ["alerts"]
+"#;
+
+/// Samples folded into one-second windows reach a real SQLite table as roll-ups once
+/// their windows are over (the engine closes them every second) or at the stop (marked
+/// partial): every sample counted once. A repeated event passes its `dedupe` once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_windows_reach_a_table_as_roll_ups_and_dedupe_passes_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let set = RuleSet::parse(Path::new("rules.toml"), ROLLUP_RULES).unwrap();
+    let engine = Engine::start(
+        set,
+        dir.path(),
+        EngineOptions::default(),
+        Publisher::new(|_, _| Ok(())),
+    )
+    .await
+    .unwrap();
+    let mut total = 0.0;
+    for seq in 1..=40u64 {
+        let value = seq as f64 * 1.5;
+        total += value;
+        let agent = if seq % 2 == 0 { "a" } else { "b" };
+        let body = format!(r#"{{"seq":{seq},"epoch":1,"value":{value}}}"#);
+        engine.dispatch(&format!("fleet/{agent}/telemetry/cpu"), body.as_bytes());
+        let event = format!(r#"{{"seq":{seq},"epoch":1,"rule":"disk"}}"#);
+        engine.dispatch(&format!("fleet/{agent}/telemetry/events"), event.as_bytes());
+    }
+    // the windows of this second close within about two seconds
+    wait_for(&engine, Duration::from_secs(10), "roll-ups", |s| {
+        s.written("rollups") >= 2 && s.written("alerts") == 1
+    })
+    .await;
+    let stats = engine.stats();
+    let rule = stats
+        .rules
+        .iter()
+        .find(|r| r.rule == "cpu-per-second")
+        .unwrap();
+    assert_eq!(rule.aggregated, 40, "{rule:#?}");
+    let dedupe = stats
+        .rules
+        .iter()
+        .find(|r| r.rule == "one-alert-per-rule")
+        .unwrap();
+    assert_eq!(
+        (dedupe.deduplicated, dedupe.produced),
+        (39, 1),
+        "{dedupe:#?}"
+    );
+    engine.shutdown(Duration::from_secs(5)).await;
+    let conn = rusqlite::Connection::open(dir.path().join("rollups.sqlite")).unwrap();
+    let (n, sum, keys): (i64, f64, String) = conn
+        .query_row(
+            "SELECT sum(n), sum(total), group_concat(DISTINCT key) FROM rollups",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(n, 40, "every sample counted once");
+    assert!((sum - total).abs() < 1e-9, "{sum} against {total}");
+    assert!(keys.contains('a') && keys.contains('b'), "{keys}");
+    let top: f64 = conn
+        .query_row("SELECT max(top) FROM rollups WHERE key = 'a'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(top, 60.0);
+    assert_eq!(lines(&dir.path().join("alerts/b.jsonl")).len(), 1);
+}

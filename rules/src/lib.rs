@@ -18,6 +18,7 @@
 //! runs a rule set (write-ahead log, acknowledgements, sink workers) is the pipeline's
 //! (`fleetbus-pipeline`).
 
+pub mod aggregate;
 pub mod condition;
 pub mod filter;
 pub mod filter_index;

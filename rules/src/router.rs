@@ -25,10 +25,18 @@ use cel::{Context, Value as CelValue};
 use fleetbus_protocol::Message;
 use serde_json::Value;
 
+use crate::aggregate::Windows;
 use crate::filter_index::FilterIndex;
 use crate::record_use::RecordUse;
 use crate::ruleset::Rule;
 use crate::stateful::{GateState, Verdict};
+
+/// One rule's state: its gates' and its open windows.
+#[derive(Debug, Default)]
+struct RuleState {
+    gates: Vec<GateState>,
+    windows: Windows,
+}
 use fleetbus_sinks::columns::context_with;
 
 /// Counters of one rule.
@@ -42,12 +50,14 @@ pub struct RuleStats {
     deduplicated: AtomicU64,
     untracked: AtomicU64,
     errors: AtomicU64,
+    aggregated: AtomicU64,
     produced: AtomicU64,
 }
 
 impl RuleStats {
-    fn counters(&self) -> [&AtomicU64; 9] {
+    fn counters(&self) -> [&AtomicU64; 10] {
         [
+            &self.aggregated,
             &self.seen,
             &self.matched,
             &self.filtered,
@@ -63,7 +73,8 @@ impl RuleStats {
 
 /// A copy of one rule's counters. Under `foreach` the counts after `seen` are of elements
 /// (a `foreach` that fails counts one). They balance: `matched` = `throttled` +
-/// `deduplicated` + `errors` + `produced`.
+/// `deduplicated` + `errors` + `produced` (+ `aggregated`, whose roll-ups count in
+/// `produced` when their windows close).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleStatsSnapshot {
     /// The rule's name.
@@ -85,6 +96,8 @@ pub struct RuleStatsSnapshot {
     pub untracked: u64,
     /// Transforms that failed: the message went to the rule's `on_error` sink.
     pub errors: u64,
+    /// Messages (elements) folded into an `aggregate` window.
+    pub aggregated: u64,
     /// Messages the rule sent to its sinks (as published, or made by its transforms).
     pub produced: u64,
 }
@@ -110,6 +123,9 @@ pub struct Output {
     pub made: Made,
     /// The sinks it goes to (the rule's `to`, or its `on_error`).
     pub sinks: Vec<usize>,
+    /// Its topic when not the input's: an `aggregate` roll-up's is that of its window's
+    /// last message.
+    pub topic: Option<String>,
 }
 
 #[derive(Debug)]
@@ -120,6 +136,8 @@ struct Unit {
     keys: Vec<String>,
     /// `None`: the message as published.
     made: Option<Made>,
+    /// For an `aggregate` rule: the message's key and value, folded into its window.
+    fold: Option<(String, Option<f64>)>,
 }
 
 /// What the rules do with one message: filled by [`Router::route`], decided by
@@ -129,6 +147,8 @@ pub struct Routing {
     units: Vec<Unit>,
     /// The rules whose filters may match (reused).
     candidates: Vec<usize>,
+    /// The message's topic, kept for an `aggregate` window.
+    topic: String,
     seen: Vec<usize>,
     filtered: Vec<usize>,
     condition_errors: Vec<usize>,
@@ -167,6 +187,9 @@ pub enum TraceStep {
     Failed(String, Vec<usize>),
     /// Sent on to these sinks: as published (`None`) or the message the rule made.
     Sent(Option<Value>, Vec<usize>),
+    /// Folded into its `aggregate` window; the roll-up of a window it closed, sent to
+    /// these sinks.
+    Aggregated(Option<Value>, Vec<usize>),
 }
 
 impl Routing {
@@ -218,9 +241,11 @@ pub struct Router {
     record_use: RecordUse,
     /// Whether any expression reads `segments` (else the context has none).
     segments: bool,
+    /// Whether any rule aggregates.
+    aggregates: bool,
     stats: Vec<RuleStats>,
-    /// Per rule, per gate.
-    state: Mutex<Vec<Vec<GateState>>>,
+    /// Per rule: its gates' state and its open windows.
+    state: Mutex<Vec<RuleState>>,
 }
 
 impl Router {
@@ -229,7 +254,10 @@ impl Router {
         let stats = rules.iter().map(|_| RuleStats::default()).collect();
         let state = rules
             .iter()
-            .map(|r| r.gates.iter().map(|_| GateState::default()).collect())
+            .map(|r| RuleState {
+                gates: r.gates.iter().map(|_| GateState::default()).collect(),
+                windows: Windows::default(),
+            })
             .collect();
         let index = FilterIndex::new(
             rules
@@ -237,6 +265,7 @@ impl Router {
                 .enumerate()
                 .map(|(i, r)| (i, r.from.as_slice())),
         );
+        let aggregates = rules.iter().any(|r| r.aggregate.is_some());
         let mut record_use = RecordUse::Nothing;
         let mut segments = false;
         for rule in &rules {
@@ -246,7 +275,11 @@ impl Router {
             }
             let keys = rule.gates.iter().filter_map(|g| g.key.as_ref());
             let sets = rule.transforms.set.iter().map(|(_, e)| e);
-            for e in rule.foreach.iter().chain(keys).chain(sets) {
+            let folds = rule
+                .aggregate
+                .iter()
+                .flat_map(|a| a.key.iter().chain(a.value.iter()));
+            for e in rule.foreach.iter().chain(keys).chain(sets).chain(folds) {
                 record_use.add(&e.record_use());
                 segments |= e.names("segments");
             }
@@ -256,9 +289,15 @@ impl Router {
             index,
             record_use,
             segments,
+            aggregates,
             stats,
             state: Mutex::new(state),
         }
+    }
+
+    /// True when a rule aggregates (has windows to close).
+    pub fn aggregates(&self) -> bool {
+        self.aggregates
     }
 
     /// The rules, in order.
@@ -271,6 +310,9 @@ impl Router {
         routing.clear();
         // the CEL context is built lazily, once per message, only if an expression needs it
         let mut ctx: Option<Context<'_, '_>> = None;
+        if self.aggregates {
+            msg.topic.clone_into(&mut routing.topic);
+        }
         let mut candidates = std::mem::take(&mut routing.candidates);
         self.index.candidates(&msg.topic, &mut candidates);
         for &index in &candidates {
@@ -283,12 +325,14 @@ impl Router {
                 && rule.condition.is_none()
                 && rule.gates.is_empty()
                 && rule.transforms.is_empty()
+                && rule.aggregate.is_none()
             {
                 routing.units.push(Unit {
                     rule: index,
                     part: 0,
                     keys: Vec::new(),
                     made: None,
+                    fold: None,
                 });
                 continue;
             }
@@ -391,6 +435,41 @@ impl Router {
                 },
             }
         }
+        if let Some(agg) = &rule.aggregate {
+            let key = match &agg.key {
+                None => Ok(String::new()),
+                Some(k) => k
+                    .evaluate_key(ctx)
+                    .map_err(|e| format!("aggregate.key `{}`: {e}", k.source())),
+            };
+            let value = match &agg.value {
+                None => Ok(None),
+                Some(v) => v
+                    .evaluate(ctx)
+                    .map_err(|e| format!("aggregate.value `{}`: {e}", v.source()))
+                    .and_then(|x| match x {
+                        CelValue::Int(n) => Ok(Some(n as f64)),
+                        CelValue::UInt(n) => Ok(Some(n as f64)),
+                        CelValue::Float(n) => Ok(Some(n)),
+                        other => Err(format!(
+                            "aggregate.value `{}` is a {:?}, not a number",
+                            v.source(),
+                            other.type_of()
+                        )),
+                    }),
+            };
+            routing.units.push(match (key, value) {
+                (Ok(key), Ok(value)) => Unit {
+                    rule: index,
+                    part,
+                    keys,
+                    made: None,
+                    fold: Some((key, value)),
+                },
+                (Err(e), _) | (_, Err(e)) => failed(index, part, e),
+            });
+            return;
+        }
         let base = match base {
             Base::Published(_) if rule.transforms.is_empty() => None,
             // copied only for a rule that changes it
@@ -406,6 +485,7 @@ impl Router {
             part,
             keys,
             made,
+            fold: None,
         });
     }
 
@@ -423,7 +503,10 @@ impl Router {
                 .condition_errors
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let any_gate = routing.units.iter().any(|u| !u.keys.is_empty());
+        let any_gate = routing
+            .units
+            .iter()
+            .any(|u| !u.keys.is_empty() || u.fold.is_some());
         let mut state = any_gate.then(|| self.state.lock().unwrap_or_else(|p| p.into_inner()));
         for unit in routing.units.drain(..) {
             let rule = &self.rules[unit.rule];
@@ -444,13 +527,14 @@ impl Router {
                     part: unit.part,
                     made: Made::Failed(error),
                     sinks: vec![rule.on_error],
+                    topic: None,
                 });
                 continue;
             }
             let mut held = false;
             if let Some(state) = state.as_mut() {
                 for (g, (gate, key)) in rule.gates.iter().zip(&unit.keys).enumerate() {
-                    match state[unit.rule][g].admit(gate, key, now_ms) {
+                    match state[unit.rule].gates[g].admit(gate, key, now_ms) {
                         Verdict::Pass => {}
                         Verdict::Untracked => {
                             stats.untracked.fetch_add(1, Ordering::Relaxed);
@@ -484,6 +568,49 @@ impl Router {
             if held {
                 continue;
             }
+            if let (Some((key, value)), Some(agg), Some(state)) =
+                (unit.fold, &rule.aggregate, state.as_mut())
+            {
+                let folded = state[unit.rule]
+                    .windows
+                    .fold(agg, key, value, &routing.topic, now_ms);
+                match folded {
+                    Ok(closed) => {
+                        stats.aggregated.fetch_add(1, Ordering::Relaxed);
+                        if let Some(trace) = routing.trace.as_mut() {
+                            trace.push(Traced {
+                                rule: unit.rule,
+                                part: unit.part,
+                                what: TraceStep::Aggregated(
+                                    closed.as_ref().map(|c| c.body.clone()),
+                                    rule.to.clone(),
+                                ),
+                            });
+                        }
+                        if let Some(closed) = closed {
+                            stats.produced.fetch_add(1, Ordering::Relaxed);
+                            routing.produced.push(Output {
+                                rule: unit.rule,
+                                part: 0,
+                                made: Made::Message(closed.body),
+                                sinks: rule.to.clone(),
+                                topic: Some(closed.topic),
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        routing.produced.push(Output {
+                            rule: unit.rule,
+                            part: unit.part,
+                            made: Made::Failed(error),
+                            sinks: vec![rule.on_error],
+                            topic: None,
+                        });
+                    }
+                }
+                continue;
+            }
             stats.produced.fetch_add(1, Ordering::Relaxed);
             if let Some(trace) = routing.trace.as_mut() {
                 let made = match &unit.made {
@@ -509,9 +636,35 @@ impl Router {
                     part: unit.part,
                     made,
                     sinks: rule.to.clone(),
+                    topic: None,
                 }),
             }
         }
+    }
+
+    /// Closes every `aggregate` window whose end is at or before `now_ms` (with `all`,
+    /// every window, those not over marked partial): one roll-up each, for its rule's
+    /// sinks, on its own topic.
+    pub fn close_windows(&self, now_ms: i64, all: bool) -> Vec<Output> {
+        if !self.aggregates {
+            return Vec::new();
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (index, rule) in self.rules.iter().enumerate() {
+            let Some(agg) = &rule.aggregate else { continue };
+            for closed in state[index].windows.close_due(agg, now_ms, all) {
+                self.stats[index].produced.fetch_add(1, Ordering::Relaxed);
+                out.push(Output {
+                    rule: index,
+                    part: 0,
+                    made: Made::Message(closed.body),
+                    sinks: rule.to.clone(),
+                    topic: Some(closed.topic),
+                });
+            }
+        }
+        out
     }
 
     /// Steps 1 and 2 at once, for a message known to be accepted (tests, tools).
@@ -544,7 +697,12 @@ impl Router {
                     .iter()
                     .position(|o| o.fingerprint() == print)
                 {
-                    state[i][g] = std::mem::take(&mut old_state[j][h]);
+                    state[i].gates[g] = std::mem::take(&mut old_state[j].gates[h]);
+                }
+            }
+            if let (Some(mine), Some(theirs)) = (&rule.aggregate, &old.rules[j].aggregate) {
+                if mine.fingerprint() == theirs.fingerprint() {
+                    state[i].windows = std::mem::take(&mut old_state[j].windows);
                 }
             }
         }
@@ -559,10 +717,11 @@ impl Router {
             }
         }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        for gates in state.iter_mut() {
-            for g in gates.iter_mut() {
+        for rule in state.iter_mut() {
+            for g in rule.gates.iter_mut() {
                 *g = GateState::default();
             }
+            rule.windows = Windows::default();
         }
     }
 
@@ -583,6 +742,7 @@ impl Router {
                     deduplicated: get(&s.deduplicated),
                     untracked: get(&s.untracked),
                     errors: get(&s.errors),
+                    aggregated: get(&s.aggregated),
                     produced: get(&s.produced),
                 }
             })
@@ -610,6 +770,7 @@ fn failed(rule: usize, part: u32, error: String) -> Unit {
         part,
         keys: Vec::new(),
         made: Some(Made::Failed(error)),
+        fold: None,
     }
 }
 

@@ -297,30 +297,15 @@ pub fn run(router: &Router, sinks: &[&str], test: &RuleTest) -> Result<(), Strin
             for &s in &routing.direct {
                 got[s].messages.push((msg.clone(), None));
             }
-            for out in &routing.produced {
-                match &out.made {
-                    Made::Message(body) => {
-                        let made = crate::router::encode_made(body);
-                        match Message::decode(&msg.topic, &made) {
-                            Ok(mut m) => {
-                                m.received = now;
-                                for &s in &out.sinks {
-                                    got[s].messages.push((m.clone(), None));
-                                }
-                            }
-                            Err(e) => problems.push(format!(
-                                "input {}: a message made cannot be decoded: {e}",
-                                n + 1
-                            )),
-                        }
-                    }
-                    Made::Failed(error) => {
-                        for &s in &out.sinks {
-                            got[s].messages.push((msg.clone(), Some(error.clone())));
-                        }
-                    }
-                }
-            }
+            let produced = std::mem::take(&mut routing.produced);
+            deliver(&produced, &msg, now, &mut got, &mut problems);
+        }
+    }
+    // the inputs are over: every open `aggregate` window closes
+    if let Some(last) = test.inputs.last() {
+        let produced = router.close_windows(i64::MAX, false);
+        if let Ok(msg) = Message::decode(&last.topic, &last.payload) {
+            deliver(&produced, &msg, now, &mut got, &mut problems);
         }
     }
     for (s, name) in sinks.iter().enumerate() {
@@ -388,6 +373,38 @@ pub fn run(router: &Router, sinks: &[&str], test: &RuleTest) -> Result<(), Strin
     match problems.is_empty() {
         true => Ok(()),
         false => Err(problems.join("\n")),
+    }
+}
+
+/// Hands what the rules made of `msg` (or, for a roll-up, on its own topic) to the sinks.
+fn deliver(
+    produced: &[crate::router::Output],
+    msg: &Message,
+    now: chrono::DateTime<Utc>,
+    got: &mut [Got],
+    problems: &mut Vec<String>,
+) {
+    for out in produced {
+        match &out.made {
+            Made::Message(body) => {
+                let made = crate::router::encode_made(body);
+                let topic = out.topic.as_deref().unwrap_or(&msg.topic);
+                match Message::decode(topic, &made) {
+                    Ok(mut m) => {
+                        m.received = now;
+                        for &s in &out.sinks {
+                            got[s].messages.push((m.clone(), None));
+                        }
+                    }
+                    Err(e) => problems.push(format!("a message made cannot be decoded: {e}")),
+                }
+            }
+            Made::Failed(error) => {
+                for &s in &out.sinks {
+                    got[s].messages.push((msg.clone(), Some(error.clone())));
+                }
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use fleetbus_sinks::{builtin_dead_letters, SinkConfig, SinkKind, BUILTIN_DEAD_LE
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::aggregate::Aggregate;
 use crate::condition::Condition;
 use crate::filter::TopicFilter;
 use crate::stateful::{Gate, GateKind, Rate, DEFAULT_MAX_KEYS};
@@ -75,6 +76,21 @@ struct RawRule {
     dedupe: Option<Spanned<RawGate>>,
     #[serde(default)]
     on_error: Option<Spanned<String>>,
+    #[serde(default)]
+    aggregate: Option<Spanned<RawAggregate>>,
+}
+
+/// `aggregate = { key, value, window, max_keys }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAggregate {
+    #[serde(default)]
+    key: Option<Spanned<String>>,
+    #[serde(default)]
+    value: Option<Spanned<String>>,
+    window: Spanned<String>,
+    #[serde(default)]
+    max_keys: Option<Spanned<usize>>,
 }
 
 /// `throttle = { key, rate, max_keys }` or `dedupe = { key, window, max_keys }`.
@@ -114,6 +130,8 @@ pub struct Rule {
     pub transforms: Transforms,
     /// `dedupe`, then `throttle`, when set.
     pub gates: Vec<Gate>,
+    /// Tumbling windows per key, each closing into one roll-up message.
+    pub aggregate: Option<Aggregate>,
     /// Where a message goes when a transform fails for it (index into
     /// [`RuleSet::sinks`]; the built-in dead-letter sink unless the rule names one).
     pub on_error: usize,
@@ -123,7 +141,7 @@ impl Rule {
     /// True when the rule makes new messages (`foreach` or a transform) rather than
     /// passing them on as published.
     pub fn makes_messages(&self) -> bool {
-        self.foreach.is_some() || !self.transforms.is_empty()
+        self.foreach.is_some() || !self.transforms.is_empty() || self.aggregate.is_some()
     }
 }
 
@@ -401,6 +419,48 @@ impl RuleSet {
                     }
                 }
             }
+            let aggregate = r.aggregate.as_ref().and_then(|raw| {
+                let a = raw.get_ref();
+                let key = a
+                    .key
+                    .as_ref()
+                    .and_then(|src| expression(&mut problems, "aggregate.key", src, more));
+                let value = a
+                    .value
+                    .as_ref()
+                    .and_then(|src| expression(&mut problems, "aggregate.value", src, more));
+                let window = match humantime::parse_duration(a.window.get_ref()) {
+                    Ok(d) if d.as_millis() > 0 => Some(d),
+                    Ok(_) => {
+                        problems.push(at(a.window.span(), format!("rule `{name}`: aggregate.window: must be above zero")));
+                        None
+                    }
+                    Err(e) => {
+                        problems.push(at(a.window.span(), format!("rule `{name}`: aggregate.window `{}`: {e}", a.window.get_ref())));
+                        None
+                    }
+                };
+                let max_keys = match &a.max_keys {
+                    Some(m) if *m.get_ref() == 0 => {
+                        problems.push(at(m.span(), format!("rule `{name}`: aggregate.max_keys: must be at least 1")));
+                        1
+                    }
+                    Some(m) => *m.get_ref(),
+                    None => DEFAULT_MAX_KEYS,
+                };
+                if !r.set.is_empty() || !r.rename.is_empty() || !r.drop.is_empty() || !r.keep.is_empty() {
+                    problems.push(at(raw.span(), format!("rule `{name}`: aggregate sends its roll-ups as they are: `set`, `rename`, `drop` and `keep` cannot go with it")));
+                }
+                let ok = window.is_some()
+                    && (a.key.is_none() || key.is_some())
+                    && (a.value.is_none() || value.is_some());
+                ok.then(|| Aggregate {
+                    key,
+                    value,
+                    window: window.unwrap_or_default(),
+                    max_keys,
+                })
+            });
             let on_error = match &r.on_error {
                 None => sink_index(BUILTIN_DEAD_LETTERS).unwrap_or(0),
                 Some(s) => match sink_index(s.get_ref()) {
@@ -428,6 +488,7 @@ impl RuleSet {
                     foreach,
                     transforms,
                     gates,
+                    aggregate,
                     on_error,
                 });
             }

@@ -17,6 +17,8 @@ type = "stdout"
 type = "stdout"
 [sinks.dead]
 type = "stdout"
+[sinks.rollups]
+type = "stdout"
 
 [[rules]]
 name = "disk-points"
@@ -42,6 +44,28 @@ name = "noisy-logs"
 from = ["fleet/+/telemetry/logs"]
 throttle = { key = "agent", rate = "3/1m" }
 to = ["archive"]
+
+[[rules]]
+name = "cpu-per-minute"
+from = ["fleet/+/telemetry/cpu"]
+aggregate = { key = "agent", value = "record.value", window = "1m" }
+to = ["rollups"]
+on_error = "dead"
+
+[[tests]]
+name = "a minute of samples per agent becomes one roll-up, closed by the next minute or the end"
+inputs = [
+  { topic = "fleet/a/telemetry/cpu", record = { value = 10.0 } },
+  { topic = "fleet/a/telemetry/cpu", record = { value = 30.0 }, after = "10s" },
+  { topic = "fleet/b/telemetry/cpu", record = { value = 5 } },
+  { topic = "fleet/a/telemetry/cpu", record = { value = 50.0 }, after = "1m" },
+]
+expect = [{ sink = "rollups", count = 3, where = '''msg.stream == "cpu" && msg.agent == msg.key && ((msg.key == "a" && msg.count == 2u && msg.sum == 40.0 && msg.avg == 20.0 && msg.min == 10.0 && msg.max == 30.0 && msg.last == 30.0) || (msg.key == "b" && msg.count == 1u && msg.sum == 5.0) || (msg.key == "a" && msg.count == 1u && msg.last == 50.0))''' }]
+
+[[tests]]
+name = "a value that is not a number goes to on_error"
+input = { topic = "fleet/a/telemetry/cpu", record = { value = "high" } }
+expect = [{ sink = "dead", count = 1, error = "not a number" }]
 
 [[tests]]
 name = "a disk metric becomes one point, other metrics none"
@@ -102,7 +126,7 @@ fn run_all(text: &str) -> Vec<(String, Result<(), String>)> {
 #[test]
 fn every_transform_and_stateful_operation_does_what_its_tests_say() {
     let results = run_all(RULES);
-    assert_eq!(results.len(), 6);
+    assert_eq!(results.len(), 8);
     for (name, result) in results {
         assert!(
             result.is_ok(),
@@ -150,7 +174,7 @@ fn a_failing_test_says_what_each_sink_got() {
     let wher = diff("where");
     assert!(wher.contains("`msg.line == 2` is Bool(false)"), "{wher}");
     // the others still pass: every test starts from empty state
-    assert_eq!(results.iter().filter(|(_, r)| r.is_ok()).count(), 6);
+    assert_eq!(results.iter().filter(|(_, r)| r.is_ok()).count(), 8);
 }
 
 #[test]
@@ -197,4 +221,36 @@ expect = [{ sink = "b", where = "msg.x >" }]
         );
     }
     assert_eq!(problems.len(), expect.len(), "{problems:#?}");
+}
+
+#[test]
+fn an_aggregate_is_checked_at_its_keys() {
+    let text = r#"[sinks.a]
+type = "stdout"
+[[rules]]
+name = "r"
+from = ["fleet/+/telemetry/cpu"]
+aggregate = { key = "agnt", value = "record.value", window = "0s", max_keys = 0 }
+set = { x = "1" }
+to = ["a"]
+"#;
+    let problems: Vec<String> = match RuleSet::parse(Path::new("r.toml"), text) {
+        Ok(_) => panic!("should be refused"),
+        Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+    };
+    for want in [
+        "rule `r`: bad `aggregate.key` expression: unknown variable `agnt`",
+        "rule `r`: aggregate.window: must be above zero",
+        "rule `r`: aggregate.max_keys: must be at least 1",
+        "rule `r`: aggregate sends its roll-ups as they are",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(want)),
+            "missing {want}\n{problems:#?}"
+        );
+    }
+    assert!(
+        problems.iter().all(|p| p.starts_with("r.toml:6:")),
+        "{problems:#?}"
+    );
 }

@@ -73,7 +73,7 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
         family(name, kind, help, &[(String::new(), value)]);
     }
     type RuleField = fn(&RuleStatsSnapshot) -> u64;
-    let rules: [(&str, &str, RuleField); 9] = [
+    let rules: [(&str, &str, RuleField); 10] = [
         (
             "fleetbus_rule_seen_total",
             "Messages each rule's topic filters matched.",
@@ -108,6 +108,11 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
             "fleetbus_rule_untracked_total",
             "Messages a rule's throttle or dedupe let through because its table of keys was full.",
             |r| r.untracked,
+        ),
+        (
+            "fleetbus_rule_aggregated_total",
+            "Messages (elements) folded into a rule's aggregate windows.",
+            |r| r.aggregated,
         ),
         (
             "fleetbus_rule_errors_total",

@@ -91,7 +91,7 @@ fn every_problem_is_reported_at_its_key() {
             "url: `ftp://x` must start with http:// or https://",
             "database: set `database` (InfluxDB 1.x, `/write`) or `org` and `bucket` (2.x, `/api/v2/write`), not both",
             "org: is needed with `bucket`",
-            "measurement: `{metric}_{nope}`: unknown placeholder `{nope}` (known: {metric}, {agent}, {stream}, {seq}, {epoch}, {topic.N}, {file.name}, {file.sha256}, {file.id}, {file.size}, {file.meta.KEY})",
+            "measurement: `{metric}_{nope}`: unknown placeholder `{nope}` (known: {metric}, {agent}, {stream}, {seq}, {epoch}, {topic.N}, {record.FIELD}, {file.name}, {file.sha256}, {file.id}, {file.size}, {file.meta.KEY}; any with a fallback: {record.FIELD | \"unknown\"})",
         ]
     );
     assert_eq!(
