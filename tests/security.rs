@@ -396,3 +396,100 @@ async fn metric_points_carry_the_credentials_groups_not_those_the_birth_message_
         serde_json::json!([["2026-12-01T10:00:01Z", 0.5, "linux,web"]])
     );
 }
+
+/// SIGHUP reloads the topic policy file: a live connection whose grants the new policy
+/// changes is dropped and comes back under it (what it may publish is then the new
+/// policy's); a broken policy file is refused and the policy in effect stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_topic_policy_and_drops_the_connections_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let policy = |prefix: &str| {
+        format!(
+            "[[rule]]\nname = \"devices\"\nrole = \"agent\"\nactions = [\"publish\"]\ntopics = [\"{prefix}/${{client_id}}/#\"]\n"
+        )
+    };
+    fs::write(d.join("policy.toml"), policy("site")).unwrap();
+    fs::write(d.join("rules.toml"), "").unwrap();
+    let port = common::free_port();
+    let config = format!(
+        "data_dir = \"data\"\n{}[rules]\nfile = \"rules.toml\"\n[broker]\nlisten = \"127.0.0.1:{port}\"\n\
+         [broker.security]\nenforce = true\npolicy = \"policy.toml\"\n",
+        common::admin_table()
+    );
+    let server = common::ServeProc::start(d, &config, move || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let token = common::fleetbus_with_data(&d.join("data"), &["agents", "enroll", "dev1"]);
+    let token = token.trim();
+    let hangup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(server.pid().unwrap() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    let (client, mut events) = connect(port, "dev1", token).await;
+    client
+        .publish("site/dev1/reading", QoS::AtLeastOnce, false, "1")
+        .await
+        .unwrap();
+    assert!(
+        !disconnected(&mut events, Duration::from_millis(500)).await,
+        "allowed by the first policy"
+    );
+
+    // the same rule now grants another prefix: dev1's grants change, its connection goes
+    fs::write(d.join("policy.toml"), policy("plant")).unwrap();
+    hangup();
+    assert!(
+        disconnected(&mut events, Duration::from_secs(10)).await,
+        "dropped by the reload\n{}",
+        server.log()
+    );
+    assert!(
+        poll_until(Duration::from_secs(5), || server
+            .log()
+            .contains("topic policy reloaded")),
+        "{}",
+        server.log()
+    );
+    // back under the new policy: the old prefix is a violation, the new one is not
+    let (client, mut events) = connect(port, "dev1", token).await;
+    client
+        .publish("plant/dev1/reading", QoS::AtLeastOnce, false, "2")
+        .await
+        .unwrap();
+    assert!(
+        !disconnected(&mut events, Duration::from_millis(500)).await,
+        "allowed by the new policy"
+    );
+    client
+        .publish("site/dev1/reading", QoS::AtLeastOnce, false, "3")
+        .await
+        .unwrap();
+    assert!(
+        disconnected(&mut events, Duration::from_secs(5)).await,
+        "the old prefix is refused now"
+    );
+
+    // a broken policy file changes nothing
+    fs::write(d.join("policy.toml"), "[[rule]]\nname = \"bad\"\n").unwrap();
+    let (client, mut events) = connect(port, "dev1", token).await;
+    hangup();
+    assert!(
+        poll_until(Duration::from_secs(5), || server
+            .log()
+            .contains("topic policy not reloaded")),
+        "{}",
+        server.log()
+    );
+    client
+        .publish("plant/dev1/reading", QoS::AtLeastOnce, false, "4")
+        .await
+        .unwrap();
+    assert!(
+        !disconnected(&mut events, Duration::from_millis(500)).await,
+        "still the policy in effect"
+    );
+}

@@ -239,3 +239,82 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     );
     agent.kill();
 }
+
+/// SIGHUP rotates the certificate: the files are replaced on disk (a certificate from a
+/// new CA), and new handshakes get the new one while the server keeps running; a broken
+/// certificate file is refused and the one in use stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_certificate_and_a_broken_one_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca_file, server_cert, _ca) = certificates(d);
+    let tls_port = free_port();
+    let (_plain_port, server) = start_server(
+        d,
+        &format!(
+            "listen = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            server_cert.cert.display(),
+            server_cert.key.display()
+        ),
+    );
+    let url = format!("mqtts://127.0.0.1:{tls_port}");
+    let trusting = |ca: std::path::PathBuf| TlsFiles {
+        ca_file: Some(ca),
+        ..TlsFiles::default()
+    };
+    // reaching the broker (which then wants a token) means the handshake passed
+    let handshake_passes = |outcome: &Result<(), ConnectionError>| {
+        matches!(
+            outcome,
+            Err(ConnectionError::ConnectionRefused(
+                rumqttc::ConnectReturnCode::BadUserNamePassword
+            ))
+        )
+    };
+    assert!(handshake_passes(
+        &connect(&url, &trusting(ca_file.clone()), "a").await
+    ));
+
+    let hangup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(server.pid().unwrap() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    // a new CA's certificate in place of the old one
+    let new_ca = TestCa::new("fleetbus rotated CA").unwrap();
+    let new_ca_file = new_ca.write_ca(d, "new-ca").unwrap();
+    let fresh = new_ca
+        .issue(d, "fresh", &["localhost", "127.0.0.1"])
+        .unwrap();
+    fs::copy(&fresh.cert, &server_cert.cert).unwrap();
+    fs::copy(&fresh.key, &server_cert.key).unwrap();
+    hangup();
+    assert!(
+        poll_until(Duration::from_secs(10), || server
+            .log()
+            .contains("TLS certificate and key reloaded")),
+        "{}",
+        server.log()
+    );
+    assert!(handshake_passes(
+        &connect(&url, &trusting(new_ca_file.clone()), "b").await
+    ));
+    let old = format!("{:?}", connect(&url, &trusting(ca_file), "c").await);
+    assert!(old.contains("InvalidCertificate(UnknownIssuer)"), "{old}");
+
+    // a broken certificate file: refused, the rotated one stays
+    fs::write(&server_cert.cert, "not a certificate").unwrap();
+    hangup();
+    assert!(
+        poll_until(Duration::from_secs(10), || server
+            .log()
+            .contains("TLS certificate not reloaded")),
+        "{}",
+        server.log()
+    );
+    assert!(handshake_passes(
+        &connect(&url, &trusting(new_ca_file), "d").await
+    ));
+}

@@ -63,6 +63,9 @@ pub struct SecurityCounters {
     pub limited_retained: AtomicU64,
     /// Accept loops that backed off because the process ran out of file descriptors.
     pub accept_backoffs: AtomicU64,
+    /// Reloads (SIGHUP) of the topic policy file or the TLS certificate that failed (the
+    /// ones in use stayed).
+    pub reload_failures: AtomicU64,
     /// HTTP connections (metrics, admin) closed at once because the endpoint's connection
     /// cap was reached.
     pub http_refused_connections: AtomicU64,
@@ -163,7 +166,7 @@ pub struct Guard {
     reserved: RwLock<HashSet<String>>,
     /// Retained messages accepted from network clients: bytes per topic, and their sum.
     retained: Mutex<(HashMap<String, usize>, usize)>,
-    policy: Policy,
+    policy: RwLock<Arc<Policy>>,
     credentials: RwLock<Arc<Credentials>>,
     sessions: Mutex<Sessions>,
     events: Option<EventSink>,
@@ -194,7 +197,7 @@ impl Guard {
             max_connections: usize::MAX,
             reserved: RwLock::new(HashSet::new()),
             retained: Mutex::new((HashMap::new(), 0)),
-            policy,
+            policy: RwLock::new(Arc::new(policy)),
             credentials: RwLock::new(Arc::new(credentials)),
             sessions: Mutex::new(Sessions::default()),
             events,
@@ -301,6 +304,35 @@ impl Guard {
         };
         *self.credentials.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(credentials);
         stale
+    }
+
+    /// Puts `policy` in effect for the connections admitted from now on, and returns the
+    /// client ids of the live connections whose grants it changes: the caller drops them,
+    /// and they come back under the new policy (a connection keeps the grants it was
+    /// admitted with).
+    pub fn set_policy(&self, policy: Policy) -> Vec<String> {
+        let old = self
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let changed: Vec<String> = self
+            .sessions()
+            .live
+            .iter()
+            .filter_map(|(id, l)| {
+                // as at login: the credential's identity (a bootstrap login's under the
+                // connection's client id)
+                let credential = l.credential.as_ref()?;
+                let mut identity = credential.identity();
+                if credential.role == crate::acl::Role::Bootstrap {
+                    identity.client_id = id.clone();
+                }
+                (old.grants_for(&identity) != policy.grants_for(&identity)).then(|| id.clone())
+            })
+            .collect();
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+        changed
     }
 
     /// The groups of the agent credential `client_id`'s live connection logged in with
@@ -467,7 +499,12 @@ impl Guard {
                 .clone();
             match credentials.authenticate(client_id, username, password) {
                 Ok(login) => {
-                    grants = Some(Arc::new(self.policy.grants_for(&login.identity)));
+                    let policy = self
+                        .policy
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    grants = Some(Arc::new(policy.grants_for(&login.identity)));
                     credential = Some(login.credential.clone());
                 }
                 Err(failure) => {

@@ -85,6 +85,8 @@ pub struct EmbeddedBroker {
     connections_factory: ConnectionsFactory,
     listener: Option<tokio::task::JoinHandle<()>>,
     tls_listeners: Vec<tokio::task::JoinHandle<()>>,
+    /// The TLS listeners' certificate and key, swapped by [`EmbeddedBroker::reload_tls`].
+    tls_acceptor: Option<tls_listener::SharedAcceptor>,
 }
 
 impl EmbeddedBroker {
@@ -137,6 +139,7 @@ impl EmbeddedBroker {
             connections_factory,
             listener: None,
             tls_listeners: Vec::new(),
+            tls_acceptor: None,
         })
     }
 
@@ -215,7 +218,10 @@ impl EmbeddedBroker {
         if listeners.iter().all(|(addr, _, _)| addr.is_none()) {
             return Ok(());
         }
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls_listener::server_config(tls)?);
+        let acceptor: tls_listener::SharedAcceptor = Arc::new(std::sync::RwLock::new(
+            tokio_rustls::TlsAcceptor::from(tls_listener::server_config(tls)?),
+        ));
+        self.tls_acceptor = Some(acceptor.clone());
         for (addr, websocket, key) in listeners {
             let Some(addr) = addr else { continue };
             let listener = tls_listener::TlsListener {
@@ -229,6 +235,18 @@ impl EmbeddedBroker {
             self.tls_listeners.push(tokio::spawn(listener.run()));
         }
         Ok(())
+    }
+
+    /// Reads the TLS listeners' certificate, key and client CA files again (rotated on
+    /// disk) and uses them for every handshake from now on; connections already up keep
+    /// theirs. `Ok(false)` when no TLS listener is open; on an error the files in use stay.
+    pub fn reload_tls(&self) -> Result<bool, BrokerError> {
+        let Some(acceptor) = &self.tls_acceptor else {
+            return Ok(false);
+        };
+        let fresh = tokio_rustls::TlsAcceptor::from(tls_listener::server_config(&self.config.tls)?);
+        *acceptor.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        Ok(true)
     }
 
     /// The configuration the broker runs with.

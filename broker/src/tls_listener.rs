@@ -64,10 +64,14 @@ pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, Broker
     Ok(Arc::new(config))
 }
 
+/// The acceptor every TLS listener of a broker shares, swapped when the certificate is
+/// rotated ([`crate::EmbeddedBroker::reload_tls`]).
+pub(crate) type SharedAcceptor = Arc<std::sync::RwLock<TlsAcceptor>>;
+
 /// One encrypted listener.
 pub(crate) struct TlsListener {
     pub(crate) listener: TcpListener,
-    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) acceptor: SharedAcceptor,
     pub(crate) websocket: bool,
     pub(crate) connections: Connections<PolicyProtocol>,
     pub(crate) guard: Arc<Guard>,
@@ -122,8 +126,13 @@ impl TlsListener {
         &self,
         stream: tokio::net::TcpStream,
     ) -> Result<(Box<dyn ConnectionStream>, Option<Vec<String>>), String> {
-        let tls = self
+        // the certificate in use when the handshake starts
+        let acceptor = self
             .acceptor
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let tls = acceptor
             .accept(stream)
             .await
             .map_err(|e| format!("TLS: {e}"))?;

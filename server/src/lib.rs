@@ -119,6 +119,9 @@ pub struct Server {
     reporter: JoinHandle<()>,
     reloader: Arc<rules_reload::RulesReloader>,
     watcher: Option<JoinHandle<()>>,
+    /// `[broker.security] policy`, read again by [`Server::reload`].
+    policy_file: Option<std::path::PathBuf>,
+    guard: Arc<fleetbus_broker::Guard>,
     files: FileServiceHandle,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
     admin: Option<(SocketAddr, JoinHandle<()>)>,
@@ -303,6 +306,8 @@ impl Server {
             reporter,
             reloader,
             watcher,
+            policy_file: config.broker.security.policy.clone(),
+            guard,
             files: FileServiceHandle {
                 counters: file_counters,
                 thread: Some(file_thread),
@@ -334,10 +339,51 @@ impl Server {
         self.admin.as_ref().map(|a| a.0)
     }
 
-    /// Reloads the rules file (SIGHUP): read, checked and tested first; on an error the
-    /// rules in effect stay and the error is returned (and kept for `GET /rules`).
+    /// Reloads what SIGHUP reloads: the topic policy file (live connections whose grants
+    /// it changes are dropped and come back under it), the TLS certificate, key and client
+    /// CA (new handshakes use them; connections up keep theirs), and the rules file (read,
+    /// checked and tested first). Each on its own: on an error the one in use stays, the
+    /// error is logged and counted. Returns the rules' outcome (also kept for
+    /// `GET /rules`).
     pub async fn reload(&self) -> Result<fleetbus_pipeline::ReloadReport, String> {
+        self.reload_broker();
         self.reloader.reload().await
+    }
+
+    /// The topic policy and the TLS certificate, read again.
+    fn reload_broker(&self) {
+        let failed = || {
+            self.guard
+                .counters()
+                .reload_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
+        if let Some(path) = &self.policy_file {
+            match fleetbus_broker::acl::Policy::load(path) {
+                Ok(policy) => {
+                    let changed = self.guard.set_policy(policy);
+                    let dropper = self.broker.dropper();
+                    for client_id in &changed {
+                        if let Err(e) = dropper.drop_client(client_id, "the topic policy changed") {
+                            tracing::error!(%client_id, error = %e, "cannot drop the connection");
+                        }
+                    }
+                    tracing::info!(file = %path.display(), dropped = changed.len(), "topic policy reloaded: connections whose grants changed were dropped and reconnect under it");
+                }
+                Err(e) => {
+                    failed();
+                    tracing::error!(error = %e, "topic policy not reloaded: the one in effect stays");
+                }
+            }
+        }
+        match self.broker.reload_tls() {
+            Ok(true) => tracing::info!("TLS certificate and key reloaded: new handshakes use them"),
+            Ok(false) => {}
+            Err(e) => {
+                failed();
+                tracing::error!(error = %e, "TLS certificate not reloaded: the one in use stays");
+            }
+        }
     }
 
     /// The generation of the rules in effect and the last refused reload.

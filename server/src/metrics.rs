@@ -175,6 +175,7 @@ pub fn render(s: &EngineStats, files: &FileCounters, security: &SecurityCounters
         ("fleetbus_broker_limited_retained_total", "Retained publishes refused because retained messages would exceed limits.retained_bytes.", load(&security.limited_retained)),
         ("fleetbus_broker_topic_cache_resets_total", "Times the broker's cache of topics was full (32,768) and started over: a client publishing very many distinct topics.", fleetbus_broker::topic_cache_resets()),
         ("fleetbus_accept_backoffs_total", "Times an accept loop (MQTT, TLS, HTTP) paused because the process had no file descriptor left.", load(&security.accept_backoffs)),
+        ("fleetbus_broker_reload_failures_total", "Reloads (SIGHUP) of the topic policy file or the TLS certificate that failed; the ones in use stayed.", load(&security.reload_failures)),
         ("fleetbus_http_refused_connections_total", "HTTP connections (metrics, admin) closed at once because the endpoint's connection cap was reached.", load(&security.http_refused_connections)),
         ("fleetbus_http_timed_out_total", "HTTP connections ended by the header timeout or the connection lifetime.", load(&security.http_timed_out)),
     ];
