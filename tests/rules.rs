@@ -244,11 +244,7 @@ fn metric(port: u16, name: &str) -> u64 {
 }
 
 fn hangup(server: &Proc) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.child.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    sighup(server.child.id());
 }
 
 /// Five agents stream heartbeats while SIGHUP reloads the rules three times: a sink added,
@@ -307,14 +303,7 @@ fn sighup_reloads_the_rules_under_load_and_a_broken_file_changes_nothing() {
         metric(metrics_port, "fleetbus_rules_reload_failures_total") == 1
     });
     assert_eq!(metric(metrics_port, "fleetbus_rules_generation"), 2);
-    let admin = std::fs::read_to_string(fx.path().join("server.toml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("listen = \"")
-                .map(|a| a.trim_end_matches('"').to_string())
-        })
-        .unwrap();
+    let admin = admin_addr(fx.path());
     let status: serde_json::Value = ureq::get(&format!("http://{admin}/rules"))
         .header("Authorization", &format!("Bearer {}", token.trim()))
         .call()
@@ -436,14 +425,7 @@ to = ["points"]
     drop(token);
     let _server = fx.serve(Some(rules), "server");
     fx.wait_listening();
-    let admin = std::fs::read_to_string(fx.path().join("server.toml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("listen = \"")
-                .map(|a| a.trim_end_matches('"').to_string())
-        })
-        .unwrap();
+    let admin = admin_addr(fx.path());
     let mut tap = std::process::Command::new(bin())
         .args([
             "rules",

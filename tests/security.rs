@@ -422,13 +422,7 @@ async fn sighup_reloads_the_topic_policy_and_drops_the_connections_it_changes() 
     });
     let token = common::fleetbus_with_data(&d.join("data"), &["agents", "enroll", "dev1"]);
     let token = token.trim();
-    let hangup = || {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(server.pid().unwrap() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap()
-    };
+    let hangup = || common::sighup(server.pid().unwrap());
     let (client, mut events) = connect(port, "dev1", token).await;
     client
         .publish("site/dev1/reading", QoS::AtLeastOnce, false, "1")

@@ -275,13 +275,7 @@ async fn sighup_rotates_the_certificate_and_a_broken_one_changes_nothing() {
         &connect(&url, &trusting(ca_file.clone()), "a").await
     ));
 
-    let hangup = || {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(server.pid().unwrap() as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .unwrap()
-    };
+    let hangup = || common::sighup(server.pid().unwrap());
     // a new CA's certificate in place of the old one
     let new_ca = TestCa::new("fleetbus rotated CA").unwrap();
     let new_ca_file = new_ca.write_ca(d, "new-ca").unwrap();

@@ -690,26 +690,13 @@ impl Inner {
                     None => Some(msg.clone()),
                     Some(_) => fleetbus_sinks::decode_entry(&entry).ok(),
                 };
-                match self.wal.append(&entry) {
-                    Ok((index, size)) => {
-                        for name in &entry.sinks {
-                            if let Some(t) = topology.index(name) {
-                                topology.sink_stats[t].routed(size);
-                            }
-                            if !all_sinks.contains(name) {
-                                all_sinks.push(name.clone());
-                            }
-                        }
-                        if let Some(message) = message {
-                            self.tail.insert(TailEntry {
-                                index,
-                                entry: Arc::new(entry),
-                                size,
-                                message: Arc::new(message),
-                            });
-                        }
-                        appended = Some(index);
+                for name in &entry.sinks {
+                    if !all_sinks.contains(name) {
+                        all_sinks.push(name.clone());
                     }
+                }
+                match self.append(&topology, entry, message) {
+                    Ok(index) => appended = Some(index),
                     Err(e) => {
                         self.counters.refused.fetch_add(1, Ordering::Relaxed);
                         if let Some(left_out) = self.log_errors.admit() {
@@ -768,31 +755,39 @@ impl Inner {
                 )
             };
             let message = fleetbus_sinks::decode_entry(&entry).ok();
-            match self.wal.append(&entry) {
-                Ok((index, size)) => {
-                    for name in &entry.sinks {
-                        if let Some(t) = topology.index(name) {
-                            topology.sink_stats[t].routed(size);
-                        }
-                    }
-                    if let Some(message) = message {
-                        self.tail.insert(TailEntry {
-                            index,
-                            entry: Arc::new(entry),
-                            size,
-                            message: Arc::new(message),
-                        });
-                    }
-                }
-                Err(e) => {
-                    if let Some(left_out) = self.log_errors.admit() {
-                        tracing::error!(error = %e, similar_errors_not_logged = left_out, "cannot append an aggregate roll-up to the write-ahead log: it is lost");
-                    }
+            if let Err(e) = self.append(&topology, entry, message) {
+                if let Some(left_out) = self.log_errors.admit() {
+                    tracing::error!(error = %e, similar_errors_not_logged = left_out, "cannot append an aggregate roll-up to the write-ahead log: it is lost");
                 }
             }
         }
         drop(state);
         self.wake.notify_one();
+    }
+
+    /// Appends `entry` (the caller holds the ingest lock), counts it in the backlog of each
+    /// of its sinks, and keeps it in the tail cache with its decoded `message`.
+    fn append(
+        &self,
+        topology: &Topology,
+        entry: WalEntry,
+        message: Option<Message>,
+    ) -> Result<u64, fleetbus_wal::WalError> {
+        let (index, size) = self.wal.append(&entry)?;
+        for name in &entry.sinks {
+            if let Some(t) = topology.index(name) {
+                topology.sink_stats[t].routed(size);
+            }
+        }
+        if let Some(message) = message {
+            self.tail.insert(TailEntry {
+                index,
+                entry: Arc::new(entry),
+                size,
+                message: Arc::new(message),
+            });
+        }
+        Ok(index)
     }
 
     /// The rules and sinks in effect.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::wait_for;
+use common::{lines, wait_for};
 use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_protocol::Ack;
 use fleetbus_rules::RuleSet;
@@ -53,14 +53,6 @@ async fn start(rules: &str, dir: &Path, acks: &AckLog) -> Engine {
 
 fn record(seq: u64) -> Vec<u8> {
     format!(r#"{{"seq":{seq},"ts":"2026-01-01T00:00:00Z","epoch":7}}"#).into_bytes()
-}
-
-fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 const DEAD_LETTER_RULES: &str = r#"

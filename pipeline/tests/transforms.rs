@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{assert_balanced, wait_for};
+use common::{assert_balanced, lines, wait_for};
 use fleetbus_pipeline::{Engine, EngineOptions};
 use fleetbus_rules::RuleSet;
 use fleetbus_support::Publisher;
@@ -88,14 +88,6 @@ fn query(dir: &Path, file: &str, sql: &str) -> Vec<String> {
     stmt.query_map([], |r| r.get::<_, String>(0))
         .unwrap()
         .map(|r| r.unwrap())
-        .collect()
-}
-
-fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 

@@ -15,18 +15,18 @@
 //! not have: guard with `has(record.event)`) does not match that message; the failure is
 //! counted per rule and logged at debug level.
 
-use cel::{Context, ExecutionError, Program, Value};
+use cel::{Context, ExecutionError, Value};
 
+use crate::expression::Expression;
 use crate::filter::TopicFilter;
 
 /// Names of the variables a condition can use.
 pub const VARIABLES: [&str; 5] = ["topic", "segments", "agent", "stream", "record"];
 
-/// A compiled condition.
+/// A compiled condition: an [`Expression`] whose value must be a boolean.
 #[derive(Debug)]
 pub struct Condition {
-    source: String,
-    program: Program,
+    expr: Expression,
 }
 
 impl Condition {
@@ -51,40 +51,28 @@ impl Condition {
         from: &[TopicFilter],
         more: &[&str],
     ) -> Result<Condition, String> {
-        let program = Program::compile(source).map_err(|e| {
-            // cel's message embeds its own "<input>:line:col" and a caret diagram
-            e.to_string()
-                .replace("ERROR: <input>:", "expression position ")
-        })?;
-        let problems = crate::schema::check_with(program.expression(), from, more);
-        if !problems.is_empty() {
-            return Err(problems.join("; "));
-        }
-        Ok(Condition {
-            source: source.to_string(),
-            program,
-        })
+        Expression::compile(source, from, more).map(|expr| Condition { expr })
     }
 
     /// What it reads of `record`.
     pub fn record_use(&self) -> crate::record_use::RecordUse {
-        crate::record_use::RecordUse::of(self.program.expression())
+        self.expr.record_use()
     }
 
     /// True when it names the variable `name`.
     pub fn names(&self, name: &str) -> bool {
-        crate::record_use::names(self.program.expression(), name)
+        self.expr.names(name)
     }
 
     /// The expression as written.
     pub fn source(&self) -> &str {
-        &self.source
+        self.expr.source()
     }
 
     /// Evaluates the condition in a context made by [`context_for`]. Anything but `true`
     /// is no match; evaluation errors are returned for counting.
     pub fn evaluate_in(&self, ctx: &Context) -> Result<bool, ExecutionError> {
-        match self.program.execute(ctx)? {
+        match self.expr.execute(ctx)? {
             Value::Bool(b) => Ok(b),
             other => Err(ExecutionError::function_error(
                 "where",

@@ -20,6 +20,7 @@
 
 pub mod aggregate;
 pub mod condition;
+pub mod expression;
 pub mod filter;
 pub mod filter_index;
 pub mod record_use;

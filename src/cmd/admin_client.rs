@@ -108,20 +108,26 @@ fn answer<T: serde::de::DeserializeOwned>(
     url: &str,
 ) -> anyhow::Result<T> {
     let mut response = result.with_context(|| format!("cannot reach the admin endpoint at {url} (is `fleetbus serve` running with [admin] listen and [jobs] signing_key?)"))?;
-    let status = response.status();
-    if !status.is_success() {
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or(text);
-        if status == 401 {
-            anyhow::bail!("{url}: {status}: {message} (give an operator token with --admin-token-file FILE or {TOKEN_ENV})");
-        }
-        anyhow::bail!("{url}: {status}: {message}");
+    if !response.status().is_success() {
+        return Err(refusal(&mut response, url));
     }
     response
         .body_mut()
         .read_json::<T>()
         .with_context(|| format!("{url}: unreadable answer"))
+}
+
+/// The error of an answer that is not a success: the endpoint's `{"error": ...}` (or the
+/// body), with the URL and the status, and what to do about a 401.
+pub fn refusal(response: &mut ureq::http::Response<ureq::Body>, url: &str) -> anyhow::Error {
+    let status = response.status();
+    let text = response.body_mut().read_to_string().unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or(text);
+    if status == 401 {
+        return anyhow::anyhow!("{url}: {status}: {message} (give an operator token with --admin-token-file FILE or {TOKEN_ENV})");
+    }
+    anyhow::anyhow!("{url}: {status}: {message}")
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::admin_client::{AdminEndpoint, TOKEN_ENV};
+use super::admin_client::{refusal, AdminEndpoint};
 
 /// What to show and where from.
 #[derive(Debug, clap::Args)]
@@ -55,17 +55,8 @@ fn watch(base: &str, token: Option<String>, args: &TapArgs) -> anyhow::Result<()
         let mut response = request
             .call()
             .with_context(|| format!("cannot reach the admin endpoint at {url}"))?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.body_mut().read_to_string().unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or(text);
-            if status == 401 {
-                anyhow::bail!("{url}: {status}: {message} (give an operator token with --admin-token-file FILE or {TOKEN_ENV})");
-            }
-            anyhow::bail!("{url}: {status}: {message}");
+        if !response.status().is_success() {
+            return Err(refusal(&mut response, &url));
         }
         let reader = std::io::BufReader::new(response.into_body().into_reader());
         for line in reader.lines() {

@@ -573,3 +573,25 @@ pub fn metric(text: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// Sends SIGHUP to process `pid` (a server reloads its rules, policy and certificate).
+pub fn sighup(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+}
+
+/// The `[admin] listen` address of the server configured in `dir/server.toml` (by
+/// [`server_config`]: the first `listen` of the file).
+pub fn admin_addr(dir: &Path) -> String {
+    fs::read_to_string(dir.join("server.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("listen = \"")
+                .map(|a| a.trim_end_matches('"').to_string())
+        })
+        .unwrap()
+}

@@ -77,3 +77,12 @@ pub fn the_dead_letter(dir: &std::path::Path, seq: u64, sink: &str) -> String {
     assert_eq!(dead["dead_letter"]["sink"], sink);
     dead["dead_letter"]["error"].as_str().unwrap().to_string()
 }
+
+/// Every line of the JSON-lines file at `path`, parsed (none when there is no file).
+pub fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
