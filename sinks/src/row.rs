@@ -4,8 +4,8 @@
 //! | column | from |
 //! |---|---|
 //! | `agent`, `stream` | a telemetry topic `fleet/AGENT/telemetry/STREAM` (else NULL) |
-//! | `epoch` | the record's `epoch` (0 when it has none), a u64 stored with the same bits as a signed 64-bit integer; NULL for a message a rule made |
-//! | `seq` | the record's `seq`; NULL for a message a rule made |
+//! | `epoch` | the record's `epoch` (0 when it has none), a u64 stored with the same bits as a signed 64-bit integer; NULL when the row is not the record itself (below) |
+//! | `seq` | the record's `seq`; NULL when the row is not the record itself |
 //! | `ts` | the record's `ts` |
 //! | `topic`, `received` | the message's topic and when the server received it |
 //! | `message` | the record (or the dead letter around it) as JSON |
@@ -13,9 +13,11 @@
 //! A sink with `columns` has computed columns instead of `message` ([`crate::columns`]).
 //!
 //! `UNIQUE (agent, stream, epoch, seq)` makes a record's row exactly once. A message a
-//! rule's transforms made (`foreach` makes several of one record) is not the record: its
-//! `epoch` and `seq` are NULL, so that it never collides with the record or its siblings,
-//! and its row is exactly once by the position each batch commits with its rows.
+//! rule's transforms made (`foreach` makes several of one record) and a dead letter (a
+//! rule failing for each element of one record, several sinks giving up the same record)
+//! are not the record: their `epoch` and `seq` are NULL, so that they never collide with
+//! the record or one another (a collision would drop all but the first, silently), and
+//! their rows are exactly once by the position each batch commits with its rows.
 
 use chrono::{DateTime, Utc};
 use fleetbus_protocol::Topic;
@@ -94,7 +96,8 @@ impl Row {
                 .and_then(|t| t.as_str())
                 .map(str::to_string);
         }
-        if agent.is_some() && item.entry.produced.is_none() {
+        let the_record = item.entry.produced.is_none() && item.entry.dead_letter.is_none();
+        if agent.is_some() && the_record {
             // an epoch is a random u64: stored as the signed integer with the same bits
             // (0 for agents that do not send one), so the unique key always has it
             epoch = Some(msg.body.get("epoch").and_then(|e| e.as_u64()).unwrap_or(0) as i64);
@@ -149,4 +152,44 @@ pub fn plain_identifier(name: &str) -> bool {
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && name.len() <= 63
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetbus_protocol::Message;
+
+    /// Only the record itself has its key columns: a message a rule made and a dead letter
+    /// (several of one record can exist) have NULL `epoch` and `seq`, so the unique key
+    /// never drops one of them.
+    #[test]
+    fn only_the_record_itself_has_its_epoch_and_seq() {
+        let msg = Message::decode(
+            "fleet/a/telemetry/m",
+            br#"{"seq":7,"epoch":3,"ts":"2026-01-01T00:00:00Z"}"#,
+        )
+        .unwrap();
+        let record = Item::new(1, msg.clone());
+        let row = Row::of(&record).unwrap();
+        assert_eq!((row.epoch, row.seq), (Some(3), Some(7)));
+        let dead = Item::new(2, msg.clone()).with_dead_letter(fleetbus_wal::DeadLetter {
+            sink: "rule:r".into(),
+            error: "e".into(),
+            attempts: 0,
+            failed_at_ms: 0,
+        });
+        let row = Row::of(&dead).unwrap();
+        assert_eq!((row.epoch, row.seq), (None, None));
+        assert_eq!(row.agent.as_deref(), Some("a"));
+        let mut made = Item::new(3, msg);
+        std::sync::Arc::make_mut(&mut made.entry).produced = Some(fleetbus_wal::Produced {
+            rule: "r".into(),
+            part: 1,
+        });
+        let row = Row::of(&made).unwrap();
+        assert_eq!(
+            (row.epoch, row.seq, row.ts.as_deref()),
+            (None, None, Some("2026-01-01T00:00:00Z"))
+        );
+    }
 }
