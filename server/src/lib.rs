@@ -347,7 +347,11 @@ impl Server {
     /// `GET /rules`).
     pub async fn reload(&self) -> Result<fleetbus_pipeline::ReloadReport, String> {
         self.reload_broker();
-        self.reloader.reload().await
+        let rules = self.reloader.reload().await;
+        if let (Err(e), None) = (&rules, self.reloader.status().file) {
+            tracing::info!(reason = %e, "rules not reloaded");
+        }
+        rules
     }
 
     /// The topic policy and the TLS certificate, read again.

@@ -66,8 +66,16 @@ impl RulesReloader {
     }
 
     /// Reads, checks and tests the file, then puts it in effect. On an error the old
-    /// rules stay and the error is kept (and returned).
+    /// rules stay and the error is kept (and returned). Without a rules file (the built-in
+    /// rules) there is nothing to reload: an error, not counted as a refused reload.
     pub async fn reload(&self) -> Result<ReloadReport, String> {
+        if self.file.is_none() {
+            // nothing to read again, and not a refused reload (a SIGHUP may be for the
+            // policy or the certificate)
+            return Err(
+                "no rules file is configured ([rules] file): the built-in rules stay".into(),
+            );
+        }
         let _one = self.one.lock().await;
         let result = match self.prepare() {
             Ok(set) => self.engine.reload(set).await,
@@ -90,9 +98,7 @@ impl RulesReloader {
     /// The file read, parsed, checked and tested.
     fn prepare(&self) -> Result<RuleSet, String> {
         let Some(file) = &self.file else {
-            return Err(
-                "no rules file is configured ([rules] file): the built-in rules stay".into(),
-            );
+            return Err("no rules file is configured".into());
         };
         let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
         *self.last_text.lock().unwrap_or_else(|p| p.into_inner()) = Some(text.clone());
