@@ -108,21 +108,19 @@ fn conditions_select_and_fan_out_writes_every_sink() {
 /// `fleetbus rules run` as its own process against a broker (here the embedded one of a
 /// `serve` with the built-in rules) writes what the agents publish, like the built-in
 /// engine; a forged file completion from the network reaches none of its sinks (it used to
-/// stall the sink that tried to copy a file that does not exist).
+/// stall the sink that tried to copy a file that does not exist). SIGHUP reloads its rules
+/// file, and it subscribes to a new rule's filter.
 #[test]
 fn standalone_rules_engine_against_a_broker() {
     let fx = Fixture::new();
     let _server = fx.serve(None, "server");
     fx.wait_listening();
     let rules = fx.path().join("standalone.toml");
-    std::fs::write(
-        &rules,
-        "[sinks.out]\ntype = \"file\"\npath = \"{agent}-{stream}.jsonl\"\n\
+    let first = "[sinks.out]\ntype = \"file\"\npath = \"{agent}-{stream}.jsonl\"\n\
          [sinks.files]\ntype = \"file\"\npath = \"files/{agent}/{file.name}\"\n\
          [[rules]]\nname = \"hb\"\nfrom = [\"fleet/+/telemetry/heartbeat\"]\nto = [\"out\"]\n\
-         [[rules]]\nname = \"files\"\nfrom = [\"fleet/+/files/+/complete\"]\nto = [\"files\"]\n",
-    )
-    .unwrap();
+         [[rules]]\nname = \"files\"\nfrom = [\"fleet/+/files/+/complete\"]\nto = [\"files\"]\n";
+    std::fs::write(&rules, first).unwrap();
     let standalone_data = fx.path().join("standalone-data");
     let mut engine = Proc::start(
         &[
@@ -172,13 +170,32 @@ fn standalone_rules_engine_against_a_broker() {
         "{}",
         engine.log_text()
     );
+    // only the rule's filter: no metrics
+    assert!(summary(&standalone_data, "st", "metrics").is_none());
+    // SIGHUP with a rule for metrics: the engine subscribes to its filter too
+    std::fs::write(
+        &rules,
+        format!("{first}[[rules]]\nname = \"metrics\"\nfrom = [\"fleet/+/telemetry/metrics\"]\nto = [\"out\"]\n"),
+    )
+    .unwrap();
+    sighup(engine.child.id());
+    wait_until(
+        Duration::from_secs(20),
+        "metrics through the reloaded rules",
+        || summary(&standalone_data, "st", "metrics").is_some(),
+    );
+    assert!(
+        engine
+            .log_text()
+            .contains("rules reloaded: subscriptions follow their filters"),
+        "{}",
+        engine.log_text()
+    );
     assert!(agent.terminate(Duration::from_secs(10)).success());
     std::thread::sleep(Duration::from_millis(500));
     assert!(engine.terminate(Duration::from_secs(10)).success());
     let s = summary(&standalone_data, "st", "heartbeat").unwrap();
     assert!(s.is_contiguous() && s.first_seq == 1, "{s:?}");
-    // only the rule's filter: no metrics
-    assert!(summary(&standalone_data, "st", "metrics").is_none());
 }
 
 /// The birth message reaches the rules engine on connect, and the broker publishes the

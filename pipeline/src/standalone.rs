@@ -78,17 +78,40 @@ pub async fn run_standalone(
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         acks.set(Some(client.clone()));
-        for filter in engine.filters() {
-            let filter = match &options.group {
-                Some(g) => format!("$share/{g}/{filter}"),
-                None => filter.clone(),
-            };
+        let shared = |filter: &str| match &options.group {
+            Some(g) => format!("$share/{g}/{filter}"),
+            None => filter.to_string(),
+        };
+        let mut subscribed = engine.filters();
+        for filter in &subscribed {
+            let filter = shared(filter);
             if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                 tracing::error!(%filter, error = %e, "cannot queue subscription");
             }
         }
+        // a reload may change the rules' filters: looked at every second
+        let mut refilter = tokio::time::interval(Duration::from_secs(1));
         let reason = loop {
             tokio::select! {
+                _ = refilter.tick() => {
+                    let now = engine.filters();
+                    if now != subscribed {
+                        for filter in now.iter().filter(|f| !subscribed.contains(f)) {
+                            let filter = shared(filter);
+                            if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                                tracing::error!(%filter, error = %e, "cannot queue subscription");
+                            }
+                        }
+                        for filter in subscribed.iter().filter(|f| !now.contains(f)) {
+                            let filter = shared(filter);
+                            if let Err(e) = client.try_unsubscribe(filter.clone()) {
+                                tracing::error!(%filter, error = %e, "cannot queue unsubscription");
+                            }
+                        }
+                        tracing::info!(filters = ?now, "rules reloaded: subscriptions follow their filters");
+                        subscribed = now;
+                    }
+                }
                 ev = eventloop.poll() => match ev {
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         engine.dispatch_from_network(&p.topic, &p.payload);

@@ -438,3 +438,31 @@ pub fn run_set(set: crate::RuleSet, more: &[RuleTest]) -> Vec<Outcome> {
         .map(|t| (t.name.clone(), t.place.clone(), run(&router, &names, t)))
         .collect()
 }
+
+/// The rules file at `path`, read, parsed, checked and its `[[tests]]` passed: what a
+/// reload may put in effect. The error lists every problem or failing test, one per line.
+pub fn load_tested(path: &Path) -> Result<crate::RuleSet, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let problems = |e: crate::RulesError| {
+        e.problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let tested = crate::RuleSet::parse(path, &text).map_err(problems)?;
+    let failures: Vec<String> = run_set(tested, &[])
+        .into_iter()
+        .filter_map(|(name, place, outcome)| {
+            outcome
+                .err()
+                .map(|diff| format!("test `{name}` ({place}) failed:\n{diff}"))
+        })
+        .collect();
+    if !failures.is_empty() {
+        return Err(failures.join("\n"));
+    }
+    // parsed again for the caller: the tests ran on (and changed the state of) a router of
+    // their own
+    crate::RuleSet::parse(path, &text).map_err(problems)
+}

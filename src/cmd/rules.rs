@@ -167,7 +167,31 @@ pub async fn run(command: RulesCommand) -> anyhow::Result<ExitCode> {
                 store,
                 ..EngineOptions::default()
             };
-            let engine = Engine::start(set, &data_dir, options, acks.publisher()).await?;
+            let engine = std::sync::Arc::new(
+                Engine::start(set, &data_dir, options, acks.publisher()).await?,
+            );
+            // SIGHUP: the rules file read, checked and tested again, then put in effect
+            let reloading = engine.clone();
+            let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("cannot listen for SIGHUP")?;
+            let file = rules.clone();
+            tokio::spawn(async move {
+                while hangup.recv().await.is_some() {
+                    let outcome = match rule_tests::load_tested(&file) {
+                        Ok(set) => reloading.reload(set).await,
+                        Err(e) => {
+                            reloading.reload_refused(&e);
+                            Err(e)
+                        }
+                    };
+                    match outcome {
+                        Ok(r) => tracing::info!(generation = r.generation, "rules file reloaded"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "rules file not reloaded: the rules in effect stay")
+                        }
+                    }
+                }
+            });
             let options = StandaloneOptions {
                 broker: transport,
                 client_id,
