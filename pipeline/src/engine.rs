@@ -1109,6 +1109,9 @@ async fn run_windows(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.changed() => return,
         }
+        if !inner.topology().router.aggregates() {
+            continue;
+        }
         let inner = inner.clone();
         // blocking disk writes (the appends) off the async workers
         let _ = tokio::task::spawn_blocking(move || inner.close_windows(false)).await;

@@ -186,11 +186,10 @@ pub struct SinkHandle {
 enum Stop {
     /// Go on.
     Run,
-    /// Write what is durable in the log routed to the sink, then stop (a shutdown; a sink a
-    /// reload removed).
+    /// Write what is durable in the log routed to the sink, then stop (a shutdown).
     Close,
     /// Stop after the batch being written, leaving the rest to the next worker of the sink
-    /// (a sink a reload changed).
+    /// (a sink a reload changed; a removed one once it delivered what it could).
     Halt,
 }
 

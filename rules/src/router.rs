@@ -9,9 +9,11 @@
 //!    [`Routing`]. [`Routing::targets`] then says every sink the message could reach (what
 //!    the engine checks backpressure against).
 //! 2. [`Router::settle`], once the message is known to be new and accepted: the stateful
-//!    operations (`dedupe`, then `throttle`) decide, the counters move, and the routing
-//!    says which sinks take the message as published ([`Routing::direct`]) and which
-//!    messages the rules made ([`Routing::produced`]).
+//!    operations (`dedupe`, then `throttle`) decide, `aggregate` folds it into its window
+//!    (a window it closes makes a roll-up), the counters move, and the routing says which
+//!    sinks take the message as published ([`Routing::direct`]) and which messages the
+//!    rules made ([`Routing::produced`]). [`Router::close_windows`] closes the windows
+//!    whose time is over.
 //!
 //! A rule without `foreach` and transforms passes the message on as published: every such
 //! rule's sinks share one copy. Each message a rule makes goes to that rule's sinks, and a
@@ -30,6 +32,7 @@ use crate::filter_index::FilterIndex;
 use crate::record_use::RecordUse;
 use crate::ruleset::Rule;
 use crate::stateful::{GateState, Verdict};
+use fleetbus_sinks::columns::context_with;
 
 /// One rule's state: its gates' and its open windows.
 #[derive(Debug, Default)]
@@ -37,7 +40,6 @@ struct RuleState {
     gates: Vec<GateState>,
     windows: Windows,
 }
-use fleetbus_sinks::columns::context_with;
 
 /// Counters of one rule.
 #[derive(Debug, Default)]
