@@ -166,6 +166,15 @@ impl Engine {
             dead_letters_sink,
         };
         let generation = next.generation;
+        // the removed sinks' positions keep the log from being truncated below them from
+        // before the switch until they are done
+        for (name, _) in &removed {
+            if let Some(i) = old.index(name) {
+                inner
+                    .draining()
+                    .push((name.clone(), old.sink_stats[i].clone()));
+            }
+        }
         // where the log ends now: a removed sink has nothing routed to it at or after this
         let until = {
             let _ = inner.switch(next);
@@ -205,10 +214,8 @@ impl Engine {
             .collect::<Vec<_>>()
         {
             if config.is_none() {
-                // removed: deliver in its own time
+                // removed (counted among the draining above): deliver in its own time
                 let name = handle.name().to_string();
-                let stats = handle.stats().clone();
-                inner.draining().push((name.clone(), stats));
                 let dead_letter = removed
                     .iter()
                     .find(|r| r.0 == name)
