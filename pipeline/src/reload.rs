@@ -230,27 +230,29 @@ impl Engine {
         }
         let mut started = Vec::new();
         for ((name, config, plan), stats) in plans.into_iter().zip(stats) {
-            let sink = match plan {
+            // a new sink that never saved a position has nothing in the log before the
+            // switch: it starts there instead of scanning the whole log
+            let (sink, fresh_from) = match plan {
                 Plan::Keep => {
                     report.unchanged += 1;
                     continue;
                 }
                 Plan::Replace(sink) => {
                     report.changed.push(name.clone());
-                    sink
+                    (sink, None)
                 }
                 Plan::Add(sink) => {
                     report.added.push(name.clone());
-                    sink
+                    (sink, Some(until))
                 }
             };
             let handle = start_worker(
                 inner,
                 &state_dir,
-                name,
-                &config,
+                (name, &config),
                 sink,
                 stats,
+                fresh_from,
                 dead_letters.clone(),
             )
             .await;
@@ -265,30 +267,36 @@ impl Engine {
     }
 }
 
-/// Recovers `sink` from its saved position and starts its worker.
+/// Recovers `sink` (named and configured by `named`) from its saved position and starts
+/// its worker; one that never saved a position starts at `fresh_from` when given.
 async fn start_worker(
     inner: &Arc<Inner>,
     state_dir: &std::path::Path,
-    name: String,
-    config: &SinkConfig,
+    named: (String, &SinkConfig),
     mut sink: Box<dyn Sink>,
     stats: Arc<SinkStats>,
+    fresh_from: Option<u64>,
     dead_letters: Arc<dyn DeadLetters>,
 ) -> SinkHandle {
+    let (name, config) = named;
     let position = PositionFile::new(state_dir, &name);
     let saved = match position.load() {
         Ok(saved) => saved,
         Err(e) => {
-            tracing::error!(sink = %name, error = %e, "cannot read the sink's saved position: starting from the oldest entry in the log");
+            tracing::error!(sink = %name, error = %e, "cannot read the sink's saved position: starting as a sink that never saved one");
             0
         }
     };
-    let start = match sink.recover(saved).await {
+    let recovered = match sink.recover(saved).await {
         Ok(start) => start,
         Err(e) => {
             tracing::error!(sink = %name, error = %e, "sink recovery failed: starting from its saved position");
             saved
         }
+    };
+    let start = match (recovered, fresh_from) {
+        (0, Some(from)) => from,
+        (recovered, _) => recovered,
     }
     .max(inner.wal.first_index())
     .min(inner.wal.next_index());
