@@ -178,6 +178,15 @@ impl SinkType for PostgresSinkConfig {
             }
         }
         check_table(&self.table, p);
+        if crate::row::TableName::parse(&self.table).is_ok_and(|t| t.is_template()) {
+            p.add(
+                "table",
+                format!(
+                    "`{}`: a table template is for the sqlite sink for now; name one table here",
+                    self.table
+                ),
+            );
+        }
         p.require(
             (1..=16).contains(&self.pool_size),
             "pool_size",

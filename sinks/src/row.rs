@@ -135,13 +135,98 @@ pub fn default_create_table() -> bool {
     true
 }
 
-/// Records a problem at `table` when the name cannot be used as a plain SQL identifier.
+/// Records a problem at `table` when the name cannot be used as a plain SQL identifier
+/// (or, for a template, when it does not parse or its text is not of identifier
+/// characters).
 pub fn check_table(table: &str, p: &mut fleetbus_config::Problems) {
-    p.require(
-        plain_identifier(table),
-        "table",
-        format!("`{table}` must be 1-63 characters of [A-Za-z0-9_], not starting with a digit"),
-    );
+    match TableName::parse(table) {
+        Ok(_) => {}
+        Err(e) => p.add("table", e),
+    }
+}
+
+/// A SQL sink's `table`: a plain name, or a template (`metrics_{agent}`,
+/// `events_%Y%m`) rendered per message into one: the template engine of the other sinks,
+/// each rendered name made an identifier (a character outside `[A-Za-z0-9_]` becomes
+/// `_`, a leading digit gets `t_` before it, a name over 63 characters is cut with a hash
+/// of the whole).
+#[derive(Debug, Clone)]
+pub enum TableName {
+    /// One table for every message.
+    Fixed(String),
+    /// A table per rendered name.
+    Template(crate::PathTemplate),
+}
+
+impl TableName {
+    /// Parses `text`: a template when it has a placeholder or a strftime field.
+    pub fn parse(text: &str) -> Result<TableName, String> {
+        if !text.contains(['{', '%']) {
+            return match plain_identifier(text) {
+                true => Ok(TableName::Fixed(text.to_string())),
+                false => Err(format!(
+                    "`{text}` must be 1-63 characters of [A-Za-z0-9_], not starting with a digit"
+                )),
+            };
+        }
+        let template = crate::PathTemplate::parse(text).map_err(|e| e.to_string())?;
+        // the text around the placeholders and fields must be identifier characters
+        let mut literal = String::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            literal.push_str(&rest[..open]);
+            rest = rest[open..].split_once('}').map(|(_, r)| r).unwrap_or("");
+        }
+        literal.push_str(rest);
+        let mut chars = literal.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '%' => {
+                    chars.next(); // a strftime field renders digits or letters
+                }
+                c if c.is_ascii_alphanumeric() || c == '_' => {}
+                c => {
+                    return Err(format!(
+                        "`{text}`: `{c}` cannot be in a table name (only [A-Za-z0-9_] around the placeholders)"
+                    ))
+                }
+            }
+        }
+        Ok(TableName::Template(template))
+    }
+
+    /// True for a template.
+    pub fn is_template(&self) -> bool {
+        matches!(self, TableName::Template(_))
+    }
+
+    /// The table of `msg`.
+    pub fn of(&self, msg: &fleetbus_protocol::Message) -> String {
+        match self {
+            TableName::Fixed(name) => name.clone(),
+            TableName::Template(t) => identifier(&t.render(msg)),
+        }
+    }
+}
+
+/// `rendered` as an SQL identifier (see [`TableName`]).
+fn identifier(rendered: &str) -> String {
+    let mut name: String = rendered
+        .chars()
+        .map(|c| match c.is_ascii_alphanumeric() {
+            true => c,
+            false => '_',
+        })
+        .collect();
+    if name.is_empty() || name.starts_with(|c: char| c.is_ascii_digit()) {
+        name.insert_str(0, "t_");
+    }
+    if name.len() > 63 {
+        let hash = crate::template::fnv1a(rendered.as_bytes());
+        name.truncate(46);
+        name.push_str(&format!("_{hash:016x}"));
+    }
+    name
 }
 
 /// True when `name` can be used as an SQL identifier unquoted and unescaped.
@@ -158,6 +243,32 @@ pub fn plain_identifier(name: &str) -> bool {
 mod tests {
     use super::*;
     use fleetbus_protocol::Message;
+
+    #[test]
+    fn a_table_template_renders_an_identifier_per_message() {
+        let t = TableName::parse("metrics_{agent}_%Y").unwrap();
+        assert!(t.is_template());
+        let msg = Message::decode(
+            "fleet/web-01.eu/telemetry/m",
+            br#"{"ts":"2026-03-04T00:00:00Z"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.of(&msg), "metrics_web_01_eu_2026");
+        let long = TableName::parse("{record.name}").unwrap();
+        let name = "9".repeat(80);
+        let msg = Message::decode("x", format!(r#"{{"name":"{name}"}}"#).as_bytes()).unwrap();
+        let table = long.of(&msg);
+        assert!(table.starts_with("t_999") && table.len() == 63, "{table}");
+        assert!(plain_identifier(&table));
+        for bad in ["metrics-{agent}", "a b{agent}", "{agnt}", "x;drop{agent}"] {
+            assert!(TableName::parse(bad).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            TableName::parse("plain").unwrap(),
+            TableName::Fixed(_)
+        ));
+        assert!(TableName::parse("1plain").is_err());
+    }
 
     /// Only the record itself has its key columns: a message a rule made and a dead letter
     /// (several of one record can exist) have NULL `epoch` and `seq`, so the unique key

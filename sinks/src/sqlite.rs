@@ -10,7 +10,9 @@
 //! ```
 //!
 //! With `columns` ([`crate::columns`]) the `message` column gives way to computed ones,
-//! each value bound with its own type.
+//! each value bound with its own type. A templated `table` (`metrics_{agent}`,
+//! [`crate::row::TableName`]) puts each message in the table its fields name, made with
+//! `create_table` in the transaction of the first batch that names it.
 //!
 //! Exactly once, twice over: a record's (agent, stream, epoch, seq) is unique and inserted
 //! with `ON CONFLICT DO NOTHING`, so a replayed or retried batch never duplicates it; and
@@ -35,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::columns::{Cell, Computed};
 use crate::config::{SinkPlace, SinkType};
-use crate::row::{check_table, Row, POSITIONS};
+use crate::row::{check_table, Row, TableName, POSITIONS};
 use crate::{Batch, BoxFuture, Sink, SinkError};
 
 /// `type = "sqlite"`: rows in a table of an SQLite database file.
@@ -103,6 +105,8 @@ impl SinkType for SqliteSinkConfig {
                 computed: Computed::compile(&self.columns)?,
                 config: self.clone(),
                 connection: Mutex::new(None),
+                table: TableName::parse(&self.table).map_err(SinkError::Config)?,
+                created: Mutex::new(std::collections::HashSet::new()),
             }),
         }))
     }
@@ -122,6 +126,10 @@ struct Inner {
     computed: Option<Arc<Computed>>,
     /// Opened at the first use and again after an error that may have broken it.
     connection: Mutex<Option<Connection>>,
+    /// The table, or the template of the tables.
+    table: TableName,
+    /// With a template and `create_table`: the tables made (or found) so far.
+    created: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Whether a database error can never be fixed by writing the row again: the row breaks a
@@ -155,21 +163,25 @@ impl Inner {
              next INTEGER NOT NULL, PRIMARY KEY (sink, tbl))"
         ))
         .map_err(|e| self.remote("create the positions table", e))?;
-        if self.config.create_table {
-            let t = &self.config.table;
-            // computed columns without a declared type: each value keeps its own
-            let payload = match &self.computed {
-                Some(c) => c.names().collect::<Vec<_>>().join(", "),
-                None => "message TEXT NOT NULL".to_string(),
-            };
-            conn.execute_batch(&format!(
-                "CREATE TABLE IF NOT EXISTS {t} (agent TEXT, stream TEXT, epoch INTEGER, \
-                 seq INTEGER, ts TEXT, topic TEXT NOT NULL, received TEXT NOT NULL, \
-                 {payload}, UNIQUE (agent, stream, epoch, seq))"
-            ))
-            .map_err(|e| self.remote(&format!("create table {t}"), e))?;
+        if let (true, TableName::Fixed(t)) = (self.config.create_table, &self.table) {
+            conn.execute_batch(&self.create_table(t))
+                .map_err(|e| self.remote(&format!("create table {t}"), e))?;
         }
         Ok(conn)
+    }
+
+    /// The statement that creates table `t` in the sink's layout, if it is missing.
+    fn create_table(&self, t: &str) -> String {
+        // computed columns without a declared type: each value keeps its own
+        let payload = match &self.computed {
+            Some(c) => c.names().collect::<Vec<_>>().join(", "),
+            None => "message TEXT NOT NULL".to_string(),
+        };
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (agent TEXT, stream TEXT, epoch INTEGER, \
+             seq INTEGER, ts TEXT, topic TEXT NOT NULL, received TEXT NOT NULL, \
+             {payload}, UNIQUE (agent, stream, epoch, seq))"
+        )
     }
 }
 
@@ -200,15 +212,19 @@ impl SqliteSink {
     }
 }
 
+/// A message's table and row, or why it cannot be one.
+type TableRow = Result<(String, Row), SinkError>;
+
 /// Inserts `rows` and the position `next` in one transaction. A row the table refuses
 /// rolls the whole batch back and is named (with the others it refuses), so the worker
 /// dead-letters exactly those and writes the rest again.
 fn insert(
     sink: &Inner,
     conn: &mut Connection,
-    rows: &[(u64, Result<Row, SinkError>)],
+    rows: &[(u64, TableRow)],
     next: u64,
 ) -> Result<(), SinkError> {
+    // the position is kept under the table as configured (a template's text)
     let table = &sink.config.table;
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -226,6 +242,8 @@ fn insert(
         .unwrap_or(0);
     let mut refused = Vec::new();
     let mut first_refusal = None;
+    // tables a template named for the first time, made in this transaction
+    let mut made: Vec<String> = Vec::new();
     {
         let (payload, values) = match &sink.computed {
             Some(c) => {
@@ -235,17 +253,12 @@ fn insert(
             }
             None => ("message".to_string(), "?8".to_string()),
         };
-        let mut stmt = tx
-            .prepare_cached(&format!(
-                "INSERT INTO {table} (agent, stream, epoch, seq, ts, topic, received, {payload}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {values}) ON CONFLICT DO NOTHING"
-            ))
-            .map_err(|e| sink.remote(&format!("insert into {table}"), e))?;
+        let make_tables = sink.config.create_table && sink.table.is_template();
         for (n, (index, row)) in rows.iter().enumerate() {
             if (*index as i64) < done {
                 continue;
             }
-            let row = match row {
+            let (table, row) = match row {
                 Ok(row) => row,
                 Err(e) => {
                     refused.push(n);
@@ -253,6 +266,26 @@ fn insert(
                     continue;
                 }
             };
+            // a table a template names for the first time is made in this transaction
+            if make_tables
+                && !made.contains(table)
+                && !sink
+                    .created
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(table)
+            {
+                tx.execute_batch(&sink.create_table(table))
+                    .map_err(|e| sink.remote(&format!("create table {table}"), e))?;
+                made.push(table.clone());
+            }
+            // one prepared statement per table, cached by the connection
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO {table} (agent, stream, epoch, seq, ts, topic, received, {payload}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, {values}) ON CONFLICT DO NOTHING"
+                ))
+                .map_err(|e| sink.remote(&format!("insert into {table}"), e))?;
             let inserted = stmt.execute(rusqlite::params_from_iter(values_of(
                 row,
                 sink.computed.is_some(),
@@ -288,7 +321,13 @@ fn insert(
         params![sink.name, table, next],
     )
     .map_err(|e| sink.remote("save the position", e))?;
-    tx.commit().map_err(|e| sink.remote("commit", e))
+    tx.commit().map_err(|e| sink.remote("commit", e))?;
+    // noted as made only now: a creation rolled back with its batch is made again
+    sink.created
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(made);
+    Ok(())
 }
 
 /// The parameters of `row`'s insert: the key columns, then the message or the computed
@@ -332,10 +371,15 @@ impl Sink for SqliteSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let computed = self.inner.computed.as_deref();
-            let rows: Vec<(u64, Result<Row, SinkError>)> = batch
+            let table = &self.inner.table;
+            let rows: Vec<(u64, TableRow)> = batch
                 .items
                 .iter()
-                .map(|item| (item.index, Row::with(item, computed)))
+                .map(|item| {
+                    let row = Row::with(item, computed)
+                        .and_then(|row| Ok((table.of(item.message()?), row)));
+                    (item.index, row)
+                })
                 .collect();
             let next = batch.next;
             self.with_connection(move |sink, conn| insert(sink, conn, &rows, next))

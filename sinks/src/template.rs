@@ -269,7 +269,7 @@ const LONG_VALUE_KEPT: usize = 100;
 
 /// 64-bit FNV-1a: a stable hash (the same value gives the same path on every retry and
 /// every version).
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })

@@ -89,3 +89,14 @@ fn constraint_and_data_errors_refuse_the_row_and_the_rest_is_retried() {
         assert!(!refuses_the_row(&code), "{code:?}");
     }
 }
+
+#[test]
+fn a_table_template_is_refused_here_with_the_reason() {
+    let c = config("url = \"postgres://db.example/fleet\"\ntable = \"m_{agent}\"\n");
+    let shown = problems(&c);
+    assert_eq!(shown.len(), 1, "{shown:#?}");
+    assert!(
+        shown[0].contains("a table template is for the sqlite sink"),
+        "{shown:#?}"
+    );
+}

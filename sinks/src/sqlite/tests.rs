@@ -235,3 +235,62 @@ impl fleetbus_config::Check for Checked<'_> {
         self.0.check(p);
     }
 }
+
+/// A templated `table` puts each message in the table its fields name, made in the batch's
+/// transaction when missing; a batch written again (a replay after a crash) adds nothing,
+/// and without `create_table` a missing table is an error the worker retries.
+#[tokio::test]
+async fn a_table_template_names_a_table_per_message_each_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |create_table| SqliteSinkConfig {
+        path: "db/fleet.sqlite".into(),
+        table: "by_{agent}_{record.kind | 'none'}".into(),
+        create_table,
+        busy_timeout: Duration::from_secs(1),
+        columns: BTreeMap::new(),
+    };
+    let item = |index: u64, topic: &str, body: &str| {
+        Item::new(index, Message::decode(topic, body.as_bytes()).unwrap())
+    };
+    let batch = Batch {
+        first: 1,
+        next: 5,
+        items: vec![
+            item(1, "fleet/web-1/telemetry/m", r#"{"seq":1,"kind":"cpu"}"#),
+            item(2, "fleet/web-2/telemetry/m", r#"{"seq":1,"kind":"cpu"}"#),
+            item(3, "fleet/web-1/telemetry/m", r#"{"seq":2}"#),
+            item(4, "fleet/web-1/telemetry/m", r#"{"seq":3,"kind":"cpu"}"#),
+        ],
+    };
+    let mut sink = config(true)
+        .build(&SinkPlace::in_dir("db", dir.path()))
+        .unwrap();
+    sink.write(&batch).await.unwrap();
+    // a new sink (after a crash) writing the same batch: the position says it is there
+    let mut again = config(true)
+        .build(&SinkPlace::in_dir("db", dir.path()))
+        .unwrap();
+    again.write(&batch).await.unwrap();
+    let conn = Connection::open(dir.path().join("db/fleet.sqlite")).unwrap();
+    let count = |table: &str| -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(count("by_web_1_cpu"), 2);
+    assert_eq!(count("by_web_2_cpu"), 1);
+    assert_eq!(count("by_web_1_none"), 1);
+    // without create_table a table nobody made is retried, not dropped
+    let mut strict = config(false)
+        .build(&SinkPlace::in_dir("db", dir.path()))
+        .unwrap();
+    let e = strict
+        .write(&Batch {
+            first: 5,
+            next: 6,
+            items: vec![item(5, "fleet/web-3/telemetry/m", r#"{"seq":1}"#)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
+    assert!(e.to_string().contains("by_web_3_none"), "{e}");
+}
