@@ -443,6 +443,31 @@ to = ["points"]
     let _server = fx.serve(Some(rules), "server");
     fx.wait_listening();
     let admin = admin_addr(fx.path());
+    // a bad filter and an unknown rule are refused, saying what
+    for (filter, rule, says) in [
+        ("fleet/#/x", "points", "filter `fleet/#/x`"),
+        ("fleet/+/telemetry/#", "nope", "no rule named `nope`"),
+    ] {
+        let out = std::process::Command::new(bin())
+            .args([
+                "rules",
+                "tap",
+                filter,
+                "--rule",
+                rule,
+                "--admin",
+                &format!("http://{admin}"),
+                "--admin-token-file",
+                fx.path().join("ops.token").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("400") && err.contains(says),
+            "{err}"
+        );
+    }
     let mut tap = std::process::Command::new(bin())
         .args([
             "rules",

@@ -515,22 +515,13 @@ impl Router {
             let stats = &self.stats[unit.rule];
             stats.matched.fetch_add(1, Ordering::Relaxed);
             if let Some(Made::Failed(error)) = unit.made {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-                if let Some(trace) = routing.trace.as_mut() {
-                    trace.push(Traced {
-                        rule: unit.rule,
-                        part: unit.part,
-                        what: TraceStep::Failed(error.clone(), vec![rule.on_error]),
-                    });
-                }
-                tracing::debug!(rule = %rule.name, %error, "transform failed: the message goes to the rule's on_error sink");
-                routing.produced.push(Output {
-                    rule: unit.rule,
-                    part: unit.part,
-                    made: Made::Failed(error),
-                    sinks: vec![rule.on_error],
-                    topic: None,
-                });
+                to_on_error(
+                    (&mut routing.trace, &mut routing.produced),
+                    stats,
+                    (unit.rule, rule),
+                    unit.part,
+                    error,
+                );
                 continue;
             }
             let mut held = false;
@@ -600,16 +591,13 @@ impl Router {
                             });
                         }
                     }
-                    Err(error) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
-                        routing.produced.push(Output {
-                            rule: unit.rule,
-                            part: unit.part,
-                            made: Made::Failed(error),
-                            sinks: vec![rule.on_error],
-                            topic: None,
-                        });
-                    }
+                    Err(error) => to_on_error(
+                        (&mut routing.trace, &mut routing.produced),
+                        stats,
+                        (unit.rule, rule),
+                        unit.part,
+                        error,
+                    ),
                 }
                 continue;
             }
@@ -756,6 +744,34 @@ impl Router {
 pub fn encode_made(body: &Value) -> Vec<u8> {
     // a `Value` always serializes (its keys are strings)
     serde_json::to_vec(body).unwrap_or_default()
+}
+
+/// A transform of rule `index` failed for part `part` of a message: counted, traced (into
+/// the routing's trace), and the message goes to the rule's `on_error` sink with the error
+/// (into its `produced`).
+fn to_on_error(
+    (trace, produced): (&mut Option<Vec<Traced>>, &mut Vec<Output>),
+    stats: &RuleStats,
+    (index, rule): (usize, &Rule),
+    part: u32,
+    error: String,
+) {
+    stats.errors.fetch_add(1, Ordering::Relaxed);
+    if let Some(trace) = trace.as_mut() {
+        trace.push(Traced {
+            rule: index,
+            part,
+            what: TraceStep::Failed(error.clone(), vec![rule.on_error]),
+        });
+    }
+    tracing::debug!(rule = %rule.name, %error, "transform failed: the message goes to the rule's on_error sink");
+    produced.push(Output {
+        rule: index,
+        part,
+        made: Made::Failed(error),
+        sinks: vec![rule.on_error],
+        topic: None,
+    });
 }
 
 /// What a rule's transforms start from.
