@@ -9,7 +9,10 @@
 //!
 //! With `columns` ([`crate::columns`]) the `message` column gives way to computed ones,
 //! each value sent as text and cast to its column's type (`jsonb` when the sink makes the
-//! table).
+//! table). A templated `table` (`metrics_{agent}`, [`crate::row::TableName`]) puts each
+//! message in the table its fields name: a batch's rows are grouped by table and all
+//! written in its one transaction, a table made there (with `create_table`) by the first
+//! batch that names it, and each table's columns read once (its [`Shape`]).
 //!
 //! **Exactly once**, as in the SQLite sink: the unique record key with `ON CONFLICT DO
 //! NOTHING` (a replayed or retried batch never duplicates a record), and the log position
@@ -36,7 +39,7 @@
 //!
 //! **Round trips**: four per batch by `COPY` (`BEGIN` with the locked read of the
 //! position; `COPY`'s start; the whole `COPY` data in one hand-over; the position with
-//! `COMMIT`), three by an insert.
+//! `COMMIT`), three by an insert; each further table of a batch adds those of its rows.
 //!
 //! **Connections**: a pool (deadpool) of at most `pool_size`; batches are written one at
 //! a time in log order (the positions require it), so one connection does the writing and
@@ -45,7 +48,7 @@
 //! certificate against `ca_file` or the system's CAs; the password comes from the
 //! environment or a file, never from the rules file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,7 +63,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::columns::{Cell, Computed};
 use crate::config::{SinkPlace, SinkType};
-use crate::row::{check_table, Row, POSITIONS};
+use crate::row::{check_table, Row, TableName, POSITIONS, TABLES_REMEMBERED};
 use crate::secret::Secret;
 use crate::BatchConfig;
 use crate::{Batch, BoxFuture, Sink, SinkError};
@@ -178,15 +181,6 @@ impl SinkType for PostgresSinkConfig {
             }
         }
         check_table(&self.table, p);
-        if crate::row::TableName::parse(&self.table).is_ok_and(|t| t.is_template()) {
-            p.add(
-                "table",
-                format!(
-                    "`{}`: a table template is for the sqlite sink for now; name one table here",
-                    self.table
-                ),
-            );
-        }
         p.require(
             (1..=16).contains(&self.pool_size),
             "pool_size",
@@ -236,11 +230,11 @@ impl SinkType for PostgresSinkConfig {
                 place: self.place(),
                 computed: Computed::compile(&self.columns)
                     .map_err(|e| config_error(e.to_string()))?,
-                computed_types: Mutex::new(Vec::new()),
+                table: TableName::parse(&self.table).map_err(&config_error)?,
                 config: self.clone(),
                 pool,
                 tables_ready: AtomicBool::new(false),
-                copy_fits: AtomicBool::new(false),
+                shapes: Mutex::new(HashMap::new()),
             }),
         }))
     }
@@ -257,15 +251,52 @@ struct Inner {
     place: String,
     config: PostgresSinkConfig,
     pool: Pool,
-    /// The positions table (and the sink's table, with `create_table`) exist.
+    /// The table, or the template of the tables.
+    table: TableName,
+    /// The positions table (and a fixed table, with `create_table`) exist.
     tables_ready: AtomicBool,
-    /// The table's columns have the default layout's types, so batches can be copied in
-    /// binary (else they are inserted, and PostgreSQL casts).
-    copy_fits: AtomicBool,
+    /// Each table's [`Shape`], read in the transaction of its first batch: at most
+    /// [`TABLES_REMEMBERED`], and forgotten after an error that may mean the tables
+    /// changed.
+    shapes: Mutex<HashMap<String, Arc<Shape>>>,
     /// The computed columns, if the layout has them.
     computed: Option<Arc<Computed>>,
-    /// Their types in the table (`format_type`), in their order, read with the table.
-    computed_types: Mutex<Vec<String>>,
+}
+
+/// What a table's columns allow.
+#[derive(Debug)]
+struct Shape {
+    /// The columns have the default layout's types, so batches can be copied in binary
+    /// (else they are inserted, and PostgreSQL casts).
+    copy_fits: bool,
+    /// The computed columns' types in the table (`format_type`), in their order.
+    computed_types: Vec<String>,
+}
+
+/// A batch's rows by the table each goes to, the tables in the order they first appear.
+#[derive(Debug, Default)]
+struct TableRows {
+    /// Every row's log index, in the batch's order (a refused row is named by its place).
+    index: Vec<u64>,
+    /// Each table and its rows.
+    tables: Vec<(String, Columns)>,
+    /// Where each table is in `tables`.
+    at: HashMap<String, usize>,
+}
+
+impl TableRows {
+    fn push(&mut self, table: String, index: u64, row: Row) {
+        self.index.push(index);
+        let at = match self.at.get(&table) {
+            Some(&at) => at,
+            None => {
+                self.at.insert(table.clone(), self.tables.len());
+                self.tables.push((table, Columns::default()));
+                self.tables.len() - 1
+            }
+        };
+        self.tables[at].1.push(index, row);
+    }
 }
 
 /// A batch's rows as one array per column: the parameters of the `unnest` insert, and
@@ -454,6 +485,10 @@ fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Most prepared statements a connection keeps (then all are dropped, and closed on the
+/// server): a few per table, so a template naming many tables stays bounded.
+const STATEMENTS_CACHED: usize = 256;
+
 /// The default layout's columns and their types, as `format_type` names them.
 const LAYOUT: [(&str, &str); 8] = [
     ("agent", "text"),
@@ -625,7 +660,8 @@ impl Inner {
         })
     }
 
-    /// Creates the positions table and, with `create_table`, the sink's table, once.
+    /// Creates the positions table and, with `create_table`, a fixed table, once (the
+    /// tables of a template are made in the transaction of their first batch).
     async fn ensure_tables(&self, client: &deadpool_postgres::Object) -> Result<(), SinkError> {
         if self.tables_ready.load(Ordering::Relaxed) {
             return Ok(());
@@ -634,35 +670,72 @@ impl Inner {
             "CREATE TABLE IF NOT EXISTS {POSITIONS} (sink text NOT NULL, tbl text NOT NULL, \
              next bigint NOT NULL, PRIMARY KEY (sink, tbl));"
         );
-        if self.config.create_table {
-            // computed columns are made `jsonb` (any value fits); an operator who wants
-            // other types makes the table, and each value is cast to its column's type
-            let payload = match &self.computed {
-                Some(c) => c
-                    .names()
-                    .map(|n| format!("{n} jsonb"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                None => "message jsonb NOT NULL".to_string(),
-            };
-            sql.push_str(&format!(
-                "CREATE TABLE IF NOT EXISTS {} (agent text, stream text, epoch bigint, \
-                 seq bigint, ts timestamptz, topic text NOT NULL, \
-                 received timestamptz NOT NULL, {payload}, \
-                 UNIQUE (agent, stream, epoch, seq));",
-                self.config.table
-            ));
+        if let (true, TableName::Fixed(table)) = (self.config.create_table, &self.table) {
+            sql.push_str(&self.create_table(table));
         }
         // two sinks creating the same table at once: one of them fails; retried
         client
             .batch_execute(&sql)
             .await
             .map_err(|e| self.remote("create tables", describe(&e)))?;
+        self.tables_ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The statement that creates `table` in the sink's layout, if it is missing.
+    fn create_table(&self, table: &str) -> String {
+        // computed columns are made `jsonb` (any value fits); an operator who wants
+        // other types makes the table, and each value is cast to its column's type
+        let payload = match &self.computed {
+            Some(c) => c
+                .names()
+                .map(|n| format!("{n} jsonb"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            None => "message jsonb NOT NULL".to_string(),
+        };
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} (agent text, stream text, epoch bigint, \
+             seq bigint, ts timestamptz, topic text NOT NULL, \
+             received timestamptz NOT NULL, {payload}, \
+             UNIQUE (agent, stream, epoch, seq));"
+        )
+    }
+
+    /// `table`'s [`Shape`]: known, or read in the open transaction (after making the
+    /// table, for a template with `create_table`) and added to `fresh`, which the caller
+    /// keeps once the transaction commits. A missing table is PostgreSQL's error 42P01.
+    async fn shape(
+        &self,
+        client: &deadpool_postgres::Object,
+        table: &str,
+        fresh: &mut Vec<(String, Arc<Shape>)>,
+    ) -> Result<Arc<Shape>, SinkError> {
+        let known = self
+            .shapes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(table)
+            .cloned();
+        if let Some(shape) = known.or_else(|| {
+            fresh
+                .iter()
+                .find(|(t, _)| t == table)
+                .map(|(_, s)| s.clone())
+        }) {
+            return Ok(shape);
+        }
+        if self.config.create_table && self.table.is_template() {
+            client
+                .batch_execute(&self.create_table(table))
+                .await
+                .map_err(|e| self.remote(&format!("create table {table}"), describe(&e)))?;
+        }
         let columns = client
             .query(
                 "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&self.config.table],
+                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&table],
             )
             .await
             .map_err(|e| self.remote("read the table's columns", describe(&e)))?;
@@ -670,78 +743,104 @@ impl Inner {
         let fits = LAYOUT
             .iter()
             .all(|(name, ty)| types.iter().any(|(n, t)| n == name && t == ty));
-        self.copy_fits
-            .store(fits && self.computed.is_none(), Ordering::Relaxed);
+        let mut computed_types = Vec::new();
         if let Some(computed) = &self.computed {
-            let mut found = Vec::new();
             for name in computed.names() {
                 match types.iter().find(|(n, _)| n == name) {
-                    Some((_, ty)) => found.push(ty.clone()),
+                    Some((_, ty)) => computed_types.push(ty.clone()),
                     None => {
                         return Err(self.remote(
                             "read the table's columns",
                             format!(
-                                "table {} has no column `{name}` (a computed column; add it)",
-                                self.config.table
+                                "table {table} has no column `{name}` (a computed column; add it)"
                             ),
                         ))
                     }
                 }
             }
-            *self
-                .computed_types
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = found;
         }
-        self.tables_ready.store(true, Ordering::Relaxed);
-        Ok(())
+        let shape = Arc::new(Shape {
+            copy_fits: fits && self.computed.is_none(),
+            computed_types,
+        });
+        fresh.push((table.to_string(), shape.clone()));
+        Ok(shape)
+    }
+
+    /// Keeps the shapes read in a committed transaction (forgetting all when there would
+    /// be more than [`TABLES_REMEMBERED`]).
+    fn remember(&self, fresh: Vec<(String, Arc<Shape>)>) {
+        if fresh.is_empty() {
+            return;
+        }
+        let mut shapes = self.shapes.lock().unwrap_or_else(|p| p.into_inner());
+        if shapes.len() + fresh.len() > TABLES_REMEMBERED {
+            shapes.clear();
+        }
+        shapes.extend(fresh);
     }
 
     /// Inserts the rows and the position `next` in one transaction. Rows of log entries
     /// the database already holds (before its stored position) are skipped. A plain insert
-    /// that meets a row already in the table (SQLSTATE 23505: a record stored twice in the
+    /// that meets a row already in a table (SQLSTATE 23505: a record stored twice in the
     /// log, or a row the operator put there) fails as [`InsertError::Exists`], and the
-    /// caller inserts again with `ON CONFLICT DO NOTHING`. A failed transaction is rolled
-    /// back before the connection is used again.
+    /// caller inserts again with `skip_existing`. A failed transaction is rolled back
+    /// before the connection is used again.
     async fn insert(
         &self,
         client: &mut deadpool_postgres::Object,
-        rows: &Columns,
+        rows: &TableRows,
         next: u64,
-        how: Insert,
+        skip_existing: bool,
     ) -> Result<(), InsertError> {
         self.ensure_tables(client).await?;
-        let result = self.insert_in_transaction(client, rows, next, how).await;
-        if let Err(failed) = &result {
-            // outside a transaction this only warns; a connection that cannot even roll
-            // back is broken: the batch is retried (a retryable error has `write` drop the
-            // connection), saying what failed first
-            if let Err(e) = client.batch_execute("ROLLBACK").await {
-                let first = match failed {
-                    InsertError::Exists => "a row already in the table".to_string(),
-                    InsertError::Sink(e) => e.to_string(),
-                };
-                return Err(self
-                    .remote("roll back", format!("{} (after: {first})", describe(&e)))
-                    .into());
+        // one prepared insert per table and way: a template naming endless tables must
+        // not hold endless statements (dropping them closes them on the server)
+        if client.statement_cache.size() > STATEMENTS_CACHED {
+            client.statement_cache.clear();
+        }
+        let result = self
+            .insert_in_transaction(client, rows, next, skip_existing)
+            .await;
+        match result {
+            Ok(fresh) => {
+                self.remember(fresh);
+                Ok(())
+            }
+            Err(failed) => {
+                // outside a transaction this only warns; a connection that cannot even
+                // roll back is broken: the batch is retried (a retryable error has `write`
+                // drop the connection), saying what failed first
+                if let Err(e) = client.batch_execute("ROLLBACK").await {
+                    let first = match &failed {
+                        InsertError::Exists => "a row already in the table".to_string(),
+                        InsertError::Sink(e) => e.to_string(),
+                    };
+                    return Err(self
+                        .remote("roll back", format!("{} (after: {first})", describe(&e)))
+                        .into());
+                }
+                Err(failed)
             }
         }
-        result
     }
 
-    /// The transaction of [`Inner::insert`], in four round trips by `COPY` (three by an
-    /// insert): `BEGIN` with the locked read of the stored position, the rows (`COPY`'s
-    /// start, then its data), and the new position with `COMMIT` (statements sent
-    /// together: tokio-postgres pipelines requests polled at once; both position
-    /// statements are prepared once per connection).
+    /// The transaction of [`Inner::insert`]: `BEGIN` with the locked read of the stored
+    /// position, then per table its rows (by `COPY`, its start then its data, or by an
+    /// insert; the first batch of a table also reads its columns, after making it for a
+    /// template), and the new position with `COMMIT`. With one table that is four round
+    /// trips by `COPY`, three by an insert (statements sent together: tokio-postgres
+    /// pipelines requests polled at once; both position statements are prepared once per
+    /// connection). Returns the shapes of the tables read for the first time.
     async fn insert_in_transaction(
         &self,
         client: &deadpool_postgres::Object,
-        rows: &Columns,
+        rows: &TableRows,
         next: u64,
-        how: Insert,
-    ) -> Result<(), InsertError> {
-        let table = &self.config.table;
+        skip_existing: bool,
+    ) -> Result<Vec<(String, Arc<Shape>)>, InsertError> {
+        // the position is kept under the table as configured (a template's text)
+        let position_table = &self.config.table;
         let next = i64::try_from(next).map_err(|e| self.remote("position", e))?;
         let read = format!("SELECT next FROM {POSITIONS} WHERE sink = $1 AND tbl = $2 FOR UPDATE");
         let save = format!(
@@ -751,15 +850,25 @@ impl Inner {
         let (read, save) =
             tokio::try_join!(client.prepare_cached(&read), client.prepare_cached(&save))
                 .map_err(|e| self.remote("prepare", describe(&e)))?;
-        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.name, table];
+        let key: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&self.name, position_table];
         let (begun, done) =
             tokio::join!(client.batch_execute("BEGIN"), client.query_opt(&read, &key),);
         begun.map_err(|e| self.remote("begin", describe(&e)))?;
         let done: i64 = done
             .map_err(|e| self.remote("read the position", describe(&e)))?
             .map_or(0, |r| r.get(0));
-        let columns = rows.starting_at(done.max(0) as u64);
-        if !columns.topic.is_empty() {
+        let mut fresh = Vec::new();
+        for (table, table_rows) in &rows.tables {
+            let columns = table_rows.starting_at(done.max(0) as u64);
+            if columns.topic.is_empty() {
+                continue;
+            }
+            let shape = self.shape(client, table, &mut fresh).await?;
+            let how = match (skip_existing, shape.copy_fits) {
+                (true, _) => Insert::SkipExisting,
+                (false, true) => Insert::Copy,
+                (false, false) => Insert::Plain,
+            };
             let inserted = match how {
                 Insert::Copy => {
                     let data = binary_copy(&columns)
@@ -767,12 +876,10 @@ impl Inner {
                     copy_rows(client, table, data).await
                 }
                 Insert::Plain | Insert::SkipExisting => {
-                    let types = self
-                        .computed_types
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone();
-                    let computed = self.computed.as_deref().map(|c| (c, types.as_slice()));
+                    let computed = self
+                        .computed
+                        .as_deref()
+                        .map(|c| (c, shape.computed_types.as_slice()));
                     insert_rows(client, table, &columns, how, computed).await
                 }
             };
@@ -805,34 +912,30 @@ impl Inner {
             }
         }
         // a failed position update turns the COMMIT into a rollback: nothing is kept
-        let position: [&(dyn tokio_postgres::types::ToSql + Sync); 3] = [&self.name, table, &next];
+        let position: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&self.name, position_table, &next];
         let (saved, committed) = tokio::join!(
             client.execute(&save, &position),
             client.batch_execute("COMMIT"),
         );
         saved.map_err(|e| self.remote("save the position", describe(&e)))?;
-        committed.map_err(|e| self.remote("commit", describe(&e)).into())
+        committed.map_err(|e| self.remote("commit", describe(&e)))?;
+        Ok(fresh)
     }
 
     /// The plain insert, and when a row was already there, the insert that skips it.
     async fn insert_batch(
         &self,
         client: &mut deadpool_postgres::Object,
-        rows: &Columns,
+        rows: &TableRows,
         next: u64,
     ) -> Result<(), SinkError> {
-        let fast = match self.copy_fits.load(Ordering::Relaxed) {
-            true => Insert::Copy,
-            false => Insert::Plain,
-        };
-        match self.insert(client, rows, next, fast).await {
-            Err(InsertError::Exists) => {
-                match self.insert(client, rows, next, Insert::SkipExisting).await {
-                    Err(InsertError::Exists) => Err(self.remote("insert", "row exists")),
-                    Err(InsertError::Sink(e)) => Err(e),
-                    Ok(()) => Ok(()),
-                }
-            }
+        match self.insert(client, rows, next, false).await {
+            Err(InsertError::Exists) => match self.insert(client, rows, next, true).await {
+                Err(InsertError::Exists) => Err(self.remote("insert", "row exists")),
+                Err(InsertError::Sink(e)) => Err(e),
+                Ok(()) => Ok(()),
+            },
             Err(InsertError::Sink(e)) => Err(e),
             Ok(()) => Ok(()),
         }
@@ -840,7 +943,7 @@ impl Inner {
 
     /// Writes a batch within the timeout. A connection that failed or timed out is
     /// closed (taken out of the pool), never reused.
-    async fn write(&self, rows: Columns, next: u64) -> Result<(), SinkError> {
+    async fn write(&self, rows: TableRows, next: u64) -> Result<(), SinkError> {
         let timeout = self.config.timeout;
         let mut client = tokio::time::timeout(timeout, self.connection())
             .await
@@ -857,6 +960,10 @@ impl Inner {
             // unknown state (a broken connection, a statement still running): drop it
             drop(deadpool_postgres::Object::take(client));
             self.tables_ready.store(false, Ordering::Relaxed);
+            self.shapes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
         result
     }
@@ -894,12 +1001,15 @@ impl Sink for PostgresSink {
 
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
-            let mut rows = Columns::default();
+            let mut rows = TableRows::default();
             let mut unencodable = Vec::new();
             let mut first_error = None;
+            let table = &self.inner.table;
             for (n, item) in batch.items.iter().enumerate() {
-                match Row::with(item, self.inner.computed.as_deref()) {
-                    Ok(row) => rows.push(item.index, row),
+                let row = Row::with(item, self.inner.computed.as_deref())
+                    .and_then(|row| Ok((table.of(item.message()?), row)));
+                match row {
+                    Ok((table, row)) => rows.push(table, item.index, row),
                     Err(e) => {
                         unencodable.push(n);
                         first_error.get_or_insert(e);

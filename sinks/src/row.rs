@@ -145,11 +145,16 @@ pub fn check_table(table: &str, p: &mut fleetbus_config::Problems) {
     }
 }
 
+/// How many tables of a template a SQL sink remembers as made (or read): beyond it the
+/// memory is cleared and each table is looked at again, so a template over fields that
+/// take endless values costs bounded memory.
+pub const TABLES_REMEMBERED: usize = 10_000;
+
 /// A SQL sink's `table`: a plain name, or a template (`metrics_{agent}`,
 /// `events_%Y%m`) rendered per message into one: the template engine of the other sinks,
-/// each rendered name made an identifier (a character outside `[A-Za-z0-9_]` becomes
-/// `_`, a leading digit gets `t_` before it, a name over 63 characters is cut with a hash
-/// of the whole).
+/// each rendered name made an identifier (lowercase; a character outside `[A-Za-z0-9_]`
+/// becomes `_`, a leading digit gets `t_` before it, a name over 63 characters is cut
+/// with a hash of the whole).
 #[derive(Debug, Clone)]
 pub enum TableName {
     /// One table for every message.
@@ -200,11 +205,14 @@ impl TableName {
         matches!(self, TableName::Template(_))
     }
 
-    /// The table of `msg`.
+    /// The table of `msg`, as it goes into SQL: a fixed name as configured, a rendered
+    /// one double-quoted (so a name that is a keyword, such as `order`, still works; the
+    /// rendered identifier is lowercase, so quoted it is the table an unquoted name would
+    /// be).
     pub fn of(&self, msg: &fleetbus_protocol::Message) -> String {
         match self {
             TableName::Fixed(name) => name.clone(),
-            TableName::Template(t) => identifier(&t.render(msg)),
+            TableName::Template(t) => format!("\"{}\"", identifier(&t.render(msg))),
         }
     }
 }
@@ -214,7 +222,7 @@ fn identifier(rendered: &str) -> String {
     let mut name: String = rendered
         .chars()
         .map(|c| match c.is_ascii_alphanumeric() {
-            true => c,
+            true => c.to_ascii_lowercase(),
             false => '_',
         })
         .collect();
@@ -253,13 +261,17 @@ mod tests {
             br#"{"ts":"2026-03-04T00:00:00Z"}"#,
         )
         .unwrap();
-        assert_eq!(t.of(&msg), "metrics_web_01_eu_2026");
+        assert_eq!(t.of(&msg), "\"metrics_web_01_eu_2026\"");
         let long = TableName::parse("{record.name}").unwrap();
         let name = "9".repeat(80);
         let msg = Message::decode("x", format!(r#"{{"name":"{name}"}}"#).as_bytes()).unwrap();
         let table = long.of(&msg);
-        assert!(table.starts_with("t_999") && table.len() == 63, "{table}");
-        assert!(plain_identifier(&table));
+        let bare = table.trim_matches('"');
+        assert!(bare.starts_with("t_999") && bare.len() == 63, "{table}");
+        assert!(plain_identifier(bare));
+        // a keyword, in capitals: quoted and lowercase, the table `order` unquoted names
+        let msg = Message::decode("x", br#"{"name":"ORDER"}"#).unwrap();
+        assert_eq!(long.of(&msg), "\"order\"");
         for bad in ["metrics-{agent}", "a b{agent}", "{agnt}", "x;drop{agent}"] {
             assert!(TableName::parse(bad).is_err(), "{bad}");
         }

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::columns::{Cell, Computed};
 use crate::config::{SinkPlace, SinkType};
-use crate::row::{check_table, Row, TableName, POSITIONS};
+use crate::row::{check_table, Row, TableName, POSITIONS, TABLES_REMEMBERED};
 use crate::{Batch, BoxFuture, Sink, SinkError};
 
 /// `type = "sqlite"`: rows in a table of an SQLite database file.
@@ -128,7 +128,8 @@ struct Inner {
     connection: Mutex<Option<Connection>>,
     /// The table, or the template of the tables.
     table: TableName,
-    /// With a template and `create_table`: the tables made (or found) so far.
+    /// With a template and `create_table`: the tables made (or found) so far, at most
+    /// [`TABLES_REMEMBERED`] (then forgotten, and made again `IF NOT EXISTS`).
     created: Mutex<std::collections::HashSet<String>>,
 }
 
@@ -323,10 +324,11 @@ fn insert(
     .map_err(|e| sink.remote("save the position", e))?;
     tx.commit().map_err(|e| sink.remote("commit", e))?;
     // noted as made only now: a creation rolled back with its batch is made again
-    sink.created
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .extend(made);
+    let mut created = sink.created.lock().unwrap_or_else(|p| p.into_inner());
+    if created.len() + made.len() > TABLES_REMEMBERED {
+        created.clear();
+    }
+    created.extend(made);
     Ok(())
 }
 

@@ -399,3 +399,97 @@ async fn computed_columns_are_cast_to_the_tables_types_and_a_failing_expression_
     let got: Vec<String> = (0..5).map(|n| row.get(n)).collect();
     assert_eq!(got, ["\"h1\"", "97.5", "true", r#"{"cpu": "0"}"#, "jsonb"]);
 }
+
+/// A templated `table` puts each message in the table its fields name: made in the
+/// batch's transaction (a keyword such as `order` too), the fast `COPY` per table, one
+/// position for all (a batch written again adds nothing), a record already in its table
+/// skipped, and a row one of the tables refuses named by its place in the whole batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_template_names_a_table_per_message_each_row_once() {
+    let Some(pg) = Postgres::start().unwrap() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let client = pg.client().await.unwrap();
+    let template = "table = \"{record.kind | 'other'}\"\n";
+    let mut s = sink(dir.path(), &pg, template);
+    let batch = metric_batch(&[
+        (1, r#"{"seq":1,"kind":"cpu"}"#),
+        (2, r#"{"seq":2,"kind":"ORDER"}"#),
+        (3, r#"{"seq":3}"#),
+        (4, r#"{"seq":4,"kind":"cpu"}"#),
+    ]);
+    s.write(&batch).await.unwrap();
+    // a new sink (after a crash) writing the same batch: the position says it is there
+    let mut again = sink(dir.path(), &pg, template);
+    again.write(&batch).await.unwrap();
+    let seqs = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(&format!("SELECT seq FROM {table} ORDER BY seq"), &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, i64>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(seqs("cpu").await, [1, 4]);
+    assert_eq!(seqs("\"order\"").await, [2]);
+    assert_eq!(seqs("other").await, [3]);
+    let position: i64 = client
+        .query_one(
+            "SELECT next FROM fleetbus_sink_positions WHERE tbl = $1",
+            &[&"{record.kind | 'other'}"],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(position, 5, "one position for all the tables");
+
+    // a record already in its table (put there by hand) is skipped, the others land
+    client
+        .execute(
+            "INSERT INTO cpu (agent, stream, epoch, seq, topic, received, message) \
+             VALUES ('web-1', 'metrics', 1, 5, 't', now(), '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    s.write(&metric_batch(&[
+        (5, r#"{"seq":6,"kind":"disk"}"#),
+        (6, r#"{"epoch":1,"seq":5,"kind":"cpu"}"#),
+        (7, r#"{"epoch":1,"seq":7,"kind":"cpu"}"#),
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(seqs("cpu").await, [1, 4, 5, 7]);
+    assert_eq!(seqs("disk").await, [6]);
+
+    // jsonb cannot hold \u0000: the refused row is named by its place in the batch
+    let e = s
+        .write(&metric_batch(&[
+            (8, r#"{"seq":8,"kind":"cpu"}"#),
+            (9, r#"{"seq":9,"kind":"disk"}"#),
+            (10, r#"{"seq":10,"kind":"disk","text":"nul \u0000"}"#),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.rejected_items(), Some(&[2][..]), "{e}");
+    assert!(e.to_string().contains("22P05"), "{e}");
+
+    // without create_table a table nobody made is retried, with PostgreSQL's words
+    let mut strict = sink(
+        dir.path(),
+        &pg,
+        &format!("{template}create_table = false\n"),
+    );
+    let e = strict
+        .write(&metric_batch(&[(11, r#"{"seq":11,"kind":"gpu"}"#)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Retryable, "{e}");
+    assert!(e.to_string().contains("42P01"), "{e}");
+    assert!(e.to_string().contains("gpu"), "{e}");
+}

@@ -91,12 +91,14 @@ fn constraint_and_data_errors_refuse_the_row_and_the_rest_is_retried() {
 }
 
 #[test]
-fn a_table_template_is_refused_here_with_the_reason() {
-    let c = config("url = \"postgres://db.example/fleet\"\ntable = \"m_{agent}\"\n");
+fn a_table_template_is_taken_and_a_bad_one_named() {
+    let c = config("url = \"postgres://db.example/fleet\"\ntable = \"m_{agent}_%Y\"\n");
+    assert!(problems(&c).is_empty(), "{:#?}", problems(&c));
+    let c = config("url = \"postgres://db.example/fleet\"\ntable = \"m-{agent}\"\n");
     let shown = problems(&c);
     assert_eq!(shown.len(), 1, "{shown:#?}");
     assert!(
-        shown[0].contains("a table template is for the sqlite sink"),
+        shown[0].starts_with("table: `m-{agent}`: `-` cannot be"),
         "{shown:#?}"
     );
 }
