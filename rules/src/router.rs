@@ -32,7 +32,7 @@ use crate::filter_index::FilterIndex;
 use crate::record_use::RecordUse;
 use crate::ruleset::Rule;
 use crate::stateful::{GateState, Verdict};
-use fleetbus_sinks::columns::context_with;
+use fleetbus_sinks::columns::MessageVariables;
 
 /// One rule's state: its gates' and its open windows.
 #[derive(Debug, Default)]
@@ -311,6 +311,7 @@ impl Router {
     pub fn route(&self, msg: &Message, routing: &mut Routing) {
         routing.clear();
         // the CEL context is built lazily, once per message, only if an expression needs it
+        let variables = MessageVariables::new(msg, self.record_use.fields(), self.segments);
         let mut ctx: Option<Context<'_, '_>> = None;
         if self.aggregates {
             msg.topic.clone_into(&mut routing.topic);
@@ -318,10 +319,8 @@ impl Router {
         let mut candidates = std::mem::take(&mut routing.candidates);
         self.index.candidates(&msg.topic, &mut candidates);
         for &index in &candidates {
+            // the index gives exactly the rules with a matching filter
             let rule = &self.rules[index];
-            if !rule.from.iter().any(|f| f.matches(&msg.topic)) {
-                continue;
-            }
             routing.seen.push(index);
             if rule.foreach.is_none()
                 && rule.condition.is_none()
@@ -338,8 +337,7 @@ impl Router {
                 });
                 continue;
             }
-            let ctx = ctx
-                .get_or_insert_with(|| context_with(msg, self.record_use.fields(), self.segments));
+            let ctx = ctx.get_or_insert_with(|| variables.context());
             match &rule.foreach {
                 None => self.one(index, rule, Base::Published(&msg.body), 0, ctx, routing),
                 Some(list) => match list.evaluate(ctx) {

@@ -52,6 +52,23 @@ aggregate = { key = "agent", value = "record.value", window = "1m" }
 to = ["rollups"]
 on_error = "dead"
 
+[[rules]]
+name = "by-topic"
+from = ["site/+/sensors/#", "fleet/+/telemetry/names"]
+where = '(agent == "" && segments[1] == "s1") || (agent == "w1" && stream == "names")'
+set = { seen = "topic + '|' + agent + '|' + stream + '|' + segments[1]" }
+to = ["archive"]
+
+[[tests]]
+name = "a condition and a transform read the topic, its segments, the agent and the stream"
+inputs = [
+  { topic = "site/s1/sensors/t", record = { v = 1 } },
+  { topic = "site/s2/sensors/t", record = { v = 2 } },
+  { topic = "fleet/w1/telemetry/names", record = { v = 3 } },
+  { topic = "fleet/w2/telemetry/names", record = { v = 4 } },
+]
+expect = [{ sink = "archive", count = 2, where = '(msg.seen == "site/s1/sensors/t|||s1" && msg.v == 1) || (msg.seen == "fleet/w1/telemetry/names|w1|names|w1" && msg.v == 3)' }]
+
 [[tests]]
 name = "a minute of samples per agent becomes one roll-up, closed by the next minute or the end"
 inputs = [
@@ -126,7 +143,7 @@ fn run_all(text: &str) -> Vec<(String, Result<(), String>)> {
 #[test]
 fn every_transform_and_stateful_operation_does_what_its_tests_say() {
     let results = run_all(RULES);
-    assert_eq!(results.len(), 8);
+    assert_eq!(results.len(), 9);
     for (name, result) in results {
         assert!(
             result.is_ok(),
@@ -174,7 +191,7 @@ fn a_failing_test_says_what_each_sink_got() {
     let wher = diff("where");
     assert!(wher.contains("`msg.line == 2` is Bool(false)"), "{wher}");
     // the others still pass: every test starts from empty state
-    assert_eq!(results.iter().filter(|(_, r)| r.is_ok()).count(), 8);
+    assert_eq!(results.iter().filter(|(_, r)| r.is_ok()).count(), 9);
 }
 
 #[test]

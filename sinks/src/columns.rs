@@ -9,6 +9,10 @@
 //! dead-letter table keeps why ([`COLUMN_VARIABLES`]). A message for which an expression
 //! fails (a field it does not have: guard with `has()`) cannot be a row: it goes to the
 //! sink's dead letter with the error, and the rows around it are written.
+//!
+//! The message's CEL variables are made here for the rules too: [`context_for`] and
+//! [`context_with`] bind them all, [`MessageVariables`] (the router's) makes each as an
+//! expression reads it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -186,25 +190,49 @@ pub fn context_with<'m>(
     only: Option<&std::collections::BTreeSet<String>>,
     segments: bool,
 ) -> Context<'m, 'm> {
-    static STDLIB: std::sync::OnceLock<Arc<cel::Env>> = std::sync::OnceLock::new();
-    let env = STDLIB.get_or_init(|| Arc::new(cel::Env::stdlib()));
-    let mut ctx = Context::with_env(env.clone());
+    let mut ctx = Context::with_env(stdlib());
     ctx.add_variable_as_val("topic", Box::new(CelString::from(msg.topic.as_str())));
     if segments {
-        let segments: Vec<Box<dyn Val>> = msg
-            .segments()
-            .map(|s| Box::new(CelString::from(s)) as Box<dyn Val>)
-            .collect();
-        ctx.add_variable_as_val("segments", Box::new(CelList::from(segments)));
+        ctx.add_variable_as_val("segments", segments_val(msg));
     }
+    let (agent, stream) = agent_and_stream(msg);
+    ctx.add_variable_as_val("agent", Box::new(CelString::from(agent)));
+    ctx.add_variable_as_val("stream", Box::new(CelString::from(stream)));
+    ctx.add_variable_as_val("record", record_val(msg, only));
+    ctx
+}
+
+/// The standard library's environment, built once.
+fn stdlib() -> Arc<cel::Env> {
+    static STDLIB: std::sync::OnceLock<Arc<cel::Env>> = std::sync::OnceLock::new();
+    STDLIB.get_or_init(|| Arc::new(cel::Env::stdlib())).clone()
+}
+
+/// `segments`: the topic split at `/`.
+fn segments_val(msg: &Message) -> Box<dyn Val + '_> {
+    let segments: Vec<Box<dyn Val>> = msg
+        .segments()
+        .map(|s| Box::new(CelString::from(s)) as Box<dyn Val>)
+        .collect();
+    Box::new(CelList::from(segments))
+}
+
+/// `agent` and `stream`: from the topic, else the body's fields of those names, else `""`.
+fn agent_and_stream(msg: &Message) -> (&str, &str) {
     // the topic parsed once (`Message::agent` and `stream` would parse it each)
     let topic = fleetbus_protocol::Topic::parse(&msg.topic);
     let from_body = |key: &str| msg.body.get(key).and_then(serde_json::Value::as_str);
     let agent = topic.agent().or_else(|| from_body("agent")).unwrap_or("");
     let stream = topic.stream().or_else(|| from_body("stream")).unwrap_or("");
-    ctx.add_variable_as_val("agent", Box::new(CelString::from(agent)));
-    ctx.add_variable_as_val("stream", Box::new(CelString::from(stream)));
-    let record = match (only, &msg.body) {
+    (agent, stream)
+}
+
+/// `record`: the body, or of a map body only the fields `only`.
+fn record_val<'m>(
+    msg: &'m Message,
+    only: Option<&std::collections::BTreeSet<String>>,
+) -> Box<dyn Val + 'm> {
+    match (only, &msg.body) {
         (Some(keys), serde_json::Value::Object(map)) => Box::new(CelMap::from(
             keys.iter()
                 .filter_map(|k| map.get_key_value(k.as_str()))
@@ -212,9 +240,63 @@ pub fn context_with<'m>(
                 .collect::<std::collections::HashMap<_, _>>(),
         )) as Box<dyn Val>,
         _ => json_val(&msg.body),
-    };
-    ctx.add_variable_as_val("record", record);
-    ctx
+    }
+}
+
+/// The variables of [`context_with`] as a CEL variable resolver: each is made only when an
+/// expression reads it, `record` at most once. A context over it
+/// ([`MessageVariables::context`]) costs no allocation until then, where
+/// [`context_with`] inserts every variable under a name of its own: the rules engine
+/// routes each message through one of these.
+pub struct MessageVariables<'a> {
+    msg: &'a Message,
+    only: Option<&'a std::collections::BTreeSet<String>>,
+    segments: bool,
+    names: std::sync::OnceLock<(&'a str, &'a str)>,
+    record: std::sync::OnceLock<Box<dyn Val + 'a>>,
+}
+
+impl<'a> MessageVariables<'a> {
+    /// The variables of `msg`, with `record` and `segments` as in [`context_with`].
+    pub fn new(
+        msg: &'a Message,
+        only: Option<&'a std::collections::BTreeSet<String>>,
+        segments: bool,
+    ) -> Self {
+        MessageVariables {
+            msg,
+            only,
+            segments,
+            names: std::sync::OnceLock::new(),
+            record: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A context (the standard library's) whose variables are these.
+    pub fn context(&self) -> Context<'_, '_> {
+        let mut ctx = Context::with_env(stdlib());
+        ctx.set_variable_resolver(self);
+        ctx
+    }
+}
+
+impl cel::context::VariableResolver for MessageVariables<'_> {
+    fn resolve<'b>(&'b self, variable: &str) -> Option<cel::common::value::CowVal<'b, 'b>> {
+        use cel::common::value::CowVal;
+        let names = || *self.names.get_or_init(|| agent_and_stream(self.msg));
+        Some(match variable {
+            "record" => CowVal::Borrowed(
+                self.record
+                    .get_or_init(|| record_val(self.msg, self.only))
+                    .as_ref(),
+            ),
+            "topic" => CowVal::Owned(Box::new(CelString::from(self.msg.topic.as_str()))),
+            "agent" => CowVal::Owned(Box::new(CelString::from(names().0))),
+            "stream" => CowVal::Owned(Box::new(CelString::from(names().1))),
+            "segments" if self.segments => CowVal::Owned(segments_val(self.msg)),
+            _ => return None,
+        })
+    }
 }
 
 /// `value` as a CEL value, built in one pass and borrowing its strings and keys: through

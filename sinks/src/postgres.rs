@@ -12,7 +12,7 @@
 //! table). A templated `table` (`metrics_{agent}`, [`crate::row::TableName`]) puts each
 //! message in the table its fields name: a batch's rows are grouped by table and all
 //! written in its one transaction, a table made there (with `create_table`) by the first
-//! batch that names it, and each table's columns read once (its [`Shape`]).
+//! batch that names it, and each table's columns read once (what they allow kept).
 //!
 //! **Exactly once**, as in the SQLite sink: the unique record key with `ON CONFLICT DO
 //! NOTHING` (a replayed or retried batch never duplicates a record), and the log position

@@ -131,7 +131,9 @@ pub struct IngestArgs {
     /// Run fleetbus with a generated rules file of this many rules (topic filters over
     /// many agents, conditions, transforms; one of them archives every record) instead of
     /// the built-in rules; repeatable, one run each, side by side (`--rules 1 --rules
-    /// 1000`), and the routing cost per message of each printed after the table.
+    /// 1000`), and the routing cost per message of each printed after the table. A count
+    /// given more than once is run again in turn (`--rules 1 --rules 1000 --rules 1
+    /// --rules 1000`: alternated, as a noisy machine needs) and compared by its median.
     #[arg(long)]
     pub rules: Vec<usize>,
 }
@@ -356,26 +358,7 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         }
     }
     if !args.rules.is_empty() {
-        let single = results
-            .iter()
-            .find(|r| r.target.contains(" 1 rules,"))
-            .map(Measurement::rate);
-        for r in results.iter().filter(|r| r.target.contains(" rules,")) {
-            if let Some(single) = single {
-                println!(
-                    "{}: {:.0} % of the single-rule rate",
-                    r.target,
-                    100.0 * r.rate() / single
-                );
-            }
-        }
-        for &n in &args.rules {
-            let cost = fleetbus::routing_cost(n.max(1), args.payload)?;
-            println!(
-                "routing one message through {n} rules (route and settle, one thread): {:.0} ns",
-                cost.as_nanos()
-            );
-        }
+        rules_summary(&results, &args.rules, args.payload)?;
     }
     let lost = results
         .iter()
@@ -384,4 +367,52 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
         println!("WARNING: some messages did not come out within the drain time");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// After `--rules` runs: each rule count's median rate (of its runs, alternated with the
+/// others'), as a share of the single-rule median, and the routing cost per message.
+fn rules_summary(results: &[Measurement], counts: &[usize], payload: usize) -> anyhow::Result<()> {
+    let mut distinct: Vec<usize> = counts.iter().map(|&n| n.max(1)).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let median_of = |n: usize| -> Option<f64> {
+        let mut rates: Vec<f64> = results
+            .iter()
+            .filter(|r| r.target.contains(&format!(" {n} rules,")))
+            .map(Measurement::rate)
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        match rates.len() {
+            0 => None,
+            k if k % 2 == 1 => Some(rates[k / 2]),
+            k => Some((rates[k / 2 - 1] + rates[k / 2]) / 2.0),
+        }
+    };
+    let single = median_of(1);
+    for &n in &distinct {
+        let runs = results
+            .iter()
+            .filter(|r| r.target.contains(&format!(" {n} rules,")))
+            .count();
+        if let Some(median) = median_of(n) {
+            print!("{n} rules: median {median:.0} msg/s of {runs} run(s)");
+            match single {
+                Some(single) if n != 1 => {
+                    println!(
+                        ", {:.0} % of the single-rule median",
+                        100.0 * median / single
+                    )
+                }
+                _ => println!(),
+            }
+        }
+    }
+    for &n in &distinct {
+        let cost = fleetbus::routing_cost(n, payload)?;
+        println!(
+            "routing one message through {n} rules (route and settle, one thread): {:.0} ns",
+            cost.as_nanos()
+        );
+    }
+    Ok(())
 }
