@@ -10,6 +10,7 @@
 //! Programs that embed the agent (the benchmarks, tests, custom collectors) open an
 //! [`Agent`], push records through [`Agent::outbox`], and [`Agent::run`] it.
 
+pub mod checks;
 pub mod collectors;
 pub mod config;
 pub mod enroll;
