@@ -230,7 +230,8 @@ fn identifier(rendered: &str) -> String {
         name.insert_str(0, "t_");
     }
     if name.len() > 63 {
-        let hash = crate::template::fnv1a(rendered.as_bytes());
+        // of the text lowercased: names differing only in case are one table, long or not
+        let hash = crate::template::fnv1a(rendered.to_ascii_lowercase().as_bytes());
         name.truncate(46);
         name.push_str(&format!("_{hash:016x}"));
     }
@@ -269,6 +270,18 @@ mod tests {
         let bare = table.trim_matches('"');
         assert!(bare.starts_with("t_999") && bare.len() == 63, "{table}");
         assert!(plain_identifier(bare));
+        // one table for names differing only in case, long ones too
+        let upper = Message::decode(
+            "x",
+            format!(r#"{{"name":"{}"}}"#, "A".repeat(80)).as_bytes(),
+        )
+        .unwrap();
+        let lower = Message::decode(
+            "x",
+            format!(r#"{{"name":"{}"}}"#, "a".repeat(80)).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(long.of(&upper), long.of(&lower));
         // a keyword, in capitals: quoted and lowercase, the table `order` unquoted names
         let msg = Message::decode("x", br#"{"name":"ORDER"}"#).unwrap();
         assert_eq!(long.of(&msg), "\"order\"");
