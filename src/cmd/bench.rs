@@ -375,26 +375,25 @@ fn rules_summary(results: &[Measurement], counts: &[usize], payload: usize) -> a
     let mut distinct: Vec<usize> = counts.iter().map(|&n| n.max(1)).collect();
     distinct.sort_unstable();
     distinct.dedup();
-    let median_of = |n: usize| -> Option<f64> {
+    // each count's runs: their median rate, and how many
+    let median_of = |n: usize| -> Option<(f64, usize)> {
         let mut rates: Vec<f64> = results
             .iter()
             .filter(|r| r.target.contains(&format!(" {n} rules,")))
             .map(Measurement::rate)
             .collect();
         rates.sort_by(f64::total_cmp);
-        match rates.len() {
-            0 => None,
-            k if k % 2 == 1 => Some(rates[k / 2]),
-            k => Some((rates[k / 2 - 1] + rates[k / 2]) / 2.0),
-        }
+        let k = rates.len();
+        let median = match k {
+            0 => return None,
+            k if k % 2 == 1 => rates[k / 2],
+            k => (rates[k / 2 - 1] + rates[k / 2]) / 2.0,
+        };
+        Some((median, k))
     };
-    let single = median_of(1);
+    let single = median_of(1).map(|(median, _)| median);
     for &n in &distinct {
-        let runs = results
-            .iter()
-            .filter(|r| r.target.contains(&format!(" {n} rules,")))
-            .count();
-        if let Some(median) = median_of(n) {
+        if let Some((median, runs)) = median_of(n) {
             print!("{n} rules: median {median:.0} msg/s of {runs} run(s)");
             match single {
                 Some(single) if n != 1 => {
