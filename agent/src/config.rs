@@ -34,6 +34,10 @@ pub struct AgentConfig {
     pub uploads: UploadsConfig,
     /// Jobs: the signing key to trust and the allow-listed operations.
     pub jobs: crate::job_runner::JobsConfig,
+    /// Checks with Nagios semantics, by name (`[checks.NAME]`).
+    pub checks: BTreeMap<String, crate::checks::CheckConfig>,
+    /// What all checks share: how many run at once, the grace after SIGTERM.
+    pub check_runner: crate::checks::CheckRunnerConfig,
 }
 
 impl Default for AgentConfig {
@@ -50,6 +54,8 @@ impl Default for AgentConfig {
             connection: ConnectionConfig::default(),
             uploads: UploadsConfig::default(),
             jobs: crate::job_runner::JobsConfig::default(),
+            checks: BTreeMap::new(),
+            check_runner: crate::checks::CheckRunnerConfig::default(),
         }
     }
 }
@@ -362,6 +368,15 @@ impl fleetbus_config::Check for AgentConfig {
             );
         });
         p.section("jobs", |p| self.jobs.check(p));
+        for (name, check) in &self.checks {
+            p.section("checks", |p| {
+                if let Err(e) = validate_id("check name", name) {
+                    p.add(name, e.to_string());
+                }
+                p.section(name, |p| check.check(p));
+            });
+        }
+        p.section("check_runner", |p| self.check_runner.check(p));
     }
 }
 

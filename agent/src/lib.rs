@@ -18,6 +18,7 @@ pub mod identity;
 pub mod job_runner;
 pub mod outbox;
 pub mod presence;
+mod process;
 pub mod publisher;
 mod state_file;
 pub mod uploads;
@@ -85,6 +86,7 @@ pub struct Agent {
     outbox: Arc<Outbox>,
     uploads: Arc<UploadQueue>,
     jobs: job_runner::JobRunner,
+    checks: checks::CheckRunner,
     job_reports: tokio::sync::mpsc::Receiver<fleetbus_protocol::JobStatus>,
     token: Option<String>,
     bootstrap: Option<enroll::Bootstrap>,
@@ -122,12 +124,19 @@ impl Agent {
         uploads.forget_older_than(config.uploads.remember);
         let (jobs, job_reports) =
             job_runner::JobRunner::open(&id, &config.groups, &config.jobs, &config.state_dir)?;
+        let checks = checks::CheckRunner::open(
+            &id,
+            &config.checks,
+            &config.check_runner,
+            &config.state_dir,
+        )?;
         Ok(Agent {
             config,
             id,
             outbox: Arc::new(outbox),
             uploads: Arc::new(uploads),
             jobs,
+            checks,
             job_reports,
             token,
             bootstrap,
@@ -145,6 +154,11 @@ impl Agent {
     /// The job runner (its counters and the recorded state of each job).
     pub fn jobs(&self) -> &job_runner::JobRunner {
         &self.jobs
+    }
+
+    /// The check runner (its counters).
+    pub fn checks(&self) -> &checks::CheckRunner {
+        &self.checks
     }
 
     /// The configuration the agent runs with.
@@ -186,6 +200,14 @@ impl Agent {
                 self.config.heartbeat.limit,
                 shutdown.clone(),
             ));
+        }
+        if !self.config.checks.is_empty() {
+            tasks.spawn(
+                self.checks
+                    .clone()
+                    .run(self.outbox.clone(), shutdown.clone())
+                    .in_current_span(),
+            );
         }
         let birth_config = self.config.clone();
         let birth_id = self.id.clone();

@@ -447,6 +447,7 @@ impl Outbox {
                 text: format!(
                     "agent outbox was full ({max_bytes} bytes): the {count} oldest records were dropped ({total} since the outbox was created)"
                 ),
+                clear: false,
             });
             r.fields.insert("dropped".into(), count.into());
             r.fields.insert("dropped_total".into(), total.into());

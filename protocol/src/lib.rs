@@ -5,6 +5,7 @@
 
 pub mod ack;
 pub mod broker_events;
+pub mod check;
 pub mod enroll;
 pub mod files;
 pub mod ids;
@@ -12,11 +13,13 @@ pub mod jobs;
 pub mod json_body;
 pub mod message;
 pub mod presence;
+pub mod range;
 pub mod record;
 pub mod topics;
 
 pub use ack::{Ack, StreamAck};
 pub use broker_events::BrokerEvent;
+pub use check::{CheckResult, CheckState, StateType};
 pub use enroll::{EnrollReply, EnrollRequest};
 pub use files::{
     ChunkOutcome, FileAction, FileChunk, FileCompleted, FileInit, FileManifest, FileReply,
@@ -29,5 +32,6 @@ pub use jobs::{
 pub use json_body::write_json_body;
 pub use message::{DecodeError, EncodeError, Message};
 pub use presence::{Presence, PresenceStatus};
+pub use range::{Range, RangeError};
 pub use record::{Event, Metric, Record, Resource, Severity};
 pub use topics::Topic;

@@ -29,6 +29,9 @@ pub struct Record {
     /// Event fields, when the record is an event or a check result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<Event>,
+    /// The check result, on a record of stream `checks` (and on the event a check raises).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::check::CheckResult>,
     /// Measurements carried by the record.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<Metric>,
@@ -52,6 +55,7 @@ impl Record {
             ts,
             epoch: None,
             event: None,
+            check: None,
             metrics: Vec::new(),
             fields: BTreeMap::new(),
         }
@@ -128,6 +132,10 @@ pub struct Event {
     /// Human-readable message text.
     #[serde(default)]
     pub text: String,
+    /// A clearing event: it closes the open row with the same class, source, rule and
+    /// resources (a check's recovery, a flapping stop) instead of opening one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clear: bool,
 }
 
 /// One type-name pair of an event's resource path, e.g. `{type: "port", name: "eth0"}`.
@@ -146,17 +154,19 @@ pub struct Resource {
 pub struct Metric {
     /// Metric name, dotted (`cpu.usage`, `disk.used`).
     pub name: String,
-    /// The measured value.
-    pub value: f64,
+    /// The measured value; `None` when the source could not determine it (a plugin's `U`).
+    #[serde(default)]
+    pub value: Option<f64>,
     /// Unit of measure (`%`, `B`, `s`, `c` for counters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
-    /// Warning threshold.
+    /// Warning range (on the wire its text, `~:80` or `@10:20`; a bare number `80`, as
+    /// older records carry, reads as `~:80`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warn: Option<f64>,
-    /// Critical threshold.
+    pub warn: Option<crate::range::Range>,
+    /// Critical range, as `warn`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub crit: Option<f64>,
+    pub crit: Option<crate::range::Range>,
     /// Smallest possible value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
@@ -173,7 +183,7 @@ impl Metric {
     pub fn new(name: impl Into<String>, value: f64, unit: Option<&str>) -> Self {
         Metric {
             name: name.into(),
-            value,
+            value: Some(value),
             unit: unit.map(str::to_string),
             warn: None,
             crit: None,
@@ -206,6 +216,7 @@ mod tests {
                 name: "/".into(),
             }],
             text: "95% used".into(),
+            clear: false,
         });
         r.metrics
             .push(Metric::new("disk.used", 95.0, Some("%")).label("mount", "/"));

@@ -354,6 +354,9 @@ pub fn points(item: &Item, measurement: &Measurement, out: &mut String) -> Resul
     let start = out.len();
     for (n, metric) in metrics.iter().enumerate() {
         let name = metric.get("name").and_then(|v| v.as_str()).unwrap_or("");
+        if metric.get("value").is_some_and(|v| v.is_null()) {
+            continue; // undetermined (a plugin's `U`): no point to plot
+        }
         let Some(value) = metric.get("value").and_then(|v| v.as_f64()) else {
             out.truncate(start);
             return Err(format!("metric {n} (`{name}`) has no numeric `value`"));
@@ -385,8 +388,18 @@ pub fn points(item: &Item, measurement: &Measurement, out: &mut String) -> Resul
         }
         let _ = write!(out, " value={value}");
         for field in ["warn", "crit", "min", "max"] {
-            if let Some(v) = metric.get(field).and_then(|v| v.as_f64()) {
-                let _ = write!(out, ",{field}={v}");
+            match metric.get(field) {
+                Some(serde_json::Value::Number(v)) => {
+                    let _ = write!(out, ",{field}={v}");
+                }
+                // a threshold range (`~:80`, `@10:20`): its text, under a key of its own so
+                // that a field keeps one type
+                Some(serde_json::Value::String(range)) => {
+                    let _ = write!(out, ",{field}_range=\"");
+                    escaped(out, range, &['"', '\\']);
+                    out.push('"');
+                }
+                _ => {}
             }
         }
         let _ = writeln!(out, " {time}");
@@ -459,6 +472,9 @@ impl Sink for InfluxSink {
             }
             if let Some(why) = why {
                 return Err(SinkError::Refused(why).for_items(none));
+            }
+            if body.is_empty() {
+                return Ok(()); // only undetermined values: nothing to plot
             }
             if let Some(create) = self.create.clone() {
                 self.post(&create, String::new()).await?;

@@ -1,11 +1,16 @@
-//! Checks with Nagios semantics: what a plugin's exit code and output mean, and the
-//! threshold ranges checks and performance data share. (The runner that schedules and
-//! runs checks builds on these.)
+//! Checks with Nagios semantics: plugins run on a schedule ([`runner`]), their output read
+//! ([`plugin_output`], [`outcome`]), their SOFT/HARD states and flapping tracked
+//! ([`tracker`]), results and events pushed to the outbox as records.
 
+pub mod config;
+pub mod outcome;
 pub mod plugin_output;
-pub mod range;
-pub mod state;
+pub mod runner;
+pub mod schedule;
+pub mod tracker;
 
+pub use config::{CheckConfig, CheckRunnerConfig};
+pub use fleetbus_protocol::check::{CheckResult, CheckState, StateType};
+pub use fleetbus_protocol::range::{Range, RangeError};
 pub use plugin_output::{PerfDatum, PluginOutput};
-pub use range::{Range, RangeError};
-pub use state::CheckState;
+pub use runner::{CheckCounts, CheckRunner};

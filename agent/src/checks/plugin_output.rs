@@ -19,7 +19,7 @@
 //! [`Range`]s; trailing `;` may be left out. An item that breaks these rules is set
 //! apart with the reason ([`PluginOutput::problems`]); the others are kept.
 
-use super::range::{number, Range};
+use fleetbus_protocol::range::{number, Range};
 
 /// A plugin's output, split.
 #[derive(Debug, Clone, Default, PartialEq)]

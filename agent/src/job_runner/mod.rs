@@ -21,8 +21,6 @@
 //! forged command, and remembering it would let them block the real job's id.
 
 pub mod config;
-mod contain;
-mod exec;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -37,6 +35,12 @@ use fleetbus_protocol::{
     ExecutionState, JobCommand, JobDocument, JobStatus, JobTarget, SignedCommand,
 };
 use regex::Regex;
+
+use crate::process::{contain, exec};
+
+/// How long a job's processes get between SIGTERM and SIGKILL (on timeout, and for those
+/// it left running when it exited).
+const LEFTOVER_GRACE: Duration = Duration::from_secs(2);
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::Instrument;
@@ -396,29 +400,44 @@ impl JobRunner {
             Plan::Echo(text) => (ExecutionState::Succeeded, Some(0), text, None),
             Plan::Process { argv, timeout } => {
                 let marker = contain::marker(&job.id);
-                match exec::run(&argv, timeout, inner.config.output_limit, &marker).await {
-                    exec::Ended::Exited {
-                        code: Some(0),
+                let done = exec::run(&exec::Spec {
+                    argv: &argv,
+                    timeout,
+                    grace: LEFTOVER_GRACE,
+                    limit: inner.config.output_limit,
+                    marker: &marker,
+                })
+                .await;
+                let mut output = done.combined_output();
+                if done.left_behind > 0 {
+                    output.push_str(&format!(
+                        "\n[{} process(es) the job left running were ended]",
+                        done.left_behind
+                    ));
+                }
+                match done.end {
+                    exec::End::Exited(0) => (ExecutionState::Succeeded, Some(0), output, None),
+                    exec::End::Exited(code) => (
+                        ExecutionState::Failed,
+                        Some(code),
                         output,
-                    } => (ExecutionState::Succeeded, Some(0), output, None),
-                    exec::Ended::Exited { code, output } => {
-                        let reason = match code {
-                            Some(c) => format!("exited with code {c}"),
-                            None => "killed by a signal".to_string(),
-                        };
-                        (ExecutionState::Failed, code, output, Some(reason))
-                    }
-                    exec::Ended::TimedOut { output } => (
+                        Some(format!("exited with code {code}")),
+                    ),
+                    exec::End::Signalled(signal) => (
+                        ExecutionState::Failed,
+                        None,
+                        output,
+                        Some(format!("killed by signal {signal}")),
+                    ),
+                    exec::End::TimedOut => (
                         ExecutionState::TimedOut,
                         None,
                         output,
                         Some(format!(
-                            "ran longer than {timeout:?}; its process group was killed"
+                            "ran longer than {timeout:?}; its processes were sent SIGTERM, then SIGKILL after {LEFTOVER_GRACE:?}"
                         )),
                     ),
-                    exec::Ended::NotStarted(reason) => {
-                        (ExecutionState::Failed, None, String::new(), Some(reason))
-                    }
+                    exec::End::NotStarted(reason) => (ExecutionState::Failed, None, output, Some(reason)),
                 }
             }
         };

@@ -47,6 +47,28 @@ fn each_metric_is_one_point_with_its_tags_fields_and_nanosecond_time() {
     );
 }
 
+/// A check result's performance data: a `U` value is no point, and a threshold range is a
+/// string field of its own (a field keeps one type).
+#[test]
+fn an_undetermined_value_is_skipped_and_a_range_is_a_string_field() {
+    let record = item(
+        "fleet/web-01/telemetry/checks",
+        r#"{"seq":3,"ts":"2026-12-01T10:00:00Z","check":{"name":"disk","status":1},
+            "metrics":[
+              {"name":"free","value":null},
+              {"name":"used","value":91,"unit":"%","warn":"~:80","crit":"@90:95","max":100}]}"#,
+    );
+    assert_eq!(
+        lines("{metric}", &record).unwrap(),
+        "used,agent=web-01,stream=checks value=91,warn_range=\"~:80\",crit_range=\"@90:95\",max=100 1796119200000000000\n"
+    );
+    let only_undetermined = item(
+        "fleet/web-01/telemetry/checks",
+        r#"{"seq":4,"metrics":[{"name":"free","value":null}]}"#,
+    );
+    assert_eq!(lines("{metric}", &only_undetermined).unwrap(), "");
+}
+
 #[test]
 fn a_message_without_points_says_why() {
     let no_metrics = item(

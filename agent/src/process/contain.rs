@@ -1,24 +1,24 @@
-//! Every process a job starts ends with the job.
+//! Every process a run (a job, a check) starts ends with the run.
 //!
-//! A job's processes get its own process group, but a child that calls `setsid` leaves it,
-//! and a handler that exits 0 may leave children running (holding its output pipes, so
-//! their output was lost too). Each job's processes carry a marker in their environment
-//! (`FLEETBUS_JOB=...`, inherited by every descendant, `setsid` or not); when the job ends,
+//! A run's processes get its own process group, but a child that calls `setsid` leaves it,
+//! and a program that exits 0 may leave children running (holding its output pipes, so
+//! their output was lost too). Each run's processes carry a marker in their environment
+//! (`FLEETBUS_JOB=...`, inherited by every descendant, `setsid` or not); when the run ends,
 //! every process still carrying its marker is asked to stop (SIGTERM), given a grace
 //! period, then killed (SIGKILL). A process that clears its own environment is not found
-//! this way (a cgroup per job would be).
+//! this way (a cgroup per run would be).
 
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The environment variable that marks a job's processes.
+/// The environment variable that marks a run's processes.
 pub(crate) const MARKER_VAR: &str = "FLEETBUS_JOB";
 
-/// A marker no other job shares (the job id and a random part).
-pub(crate) fn marker(job_id: &str) -> String {
-    format!("{job_id}-{:016x}", rand::random::<u64>())
+/// A marker no other run shares (the job id or check name, and a random part).
+pub(crate) fn marker(name: &str) -> String {
+    format!("{name}-{:016x}", rand::random::<u64>())
 }
 
 /// Processes (not zombies) whose environment carries `MARKER_VAR=marker`.
@@ -79,11 +79,11 @@ pub(crate) async fn end_all(marker: &str, grace: Duration) -> usize {
     left.len()
 }
 
-/// Kills every process carrying `marker` at once (a job past its timeout).
-pub(crate) fn kill_all(marker: &str) -> usize {
+/// Sends `signal` to every process carrying `marker`; how many there were.
+pub(crate) fn signal_all(marker: &str, signal: Signal) -> usize {
     let left = marked(marker);
     for &pid in &left {
-        let _ = kill(pid, Signal::SIGKILL);
+        let _ = kill(pid, signal);
     }
     left.len()
 }

@@ -1,6 +1,7 @@
 //! Threshold ranges in the monitoring-plugins syntax, used by a plugin's performance data
 //! (`warn` and `crit`) and by the thresholds of the agent's built-in checks, so that an
-//! operator writes one syntax for both.
+//! operator writes one syntax for both. A metric's `warn` and `crit` carry one on the wire,
+//! as its text.
 //!
 //! `[@][START:]END`: a value alerts when it is outside `START..=END` (with `@`, when it is
 //! inside). `START` defaults to 0 and `~` is minus infinity; an empty `END` (after a `:`)
@@ -93,8 +94,48 @@ impl fmt::Display for Range {
     }
 }
 
+/// On the wire a range is its text. A bare number is read too (records from before ranges
+/// had a number threshold): `80` means "alerts above 80", the range `~:80`.
+impl serde::Serialize for Range {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Range {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Range, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Range;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a threshold range such as `10`, `~:10` or `@10:20`, or a number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Range, E> {
+                Range::parse(v).map_err(E::custom)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Range, E> {
+                if !v.is_finite() {
+                    return Err(E::custom(format!("threshold {v} is not a finite number")));
+                }
+                Ok(Range {
+                    start: None,
+                    end: Some(v),
+                    inside: false,
+                })
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Range, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Range, E> {
+                self.visit_f64(v as f64)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// A decimal number as plugins print it (`-1.5`, `.5`, `10`, `1e-3`); not `inf` or `NaN`.
-pub(crate) fn number(text: &str) -> Option<f64> {
+pub fn number(text: &str) -> Option<f64> {
     let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
     let plain = digits.starts_with(|c: char| c.is_ascii_digit() || c == '.')
         && digits
@@ -150,5 +191,22 @@ mod tests {
             assert_eq!(e.why, why, "{text}");
             assert!(e.to_string().contains(&format!("`{text}`")), "{e}");
         }
+    }
+
+    #[test]
+    fn on_the_wire_a_range_is_its_text_and_an_old_number_threshold_still_reads() {
+        let r = Range::parse("@10:20").unwrap();
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#""@10:20""#);
+        assert_eq!(serde_json::from_str::<Range>(r#""@10:20""#).unwrap(), r);
+        let old: Range = serde_json::from_str("80").unwrap();
+        assert_eq!(old.to_string(), "~:80");
+        assert!(old.alerts(80.5) && !old.alerts(-3.0));
+        let packed = rmp_serde::to_vec(&-2.5f64).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<Range>(&packed).unwrap().to_string(),
+            "~:-2.5"
+        );
+        let e = serde_json::from_str::<Range>(r#""20:10""#).unwrap_err();
+        assert!(e.to_string().contains("START is above END"), "{e}");
     }
 }
