@@ -282,3 +282,136 @@ async fn plugin_results_arrive_as_records_with_their_states_metrics_and_only_har
     assert_eq!(counts.unstored, 0);
     serve.terminate(Duration::from_secs(10));
 }
+
+/// Passive results submitted with `fleetbus agent submit` while the server is down wait in
+/// the agent's outbox and arrive, in order, once it is back; a passive check that hears
+/// nothing turns UNKNOWN; a result for a check that is not configured is refused.
+#[test]
+fn submitted_results_survive_a_server_outage_and_silence_turns_unknown() {
+    let fx = Fixture::new();
+    let dir = fx.path();
+    let mut serve = fx.serve(Some(RULES), "serve");
+    fx.wait_listening();
+    let opts = common::AgentOpts {
+        id: Some("node-2".into()),
+        metrics: false,
+        heartbeat_ms: 3_600_000,
+        ..common::AgentOpts::default()
+    };
+    let config = common::agent_config_opts(dir, "agent", fx.port, &opts);
+    let mut text = fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "[checks.backup]\nmax_attempts = 2\n\
+         [checks.feed]\nfreshness = \"1s\"\nmax_attempts = 1\n\
+         [check_runner]\nsubmit_poll = \"100ms\"\n",
+    );
+    fs::write(&config, text).unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let _agent = common::Proc::start(&["agent", "--config", &config], &dir.join("agent.log"));
+
+    // silence: UNKNOWN, with why, and its HARD change as an event
+    common::wait_until(Duration::from_secs(20), "a stale result of `feed`", || {
+        by_check(dir, "checks").contains_key("feed")
+    });
+    let stale = &by_check(dir, "checks")["feed"][0];
+    assert_eq!(stale["check"]["status"], 3);
+    assert!(
+        stale["check"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no result submitted for 1s"),
+        "{stale}"
+    );
+
+    serve.terminate(Duration::from_secs(10));
+    let submit = |status: &str, output: &str| {
+        std::process::Command::new(common::bin())
+            .args([
+                "agent", "--config", &config, "submit", "--check", "backup", "--status", status,
+                "--output", output,
+            ])
+            .output()
+            .unwrap()
+    };
+    for (status, output) in [
+        (
+            "2",
+            "BACKUP CRITICAL - last run failed | age=90000s;86400;172800;0",
+        ),
+        ("2", "BACKUP CRITICAL - still failing"),
+        ("0", "BACKUP OK - done\nsnapshot 41 kept | size=12GB"),
+    ] {
+        let out = submit(status, output);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let refused = std::process::Command::new(common::bin())
+        .args([
+            "agent", "--config", &config, "submit", "--check", "nope", "--status", "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("no check `nope`") && why.contains("backup, feed"),
+        "{why}"
+    );
+    // the agent takes them in (into its outbox) while the server is away
+    let submitted = dir.join("state-agent/checks/submitted");
+    common::wait_until(Duration::from_secs(10), "the submissions taken in", || {
+        fs::read_dir(&submitted)
+            .map(|d| d.count() == 0)
+            .unwrap_or(false)
+    });
+
+    let _serve = fx.serve(Some(RULES), "serve-again");
+    common::wait_until(Duration::from_secs(30), "three backup results", || {
+        by_check(dir, "checks")
+            .get("backup")
+            .is_some_and(|r| r.len() == 3)
+    });
+    let backup = &by_check(dir, "checks")["backup"];
+    let got: Vec<(u64, &str, bool)> = backup
+        .iter()
+        .map(|r| {
+            (
+                r["check"]["status"].as_u64().unwrap(),
+                r["check"]["state_type"].as_str().unwrap(),
+                r["check"]["passive"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![(2, "soft", true), (2, "hard", true), (0, "hard", true)]
+    );
+    let age = &backup[0]["metrics"][0];
+    assert_eq!(
+        (
+            age["name"].as_str(),
+            age["value"].as_f64(),
+            age["unit"].as_str()
+        ),
+        (Some("age"), Some(90000.0), Some("s"))
+    );
+    assert_eq!(age["warn"], "86400");
+    assert_eq!(backup[2]["check"]["long_output"], "snapshot 41 kept");
+    assert!(common::ts(&backup[0]) < common::ts(&backup[2]));
+
+    let events = by_check(dir, "events");
+    let backup_events: Vec<(u64, bool)> = events["backup"]
+        .iter()
+        .map(|e| {
+            (
+                e["check"]["status"].as_u64().unwrap(),
+                e["event"]["clear"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    assert_eq!(backup_events, vec![(2, false), (0, true)]);
+    assert_eq!(events["feed"][0]["check"]["status"], 3);
+}

@@ -1,4 +1,4 @@
-//! The agent's commands: run (`fleetbus-agent`, `fleetbus agent`), `upload`,
+//! The agent's commands: run (`fleetbus-agent`, `fleetbus agent`), `upload`, `submit`,
 //! `reset-identity`.
 
 use std::collections::BTreeMap;
@@ -47,6 +47,21 @@ pub enum AgentCommand {
         /// Metadata carried with the file (repeatable): rules can route on it.
         #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
         meta: Vec<(String, String)>,
+    },
+    /// Submit a passive check result. It waits in the state directory until the agent
+    /// (running now or started later) sends it through its outbox, so nothing is lost
+    /// while the server is away.
+    Submit {
+        /// The check: a `[checks.NAME]` of the configuration.
+        #[arg(long)]
+        check: String,
+        /// 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=3))]
+        status: u8,
+        /// The output as a plugin prints it: text, then `|` and performance data, then
+        /// long text lines.
+        #[arg(long, default_value = "")]
+        output: String,
     },
 }
 
@@ -129,7 +144,39 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         Some(AgentCommand::Upload { file, meta }) => {
             upload(args.config.as_deref(), &file, meta.into_iter().collect()).await
         }
+        Some(AgentCommand::Submit {
+            check,
+            status,
+            output,
+        }) => submit(args.config.as_deref(), check, status, output),
     }
+}
+
+/// Writes a passive result for the agent to send.
+fn submit(
+    config_path: Option<&Path>,
+    check: String,
+    status: u8,
+    output: String,
+) -> anyhow::Result<ExitCode> {
+    use fleetbus_agent::checks::{passive, CheckState};
+    let config = load_config(config_path)?;
+    if !config.checks.contains_key(&check) {
+        let known: Vec<&str> = config.checks.keys().map(String::as_str).collect();
+        anyhow::bail!(
+            "no check `{check}` in the agent's configuration (configured: {}); add a [checks.{check}] table",
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        );
+    }
+    let status = CheckState::of_code(status).context("status must be 0 to 3")?;
+    let submission = passive::Submission::now(check, status, output);
+    let path = passive::submit(&config.state_dir, &submission)?;
+    eprintln!(
+        "submitted {} {status} ({}); the agent sends it",
+        submission.check,
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One-shot upload with a progress bar.

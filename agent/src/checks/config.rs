@@ -11,7 +11,9 @@ use super::tracker::Policy;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckConfig {
-    /// The plugin and its arguments (each element one argument: no shell).
+    /// The plugin and its arguments (each element one argument: no shell). Empty: a
+    /// passive check, whose results are submitted (`fleetbus agent submit`).
+    #[serde(default)]
     pub command: Vec<String>,
     /// Time between runs while the check is OK (and while a problem is HARD). Each check
     /// runs at a fixed phase within its interval, from a hash of the agent id and the check
@@ -41,6 +43,10 @@ pub struct CheckConfig {
     /// The group the check's events belong to (an application or team), for the console.
     #[serde(default)]
     pub group: Option<String>,
+    /// A passive check that hears nothing for this long gets an UNKNOWN result (and
+    /// another after each further period of silence).
+    #[serde(with = "humantime_serde", default)]
+    pub freshness: Option<Duration>,
 }
 
 fn default_interval() -> Duration {
@@ -75,7 +81,21 @@ impl CheckConfig {
             flap_low: default_flap_low(),
             flap_high: default_flap_high(),
             group: None,
+            freshness: None,
         }
+    }
+
+    /// A passive check (results are submitted), UNKNOWN after `freshness` of silence.
+    pub fn passive(freshness: Option<Duration>) -> CheckConfig {
+        CheckConfig {
+            freshness,
+            ..CheckConfig::new(&[], default_interval())
+        }
+    }
+
+    /// Whether the check's results are submitted rather than run.
+    pub fn is_passive(&self) -> bool {
+        self.command.is_empty()
     }
 
     /// How its results become states and events.
@@ -89,7 +109,16 @@ impl CheckConfig {
 
     /// The values serde cannot check, keys relative to the check.
     pub(crate) fn check(&self, p: &mut fleetbus_config::Problems) {
-        p.require(!self.command.is_empty(), "command", "names no program");
+        p.require(
+            self.freshness.is_none() || self.is_passive(),
+            "freshness",
+            "applies to a passive check (one without `command`)",
+        );
+        p.require(
+            self.freshness.is_none_or(|f| f >= Duration::from_secs(1)),
+            "freshness",
+            "must be at least 1s",
+        );
         p.require(
             self.interval >= Duration::from_secs(1),
             "interval",
@@ -144,6 +173,9 @@ pub struct CheckRunnerConfig {
     /// How long a timed-out plugin's processes get between SIGTERM and SIGKILL.
     #[serde(with = "humantime_serde")]
     pub kill_grace: Duration,
+    /// How often the agent looks for submitted results (`state_dir/checks/submitted/`).
+    #[serde(with = "humantime_serde")]
+    pub submit_poll: Duration,
 }
 
 impl Default for CheckRunnerConfig {
@@ -151,6 +183,7 @@ impl Default for CheckRunnerConfig {
         CheckRunnerConfig {
             concurrency: 4,
             kill_grace: Duration::from_secs(5),
+            submit_poll: Duration::from_secs(1),
         }
     }
 }
@@ -167,6 +200,11 @@ impl CheckRunnerConfig {
             self.kill_grace <= Duration::from_secs(300),
             "kill_grace",
             "must be at most 5m",
+        );
+        p.require(
+            (Duration::from_millis(10)..=Duration::from_secs(3600)).contains(&self.submit_poll),
+            "submit_poll",
+            "must be between 10ms and 1h",
         );
     }
 }

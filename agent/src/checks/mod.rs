@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod outcome;
+pub mod passive;
 pub mod plugin_output;
 pub mod runner;
 pub mod schedule;

@@ -5,9 +5,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use fleetbus_protocol::check::CheckState;
 use fleetbus_protocol::Metric;
 
+use super::passive::Submission;
 use super::plugin_output::{self, PerfDatum};
 use crate::process::exec::{End, Finished};
 
@@ -26,8 +29,12 @@ pub struct Outcome {
     pub stderr: String,
     /// The performance data.
     pub perfdata: Vec<PerfDatum>,
-    /// How long the run took.
+    /// How long the run took (zero for a submission).
     pub duration: Duration,
+    /// The result was submitted, not run.
+    pub passive: bool,
+    /// When the result was made, if not now (a submission's time).
+    pub at: Option<DateTime<Utc>>,
 }
 
 impl Outcome {
@@ -72,6 +79,59 @@ impl Outcome {
             stderr: notes.join("\n"),
             perfdata: parsed.perfdata,
             duration: done.elapsed,
+            passive: false,
+            at: None,
+        }
+    }
+
+    /// The outcome of a submission, its output cut to `limit` bytes.
+    pub(crate) fn of_submission(submission: &Submission, limit: usize) -> Outcome {
+        let mut output = submission.output.as_str();
+        let mut stderr = String::new();
+        if output.len() > limit {
+            let mut end = limit;
+            while !output.is_char_boundary(end) {
+                end -= 1;
+            }
+            stderr = format!(
+                "[... {} more bytes of the submitted output cut: the output limit]",
+                output.len() - end
+            );
+            output = &output[..end];
+        }
+        let parsed = plugin_output::parse(output);
+        let mut notes: Vec<String> = stderr.is_empty().then(Vec::new).unwrap_or(vec![stderr]);
+        for problem in &parsed.problems {
+            notes.push(format!("[performance data dropped: {problem}]"));
+        }
+        Outcome {
+            state: submission.status,
+            output: parsed.text,
+            long_output: parsed.long_text,
+            reason: None,
+            stderr: notes.join("\n"),
+            perfdata: parsed.perfdata,
+            duration: Duration::ZERO,
+            passive: true,
+            at: Some(submission.ts),
+        }
+    }
+
+    /// The UNKNOWN outcome of a passive check that heard nothing for `freshness`.
+    pub(crate) fn stale(freshness: Duration) -> Outcome {
+        Outcome {
+            state: CheckState::Unknown,
+            output: String::new(),
+            long_output: String::new(),
+            reason: Some(format!(
+                "no result submitted for {}: the result is stale",
+                humantime::format_duration(freshness)
+            )),
+            stderr: String::new(),
+            perfdata: Vec::new(),
+            duration: Duration::ZERO,
+            passive: true,
+            at: None,
         }
     }
 

@@ -46,10 +46,13 @@ pub struct CheckRunner {
 
 struct Inner {
     agent: String,
+    state_dir: PathBuf,
     checks: BTreeMap<String, CheckConfig>,
     config: CheckRunnerConfig,
     state_path: PathBuf,
     trackers: Mutex<BTreeMap<String, Tracker>>,
+    /// When each check last had a result (a passive check's freshness).
+    heard: Mutex<BTreeMap<String, Instant>>,
     slots: Semaphore,
     counters: Counters,
 }
@@ -61,6 +64,8 @@ struct Counters {
     timed_out: AtomicU64,
     events: AtomicU64,
     unstored: AtomicU64,
+    submitted: AtomicU64,
+    rejected: AtomicU64,
 }
 
 /// The runner's counters since the agent started.
@@ -77,6 +82,11 @@ pub struct CheckCounts {
     pub events: u64,
     /// Records the outbox refused (disk full): logged, and counted here.
     pub unstored: u64,
+    /// Submitted results taken in.
+    pub submitted: u64,
+    /// Submissions refused (unreadable, or for a check not configured): logged, and the
+    /// file renamed to `*.rejected`.
+    pub rejected: u64,
 }
 
 impl CheckRunner {
@@ -112,10 +122,12 @@ impl CheckRunner {
         Ok(CheckRunner {
             inner: Arc::new(Inner {
                 agent: agent.to_string(),
+                state_dir: state_dir.to_path_buf(),
                 checks: checks.clone(),
                 config: config.clone(),
                 state_path,
                 trackers: Mutex::new(trackers),
+                heard: Mutex::new(BTreeMap::new()),
                 slots: Semaphore::new(config.concurrency.max(1)),
                 counters: Counters::default(),
             }),
@@ -131,25 +143,41 @@ impl CheckRunner {
             timed_out: c.timed_out.load(Ordering::Relaxed),
             events: c.events.load(Ordering::Relaxed),
             unstored: c.unstored.load(Ordering::Relaxed),
+            submitted: c.submitted.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
         }
     }
 
-    /// Runs every check until `shutdown` turns true.
+    /// Runs every check, takes submitted results in and turns silent passive checks
+    /// UNKNOWN, until `shutdown` turns true.
     pub async fn run(self, outbox: Arc<Outbox>, shutdown: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
         for (name, config) in &self.inner.checks {
             let span = tracing::info_span!("check", check = %name);
-            tasks.spawn(
-                self.clone()
-                    .run_check(
-                        name.clone(),
-                        config.clone(),
-                        outbox.clone(),
-                        shutdown.clone(),
-                    )
-                    .instrument(span),
+            let this = self.clone();
+            let (name, config, outbox, shutdown) = (
+                name.clone(),
+                config.clone(),
+                outbox.clone(),
+                shutdown.clone(),
             );
+            if !config.is_passive() {
+                tasks.spawn(
+                    this.run_check(name, config, outbox, shutdown)
+                        .instrument(span),
+                );
+            } else if let Some(freshness) = config.freshness {
+                tasks.spawn(
+                    this.watch_freshness(name, config, freshness, outbox, shutdown)
+                        .instrument(span),
+                );
+            }
         }
+        tasks.spawn(
+            self.clone()
+                .take_submissions(outbox.clone(), shutdown.clone())
+                .in_current_span(),
+        );
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "check task failed");
@@ -206,7 +234,7 @@ impl CheckRunner {
                     .fetch_add(1, Ordering::Relaxed);
             }
             let outcome = Outcome::of_run(&done, config.timeout, self.inner.config.kill_grace);
-            let observed = self.conclude(&outbox, &name, &config, outcome, false);
+            let observed = self.conclude(&outbox, &name, &config, outcome);
             // the next turn on the grid after now; the turns passed meanwhile are skipped
             let now = Instant::now();
             let interval = config.interval.as_nanos().max(1);
@@ -236,6 +264,96 @@ impl CheckRunner {
         }
     }
 
+    /// A passive check's freshness: silence for `freshness` gives an UNKNOWN result, and
+    /// so does each further period of silence.
+    async fn watch_freshness(
+        self,
+        name: String,
+        config: CheckConfig,
+        freshness: std::time::Duration,
+        outbox: Arc<Outbox>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut deadline = Instant::now() + freshness;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = crate::stopped(&mut shutdown) => return,
+            }
+            let heard = lock(&self.inner.heard).get(&name).copied();
+            match heard {
+                Some(at) if at + freshness > Instant::now() => deadline = at + freshness,
+                _ => {
+                    tracing::warn!(?freshness, "passive check heard nothing: UNKNOWN");
+                    self.conclude(&outbox, &name, &config, Outcome::stale(freshness));
+                    deadline = Instant::now() + freshness;
+                }
+            }
+        }
+    }
+
+    /// Takes submitted results in ([`super::passive`]), every `submit_poll`.
+    async fn take_submissions(self, outbox: Arc<Outbox>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.inner.config.submit_poll) => {}
+                _ = crate::stopped(&mut shutdown) => return,
+            }
+            let state_dir = self.inner.state_dir.clone();
+            let waiting = tokio::task::spawn_blocking(move || super::passive::waiting(&state_dir))
+                .await
+                .unwrap_or_default();
+            if waiting.is_empty() {
+                continue;
+            }
+            let mut taken = Vec::new();
+            for (path, submission) in waiting {
+                let refused = match submission {
+                    Err(why) => why,
+                    Ok(s) => match self.inner.checks.get(&s.check) {
+                        Some(config) => {
+                            let span = tracing::info_span!("check", check = %s.check);
+                            let _entered = span.enter();
+                            let outcome = Outcome::of_submission(&s, config.output_limit);
+                            self.conclude(&outbox, &s.check, config, outcome);
+                            self.inner
+                                .counters
+                                .submitted
+                                .fetch_add(1, Ordering::Relaxed);
+                            taken.push(path);
+                            continue;
+                        }
+                        None => format!("no check `{}` is configured", s.check),
+                    },
+                };
+                self.inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                let aside = path.with_extension("rejected");
+                tracing::error!(file = %path.display(), kept_as = %aside.display(), why = %refused, "submitted check result refused");
+                if let Err(e) = fleetbus_support::durable::rename(&path, &aside) {
+                    tracing::error!(file = %path.display(), error = %e, "cannot set a refused submission aside; removing it");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            // the files go only once their records are on disk
+            let durable = outbox.clone();
+            match tokio::task::spawn_blocking(move || durable.commit()).await {
+                Ok(Ok(_)) => {
+                    for path in taken {
+                        if let Err(e) = std::fs::remove_file(&path) {
+                            tracing::error!(file = %path.display(), error = %e, "cannot remove a submission taken in (it will be taken again)");
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "outbox not forced to disk: submissions kept to be taken again")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "outbox commit failed: submissions kept to be taken again")
+                }
+            }
+        }
+    }
+
     /// Takes one result in: tracks it, pushes its record (and any events) to the outbox,
     /// then saves the tracker's state if it changed.
     fn conclude(
@@ -244,14 +362,10 @@ impl CheckRunner {
         name: &str,
         config: &CheckConfig,
         outcome: Outcome,
-        passive: bool,
     ) -> Observed {
         let policy = config.policy();
-        let mut trackers = self
-            .inner
-            .trackers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        lock(&self.inner.heard).insert(name.to_string(), Instant::now());
+        let mut trackers = lock(&self.inner.trackers);
         let tracker = trackers.entry(name.to_string()).or_default();
         let observed = tracker.observe(outcome.state, &policy);
         self.inner.counters.runs.fetch_add(1, Ordering::Relaxed);
@@ -266,7 +380,7 @@ impl CheckRunner {
             reason: outcome.reason.clone(),
             stderr: outcome.stderr.clone(),
             duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
-            passive,
+            passive: outcome.passive,
             flapping: observed.flapping,
             state_change: (observed.state_change * 10.0).round() / 10.0,
             previous: None,
@@ -274,6 +388,9 @@ impl CheckRunner {
         tracing::debug!(state = %outcome.state, state_type = ?observed.state_type, attempt = observed.attempt, "check result");
         let metrics = outcome.metrics(name);
         let stored = outbox.push(CHECKS_STREAM, |r: &mut Record| {
+            if let Some(at) = outcome.at {
+                r.ts = at;
+            }
             r.check = Some(result.clone());
             r.metrics = metrics;
         });
@@ -283,6 +400,9 @@ impl CheckRunner {
             tracing::info!(class = %event.class, severity = event.severity.level(), clear = event.clear, text = %event.text, "check event");
             self.inner.counters.events.fetch_add(1, Ordering::Relaxed);
             let stored = outbox.push(EVENTS_STREAM, |r: &mut Record| {
+                if let Some(at) = outcome.at {
+                    r.ts = at;
+                }
                 r.event = Some(event);
                 r.check = Some(CheckResult {
                     previous,
@@ -312,6 +432,11 @@ impl CheckRunner {
             }
         }
     }
+}
+
+/// Locks `m`, also after a panic elsewhere held it (the maps stay usable).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The event an announcement raises, and the state it reports leaving.

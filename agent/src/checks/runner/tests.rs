@@ -20,6 +20,7 @@ fn start(dir: &std::path::Path, checks: &[(&str, CheckConfig)], concurrency: usi
     let config = CheckRunnerConfig {
         concurrency,
         kill_grace: Duration::from_millis(200),
+        submit_poll: Duration::from_millis(50),
     };
     let runner = CheckRunner::open("a1", &checks, &config, dir).unwrap();
     let (stop, rx) = watch::channel(false);
@@ -141,4 +142,53 @@ async fn a_recovery_after_a_restart_is_still_announced() {
         up.check.as_ref().unwrap().previous,
         Some(CheckState::Critical)
     );
+}
+
+/// A submission for a check that is not configured, and an unreadable one, are set aside
+/// as `*.rejected` and counted; a good one is taken in, its file removed.
+#[tokio::test]
+async fn submissions_the_agent_cannot_take_are_set_aside() {
+    use super::super::passive::{self, Submission};
+    let dir = tempfile::tempdir().unwrap();
+    for check in ["kept", "gone"] {
+        passive::submit(
+            dir.path(),
+            &Submission::now(check.into(), CheckState::Warning, "W | x=1".into()),
+        )
+        .unwrap();
+    }
+    let waiting = passive::submitted_dir(dir.path());
+    std::fs::write(
+        waiting.join("00000000000000000001-torn.json"),
+        "{\"check\":",
+    )
+    .unwrap();
+    let running = start(dir.path(), &[("kept", CheckConfig::passive(None))], 1);
+    for _ in 0..50 {
+        if running.runner.counts().rejected == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counts = running.runner.counts();
+    let records = running.stop().await;
+    assert_eq!((counts.submitted, counts.rejected), (1, 2), "{counts:?}");
+    let mut left: Vec<String> = std::fs::read_dir(&waiting)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().all(|n| n.ends_with(".rejected")), "{left:?}");
+    let kept: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.stream == CHECKS_STREAM)
+        .collect();
+    assert_eq!(kept.len(), 1);
+    let result = kept[0].check.as_ref().unwrap();
+    assert_eq!(
+        (result.name.as_str(), result.status, result.passive),
+        ("kept", CheckState::Warning, true)
+    );
+    assert_eq!(kept[0].metrics[0].value, Some(1.0));
 }
