@@ -124,6 +124,11 @@ async fn plugin_results_arrive_as_records_with_their_states_metrics_and_only_har
     let mut stubborn = check(&[stubborn.to_str().unwrap()], 1);
     stubborn.timeout = Duration::from_millis(300);
     checks.insert("stubborn".into(), stubborn);
+    let mut port = CheckConfig::new(&[], Duration::from_secs(1));
+    port.tcp = Some(fleetbus_agent::checks::builtin::TcpCheck {
+        address: format!("127.0.0.1:{}", fx.port),
+    });
+    checks.insert("broker-port".into(), port);
     let names: Vec<String> = checks.keys().cloned().collect();
 
     let agent = Agent::open(fleetbus_agent::Valid::new(config).unwrap()).unwrap();
@@ -157,7 +162,13 @@ async fn plugin_results_arrive_as_records_with_their_states_metrics_and_only_har
             .unwrap_or("")
             .to_string()
     };
-    for (name, code) in [("multi", 0), ("warn", 1), ("crit", 2), ("unknown", 3)] {
+    for (name, code) in [
+        ("multi", 0),
+        ("warn", 1),
+        ("crit", 2),
+        ("unknown", 3),
+        ("broker-port", 0),
+    ] {
         assert_eq!(status(name), code, "{name}");
         assert!(reason(name).is_empty(), "{name}: {}", reason(name));
     }
@@ -250,8 +261,22 @@ async fn plugin_results_arrive_as_records_with_their_states_metrics_and_only_har
 
     // events: exactly one per check whose problem turned HARD, none for the OK one
     let events = by_check(dir, "events");
-    assert!(!events.contains_key("multi"), "{:?}", events.get("multi"));
-    for name in names.iter().filter(|n| *n != "multi") {
+    let fine = ["multi", "broker-port"];
+    for name in fine {
+        assert!(!events.contains_key(name), "{:?}", events.get(name));
+    }
+    // the built-in's result: its text and its time as a metric
+    let port = &results["broker-port"][0];
+    assert!(
+        port["check"]["output"]
+            .as_str()
+            .unwrap()
+            .starts_with("TCP OK - "),
+        "{port}"
+    );
+    assert_eq!(port["metrics"][0]["name"], "time");
+    assert_eq!(port["metrics"][0]["unit"], "s");
+    for name in names.iter().filter(|n| !fine.contains(&n.as_str())) {
         let e = &events[name.as_str()];
         assert_eq!(e.len(), 1, "{name}: {e:?}");
         assert_eq!(e[0]["event"]["class"], "check.state");

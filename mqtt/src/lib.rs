@@ -14,7 +14,8 @@ mod url;
 
 pub use backoff::Backoff;
 pub use transport::{
-    crypto_provider, read_certificates, read_private_key, ClientTransport, TlsFiles, TransportError,
+    crypto_provider, https_client_config, read_certificates, read_private_key, ClientTransport,
+    TlsFiles, TransportError,
 };
 pub use url::{BrokerUrl, Scheme, UrlError};
 

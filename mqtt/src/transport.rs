@@ -166,6 +166,36 @@ pub fn read_private_key(
     })
 }
 
+/// rustls with fleetbus's crypto provider for a client that reaches an HTTPS or database
+/// server itself (the `http` and `postgres` sinks, the agent's HTTP checks and cloud
+/// metadata): the server's certificate checked against `ca_file` (named `what` in errors),
+/// or else the system's CAs.
+pub fn https_client_config(
+    what: &'static str,
+    ca_file: Option<&Path>,
+) -> Result<ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            for cert in read_certificates(what, path).map_err(|e| e.to_string())? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{what} {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    Ok(ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 fn client_config(files: &TlsFiles) -> Result<ClientConfig, TransportError> {
     let mut roots = RootCertStore::empty();
     match &files.ca_file {

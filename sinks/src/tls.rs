@@ -6,30 +6,7 @@ use std::path::Path;
 
 /// rustls with fleetbus's crypto provider, trusting `ca_file` or else the system's CAs.
 pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            for cert in
-                fleetbus_mqtt::read_certificates("ca_file", path).map_err(|e| e.to_string())?
-            {
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
-            }
-        }
-        None => {
-            for cert in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(cert);
-            }
-        }
-    }
-    Ok(
-        rustls::ClientConfig::builder_with_provider(fleetbus_mqtt::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    fleetbus_mqtt::https_client_config("ca_file", ca_file)
 }
 
 /// Records a problem at `ca_file` when the file cannot be read as PEM certificates.

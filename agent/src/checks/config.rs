@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use fleetbus_protocol::range::Range;
+
+use super::builtin::{
+    Builtin, DiskCheck, HttpCheck, LoadCheck, ProcessCheck, TcpCheck, UsageCheck,
+};
 use super::tracker::Policy;
 
 /// `[checks.NAME]`: one check, run by the agent at its interval.
@@ -47,6 +52,33 @@ pub struct CheckConfig {
     /// another after each further period of silence).
     #[serde(with = "humantime_serde", default)]
     pub freshness: Option<Duration>,
+    /// A built-in's warning range (each built-in has its own default).
+    #[serde(default)]
+    pub warn: Option<Range>,
+    /// A built-in's critical range.
+    #[serde(default)]
+    pub crit: Option<Range>,
+    /// Built-in: used space per mount.
+    #[serde(default)]
+    pub disk: Option<DiskCheck>,
+    /// Built-in: load averages.
+    #[serde(default)]
+    pub load: Option<LoadCheck>,
+    /// Built-in: used memory.
+    #[serde(default)]
+    pub memory: Option<UsageCheck>,
+    /// Built-in: used swap.
+    #[serde(default)]
+    pub swap: Option<UsageCheck>,
+    /// Built-in: processes of a name.
+    #[serde(default)]
+    pub process: Option<ProcessCheck>,
+    /// Built-in: a TCP port accepting connections.
+    #[serde(default)]
+    pub tcp: Option<TcpCheck>,
+    /// Built-in: an HTTP URL's status and time.
+    #[serde(default)]
+    pub http: Option<HttpCheck>,
 }
 
 fn default_interval() -> Duration {
@@ -82,6 +114,15 @@ impl CheckConfig {
             flap_high: default_flap_high(),
             group: None,
             freshness: None,
+            warn: None,
+            crit: None,
+            disk: None,
+            load: None,
+            memory: None,
+            swap: None,
+            process: None,
+            tcp: None,
+            http: None,
         }
     }
 
@@ -93,9 +134,10 @@ impl CheckConfig {
         }
     }
 
-    /// Whether the check's results are submitted rather than run.
+    /// Whether the check's results are submitted rather than run (no command, no
+    /// built-in).
     pub fn is_passive(&self) -> bool {
-        self.command.is_empty()
+        self.command.is_empty() && Builtin::of(self).is_none()
     }
 
     /// How its results become states and events.
@@ -109,6 +151,20 @@ impl CheckConfig {
 
     /// The values serde cannot check, keys relative to the check.
     pub(crate) fn check(&self, p: &mut fleetbus_config::Problems) {
+        let builtins = Builtin::all_of(self);
+        p.require(
+            builtins.len() + usize::from(!self.command.is_empty()) <= 1,
+            "command",
+            "a check has one of command, disk, load, memory, swap, process, tcp, http",
+        );
+        for b in &builtins {
+            b.check(p);
+        }
+        p.require(
+            (self.warn.is_none() && self.crit.is_none()) || !builtins.is_empty(),
+            "warn",
+            "warn and crit are a built-in's thresholds (a plugin takes its own in `command`)",
+        );
         p.require(
             self.freshness.is_none() || self.is_passive(),
             "freshness",

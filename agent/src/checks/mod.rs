@@ -2,6 +2,7 @@
 //! ([`plugin_output`], [`outcome`]), their SOFT/HARD states and flapping tracked
 //! ([`tracker`]), results and events pushed to the outbox as records.
 
+pub mod builtin;
 pub mod config;
 pub mod outcome;
 pub mod passive;

@@ -20,6 +20,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::builtin::Builtin;
 use super::config::{CheckConfig, CheckRunnerConfig};
 use super::outcome::Outcome;
 use super::schedule;
@@ -210,30 +211,17 @@ impl CheckRunner {
                 },
                 _ = crate::stopped(&mut shutdown) => return,
             };
-            let marker = contain::marker(&name);
-            let spec = exec::Spec {
-                argv: &config.command,
-                timeout: config.timeout,
-                grace: self.inner.config.kill_grace,
-                limit: config.output_limit,
-                marker: &marker,
-            };
-            let done = tokio::select! {
-                done = exec::run(&spec) => done,
-                _ = crate::stopped(&mut shutdown) => {
-                    // the run is dropped (its program killed): end what it started too
-                    contain::signal_all(&marker, nix::sys::signal::Signal::SIGKILL);
-                    return;
-                }
+            let Some((outcome, timed_out)) = self.run_once(&name, &config, &mut shutdown).await
+            else {
+                return;
             };
             drop(permit);
-            if done.end == exec::End::TimedOut {
+            if timed_out {
                 self.inner
                     .counters
                     .timed_out
                     .fetch_add(1, Ordering::Relaxed);
             }
-            let outcome = Outcome::of_run(&done, config.timeout, self.inner.config.kill_grace);
             let observed = self.conclude(&outbox, &name, &config, outcome);
             // the next turn on the grid after now; the turns passed meanwhile are skipped
             let now = Instant::now();
@@ -262,6 +250,40 @@ impl CheckRunner {
                 _ => on_grid,
             };
         }
+    }
+
+    /// Runs a check once (its plugin or its built-in): the outcome and whether it timed
+    /// out; `None` when the agent stopped meanwhile (a plugin's processes are then ended).
+    async fn run_once(
+        &self,
+        name: &str,
+        config: &CheckConfig,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<(Outcome, bool)> {
+        if let Some(builtin) = Builtin::of(config) {
+            return tokio::select! {
+                done = super::builtin::run(builtin, config) => Some(done),
+                _ = crate::stopped(shutdown) => None,
+            };
+        }
+        let marker = contain::marker(name);
+        let spec = exec::Spec {
+            argv: &config.command,
+            timeout: config.timeout,
+            grace: self.inner.config.kill_grace,
+            limit: config.output_limit,
+            marker: &marker,
+        };
+        let done = tokio::select! {
+            done = exec::run(&spec) => done,
+            _ = crate::stopped(shutdown) => {
+                // the run is dropped (its program killed): end what it started too
+                contain::signal_all(&marker, nix::sys::signal::Signal::SIGKILL);
+                return None;
+            }
+        };
+        let outcome = Outcome::of_run(&done, config.timeout, self.inner.config.kill_grace);
+        Some((outcome, done.end == exec::End::TimedOut))
     }
 
     /// A passive check's freshness: silence for `freshness` gives an UNKNOWN result, and
