@@ -14,6 +14,7 @@ pub mod checks;
 pub mod collectors;
 pub mod config;
 pub mod enroll;
+mod http_client;
 pub mod identity;
 pub mod job_runner;
 pub mod outbox;

@@ -271,19 +271,7 @@ fn dead_letter_envelope(
     Ok(())
 }
 
-/// An error with its sources, one after the other (a client library's top-level text
-/// alone often says little: reqwest's "error sending request", tokio-postgres's "error
-/// connecting to server").
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use fleetbus_support::error_chain;
 
 /// Replaces `path` with `bytes` durably (creating its directory if need be): never half
 /// written, and the new content survives a power loss ([`fleetbus_support::durable`]).

@@ -7,7 +7,8 @@
 //! - [`ports`]: free loopback ports for tests and the demo, never the same twice;
 //! - [`publish`]: the one handle services publish to the broker through;
 //! - [`throttle`]: logging an error that repeats at a bounded rate, with a count of what
-//!   was left out, so a full disk or a spinning loop cannot flood the log.
+//!   was left out, so a full disk or a spinning loop cannot flood the log;
+//! - [`error_chain`]: an error's text with its sources.
 //!
 //! It depends on nothing of ours (std, `tracing` and `thiserror` only), so every crate, the chunker
 //! included, may use it.
@@ -23,3 +24,17 @@ pub use lock::{lock_dir, DirLock, LockError};
 pub use ports::free_port;
 pub use publish::{NotPublished, Publisher};
 pub use throttle::Throttle;
+
+/// An error with its sources, one after the other (a client library's top-level text
+/// alone often says little: reqwest's "error sending request", tokio-postgres's "error
+/// connecting to server").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

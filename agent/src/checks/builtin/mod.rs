@@ -138,7 +138,7 @@ impl<'a> Builtin<'a> {
                 format!("`{}` is not host:port", c.address),
             ),
             Builtin::Http(c) => {
-                if let Err(e) = net::parse_url(&c.url) {
+                if let Err(e) = crate::http_client::parse_url(&c.url) {
                     p.add("http.url", e);
                 }
                 p.require(
@@ -238,9 +238,12 @@ fn worse(a: CheckState, b: CheckState) -> CheckState {
 }
 
 async fn measure(builtin: Builtin<'_>, timeout: Duration) -> Measured {
+    // a server that does not answer is the network built-ins' CRITICAL, said before the
+    // check's own timeout (UNKNOWN) would cut them off
+    let answer_within = timeout.mul_f64(0.9);
     match builtin {
-        Builtin::Tcp(c) => net::tcp(c, timeout).await,
-        Builtin::Http(c) => net::http(c, timeout).await,
+        Builtin::Tcp(c) => net::tcp(c, answer_within).await,
+        Builtin::Http(c) => net::http(c, answer_within).await,
         other => {
             // sysinfo reads /proc synchronously: off the async workers
             let owned = system::Owned::of(other);

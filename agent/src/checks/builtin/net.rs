@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 use fleetbus_protocol::check::CheckState;
 
 use super::{datum, HttpCheck, Measured, TcpCheck};
+use crate::http_client;
 
-/// The most bytes of a response body an HTTP check reads (its size is measured up to it).
+/// The most bytes of a response body an HTTP check keeps (its size is measured up to
+/// twice that).
 const BODY_LIMIT: usize = 1024 * 1024;
 
 fn critical(text: String) -> Measured {
@@ -39,67 +41,22 @@ pub(super) async fn tcp(c: &TcpCheck, timeout: Duration) -> Measured {
     }
 }
 
-/// Whether `url` is an http(s) URL with a host.
-pub(super) fn parse_url(url: &str) -> Result<reqwest::Url, String> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| format!("`{url}`: {e}"))?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
-        return Err(format!(
-            "`{url}` is not an http:// or https:// URL with a host"
-        ));
-    }
-    Ok(parsed)
-}
-
 pub(super) async fn http(c: &HttpCheck, timeout: Duration) -> Measured {
-    let url = match parse_url(&c.url) {
-        Ok(u) => u,
-        Err(e) => return critical(e),
-    };
-    let tls = match fleetbus_mqtt::https_client_config("http.ca_file", c.ca_file.as_deref()) {
-        Ok(t) => t,
-        Err(e) => {
-            return Measured {
-                fixed: Some(CheckState::Unknown),
-                text: format!("TLS settings: {e}"),
-                values: Vec::new(),
-            }
-        }
-    };
-    let client = match reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(timeout)
-        .user_agent(concat!("fleetbus-agent/", env!("CARGO_PKG_VERSION")))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => return critical(format!("HTTP client: {e}")),
-    };
     let started = Instant::now();
-    let mut response = match client.get(url).send().await {
-        Ok(r) => r,
-        Err(e) => return critical(format!("GET {}: {}", c.url, error_chain(&e))),
+    let request = http_client::Request {
+        method: hyper::Method::GET,
+        url: &c.url,
+        headers: &[],
+        timeout,
+        ca_file: c.ca_file.as_deref(),
+        body_limit: BODY_LIMIT,
     };
-    let status = response.status().as_u16();
-    let mut size = 0usize;
-    loop {
-        match response.chunk().await {
-            Ok(Some(chunk)) => {
-                size += chunk.len();
-                if size >= BODY_LIMIT {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(e) => {
-                return critical(format!(
-                    "GET {}: reading the body: {}",
-                    c.url,
-                    error_chain(&e)
-                ))
-            }
-        }
-    }
+    let response = match http_client::send(&request).await {
+        Ok(r) => r,
+        Err(e) => return critical(format!("GET {}: {e}", c.url)),
+    };
+    let status = response.status;
+    let size = response.body.len() + response.cut;
     let took = seconds(started.elapsed());
     let expected = if c.expect.is_empty() {
         (200..400).contains(&status)
@@ -118,16 +75,4 @@ pub(super) async fn http(c: &HttpCheck, timeout: Duration) -> Measured {
             (datum("size", size as f64, "B", Some(0.0), None), false),
         ],
     }
-}
-
-/// An error and its causes, `: `-joined (reqwest's own text omits the cause).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

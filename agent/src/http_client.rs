@@ -1,0 +1,152 @@
+//! One HTTP/1.1 request at a time, over hyper: what the `http` check and the cloud
+//! metadata lookups need (no connection pool, no redirects, no cookies). `https://` goes
+//! through rustls with fleetbus's crypto provider, the server's certificate checked
+//! against a CA file or the system's CAs. The whole exchange (connecting included) is
+//! bounded by a timeout, and the body read is capped.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Uri};
+use hyper_util::rt::TokioIo;
+
+/// A request.
+#[derive(Debug, Clone)]
+pub(crate) struct Request<'a> {
+    /// `GET`, `PUT`, ...
+    pub method: Method,
+    /// `http://host[:port]/path?query` or `https://...`.
+    pub url: &'a str,
+    /// Extra headers.
+    pub headers: &'a [(&'a str, &'a str)],
+    /// How long the whole exchange may take.
+    pub timeout: Duration,
+    /// CA certificates for `https://` (the system's when `None`).
+    pub ca_file: Option<&'a Path>,
+    /// The most body bytes read; the rest is counted, not kept.
+    pub body_limit: usize,
+}
+
+/// A response.
+#[derive(Debug, Clone)]
+pub(crate) struct Response {
+    /// The status code.
+    pub status: u16,
+    /// The body, up to the limit.
+    pub body: Vec<u8>,
+    /// Body bytes past the limit (read and dropped, up to the limit again, then the
+    /// connection is closed).
+    pub cut: usize,
+}
+
+/// Whether `url` is an `http://` or `https://` URL with a host; the parsed URI.
+pub(crate) fn parse_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url.parse().map_err(|e| format!("`{url}`: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(uri),
+        _ => Err(format!(
+            "`{url}` is not an http:// or https:// URL with a host"
+        )),
+    }
+}
+
+/// Sends `request`; the response, or what went wrong (`timed out after ...`, the
+/// connection or TLS error, with its causes).
+pub(crate) async fn send(request: &Request<'_>) -> Result<Response, String> {
+    match tokio::time::timeout(request.timeout, exchange(request)).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer within {:?}", request.timeout)),
+    }
+}
+
+async fn exchange(request: &Request<'_>) -> Result<Response, String> {
+    let uri = parse_url(request.url)?;
+    let https = uri.scheme_str() == Some("https");
+    let host = uri
+        .host()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let mut builder = hyper::Request::builder()
+        .method(request.method.clone())
+        .uri(path)
+        .header(
+            hyper::header::HOST,
+            uri.authority().map(|a| a.as_str()).unwrap_or(&host),
+        )
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("fleetbus-agent/", env!("CARGO_PKG_VERSION")),
+        );
+    for (name, value) in request.headers {
+        builder = builder.header(*name, *value);
+    }
+    let outgoing = builder
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| format!("request: {e}"))?;
+    if https {
+        let config = fleetbus_mqtt::https_client_config("ca_file", request.ca_file)?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("`{host}` is not a TLS server name: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
+        over(TokioIo::new(tls), outgoing, request.body_limit).await
+    } else {
+        over(TokioIo::new(tcp), outgoing, request.body_limit).await
+    }
+}
+
+async fn over<T>(
+    io: T,
+    outgoing: hyper::Request<Full<Bytes>>,
+    limit: usize,
+) -> Result<Response, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| fleetbus_support::error_chain(&e))?;
+    let driver = tokio::spawn(connection);
+    let result = async {
+        let response = sender
+            .send_request(outgoing)
+            .await
+            .map_err(|e| fleetbus_support::error_chain(&e))?;
+        let status = response.status().as_u16();
+        let mut incoming = response.into_body();
+        let mut body = Vec::new();
+        let mut cut = 0usize;
+        while let Some(frame) = incoming.frame().await {
+            let frame = frame
+                .map_err(|e| format!("reading the body: {}", fleetbus_support::error_chain(&e)))?;
+            if let Some(data) = frame.data_ref() {
+                let room = limit.saturating_sub(body.len());
+                body.extend_from_slice(&data[..data.len().min(room)]);
+                cut += data.len().saturating_sub(room);
+                if cut > limit {
+                    break; // enough: close the connection rather than read on
+                }
+            }
+        }
+        Ok(Response { status, body, cut })
+    }
+    .await;
+    driver.abort();
+    result
+}
