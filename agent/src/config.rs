@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub checks: BTreeMap<String, crate::checks::CheckConfig>,
     /// What all checks share: how many run at once, the grace after SIGTERM.
     pub check_runner: crate::checks::CheckRunnerConfig,
+    /// The cloud identity: which metadata service to ask.
+    pub metadata: crate::metadata::MetadataConfig,
 }
 
 impl Default for AgentConfig {
@@ -56,6 +58,7 @@ impl Default for AgentConfig {
             jobs: crate::job_runner::JobsConfig::default(),
             checks: BTreeMap::new(),
             check_runner: crate::checks::CheckRunnerConfig::default(),
+            metadata: crate::metadata::MetadataConfig::default(),
         }
     }
 }
@@ -377,6 +380,7 @@ impl fleetbus_config::Check for AgentConfig {
             });
         }
         p.section("check_runner", |p| self.check_runner.check(p));
+        p.section("metadata", |p| self.metadata.check(p));
     }
 }
 

@@ -35,6 +35,8 @@ pub(crate) struct Request<'a> {
 pub(crate) struct Response {
     /// The status code.
     pub status: u16,
+    /// The headers (names lowercase), in order.
+    pub headers: Vec<(String, String)>,
     /// The body, up to the limit.
     pub body: Vec<u8>,
     /// Body bytes past the limit (read and dropped, up to the limit again, then the
@@ -53,17 +55,62 @@ pub(crate) fn parse_url(url: &str) -> Result<Uri, String> {
     }
 }
 
-/// Sends `request`; the response, or what went wrong (`timed out after ...`, the
-/// connection or TLS error, with its causes).
-pub(crate) async fn send(request: &Request<'_>) -> Result<Response, String> {
-    match tokio::time::timeout(request.timeout, exchange(request)).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("no answer within {:?}", request.timeout)),
+impl Response {
+    /// The value of header `name` (lowercase), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text (invalid UTF-8 replaced), trimmed.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).trim().to_string()
     }
 }
 
-async fn exchange(request: &Request<'_>) -> Result<Response, String> {
-    let uri = parse_url(request.url)?;
+/// Why a request got no response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HttpError {
+    /// No connection was made (refused, unreachable, no name, or not within the timeout).
+    NotConnected(String),
+    /// Connected, but no (complete) answer within the timeout.
+    NoAnswer(Duration),
+    /// Anything else (TLS, a broken response), with its causes.
+    Failed(String),
+}
+
+impl std::fmt::Display for HttpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpError::NotConnected(why) => f.write_str(why),
+            HttpError::NoAnswer(within) => write!(f, "no answer within {within:?}"),
+            HttpError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Sends `request`; the response, or what went wrong.
+pub(crate) async fn send(request: &Request<'_>) -> Result<Response, HttpError> {
+    let connected = std::sync::atomic::AtomicBool::new(false);
+    match tokio::time::timeout(request.timeout, exchange(request, &connected)).await {
+        Ok(result) => result,
+        Err(_) if connected.load(std::sync::atomic::Ordering::Relaxed) => {
+            Err(HttpError::NoAnswer(request.timeout))
+        }
+        Err(_) => Err(HttpError::NotConnected(format!(
+            "no connection within {:?}",
+            request.timeout
+        ))),
+    }
+}
+
+async fn exchange(
+    request: &Request<'_>,
+    connected: &std::sync::atomic::AtomicBool,
+) -> Result<Response, HttpError> {
+    let uri = parse_url(request.url).map_err(HttpError::Failed)?;
     let https = uri.scheme_str() == Some("https");
     let host = uri
         .host()
@@ -73,7 +120,8 @@ async fn exchange(request: &Request<'_>) -> Result<Response, String> {
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
         .await
-        .map_err(|e| format!("cannot connect to {host}:{port}: {e}"))?;
+        .map_err(|e| HttpError::NotConnected(format!("cannot connect to {host}:{port}: {e}")))?;
+    connected.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = tcp.set_nodelay(true);
     let path = uri
         .path_and_query()
@@ -96,19 +144,21 @@ async fn exchange(request: &Request<'_>) -> Result<Response, String> {
     }
     let outgoing = builder
         .body(Full::new(Bytes::new()))
-        .map_err(|e| format!("request: {e}"))?;
-    if https {
-        let config = fleetbus_mqtt::https_client_config("ca_file", request.ca_file)?;
+        .map_err(|e| HttpError::Failed(format!("request: {e}")))?;
+    let result = if https {
+        let config = fleetbus_mqtt::https_client_config("ca_file", request.ca_file)
+            .map_err(HttpError::Failed)?;
         let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| format!("`{host}` is not a TLS server name: {e}"))?;
+            .map_err(|e| HttpError::Failed(format!("`{host}` is not a TLS server name: {e}")))?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
+            .map_err(|e| HttpError::Failed(format!("TLS with {host}:{port}: {e}")))?;
         over(TokioIo::new(tls), outgoing, request.body_limit).await
     } else {
         over(TokioIo::new(tcp), outgoing, request.body_limit).await
-    }
+    };
+    result.map_err(HttpError::Failed)
 }
 
 async fn over<T>(
@@ -129,6 +179,16 @@ where
             .await
             .map_err(|e| fleetbus_support::error_chain(&e))?;
         let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
         let mut incoming = response.into_body();
         let mut body = Vec::new();
         let mut cut = 0usize;
@@ -144,7 +204,12 @@ where
                 }
             }
         }
-        Ok(Response { status, body, cut })
+        Ok(Response {
+            status,
+            headers,
+            body,
+            cut,
+        })
     }
     .await;
     driver.abort();

@@ -17,6 +17,7 @@ pub mod enroll;
 mod http_client;
 pub mod identity;
 pub mod job_runner;
+pub mod metadata;
 pub mod outbox;
 pub mod presence;
 mod process;
@@ -88,6 +89,7 @@ pub struct Agent {
     uploads: Arc<UploadQueue>,
     jobs: job_runner::JobRunner,
     checks: checks::CheckRunner,
+    cloud: metadata::CloudState,
     job_reports: tokio::sync::mpsc::Receiver<fleetbus_protocol::JobStatus>,
     token: Option<String>,
     bootstrap: Option<enroll::Bootstrap>,
@@ -138,6 +140,7 @@ impl Agent {
             uploads: Arc::new(uploads),
             jobs,
             checks,
+            cloud: metadata::CloudState::default(),
             job_reports,
             token,
             bootstrap,
@@ -160,6 +163,11 @@ impl Agent {
     /// The check runner (its counters).
     pub fn checks(&self) -> &checks::CheckRunner {
         &self.checks
+    }
+
+    /// The cloud identity, as last read from the metadata service.
+    pub fn cloud(&self) -> &metadata::CloudState {
+        &self.cloud
     }
 
     /// The configuration the agent runs with.
@@ -210,15 +218,45 @@ impl Agent {
                     .in_current_span(),
             );
         }
+        if self.config.metadata.provider != metadata::Provider::None {
+            tasks.spawn(
+                metadata::run_refresh(
+                    self.config.metadata.clone(),
+                    self.cloud.clone(),
+                    shutdown.clone(),
+                )
+                .in_current_span(),
+            );
+            // the identity's tags go onto every record pushed from then on
+            let (cloud, outbox, mut changed, mut stop) = (
+                self.cloud.clone(),
+                self.outbox.clone(),
+                self.cloud.subscribe(),
+                shutdown.clone(),
+            );
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        c = changed.changed() => if c.is_err() { return },
+                        _ = stopped(&mut stop) => return,
+                    }
+                    if let Some(identity) = cloud.get() {
+                        outbox.set_tags(identity.tags());
+                    }
+                }
+            });
+        }
         let birth_config = self.config.clone();
         let birth_id = self.id.clone();
+        let birth_cloud = self.cloud.clone();
         let mut publisher = publisher::Publisher {
             agent: self.id.clone(),
             server: self.transport.clone(),
             connection: self.config.connection.clone(),
             token: self.token.clone(),
             outbox: self.outbox.clone(),
-            birth: Arc::new(move || presence::birth(&birth_id, &birth_config)),
+            birth: Arc::new(move || presence::birth(&birth_id, &birth_config, birth_cloud.get())),
+            birth_changed: self.cloud.subscribe(),
             uploads: self.uploads.clone(),
             uploads_config: self.config.uploads.clone(),
             jobs: self.jobs.clone(),

@@ -99,6 +99,8 @@ pub struct Outbox {
     notify: Notify,
     /// Wakes the publisher: records were forced to disk.
     durable: Notify,
+    /// Tags stamped on every record pushed (the cloud identity).
+    tags: std::sync::RwLock<BTreeMap<String, String>>,
 }
 
 impl Outbox {
@@ -177,6 +179,7 @@ impl Outbox {
         let synced = log.next_index();
         let now = Instant::now();
         Ok(Outbox {
+            tags: std::sync::RwLock::new(BTreeMap::new()),
             agent: agent.to_string(),
             config: config.clone(),
             state_path,
@@ -222,6 +225,11 @@ impl Outbox {
             let mut st = self.lock();
             let seq = st.seqs.get(stream).copied().unwrap_or(0) + 1;
             let mut record = Record::new(self.agent.clone(), stream, seq, Utc::now());
+            record.tags = self
+                .tags
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone();
             fill(&mut record);
             record.agent = self.agent.clone();
             record.stream = stream.to_string();
@@ -248,6 +256,15 @@ impl Outbox {
         };
         self.notify.notify_one();
         Ok(seq)
+    }
+
+    /// Sets the tags stamped on every record pushed from now on (a record's `fill` may
+    /// still change its own).
+    pub fn set_tags(&self, tags: BTreeMap<String, String>) {
+        *self
+            .tags
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = tags;
     }
 
     /// Up to `max` records from `cursor` on (or from the oldest unacknowledged one, if that

@@ -2,13 +2,13 @@
 //! the agent id, never the hostname or an address).
 
 use chrono::Utc;
-use fleetbus_protocol::{Presence, PresenceStatus};
+use fleetbus_protocol::{CloudIdentity, Presence, PresenceStatus};
 use sysinfo::{Networks, System};
 
 use crate::AgentConfig;
 
-/// The birth message of agent `id` right now.
-pub fn birth(id: &str, config: &AgentConfig) -> Presence {
+/// The birth message of agent `id` right now, with its cloud identity if one was read.
+pub fn birth(id: &str, config: &AgentConfig, cloud: Option<CloudIdentity>) -> Presence {
     let mut ips: Vec<String> = Networks::new_with_refreshed_list()
         .map(|nets| {
             nets.values()
@@ -30,5 +30,6 @@ pub fn birth(id: &str, config: &AgentConfig) -> Presence {
         agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         groups: config.groups.clone(),
         tags: config.tags.clone(),
+        cloud,
     }
 }

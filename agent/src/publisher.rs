@@ -46,6 +46,9 @@ pub struct Publisher {
     pub outbox: Arc<Outbox>,
     /// Builds the birth message for each new connection.
     pub birth: Arc<dyn Fn() -> Presence + Send + Sync>,
+    /// Changes when what the birth message says changed (the cloud identity): it is
+    /// published again on the open connection.
+    pub birth_changed: watch::Receiver<u64>,
     /// Files to upload over the same connection.
     pub uploads: Arc<UploadQueue>,
     /// Upload tunables.
@@ -86,6 +89,8 @@ impl Publisher {
             return SessionEnd::Shutdown;
         }
         let window = self.connection.inflight as usize;
+        let mut birth_changed = self.birth_changed.clone();
+        birth_changed.mark_unchanged();
         let birth = (self.birth)();
         let will = Presence::offline(&self.agent, birth.ts);
         let mut options = fleetbus_mqtt::options(
@@ -110,7 +115,14 @@ impl Publisher {
         let (events_tx, mut events) = mpsc::channel(4096);
         let poller = tokio::spawn(poll_events(eventloop, events_tx));
         let end = self
-            .serve(&client, &mut events, shutdown, birth, window)
+            .serve(
+                &client,
+                &mut events,
+                shutdown,
+                birth,
+                &mut birth_changed,
+                window,
+            )
             .await;
         poller.abort();
         end
@@ -145,6 +157,7 @@ impl Publisher {
         events: &mut Events,
         shutdown: &mut watch::Receiver<bool>,
         birth: Presence,
+        birth_changed: &mut watch::Receiver<u64>,
         window: usize,
     ) -> SessionEnd {
         // 1. be accepted, and subscribed to our acknowledgements and replies before sending
@@ -242,6 +255,7 @@ impl Publisher {
         let mut last_queue_scan = Instant::now();
         // 4. uploads go over the same connection, a window of chunks at a time
         files.on_connected(client);
+        let mut birth_live = true;
         loop {
             let head = self.outbox.head();
             let unacked = cursor.saturating_sub(head) as usize;
@@ -318,6 +332,16 @@ impl Publisher {
                         last_progress = Instant::now();
                     } else if cursor <= head {
                         last_progress = Instant::now();
+                    }
+                }
+                changed = birth_changed.changed(), if birth_live => {
+                    if changed.is_ok() {
+                        if let Some(payload) = encoded(&(self.birth)()) {
+                            tracing::info!("what the birth message says changed: publishing it again");
+                            let _ = client.try_publish(topics::presence(&self.agent), QoS::AtLeastOnce, false, payload);
+                        }
+                    } else {
+                        birth_live = false; // its sender is gone: nothing changes any more
                     }
                 }
                 _ = crate::stopped(shutdown) => {

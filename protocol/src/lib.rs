@@ -31,7 +31,7 @@ pub use jobs::{
 };
 pub use json_body::write_json_body;
 pub use message::{DecodeError, EncodeError, Message};
-pub use presence::{Presence, PresenceStatus};
+pub use presence::{CloudIdentity, Presence, PresenceStatus};
 pub use range::{Range, RangeError};
 pub use record::{Event, Metric, Record, Resource, Severity};
 pub use topics::Topic;

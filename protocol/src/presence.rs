@@ -44,6 +44,56 @@ pub struct Presence {
     /// Operator-defined tags.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tags: BTreeMap<String, String>,
+    /// Where the agent runs, from its cloud's instance metadata (`[metadata]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud: Option<CloudIdentity>,
+}
+
+/// An instance's identity from its cloud's metadata service: stable where hostnames and
+/// addresses are not.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudIdentity {
+    /// `aws`, `gcp` or `azure`.
+    pub provider: String,
+    /// The instance (VM) id.
+    pub instance_id: String,
+    /// The image it was started from (AMI id, GCP image, Azure image reference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// The instance type (machine type, VM size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// The region.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The availability zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The role, from an instance tag or the user data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+impl CloudIdentity {
+    /// The identity as record tags: `cloud`, `instance_id`, and each other field set.
+    pub fn tags(&self) -> BTreeMap<String, String> {
+        let mut tags = BTreeMap::from([
+            ("cloud".to_string(), self.provider.clone()),
+            ("instance_id".to_string(), self.instance_id.clone()),
+        ]);
+        for (key, value) in [
+            ("image_id", &self.image_id),
+            ("instance_type", &self.instance_type),
+            ("region", &self.region),
+            ("zone", &self.zone),
+            ("role", &self.role),
+        ] {
+            if let Some(v) = value {
+                tags.insert(key.to_string(), v.clone());
+            }
+        }
+        tags
+    }
 }
 
 impl Presence {
@@ -59,6 +109,7 @@ impl Presence {
             agent_version: None,
             groups: Vec::new(),
             tags: BTreeMap::new(),
+            cloud: None,
         }
     }
 

@@ -38,6 +38,11 @@ pub struct Record {
     /// Free-form extra fields (enrichment such as instance metadata, or application data).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fields: BTreeMap<String, serde_json::Value>,
+    /// Tags naming where the record comes from, stamped by the agent on every record: its
+    /// cloud identity (`cloud`, `instance_id`, `region`, `role`, ...). Sinks that keep
+    /// series (InfluxDB) make them tags.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
 }
 
 impl Record {
@@ -58,6 +63,7 @@ impl Record {
             check: None,
             metrics: Vec::new(),
             fields: BTreeMap::new(),
+            tags: BTreeMap::new(),
         }
     }
 

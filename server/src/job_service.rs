@@ -38,7 +38,7 @@ pub enum Request {
 /// What the job service thread is fed.
 pub enum JobInput {
     /// An agent's birth or last-will message.
-    Presence(Presence),
+    Presence(Box<Presence>),
     /// An agent's status report.
     Status(String, JobStatus),
     /// An operator's request.
@@ -89,7 +89,7 @@ impl JobsHandle {
                 enrolled_groups(guard, agent, &mut p);
                 let groups = (p.status == fleetbus_protocol::PresenceStatus::Online)
                     .then(|| p.groups.clone());
-                self.send(JobInput::Presence(p)).await;
+                self.send(JobInput::Presence(Box::new(p))).await;
                 return PresenceVerdict::Routed { groups };
             }
             Err(e) => tracing::debug!(%topic, error = %e, "unreadable presence message"),

@@ -5,8 +5,10 @@
 //! - [`ConnectProxy`]: an HTTP CONNECT proxy;
 //! - [`tls::TestCa`]: a throw-away CA issuing server and client certificates;
 //! - [`postgres::Postgres`]: a real PostgreSQL server (a child process, not in-process);
-//! - [`influxdb::Influxd`]: a real InfluxDB 1.x server (a child process too).
+//! - [`influxdb::Influxd`]: a real InfluxDB 1.x server (a child process too);
+//! - [`cloud::serve`]: the metadata services of AWS, GCP and Azure, as an agent meets them.
 
+pub mod cloud;
 pub mod influxdb;
 pub mod postgres;
 pub mod tls;
