@@ -50,6 +50,9 @@ enum Command {
     Job(cmd::job::JobArgs),
     /// Agents the server knows from their presence messages (via the admin endpoint).
     Agents(cmd::agents::AgentsArgs),
+    /// The event console: folded events, acknowledge, close, silence (via the admin
+    /// endpoint).
+    Events(cmd::events::EventsArgs),
     /// The topic authorization policy: who may publish and subscribe where.
     Acl {
         #[command(subcommand)]
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => cmd::demo::run(args).await,
             Command::Job(args) => cmd::job::run(args).await,
             Command::Agents(args) => cmd::agents::run(args).await,
+            Command::Events(args) => cmd::events::run(args).await,
             Command::Acl { command } => cmd::acl::run(command),
             Command::Keys { command } => cmd::keys::run(command),
         }

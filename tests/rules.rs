@@ -427,19 +427,7 @@ where = "item > 1.0"
 set = { sent_ms = "record.sent_ms" }
 to = ["points"]
 "#;
-    let token = fleetbus_with_data(
-        &fx.data,
-        &[
-            "agents",
-            "enroll",
-            "ops",
-            "--role",
-            "operator",
-            "--out",
-            fx.path().join("ops.token").to_str().unwrap(),
-        ],
-    );
-    drop(token);
+    common::enroll_operator(&fx.data, &fx.path().join("ops.token"));
     let _server = fx.serve(Some(rules), "server");
     fx.wait_listening();
     let admin = admin_addr(fx.path());

@@ -31,10 +31,19 @@ name = "archive-all"
 from = ["fleet/+/telemetry/#"]
 to = ["archive"]
 
+[sinks.console]
+type = "console"
+
 [[rules]]
 name = "uploads"
 from = ["fleet/+/files/+/complete"]
 to = ["uploads"]
+
+[[rules]]
+name = "console"
+from = ["fleet/+/telemetry/events"]
+where = "has(record.event)"
+to = ["console"]
 "#;
 
 #[derive(Debug, Deserialize)]
@@ -642,10 +651,14 @@ mod tests {
     #[test]
     fn builtin_rules_are_valid() {
         let rs = RuleSet::builtin().unwrap();
-        assert_eq!(rs.rules.len(), 2);
+        assert_eq!(rs.rules.len(), 3);
         assert_eq!(
             rs.filters(),
-            vec!["fleet/+/telemetry/#", "fleet/+/files/+/complete"]
+            vec![
+                "fleet/+/telemetry/#",
+                "fleet/+/files/+/complete",
+                "fleet/+/telemetry/events"
+            ]
         );
     }
 

@@ -11,6 +11,7 @@
 //! | `GET /rules` | | the rules file, the generation in effect, the last reload, refused reloads and the last refusal |
 //! | `GET /rules/tap?filter=F&rule=R` | | a live stream (JSON lines, one per message on the topics filter `F` matches, sampled: [`fleetbus_pipeline::tap`]) of what the engine did with each: the rules that matched (`R`: only that one), what each made, the sinks; until the client goes, the connection's `http.connection_lifetime` or the server's stop |
 //! | `POST /rules/reload` | `{}` (JSON) | what the reload changed (sinks added, changed, removed), or 422 and every problem (the rules in effect stay) |
+//! | `/events...`, `/silences` | | the event console ([`crate::console_api`]) |
 //!
 //! A request passes three checks before it reaches a handler ([`guard`]), in this order:
 //!
@@ -67,6 +68,8 @@ pub(crate) struct Services {
     pub(crate) rules: Arc<RulesReloader>,
     /// Ends the live views at the server's stop.
     pub(crate) stop: crate::shutdown::StopSignal,
+    /// The event console.
+    pub(crate) console: Arc<crate::console_api::ConsoleApi>,
 }
 
 /// Binds `addr` and serves the admin API (operators authenticated against the credential
@@ -111,6 +114,7 @@ pub(crate) async fn start(
                 .route("/rules/tap", get(rules_tap))
                 .with_state((services.rules, services.stop)),
         )
+        .merge(crate::console_api::routes(services.console))
         .layer(axum::middleware::from_fn_with_state(gatekeeper, check));
     crate::http::serve("admin.listen", addr, app, limits, guard, stop).await
 }
@@ -145,7 +149,14 @@ async fn check(
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .map(str::to_string);
-        authenticate(&gate, token).await.err()
+        match authenticate(&gate, token).await {
+            Ok(who) => {
+                let mut request = request;
+                request.extensions_mut().insert(Operator(who));
+                return next.run(request).await;
+            }
+            Err(refused) => Some(refused),
+        }
     };
     let Some((status, reason)) = refusal else {
         return next.run(request).await;
@@ -170,11 +181,16 @@ fn is_json(headers: &axum::http::HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Whether `token` belongs to a live operator credential; the refusal otherwise.
+/// The operator credential a request was made with (its id), for handlers that record
+/// who did what.
+#[derive(Debug, Clone)]
+pub(crate) struct Operator(pub(crate) String);
+
+/// The id of the live operator credential `token` belongs to; the refusal otherwise.
 async fn authenticate(
     gate: &Arc<Gatekeeper>,
     token: Option<String>,
-) -> Result<(), (StatusCode, String)> {
+) -> Result<String, (StatusCode, String)> {
     let unauthorized = |reason: &str| (StatusCode::UNAUTHORIZED, reason.to_string());
     let Some(token) = token else {
         return Err(unauthorized(
@@ -200,7 +216,7 @@ async fn authenticate(
                 c.role.as_str()
             ),
         )),
-        Some(_) => Ok(()),
+        Some(c) => Ok(c.id),
     }
 }
 

@@ -18,6 +18,7 @@
 
 pub mod admin;
 mod config;
+pub mod console_api;
 mod demux;
 pub mod file_service;
 mod http;
@@ -287,6 +288,10 @@ impl Server {
                         jobs: job_handle,
                         rules: reloader.clone(),
                         stop: stop.clone(),
+                        console: Arc::new(console_api::ConsoleApi::new(
+                            config.data_dir.join(&config.console.path),
+                            reloader.engine().clone(),
+                        )),
                     },
                     guard.clone(),
                     stop.clone(),

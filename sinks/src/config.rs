@@ -7,6 +7,7 @@ use fleetbus_config::{Check, Problems};
 use fleetbus_protocol::Message;
 use serde::{Deserialize, Serialize};
 
+use crate::console::ConsoleSinkConfig;
 use crate::file::FileSinkConfig;
 use crate::http::HttpSinkConfig;
 use crate::influxdb::InfluxSinkConfig;
@@ -139,6 +140,8 @@ sink_types! {
     "mqtt" => Mqtt(MqttSinkConfig),
     /// `type = "influxdb"`: one point per metric, InfluxDB line protocol.
     "influxdb" => Influxdb(InfluxSinkConfig),
+    /// `type = "console"`: event records folded into the event console.
+    "console" => Console(ConsoleSinkConfig),
 }
 
 /// `buffer`: how much of the write-ahead log may wait for this sink.

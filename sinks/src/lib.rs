@@ -16,6 +16,7 @@
 pub mod columns;
 pub mod completion;
 pub mod config;
+pub mod console;
 pub mod file;
 pub mod http;
 pub mod influxdb;

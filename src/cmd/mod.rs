@@ -7,6 +7,7 @@ pub mod agents;
 pub mod bench;
 pub mod bench_binary;
 pub mod demo;
+pub mod events;
 pub mod job;
 pub mod keys;
 pub mod rules;

@@ -38,6 +38,23 @@ pub fn fleetbus_with_data(data: &Path, args: &[&str]) -> String {
     )
 }
 
+/// Enrolls an operator credential `ops` in the server data directory `data`, its token
+/// written to `out` (for `--admin-token-file`).
+pub fn enroll_operator(data: &Path, out: &Path) {
+    fleetbus_with_data(
+        data,
+        &[
+            "agents",
+            "enroll",
+            "ops",
+            "--role",
+            "operator",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+}
+
 /// Resident memory of process `pid`, in KiB (VmRSS).
 pub fn resident_kib(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/status"))

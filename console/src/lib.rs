@@ -1,0 +1,16 @@
+//! The event console: events folded into rows an operator works through.
+//!
+//! Events arrive as records with an `event` (from the log, like a sink: durable, exactly
+//! once). Duplicates fold, as cloud event management does, by class, source (the agent),
+//! rule and resources: one row with a count, the first and last time, the latest severity
+//! and text, and the agent's tags (its cloud identity). A clearing event (a check's
+//! recovery, a flapping stop) closes the row with its key. Operators acknowledge a row
+//! with a comment, close it, and silence events for a while by agent, rule or group; an
+//! event a silence covers is still folded (nothing is lost) but its row is marked
+//! silenced. Closed rows are kept for a retention period.
+//!
+//! The store is SQLite ([`Console`]), in the server's `data_dir` by default.
+
+mod store;
+
+pub use store::{Console, ConsoleError, EventRow, Filter, Incoming, RowState, Silence, SilenceRow};

@@ -1,0 +1,604 @@
+//! The console's SQLite store: the rows, the silences, and the log position of the last
+//! batch folded in (kept in the batch's own transaction, so a batch is folded once even
+//! when the server crashed before it saved its position).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use fleetbus_protocol::Event;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+/// What can go wrong with the console's store.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// The database failed (with the file).
+    #[error("event console {}: {what}: {source}", path.display())]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// No row with this id.
+    #[error("no event {0}")]
+    NotFound(i64),
+    /// A request that cannot be carried out (closing a closed row, a silence naming
+    /// nothing).
+    #[error("{0}")]
+    Request(String),
+}
+
+/// One event to fold in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    /// The agent that raised it (the source).
+    pub agent: String,
+    /// When it happened.
+    pub ts: DateTime<Utc>,
+    /// The event.
+    pub event: Event,
+    /// The record's tags (the agent's cloud identity).
+    pub tags: BTreeMap<String, String>,
+    /// The agent's groups when the server accepted the record.
+    pub groups: Vec<String>,
+}
+
+/// A row's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowState {
+    /// Needs attention.
+    Open,
+    /// Someone is on it (with a comment).
+    Acknowledged,
+    /// Over: recovered, or closed by an operator.
+    Closed,
+}
+
+impl RowState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RowState::Open => "open",
+            RowState::Acknowledged => "acknowledged",
+            RowState::Closed => "closed",
+        }
+    }
+
+    fn parse(s: &str) -> RowState {
+        match s {
+            "acknowledged" => RowState::Acknowledged,
+            "closed" => RowState::Closed,
+            _ => RowState::Open,
+        }
+    }
+}
+
+/// One folded row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRow {
+    /// Its id.
+    pub id: i64,
+    /// The event class.
+    pub class: String,
+    /// The agent (source).
+    pub agent: String,
+    /// The rule or check.
+    pub rule: Option<String>,
+    /// The event's group.
+    pub group: Option<String>,
+    /// The agent's groups (as of its latest event).
+    pub agent_groups: Vec<String>,
+    /// The resources (type-name pairs).
+    pub resources: Vec<fleetbus_protocol::Resource>,
+    /// The latest severity, 1-5.
+    pub severity: u8,
+    /// Open, acknowledged or closed.
+    pub state: RowState,
+    /// How many events folded into it.
+    pub count: u64,
+    /// The first event's time.
+    pub first: DateTime<Utc>,
+    /// The latest event's time.
+    pub last: DateTime<Utc>,
+    /// The latest event's text.
+    pub text: String,
+    /// The agent's tags (its cloud identity) as of its latest event.
+    pub tags: BTreeMap<String, String>,
+    /// The silence that covered its latest event, if one did.
+    pub silenced_by: Option<i64>,
+    /// The comment of the latest change (acknowledgement, close; a recovery's text).
+    pub comment: Option<String>,
+    /// Who made the latest change (`recovery` for a clearing event).
+    pub changed_by: Option<String>,
+    /// When it was closed.
+    pub closed: Option<DateTime<Utc>>,
+}
+
+/// Which rows to list.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Filter {
+    /// Only rows not closed.
+    pub open: bool,
+    /// Only rows of at least this severity.
+    pub min_severity: Option<u8>,
+    /// Only this agent's rows.
+    pub agent: Option<String>,
+    /// Only rows of this group (the event's group or one of the agent's).
+    pub group: Option<String>,
+    /// Rows whose latest event a silence covered too.
+    pub silenced: bool,
+    /// At most this many, the latest first (default 100, at most 10,000).
+    pub limit: Option<u32>,
+}
+
+/// A silence to add: events matching all it names, until it expires.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Silence {
+    /// Only this agent's events.
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// Only this rule's (or check's) events.
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// Only events of this group (the event's, or one of the agent's).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// How long it lasts.
+    #[serde(with = "duration_secs")]
+    pub duration: Duration,
+    /// Why.
+    #[serde(default)]
+    pub comment: String,
+}
+
+/// A silence as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SilenceRow {
+    /// Its id.
+    pub id: i64,
+    /// The agent it names.
+    pub agent: Option<String>,
+    /// The rule it names.
+    pub rule: Option<String>,
+    /// The group it names.
+    pub group: Option<String>,
+    /// When it ends.
+    pub until: DateTime<Utc>,
+    /// Why.
+    pub comment: String,
+    /// Who made it.
+    pub created_by: String,
+}
+
+mod duration_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS console_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    fold_key TEXT NOT NULL,
+    class TEXT NOT NULL, agent TEXT NOT NULL, rule TEXT, grp TEXT,
+    agent_groups TEXT NOT NULL, resources TEXT NOT NULL,
+    severity INTEGER NOT NULL, state TEXT NOT NULL,
+    count INTEGER NOT NULL, first_ms INTEGER NOT NULL, last_ms INTEGER NOT NULL,
+    text TEXT NOT NULL, tags TEXT NOT NULL, silenced_by INTEGER,
+    comment TEXT, changed_by TEXT, changed_ms INTEGER, closed_ms INTEGER);
+CREATE UNIQUE INDEX IF NOT EXISTS console_one_live_row
+    ON console_events (fold_key) WHERE state != 'closed';
+CREATE INDEX IF NOT EXISTS console_by_last ON console_events (last_ms);
+CREATE INDEX IF NOT EXISTS console_closed ON console_events (closed_ms) WHERE state = 'closed';
+CREATE TABLE IF NOT EXISTS console_silences (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, agent TEXT, rule TEXT, grp TEXT,
+    until_ms INTEGER NOT NULL, comment TEXT NOT NULL, created_by TEXT NOT NULL,
+    created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS console_positions (sink TEXT PRIMARY KEY, next INTEGER NOT NULL);
+";
+
+/// The most rows one listing returns.
+pub const MAX_LIST: u32 = 10_000;
+
+/// The console's store (one connection; SQLite in WAL mode, so the admin endpoint and the
+/// sink each open their own).
+pub struct Console {
+    db: Connection,
+    path: PathBuf,
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+/// The fold key: class, source, rule and resources.
+fn fold_key(agent: &str, event: &Event) -> String {
+    let resources: Vec<String> = event
+        .resources
+        .iter()
+        .map(|r| format!("{}={}", r.kind, r.name))
+        .collect();
+    format!(
+        "{}\u{1f}{agent}\u{1f}{}\u{1f}{}",
+        event.class,
+        event.rule.as_deref().unwrap_or_default(),
+        resources.join("/")
+    )
+}
+
+impl Console {
+    /// Opens (creating) the console at `path`.
+    pub fn open(path: &Path) -> Result<Console, ConsoleError> {
+        let fail = |what, source| ConsoleError::Db {
+            path: path.to_path_buf(),
+            what,
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let db = Connection::open(path).map_err(|e| fail("open", e))?;
+        db.busy_timeout(Duration::from_secs(5))
+            .map_err(|e| fail("busy_timeout", e))?;
+        db.pragma_update(None, "journal_mode", "WAL")
+            .map_err(|e| fail("journal_mode = WAL", e))?;
+        db.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| fail("synchronous = FULL", e))?;
+        db.execute_batch(SCHEMA)
+            .map_err(|e| fail("create tables", e))?;
+        Ok(Console {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn fail(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> ConsoleError {
+        db_error(&self.path, what)
+    }
+
+    /// The log position after the last batch `sink` folded in (0: none).
+    pub fn position(&self, sink: &str) -> Result<u64, ConsoleError> {
+        let next: Option<i64> = self
+            .db
+            .query_row(
+                "SELECT next FROM console_positions WHERE sink = ?1",
+                params![sink],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.fail("read the position"))?;
+        Ok(next.unwrap_or(0).max(0) as u64)
+    }
+
+    /// Folds `events` (each with its log index) in, and saves `next` as `sink`'s position,
+    /// in one transaction. Events at indexes the console already folded are skipped.
+    pub fn fold(
+        &mut self,
+        sink: &str,
+        events: &[(u64, Incoming)],
+        next: u64,
+    ) -> Result<(), ConsoleError> {
+        let path = self.path.clone();
+        let fail = |what| db_error(&path, what);
+        let tx = self
+            .db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(fail("begin"))?;
+        let done: i64 = tx
+            .query_row(
+                "SELECT next FROM console_positions WHERE sink = ?1",
+                params![sink],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(fail("read the position"))?
+            .unwrap_or(0);
+        for (index, e) in events {
+            if (*index as i64) < done {
+                continue;
+            }
+            fold_one(&tx, e).map_err(fail("fold an event"))?;
+        }
+        tx.execute(
+            "INSERT INTO console_positions (sink, next) VALUES (?1, ?2)
+             ON CONFLICT (sink) DO UPDATE SET next = max(next, excluded.next)",
+            params![sink, next as i64],
+        )
+        .map_err(fail("save the position"))?;
+        tx.commit().map_err(fail("commit"))
+    }
+
+    /// The rows `filter` asks for, the latest first.
+    pub fn list(&self, filter: &Filter) -> Result<Vec<EventRow>, ConsoleError> {
+        let mut sql = String::from("SELECT * FROM console_events WHERE 1 = 1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        use rusqlite::types::Value;
+        if filter.open {
+            sql.push_str(" AND state != 'closed'");
+        }
+        if !filter.silenced {
+            sql.push_str(" AND silenced_by IS NULL");
+        }
+        if let Some(s) = filter.min_severity {
+            args.push(Value::Integer(i64::from(s)));
+            sql.push_str(&format!(" AND severity >= ?{}", args.len()));
+        }
+        if let Some(a) = &filter.agent {
+            args.push(Value::Text(a.clone()));
+            sql.push_str(&format!(" AND agent = ?{}", args.len()));
+        }
+        if let Some(g) = &filter.group {
+            args.push(Value::Text(g.clone()));
+            let n = args.len();
+            sql.push_str(&format!(
+                " AND (grp = ?{n} OR EXISTS (SELECT 1 FROM json_each(agent_groups) WHERE value = ?{n}))"
+            ));
+        }
+        let limit = filter.limit.unwrap_or(100).min(MAX_LIST);
+        sql.push_str(&format!(" ORDER BY last_ms DESC, id DESC LIMIT {limit}"));
+        let mut stmt = self.db.prepare(&sql).map_err(self.fail("list"))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args), row_of)
+            .map_err(self.fail("list"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.fail("list"))?;
+        Ok(rows)
+    }
+
+    /// One row.
+    pub fn get(&self, id: i64) -> Result<EventRow, ConsoleError> {
+        self.db
+            .query_row(
+                "SELECT * FROM console_events WHERE id = ?1",
+                params![id],
+                row_of,
+            )
+            .optional()
+            .map_err(self.fail("read"))?
+            .ok_or(ConsoleError::NotFound(id))
+    }
+
+    /// Acknowledges an open row, by `who`, with `comment`.
+    pub fn acknowledge(
+        &mut self,
+        id: i64,
+        comment: &str,
+        who: &str,
+    ) -> Result<EventRow, ConsoleError> {
+        self.change(id, RowState::Acknowledged, comment, who)
+    }
+
+    /// Closes a row, by `who`, with `comment`.
+    pub fn close(&mut self, id: i64, comment: &str, who: &str) -> Result<EventRow, ConsoleError> {
+        self.change(id, RowState::Closed, comment, who)
+    }
+
+    fn change(
+        &mut self,
+        id: i64,
+        to: RowState,
+        comment: &str,
+        who: &str,
+    ) -> Result<EventRow, ConsoleError> {
+        let row = self.get(id)?;
+        if row.state == RowState::Closed {
+            return Err(ConsoleError::Request(format!(
+                "event {id} is closed already"
+            )));
+        }
+        let now = ms(Utc::now());
+        self.db
+            .execute(
+                "UPDATE console_events SET state = ?2, comment = ?3, changed_by = ?4, changed_ms = ?5,
+                 closed_ms = CASE WHEN ?2 = 'closed' THEN ?5 ELSE closed_ms END WHERE id = ?1",
+                params![id, to.as_str(), comment, who, now],
+            )
+            .map_err(self.fail("change a row"))?;
+        self.get(id)
+    }
+
+    /// Adds a silence (by `who`); the rows open now that it covers are marked silenced too.
+    pub fn silence(&mut self, s: &Silence, who: &str) -> Result<SilenceRow, ConsoleError> {
+        if s.agent.is_none() && s.rule.is_none() && s.group.is_none() {
+            return Err(ConsoleError::Request(
+                "a silence names an agent, a rule or a group (or several)".into(),
+            ));
+        }
+        if s.duration.is_zero() {
+            return Err(ConsoleError::Request("a silence lasts more than 0s".into()));
+        }
+        let now = Utc::now();
+        let until = now + chrono::Duration::from_std(s.duration).unwrap_or(chrono::Duration::MAX);
+        let path = self.path.clone();
+        let fail = |what| db_error(&path, what);
+        let tx = self.db.transaction().map_err(fail("begin"))?;
+        tx.execute(
+            "INSERT INTO console_silences (agent, rule, grp, until_ms, comment, created_by, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![s.agent, s.rule, s.group, ms(until), s.comment, who, ms(now)],
+        )
+        .map_err(fail("add a silence"))?;
+        let id = tx.last_insert_rowid();
+        tx.execute(
+            &format!(
+                "UPDATE console_events SET silenced_by = ?1 WHERE state != 'closed' AND {}",
+                COVERS_ROW
+            ),
+            params![id, s.agent, s.rule, s.group],
+        )
+        .map_err(fail("mark the rows it covers"))?;
+        tx.commit().map_err(fail("commit"))?;
+        Ok(SilenceRow {
+            id,
+            agent: s.agent.clone(),
+            rule: s.rule.clone(),
+            group: s.group.clone(),
+            until,
+            comment: s.comment.clone(),
+            created_by: who.to_string(),
+        })
+    }
+
+    /// The silences not expired at `now`.
+    pub fn silences(&self, now: DateTime<Utc>) -> Result<Vec<SilenceRow>, ConsoleError> {
+        let mut stmt = self
+            .db
+            .prepare(
+                "SELECT id, agent, rule, grp, until_ms, comment, created_by FROM console_silences
+                 WHERE until_ms > ?1 ORDER BY id",
+            )
+            .map_err(self.fail("list silences"))?;
+        let rows = stmt
+            .query_map(params![ms(now)], |r| {
+                Ok(SilenceRow {
+                    id: r.get(0)?,
+                    agent: r.get(1)?,
+                    rule: r.get(2)?,
+                    group: r.get(3)?,
+                    until: time(r.get(4)?),
+                    comment: r.get(5)?,
+                    created_by: r.get(6)?,
+                })
+            })
+            .map_err(self.fail("list silences"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.fail("list silences"))?;
+        Ok(rows)
+    }
+
+    /// Deletes rows closed before `before`, and silences expired before it; how many rows.
+    pub fn purge(&mut self, before: DateTime<Utc>) -> Result<usize, ConsoleError> {
+        let n = self
+            .db
+            .execute(
+                "DELETE FROM console_events WHERE state = 'closed' AND closed_ms < ?1",
+                params![ms(before)],
+            )
+            .map_err(self.fail("purge closed rows"))?;
+        self.db
+            .execute(
+                "DELETE FROM console_silences WHERE until_ms < ?1",
+                params![ms(before)],
+            )
+            .map_err(self.fail("purge expired silences"))?;
+        Ok(n)
+    }
+}
+
+/// Whether a silence (parameters 2-4: agent, rule, group; each NULL for any) covers a row.
+const COVERS_ROW: &str = "(?2 IS NULL OR agent = ?2) AND (?3 IS NULL OR rule = ?3)
+     AND (?4 IS NULL OR grp = ?4 OR EXISTS (SELECT 1 FROM json_each(agent_groups) WHERE value = ?4))";
+
+fn fold_one(tx: &rusqlite::Transaction<'_>, e: &Incoming) -> rusqlite::Result<()> {
+    let key = fold_key(&e.agent, &e.event);
+    let at = ms(e.ts);
+    if e.event.clear {
+        tx.execute(
+            "UPDATE console_events SET state = 'closed', closed_ms = ?2, changed_ms = ?2,
+             changed_by = 'recovery', comment = ?3, last_ms = max(last_ms, ?2)
+             WHERE fold_key = ?1 AND state != 'closed'",
+            params![key, at, e.event.text],
+        )?;
+        return Ok(());
+    }
+    let groups = serde_json::to_string(&e.groups).unwrap_or_else(|_| "[]".into());
+    let silence: Option<i64> = tx
+        .query_row(
+            "SELECT id FROM console_silences WHERE until_ms > ?1
+             AND (agent IS NULL OR agent = ?2) AND (rule IS NULL OR rule = ?3)
+             AND (grp IS NULL OR grp = ?4 OR grp IN (SELECT value FROM json_each(?5)))
+             ORDER BY id LIMIT 1",
+            params![at, e.agent, e.event.rule, e.event.group, groups],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let resources = serde_json::to_string(&e.event.resources).unwrap_or_else(|_| "[]".into());
+    let tags = serde_json::to_string(&e.tags).unwrap_or_else(|_| "{}".into());
+    tx.prepare_cached(
+        "INSERT INTO console_events (fold_key, class, agent, rule, grp, agent_groups, resources,
+             severity, state, count, first_ms, last_ms, text, tags, silenced_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'open', 1, ?9, ?9, ?10, ?11, ?12)
+         ON CONFLICT (fold_key) WHERE state != 'closed' DO UPDATE SET
+             count = count + 1,
+             first_ms = min(first_ms, excluded.first_ms),
+             severity = CASE WHEN excluded.last_ms >= last_ms THEN excluded.severity ELSE severity END,
+             text = CASE WHEN excluded.last_ms >= last_ms THEN excluded.text ELSE text END,
+             tags = CASE WHEN excluded.last_ms >= last_ms THEN excluded.tags ELSE tags END,
+             agent_groups = excluded.agent_groups,
+             silenced_by = excluded.silenced_by,
+             last_ms = max(last_ms, excluded.last_ms)",
+    )?
+    .execute(params![
+        key,
+        e.event.class,
+        e.agent,
+        e.event.rule,
+        e.event.group,
+        groups,
+        resources,
+        e.event.severity.level(),
+        at,
+        e.event.text,
+        tags,
+        silence
+    ])?;
+    Ok(())
+}
+
+/// A JSON column's value (a column the console wrote itself; unreadable: empty).
+fn json<T: serde::de::DeserializeOwned + Default>(text: String) -> T {
+    serde_json::from_str(&text).unwrap_or_default()
+}
+
+/// Maps a SQLite error of `what` on the database at `path`.
+fn db_error(path: &Path, what: &'static str) -> impl Fn(rusqlite::Error) -> ConsoleError {
+    let path = path.to_path_buf();
+    move |source| ConsoleError::Db {
+        path: path.clone(),
+        what,
+        source,
+    }
+}
+
+fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok(EventRow {
+        id: r.get("id")?,
+        class: r.get("class")?,
+        agent: r.get("agent")?,
+        rule: r.get("rule")?,
+        group: r.get("grp")?,
+        agent_groups: json(r.get("agent_groups")?),
+        resources: json(r.get("resources")?),
+        severity: r.get("severity")?,
+        state: RowState::parse(&r.get::<_, String>("state")?),
+        count: r.get::<_, i64>("count")?.max(0) as u64,
+        first: time(r.get("first_ms")?),
+        last: time(r.get("last_ms")?),
+        text: r.get("text")?,
+        tags: json(r.get("tags")?),
+        silenced_by: r.get("silenced_by")?,
+        comment: r.get("comment")?,
+        changed_by: r.get("changed_by")?,
+        closed: r.get::<_, Option<i64>>("closed_ms")?.map(time),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,181 @@
+//! The event console's part of the admin endpoint (`fleetbus events ...`), behind the
+//! same checks as the rest of it (an operator credential):
+//!
+//! | method and path | body / query | answer |
+//! |---|---|---|
+//! | `GET /events` | `open`, `min_severity`, `agent`, `group`, `silenced`, `limit` | rows, the latest first |
+//! | `GET /events/{id}` | | one row |
+//! | `POST /events/{id}/ack` | `{"comment": "..."}` | the row, acknowledged |
+//! | `POST /events/{id}/close` | `{"comment": "..."}` | the row, closed |
+//! | `GET /silences` | | the silences in effect |
+//! | `POST /silences` | `{"agent", "rule", "group", "duration" (seconds), "comment"}` | the silence |
+//!
+//! Each change is itself a message the rules engine routes, on
+//! `fleet/server/console/{ack,close,silence}`: `{"action", "by", "comment", "event"}` (the
+//! row after the change) or `{"action", "by", "silence"}`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json};
+use fleetbus_console::{Console, ConsoleError, Filter, Silence};
+use fleetbus_pipeline::Engine;
+use serde::Deserialize;
+
+use crate::admin::Operator;
+
+/// The topic a console change of `action` is routed on.
+pub fn change_topic(action: &str) -> String {
+    format!("fleet/server/console/{action}")
+}
+
+/// The console the endpoint works on, and the engine its changes go to.
+pub(crate) struct ConsoleApi {
+    path: PathBuf,
+    console: Mutex<Option<Console>>,
+    engine: Arc<Engine>,
+}
+
+type Api = Arc<ConsoleApi>;
+
+impl ConsoleApi {
+    /// The API over the console at `path` (opened at the first request).
+    pub(crate) fn new(path: PathBuf, engine: Arc<Engine>) -> ConsoleApi {
+        ConsoleApi {
+            path,
+            console: Mutex::new(None),
+            engine,
+        }
+    }
+
+    /// Runs `f` on the console off the async workers.
+    async fn with<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Console) -> Result<T, ConsoleError> + Send + 'static,
+    ) -> Result<T, ConsoleError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = me.console.lock().unwrap_or_else(|p| p.into_inner());
+            if guard.is_none() {
+                *guard = Some(Console::open(&me.path)?);
+            }
+            match guard.as_mut() {
+                Some(console) => f(console),
+                None => Err(ConsoleError::Request("the console is not open".into())),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(ConsoleError::Request(format!("console task: {e}"))))
+    }
+
+    /// Hands a change to the rules engine.
+    fn announce(&self, action: &str, body: serde_json::Value) {
+        match serde_json::to_vec(&body) {
+            Ok(payload) => self.engine.dispatch(&change_topic(action), &payload),
+            Err(e) => tracing::error!(error = %e, "console change not encoded"),
+        }
+    }
+}
+
+/// The console's routes.
+pub(crate) fn routes(api: Api) -> axum::Router {
+    axum::Router::new()
+        .route("/events", get(list))
+        .route("/events/:id", get(one))
+        .route("/events/:id/ack", post(ack))
+        .route("/events/:id/close", post(close))
+        .route("/silences", get(silences).post(silence))
+        .with_state(api)
+}
+
+fn failed(e: ConsoleError) -> Response {
+    let status = match &e {
+        ConsoleError::NotFound(_) => StatusCode::NOT_FOUND,
+        ConsoleError::Request(_) => StatusCode::BAD_REQUEST,
+        ConsoleError::Db { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, Json(serde_json::json!({ "error": e.to_string() }))).into_response()
+}
+
+fn answer<T: serde::Serialize>(result: Result<T, ConsoleError>) -> Response {
+    match result {
+        Ok(v) => (StatusCode::OK, Json(v)).into_response(),
+        Err(e) => failed(e),
+    }
+}
+
+async fn list(State(api): State<Api>, Query(filter): Query<Filter>) -> Response {
+    answer(api.with(move |c| c.list(&filter)).await)
+}
+
+async fn one(State(api): State<Api>, UrlPath(id): UrlPath<i64>) -> Response {
+    answer(api.with(move |c| c.get(id)).await)
+}
+
+/// The body of an acknowledgement or a close.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct Comment {
+    comment: String,
+}
+
+async fn ack(
+    State(api): State<Api>,
+    Extension(Operator(who)): Extension<Operator>,
+    UrlPath(id): UrlPath<i64>,
+    Json(body): Json<Comment>,
+) -> Response {
+    change(api, "ack", who, id, body.comment).await
+}
+
+async fn close(
+    State(api): State<Api>,
+    Extension(Operator(who)): Extension<Operator>,
+    UrlPath(id): UrlPath<i64>,
+    Json(body): Json<Comment>,
+) -> Response {
+    change(api, "close", who, id, body.comment).await
+}
+
+async fn change(api: Api, action: &'static str, who: String, id: i64, comment: String) -> Response {
+    let (by, text) = (who.clone(), comment.clone());
+    let done = api
+        .with(move |c| match action {
+            "ack" => c.acknowledge(id, &text, &by),
+            _ => c.close(id, &text, &by),
+        })
+        .await;
+    if let Ok(row) = &done {
+        tracing::info!(event = id, action, by = %who, "console change");
+        api.announce(
+            action,
+            serde_json::json!({ "action": action, "by": who, "comment": comment, "event": row }),
+        );
+    }
+    answer(done)
+}
+
+async fn silences(State(api): State<Api>) -> Response {
+    answer(api.with(|c| c.silences(chrono::Utc::now())).await)
+}
+
+async fn silence(
+    State(api): State<Api>,
+    Extension(Operator(who)): Extension<Operator>,
+    Json(body): Json<Silence>,
+) -> Response {
+    let by = who.clone();
+    let done = api.with(move |c| c.silence(&body, &by)).await;
+    if let Ok(s) = &done {
+        tracing::info!(silence = s.id, by = %who, "console silence");
+        api.announce(
+            "silence",
+            serde_json::json!({ "action": "silence", "by": who, "silence": s }),
+        );
+    }
+    answer(done)
+}
