@@ -38,6 +38,7 @@ fn lines(dir: &Path, agent: &str) -> Vec<Value> {
 async fn each_clouds_identity_is_in_the_birth_message_and_on_every_record() {
     let fx = Fixture::new();
     let dir = fx.path();
+    common::enroll_operator(&fx.data, &dir.join("ops.token"));
     let mut server = fx.serve(Some(RULES), "serve");
     fx.wait_listening();
     let mut running = Vec::new();
@@ -98,6 +99,62 @@ async fn each_clouds_identity_is_in_the_birth_message_and_on_every_record() {
         assert_eq!(record["tags"]["role"], *role);
         assert!(record["tags"]["region"].is_string(), "{record}");
     }
+    // the registry keeps what the birth messages said: list by cloud identity, show one,
+    // count them per hour
+    let admin = format!("http://{}", common::admin_addr(dir));
+    let fleetbus = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin())
+            .arg("agents")
+            .args(args)
+            .args(["--admin", &admin, "--admin-token-file"])
+            .arg(dir.join("ops.token"))
+            .env_remove("FLEETBUS_ADMIN_TOKEN")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    common::wait_until(
+        Duration::from_secs(10),
+        "the registry knows every cloud",
+        || {
+            fleetbus(&["list", "--json", "--state", "online"])
+                .lines()
+                .filter(|l| l.contains("\"cloud\":{"))
+                .count()
+                == 3
+        },
+    );
+    let listed = fleetbus(&["list", "--meta", "provider=gcp"]);
+    assert!(
+        listed.contains("vm-gcp") && !listed.contains("vm-aws"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("europe-west1") && listed.contains("1 agent(s), 1 online"),
+        "{listed}"
+    );
+    let by_role = fleetbus(&["list", "--json", "--meta", "role=cache"]);
+    assert_eq!(by_role.lines().count(), 1);
+    assert!(by_role.contains("\"agent\":\"vm-azure\""), "{by_role}");
+    let shown = fleetbus(&["show", "vm-aws"]);
+    assert!(shown.contains("online      yes"), "{shown}");
+    assert!(
+        shown.contains("cloud       cloud=aws, image_id=ami-0f00, instance_id=i-0abc123, instance_type=t3.micro, region=eu-west-1, role=web, zone=eu-west-1b"),
+        "{shown}"
+    );
+    let hours = fleetbus(&["hours", "--role", "web", "--since", "2h"]);
+    assert!(
+        hours.contains("1 hour(s) with agents online; at most 1"),
+        "{hours}"
+    );
+    let all_hours = fleetbus(&["hours", "--since", "2h"]);
+    assert!(all_hours.contains("at most 3,"), "{all_hours}");
+
     for (_, stop, task, ..) in running {
         let _ = stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;

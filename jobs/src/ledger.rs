@@ -265,6 +265,31 @@ impl Ledger {
             .optional()?)
     }
 
+    /// `agent`'s latest executions (the latest change first), each with its job's id and
+    /// operation, at most `limit`.
+    pub fn recent_for(
+        &self,
+        agent: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Execution)>, JobsError> {
+        let mut stmt = self.db.prepare_cached(
+            "SELECT e.agent, e.state, e.sent_ms, e.started_ms, e.finished_ms, e.exit_code, e.output,
+                    e.reason, e.job_id, json_extract(j.doc, '$.operation')
+             FROM executions e JOIN jobs j ON j.id = e.job_id WHERE e.agent = ?1
+             ORDER BY coalesce(e.finished_ms, e.started_ms, e.sent_ms, j.created_ms) DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![agent, limit as i64], |r| {
+                Ok((
+                    r.get::<_, String>(8)?,
+                    r.get::<_, Option<String>>(9)?.unwrap_or_default(),
+                    row_to_execution(r)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// Job ids with a non-final execution for `agent`.
     pub fn pending_for(&self, agent: &str) -> Result<Vec<String>, JobsError> {
         let mut stmt = self.db.prepare_cached(
@@ -352,6 +377,7 @@ impl Ledger {
                     groups: serde_json::from_str(&groups)?,
                     online,
                     last_seen: from_ms(Some(seen)),
+                    birth: None,
                 })
             })
             .collect::<Result<Vec<_>, JobsError>>()?;

@@ -26,7 +26,7 @@ use fleetbus_protocol::{
     PresenceStatus,
 };
 pub use ledger::{Execution, JobState, Ledger, Rollout, StoredJob};
-pub use registry::{KnownAgent, Registry};
+pub use registry::{Birth, HourCount, KnownAgent, Registry};
 use serde::{Deserialize, Serialize};
 
 /// Errors of the job service.
@@ -155,6 +155,80 @@ fn is_failure(s: ExecutionState) -> bool {
 /// Grace beyond a job's timeout before the server marks executions still running
 /// TIMED_OUT (the agent kills at the timeout and reports; this covers agents that vanish).
 const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
+
+/// Which agents `agents list` shows: each given part must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentFilter {
+    /// Members of this group.
+    pub group: Option<String>,
+    /// `KEY=VALUE`: an operator tag of the birth message.
+    pub tag: Option<String>,
+    /// `KEY=VALUE`: a field of the cloud identity (`provider`, `region`, `zone`, `role`,
+    /// `instance_type`, `image_id`, `instance_id`).
+    pub meta: Option<String>,
+    /// `online` or `offline`.
+    pub state: Option<String>,
+}
+
+impl AgentFilter {
+    /// Whether `a` passes.
+    pub fn keeps(&self, a: &KnownAgent) -> bool {
+        fn pair(s: &Option<String>) -> Option<(&str, &str)> {
+            s.as_deref()
+                .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        }
+        if self.group.as_deref().is_some_and(|g| !a.in_group(g)) {
+            return false;
+        }
+        if let Some((k, v)) = pair(&self.tag) {
+            if a.birth
+                .as_ref()
+                .and_then(|b| b.tags.get(k))
+                .map(String::as_str)
+                != Some(v)
+            {
+                return false;
+            }
+        }
+        if let Some((k, v)) = pair(&self.meta) {
+            let cloud = a.birth.as_ref().and_then(|b| b.cloud.as_ref());
+            let value = cloud.and_then(|c| match k {
+                "provider" | "cloud" => Some(c.provider.clone()),
+                "instance_id" => Some(c.instance_id.clone()),
+                _ => c.tags().get(k).cloned(),
+            });
+            if value.as_deref() != Some(v) {
+                return false;
+            }
+        }
+        match self.state.as_deref() {
+            Some("online") => a.online,
+            Some("offline") => !a.online,
+            _ => true,
+        }
+    }
+}
+
+/// One agent and its latest job executions (`fleetbus agents show`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentDetail {
+    /// The registry's record.
+    pub agent: KnownAgent,
+    /// Its latest executions, the latest first (at most 10).
+    pub jobs: Vec<RecentJob>,
+}
+
+/// A job execution of one agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecentJob {
+    /// The job.
+    pub job_id: String,
+    /// Its operation.
+    pub operation: String,
+    /// The agent's execution of it.
+    pub execution: Execution,
+}
 
 /// The job service, and the registry of agents it targets.
 pub struct JobService {
@@ -408,13 +482,40 @@ impl JobService {
             .collect()
     }
 
-    /// Agents known from presence messages, all or the members of one group.
-    pub fn agents(&self, group: Option<&str>) -> Result<Vec<KnownAgent>, JobsError> {
+    /// Agents known from presence messages that `filter` keeps.
+    pub fn agents(&self, filter: &AgentFilter) -> Result<Vec<KnownAgent>, JobsError> {
         let mut agents = self.registry.all()?;
-        if let Some(g) = group {
-            agents.retain(|a| a.in_group(g));
-        }
+        agents.retain(|a| filter.keeps(a));
         Ok(agents)
+    }
+
+    /// One agent as the registry knows it, with its latest job executions.
+    pub fn agent(&self, id: &str) -> Result<AgentDetail, JobsError> {
+        let agent = self
+            .registry
+            .get(id)?
+            .ok_or_else(|| JobsError::NoAgent(id.to_string()))?;
+        let jobs = self
+            .ledger
+            .recent_for(id, 10)?
+            .into_iter()
+            .map(|(job_id, operation, execution)| RecentJob {
+                job_id,
+                operation,
+                execution,
+            })
+            .collect();
+        Ok(AgentDetail { agent, jobs })
+    }
+
+    /// Agents online per hour since `since` (of `group`, of `role`).
+    pub fn hours(
+        &self,
+        since: chrono::DateTime<Utc>,
+        group: Option<&str>,
+        role: Option<&str>,
+    ) -> Result<Vec<HourCount>, JobsError> {
+        self.registry.hours(since, group, role)
     }
 
     /// Forgets an agent: out of the registry (so out of `agents list` and of the targets of
@@ -496,8 +597,13 @@ impl JobService {
     /// active group jobs it belongs to and sends it every job still pending for it.
     pub fn on_presence(&mut self, presence: &Presence) -> Result<(), JobsError> {
         let online = presence.status == PresenceStatus::Online;
-        self.registry
-            .upsert(&presence.agent, &presence.groups, online, Utc::now())?;
+        self.registry.upsert(
+            &presence.agent,
+            &presence.groups,
+            online,
+            Utc::now(),
+            online.then(|| registry::Birth::of(presence)).as_ref(),
+        )?;
         if !online || self.key.is_none() {
             return Ok(());
         }
@@ -616,6 +722,7 @@ impl JobService {
     /// Periodic work: roll out rate-limited jobs, time out executions still running past
     /// their job's timeout, end executions QUEUED past the offline expiry.
     pub fn tick(&mut self) -> Result<(), JobsError> {
+        self.registry.note_hour(Utc::now())?;
         if self.key.is_none() {
             return Ok(());
         }

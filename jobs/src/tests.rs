@@ -206,8 +206,22 @@ fn a_batch_of_reports_is_stored_together_and_settles_each_job_once() {
         }
     })
     .unwrap();
-    assert_eq!(svc.agents(Some("g")).unwrap().len(), 200);
-    assert!(svc.agents(Some("other")).unwrap().is_empty());
+    assert_eq!(
+        svc.agents(&AgentFilter {
+            group: Some("g".into()),
+            ..AgentFilter::default()
+        })
+        .unwrap()
+        .len(),
+        200
+    );
+    assert!(svc
+        .agents(&AgentFilter {
+            group: Some("other".into()),
+            ..AgentFilter::default()
+        })
+        .unwrap()
+        .is_empty());
     let id = push(&mut svc, JobTarget::Group("g".into()), Rollout::default())
         .job
         .doc
@@ -361,7 +375,7 @@ fn a_forgotten_agent_leaves_the_registry_and_the_jobs_it_never_started() {
     assert_eq!(r.job.state, JobState::Done, "{r:?}");
     assert_eq!(r.total(), 1);
     let known: Vec<String> = svc
-        .agents(None)
+        .agents(&AgentFilter::default())
         .unwrap()
         .into_iter()
         .map(|a| a.agent)
@@ -384,14 +398,22 @@ fn without_a_signing_key_the_registry_works_and_jobs_are_off() {
     )
     .unwrap();
     svc.on_presence(&online("w1", &["web"])).unwrap();
-    assert_eq!(svc.agents(Some("web")).unwrap().len(), 1);
+    assert_eq!(
+        svc.agents(&AgentFilter {
+            group: Some("web".into()),
+            ..AgentFilter::default()
+        })
+        .unwrap()
+        .len(),
+        1
+    );
     assert!(matches!(
         svc.push(push_req(JobTarget::Group("web".into()), false)),
         Err(JobsError::Off)
     ));
     svc.tick().unwrap();
     svc.forget("w1").unwrap();
-    assert!(svc.agents(None).unwrap().is_empty());
+    assert!(svc.agents(&AgentFilter::default()).unwrap().is_empty());
 }
 
 #[test]
@@ -407,7 +429,12 @@ fn agents_an_older_ledger_kept_move_to_the_registry_once() {
         .unwrap();
     }
     let (svc, _, _) = service(dir.path());
-    let known = svc.agents(Some("web")).unwrap();
+    let known = svc
+        .agents(&AgentFilter {
+            group: Some("web".into()),
+            ..AgentFilter::default()
+        })
+        .unwrap();
     assert_eq!(known.len(), 1);
     assert_eq!(known[0].agent, "old-1");
     drop(svc);

@@ -6,7 +6,9 @@
 //! | `GET /jobs?limit=N` | | the newest jobs with counts per state |
 //! | `GET /jobs/{id}` | `executions=false`: counts only | the job with every execution |
 //! | `POST /jobs/{id}/cancel` | `{}` (JSON) | the job after cancelling (counts) |
-//! | `GET /agents?group=G` | | agents known from presence messages (one group's members) |
+//! | `GET /agents?group=G&tag=K=V&meta=K=V&state=online` | | agents known from presence messages (each part given must hold) |
+//! | `GET /agents/{id}` | | one agent: the registry's record (its last birth message: host, tags, cloud identity) and its latest job executions |
+//! | `GET /agents/hours?hours=N&group=G&role=R` | | agents online per hour over the last N hours (168) |
 //! | `POST /agents/{id}/forget` | `{}` (JSON) | what was forgotten: the agent, the jobs it was removed from |
 //! | `GET /rules` | | the rules file, the generation in effect, the last reload, refused reloads and the last refusal |
 //! | `GET /rules/tap?filter=F&rule=R` | | a live stream (JSON lines, one per message on the topics filter `F` matches, sampled: [`fleetbus_pipeline::tap`]) of what the engine did with each: the rules that matched (`R`: only that one), what each made, the sinks; until the client goes, the connection's `http.connection_lifetime` or the server's stop |
@@ -101,6 +103,8 @@ pub(crate) async fn start(
         .route("/jobs/:id", get(report))
         .route("/jobs/:id/cancel", post(cancel))
         .route("/agents", get(agents))
+        .route("/agents/hours", get(hours))
+        .route("/agents/:id", get(agent))
         .route("/agents/:id/forget", post(forget))
         .with_state(services.jobs)
         .merge(
@@ -276,13 +280,19 @@ async fn report(
     }
 }
 
-#[derive(Deserialize)]
-struct AgentsQuery {
-    group: Option<String>,
+async fn agents(State(jobs): State<Jobs>, Query(q): Query<fleetbus_jobs::AgentFilter>) -> Response {
+    answer(&jobs, StatusCode::OK, |tx| JobRequest::Agents(q, tx)).await
 }
 
-async fn agents(State(jobs): State<Jobs>, Query(q): Query<AgentsQuery>) -> Response {
-    answer(&jobs, StatusCode::OK, |tx| JobRequest::Agents(q.group, tx)).await
+async fn agent(State(jobs): State<Jobs>, UrlPath(id): UrlPath<String>) -> Response {
+    answer(&jobs, StatusCode::OK, |tx| JobRequest::Agent(id, tx)).await
+}
+
+async fn hours(
+    State(jobs): State<Jobs>,
+    Query(q): Query<crate::job_service::HoursQuery>,
+) -> Response {
+    answer(&jobs, StatusCode::OK, |tx| JobRequest::Hours(q, tx)).await
 }
 
 async fn forget(State(jobs): State<Jobs>, UrlPath(id): UrlPath<String>) -> Response {

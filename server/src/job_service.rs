@@ -10,7 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleetbus_broker::Guard;
-use fleetbus_jobs::{Forgotten, JobReport, JobService, JobsError, KnownAgent, PushRequest};
+use fleetbus_jobs::{
+    AgentDetail, AgentFilter, Forgotten, HourCount, JobReport, JobService, JobsError, KnownAgent,
+    PushRequest,
+};
 use fleetbus_protocol::{JobStatus, Presence};
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,13 +29,32 @@ pub enum Request {
     List(usize, oneshot::Sender<Result<Vec<JobReport>, JobsError>>),
     /// Cancel a job.
     Cancel(String, oneshot::Sender<Result<JobReport, JobsError>>),
-    /// Agents known from presence messages (all, or one group's members).
+    /// Agents known from presence messages that a filter keeps.
     Agents(
-        Option<String>,
+        AgentFilter,
         oneshot::Sender<Result<Vec<KnownAgent>, JobsError>>,
+    ),
+    /// One agent and its latest executions.
+    Agent(String, oneshot::Sender<Result<AgentDetail, JobsError>>),
+    /// Agents online per hour since a time (of a group, of a role).
+    Hours(
+        HoursQuery,
+        oneshot::Sender<Result<Vec<HourCount>, JobsError>>,
     ),
     /// Forget an agent.
     Forget(String, oneshot::Sender<Result<Forgotten, JobsError>>),
+}
+
+/// `GET /agents/hours`: agents online per hour.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default)]
+pub struct HoursQuery {
+    /// Hours back from now (default 168: a week; at most 400 days).
+    pub hours: Option<u32>,
+    /// Only members of this group.
+    pub group: Option<String>,
+    /// Only agents of this role (the cloud identity's).
+    pub role: Option<String>,
 }
 
 /// What the job service thread is fed.
@@ -246,8 +268,16 @@ fn handle(service: &mut JobService, input: JobInput) {
                 Request::Cancel(id, reply) => {
                     let _ = reply.send(service.cancel(&id));
                 }
-                Request::Agents(group, reply) => {
-                    let _ = reply.send(service.agents(group.as_deref()));
+                Request::Agents(filter, reply) => {
+                    let _ = reply.send(service.agents(&filter));
+                }
+                Request::Agent(id, reply) => {
+                    let _ = reply.send(service.agent(&id));
+                }
+                Request::Hours(q, reply) => {
+                    let hours = i64::from(q.hours.unwrap_or(168).min(400 * 24));
+                    let since = chrono::Utc::now() - chrono::Duration::hours(hours);
+                    let _ = reply.send(service.hours(since, q.group.as_deref(), q.role.as_deref()));
                 }
                 Request::Forget(agent, reply) => {
                     let _ = reply.send(service.forget(&agent));

@@ -53,6 +53,30 @@ impl AdminEndpoint {
     }
 }
 
+/// A query string (`?a=1&b=x%20y`) of the pairs whose value is given, values
+/// percent-encoded; empty when none is.
+pub fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let encode = |v: &str| -> String {
+        v.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
 /// A small JSON client for the admin endpoint.
 pub struct AdminClient {
     base: String,

@@ -72,11 +72,43 @@ pub struct AgentsArgs {
 
 #[derive(Debug, Subcommand)]
 enum AgentsCommand {
-    /// Known agents: id, online or not, last presence message, groups.
+    /// Known agents: id, online or not, last presence message, groups, cloud identity.
     List {
         /// Only the members of this group (the targets a group job would get now).
         #[arg(long)]
         group: Option<String>,
+        /// Only agents with this operator tag (`KEY=VALUE`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Only agents whose cloud identity has this (`region=eu-west-1`, `role=web`,
+        /// `provider=aws`, `instance_type=...`).
+        #[arg(long)]
+        meta: Option<String>,
+        /// Only agents online, or only those offline.
+        #[arg(long, value_parser = ["online", "offline"])]
+        state: Option<String>,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One agent: identity, cloud identity, groups, tags, online and last seen, its open
+    /// events and check problems (from the event console), its latest jobs.
+    Show {
+        /// The agent id.
+        id: String,
+    },
+    /// How many agents were online per hour (of a group, of a role): "how many web
+    /// servers did we run last week".
+    Hours {
+        /// Only members of this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only agents of this role (their cloud identity's).
+        #[arg(long)]
+        role: Option<String>,
+        /// How far back (`24h`, `7d`; at most 400 days).
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        since: std::time::Duration,
     },
     /// Creates a client's credential and prints its token once (only a hash is kept).
     Enroll {
@@ -112,6 +144,84 @@ enum AgentsCommand {
         /// The agent id.
         id: String,
     },
+}
+
+/// `fleetbus agents show ID`: the registry's record, the console's open rows of the
+/// agent (its check problems among them) and its latest jobs.
+async fn show(admin: &AdminEndpoint, id: &str) -> anyhow::Result<ExitCode> {
+    let client = admin.client()?;
+    let detail: fleetbus_jobs::AgentDetail = client.get(&format!("/agents/{id}")).await?;
+    let a = &detail.agent;
+    let seen = a
+        .last_seen
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_else(|| "-".into());
+    println!("agent       {}", a.agent);
+    println!(
+        "online      {} (last seen {seen})",
+        if a.online { "yes" } else { "no" }
+    );
+    println!("groups      {}", a.groups.join(", "));
+    if let Some(b) = &a.birth {
+        let or_dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        println!("hostname    {}", or_dash(&b.hostname));
+        println!("addresses   {}", b.ips.join(", "));
+        println!("os          {}", or_dash(&b.os));
+        println!("version     {}", or_dash(&b.agent_version));
+        let tags: Vec<String> = b.tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("tags        {}", tags.join(", "));
+        match &b.cloud {
+            Some(c) => {
+                let fields: Vec<String> =
+                    c.tags().iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("cloud       {}", fields.join(", "));
+            }
+            None => println!("cloud       -"),
+        }
+    }
+    let open: Vec<fleetbus_console::EventRow> = client
+        .get(&format!(
+            "/events{}",
+            super::admin_client::query(&[
+                ("agent", Some(id.to_string())),
+                ("open", Some("true".into())),
+                ("silenced", Some("true".into()))
+            ])
+        ))
+        .await
+        .unwrap_or_default();
+    let (checks, others): (Vec<_>, Vec<_>) = open.iter().partition(|r| r.class == "check.state");
+    println!("\nchecks with a problem ({}):", checks.len());
+    for r in checks {
+        println!(
+            "  {} severity {}, since {}: {}",
+            r.rule.as_deref().unwrap_or("-"),
+            r.severity,
+            r.first.format("%Y-%m-%d %H:%M:%S"),
+            r.text
+        );
+    }
+    println!("open events ({}):", others.len());
+    for r in others {
+        println!(
+            "  #{} {} severity {} x{}: {}",
+            r.id, r.class, r.severity, r.count, r.text
+        );
+    }
+    println!("latest jobs ({}):", detail.jobs.len());
+    for j in &detail.jobs {
+        println!(
+            "  {} {} {}{}",
+            j.job_id,
+            j.operation,
+            j.execution.state,
+            j.execution
+                .finished
+                .map(|t| format!(" at {}", t.format("%Y-%m-%d %H:%M:%S")))
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs `fleetbus agents ...`.
@@ -164,29 +274,98 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<ExitCode> {
             super::table::print_table(["id", "role", "groups", "enrolled", "revoked"], &rows);
             Ok(ExitCode::SUCCESS)
         }
-        AgentsCommand::List { group } => {
+        AgentsCommand::List {
+            group,
+            tag,
+            meta,
+            state,
+            json,
+        } => {
             let client = args.admin.client()?;
-            let path = match &group {
-                Some(g) => format!("/agents?group={g}"),
-                None => "/agents".to_string(),
-            };
+            let path = format!(
+                "/agents{}",
+                super::admin_client::query(&[
+                    ("group", group),
+                    ("tag", tag),
+                    ("meta", meta),
+                    ("state", state)
+                ])
+            );
             let agents: Vec<KnownAgent> = client.get(&path).await?;
-            let rows: Vec<[String; 4]> = agents
+            if json {
+                for a in &agents {
+                    println!("{}", serde_json::to_string(a)?);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let rows: Vec<[String; 7]> = agents
                 .iter()
                 .map(|a| {
+                    let cloud = a.birth.as_ref().and_then(|b| b.cloud.as_ref());
+                    let dash = || "-".to_string();
                     [
                         a.agent.clone(),
                         if a.online { "yes" } else { "no" }.to_string(),
                         a.last_seen
                             .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-                            .unwrap_or_else(|| "-".into()),
+                            .unwrap_or_else(dash),
                         a.groups.join(","),
+                        cloud.map(|c| c.provider.clone()).unwrap_or_else(dash),
+                        cloud.and_then(|c| c.region.clone()).unwrap_or_else(dash),
+                        cloud.and_then(|c| c.role.clone()).unwrap_or_else(dash),
                     ]
                 })
                 .collect();
-            super::table::print_table(["agent", "online", "last seen", "groups"], &rows);
+            super::table::print_table(
+                [
+                    "agent",
+                    "online",
+                    "last seen",
+                    "groups",
+                    "cloud",
+                    "region",
+                    "role",
+                ],
+                &rows,
+            );
             let online = agents.iter().filter(|a| a.online).count();
             println!("{} agent(s), {online} online", agents.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        AgentsCommand::Show { id } => show(&args.admin, &id).await,
+        AgentsCommand::Hours { group, role, since } => {
+            let client = args.admin.client()?;
+            let hours = (since.as_secs() / 3600).max(1);
+            let path = format!(
+                "/agents/hours{}",
+                super::admin_client::query(&[
+                    ("hours", Some(hours.to_string())),
+                    ("group", group),
+                    ("role", role)
+                ])
+            );
+            let counts: Vec<fleetbus_jobs::HourCount> = client.get(&path).await?;
+            let rows: Vec<[String; 2]> = counts
+                .iter()
+                .map(|c| {
+                    [
+                        c.hour.format("%Y-%m-%d %H:00").to_string(),
+                        c.agents.to_string(),
+                    ]
+                })
+                .collect();
+            super::table::print_table(["hour (UTC)", "agents"], &rows);
+            let most = counts.iter().map(|c| c.agents).max().unwrap_or(0);
+            let sum: u64 = counts.iter().map(|c| c.agents).sum();
+            let mean = if counts.is_empty() {
+                0.0
+            } else {
+                sum as f64 / counts.len() as f64
+            };
+            println!(
+                "{} hour(s) with agents online; at most {most}, on average {mean:.1} in those hours",
+                counts.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         AgentsCommand::Forget { id } => {

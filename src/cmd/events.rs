@@ -84,18 +84,6 @@ enum EventsCommand {
     Silences,
 }
 
-/// Percent-encodes a query value.
-fn query_value(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn print_rows(rows: &[EventRow]) {
     let table: Vec<[String; 9]> = rows
         .iter()
@@ -176,23 +164,18 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            let mut query = vec![format!("limit={limit}")];
-            if open {
-                query.push("open=true".into());
-            }
-            if silenced {
-                query.push("silenced=true".into());
-            }
-            if let Some(s) = min_severity {
-                query.push(format!("min_severity={s}"));
-            }
-            if let Some(a) = &agent {
-                query.push(format!("agent={}", query_value(a)));
-            }
-            if let Some(g) = &group {
-                query.push(format!("group={}", query_value(g)));
-            }
-            let rows: Vec<EventRow> = client.get(&format!("/events?{}", query.join("&"))).await?;
+            let path = format!(
+                "/events{}",
+                super::admin_client::query(&[
+                    ("limit", Some(limit.to_string())),
+                    ("open", open.then(|| "true".to_string())),
+                    ("silenced", silenced.then(|| "true".to_string())),
+                    ("min_severity", min_severity.map(|s| s.to_string())),
+                    ("agent", agent),
+                    ("group", group),
+                ])
+            );
+            let rows: Vec<EventRow> = client.get(&path).await?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);

@@ -56,7 +56,7 @@ pub struct HandlerConfig {
     /// match. An argument not listed here rejects the job.
     #[serde(default)]
     pub args: BTreeMap<String, String>,
-    /// Most time one run may take; the process group is killed after it.
+    /// Most time one run may take; its processes get SIGTERM after it, then SIGKILL.
     #[serde(with = "humantime_serde", default = "default_handler_timeout")]
     pub timeout: Duration,
 }
