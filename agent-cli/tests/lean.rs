@@ -12,6 +12,7 @@ const SERVER_ONLY: &[&str] = &[
     "fleetbus-rules",
     "fleetbus-sinks",
     "fleetbus-jobs",
+    "fleetbus-console",
     "fleetbus-wal",
     "fleetbus-testkit",
     "rumqttd",

@@ -9,6 +9,8 @@
 //!
 //! All targets run side by side in one invocation, so the figures are comparable.
 
+mod checks;
+mod console;
 #[cfg(feature = "bench-sqlx")]
 mod drivers;
 mod fleetbus;
@@ -75,6 +77,28 @@ pub enum BenchCommand {
         /// Rounds (each runs all four, one after the other).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+    },
+    /// An agent process running N checks at an interval: its own CPU time per check run
+    /// (the plugins left out) and its memory.
+    Checks {
+        /// How many checks.
+        #[arg(long, default_value_t = 50)]
+        checks: usize,
+        /// Each check's interval.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// How long to measure (after one interval of warm-up).
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// Event console folding rate with many open rows, beside plain SQLite inserts.
+    Console {
+        /// Open rows the console holds before the measurement.
+        #[arg(long, default_value_t = 100_000)]
+        open: u64,
+        /// Events folded (repeats of open rows).
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
     },
     /// Appends per second to the log under the outbox and the WAL, by fsync group size,
     /// beside two embedded stores.
@@ -205,6 +229,63 @@ pub async fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 println!(
                     "bench process (agent, s3s-fs) peak memory: {:.1} MiB",
                     kib as f64 / 1024.0
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        BenchCommand::Checks {
+            checks: n,
+            interval,
+            duration,
+        } => {
+            let f = checks::run(n, interval, duration).await?;
+            let runs = f.runs.max(1);
+            println!("agent binary                  {}", f.binary);
+            println!(
+                "check runs                    {} in {:.1} s ({n} checks every {})",
+                f.runs,
+                f.elapsed.as_secs_f64(),
+                humantime::format_duration(interval)
+            );
+            println!(
+                "agent CPU (plugins left out)  {:.3} s, {:.2} % of one core",
+                f.cpu.as_secs_f64(),
+                100.0 * f.cpu.as_secs_f64() / f.elapsed.as_secs_f64()
+            );
+            println!(
+                "agent CPU per check run       {:.0} µs",
+                f.cpu.as_secs_f64() * 1e6 / runs as f64
+            );
+            let mib = |k: Option<u64>| {
+                k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0))
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "agent resident memory         {} (peak {})",
+                mib(f.rss_kib),
+                mib(f.peak_kib)
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        BenchCommand::Console { open, events } => {
+            let rows = console::run(open, events)?;
+            println!(
+                "{:<52} {:>9} {:>8} {:>10}",
+                "path", "events", "seconds", "events/s"
+            );
+            for r in &rows {
+                println!(
+                    "{:<52} {:>9} {:>8.2} {:>10.0}",
+                    r.what,
+                    r.events,
+                    r.elapsed.as_secs_f64(),
+                    r.events as f64 / r.elapsed.as_secs_f64()
+                );
+            }
+            if let [_, folded, plain] = rows.as_slice() {
+                println!(
+                    "folding / plain inserts: {:.0} %",
+                    100.0 * plain.elapsed.as_secs_f64() / folded.elapsed.as_secs_f64()
                 );
             }
             return Ok(ExitCode::SUCCESS);
