@@ -6,4 +6,4 @@
 pub mod commands;
 pub mod edge;
 
-pub use commands::{run, AgentArgs};
+pub use commands::{load_config, run, AgentArgs};

@@ -7,10 +7,14 @@
 //! recovery, a flapping stop) closes the row with its key. Operators acknowledge a row
 //! with a comment, close it, and silence events for a while by agent, rule or group; an
 //! event a silence covers is still folded (nothing is lost) but its row is marked
-//! silenced. Closed rows are kept for a retention period.
+//! silenced. Closed rows are kept for a retention period. One agent has at most a bounded
+//! number of open rows; events that would open more fold into its one overflow row.
 //!
 //! The store is SQLite ([`Console`]), in the server's `data_dir` by default.
 
 mod store;
 
-pub use store::{Console, ConsoleError, EventRow, Filter, Incoming, RowState, Silence, SilenceRow};
+pub use store::{
+    Console, ConsoleError, EventRow, Filter, Incoming, RowState, Silence, SilenceRow,
+    DEFAULT_MAX_OPEN_PER_AGENT, OVERFLOW_CLASS,
+};

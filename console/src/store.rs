@@ -202,6 +202,7 @@ CREATE TABLE IF NOT EXISTS console_events (
 CREATE UNIQUE INDEX IF NOT EXISTS console_one_live_row
     ON console_events (fold_key) WHERE state != 'closed';
 CREATE INDEX IF NOT EXISTS console_by_last ON console_events (last_ms);
+CREATE INDEX IF NOT EXISTS console_by_agent ON console_events (agent) WHERE state != 'closed';
 CREATE INDEX IF NOT EXISTS console_closed ON console_events (closed_ms) WHERE state = 'closed';
 CREATE TABLE IF NOT EXISTS console_silences (
     id INTEGER PRIMARY KEY AUTOINCREMENT, agent TEXT, rule TEXT, grp TEXT,
@@ -213,11 +214,18 @@ CREATE TABLE IF NOT EXISTS console_positions (sink TEXT PRIMARY KEY, next INTEGE
 /// The most rows one listing returns.
 pub const MAX_LIST: u32 = 10_000;
 
+/// Open rows one agent may have unless configured otherwise ([`Console::with_limit`]).
+pub const DEFAULT_MAX_OPEN_PER_AGENT: u32 = 1_000;
+
+/// The class of the row an agent's events fold into once it has its limit of open rows.
+pub const OVERFLOW_CLASS: &str = "fleetbus.console.overflow";
+
 /// The console's store (one connection; SQLite in WAL mode, so the admin endpoint and the
 /// sink each open their own).
 pub struct Console {
     db: Connection,
     path: PathBuf,
+    max_open_per_agent: u32,
 }
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -266,7 +274,17 @@ impl Console {
         Ok(Console {
             db,
             path: path.to_path_buf(),
+            max_open_per_agent: DEFAULT_MAX_OPEN_PER_AGENT,
         })
+    }
+
+    /// Bounds the open rows of one agent: an event that would open one more row folds
+    /// instead into the agent's one [`OVERFLOW_CLASS`] row (severity 3, its text saying
+    /// what was folded there), so one agent raising endless distinct events cannot grow
+    /// the console without bound.
+    pub fn with_limit(mut self, max_open_per_agent: u32) -> Console {
+        self.max_open_per_agent = max_open_per_agent.max(1);
+        self
     }
 
     fn fail(&self, what: &'static str) -> impl Fn(rusqlite::Error) -> ConsoleError {
@@ -314,7 +332,7 @@ impl Console {
             if (*index as i64) < done {
                 continue;
             }
-            fold_one(&tx, e).map_err(fail("fold an event"))?;
+            fold_one(&tx, e, self.max_open_per_agent).map_err(fail("fold an event"))?;
         }
         tx.execute(
             "INSERT INTO console_positions (sink, next) VALUES (?1, ?2)
@@ -506,8 +524,8 @@ impl Console {
 const COVERS_ROW: &str = "(?2 IS NULL OR agent = ?2) AND (?3 IS NULL OR rule = ?3)
      AND (?4 IS NULL OR grp = ?4 OR EXISTS (SELECT 1 FROM json_each(agent_groups) WHERE value = ?4))";
 
-fn fold_one(tx: &rusqlite::Transaction<'_>, e: &Incoming) -> rusqlite::Result<()> {
-    let key = fold_key(&e.agent, &e.event);
+fn fold_one(tx: &rusqlite::Transaction<'_>, e: &Incoming, max_open: u32) -> rusqlite::Result<()> {
+    let mut key = fold_key(&e.agent, &e.event);
     let at = ms(e.ts);
     if e.event.clear {
         tx.execute(
@@ -518,6 +536,40 @@ fn fold_one(tx: &rusqlite::Transaction<'_>, e: &Incoming) -> rusqlite::Result<()
         )?;
         return Ok(());
     }
+    let open_row: Option<i64> = tx
+        .prepare_cached("SELECT id FROM console_events WHERE fold_key = ?1 AND state != 'closed'")?
+        .query_row(params![key], |r| r.get(0))
+        .optional()?;
+    let overflow;
+    let mut ev: &Event = &e.event;
+    if open_row.is_none() {
+        let open: i64 = tx
+            .prepare_cached(
+                "SELECT count(*) FROM console_events WHERE agent = ?1 AND state != 'closed'",
+            )?
+            .query_row(params![e.agent], |r| r.get(0))?;
+        if open >= i64::from(max_open) {
+            // this agent has its limit of open rows: one more distinct event folds into
+            // its overflow row
+            overflow = Event {
+                class: OVERFLOW_CLASS.into(),
+                severity: fleetbus_protocol::Severity::WARNING,
+                rule: None,
+                group: None,
+                resources: Vec::new(),
+                text: format!(
+                    "{} has {max_open} open events (the console's limit per agent): events of new kinds fold here; the latest: {} {}: {}",
+                    e.agent,
+                    e.event.class,
+                    e.event.rule.as_deref().unwrap_or(""),
+                    e.event.text
+                ),
+                clear: false,
+            };
+            key = fold_key(&e.agent, &overflow);
+            ev = &overflow;
+        }
+    }
     let groups = serde_json::to_string(&e.groups).unwrap_or_else(|_| "[]".into());
     let silence: Option<i64> = tx
         .query_row(
@@ -525,11 +577,11 @@ fn fold_one(tx: &rusqlite::Transaction<'_>, e: &Incoming) -> rusqlite::Result<()
              AND (agent IS NULL OR agent = ?2) AND (rule IS NULL OR rule = ?3)
              AND (grp IS NULL OR grp = ?4 OR grp IN (SELECT value FROM json_each(?5)))
              ORDER BY id LIMIT 1",
-            params![at, e.agent, e.event.rule, e.event.group, groups],
+            params![at, e.agent, ev.rule, ev.group, groups],
             |r| r.get(0),
         )
         .optional()?;
-    let resources = serde_json::to_string(&e.event.resources).unwrap_or_else(|_| "[]".into());
+    let resources = serde_json::to_string(&ev.resources).unwrap_or_else(|_| "[]".into());
     let tags = serde_json::to_string(&e.tags).unwrap_or_else(|_| "{}".into());
     tx.prepare_cached(
         "INSERT INTO console_events (fold_key, class, agent, rule, grp, agent_groups, resources,
@@ -547,15 +599,15 @@ fn fold_one(tx: &rusqlite::Transaction<'_>, e: &Incoming) -> rusqlite::Result<()
     )?
     .execute(params![
         key,
-        e.event.class,
+        ev.class,
         e.agent,
-        e.event.rule,
-        e.event.group,
+        ev.rule,
+        ev.group,
         groups,
         resources,
-        e.event.severity.level(),
+        ev.severity.level(),
         at,
-        e.event.text,
+        ev.text,
         tags,
         silence
     ])?;

@@ -31,6 +31,14 @@ pub struct ConsoleSinkConfig {
     /// How long closed rows are kept.
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub retention: Duration,
+    /// Open rows one agent may have; an event that would open one more folds into the
+    /// agent's overflow row.
+    #[serde(default = "default_max_open")]
+    pub max_open_per_agent: u32,
+}
+
+fn default_max_open() -> u32 {
+    fleetbus_console::DEFAULT_MAX_OPEN_PER_AGENT
 }
 
 /// The console's file unless configured otherwise (the server's `[console] path` too).
@@ -57,6 +65,11 @@ impl SinkType for ConsoleSinkConfig {
             "retention",
             "must be at least 1m",
         );
+        p.require(
+            (1..=1_000_000).contains(&self.max_open_per_agent),
+            "max_open_per_agent",
+            "must be between 1 and 1,000,000",
+        );
     }
 
     fn file_destination(&self, _msg: &Message) -> Option<String> {
@@ -69,6 +82,7 @@ impl SinkType for ConsoleSinkConfig {
                 name: place.name.to_string(),
                 path: place.data_dir.join(&self.path),
                 retention: self.retention,
+                max_open: self.max_open_per_agent,
                 console: Mutex::new(None),
                 purged: Mutex::new(None),
             }),
@@ -85,6 +99,7 @@ struct Inner {
     name: String,
     path: PathBuf,
     retention: Duration,
+    max_open: u32,
     /// Opened at the first use and again after an error.
     console: Mutex<Option<Console>>,
     /// When closed rows were last purged.
@@ -100,8 +115,10 @@ impl ConsoleSink {
         tokio::task::spawn_blocking(move || {
             let mut guard = me.console.lock().unwrap_or_else(|p| p.into_inner());
             if guard.is_none() {
-                *guard =
-                    Some(Console::open(&me.path).map_err(|e| SinkError::Remote(e.to_string()))?);
+                let console = Console::open(&me.path)
+                    .map_err(|e| SinkError::Remote(e.to_string()))?
+                    .with_limit(me.max_open);
+                *guard = Some(console);
             }
             let Some(console) = guard.as_mut() else {
                 return Err(SinkError::Remote("event console: not open".into()));

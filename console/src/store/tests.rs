@@ -276,3 +276,65 @@ fn closed_rows_go_after_their_retention() {
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].class, "y");
 }
+
+/// One agent raising endless distinct events: it gets its limit of rows, then one overflow
+/// row counts the rest; other agents are not affected, and repeats of its open rows still
+/// fold into them.
+#[test]
+fn an_agent_past_its_open_row_limit_folds_into_one_overflow_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Console::open(&dir.path().join("c.sqlite"))
+        .unwrap()
+        .with_limit(3);
+    let mut batch = Vec::new();
+    for n in 0..10u64 {
+        let e = event(&format!("class-{n}"), "r", Severity::MAJOR, false);
+        batch.push((n, incoming("noisy", at(n as i64), e)));
+    }
+    batch.push((
+        10,
+        incoming(
+            "noisy",
+            at(20),
+            event("class-0", "r", Severity::MAJOR, false),
+        ),
+    ));
+    batch.push((
+        11,
+        incoming(
+            "quiet",
+            at(21),
+            event("class-9", "r", Severity::MAJOR, false),
+        ),
+    ));
+    c.fold("console", &batch, 12).unwrap();
+    let noisy = c
+        .list(&Filter {
+            agent: Some("noisy".into()),
+            ..Filter::default()
+        })
+        .unwrap();
+    let mut summary: Vec<(String, u64)> =
+        noisy.iter().map(|r| (r.class.clone(), r.count)).collect();
+    summary.sort();
+    assert_eq!(
+        summary,
+        vec![
+            ("class-0".to_string(), 2),
+            ("class-1".to_string(), 1),
+            ("class-2".to_string(), 1),
+            (OVERFLOW_CLASS.to_string(), 7)
+        ]
+    );
+    let overflow = noisy.iter().find(|r| r.class == OVERFLOW_CLASS).unwrap();
+    assert!(
+        overflow.text.contains("the latest: class-9 r"),
+        "{}",
+        overflow.text
+    );
+    let quiet = Filter {
+        agent: Some("quiet".into()),
+        ..Filter::default()
+    };
+    assert_eq!(c.list(&quiet).unwrap().len(), 1);
+}
