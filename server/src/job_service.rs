@@ -49,7 +49,7 @@ pub enum Request {
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(default)]
 pub struct HoursQuery {
-    /// Hours back from now (default 168: a week; at most 400 days).
+    /// Hours back from now (default 168: a week; at most 35 days, as long as they are kept).
     pub hours: Option<u32>,
     /// Only members of this group.
     pub group: Option<String>,
@@ -275,7 +275,7 @@ fn handle(service: &mut JobService, input: JobInput) {
                     let _ = reply.send(service.agent(&id));
                 }
                 Request::Hours(q, reply) => {
-                    let hours = i64::from(q.hours.unwrap_or(168).min(400 * 24));
+                    let hours = i64::from(q.hours.unwrap_or(168).min(35 * 24));
                     let since = chrono::Utc::now() - chrono::Duration::hours(hours);
                     let _ = reply.send(service.hours(since, q.group.as_deref(), q.role.as_deref()));
                 }

@@ -106,7 +106,7 @@ enum AgentsCommand {
         /// Only agents of this role (their cloud identity's).
         #[arg(long)]
         role: Option<String>,
-        /// How far back (`24h`, `7d`; at most 400 days).
+        /// How far back (`24h`, `7d`; at most 35 days).
         #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
         since: std::time::Duration,
     },
