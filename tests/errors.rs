@@ -317,6 +317,7 @@ fn the_demo_shows_routing_a_verified_file_and_a_group_job() {
         "complete, in order",
         "sha256 matches the original",
         "SUCCEEDED",
+        "check.state queue  open   4",
         "--keep",
         "demo ok",
     ] {

@@ -2,8 +2,10 @@
 //! server with a rules file of its own (two telemetry rules into two sinks, one rule for
 //! files, one for job events), three agents in groups publishing telemetry, one of them
 //! uploading a file that is then checked byte for byte, and a group job pushed through the
-//! admin endpoint and followed to SUCCEEDED on every member. Then a summary of what went
-//! where. Exits non-zero if anything did not arrive as promised.
+//! admin endpoint and followed to SUCCEEDED on every member. Each agent runs a built-in
+//! check; the edge agent also a plugin that reports CRITICAL, whose HARD state becomes an
+//! event in the event console. Then a summary of what went where. Exits non-zero if
+//! anything did not arrive as promised.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -12,11 +14,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use fleetbus_agent::checks::builtin::TcpCheck;
+use fleetbus_agent::checks::CheckConfig;
 use fleetbus_agent::job_runner::HandlerConfig;
 use fleetbus_agent::{AfterUpload, Agent, AgentConfig, UploadOutcome, UploadQueue};
 use fleetbus_broker::acl::Role;
 use fleetbus_broker::credentials::CredentialStore;
 use fleetbus_config::Valid;
+use fleetbus_console::{Console, Filter};
 use fleetbus_jobs::{JobReport, KnownAgent, PushRequest, Rollout};
 use fleetbus_mqtt::BrokerUrl;
 use fleetbus_pipeline::inventory;
@@ -65,6 +70,9 @@ path = "uploads/{agent}/{file.name}"
 type = "file"
 path = "job-events.jsonl"
 
+[sinks.console]
+type = "console"
+
 [[rules]]
 name = "archive-telemetry"
 from = ["fleet/+/telemetry/#"]
@@ -85,7 +93,17 @@ to = ["uploads"]
 name = "job-audit"
 from = ["fleet/+/jobs/event"]
 to = ["jobs"]
+
+[[rules]]
+name = "console"
+from = ["fleet/+/telemetry/events"]
+where = "has(record.event)"
+to = ["console"]
 "#;
+
+/// The edge agent's plugin: a queue check that finds too many messages waiting.
+const QUEUE_PLUGIN: &str =
+    "echo 'QUEUE CRITICAL - 812 messages waiting | waiting=812;100;500;0'; exit 2";
 
 /// Size of the file the edge agent uploads.
 const UPLOAD_BYTES: usize = 3 * 1024 * 1024 + 12_345;
@@ -148,6 +166,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             "kernel-version".into(),
             HandlerConfig::new(&["uname", "-sr"], &[], Duration::from_secs(10)),
         );
+        let mut broker_port = CheckConfig::new(&[], Duration::from_secs(1));
+        broker_port.tcp = Some(TcpCheck {
+            address: format!("127.0.0.1:{port}"),
+        });
+        c.checks.insert("broker-port".into(), broker_port);
+        if name == "edge" {
+            let mut queue = CheckConfig::new(&["sh", "-c", QUEUE_PLUGIN], Duration::from_secs(1));
+            queue.max_attempts = 2;
+            c.checks.insert("queue".into(), queue);
+        }
         let agent = Agent::open(Valid::new(c)?)?;
         println!(
             "agent    {name:<6} {} groups {}",
@@ -217,6 +245,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     .await
     .context("the upload did not finish within 30 s")?;
     let job_report = wait_for_job(&client, &job_id).await?;
+    // the edge agent's queue check turns HARD CRITICAL on its second run: its event
+    wait_for_console_row(&config.data_dir.join(&config.console.path), "queue").await;
     let remaining = args.duration.saturating_sub(started.elapsed());
     tokio::time::sleep(remaining).await;
     let _ = stop_tx.send(true);
@@ -264,6 +294,50 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }
     }
     print_table(["agent", "stream", "records", "seq", "delivery"], &rows);
+
+    println!();
+    println!("== checks (stream checks -> sink archive; their events -> sink console) ==");
+    let mut rows = Vec::new();
+    for (name, id, _) in &agents {
+        let results = count_lines(&config.data_dir.join(format!("archive/{id}/checks.jsonl")));
+        if results == 0 {
+            ok = false;
+        }
+        rows.push([name.to_string(), results.to_string()]);
+    }
+    print_table(["agent", "check results"], &rows);
+    let console = Console::open(&config.data_dir.join(&config.console.path))?;
+    let rows: Vec<[String; 6]> = console
+        .list(&Filter::default())?
+        .into_iter()
+        .map(|r| {
+            let name = agents
+                .iter()
+                .find(|(_, id, _)| id == &r.agent)
+                .map(|(n, _, _)| n.to_string())
+                .unwrap_or_else(|| r.agent.clone());
+            [
+                name,
+                format!("{} {}", r.class, r.rule.unwrap_or_default()),
+                format!("{:?}", r.state).to_lowercase(),
+                r.severity.to_string(),
+                r.count.to_string(),
+                r.text,
+            ]
+        })
+        .collect();
+    println!("event console (fleetbus events list):");
+    print_table(
+        ["agent", "class rule", "state", "sev", "count", "text"],
+        &rows,
+    );
+    let queue_event = rows
+        .iter()
+        .any(|r| r[0] == "edge" && r[1] == "check.state queue" && r[2] == "open");
+    if !queue_event {
+        ok = false;
+        println!("the edge agent's CRITICAL queue check is NOT in the console");
+    }
 
     println!();
     println!("== cpu samples (rule cpu-samples, a CEL condition -> sink cpu) ==");
@@ -352,7 +426,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         println!("the temporary directory is deleted now; run `fleetbus demo --keep` to look at it afterwards");
     }
     if ok {
-        println!("demo ok: telemetry complete and in order, routed by rules to their sinks, the file verified, the group job SUCCEEDED on every member");
+        println!("demo ok: telemetry complete and in order, routed by rules to their sinks, the file verified, the group job SUCCEEDED on every member, the CRITICAL check in the event console");
         Ok(ExitCode::SUCCESS)
     } else {
         println!("demo FAILED: see above");
@@ -378,6 +452,20 @@ async fn wait_for_members(client: &AdminClient, group: &str, n: usize) -> anyhow
 }
 
 /// Follows a job until every execution finished (at most 30 s).
+/// Waits (at most 15 s) until the console has an open row of check `rule`.
+async fn wait_for_console_row(path: &Path, rule: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let found = Console::open(path)
+            .and_then(|c| c.list(&Filter::default()))
+            .is_ok_and(|rows| rows.iter().any(|r| r.rule.as_deref() == Some(rule)));
+        if found {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn wait_for_job(client: &AdminClient, id: &str) -> anyhow::Result<JobReport> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
