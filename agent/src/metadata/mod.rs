@@ -251,7 +251,8 @@ impl Asker<'_> {
             headers,
             timeout: self.config.timeout,
             ca_file: None,
-            body_limit: 64 * 1024,
+            // an Azure instance document is a few KiB; a tag list can make it more
+            body_limit: 1024 * 1024,
         })
         .await?;
         if response.status == 200 {
