@@ -133,7 +133,10 @@ async fn exchange(
         .uri(path)
         .header(
             hyper::header::HOST,
-            uri.authority().map(|a| a.as_str()).unwrap_or(&host),
+            // the authority without any `user:password@`
+            uri.authority()
+                .and_then(|a| a.as_str().rsplit('@').next())
+                .unwrap_or(&host),
         )
         .header(
             hyper::header::USER_AGENT,

@@ -275,3 +275,73 @@ fn a_check_is_one_thing_and_its_settings_are_checked() {
     assert!(problems(&thresholds)[0].contains("a built-in's thresholds"));
     assert!(problems(&with(|c| c.memory = Some(UsageCheck {}))).is_empty());
 }
+
+/// An HTTPS server inside the test with a certificate for 127.0.0.1 from a CA made here:
+/// the check trusts it through `ca_file`, and refuses it without (the system's CAs do not
+/// know it).
+#[tokio::test]
+async fn an_https_check_verifies_the_server_against_its_ca_file() {
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(fleetbus_mqtt::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/health", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+                let _ = tls
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                    )
+                    .await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    let check = |ca: Option<std::path::PathBuf>| {
+        let url = url.clone();
+        with(move |c| {
+            c.http = Some(HttpCheck {
+                url,
+                expect: vec![],
+                ca_file: ca,
+            })
+        })
+    };
+    let trusted = outcome(&check(Some(ca_file))).await;
+    assert_eq!(trusted.state, CheckState::Ok, "{trusted:?}");
+    assert_eq!(trusted.perfdata[1].value, Some(3.0));
+    let unknown = outcome(&check(None)).await;
+    assert_eq!(unknown.state, CheckState::Critical, "{unknown:?}");
+    assert!(
+        unknown.output.contains("TLS with 127.0.0.1"),
+        "{}",
+        unknown.output
+    );
+}
