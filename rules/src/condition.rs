@@ -142,4 +142,19 @@ mod tests {
     fn non_boolean_condition_is_an_error() {
         assert!(eval("record.seq", "fleet/a/telemetry/m", r#"{"seq":1}"#).is_err());
     }
+
+    /// A check result's undetermined value (`U`) is `null`: a condition guards with
+    /// `m.value != null` and the others are compared as usual.
+    #[test]
+    fn an_undetermined_metric_value_is_null_and_can_be_guarded() {
+        let t = "fleet/a/telemetry/checks";
+        let body = r#"{"seq":1,"metrics":[{"name":"a","value":null},{"name":"b","value":95.0}]}"#;
+        assert!(eval(
+            r#"record.metrics.exists(m, m.value != null && m.value > 90.0)"#,
+            t,
+            body
+        )
+        .unwrap());
+        assert!(!eval(r#"record.metrics.all(m, m.value != null)"#, t, body).unwrap());
+    }
 }
