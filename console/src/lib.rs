@@ -10,11 +10,13 @@
 //! silenced. Closed rows are kept for a retention period. One agent has at most a bounded
 //! number of open rows; events that would open more fold into its one overflow row.
 //!
-//! The store is SQLite ([`Console`]), in the server's `data_dir` by default.
+//! This crate's store is SQLite ([`Console`]), in the server's `data_dir` by default; the
+//! sinks crate keeps the same rows in PostgreSQL when the console is configured with a
+//! `url` (`fleetbus_sinks::console`), folding by [`fold_key`] the same way.
 
 mod store;
 
 pub use store::{
-    Console, ConsoleError, EventRow, Filter, Incoming, RowState, Silence, SilenceRow,
-    DEFAULT_MAX_OPEN_PER_AGENT, OVERFLOW_CLASS,
+    fold_key, overflow_event, Console, ConsoleError, EventRow, Filter, FilterValue, Incoming,
+    RowState, Silence, SilenceRow, DEFAULT_MAX_OPEN_PER_AGENT, MAX_LIST, OVERFLOW_CLASS,
 };

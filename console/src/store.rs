@@ -31,6 +31,9 @@ pub enum ConsoleError {
     /// nothing).
     #[error("{0}")]
     Request(String),
+    /// A console kept in another database (PostgreSQL) failed, with what and where.
+    #[error("event console {0}")]
+    Remote(String),
 }
 
 /// One event to fold in.
@@ -61,7 +64,8 @@ pub enum RowState {
 }
 
 impl RowState {
-    fn as_str(self) -> &'static str {
+    /// The state as stored (`open`, `acknowledged`, `closed`).
+    pub fn as_str(self) -> &'static str {
         match self {
             RowState::Open => "open",
             RowState::Acknowledged => "acknowledged",
@@ -69,7 +73,8 @@ impl RowState {
         }
     }
 
-    fn parse(s: &str) -> RowState {
+    /// The state stored as `s` (anything else: open).
+    pub fn parse(s: &str) -> RowState {
         match s {
             "acknowledged" => RowState::Acknowledged,
             "closed" => RowState::Closed,
@@ -135,6 +140,52 @@ pub struct Filter {
     pub silenced: bool,
     /// At most this many, the latest first (default 100, at most 10,000).
     pub limit: Option<u32>,
+}
+
+/// A value a listing's conditions compare with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterValue {
+    /// A number.
+    Int(i64),
+    /// A text.
+    Text(String),
+}
+
+impl Filter {
+    /// The listing as SQL after `FROM console_events`: its conditions, order and limit,
+    /// with the values of its placeholders. `mark(n)` writes placeholder `n` (from 1:
+    /// `?1`, `$1`); `member(m)` tests whether placeholder text `m` is one of the row's
+    /// `agent_groups` in the database's JSON functions.
+    pub fn to_sql(
+        &self,
+        mark: impl Fn(usize) -> String,
+        member: impl Fn(&str) -> String,
+    ) -> (String, Vec<FilterValue>) {
+        let mut sql = String::from(" WHERE true");
+        let mut values = Vec::new();
+        if self.open {
+            sql.push_str(" AND state <> 'closed'");
+        }
+        if !self.silenced {
+            sql.push_str(" AND silenced_by IS NULL");
+        }
+        if let Some(s) = self.min_severity {
+            values.push(FilterValue::Int(i64::from(s)));
+            sql.push_str(&format!(" AND severity >= {}", mark(values.len())));
+        }
+        if let Some(a) = &self.agent {
+            values.push(FilterValue::Text(a.clone()));
+            sql.push_str(&format!(" AND agent = {}", mark(values.len())));
+        }
+        if let Some(g) = &self.group {
+            values.push(FilterValue::Text(g.clone()));
+            let m = mark(values.len());
+            sql.push_str(&format!(" AND (grp = {m} OR {})", member(&m)));
+        }
+        let limit = self.limit.unwrap_or(100).min(MAX_LIST);
+        sql.push_str(&format!(" ORDER BY last_ms DESC, id DESC LIMIT {limit}"));
+        (sql, values)
+    }
 }
 
 /// A silence to add: events matching all it names, until it expires.
@@ -237,7 +288,7 @@ fn time(ms: i64) -> DateTime<Utc> {
 }
 
 /// The fold key: class, source, rule and resources.
-fn fold_key(agent: &str, event: &Event) -> String {
+pub fn fold_key(agent: &str, event: &Event) -> String {
     let resources: Vec<String> = event
         .resources
         .iter()
@@ -345,32 +396,19 @@ impl Console {
 
     /// The rows `filter` asks for, the latest first.
     pub fn list(&self, filter: &Filter) -> Result<Vec<EventRow>, ConsoleError> {
-        let mut sql = String::from("SELECT * FROM console_events WHERE 1 = 1");
-        let mut args: Vec<rusqlite::types::Value> = Vec::new();
         use rusqlite::types::Value;
-        if filter.open {
-            sql.push_str(" AND state != 'closed'");
-        }
-        if !filter.silenced {
-            sql.push_str(" AND silenced_by IS NULL");
-        }
-        if let Some(s) = filter.min_severity {
-            args.push(Value::Integer(i64::from(s)));
-            sql.push_str(&format!(" AND severity >= ?{}", args.len()));
-        }
-        if let Some(a) = &filter.agent {
-            args.push(Value::Text(a.clone()));
-            sql.push_str(&format!(" AND agent = ?{}", args.len()));
-        }
-        if let Some(g) = &filter.group {
-            args.push(Value::Text(g.clone()));
-            let n = args.len();
-            sql.push_str(&format!(
-                " AND (grp = ?{n} OR EXISTS (SELECT 1 FROM json_each(agent_groups) WHERE value = ?{n}))"
-            ));
-        }
-        let limit = filter.limit.unwrap_or(100).min(MAX_LIST);
-        sql.push_str(&format!(" ORDER BY last_ms DESC, id DESC LIMIT {limit}"));
+        let (conditions, values) = filter.to_sql(
+            |n| format!("?{n}"),
+            |m| format!("EXISTS (SELECT 1 FROM json_each(agent_groups) WHERE value = {m})"),
+        );
+        let sql = format!("SELECT * FROM console_events{conditions}");
+        let args: Vec<Value> = values
+            .into_iter()
+            .map(|v| match v {
+                FilterValue::Int(n) => Value::Integer(n),
+                FilterValue::Text(t) => Value::Text(t),
+            })
+            .collect();
         let mut stmt = self.db.prepare(&sql).map_err(self.fail("list"))?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(args), row_of)
@@ -520,6 +558,26 @@ impl Console {
     }
 }
 
+/// The event an agent's event `e` becomes when the agent has `max_open` open rows
+/// already: one of its overflow row.
+pub fn overflow_event(e: &Incoming, max_open: u32) -> Event {
+    Event {
+        class: OVERFLOW_CLASS.into(),
+        severity: fleetbus_protocol::Severity::WARNING,
+        rule: None,
+        group: None,
+        resources: Vec::new(),
+        text: format!(
+            "{} has {max_open} open events (the console's limit per agent): events of new kinds fold here; the latest: {} {}: {}",
+            e.agent,
+            e.event.class,
+            e.event.rule.as_deref().unwrap_or(""),
+            e.event.text
+        ),
+        clear: false,
+    }
+}
+
 /// Whether a silence (parameters 2-4: agent, rule, group; each NULL for any) covers a row.
 const COVERS_ROW: &str = "(?2 IS NULL OR agent = ?2) AND (?3 IS NULL OR rule = ?3)
      AND (?4 IS NULL OR grp = ?4 OR EXISTS (SELECT 1 FROM json_each(agent_groups) WHERE value = ?4))";
@@ -551,21 +609,7 @@ fn fold_one(tx: &rusqlite::Transaction<'_>, e: &Incoming, max_open: u32) -> rusq
         if open >= i64::from(max_open) {
             // this agent has its limit of open rows: one more distinct event folds into
             // its overflow row
-            overflow = Event {
-                class: OVERFLOW_CLASS.into(),
-                severity: fleetbus_protocol::Severity::WARNING,
-                rule: None,
-                group: None,
-                resources: Vec::new(),
-                text: format!(
-                    "{} has {max_open} open events (the console's limit per agent): events of new kinds fold here; the latest: {} {}: {}",
-                    e.agent,
-                    e.event.class,
-                    e.event.rule.as_deref().unwrap_or(""),
-                    e.event.text
-                ),
-                clear: false,
-            };
+            overflow = overflow_event(e, max_open);
             key = fold_key(&e.agent, &overflow);
             ev = &overflow;
         }

@@ -30,26 +30,10 @@ pub struct ServerConfig {
     pub admin: AdminSection,
     /// Bounds of the HTTP endpoints (metrics, admin).
     pub http: HttpSection,
-    /// The event console the admin endpoint serves (`fleetbus events ...`).
-    pub console: ConsoleSection,
-}
-
-/// `[console]`: where the event console is kept. A `console` sink fills it (the built-in
-/// rules route every event record there); the admin endpoint reads and changes it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ConsoleSection {
-    /// The console's SQLite file, under `data_dir` when relative: the same file as the
-    /// `console` sink's `path`.
-    pub path: PathBuf,
-}
-
-impl Default for ConsoleSection {
-    fn default() -> Self {
-        ConsoleSection {
-            path: fleetbus_sinks::console::default_path(),
-        }
-    }
+    /// `[console]`: where the event console the admin endpoint serves (`fleetbus events
+    /// ...`) is kept: the same keys, and the same place, as the `console` sink's (`path`
+    /// under `data_dir`, or a PostgreSQL `url`).
+    pub console: fleetbus_sinks::console::ConsoleLocation,
 }
 
 /// `[http]`: what one client may hold of an HTTP endpoint (metrics, admin), each endpoint
@@ -206,7 +190,7 @@ impl Default for ServerConfig {
             jobs: JobsSection::default(),
             admin: AdminSection::default(),
             http: HttpSection::default(),
-            console: ConsoleSection::default(),
+            console: fleetbus_sinks::console::ConsoleLocation::default(),
         }
     }
 }
@@ -278,6 +262,7 @@ impl Check for ServerConfig {
                 "must be at least 1024",
             );
         });
+        p.section("console", |p| self.console.check(p));
     }
 }
 

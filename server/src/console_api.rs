@@ -14,16 +14,16 @@
 //! `fleet/server/console/{ack,close,silence}`: `{"action", "by", "comment", "event"}` (the
 //! row after the change) or `{"action", "by", "silence"}`.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json};
-use fleetbus_console::{Console, ConsoleError, Filter, Silence};
+use fleetbus_console::{ConsoleError, Filter, RowState, Silence};
 use fleetbus_pipeline::Engine;
+use fleetbus_sinks::console::Store;
 use serde::Deserialize;
 
 use crate::admin::Operator;
@@ -35,41 +35,16 @@ pub fn change_topic(action: &str) -> String {
 
 /// The console the endpoint works on, and the engine its changes go to.
 pub(crate) struct ConsoleApi {
-    path: PathBuf,
-    console: Mutex<Option<Console>>,
+    store: Store,
     engine: Arc<Engine>,
 }
 
 type Api = Arc<ConsoleApi>;
 
 impl ConsoleApi {
-    /// The API over the console at `path` (opened at the first request).
-    pub(crate) fn new(path: PathBuf, engine: Arc<Engine>) -> ConsoleApi {
-        ConsoleApi {
-            path,
-            console: Mutex::new(None),
-            engine,
-        }
-    }
-
-    /// Runs `f` on the console off the async workers.
-    async fn with<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&mut Console) -> Result<T, ConsoleError> + Send + 'static,
-    ) -> Result<T, ConsoleError> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = me.console.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.is_none() {
-                *guard = Some(Console::open(&me.path)?);
-            }
-            match guard.as_mut() {
-                Some(console) => f(console),
-                None => Err(ConsoleError::Request("the console is not open".into())),
-            }
-        })
-        .await
-        .unwrap_or_else(|e| Err(ConsoleError::Request(format!("console task: {e}"))))
+    /// The API over `store` (opened or connected at the first request).
+    pub(crate) fn new(store: Store, engine: Arc<Engine>) -> ConsoleApi {
+        ConsoleApi { store, engine }
     }
 
     /// Hands a change to the rules engine.
@@ -96,7 +71,7 @@ fn failed(e: ConsoleError) -> Response {
     let status = match &e {
         ConsoleError::NotFound(_) => StatusCode::NOT_FOUND,
         ConsoleError::Request(_) => StatusCode::BAD_REQUEST,
-        ConsoleError::Db { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        ConsoleError::Db { .. } | ConsoleError::Remote(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     (status, Json(serde_json::json!({ "error": e.to_string() }))).into_response()
 }
@@ -109,11 +84,11 @@ fn answer<T: serde::Serialize>(result: Result<T, ConsoleError>) -> Response {
 }
 
 async fn list(State(api): State<Api>, Query(filter): Query<Filter>) -> Response {
-    answer(api.with(move |c| c.list(&filter)).await)
+    answer(api.store.list(filter).await)
 }
 
 async fn one(State(api): State<Api>, UrlPath(id): UrlPath<i64>) -> Response {
-    answer(api.with(move |c| c.get(id)).await)
+    answer(api.store.get(id).await)
 }
 
 /// The body of an acknowledgement or a close.
@@ -142,13 +117,11 @@ async fn close(
 }
 
 async fn change(api: Api, action: &'static str, who: String, id: i64, comment: String) -> Response {
-    let (by, text) = (who.clone(), comment.clone());
-    let done = api
-        .with(move |c| match action {
-            "ack" => c.acknowledge(id, &text, &by),
-            _ => c.close(id, &text, &by),
-        })
-        .await;
+    let to = match action {
+        "ack" => RowState::Acknowledged,
+        _ => RowState::Closed,
+    };
+    let done = api.store.change(id, to, comment.clone(), who.clone()).await;
     if let Ok(row) = &done {
         tracing::info!(event = id, action, by = %who, "console change");
         api.announce(
@@ -160,7 +133,7 @@ async fn change(api: Api, action: &'static str, who: String, id: i64, comment: S
 }
 
 async fn silences(State(api): State<Api>) -> Response {
-    answer(api.with(|c| c.silences(chrono::Utc::now())).await)
+    answer(api.store.silences(chrono::Utc::now()).await)
 }
 
 async fn silence(
@@ -168,8 +141,7 @@ async fn silence(
     Extension(Operator(who)): Extension<Operator>,
     Json(body): Json<Silence>,
 ) -> Response {
-    let by = who.clone();
-    let done = api.with(move |c| c.silence(&body, &by)).await;
+    let done = api.store.silence(body, who.clone()).await;
     if let Ok(s) = &done {
         tracing::info!(silence = s.id, by = %who, "console silence");
         api.announce(

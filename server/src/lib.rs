@@ -73,6 +73,10 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The event console's store is unusable (`[console]`: a password that cannot be
+    /// read, a CA file that is not PEM).
+    #[error("console: {0}")]
+    Console(String),
     /// The broker's access policy file is unusable.
     #[error("broker.security.policy: {0}")]
     Policy(#[from] fleetbus_broker::acl::PolicyError),
@@ -289,7 +293,13 @@ impl Server {
                         rules: reloader.clone(),
                         stop: stop.clone(),
                         console: Arc::new(console_api::ConsoleApi::new(
-                            config.data_dir.join(&config.console.path),
+                            config
+                                .console
+                                .store(
+                                    &config.data_dir,
+                                    fleetbus_console::DEFAULT_MAX_OPEN_PER_AGENT,
+                                )
+                                .map_err(ServerError::Console)?,
                             reloader.engine().clone(),
                         )),
                     },

@@ -112,50 +112,90 @@ fn default_timeout() -> Duration {
 impl PostgresSinkConfig {
     /// The connection settings: the URL with the password added.
     fn connection(&self) -> Result<tokio_postgres::Config, String> {
-        let mut config: tokio_postgres::Config = self
-            .url
-            .parse()
-            .map_err(|e| format!("`{}`: {e}", self.url))?;
-        if config.get_password().is_some() {
-            return Err(
-                "holds a password: give it as `password = { env = \"NAME\" }` or `{ file = \"/path\" }`, never in the rules file"
-                    .into(),
-            );
-        }
-        if config.get_hosts().is_empty() {
-            return Err(format!("`{}` names no host", self.url));
-        }
-        if let Some(secret) = &self.password {
-            config.password(secret.resolve()?);
-        }
-        if config.get_application_name().is_none() {
-            config.application_name("fleetbus");
-        }
-        config
-            .connect_timeout(self.timeout)
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(60));
-        Ok(config)
+        connection_config(&self.url, self.password.as_ref(), self.timeout)
     }
 
     /// The URL without what could be secret, for messages.
     fn place(&self) -> String {
-        match self.url.parse::<tokio_postgres::Config>() {
-            Ok(c) => {
-                let host = match c.get_hosts().first() {
-                    Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-                    Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-                    None => String::new(),
-                };
-                let port = c.get_ports().first().copied().unwrap_or(5432);
-                format!(
-                    "{host}:{port}/{}",
-                    c.get_dbname().unwrap_or(c.get_user().unwrap_or(""))
-                )
-            }
-            Err(_) => "(unparsable url)".into(),
-        }
+        place_of(&self.url)
     }
+}
+
+/// The connection settings of `url` with `password` added and `timeout` to connect; a
+/// URL that holds a password itself, or names no host, is refused. Shared by the
+/// `postgres` sink and the event console's PostgreSQL store.
+pub(crate) fn connection_config(
+    url: &str,
+    password: Option<&Secret>,
+    timeout: Duration,
+) -> Result<tokio_postgres::Config, String> {
+    let mut config: tokio_postgres::Config = url.parse().map_err(|e| format!("`{url}`: {e}"))?;
+    if config.get_password().is_some() {
+        return Err(
+            "holds a password: give it as `password = { env = \"NAME\" }` or `{ file = \"/path\" }`, never in the rules file"
+                .into(),
+        );
+    }
+    if config.get_hosts().is_empty() {
+        return Err(format!("`{url}` names no host"));
+    }
+    if let Some(secret) = password {
+        config.password(secret.resolve()?);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("fleetbus");
+    }
+    config
+        .connect_timeout(timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(60));
+    Ok(config)
+}
+
+/// `url` without what could be secret (`host:port/db`), for messages.
+pub(crate) fn place_of(url: &str) -> String {
+    match url.parse::<tokio_postgres::Config>() {
+        Ok(c) => {
+            let host = match c.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+                None => String::new(),
+            };
+            let port = c.get_ports().first().copied().unwrap_or(5432);
+            format!(
+                "{host}:{port}/{}",
+                c.get_dbname().unwrap_or(c.get_user().unwrap_or(""))
+            )
+        }
+        Err(_) => "(unparsable url)".into(),
+    }
+}
+
+/// A pool of at most `size` connections made with `connection`, over TLS checked against
+/// `ca_file` (or the system's CAs) when the server asks for it; each wait bounded by
+/// `timeout`.
+pub(crate) fn pool_of(
+    connection: tokio_postgres::Config,
+    ca_file: Option<&std::path::Path>,
+    size: usize,
+    timeout: Duration,
+) -> Result<Pool, String> {
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(crate::tls::client_config(ca_file)?);
+    let manager = Manager::from_config(
+        connection,
+        tls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .recycle_timeout(Some(timeout))
+        .build()
+        .map_err(|e| e.to_string())
 }
 
 impl SinkType for PostgresSinkConfig {
@@ -206,24 +246,13 @@ impl SinkType for PostgresSinkConfig {
     fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
         let config_error = |e: String| SinkError::Config(format!("sink `{}`: {e}", place.name));
         let connection = self.connection().map_err(&config_error)?;
-        let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
-            crate::tls::client_config(self.ca_file.as_deref()).map_err(&config_error)?,
-        );
-        let manager = Manager::from_config(
+        let pool = pool_of(
             connection,
-            tls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(self.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(self.timeout))
-            .create_timeout(Some(self.timeout))
-            .recycle_timeout(Some(self.timeout))
-            .build()
-            .map_err(|e| config_error(e.to_string()))?;
+            self.ca_file.as_deref(),
+            self.pool_size,
+            self.timeout,
+        )
+        .map_err(&config_error)?;
         Ok(Box::new(PostgresSink {
             inner: Arc::new(Inner {
                 name: place.name.to_string(),
@@ -466,7 +495,7 @@ fn copied_row(e: &tokio_postgres::Error) -> Option<usize> {
 
 /// A database error with what PostgreSQL said (severity, SQLSTATE, message, detail,
 /// constraint), not only tokio-postgres's "db error".
-fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => {
             let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());

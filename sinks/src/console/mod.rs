@@ -1,7 +1,8 @@
 //! The `console` sink: event records folded into the event console
-//! ([`fleetbus_console`]), an SQLite file in the server's data directory
-//! (`console.sqlite` unless `path` says otherwise; the admin endpoint and `fleetbus
-//! events` read and change the same file, `[console] path` in the server's configuration).
+//! ([`fleetbus_console`]): an SQLite file in the server's data directory
+//! (`console.sqlite` unless `path` says otherwise), or a PostgreSQL database with `url`
+//! ([`pg`]). The admin endpoint and `fleetbus events` read and change the same console,
+//! named by the server's `[console]` with the same keys ([`ConsoleLocation`]).
 //!
 //! Exactly once: each batch's events and the log position after it commit in one
 //! transaction, and a batch is folded from that position on, so a batch written again
@@ -9,14 +10,19 @@
 //! (no `event`) is refused for good (dead letter). Closed rows older than `retention` are
 //! deleted, at most once a minute, after a write.
 
+pub mod pg;
+pub mod store;
+
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fleetbus_config::Problems;
-use fleetbus_console::{Console, Incoming};
+use fleetbus_console::Incoming;
 use fleetbus_protocol::{Event, Message};
 use serde::{Deserialize, Serialize};
+
+pub use store::{ConsoleLocation, Store};
 
 use crate::config::{SinkPlace, SinkType};
 use crate::{Batch, BoxFuture, Item, Sink, SinkError};
@@ -25,9 +31,21 @@ use crate::{Batch, BoxFuture, Item, Sink, SinkError};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsoleSinkConfig {
-    /// The console's database file, under the server's `data_dir` when relative.
+    /// The console's SQLite file, under the server's `data_dir` when relative.
     #[serde(default = "default_path")]
     pub path: PathBuf,
+    /// A PostgreSQL database instead of the file.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Its password: `{ env = "NAME" }` or `{ file = "/path" }`.
+    #[serde(default)]
+    pub password: Option<crate::secret::Secret>,
+    /// CA certificates (PEM) that sign the database server's certificate.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How long connecting, or one write, may take.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
     /// How long closed rows are kept.
     #[serde(default = "default_retention", with = "humantime_serde")]
     pub retention: Duration,
@@ -37,29 +55,42 @@ pub struct ConsoleSinkConfig {
     pub max_open_per_agent: u32,
 }
 
-fn default_max_open() -> u32 {
-    fleetbus_console::DEFAULT_MAX_OPEN_PER_AGENT
-}
-
 /// The console's file unless configured otherwise (the server's `[console] path` too).
 pub fn default_path() -> PathBuf {
-    PathBuf::from("console.sqlite")
+    ConsoleLocation::default().path
+}
+
+fn default_timeout() -> Duration {
+    ConsoleLocation::default().timeout
 }
 
 fn default_retention() -> Duration {
     Duration::from_secs(30 * 24 * 3600)
 }
 
+fn default_max_open() -> u32 {
+    fleetbus_console::DEFAULT_MAX_OPEN_PER_AGENT
+}
+
 /// How often closed rows past their retention are looked for.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
+impl ConsoleSinkConfig {
+    /// Where the console is.
+    pub fn location(&self) -> ConsoleLocation {
+        ConsoleLocation {
+            path: self.path.clone(),
+            url: self.url.clone(),
+            password: self.password.clone(),
+            ca_file: self.ca_file.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
 impl SinkType for ConsoleSinkConfig {
     fn check(&self, p: &mut Problems) {
-        p.require(
-            !self.path.as_os_str().is_empty(),
-            "path",
-            "is empty: name the console's database file",
-        );
+        self.location().check(p);
         p.require(
             self.retention >= Duration::from_secs(60),
             "retention",
@@ -77,61 +108,26 @@ impl SinkType for ConsoleSinkConfig {
     }
 
     fn build(&self, place: &SinkPlace<'_>) -> Result<Box<dyn Sink>, SinkError> {
+        let store = self
+            .location()
+            .store(place.data_dir, self.max_open_per_agent)
+            .map_err(|e| SinkError::Config(format!("sink `{}`: {e}", place.name)))?;
         Ok(Box::new(ConsoleSink {
-            inner: Arc::new(Inner {
-                name: place.name.to_string(),
-                path: place.data_dir.join(&self.path),
-                retention: self.retention,
-                max_open: self.max_open_per_agent,
-                console: Mutex::new(None),
-                purged: Mutex::new(None),
-            }),
+            name: place.name.to_string(),
+            store,
+            retention: self.retention,
+            purged: Mutex::new(None),
         }))
     }
 }
 
 /// Folds event records into the console (see the module documentation).
 pub struct ConsoleSink {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
     name: String,
-    path: PathBuf,
+    store: Store,
     retention: Duration,
-    max_open: u32,
-    /// Opened at the first use and again after an error.
-    console: Mutex<Option<Console>>,
     /// When closed rows were last purged.
     purged: Mutex<Option<Instant>>,
-}
-
-impl ConsoleSink {
-    async fn with_console<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Inner, &mut Console) -> Result<T, SinkError> + Send + 'static,
-    ) -> Result<T, SinkError> {
-        let me = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = me.console.lock().unwrap_or_else(|p| p.into_inner());
-            if guard.is_none() {
-                let console = Console::open(&me.path)
-                    .map_err(|e| SinkError::Remote(e.to_string()))?
-                    .with_limit(me.max_open);
-                *guard = Some(console);
-            }
-            let Some(console) = guard.as_mut() else {
-                return Err(SinkError::Remote("event console: not open".into()));
-            };
-            let result = f(&me, console);
-            if result.is_err() {
-                *guard = None;
-            }
-            result
-        })
-        .await
-        .map_err(|e| SinkError::Task(e.to_string()))?
-    }
 }
 
 /// The event an item carries, or why it has none.
@@ -163,6 +159,18 @@ fn incoming(item: &Item) -> Result<Incoming, String> {
     })
 }
 
+impl ConsoleSink {
+    /// Whether it is time to look for closed rows past their retention.
+    fn purge_due(&self) -> bool {
+        let mut purged = self.purged.lock().unwrap_or_else(|p| p.into_inner());
+        if purged.is_some_and(|at| at.elapsed() < PURGE_EVERY) {
+            return false;
+        }
+        *purged = Some(Instant::now());
+        true
+    }
+}
+
 impl Sink for ConsoleSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
@@ -182,38 +190,38 @@ impl Sink for ConsoleSink {
             if let Some(why) = why {
                 return Err(SinkError::Refused(why).for_items(refused));
             }
-            let next = batch.next;
-            self.with_console(move |sink, console| {
-                console
-                    .fold(&sink.name, &events, next)
-                    .map_err(|e| SinkError::Remote(e.to_string()))?;
-                let mut purged = sink.purged.lock().unwrap_or_else(|p| p.into_inner());
-                if purged.is_none_or(|at| at.elapsed() >= PURGE_EVERY) {
-                    *purged = Some(Instant::now());
-                    let before = chrono::Utc::now()
-                        - chrono::Duration::from_std(sink.retention).unwrap_or(chrono::Duration::MAX);
-                    match console.purge(before) {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(sink = %sink.name, rows = n, "event console: closed rows past their retention deleted"),
-                        Err(e) => tracing::warn!(sink = %sink.name, error = %e, "event console: purge failed"),
+            self.store
+                .fold(&self.name, events, batch.next)
+                .await
+                .map_err(|e| SinkError::Remote(e.to_string()))?;
+            if self.purge_due() {
+                let before = chrono::Utc::now()
+                    - chrono::Duration::from_std(self.retention).unwrap_or(chrono::Duration::MAX);
+                match self.store.purge(before).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(sink = %self.name, rows = n, "event console: closed rows past their retention deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(sink = %self.name, error = %e, "event console: purge failed")
                     }
                 }
-                Ok(())
-            })
-            .await
+            }
+            Ok(())
         })
     }
 
     fn recover(&mut self, saved: u64) -> BoxFuture<'_, Result<u64, SinkError>> {
         Box::pin(async move {
-            let stored = self
-                .with_console(|sink, console| {
-                    console
-                        .position(&sink.name)
-                        .map_err(|e| SinkError::Remote(e.to_string()))
-                })
-                .await?;
-            Ok(saved.max(stored))
+            match self.store.position(&self.name).await {
+                Ok(stored) => Ok(saved.max(stored)),
+                Err(e) => {
+                    // unreachable now: start from the saved position; each write skips
+                    // the events the console already holds
+                    tracing::warn!(sink = %self.name, error = %e, "event console not reachable at start; retrying with every write");
+                    Ok(saved)
+                }
+            }
         })
     }
 
