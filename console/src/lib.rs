@@ -17,6 +17,6 @@
 mod store;
 
 pub use store::{
-    fold_key, overflow_event, Console, ConsoleError, EventRow, Filter, FilterValue, Incoming,
-    RowState, Silence, SilenceRow, DEFAULT_MAX_OPEN_PER_AGENT, MAX_LIST, OVERFLOW_CLASS,
+    fold_key, json, ms, overflow_event, time, Console, ConsoleError, EventRow, Filter, FilterValue,
+    Incoming, RowState, Silence, SilenceRow, DEFAULT_MAX_OPEN_PER_AGENT, MAX_LIST, OVERFLOW_CLASS,
 };

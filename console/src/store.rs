@@ -279,11 +279,13 @@ pub struct Console {
     max_open_per_agent: u32,
 }
 
-fn ms(t: DateTime<Utc>) -> i64 {
+/// A time as the console's tables keep it: milliseconds since the epoch.
+pub fn ms(t: DateTime<Utc>) -> i64 {
     t.timestamp_millis()
 }
 
-fn time(ms: i64) -> DateTime<Utc> {
+/// A time the console's tables kept (out of range: the epoch).
+pub fn time(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
 }
 
@@ -659,7 +661,7 @@ fn fold_one(tx: &rusqlite::Transaction<'_>, e: &Incoming, max_open: u32) -> rusq
 }
 
 /// A JSON column's value (a column the console wrote itself; unreadable: empty).
-fn json<T: serde::de::DeserializeOwned + Default>(text: String) -> T {
+pub fn json<T: serde::de::DeserializeOwned + Default>(text: String) -> T {
     serde_json::from_str(&text).unwrap_or_default()
 }
 

@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use deadpool_postgres::{Object, Pool};
 use fleetbus_console::{
-    fold_key, overflow_event, ConsoleError, EventRow, Filter, FilterValue, Incoming, RowState,
-    Silence, SilenceRow,
+    fold_key, json, ms, overflow_event, time, ConsoleError, EventRow, Filter, FilterValue,
+    Incoming, RowState, Silence, SilenceRow,
 };
 use fleetbus_protocol::Event;
 use tokio_postgres::types::ToSql;
@@ -50,18 +50,6 @@ pub struct PgConsole {
     schema_ready: AtomicBool,
 }
 
-fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn time(ms: i64) -> DateTime<Utc> {
-    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
-}
-
-fn json<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
 fn row_of(r: &tokio_postgres::Row) -> EventRow {
     EventRow {
         id: r.get(0),
@@ -69,15 +57,15 @@ fn row_of(r: &tokio_postgres::Row) -> EventRow {
         agent: r.get(2),
         rule: r.get(3),
         group: r.get(4),
-        agent_groups: json(r.get::<_, &str>(5)),
-        resources: json(r.get::<_, &str>(6)),
+        agent_groups: json(r.get::<_, String>(5)),
+        resources: json(r.get::<_, String>(6)),
         severity: u8::try_from(r.get::<_, i16>(7)).unwrap_or(0),
         state: RowState::parse(r.get::<_, &str>(8)),
         count: r.get::<_, i64>(9).max(0) as u64,
         first: time(r.get(10)),
         last: time(r.get(11)),
         text: r.get(12),
-        tags: json::<BTreeMap<String, String>>(r.get::<_, &str>(13)),
+        tags: json::<BTreeMap<String, String>>(r.get::<_, String>(13)),
         silenced_by: r.get(14),
         comment: r.get(15),
         changed_by: r.get(16),
