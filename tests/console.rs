@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use common::Fixture;
+use fleetbus_agent::checks::builtin::TcpCheck;
+use fleetbus_agent::checks::CheckConfig;
 use fleetbus_agent::{Agent, AgentConfig};
 use fleetbus_protocol::{Event, Resource, Severity};
 use serde_json::Value;
@@ -26,8 +28,8 @@ path = "changes.jsonl"
 
 [[rules]]
 name = "console"
-from = ["fleet/+/telemetry/events"]
-where = "has(record.event)"
+from = ["fleet/+/telemetry/events", "fleet/+/telemetry/checks"]
+where = "has(record.event) || has(record.check)"
 to = ["console"]
 
 [[rules]]
@@ -85,6 +87,13 @@ async fn events_from_three_agents_fold_and_an_operator_acks_closes_and_silences(
         };
         config.metrics.enabled = false;
         config.heartbeat.enabled = false;
+        if agent == "node-1" {
+            let mut port = CheckConfig::new(&[], Duration::from_secs(1));
+            port.tcp = Some(TcpCheck {
+                address: format!("127.0.0.1:{}", fx.port),
+            });
+            config.checks.insert("broker-port".into(), port);
+        }
         let a = Agent::open(fleetbus_agent::Valid::new(config).unwrap()).unwrap();
         for n in 0..50 {
             a.outbox()
@@ -207,6 +216,28 @@ async fn events_from_three_agents_fold_and_an_operator_acks_closes_and_silences(
     assert_eq!(routed[0]["by"], "ops");
     assert_eq!(routed[0]["comment"], "cleaning /var");
     assert_eq!(routed[0]["event"]["state"], "acknowledged");
+
+    // the agent's checks, with their latest result, in `agents show`
+    common::wait_until(
+        Duration::from_secs(10),
+        "node-1's check in agents show",
+        || {
+            let out = std::process::Command::new(common::bin())
+                .args([
+                    "agents",
+                    "show",
+                    "node-1",
+                    "--admin",
+                    &admin,
+                    "--admin-token-file",
+                ])
+                .arg(dir.join("operator.token"))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.contains("checks (1):") && text.contains("broker-port          OK (hard)")
+        },
+    );
 
     // no operator token: refused
     let out = std::process::Command::new(common::bin())

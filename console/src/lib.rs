@@ -7,7 +7,9 @@
 //! recovery, a flapping stop) closes the row with its key. Operators acknowledge a row
 //! with a comment, close it, and silence events for a while by agent, rule or group; an
 //! event a silence covers is still folded (nothing is lost) but its row is marked
-//! silenced. Closed rows are kept for a retention period. One agent has at most a bounded
+//! silenced. Closed rows are kept for a retention period. It also keeps each agent's
+//! checks with their latest result (from records on stream `checks`), for `fleetbus
+//! agents show`. One agent has at most a bounded
 //! number of open rows; events that would open more fold into its one overflow row.
 //!
 //! This crate's store is SQLite ([`Console`]), in the server's `data_dir` by default; the
@@ -17,6 +19,7 @@
 mod store;
 
 pub use store::{
-    fold_key, json, ms, overflow_event, time, Console, ConsoleError, EventRow, Filter, FilterValue,
-    Incoming, RowState, Silence, SilenceRow, DEFAULT_MAX_OPEN_PER_AGENT, MAX_LIST, OVERFLOW_CLASS,
+    fold_key, json, ms, overflow_event, time, CheckRow, CheckUpdate, Console, ConsoleError,
+    EventRow, Filter, FilterValue, Incoming, RowState, Silence, SilenceRow,
+    DEFAULT_MAX_OPEN_PER_AGENT, MAX_LIST, OVERFLOW_CLASS,
 };

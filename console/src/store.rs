@@ -51,6 +51,39 @@ pub struct Incoming {
     pub groups: Vec<String>,
 }
 
+/// A check's latest result, as a record on stream `checks` carries it: what `fleetbus
+/// agents show` lists as the agent's check states.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckUpdate {
+    /// The agent.
+    pub agent: String,
+    /// When the result was made.
+    pub ts: DateTime<Utc>,
+    /// The check's name.
+    pub name: String,
+    /// 0 OK to 3 UNKNOWN.
+    pub status: u8,
+    /// `soft` or `hard`.
+    pub state_type: String,
+    /// The plugin's first line.
+    pub output: String,
+}
+
+/// A check's latest result as the console keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckRow {
+    /// The check's name.
+    pub name: String,
+    /// 0 OK to 3 UNKNOWN.
+    pub status: u8,
+    /// `soft` or `hard`.
+    pub state_type: String,
+    /// The plugin's first line.
+    pub output: String,
+    /// When the result was made.
+    pub last: DateTime<Utc>,
+}
+
 /// A row's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -260,6 +293,9 @@ CREATE TABLE IF NOT EXISTS console_silences (
     until_ms INTEGER NOT NULL, comment TEXT NOT NULL, created_by TEXT NOT NULL,
     created_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS console_positions (sink TEXT PRIMARY KEY, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS console_checks (
+    agent TEXT NOT NULL, name TEXT NOT NULL, status INTEGER NOT NULL, state_type TEXT NOT NULL,
+    output TEXT NOT NULL, last_ms INTEGER NOT NULL, PRIMARY KEY (agent, name));
 ";
 
 /// The most rows one listing returns.
@@ -358,12 +394,24 @@ impl Console {
         Ok(next.unwrap_or(0).max(0) as u64)
     }
 
-    /// Folds `events` (each with its log index) in, and saves `next` as `sink`'s position,
-    /// in one transaction. Events at indexes the console already folded are skipped.
+    /// [`Console::fold_with`] without check results.
     pub fn fold(
         &mut self,
         sink: &str,
         events: &[(u64, Incoming)],
+        next: u64,
+    ) -> Result<(), ConsoleError> {
+        self.fold_with(sink, events, &[], next)
+    }
+
+    /// Folds `events` in and keeps `checks` as their checks' latest results (each with
+    /// its log index), and saves `next` as `sink`'s position, in one transaction. Entries at
+    /// indexes the console already took are skipped.
+    pub fn fold_with(
+        &mut self,
+        sink: &str,
+        events: &[(u64, Incoming)],
+        checks: &[(u64, CheckUpdate)],
         next: u64,
     ) -> Result<(), ConsoleError> {
         let path = self.path.clone();
@@ -386,6 +434,12 @@ impl Console {
                 continue;
             }
             fold_one(&tx, e, self.max_open_per_agent).map_err(fail("fold an event"))?;
+        }
+        for (index, c) in checks {
+            if (*index as i64) < done {
+                continue;
+            }
+            keep_check(&tx, c, self.max_open_per_agent).map_err(fail("keep a check's result"))?;
         }
         tx.execute(
             "INSERT INTO console_positions (sink, next) VALUES (?1, ?2)
@@ -417,6 +471,31 @@ impl Console {
             .map_err(self.fail("list"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.fail("list"))?;
+        Ok(rows)
+    }
+
+    /// `agent`'s checks, each with its latest result, by name.
+    pub fn checks(&self, agent: &str) -> Result<Vec<CheckRow>, ConsoleError> {
+        let mut stmt = self
+            .db
+            .prepare_cached(
+                "SELECT name, status, state_type, output, last_ms FROM console_checks
+                 WHERE agent = ?1 ORDER BY name",
+            )
+            .map_err(self.fail("list checks"))?;
+        let rows = stmt
+            .query_map(params![agent], |r| {
+                Ok(CheckRow {
+                    name: r.get(0)?,
+                    status: r.get(1)?,
+                    state_type: r.get(2)?,
+                    output: r.get(3)?,
+                    last: time(r.get(4)?),
+                })
+            })
+            .map_err(self.fail("list checks"))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.fail("list checks"))?;
         Ok(rows)
     }
 
@@ -558,6 +637,42 @@ impl Console {
             .map_err(self.fail("purge expired silences"))?;
         Ok(n)
     }
+}
+
+/// Keeps `c` as its check's latest result (an older one than kept changes nothing). An
+/// agent has at most `max_checks` checks kept: results of more are not.
+fn keep_check(
+    tx: &rusqlite::Transaction<'_>,
+    c: &CheckUpdate,
+    max_checks: u32,
+) -> rusqlite::Result<()> {
+    let known: bool = tx
+        .prepare_cached("SELECT 1 FROM console_checks WHERE agent = ?1 AND name = ?2")?
+        .exists(params![c.agent, c.name])?;
+    if !known {
+        let kept: i64 = tx
+            .prepare_cached("SELECT count(*) FROM console_checks WHERE agent = ?1")?
+            .query_row(params![c.agent], |r| r.get(0))?;
+        if kept >= i64::from(max_checks) {
+            return Ok(());
+        }
+    }
+    tx.prepare_cached(
+        "INSERT INTO console_checks (agent, name, status, state_type, output, last_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (agent, name) DO UPDATE SET status = excluded.status,
+             state_type = excluded.state_type, output = excluded.output, last_ms = excluded.last_ms
+         WHERE excluded.last_ms >= console_checks.last_ms",
+    )?
+    .execute(params![
+        c.agent,
+        c.name,
+        c.status,
+        c.state_type,
+        c.output,
+        ms(c.ts)
+    ])?;
+    Ok(())
 }
 
 /// The event an agent's event `e` becomes when the agent has `max_open` open rows

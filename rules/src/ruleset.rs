@@ -41,8 +41,8 @@ to = ["uploads"]
 
 [[rules]]
 name = "console"
-from = ["fleet/+/telemetry/events"]
-where = "has(record.event)"
+from = ["fleet/+/telemetry/events", "fleet/+/telemetry/checks"]
+where = "has(record.event) || has(record.check)"
 to = ["console"]
 "#;
 
@@ -657,7 +657,8 @@ mod tests {
             vec![
                 "fleet/+/telemetry/#",
                 "fleet/+/files/+/complete",
-                "fleet/+/telemetry/events"
+                "fleet/+/telemetry/events",
+                "fleet/+/telemetry/checks"
             ]
         );
     }

@@ -8,6 +8,7 @@
 //! | `POST /events/{id}/ack` | `{"comment": "..."}` | the row, acknowledged |
 //! | `POST /events/{id}/close` | `{"comment": "..."}` | the row, closed |
 //! | `GET /silences` | | the silences in effect |
+//! | `GET /checks?agent=ID` | | the agent's checks, each with its latest result |
 //! | `POST /silences` | `{"agent", "rule", "group", "duration" (seconds), "comment"}` | the silence |
 //!
 //! Each change is itself a message the rules engine routes, on
@@ -64,6 +65,7 @@ pub(crate) fn routes(api: Api) -> axum::Router {
         .route("/events/:id/ack", post(ack))
         .route("/events/:id/close", post(close))
         .route("/silences", get(silences).post(silence))
+        .route("/checks", get(checks))
         .with_state(api)
 }
 
@@ -130,6 +132,16 @@ async fn change(api: Api, action: &'static str, who: String, id: i64, comment: S
         );
     }
     answer(done)
+}
+
+/// `GET /checks?agent=ID`.
+#[derive(Debug, Deserialize)]
+struct ChecksQuery {
+    agent: String,
+}
+
+async fn checks(State(api): State<Api>, Query(q): Query<ChecksQuery>) -> Response {
+    answer(api.store.checks(&q.agent).await)
 }
 
 async fn silences(State(api): State<Api>) -> Response {

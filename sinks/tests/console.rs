@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use fleetbus_console::{ConsoleError, Filter, Incoming, RowState, Silence, OVERFLOW_CLASS};
+use fleetbus_console::{
+    CheckUpdate, ConsoleError, Filter, Incoming, RowState, Silence, OVERFLOW_CLASS,
+};
 use fleetbus_protocol::{Event, Resource, Severity};
 use fleetbus_sinks::console::{ConsoleLocation, Store};
 use fleetbus_testkit::postgres::{Postgres, PG_PASSWORD};
@@ -52,14 +54,17 @@ async fn behaves(store: Store) {
         ));
     }
     store
-        .fold("console", batch[..70].to_vec(), 70)
+        .fold("console", batch[..70].to_vec(), vec![], 70)
         .await
         .unwrap();
     store
-        .fold("console", batch[70..].to_vec(), 150)
+        .fold("console", batch[70..].to_vec(), vec![], 150)
         .await
         .unwrap();
-    store.fold("console", batch.clone(), 150).await.unwrap();
+    store
+        .fold("console", batch.clone(), vec![], 150)
+        .await
+        .unwrap();
     assert_eq!(store.position("console").await.unwrap(), 150);
     let rows = store.list(Filter::default()).await.unwrap();
     assert_eq!(rows.len(), 3, "{rows:#?}");
@@ -78,6 +83,7 @@ async fn behaves(store: Store) {
                 150,
                 incoming("a1", 60, event("disk.full", "disk", Severity::INFO, true)),
             )],
+            vec![],
             151,
         )
         .await
@@ -150,7 +156,7 @@ async fn behaves(store: Store) {
             ),
         ));
     }
-    store.fold("console", noisy, 157).await.unwrap();
+    store.fold("console", noisy, vec![], 157).await.unwrap();
     let only = Filter {
         agent: Some("noisy".into()),
         ..Filter::default()
@@ -170,6 +176,40 @@ async fn behaves(store: Store) {
             ("c1".into(), 1),
             ("c2".into(), 1),
             (OVERFLOW_CLASS.into(), 3)
+        ]
+    );
+    // checks: the latest result of each is kept (an older one changes nothing), at most
+    // 3 checks per agent
+    let check = |name: &str, s: i64, status: u8| CheckUpdate {
+        agent: "a2".into(),
+        ts: Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap(),
+        name: name.into(),
+        status,
+        state_type: "hard".into(),
+        output: format!("{name} at {s}"),
+    };
+    let results = vec![
+        (157, check("disk", 10, 2)),
+        (158, check("disk", 20, 0)),
+        (159, check("disk", 15, 1)),
+        (160, check("load", 10, 0)),
+        (161, check("mem", 10, 0)),
+        (162, check("swap", 10, 0)),
+    ];
+    store.fold("console", vec![], results, 163).await.unwrap();
+    let kept: Vec<(String, u8, String)> = store
+        .checks("a2")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.name, c.status, c.output))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![
+            ("disk".into(), 0, "disk at 20".into()),
+            ("load".into(), 0, "load at 10".into()),
+            ("mem".into(), 0, "mem at 10".into())
         ]
     );
     // retention: the closed row goes

@@ -146,8 +146,8 @@ enum AgentsCommand {
     },
 }
 
-/// `fleetbus agents show ID`: the registry's record, the console's open rows of the
-/// agent (its check problems among them) and its latest jobs.
+/// `fleetbus agents show ID`: the registry's record, the agent's checks with their latest
+/// results and its open rows (from the event console), its latest jobs.
 async fn show(admin: &AdminEndpoint, id: &str) -> anyhow::Result<ExitCode> {
     let client = admin.client()?;
     let detail: fleetbus_jobs::AgentDetail = client.get(&format!("/agents/{id}")).await?;
@@ -190,19 +190,28 @@ async fn show(admin: &AdminEndpoint, id: &str) -> anyhow::Result<ExitCode> {
         ))
         .await
         .unwrap_or_default();
-    let (checks, others): (Vec<_>, Vec<_>) = open.iter().partition(|r| r.class == "check.state");
-    println!("\nchecks with a problem ({}):", checks.len());
-    for r in checks {
+    let checks: Vec<fleetbus_console::CheckRow> = client
+        .get(&format!(
+            "/checks{}",
+            super::admin_client::query(&[("agent", Some(id.to_string()))])
+        ))
+        .await
+        .unwrap_or_default();
+    println!("\nchecks ({}):", checks.len());
+    for c in &checks {
+        let state = fleetbus_protocol::CheckState::of_code(c.status)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| c.status.to_string());
         println!(
-            "  {} severity {}, since {}: {}",
-            r.rule.as_deref().unwrap_or("-"),
-            r.severity,
-            r.first.format("%Y-%m-%d %H:%M:%S"),
-            r.text
+            "  {:<20} {state} ({}) at {}: {}",
+            c.name,
+            c.state_type,
+            c.last.format("%Y-%m-%d %H:%M:%S"),
+            c.output
         );
     }
-    println!("open events ({}):", others.len());
-    for r in others {
+    println!("open events ({}):", open.len());
+    for r in &open {
         println!(
             "  #{} {} severity {} x{}: {}",
             r.id, r.class, r.severity, r.count, r.text

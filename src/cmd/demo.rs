@@ -96,8 +96,8 @@ to = ["jobs"]
 
 [[rules]]
 name = "console"
-from = ["fleet/+/telemetry/events"]
-where = "has(record.event)"
+from = ["fleet/+/telemetry/events", "fleet/+/telemetry/checks"]
+where = "has(record.event) || has(record.check)"
 to = ["console"]
 "#;
 

@@ -6,8 +6,9 @@
 //!
 //! Exactly once: each batch's events and the log position after it commit in one
 //! transaction, and a batch is folded from that position on, so a batch written again
-//! after a crash or a retry counts nothing twice. A message that is not an event record
-//! (no `event`) is refused for good (dead letter). Closed rows older than `retention` are
+//! after a crash or a retry counts nothing twice. A check result (a record with `check`
+//! and no `event`) is kept as its check's latest result, for `fleetbus agents show`. A
+//! message that is neither is refused for good (dead letter). Closed rows older than `retention` are
 //! deleted, at most once a minute, after a write.
 
 pub mod pg;
@@ -18,7 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use fleetbus_config::Problems;
-use fleetbus_console::Incoming;
+use fleetbus_console::{CheckUpdate, Incoming};
 use fleetbus_protocol::{Event, Message};
 use serde::{Deserialize, Serialize};
 
@@ -130,33 +131,55 @@ pub struct ConsoleSink {
     purged: Mutex<Option<Instant>>,
 }
 
-/// The event an item carries, or why it has none.
-fn incoming(item: &Item) -> Result<Incoming, String> {
+/// What one message gives the console.
+enum Entry {
+    /// An event to fold.
+    Event(Incoming),
+    /// A check's result to keep as its latest.
+    Check(CheckUpdate),
+}
+
+/// The event (or else the check result) an item carries, or why it has neither.
+fn entry(item: &Item) -> Result<Entry, String> {
     if item.dead_letter().is_some() {
         return Err("a dead letter is not an event".into());
     }
     let msg = item.message().map_err(|e| e.to_string())?;
-    let event = msg
-        .body
-        .get("event")
-        .ok_or("no `event`: only event records fold into the console")?;
-    let event: Event =
-        serde_json::from_value(event.clone()).map_err(|e| format!("`event`: {e}"))?;
     let agent = msg
         .agent()
         .ok_or("no agent: only records from an agent fold into the console")?;
+    let Some(event) = msg.body.get("event") else {
+        let check = msg.body.get("check").ok_or(
+            "neither `event` nor `check`: only event records and check results go into the console",
+        )?;
+        let check: fleetbus_protocol::CheckResult =
+            serde_json::from_value(check.clone()).map_err(|e| format!("`check`: {e}"))?;
+        return Ok(Entry::Check(CheckUpdate {
+            agent: agent.to_string(),
+            ts: msg.timestamp(),
+            name: check.name,
+            status: check.status.code(),
+            state_type: match check.state_type {
+                fleetbus_protocol::StateType::Soft => "soft".into(),
+                fleetbus_protocol::StateType::Hard => "hard".into(),
+            },
+            output: check.output.chars().take(1024).collect(),
+        }));
+    };
+    let event: Event =
+        serde_json::from_value(event.clone()).map_err(|e| format!("`event`: {e}"))?;
     let tags = msg
         .body
         .get("tags")
         .and_then(|t| serde_json::from_value(t.clone()).ok())
         .unwrap_or_default();
-    Ok(Incoming {
+    Ok(Entry::Event(Incoming {
         agent: agent.to_string(),
         ts: msg.timestamp(),
         event,
         tags,
         groups: item.groups().to_vec(),
-    })
+    }))
 }
 
 impl ConsoleSink {
@@ -175,11 +198,13 @@ impl Sink for ConsoleSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let mut events = Vec::with_capacity(batch.items.len());
+            let mut checks = Vec::new();
             let mut refused = Vec::new();
             let mut why = None;
             for (n, item) in batch.items.iter().enumerate() {
-                match incoming(item) {
-                    Ok(e) => events.push((item.index, e)),
+                match entry(item) {
+                    Ok(Entry::Event(e)) => events.push((item.index, e)),
+                    Ok(Entry::Check(c)) => checks.push((item.index, c)),
                     Err(e) => {
                         if why.get_or_insert_with(|| e.clone()) == &e {
                             refused.push(n);
@@ -191,7 +216,7 @@ impl Sink for ConsoleSink {
                 return Err(SinkError::Refused(why).for_items(refused));
             }
             self.store
-                .fold(&self.name, events, batch.next)
+                .fold(&self.name, events, checks, batch.next)
                 .await
                 .map_err(|e| SinkError::Remote(e.to_string()))?;
             if self.purge_due() {

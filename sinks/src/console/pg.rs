@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Object, Pool};
 use fleetbus_console::{
-    fold_key, json, ms, overflow_event, time, ConsoleError, EventRow, Filter, FilterValue,
-    Incoming, RowState, Silence, SilenceRow,
+    fold_key, json, ms, overflow_event, time, CheckRow, CheckUpdate, ConsoleError, EventRow,
+    Filter, FilterValue, Incoming, RowState, Silence, SilenceRow,
 };
 use fleetbus_protocol::Event;
 use tokio_postgres::types::ToSql;
@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS console_silences (
     until_ms bigint NOT NULL, comment text NOT NULL, created_by text NOT NULL,
     created_ms bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS console_positions (sink text PRIMARY KEY, next bigint NOT NULL);
+CREATE TABLE IF NOT EXISTS console_checks (
+    agent text NOT NULL, name text NOT NULL, status smallint NOT NULL, state_type text NOT NULL,
+    output text NOT NULL, last_ms bigint NOT NULL, PRIMARY KEY (agent, name));
 ";
 
 /// The columns of a row, jsonb as text.
@@ -125,11 +128,13 @@ impl PgConsole {
         Ok(row.map(|r| r.get::<_, i64>(0)).unwrap_or(0).max(0) as u64)
     }
 
-    /// Folds `events` in and saves `next` as `sink`'s position, in one transaction.
+    /// Folds `events` in, keeps `checks` as their checks' latest results, and saves
+    /// `next` as `sink`'s position, in one transaction.
     pub async fn fold(
         &self,
         sink: &str,
         events: &[(u64, Incoming)],
+        checks: &[(u64, CheckUpdate)],
         next: u64,
     ) -> Result<(), ConsoleError> {
         let mut client = self.client().await?;
@@ -149,6 +154,12 @@ impl PgConsole {
                 continue;
             }
             self.fold_one(&tx, e).await?;
+        }
+        for (index, c) in checks {
+            if (*index as i64) < done {
+                continue;
+            }
+            self.keep_check(&tx, c).await?;
         }
         let next = i64::try_from(next).map_err(|e| self.fail("position", e))?;
         tx.execute(
@@ -253,6 +264,70 @@ impl PgConsole {
         .await
         .map_err(self.db("fold an event"))?;
         Ok(())
+    }
+
+    /// Keeps `c` as its check's latest result (an older one changes nothing); an agent has
+    /// at most `max_open` checks kept.
+    async fn keep_check(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        c: &CheckUpdate,
+    ) -> Result<(), ConsoleError> {
+        let known = tx
+            .query_opt(
+                "SELECT 1 FROM console_checks WHERE agent = $1 AND name = $2",
+                &[&c.agent, &c.name],
+            )
+            .await
+            .map_err(self.db("find a check"))?
+            .is_some();
+        if !known {
+            let kept: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM console_checks WHERE agent = $1",
+                    &[&c.agent],
+                )
+                .await
+                .map_err(self.db("count the agent's checks"))?
+                .get(0);
+            if kept >= i64::from(self.max_open) {
+                return Ok(());
+            }
+        }
+        tx.execute(
+            "INSERT INTO console_checks (agent, name, status, state_type, output, last_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (agent, name) DO UPDATE SET status = excluded.status,
+                 state_type = excluded.state_type, output = excluded.output, last_ms = excluded.last_ms
+             WHERE excluded.last_ms >= console_checks.last_ms",
+            &[&c.agent, &c.name, &i16::from(c.status), &c.state_type, &c.output, &ms(c.ts)],
+        )
+        .await
+        .map_err(self.db("keep a check's result"))?;
+        Ok(())
+    }
+
+    /// `agent`'s checks, each with its latest result, by name.
+    pub async fn checks(&self, agent: &str) -> Result<Vec<CheckRow>, ConsoleError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT name, status, state_type, output, last_ms FROM console_checks
+                 WHERE agent = $1 ORDER BY name",
+                &[&agent],
+            )
+            .await
+            .map_err(self.db("list checks"))?;
+        Ok(rows
+            .iter()
+            .map(|r| CheckRow {
+                name: r.get(0),
+                status: u8::try_from(r.get::<_, i16>(1)).unwrap_or(3),
+                state_type: r.get(2),
+                output: r.get(3),
+                last: time(r.get(4)),
+            })
+            .collect())
     }
 
     /// The rows `filter` asks for, the latest first.

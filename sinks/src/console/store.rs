@@ -9,7 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use fleetbus_config::Problems;
 use fleetbus_console::{
-    Console, ConsoleError, EventRow, Filter, Incoming, RowState, Silence, SilenceRow,
+    CheckRow, CheckUpdate, Console, ConsoleError, EventRow, Filter, Incoming, RowState, Silence,
+    SilenceRow,
 };
 use serde::{Deserialize, Serialize};
 
@@ -145,19 +146,33 @@ impl Store {
         }
     }
 
-    /// Folds `events` in and saves `next` as `sink`'s position, in one transaction.
+    /// Folds `events` in, keeps `checks` as their checks' latest results, and saves
+    /// `next` as `sink`'s position, in one transaction.
     pub async fn fold(
         &self,
         sink: &str,
         events: Vec<(u64, Incoming)>,
+        checks: Vec<(u64, CheckUpdate)>,
         next: u64,
     ) -> Result<(), ConsoleError> {
         match self {
             Store::Sqlite(s) => {
                 let sink = sink.to_string();
-                s.with(move |c| c.fold(&sink, &events, next)).await
+                s.with(move |c| c.fold_with(&sink, &events, &checks, next))
+                    .await
             }
-            Store::Postgres(p) => p.fold(sink, &events, next).await,
+            Store::Postgres(p) => p.fold(sink, &events, &checks, next).await,
+        }
+    }
+
+    /// `agent`'s checks, each with its latest result.
+    pub async fn checks(&self, agent: &str) -> Result<Vec<CheckRow>, ConsoleError> {
+        match self {
+            Store::Sqlite(s) => {
+                let agent = agent.to_string();
+                s.with(move |c| c.checks(&agent)).await
+            }
+            Store::Postgres(p) => p.checks(agent).await,
         }
     }
 
