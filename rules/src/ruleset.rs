@@ -16,7 +16,8 @@ use crate::stateful::{Gate, GateKind, Rate, DEFAULT_MAX_KEYS};
 use crate::transform::{Expression, FieldPath, Transforms, FOREACH_VARIABLES};
 
 /// The rules every `fleetbus serve` runs when its configuration names no rules file:
-/// archive every telemetry record in daily JSON-lines files per agent and stream.
+/// archive every telemetry record in daily JSON-lines files per agent and stream, keep
+/// uploaded files, and fold event records and check results into the event console.
 pub const DEFAULT_RULES: &str = r#"
 [sinks.archive]
 type = "file"

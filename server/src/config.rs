@@ -171,7 +171,8 @@ impl Default for WalSection {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesSection {
-    /// The rules file. When unset, the built-in rules archive all telemetry to files.
+    /// The rules file. When unset, the built-in rules archive all telemetry to files and
+    /// feed the event console.
     pub file: Option<PathBuf>,
     /// Reload the file whenever its contents change (looked at every second), as SIGHUP
     /// does.
