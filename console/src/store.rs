@@ -241,6 +241,21 @@ pub struct Silence {
     pub comment: String,
 }
 
+impl Silence {
+    /// When a silence made at `now` ends; refused if it names nothing or lasts no time.
+    pub fn until(&self, now: DateTime<Utc>) -> Result<DateTime<Utc>, ConsoleError> {
+        if self.agent.is_none() && self.rule.is_none() && self.group.is_none() {
+            return Err(ConsoleError::Request(
+                "a silence names an agent, a rule or a group (or several)".into(),
+            ));
+        }
+        if self.duration.is_zero() {
+            return Err(ConsoleError::Request("a silence lasts more than 0s".into()));
+        }
+        Ok(now + chrono::Duration::from_std(self.duration).unwrap_or(chrono::Duration::MAX))
+    }
+}
+
 /// A silence as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SilenceRow {
@@ -553,16 +568,8 @@ impl Console {
 
     /// Adds a silence (by `who`); the rows open now that it covers are marked silenced too.
     pub fn silence(&mut self, s: &Silence, who: &str) -> Result<SilenceRow, ConsoleError> {
-        if s.agent.is_none() && s.rule.is_none() && s.group.is_none() {
-            return Err(ConsoleError::Request(
-                "a silence names an agent, a rule or a group (or several)".into(),
-            ));
-        }
-        if s.duration.is_zero() {
-            return Err(ConsoleError::Request("a silence lasts more than 0s".into()));
-        }
         let now = Utc::now();
-        let until = now + chrono::Duration::from_std(s.duration).unwrap_or(chrono::Duration::MAX);
+        let until = s.until(now)?;
         let path = self.path.clone();
         let fail = |what| db_error(&path, what);
         let tx = self.db.transaction().map_err(fail("begin"))?;

@@ -399,16 +399,8 @@ impl PgConsole {
 
     /// Adds a silence (by `who`); the rows open now that it covers are marked too.
     pub async fn silence(&self, s: &Silence, who: &str) -> Result<SilenceRow, ConsoleError> {
-        if s.agent.is_none() && s.rule.is_none() && s.group.is_none() {
-            return Err(ConsoleError::Request(
-                "a silence names an agent, a rule or a group (or several)".into(),
-            ));
-        }
-        if s.duration.is_zero() {
-            return Err(ConsoleError::Request("a silence lasts more than 0s".into()));
-        }
         let now = Utc::now();
-        let until = now + chrono::Duration::from_std(s.duration).unwrap_or(chrono::Duration::MAX);
+        let until = s.until(now)?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(self.db("begin"))?;
         let id: i64 = tx

@@ -5,13 +5,12 @@
 //! (`/proc/PID/stat` utime + stime, which leaves out its children: the plugins) per run,
 //! and its resident memory, are the figures.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fleetbus_config::Valid;
-use fleetbus_server::{Server, ServerConfig};
+use fleetbus_server::Server;
 
 /// What one run measured.
 #[derive(Debug, Clone)]
@@ -82,13 +81,7 @@ pub async fn run(
     let tmp = tempfile::Builder::new()
         .prefix("fleetbus-bench-")
         .tempdir()?;
-    let port = fleetbus_broker::free_port()?;
-    let mut config = ServerConfig {
-        data_dir: tmp.path().join("data"),
-        ..ServerConfig::default()
-    };
-    config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    config.admin.listen = None;
+    let (config, port) = super::fleetbus::server_config(tmp.path())?;
     let server = Server::start(&Valid::new(config)?).await?;
 
     let counter = tmp.path().join("runs");

@@ -20,6 +20,19 @@ use super::{BenchSecurity, IngestArgs, Measurement};
 /// Stream the simulated agents write to.
 const STREAM: &str = "bench";
 
+/// A benchmark server's configuration: data under `dir/data`, the broker on a free
+/// loopback port (returned), no admin endpoint (not needed, and never a fixed port).
+pub fn server_config(dir: &std::path::Path) -> anyhow::Result<(ServerConfig, u16)> {
+    let port = fleetbus_broker::free_port()?;
+    let mut config = ServerConfig {
+        data_dir: dir.join("data"),
+        ..ServerConfig::default()
+    };
+    config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    config.admin.listen = None;
+    Ok((config, port))
+}
+
 /// Runs the end-to-end measurement, with the built-in rules or a generated file of `rules`
 /// rules ([`rules_file`]).
 pub async fn measure(
@@ -30,13 +43,7 @@ pub async fn measure(
     let tmp = tempfile::Builder::new()
         .prefix("fleetbus-bench-")
         .tempdir()?;
-    let port = fleetbus_broker::free_port()?;
-    let mut config = ServerConfig {
-        data_dir: tmp.path().join("data"),
-        ..ServerConfig::default()
-    };
-    config.broker.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    config.admin.listen = None; // not needed, and never a fixed port
+    let (mut config, port) = server_config(tmp.path())?;
     if let Some(n) = rules {
         let path = tmp.path().join("rules.toml");
         std::fs::write(&path, rules_file(n))?;
